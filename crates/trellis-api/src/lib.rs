@@ -5,5 +5,17 @@
 //!
 //! No I/O beyond reading the text (and files) it is given.
 
+pub mod common;
 pub mod de;
+pub mod kube;
+pub mod load;
+pub mod networking;
+pub mod resource;
+pub mod security;
+pub mod telemetry;
+pub mod validate;
+pub mod workload;
 pub mod yaml;
+
+pub use load::{LoadOptions, Parsed, load_paths, parse_text};
+pub use resource::{Diagnostic, Document, Kind, Level, ObjectRef, Resource, Spec};
