@@ -46,7 +46,29 @@ impl de::Error for DeError {
     }
 
     fn invalid_type(unexp: de::Unexpected<'_>, exp: &dyn de::Expected) -> Self {
-        Self::custom(format_args!("expected {exp}, found {}", unexpected(unexp)))
+        let expected = exp.to_string();
+        let hint = match unexp {
+            de::Unexpected::Signed(_)
+            | de::Unexpected::Unsigned(_)
+            | de::Unexpected::Float(_)
+            | de::Unexpected::Bool(_)
+                if expected.contains("string") && !expected.contains("duration") =>
+            {
+                let text = match unexp {
+                    de::Unexpected::Signed(n) => n.to_string(),
+                    de::Unexpected::Unsigned(n) => n.to_string(),
+                    de::Unexpected::Float(n) => n.to_string(),
+                    de::Unexpected::Bool(b) => b.to_string(),
+                    _ => String::new(),
+                };
+                format!(" (quote it to make it a string: \"{text}\")")
+            }
+            _ => String::new(),
+        };
+        Self::custom(format_args!(
+            "expected {expected}, found {}{hint}",
+            unexpected(unexp)
+        ))
     }
 
     fn invalid_value(unexp: de::Unexpected<'_>, exp: &dyn de::Expected) -> Self {
@@ -324,10 +346,20 @@ impl<'de> Deserializer<'de> for NodeDe<'de, '_> {
     }
 
     fn deserialize_str<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
-        let s = self.string()?;
-        visitor
-            .visit_borrowed_str(s)
-            .map_err(|e| locate(e, self.node.mark, &self.path))
+        // Scalars of other types go to the visitor as what they are, so that its own
+        // "expected …" message names what the field wants (a duration, a protocol…).
+        let r = match self.node.resolve() {
+            Some(Resolved::Str(s)) => visitor.visit_borrowed_str(s),
+            Some(Resolved::Int(i)) => match i64::try_from(i) {
+                Ok(v) => visitor.visit_i64(v),
+                Err(_) => visitor.visit_f64(i as f64),
+            },
+            Some(Resolved::Float(x)) => visitor.visit_f64(x),
+            Some(Resolved::Bool(b)) => visitor.visit_bool(b),
+            Some(Resolved::Null) => visitor.visit_unit(),
+            None => return Err(self.wrong("a string")),
+        };
+        r.map_err(|e| locate(e, self.node.mark, &self.path))
     }
 
     fn deserialize_string<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {

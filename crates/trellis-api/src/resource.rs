@@ -120,7 +120,9 @@ impl fmt::Display for Kind {
     }
 }
 
-/// The typed spec of a resource.
+/// The typed spec of a resource. (Variants differ in size; specs are built once per
+/// document and shared behind `Arc`s, so boxing them would buy nothing.)
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Spec {
     VirtualService(VirtualService),
@@ -233,6 +235,7 @@ pub struct PodOwner {
 }
 
 /// A document, by what Trellis does with it.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Document {
     /// A kind Trellis understands.

@@ -366,9 +366,8 @@ fn split_documents(text: &str) -> Vec<(usize, &str)> {
     let mut chunks = Vec::new();
     let mut start = 0usize;
     let mut start_line = 0usize;
-    let mut line_no = 0usize;
     let mut pos = 0usize;
-    for line in text.split_inclusive('\n') {
+    for (line_no, line) in text.split_inclusive('\n').enumerate() {
         let body = line.trim_end_matches(['\n', '\r']);
         if let Some(rest) = body.strip_prefix("---") {
             let rest = rest.trim_start();
@@ -379,7 +378,6 @@ fn split_documents(text: &str) -> Vec<(usize, &str)> {
             }
         }
         pos += line.len();
-        line_no += 1;
     }
     chunks.push((start_line, &text[start..]));
     chunks
