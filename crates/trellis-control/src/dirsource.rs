@@ -1,0 +1,1 @@
+//! Directory config source (work in progress).
