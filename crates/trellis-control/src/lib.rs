@@ -9,4 +9,5 @@
 pub mod dirsource;
 pub mod store;
 
+pub use dirsource::{DirSourceError, DirectorySource, DirectorySourceHandle, ReloadSummary};
 pub use store::{Applied, Change, ChangeOp, ConfigStore, ObjectKey, Snapshot};

@@ -293,7 +293,7 @@ impl ConfigStore {
 }
 
 /// Whether two resources have the same content (positions ignored).
-fn same_content(a: &Resource, b: &Resource) -> bool {
+pub(crate) fn same_content(a: &Resource, b: &Resource) -> bool {
     a.kind == b.kind && a.api_version == b.api_version && same_node(&a.origin.node, &b.origin.node)
 }
 
