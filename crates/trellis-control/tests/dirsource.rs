@@ -469,3 +469,32 @@ async fn start_fails_on_a_missing_directory() {
         .expect_err("missing directory");
     assert!(err.to_string().contains("nope"), "{err}");
 }
+
+/// A Kubernetes ConfigMap volume: visible files are symlinks through `..data`, which is
+/// swapped atomically to a new hidden directory; the visible paths see no event.
+#[tokio::test]
+async fn configmap_volume_swap_is_followed() {
+    use std::os::unix::fs::symlink;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    write(root, "..2024_01_01/routing.yaml", &vs_reviews("80", "20"));
+    symlink("..2024_01_01", root.join("..data")).expect("symlink");
+    symlink("..data/routing.yaml", root.join("routing.yaml")).expect("symlink");
+    let store = Arc::new(ConfigStore::new());
+    let handle = DirectorySource::start(root, store.clone()).expect("start");
+    let mut reloads = handle.subscribe_reloads();
+    assert_eq!(weights(&store, "reviews"), Some(vec![80, 20]));
+    assert_eq!(handle.source().files().len(), 1);
+
+    // What the kubelet does: write a new timestamped directory, point `..data_tmp` at it,
+    // rename `..data_tmp` over `..data`.
+    write(root, "..2024_01_02/routing.yaml", &vs_reviews("30", "70"));
+    symlink("..2024_01_02", root.join("..data_tmp")).expect("symlink");
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).expect("rename");
+    wait_until(&mut reloads, "the swapped contents", || {
+        weights(&store, "reviews") == Some(vec![30, 70])
+    })
+    .await;
+    handle.shutdown().await;
+}
