@@ -13,7 +13,8 @@
 //!   [`DirectorySource::diagnostics`], and the last good version of that object stays.
 //! * When a document cannot even be identified (a YAML syntax error, a document without
 //!   `apiVersion`/`kind`, an unreadable file), the objects the file declared before and that
-//!   were not seen again are kept: a half-written file loses nothing.
+//!   were not seen again are kept: a half-written file loses nothing. An empty file counts
+//!   as such (editors truncate before writing): to remove a file's objects, delete the file.
 //! * A deleted file deletes its objects.
 //! * When two files declare the same object, the version loaded last wins (with a warning);
 //!   deleting one of the files hands the object back to the other instead of deleting it.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use trellis_api::Spec;
 use trellis_api::resource::Kind;
-use trellis_control::{ConfigStore, DirectorySource, ObjectKey};
+use trellis_control::{ChangeOp, ConfigStore, DirectorySource, ObjectKey};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -233,6 +233,7 @@ async fn watch_follows_adds_edits_and_deletes() {
     let handle = DirectorySource::start(dir.path(), store.clone()).expect("start");
     let mut reloads = handle.subscribe_reloads();
     let mut revisions = store.subscribe();
+    let mut changes = store.changes();
     assert_eq!(store.len(), 1);
 
     // Add a file.
@@ -243,6 +244,10 @@ async fn watch_follows_adds_edits_and_deletes() {
     .await;
     assert!(revisions.has_changed().unwrap_or(false));
     revisions.borrow_and_update();
+    let change = changes.try_recv().expect("a change");
+    assert_eq!(change.key(), key(Kind::VirtualService, "reviews"));
+    assert_eq!(change.op, ChangeOp::Created);
+    assert_eq!(change.revision, store.revision());
 
     // Edit it in place.
     write(dir.path(), "routing.yaml", &vs_reviews("50", "50"));
@@ -384,6 +389,17 @@ async fn syntax_error_keeps_the_previous_objects() {
     assert!(store.get(&key(Kind::DestinationRule, "reviews")).is_some());
     assert_eq!(store.revision(), revision);
 
+    // Truncated (an editor between truncate and write): still nothing is lost.
+    write(dir.path(), "reviews.yaml", "");
+    wait_until(&mut reloads, "the empty file to be reported", || {
+        diagnostics_text(&source)
+            .iter()
+            .any(|d| d.contains("no configuration documents"))
+    })
+    .await;
+    assert_eq!(store.len(), 2);
+    assert_eq!(store.revision(), revision);
+
     // Complete again without the DestinationRule: now it is really gone.
     write(dir.path(), "reviews.yaml", SERVICE_REVIEWS);
     wait_until(&mut reloads, "the DestinationRule to be deleted", || {
@@ -496,5 +512,32 @@ async fn configmap_volume_swap_is_followed() {
         weights(&store, "reviews") == Some(vec![30, 70])
     })
     .await;
+    handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn bursts_are_debounced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "routing.yaml", &vs_reviews("80", "20"));
+    let store = Arc::new(ConfigStore::new());
+    let handle = DirectorySource::start(dir.path(), store.clone()).expect("start");
+    let mut reloads = handle.subscribe_reloads();
+    let before = *reloads.borrow_and_update();
+    let revision = store.revision();
+
+    for w in 0..=50 {
+        write(
+            dir.path(),
+            "routing.yaml",
+            &vs_reviews(&w.to_string(), &(100 - w).to_string()),
+        );
+    }
+    wait_until(&mut reloads, "the last write", || {
+        weights(&store, "reviews") == Some(vec![50, 50])
+    })
+    .await;
+    let reloaded = *reloads.borrow() - before;
+    assert!(reloaded <= 5, "{reloaded} reloads for one burst");
+    assert!(store.revision() - revision <= 5);
     handle.shutdown().await;
 }
