@@ -1,0 +1,13 @@
+//! The Trellis control plane library.
+//!
+//! Configuration travels from sources (a directory of YAML today, Kubernetes later) into the
+//! [`ConfigStore`], which holds the last good version of every object and tells consumers
+//! when something changed. See `DESIGN.md`, "How config travels".
+
+#![forbid(unsafe_code)]
+
+pub mod dirsource;
+pub mod store;
+
+pub use dirsource::{DirSourceError, DirectorySource, DirectorySourceHandle, ReloadSummary};
+pub use store::{Applied, Change, ChangeOp, ConfigStore, ObjectKey, Snapshot};
