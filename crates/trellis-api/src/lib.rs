@@ -7,6 +7,7 @@
 
 pub mod common;
 pub mod de;
+pub mod host;
 pub mod kube;
 pub mod load;
 pub mod networking;
