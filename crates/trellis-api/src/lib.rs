@@ -5,6 +5,7 @@
 //!
 //! No I/O beyond reading the text (and files) it is given.
 
+pub mod analyze;
 pub mod common;
 pub mod de;
 pub mod host;
