@@ -24,7 +24,7 @@
 //! the pod templates of Pods, Deployments, StatefulSets, DaemonSets, ReplicaSets, Jobs and
 //! CronJobs. Host names resolve as Kubernetes DNS does (see [`crate::host`]).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use crate::load::Parsed;
@@ -194,7 +194,19 @@ pub(crate) struct Context<'a> {
 
 impl<'a> Context<'a> {
     fn new(parsed: &'a [Parsed], opts: &AnalyzeOptions) -> Self {
-        let resources: Vec<&Resource> = parsed.iter().filter_map(Parsed::resource).collect();
+        // An object given twice (the same file passed twice, or a later edit of it) counts
+        // once: the last version wins, as it would in a config store.
+        let mut resources: Vec<&Resource> = Vec::new();
+        let mut index: HashMap<ObjectRef, usize> = HashMap::new();
+        for r in parsed.iter().filter_map(Parsed::resource) {
+            match index.get(&r.object_ref()) {
+                Some(&i) => resources[i] = r,
+                None => {
+                    index.insert(r.object_ref(), resources.len());
+                    resources.push(r);
+                }
+            }
+        }
         let registry = registry::Registry::build(parsed, &opts.default_namespace);
         Context {
             resources,
