@@ -5,8 +5,10 @@
 //!
 //! No I/O beyond reading the text (and files) it is given.
 
+pub mod analyze;
 pub mod common;
 pub mod de;
+pub mod host;
 pub mod kube;
 pub mod load;
 pub mod networking;
