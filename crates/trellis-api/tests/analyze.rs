@@ -1207,7 +1207,7 @@ fn yaml_output_quotes_ambiguous_scalars() {
         text: "yes".to_string(),
     };
     assert_eq!(
-        output::to_yaml(&[m.clone()]),
+        output::to_yaml(std::slice::from_ref(&m)),
         "- code: TRL0001\n  level: Info\n  message: \"yes\"\n"
     );
     let m = Message {

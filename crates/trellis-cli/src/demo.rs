@@ -8,10 +8,22 @@ use trellis_api::analyze::{self, AnalyzeOptions};
 use trellis_api::{Level, LoadOptions, Spec};
 
 const FILES: [(&str, &str); 4] = [
-    ("examples/bookinfo/services.yaml", include_str!("../../../examples/bookinfo/services.yaml")),
-    ("examples/bookinfo/workloads.yaml", include_str!("../../../examples/bookinfo/workloads.yaml")),
-    ("examples/bookinfo/routing.yaml", include_str!("../../../examples/bookinfo/routing.yaml")),
-    ("examples/bookinfo/security.yaml", include_str!("../../../examples/bookinfo/security.yaml")),
+    (
+        "examples/bookinfo/services.yaml",
+        include_str!("../../../examples/bookinfo/services.yaml"),
+    ),
+    (
+        "examples/bookinfo/workloads.yaml",
+        include_str!("../../../examples/bookinfo/workloads.yaml"),
+    ),
+    (
+        "examples/bookinfo/routing.yaml",
+        include_str!("../../../examples/bookinfo/routing.yaml"),
+    ),
+    (
+        "examples/bookinfo/security.yaml",
+        include_str!("../../../examples/bookinfo/security.yaml"),
+    ),
 ];
 
 pub fn run() -> anyhow::Result<ExitCode> {
@@ -21,23 +33,45 @@ pub fn run() -> anyhow::Result<ExitCode> {
     for (name, text) in FILES {
         parsed.extend(trellis_api::parse_text(text, name, &opts));
     }
-    println!("Loaded {} resources:", parsed.iter().filter(|p| p.resource().is_some()).count());
+    println!(
+        "Loaded {} resources:",
+        parsed.iter().filter(|p| p.resource().is_some()).count()
+    );
     for r in parsed.iter().filter_map(|p| p.resource()) {
         let detail = match &r.spec {
-            Spec::Service(s) => format!("ports {:?}, selects {:?}", s.ports.iter().map(|p| p.port).collect::<Vec<_>>(), s.selector),
-            Spec::Workload(w) => format!("{} replica(s), runs {:?}", w.replicas(), w.command.join(" ")),
-            Spec::VirtualService(v) => format!("hosts {:?}, {} HTTP rule(s)", v.hosts, v.http.len()),
+            Spec::Service(s) => format!(
+                "ports {:?}, selects {:?}",
+                s.ports.iter().map(|p| p.port).collect::<Vec<_>>(),
+                s.selector
+            ),
+            Spec::Workload(w) => format!(
+                "{} replica(s), runs {:?}",
+                w.replicas(),
+                w.command.join(" ")
+            ),
+            Spec::VirtualService(v) => {
+                format!("hosts {:?}, {} HTTP rule(s)", v.hosts, v.http.len())
+            }
             Spec::DestinationRule(d) => format!(
                 "host {}, subsets {:?}",
                 d.host,
-                d.subsets.iter().map(|s| s.name.as_str()).collect::<Vec<_>>()
+                d.subsets
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
             ),
             Spec::Gateway(g) => format!("{} server(s), selector {:?}", g.servers.len(), g.selector),
-            Spec::PeerAuthentication(p) => format!("mTLS {:?}", p.mtls.map(|m| m.mode).unwrap_or_default()),
-            Spec::AuthorizationPolicy(a) => format!("{} with {} rule(s)", a.action.as_str(), a.rules.len()),
+            Spec::PeerAuthentication(p) => {
+                format!("mTLS {:?}", p.mtls.map(|m| m.mode).unwrap_or_default())
+            }
+            Spec::AuthorizationPolicy(a) => {
+                format!("{} with {} rule(s)", a.action.as_str(), a.rules.len())
+            }
             _ => String::new(),
         };
-        println!("  {:<22} {:<32} {detail}", r.kind.as_str(), format!("{}/{}", r.namespace(), r.name()));
+        let id = r.object_ref().to_string();
+        let id = id.split_once(' ').map_or(id.as_str(), |(_, rest)| rest);
+        println!("  {:<22} {id:<32} {detail}", r.kind.as_str());
     }
     let messages = analyze::analyze(&parsed, &AnalyzeOptions::default());
     println!("\nAnalysis (`trellis analyze examples/bookinfo`):");

@@ -11,7 +11,12 @@ use trellis_api::{Level, LoadOptions};
 mod demo;
 
 #[derive(Debug, Parser)]
-#[command(name = "trellis", version, about = "Trellis service mesh", propagate_version = true)]
+#[command(
+    name = "trellis",
+    version,
+    about = "Trellis service mesh",
+    propagate_version = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -95,8 +100,12 @@ fn run_analyze(args: &AnalyzeArgs) -> anyhow::Result<ExitCode> {
                 writeln!(out, "{m}")?;
             }
             if !messages.iter().any(|m| m.level != Level::Info) {
-                let what: Vec<String> = args.paths.iter().map(|p| p.display().to_string()).collect();
-                eprintln!("✔ No validation issues found when analyzing {}.", what.join(", "));
+                let what: Vec<String> =
+                    args.paths.iter().map(|p| p.display().to_string()).collect();
+                eprintln!(
+                    "✔ No validation issues found when analyzing {}.",
+                    what.join(", ")
+                );
             }
         }
         Format::Json => writeln!(out, "{}", analyze::output::to_json(&messages))?,
@@ -109,7 +118,9 @@ fn run_analyze(args: &AnalyzeArgs) -> anyhow::Result<ExitCode> {
 fn exit_status(messages: &[Message], fail_on: FailOn) -> ExitCode {
     if messages.iter().any(|m| m.level == Level::Error) {
         ExitCode::from(2)
-    } else if matches!(fail_on, FailOn::Warning) && messages.iter().any(|m| m.level == Level::Warning) {
+    } else if matches!(fail_on, FailOn::Warning)
+        && messages.iter().any(|m| m.level == Level::Warning)
+    {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS

@@ -1,0 +1,135 @@
+//! The `trellis` binary, run as a user runs it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn trellis(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(args)
+        .output()
+        .expect("run trellis")
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn analyze_examples_is_clean() {
+    let out = trellis(&["analyze", examples().to_str().expect("utf-8 path")]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {}\nstderr: {}",
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout(&out), "", "no messages expected");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("No validation issues found"));
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write");
+    p
+}
+
+#[test]
+fn errors_exit_2_with_istio_codes_and_json_output() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let routing = std::fs::read_to_string(examples().join("bookinfo/routing.yaml")).expect("read");
+    write(
+        dir.path(),
+        "routing.yaml",
+        &routing.replace("subset: v2", "subset: v4"),
+    );
+    for f in ["services.yaml", "workloads.yaml"] {
+        std::fs::copy(examples().join("bookinfo").join(f), dir.path().join(f)).expect("copy");
+    }
+    write(
+        dir.path(),
+        "bad.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ratings, namespace: bookinfo}\nspec:\n  hosts: [ratings]\n  http:\n  - route:\n    - destination: {host: ratings, subset: v1}\n      weight: 40\n    - destination: {host: ratings, subset: v1}\n      weight: 50\n",
+    );
+    let d = dir.path().to_str().expect("utf-8");
+    let out = trellis(&["analyze", d]);
+    assert_eq!(out.status.code(), Some(2));
+    let text = stdout(&out);
+    let routing_path = dir.path().join("routing.yaml");
+    assert!(
+        text.contains(&format!(
+            "Error [IST0101] (VirtualService bookinfo/reviews {}:59) Referenced host+subset in destinationrule not found: \"reviews+v4\"",
+            routing_path.display()
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("Error [IST0106] (VirtualService bookinfo/ratings")
+            && text.contains("they sum to 90"),
+        "{text}"
+    );
+
+    let out = trellis(&["analyze", "-o", "json", d]);
+    assert_eq!(out.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json output");
+    let codes: Vec<&str> = v
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|m| m["code"].as_str())
+        .collect();
+    assert!(
+        codes.contains(&"IST0101") && codes.contains(&"IST0106"),
+        "{codes:?}"
+    );
+}
+
+#[test]
+fn warnings_fail_only_when_asked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A DestinationRule for a host no service provides: IST0174 (Warning).
+    let f = write(
+        dir.path(),
+        "dr.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: x}\nspec:\n  host: nothing-here\n",
+    );
+    let f = f.to_str().expect("utf-8");
+    let out = trellis(&["analyze", f]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(
+        stdout(&out).starts_with("Warning [IST0174]"),
+        "{}",
+        stdout(&out)
+    );
+    let out = trellis(&["analyze", "--fail-on", "warning", f]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = trellis(&["analyze", "-o", "yaml", f]);
+    assert!(
+        stdout(&out).starts_with("- code: IST0174\n"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn missing_path_is_a_clear_error() {
+    let out = trellis(&["analyze", "/nonexistent/trellis-config"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stdout(&out).contains("cannot read"), "{}", stdout(&out));
+}
+
+#[test]
+fn demo_runs() {
+    let out = trellis(&["demo"]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = stdout(&out);
+    assert!(
+        text.contains("VirtualService         bookinfo/reviews"),
+        "{text}"
+    );
+    assert!(text.contains("no validation issues"), "{text}");
+}
