@@ -320,6 +320,9 @@ spec:
         host: reviewz
     mirror:
       host: reviews-shadow
+  - route:
+    - destination:
+        host: reviews
     mirrors:
     - destination:
         host: reviews-mirror2
