@@ -83,7 +83,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
     }
     println!(
         "\nTry a mistake: change a subset to v4 in examples/bookinfo/routing.yaml and run\n  \
-         trellis analyze examples/bookinfo\n\n\
+         target/release/trellis analyze examples/bookinfo\n\n\
          Not yet in this build: `trellis up` (pods in network namespaces with transparent\n\
          sidecars), the proxy, the control plane. See README.md, Status."
     );
