@@ -133,3 +133,28 @@ fn demo_runs() {
     );
     assert!(text.contains("no validation issues"), "{text}");
 }
+
+#[test]
+fn analyze_reads_stdin() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(["analyze", "--namespace", "shop", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn trellis");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: cart}\nspec:\n  host: cart\n  subsets:\n  - name: v1\n    labels: {version: v1}\n  - name: v1\n")
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        stdout(&out),
+        "Error [IST0106] (DestinationRule shop/cart <stdin>:9:11) Schema validation error: \
+         spec.subsets[1].name: duplicate subset name \"v1\"\n"
+    );
+}
