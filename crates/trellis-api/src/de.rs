@@ -227,17 +227,8 @@ impl<'de> NodeDe<'de, '_> {
     }
 
     fn wrong(&self, expected: &str) -> DeError {
-        let hint = match self.node.resolve() {
-            Some(Resolved::Int(_) | Resolved::Float(_) | Resolved::Bool(_))
-                if expected.contains("string") =>
-            {
-                let text = self.node.as_scalar().unwrap_or_default();
-                format!(" (quote it to make it a string: \"{text}\")")
-            }
-            _ => String::new(),
-        };
         self.err(format_args!(
-            "expected {expected}, found {}{hint}",
+            "expected {expected}, found {}",
             self.node.describe()
         ))
     }

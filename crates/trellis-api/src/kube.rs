@@ -118,11 +118,11 @@ struct LooseWorkloadSpec {
 #[derive(Debug, Default, Deserialize)]
 struct LooseJobTemplate {
     #[serde(default)]
-    spec: LooseWorkloadSpec2,
+    spec: LooseJobSpec,
 }
 
 #[derive(Debug, Default, Deserialize)]
-struct LooseWorkloadSpec2 {
+struct LooseJobSpec {
     template: Option<LooseTemplate>,
 }
 

@@ -310,7 +310,7 @@ fn parse_node(node: Arc<Node>, file: &Arc<str>, opts: &LoadOptions, out: &mut Ve
         .map(str::to_string);
 
     // `kind: List` (what `kubectl get -o yaml` prints): each item is a document.
-    if kind_name == "List" || kind_name.ends_with("List") && group.is_empty() {
+    if kind_name == "List" || (kind_name.ends_with("List") && group.is_empty()) {
         match node.get("items").and_then(Node::as_seq) {
             Some(items) => {
                 for item in items {

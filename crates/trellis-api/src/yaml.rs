@@ -82,6 +82,26 @@ impl Node {
         }
     }
 
+    /// Equal content, ignoring positions: the same document moved within its file is the
+    /// same configuration.
+    pub fn same_content(&self, other: &Node) -> bool {
+        match (&self.value, &other.value) {
+            (Value::Scalar { text: a, plain: pa }, Value::Scalar { text: b, plain: pb }) => {
+                a == b && pa == pb
+            }
+            (Value::Seq(a), Value::Seq(b)) => {
+                a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.same_content(y))
+            }
+            (Value::Map(a), Value::Map(b)) => {
+                a.len() == b.len()
+                    && a.iter()
+                        .zip(b)
+                        .all(|((ka, va), (kb, vb))| ka.text == kb.text && va.same_content(vb))
+            }
+            _ => false,
+        }
+    }
+
     pub fn is_null(&self) -> bool {
         matches!(self.resolve(), Some(Resolved::Null))
     }
@@ -688,6 +708,16 @@ mod tests {
         ] {
             assert_eq!(resolve_plain(text), want, "{text}");
         }
+    }
+
+    #[test]
+    fn same_content_ignores_positions() {
+        let a = one("a: {b: [1, \"x\"]}\n");
+        let b = one("\n\n# moved\na:\n  b:\n  - 1\n  - \"x\"\n");
+        assert!(a.same_content(&b));
+        assert_ne!(a, b, "positions differ");
+        assert!(!a.same_content(&one("a: {b: [1, x]}\n")), "quoting matters");
+        assert!(!a.same_content(&one("a: {b: [1, \"y\"]}\n")));
     }
 
     #[test]

@@ -305,6 +305,26 @@ spec:
 }
 
 #[test]
+fn service_entry_endpoints_need_an_address() {
+    let err = only_error(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db}
+spec:
+  hosts: [db.internal]
+  ports: [{number: 5432, name: tcp-pg, protocol: TCP}]
+  resolution: STATIC
+  endpoints:
+  - labels: {role: primary}
+",
+    );
+    assert!(
+        err.contains("spec.endpoints[0].address: address is required (or network)"),
+        "{err}"
+    );
+}
+
+#[test]
 fn authorization_policy_action_rules_provider() {
     let err = only_error(
         "apiVersion: security.istio.io/v1

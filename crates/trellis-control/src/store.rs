@@ -16,7 +16,6 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use tokio::sync::{broadcast, watch};
 use trellis_api::resource::Kind;
-use trellis_api::yaml::{Node, Value};
 use trellis_api::{ObjectRef, Resource};
 
 /// How many changes a [`ConfigStore::changes`] receiver may fall behind before it lags.
@@ -294,36 +293,10 @@ impl ConfigStore {
 
 /// Whether two resources have the same content (positions ignored).
 pub(crate) fn same_content(a: &Resource, b: &Resource) -> bool {
-    a.kind == b.kind && a.api_version == b.api_version && same_node(&a.origin.node, &b.origin.node)
+    a.kind == b.kind && a.api_version == b.api_version && a.origin.node.same_content(&b.origin.node)
 }
 
 /// Structural equality of two YAML trees, ignoring marks.
-fn same_node(a: &Node, b: &Node) -> bool {
-    match (&a.value, &b.value) {
-        (
-            Value::Scalar {
-                text: ta,
-                plain: pa,
-            },
-            Value::Scalar {
-                text: tb,
-                plain: pb,
-            },
-        ) => ta == tb && pa == pb,
-        (Value::Seq(xa), Value::Seq(xb)) => {
-            xa.len() == xb.len() && xa.iter().zip(xb).all(|(x, y)| same_node(x, y))
-        }
-        (Value::Map(ma), Value::Map(mb)) => {
-            ma.len() == mb.len()
-                && ma
-                    .iter()
-                    .zip(mb)
-                    .all(|((ka, va), (kb, vb))| ka.text == kb.text && same_node(va, vb))
-        }
-        _ => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

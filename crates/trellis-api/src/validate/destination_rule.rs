@@ -391,11 +391,14 @@ pub(super) fn client_tls(v: &mut V, p: &str, tls: &ClientTlsSettings) {
         }
         ClientTlsMode::IstioMutual | ClientTlsMode::Disable => {
             if has_files || tls.credential_name.is_some() {
+                let name = if mode == ClientTlsMode::Disable {
+                    "DISABLE"
+                } else {
+                    "ISTIO_MUTUAL"
+                };
                 v.err(
                     p,
-                    format!("{mode:?} TLS must not set certificates, keys or credentialName")
-                        .replace("IstioMutual", "ISTIO_MUTUAL")
-                        .replace("Disable", "DISABLE"),
+                    format!("{name} TLS must not set certificates, keys or credentialName"),
                 );
             }
         }

@@ -83,7 +83,7 @@ pub fn validate(r: &Resource) -> Vec<Issue> {
         Spec::Gateway(s) => gateway(&mut v, s, r.name()),
         Spec::ServiceEntry(s) => service_entry(&mut v, s),
         Spec::Sidecar(s) => sidecar(&mut v, s),
-        Spec::WorkloadEntry(s) => workload_entry(&mut v, "spec", s),
+        Spec::WorkloadEntry(s) => addressed_workload_entry(&mut v, "spec", s),
         Spec::WorkloadGroup(s) => workload_group(&mut v, s),
         Spec::PeerAuthentication(s) => peer_authentication(&mut v, s),
         Spec::AuthorizationPolicy(s) => authorization_policy(&mut v, s),

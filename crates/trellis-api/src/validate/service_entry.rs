@@ -94,7 +94,7 @@ pub(super) fn service_entry(v: &mut V, s: &ServiceEntry) {
     let port_names: HashSet<&str> = s.ports.iter().map(|p| p.name.as_str()).collect();
     for (i, e) in s.endpoints.iter().enumerate() {
         let ep = format!("spec.endpoints[{i}]");
-        workload_entry(v, &ep, e);
+        addressed_workload_entry(v, &ep, e);
         if resolution == Resolution::Static {
             if let Some(a) = &e.address {
                 if !a.starts_with("unix://") && a.parse::<IpAddr>().is_err() {
@@ -125,11 +125,17 @@ pub(super) fn is_port_name(name: &str) -> bool {
         && !name.ends_with('-')
 }
 
-pub(super) fn workload_entry(v: &mut V, p: &str, e: &WorkloadEntry) {
-    let addr = e.address.as_deref().unwrap_or_default();
-    if addr.is_empty() && e.network.is_none() && p == "spec" {
+/// WorkloadEntries and ServiceEntry endpoints need an address (or a network that reaches
+/// them through a gateway); WorkloadGroup templates must not have one.
+pub(super) fn addressed_workload_entry(v: &mut V, p: &str, e: &WorkloadEntry) {
+    if e.address.as_deref().unwrap_or_default().is_empty() && e.network.is_none() {
         v.err(format!("{p}.address"), "address is required (or network)");
     }
+    workload_entry(v, p, e);
+}
+
+pub(super) fn workload_entry(v: &mut V, p: &str, e: &WorkloadEntry) {
+    let addr = e.address.as_deref().unwrap_or_default();
     if let Some(path) = addr.strip_prefix("unix://") {
         if !(path.starts_with('/') || path.starts_with('@')) {
             v.err(
