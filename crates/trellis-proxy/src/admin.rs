@@ -1,0 +1,173 @@
+//! The admin server (15000, localhost by default) and the readiness endpoint (15021).
+//!
+//! | Path | |
+//! |---|---|
+//! | `GET /ready`, `GET /healthz` | 200 when serving (503 while draining) |
+//! | `GET /healthz/ready` | the readiness probe (also on 15021) |
+//! | `GET /config_dump` | the snapshot in use, as JSON (secrets redacted) |
+//! | `GET /clusters` | endpoints with health and counters, as JSON |
+//! | `GET /stats/prometheus` | proxy counters, Prometheus text format |
+//! | `POST /logging?level=debug` | log filter (tracing `EnvFilter` syntax) |
+//! | `POST /quitquitquit` | drain and exit |
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use crate::proxy::Shared;
+
+/// Changes the log filter; returns an error message for a bad filter.
+pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// What the admin endpoints act on.
+pub struct AdminContext {
+    pub shared: Arc<Shared>,
+    pub set_log_level: Option<SetLogLevel>,
+    /// Notified by `/quitquitquit`.
+    pub quit: Arc<Notify>,
+    /// False while draining: readiness then fails so no new traffic is sent here.
+    pub ready: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for AdminContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminContext").finish_non_exhaustive()
+    }
+}
+
+/// Serves admin requests on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, ctx: Arc<AdminContext>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let ctx = Arc::clone(&ctx);
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let ctx = Arc::clone(&ctx);
+                async move { Ok::<_, Infallible>(route(&ctx, req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn reply(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+fn json_reply(v: &serde_json::Value) -> Response<Full<Bytes>> {
+    let text = serde_json::to_string_pretty(v).unwrap_or_default();
+    reply(StatusCode::OK, "application/json", text)
+}
+
+fn route(ctx: &AdminContext, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let cfg = ctx.shared.config.load_full();
+    let ready = ctx.ready.load(Ordering::Relaxed);
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/ready" | "/healthz" | "/healthz/ready") => {
+            if ready {
+                reply(StatusCode::OK, "text/plain", "LIVE\n")
+            } else {
+                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "DRAINING\n")
+            }
+        }
+        (&Method::GET, "/config_dump") => json_reply(&json!({
+            "version": cfg.version,
+            "snapshot": cfg.raw.to_json(),
+        })),
+        (&Method::GET, "/clusters") => {
+            let (idle, h2) = ctx.shared.pools.snapshot();
+            let clusters: Vec<_> = cfg
+                .clusters
+                .iter()
+                .map(|c| {
+                    json!({
+                        "name": c.name,
+                        "endpoints": c.endpoints.iter().map(|e| json!({
+                            "address": e.addr.to_string(),
+                            "healthy": e.healthy,
+                            "proxied": e.proxied,
+                            "identity": e.identity,
+                            "locality": e.locality,
+                            "requests": e.stats.requests.load(Ordering::Relaxed),
+                            "errors": e.stats.errors.load(Ordering::Relaxed),
+                            "connectFailures": e.stats.connect_failures.load(Ordering::Relaxed),
+                            "active": e.stats.active.load(Ordering::Relaxed),
+                            "idleHttp1Connections": idle.get(&e.addr).copied().unwrap_or(0),
+                            "http2Connected": h2.contains(&e.addr),
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            json_reply(&json!({ "clusters": clusters }))
+        }
+        (&Method::GET, "/stats/prometheus" | "/stats") => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            ctx.shared.stats.render(&cfg),
+        ),
+        (&Method::POST, "/logging") => {
+            let level = req.uri().query().and_then(|q| {
+                q.split('&')
+                    .find_map(|kv| kv.strip_prefix("level="))
+                    .map(str::to_string)
+            });
+            match (level, &ctx.set_log_level) {
+                (None, _) => reply(
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    "usage: POST /logging?level=info,trellis_proxy=debug\n",
+                ),
+                (Some(_), None) => reply(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "text/plain",
+                    "log level cannot be changed in this process\n",
+                ),
+                (Some(l), Some(set)) => match set(&l) {
+                    Ok(()) => reply(StatusCode::OK, "text/plain", format!("log level: {l}\n")),
+                    Err(e) => reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+                },
+            }
+        }
+        (&Method::POST, "/quitquitquit") => {
+            ctx.ready.store(false, Ordering::Relaxed);
+            ctx.quit.notify_waiters();
+            ctx.quit.notify_one();
+            reply(StatusCode::OK, "text/plain", "draining\n")
+        }
+        (_, "/logging" | "/quitquitquit") => {
+            reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use POST\n")
+        }
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "admin: /ready /healthz /healthz/ready /config_dump /clusters /stats/prometheus POST /logging?level= POST /quitquitquit\n",
+        ),
+    }
+}

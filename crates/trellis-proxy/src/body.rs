@@ -1,0 +1,64 @@
+//! The body of responses the proxy sends downstream: streamed from upstream, or generated
+//! by the proxy itself (errors, admin).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::pool::PooledBody;
+
+#[derive(Debug)]
+pub enum ProxyBody {
+    /// A body the proxy made (one chunk, possibly empty).
+    Full(Option<Bytes>),
+    /// Streamed from an HTTP/2 upstream (or an upgrade response).
+    Upstream(Incoming),
+    /// Streamed from a pooled HTTP/1.1 upstream connection.
+    Pooled(PooledBody),
+}
+
+impl ProxyBody {
+    pub fn empty() -> ProxyBody {
+        ProxyBody::Full(None)
+    }
+
+    pub fn text(s: impl Into<Bytes>) -> ProxyBody {
+        let b = s.into();
+        ProxyBody::Full((!b.is_empty()).then_some(b))
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Pooled(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full(b) => b.is_none(),
+            ProxyBody::Upstream(b) => b.is_end_stream(),
+            ProxyBody::Pooled(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ProxyBody::Upstream(b) => b.size_hint(),
+            ProxyBody::Pooled(b) => b.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,509 @@
+//! The proxy's domain view of a snapshot: wire types ([`trellis_xds::snapshot`]) are
+//! converted here, once, into indexed structures the data path reads without parsing
+//! anything. A resource that does not convert is rejected with a reason; the snapshot as a
+//! whole is refused so that a proxy never runs half of a configuration.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use trellis_api::common::Protocol;
+use trellis_xds::snapshot::{self as wire, OutboundPolicy};
+
+/// Default time to wait for a client's first bytes.
+pub const DEFAULT_DETECTION_TIMEOUT: Duration = Duration::from_millis(100);
+/// Default limit on a request head (Envoy's 60 KiB).
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 60 * 1024;
+/// Default time allowed to receive a request head.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default upstream connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default idle timeout of pooled upstream connections: below the 5 s keep-alive of
+/// Node.js and most app servers, so a pooled connection is dropped before the app drops it.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How traffic on a port is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortProtocol {
+    /// HTTP/1.1 or HTTP/2 (which one is seen on the wire).
+    Http,
+    /// HTTP/2 only (grpc, http2, h2c): forwarded as HTTP/2 to the app.
+    Http2,
+    /// Opaque bytes (tcp, tls, https, mongo, mysql, redis…).
+    Tcp,
+    /// Not declared: detected from the client's first bytes.
+    Detect,
+}
+
+impl PortProtocol {
+    /// Istio's rules: appProtocol wins, then the explicit protocol, then the port name's
+    /// prefix (`http-web`, `grpc`, `tcp-db`…); otherwise detect.
+    pub fn declared(
+        protocol: Option<Protocol>,
+        app_protocol: Option<&str>,
+        name: Option<&str>,
+    ) -> PortProtocol {
+        if let Some(app) = app_protocol {
+            if let Some(p) = from_name(app) {
+                return p;
+            }
+        }
+        if let Some(p) = protocol {
+            return from_protocol(p);
+        }
+        name.and_then(|n| from_name(n.split('-').next().unwrap_or(n)))
+            .unwrap_or(PortProtocol::Detect)
+    }
+}
+
+fn from_protocol(p: Protocol) -> PortProtocol {
+    match p {
+        Protocol::Http => PortProtocol::Http,
+        Protocol::Http2 | Protocol::Grpc | Protocol::GrpcWeb => PortProtocol::Http2,
+        Protocol::HttpProxy => PortProtocol::Http,
+        _ => PortProtocol::Tcp,
+    }
+}
+
+fn from_name(name: &str) -> Option<PortProtocol> {
+    match name.to_ascii_lowercase().as_str() {
+        "kubernetes.io/h2c" => Some(PortProtocol::Http2),
+        "kubernetes.io/ws" | "kubernetes.io/wss" => Some(PortProtocol::Http),
+        n => n.parse::<Protocol>().ok().map(from_protocol),
+    }
+}
+
+/// Counters of one endpoint; they survive snapshot swaps (looked up by cluster and address
+/// when a snapshot is converted).
+#[derive(Debug, Default)]
+pub struct EndpointStats {
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+    pub connect_failures: AtomicU64,
+    pub active: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub proxied: bool,
+    pub identity: Option<String>,
+    pub healthy: bool,
+    pub locality: Option<String>,
+    pub labels: Vec<(String, String)>,
+    pub stats: Arc<EndpointStats>,
+}
+
+#[derive(Debug)]
+pub struct Cluster {
+    pub name: String,
+    pub endpoints: Vec<Arc<Endpoint>>,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    next: AtomicUsize,
+}
+
+impl Cluster {
+    /// Round robin over healthy endpoints (all endpoints when none is healthy, as Envoy's
+    /// panic threshold does).
+    pub fn pick(&self) -> Option<&Arc<Endpoint>> {
+        let n = self.endpoints.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| &self.endpoints[(start + i) % n])
+            .find(|e| e.healthy)
+            .or_else(|| self.endpoints.get(start % n))
+    }
+}
+
+/// A service port as the outbound path sees it.
+#[derive(Debug)]
+pub struct Target {
+    pub hostname: String,
+    pub port: u16,
+    pub protocol: PortProtocol,
+    pub cluster: Arc<Cluster>,
+}
+
+#[derive(Debug, Clone)]
+pub struct InboundPort {
+    pub port: u16,
+    pub target_port: u16,
+    pub protocol: PortProtocol,
+}
+
+/// A converted snapshot.
+#[derive(Debug)]
+pub struct Config {
+    pub version: String,
+    pub outbound_policy: OutboundPolicy,
+    /// Service virtual IP and port → target.
+    by_vip: HashMap<SocketAddr, Arc<Target>>,
+    /// Endpoint address → target (an app that dialled a pod address directly).
+    by_endpoint: HashMap<SocketAddr, Arc<Target>>,
+    /// (hostname, port) → target, for explicit listeners.
+    by_host: HashMap<(String, u16), Arc<Target>>,
+    pub clusters: Vec<Arc<Cluster>>,
+    pub inbound: HashMap<u16, InboundPort>,
+    pub workload: Option<wire::Workload>,
+    pub detection_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub header_timeout: Duration,
+    /// The wire form, for `/config_dump`.
+    pub raw: wire::Snapshot,
+}
+
+/// Why a snapshot was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{resource}: {reason}")]
+pub struct ConfigError {
+    /// Which resource, e.g. `clusters[2] "outbound|9080||reviews"`.
+    pub resource: String,
+    pub reason: String,
+}
+
+fn bad(resource: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        resource: resource.into(),
+        reason: reason.into(),
+    }
+}
+
+fn port_u16(resource: &str, p: u32) -> Result<u16, ConfigError> {
+    u16::try_from(p)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| bad(resource, format!("port {p} must be in 1..65535")))
+}
+
+impl Config {
+    /// Converts a wire snapshot. `previous` lends its endpoint counters to endpoints that
+    /// are still there.
+    pub fn from_wire(
+        raw: wire::Snapshot,
+        previous: Option<&Config>,
+    ) -> Result<Config, ConfigError> {
+        let old_stats: HashMap<(&str, SocketAddr), &Arc<EndpointStats>> = previous
+            .map(|p| {
+                p.clusters
+                    .iter()
+                    .flat_map(|c| {
+                        c.endpoints
+                            .iter()
+                            .map(move |e| ((c.name.as_str(), e.addr), &e.stats))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let settings = &raw.settings;
+        let default_connect = settings
+            .connect_timeout
+            .map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0);
+
+        let mut clusters: HashMap<&str, Arc<Cluster>> = HashMap::new();
+        for (i, c) in raw.clusters.iter().enumerate() {
+            let res = format!("clusters[{i}] {:?}", c.name);
+            if c.name.is_empty() {
+                return Err(bad(res, "cluster name must not be empty"));
+            }
+            let mut endpoints = Vec::with_capacity(c.endpoints.len());
+            for (j, e) in c.endpoints.iter().enumerate() {
+                let eres = format!("{res} endpoints[{j}]");
+                let addr: SocketAddr = e
+                    .address
+                    .parse()
+                    .map_err(|_| bad(&eres, format!("address {:?} is not ip:port", e.address)))?;
+                let stats = old_stats
+                    .get(&(c.name.as_str(), addr))
+                    .map(|s| Arc::clone(s))
+                    .unwrap_or_default();
+                endpoints.push(Arc::new(Endpoint {
+                    addr,
+                    proxied: e.proxied,
+                    identity: e.identity.clone(),
+                    healthy: e.healthy,
+                    locality: e.locality.clone(),
+                    labels: e
+                        .labels
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                    stats,
+                }));
+            }
+            let cluster = Arc::new(Cluster {
+                name: c.name.clone(),
+                endpoints,
+                connect_timeout: c.connect_timeout.map_or(default_connect, |d| d.0),
+                idle_timeout: c.idle_timeout.map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
+                next: AtomicUsize::new(0),
+            });
+            if clusters.insert(c.name.as_str(), cluster).is_some() {
+                return Err(bad(res, "duplicate cluster name"));
+            }
+        }
+
+        let mut by_vip = HashMap::new();
+        let mut by_endpoint = HashMap::new();
+        let mut by_host = HashMap::new();
+        for (i, s) in raw.services.iter().enumerate() {
+            let res = format!("services[{i}] {:?}", s.hostname);
+            if s.hostname.is_empty() {
+                return Err(bad(res, "hostname must not be empty"));
+            }
+            let vips: Vec<IpAddr> = s
+                .addresses
+                .iter()
+                .map(|a| {
+                    a.parse()
+                        .map_err(|_| bad(&res, format!("address {a:?} is not an IP address")))
+                })
+                .collect::<Result<_, _>>()?;
+            for p in &s.ports {
+                let port = port_u16(&res, p.port)?;
+                let cluster = clusters.get(p.cluster.as_str()).ok_or_else(|| {
+                    bad(
+                        &res,
+                        format!("port {port}: cluster {:?} is not defined", p.cluster),
+                    )
+                })?;
+                let target = Arc::new(Target {
+                    hostname: s.hostname.clone(),
+                    port,
+                    protocol: PortProtocol::declared(
+                        p.protocol,
+                        p.app_protocol.as_deref(),
+                        p.name.as_deref(),
+                    ),
+                    cluster: Arc::clone(cluster),
+                });
+                for ip in &vips {
+                    by_vip.insert(SocketAddr::new(*ip, port), Arc::clone(&target));
+                }
+                for e in &cluster.endpoints {
+                    by_endpoint
+                        .entry(e.addr)
+                        .or_insert_with(|| Arc::clone(&target));
+                }
+                by_host.insert((s.hostname.clone(), port), target);
+            }
+        }
+
+        let mut inbound = HashMap::new();
+        if let Some(w) = &raw.workload {
+            for (i, p) in w.inbound_ports.iter().enumerate() {
+                let res = format!("workload.inboundPorts[{i}]");
+                let port = port_u16(&res, p.port)?;
+                let target_port = port_u16(&res, p.target_port.unwrap_or(p.port))?;
+                inbound.insert(
+                    port,
+                    InboundPort {
+                        port,
+                        target_port,
+                        protocol: PortProtocol::declared(
+                            p.protocol,
+                            p.app_protocol.as_deref(),
+                            p.name.as_deref(),
+                        ),
+                    },
+                );
+            }
+        }
+        let max_header_bytes = settings
+            .max_request_header_bytes
+            .map_or(DEFAULT_MAX_HEADER_BYTES, |b| b as usize);
+        if max_header_bytes < 8192 {
+            return Err(bad(
+                "settings.maxRequestHeaderBytes",
+                "must be at least 8192",
+            ));
+        }
+        let mut cluster_list: Vec<Arc<Cluster>> = clusters.into_values().collect();
+        cluster_list.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Config {
+            version: raw.version.clone(),
+            outbound_policy: raw.outbound_traffic_policy,
+            by_vip,
+            by_endpoint,
+            by_host,
+            clusters: cluster_list,
+            inbound,
+            workload: raw.workload.clone(),
+            detection_timeout: settings
+                .protocol_detection_timeout
+                .map_or(DEFAULT_DETECTION_TIMEOUT, |d| d.0),
+            max_header_bytes,
+            header_timeout: settings
+                .request_header_timeout
+                .map_or(DEFAULT_HEADER_TIMEOUT, |d| d.0),
+            raw,
+        })
+    }
+
+    /// The target of an intercepted outbound connection: by service virtual IP, else by
+    /// endpoint address.
+    pub fn outbound_target(&self, dst: SocketAddr) -> Option<&Arc<Target>> {
+        self.by_vip.get(&dst).or_else(|| self.by_endpoint.get(&dst))
+    }
+
+    /// The target named by an explicit listener: `reviews`, `reviews.default`, or the FQDN.
+    pub fn target_by_name(&self, name: &str, port: u16) -> Option<&Arc<Target>> {
+        if let Some(t) = self.by_host.get(&(name.to_string(), port)) {
+            return Some(t);
+        }
+        let prefix = format!("{name}.");
+        let mut found = self
+            .by_host
+            .iter()
+            .filter(|((h, p), _)| *p == port && h.starts_with(&prefix))
+            .map(|(_, t)| t);
+        let first = found.next();
+        // Ambiguous short names resolve to nothing rather than to a random service.
+        if found.next().is_some() { None } else { first }
+    }
+
+    pub fn inbound_port(&self, port: u16) -> Option<&InboundPort> {
+        self.inbound.get(&port)
+    }
+}
+
+impl Config {
+    /// An empty configuration (no services; unknown destinations pass through).
+    pub fn empty() -> Config {
+        Config {
+            version: String::new(),
+            outbound_policy: OutboundPolicy::AllowAny,
+            by_vip: HashMap::new(),
+            by_endpoint: HashMap::new(),
+            by_host: HashMap::new(),
+            clusters: Vec::new(),
+            inbound: HashMap::new(),
+            workload: None,
+            detection_timeout: DEFAULT_DETECTION_TIMEOUT,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            raw: wire::Snapshot::default(),
+        }
+    }
+}
+
+/// Loads and converts a snapshot file; the error says which line or resource is wrong.
+pub fn load_file(path: &std::path::Path, previous: Option<&Config>) -> Result<Config, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let raw =
+        wire::Snapshot::from_text(&text, &path.display().to_string()).map_err(|e| e.to_string())?;
+    Config::from_wire(raw, previous).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(text: &str) -> Result<Config, String> {
+        let raw = wire::Snapshot::from_text(text, "s.yaml").map_err(|e| e.to_string())?;
+        Config::from_wire(raw, None).map_err(|e| e.to_string())
+    }
+
+    const GOOD: &str = r#"
+version: "1"
+services:
+- hostname: reviews.default.svc.cluster.local
+  addresses: [240.240.0.1]
+  ports: [{port: 9080, name: http-web, cluster: reviews}]
+- hostname: db.default.svc.cluster.local
+  ports: [{port: 5432, name: tcp-pg, cluster: db}]
+clusters:
+- name: reviews
+  endpoints: [{address: "10.0.0.1:9080", proxied: true}, {address: "10.0.0.2:9080", healthy: false}]
+- name: db
+  endpoints: [{address: "10.0.0.3:5432"}]
+"#;
+
+    #[test]
+    fn indexes_by_vip_endpoint_and_name() {
+        let c = snap(GOOD).expect("good");
+        let vip: SocketAddr = "240.240.0.1:9080".parse().expect("addr");
+        assert_eq!(
+            c.outbound_target(vip).map(|t| t.hostname.as_str()),
+            Some("reviews.default.svc.cluster.local")
+        );
+        let ep: SocketAddr = "10.0.0.3:5432".parse().expect("addr");
+        assert_eq!(
+            c.outbound_target(ep).map(|t| t.protocol),
+            Some(PortProtocol::Tcp)
+        );
+        assert!(c.target_by_name("reviews", 9080).is_some());
+        assert!(c.target_by_name("reviews.default", 9080).is_some());
+        assert!(c.target_by_name("reviews", 9081).is_none());
+        let t = c.target_by_name("reviews", 9080).expect("target");
+        assert_eq!(t.protocol, PortProtocol::Http);
+        // Round robin skips the unhealthy endpoint.
+        for _ in 0..4 {
+            assert_eq!(t.cluster.pick().map(|e| e.addr.port()), Some(9080));
+            assert!(t.cluster.pick().is_some_and(|e| e.healthy));
+        }
+    }
+
+    #[test]
+    fn bad_resources_are_named() {
+        let e = snap("services:\n- hostname: a\n  ports: [{port: 80, cluster: nope}]\n")
+            .expect_err("bad");
+        assert_eq!(
+            e,
+            "services[0] \"a\": port 80: cluster \"nope\" is not defined"
+        );
+        let e = snap("clusters:\n- name: c\n  endpoints: [{address: \"10.0.0.1\"}]\n")
+            .expect_err("bad");
+        assert_eq!(
+            e,
+            "clusters[0] \"c\" endpoints[0]: address \"10.0.0.1\" is not ip:port"
+        );
+        let e = snap("clusterz: []\n").expect_err("bad");
+        assert!(
+            e.starts_with(
+                "s.yaml:1:1: clusterz: unknown field `clusterz` (did you mean `clusters`?)"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn protocol_declaration_follows_istio() {
+        use PortProtocol::*;
+        assert_eq!(PortProtocol::declared(None, None, Some("http-web")), Http);
+        assert_eq!(PortProtocol::declared(None, None, Some("grpc")), Http2);
+        assert_eq!(PortProtocol::declared(None, None, Some("tcp-db")), Tcp);
+        assert_eq!(PortProtocol::declared(None, None, Some("mongo")), Tcp);
+        assert_eq!(PortProtocol::declared(None, None, Some("web")), Detect);
+        assert_eq!(
+            PortProtocol::declared(None, Some("kubernetes.io/h2c"), Some("tcp")),
+            Http2
+        );
+        assert_eq!(
+            PortProtocol::declared(Some(Protocol::Tls), None, Some("http")),
+            Tcp
+        );
+        assert_eq!(PortProtocol::declared(None, None, None), Detect);
+    }
+
+    #[test]
+    fn counters_survive_a_swap() {
+        let a = snap(GOOD).expect("good");
+        let t = a.target_by_name("db", 5432).expect("db");
+        let ep = t.cluster.pick().expect("ep");
+        ep.stats.requests.fetch_add(5, Ordering::Relaxed);
+        let raw = wire::Snapshot::from_text(GOOD, "s.yaml").expect("parse");
+        let b = Config::from_wire(raw, Some(&a)).expect("convert");
+        let ep2 = b
+            .target_by_name("db", 5432)
+            .and_then(|t| t.cluster.pick())
+            .expect("ep");
+        assert_eq!(ep2.stats.requests.load(Ordering::Relaxed), 5);
+    }
+}

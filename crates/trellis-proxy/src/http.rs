@@ -1,0 +1,469 @@
+//! HTTP forwarding: one function per request, for both directions.
+//!
+//! Outbound, a request goes to an endpoint of the target service's cluster: over the
+//! shared HTTP/2 connection when a Trellis proxy fronts the endpoint (whatever version the
+//! app spoke; a header tells the peer which version to give its app), else in the
+//! client's own version. Inbound, it goes to the app on localhost in the version the
+//! client app used (or HTTP/2 when the port declares it). Upgrades (WebSocket…) and
+//! CONNECT are tunnelled over HTTP/1.1 end to end.
+
+use std::convert::Infallible;
+use std::hash::{BuildHasher, Hasher};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use crate::body::ProxyBody;
+use crate::config::{Config, DEFAULT_IDLE_TIMEOUT, Endpoint, InboundPort, PortProtocol};
+use crate::pool::{Pools, UpstreamError};
+use crate::proxy::Shared;
+use crate::stats::Stats;
+
+/// Tells the peer proxy which HTTP version the client app spoke ("1.1" or "2").
+pub const DOWNSTREAM_VERSION: HeaderName = HeaderName::from_static("x-trellis-downstream-version");
+/// Envoy-style response flags on responses the proxy made itself (UF, UH, NR…).
+pub const RESPONSE_FLAGS: HeaderName = HeaderName::from_static("x-trellis-response-flags");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// How a connection's requests find where they go; resolved again for every request so
+/// that a snapshot swap applies to long-lived connections too.
+#[derive(Debug, Clone)]
+pub enum Route {
+    /// Intercepted outbound connection to this address (service VIP or endpoint).
+    Outbound(SocketAddr),
+    /// Explicit outbound listener for a service name and port.
+    Named(Arc<str>, u16),
+    /// Inbound traffic for the workload's port.
+    Inbound(u16),
+}
+
+/// Where one request goes.
+struct Upstream<'a> {
+    addr: SocketAddr,
+    h2: bool,
+    /// Set when the upstream is a peer proxy: the app's version, for the peer.
+    peer_version: Option<&'static str>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    endpoint: Option<&'a Endpoint>,
+    /// Other addresses to try when the first refuses (the pod address for apps that do
+    /// not listen on localhost).
+    fallbacks: &'a [IpAddr],
+}
+
+/// Serves one request.
+pub async fn handle(
+    shared: Arc<Shared>,
+    route: Route,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    Stats::inc(&shared.stats.requests_total);
+    let cfg = shared.config.load_full();
+    let resp = match &route {
+        Route::Inbound(port) => inbound(&shared, &cfg, *port, req).await,
+        Route::Outbound(dst) => match cfg.outbound_target(*dst) {
+            Some(t) => outbound(&shared, t, req).await,
+            None => local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "NR",
+                format!("no route to {dst}"),
+            ),
+        },
+        Route::Named(host, port) => match cfg.target_by_name(host, *port) {
+            Some(t) => outbound(&shared, t, req).await,
+            None => local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "NR",
+                format!("no service {host}:{port} in the current configuration"),
+            ),
+        },
+    };
+    if resp.status().is_server_error() {
+        Stats::inc(&shared.stats.responses_5xx_total);
+    }
+    Ok(resp)
+}
+
+async fn outbound(
+    shared: &Shared,
+    target: &crate::config::Target,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let Some(ep) = target.cluster.pick() else {
+        tracing::warn!(cluster = %target.cluster.name, "no endpoint for {}:{} (UH)", target.hostname, target.port);
+        return local_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UH",
+            format!(
+                "no healthy upstream for {}:{}",
+                target.hostname, target.port
+            ),
+        );
+    };
+    let downstream_h2 = req.version() == Version::HTTP_2;
+    let up = Upstream {
+        addr: ep.addr,
+        h2: ep.proxied || downstream_h2 || target.protocol == PortProtocol::Http2,
+        peer_version: ep
+            .proxied
+            .then_some(if downstream_h2 { "2" } else { "1.1" }),
+        connect_timeout: target.cluster.connect_timeout,
+        idle_timeout: target.cluster.idle_timeout,
+        endpoint: Some(ep),
+        fallbacks: &[],
+    };
+    forward(shared, req, up).await
+}
+
+async fn inbound(
+    shared: &Shared,
+    cfg: &Config,
+    port: u16,
+    mut req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let declared = cfg.inbound_port(port).cloned().unwrap_or(InboundPort {
+        port,
+        target_port: port,
+        protocol: PortProtocol::Detect,
+    });
+    let marker = req.headers_mut().remove(DOWNSTREAM_VERSION);
+    let h2 = match marker.as_ref().map(HeaderValue::as_bytes) {
+        _ if declared.protocol == PortProtocol::Http2 => true,
+        Some(b"2") => true,
+        Some(_) => false,
+        None => req.version() == Version::HTTP_2,
+    };
+    let fallbacks: Vec<IpAddr> = cfg
+        .workload
+        .as_ref()
+        .map(|w| w.addresses.iter().filter_map(|a| a.parse().ok()).collect())
+        .unwrap_or_default();
+    let up = Upstream {
+        addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), declared.target_port),
+        h2,
+        peer_version: None,
+        connect_timeout: Duration::from_secs(1),
+        idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        endpoint: None,
+        fallbacks: &fallbacks,
+    };
+    forward(shared, req, up).await
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.method() == Method::CONNECT
+        || (req.headers().contains_key(header::UPGRADE)
+            && header_has_token(req.headers(), &header::CONNECTION, "upgrade"))
+}
+
+fn header_has_token(h: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    h.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those the Connection header
+/// names. `TE: trailers` stays (gRPC needs it).
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        if n != header::TE {
+            h.remove(n);
+        }
+    }
+    for n in [
+        header::CONNECTION,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        h.remove(n);
+    }
+    if h.get(header::TE)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        h.remove(header::TE);
+    }
+}
+
+/// A random request id in UUID v4 form.
+fn request_id() -> HeaderValue {
+    let a = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(a);
+    let b = h.finish();
+    let s = format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0x0fff,
+        0x8000 | ((b >> 48) & 0x3fff),
+        b & 0xffff_ffff_ffff
+    );
+    HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("0"))
+}
+
+async fn forward(
+    shared: &Shared,
+    mut req: Request<Incoming>,
+    up: Upstream<'_>,
+) -> Response<ProxyBody> {
+    let downstream_version = req.version();
+    if is_upgrade(&req) {
+        return forward_upgrade(req, up).await;
+    }
+    // The authority, from Host (HTTP/1.1) or :authority (HTTP/2).
+    let authority = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers);
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    if !headers.contains_key(&X_REQUEST_ID) {
+        headers.insert(X_REQUEST_ID, request_id());
+    }
+    if let Some(v) = up.peer_version {
+        headers.insert(DOWNSTREAM_VERSION, HeaderValue::from_static(v));
+    }
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    if up.h2 {
+        // HTTP/2 wants an absolute URI; :authority carries the host.
+        req.headers_mut().remove(header::HOST);
+        let auth = authority.as_deref().unwrap_or("localhost");
+        match Uri::builder()
+            .scheme("http")
+            .authority(auth)
+            .path_and_query(path.as_str())
+            .build()
+        {
+            Ok(u) => *req.uri_mut() = u,
+            Err(_) => {
+                return local_reply(
+                    StatusCode::BAD_REQUEST,
+                    "DPE",
+                    format!("invalid authority {auth:?}"),
+                );
+            }
+        }
+        *req.version_mut() = Version::HTTP_2;
+    } else {
+        if let Some(a) = &authority {
+            if !req.headers().contains_key(header::HOST) {
+                if let Ok(v) = HeaderValue::from_str(a) {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+            }
+        }
+        match path.parse::<Uri>() {
+            Ok(u) => *req.uri_mut() = u,
+            Err(_) => {
+                return local_reply(StatusCode::BAD_REQUEST, "DPE", "invalid path".to_string());
+            }
+        }
+        *req.version_mut() = Version::HTTP_11;
+    }
+
+    if let Some(ep) = up.endpoint {
+        ep.stats.requests.fetch_add(1, Ordering::Relaxed);
+        ep.stats.active.fetch_add(1, Ordering::Relaxed);
+    }
+    let result = send(shared, req, &up).await;
+    if let Some(ep) = up.endpoint {
+        ep.stats.active.fetch_sub(1, Ordering::Relaxed);
+    }
+    match result {
+        Ok(mut resp) => {
+            strip_hop_by_hop(resp.headers_mut());
+            *resp.version_mut() = downstream_version;
+            resp
+        }
+        Err(e) => {
+            if let Some(ep) = up.endpoint {
+                ep.stats.errors.fetch_add(1, Ordering::Relaxed);
+                if matches!(e, UpstreamError::Connect { .. }) {
+                    ep.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if matches!(e, UpstreamError::Connect { .. }) {
+                Stats::inc(&shared.stats.upstream_connect_failures_total);
+            }
+            tracing::warn!(flags = e.flag(), "{e}");
+            let what = match e {
+                UpstreamError::Connect { .. } => "upstream connect error: connection failure",
+                UpstreamError::Request { .. } => {
+                    "upstream connect error or disconnect/reset before headers"
+                }
+            };
+            local_reply(StatusCode::SERVICE_UNAVAILABLE, e.flag(), what.to_string())
+        }
+    }
+}
+
+async fn send(
+    shared: &Shared,
+    req: Request<Incoming>,
+    up: &Upstream<'_>,
+) -> Result<Response<ProxyBody>, UpstreamError> {
+    let pools = &shared.pools;
+    if up.h2 {
+        return pools
+            .send_h2(up.addr, up.connect_timeout, req)
+            .await
+            .map(|r| r.map(ProxyBody::Upstream));
+    }
+    if up.fallbacks.is_empty() {
+        return pools
+            .send_h1(up.addr, up.connect_timeout, up.idle_timeout, req)
+            .await
+            .map(|r| r.map(ProxyBody::Pooled));
+    }
+    // Inbound with pod addresses: the app may listen on one of them instead of localhost.
+    let addr = shared
+        .app_addr(up.addr, up.fallbacks, up.connect_timeout)
+        .await;
+    let r = pools
+        .send_h1(addr, up.connect_timeout, up.idle_timeout, req)
+        .await
+        .map(|r| r.map(ProxyBody::Pooled));
+    if matches!(r, Err(UpstreamError::Connect { .. })) {
+        shared.forget_app_addr(up.addr.port());
+    }
+    r
+}
+
+/// Upgrades and CONNECT: the request goes over a fresh HTTP/1.1 connection; once the
+/// upstream switches protocols, bytes are copied both ways.
+async fn forward_upgrade(mut req: Request<Incoming>, up: Upstream<'_>) -> Response<ProxyBody> {
+    let downstream = hyper::upgrade::on(&mut req);
+    // Keep Connection: upgrade and Upgrade; drop the rest of the hop-by-hop headers.
+    let upgrade = req.headers().get(header::UPGRADE).cloned();
+    strip_hop_by_hop(req.headers_mut());
+    if let Some(u) = upgrade {
+        req.headers_mut().insert(header::UPGRADE, u);
+        req.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    *req.version_mut() = Version::HTTP_11;
+    let is_connect = req.method() == Method::CONNECT;
+    let mut sender = match Pools::connect_h1(up.addr, up.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(flags = e.flag(), "{e}");
+            return local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                e.flag(),
+                "upstream connect error: connection failure".to_string(),
+            );
+        }
+    };
+    let addr = up.addr;
+    let sent = async {
+        sender.ready().await?;
+        sender.send_request(req).await
+    };
+    let mut resp = match sent.await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(flags = "UC", "upgrade to {addr}: {e}");
+            return local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UC",
+                "upstream reset before headers".to_string(),
+            );
+        }
+    };
+    let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        || (is_connect && resp.status().is_success());
+    if switched {
+        let upstream = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            match tokio::try_join!(downstream, upstream) {
+                Ok((d, u)) => {
+                    let mut d = TokioIo::new(d);
+                    let mut u = TokioIo::new(u);
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
+                        tracing::debug!("upgraded connection to {addr}: {e}");
+                    }
+                }
+                Err(e) => tracing::debug!("upgrade to {addr} failed: {e}"),
+            }
+        });
+    }
+    resp.map(ProxyBody::Upstream)
+}
+
+/// A response made by the proxy itself, with its response flag.
+pub fn local_reply(status: StatusCode, flag: &'static str, message: String) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::text(format!("{message}\n")));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    h.insert(RESPONSE_FLAGS, HeaderValue::from_static(flag));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert(KEEP_ALIVE, HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["te", "x-kept"]);
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(!h.contains_key(header::TE));
+    }
+
+    #[test]
+    fn request_ids_are_uuid_shaped_and_differ() {
+        let a = request_id();
+        let b = request_id();
+        assert_ne!(a, b);
+        let s = a.to_str().expect("ascii");
+        assert_eq!(s.len(), 36, "{s}");
+        assert_eq!(&s[14..15], "4");
+    }
+}

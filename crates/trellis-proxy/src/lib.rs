@@ -1,0 +1,21 @@
+//! The Trellis data plane: a sidecar proxy that takes over a workload's traffic.
+//!
+//! Connections arrive on listeners (intercepted outbound on 15001, inbound on 15006, or
+//! explicit bindings), are classified by protocol (declared by the port, else detected),
+//! and forwarded: HTTP request by request over pooled upstream connections, anything else
+//! as opaque TCP. Configuration is a snapshot swapped atomically; see [`config`].
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod http;
+pub mod listener;
+pub mod pool;
+pub mod proxy;
+pub mod sniff;
+pub mod sockets;
+pub mod stats;
+pub mod tcp;
+
+pub use config::Config;
+pub use proxy::{ProxyHandle, ProxyOptions, Shared, start};

@@ -1,0 +1,243 @@
+//! Accepting connections and deciding what each one is: which way it goes, which protocol
+//! it carries, and where it should end up.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::config::PortProtocol;
+use crate::http::{self, Route};
+use crate::proxy::Shared;
+use crate::sniff::{self, Detected};
+use crate::stats::Stats;
+use crate::tcp;
+use trellis_xds::snapshot::OutboundPolicy;
+
+/// What a listener receives.
+#[derive(Debug, Clone)]
+pub enum ListenerKind {
+    /// Intercepted outbound connections; the original destination says where to.
+    OutboundCapture,
+    /// An explicit outbound listener for one service port.
+    OutboundNamed(Arc<str>, u16),
+    /// Intercepted inbound connections; the original destination port is the app port.
+    InboundCapture,
+    /// An explicit inbound listener for one workload port.
+    InboundPort(u16),
+}
+
+impl ListenerKind {
+    pub fn is_inbound(&self) -> bool {
+        matches!(
+            self,
+            ListenerKind::InboundCapture | ListenerKind::InboundPort(_)
+        )
+    }
+}
+
+/// Accepts until `stop` turns true.
+pub async fn accept_loop(
+    listener: TcpListener,
+    kind: ListenerKind,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    let shared = Arc::clone(&shared);
+                    let kind = kind.clone();
+                    let stop = stop.clone();
+                    tokio::spawn(async move { connection(stream, peer, kind, shared, stop).await });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            _ = stop.changed() => {
+                tracing::info!("listener {:?} closed", listener.local_addr().ok());
+                return;
+            }
+        }
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    kind: ListenerKind,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+) {
+    let _guard = if kind.is_inbound() {
+        shared.inbound_conns.enter()
+    } else {
+        shared.outbound_conns.enter()
+    };
+    Stats::inc(&shared.stats.downstream_cx_total);
+    shared
+        .stats
+        .downstream_cx_active
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let _ = stream.set_nodelay(true);
+    dispatch(stream, peer, kind, &shared, stop).await;
+    shared
+        .stats
+        .downstream_cx_active
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+async fn dispatch(
+    stream: TcpStream,
+    peer: SocketAddr,
+    kind: ListenerKind,
+    shared: &Arc<Shared>,
+    stop: watch::Receiver<bool>,
+) {
+    let cfg = shared.config.load_full();
+    let (route, declared) = match &kind {
+        ListenerKind::OutboundCapture => {
+            let dst = match shared.original_dst.original_dst(&stream) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!("outbound connection from {peer}: no original destination: {e}");
+                    return;
+                }
+            };
+            if shared.is_own_addr(dst) {
+                tracing::warn!(
+                    "connection from {peer} addressed to the proxy itself ({dst}); closing to avoid a loop"
+                );
+                return;
+            }
+            match cfg.outbound_target(dst) {
+                Some(t) => (Route::Outbound(dst), t.protocol),
+                None => {
+                    match cfg.outbound_policy {
+                        OutboundPolicy::AllowAny => {
+                            Stats::inc(&shared.stats.passthrough_total);
+                            tracing::debug!("{peer} -> {dst}: PassthroughCluster");
+                            tcp::forward(
+                                stream,
+                                dst,
+                                crate::config::DEFAULT_CONNECT_TIMEOUT,
+                                shared,
+                                None,
+                            )
+                            .await;
+                        }
+                        OutboundPolicy::RegistryOnly => {
+                            Stats::inc(&shared.stats.blackhole_total);
+                            tracing::info!(
+                                cluster = "BlackHoleCluster",
+                                "{peer} -> {dst}: destination is not in the registry and outbound policy is REGISTRY_ONLY; connection refused"
+                            );
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+        ListenerKind::OutboundNamed(host, port) => match cfg.target_by_name(host, *port) {
+            Some(t) => (Route::Named(Arc::clone(host), *port), t.protocol),
+            None => {
+                tracing::warn!(
+                    "{peer}: no service {host}:{port} in the current configuration; closing"
+                );
+                return;
+            }
+        },
+        ListenerKind::InboundCapture => {
+            let dst = match shared.original_dst.original_dst(&stream) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!("inbound connection from {peer}: no original destination: {e}");
+                    return;
+                }
+            };
+            if shared.is_own_addr(dst) {
+                tracing::warn!(
+                    "inbound connection from {peer} addressed to the proxy itself ({dst}); closing"
+                );
+                return;
+            }
+            let p = dst.port();
+            (
+                Route::Inbound(p),
+                cfg.inbound_port(p)
+                    .map_or(PortProtocol::Detect, |i| i.protocol),
+            )
+        }
+        ListenerKind::InboundPort(p) => (
+            Route::Inbound(*p),
+            cfg.inbound_port(*p)
+                .map_or(PortProtocol::Detect, |i| i.protocol),
+        ),
+    };
+    let http = match declared {
+        PortProtocol::Http | PortProtocol::Http2 => true,
+        PortProtocol::Tcp => false,
+        PortProtocol::Detect => match sniff::detect(&stream, cfg.detection_timeout).await {
+            Ok(d) => {
+                if d.timed_out {
+                    Stats::inc(&shared.stats.detection_timeouts_total);
+                }
+                matches!(d.protocol, Detected::Http1 | Detected::Http2)
+            }
+            Err(e) => {
+                tracing::debug!("{peer}: {e}");
+                return;
+            }
+        },
+    };
+    if http {
+        serve_http(stream, peer, route, shared, &cfg, stop).await;
+    } else {
+        tcp::forward_route(stream, peer, &route, shared, &cfg).await;
+    }
+}
+
+async fn serve_http(
+    stream: TcpStream,
+    peer: SocketAddr,
+    route: Route,
+    shared: &Arc<Shared>,
+    cfg: &crate::config::Config,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_timeout)
+        .max_buf_size(cfg.max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .adaptive_window(true)
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX));
+    let svc_shared = Arc::clone(shared);
+    let service = service_fn(move |req| http::handle(Arc::clone(&svc_shared), route.clone(), req));
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        // Malformed requests get their 400/431 from hyper before this.
+        tracing::info!("HTTP connection from {peer} ended with an error: {e}");
+    }
+}

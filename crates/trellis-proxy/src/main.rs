@@ -1,0 +1,271 @@
+//! `trellis-proxy`: the sidecar binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, bail};
+use clap::{Parser, ValueEnum};
+use tokio::sync::Notify;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::prelude::*;
+use trellis_proxy::admin::{self, AdminContext};
+use trellis_proxy::config;
+use trellis_proxy::{ProxyOptions, Shared};
+
+#[derive(Debug, Parser)]
+#[command(name = "trellis-proxy", version, about = "Trellis sidecar proxy")]
+struct Args {
+    /// Snapshot file (YAML or JSON) to serve in static mode; reloaded when it changes (a
+    /// bad new version is refused and the last good one stays).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Capture intercepted traffic on Istio's ports: outbound 0.0.0.0:15001, inbound
+    /// 0.0.0.0:15006.
+    #[arg(long)]
+    sidecar: bool,
+    /// Listen for intercepted outbound connections (original destination via SO_ORIGINAL_DST).
+    #[arg(long, value_name = "ADDR")]
+    outbound_capture: Option<SocketAddr>,
+    /// Listen for intercepted inbound connections.
+    #[arg(long, value_name = "ADDR")]
+    inbound_capture: Option<SocketAddr>,
+    /// Explicit outbound listener: ADDR=SERVICE:PORT (no interception needed).
+    #[arg(long, value_name = "ADDR=SERVICE:PORT")]
+    outbound_listen: Vec<String>,
+    /// Explicit inbound listener: ADDR=PORT (the workload port it stands for).
+    #[arg(long, value_name = "ADDR=PORT")]
+    inbound_listen: Vec<String>,
+    /// Admin server address, or "off".
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: String,
+    /// Readiness endpoint (/healthz/ready) address, or "off".
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness: String,
+    /// Worker threads of the data path.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// How long to let requests in flight finish on SIGTERM.
+    #[arg(long, default_value = "5s")]
+    drain_timeout: trellis_api::common::Duration,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log filter, e.g. "info" or "info,trellis_proxy::http=debug" (also RUST_LOG).
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_addr_opt(s: &str) -> anyhow::Result<Option<SocketAddr>> {
+    if s == "off" {
+        return Ok(None);
+    }
+    Ok(Some(s.parse().with_context(|| {
+        format!("{s:?} is not ADDR:PORT or \"off\"")
+    })?))
+}
+
+fn options(args: &Args) -> anyhow::Result<ProxyOptions> {
+    let mut o = ProxyOptions::default();
+    if args.sidecar {
+        o.outbound_capture = Some(SocketAddr::from(([0, 0, 0, 0], 15001)));
+        o.inbound_capture = Some(SocketAddr::from(([0, 0, 0, 0], 15006)));
+    }
+    o.outbound_capture = args.outbound_capture.or(o.outbound_capture);
+    o.inbound_capture = args.inbound_capture.or(o.inbound_capture);
+    for l in &args.outbound_listen {
+        let (addr, target) = l
+            .split_once('=')
+            .with_context(|| format!("--outbound-listen {l:?}: expected ADDR=SERVICE:PORT"))?;
+        let (svc, port) = target
+            .rsplit_once(':')
+            .with_context(|| format!("--outbound-listen {l:?}: expected ADDR=SERVICE:PORT"))?;
+        o.outbound_listen.push((
+            addr.parse()
+                .with_context(|| format!("--outbound-listen {l:?}: bad address"))?,
+            svc.to_string(),
+            port.parse()
+                .with_context(|| format!("--outbound-listen {l:?}: bad port"))?,
+        ));
+    }
+    for l in &args.inbound_listen {
+        let (addr, port) = l
+            .split_once('=')
+            .with_context(|| format!("--inbound-listen {l:?}: expected ADDR=PORT"))?;
+        o.inbound_listen.push((
+            addr.parse()
+                .with_context(|| format!("--inbound-listen {l:?}: bad address"))?,
+            port.parse()
+                .with_context(|| format!("--inbound-listen {l:?}: bad port"))?,
+        ));
+    }
+    if o.outbound_capture.is_none()
+        && o.inbound_capture.is_none()
+        && o.outbound_listen.is_empty()
+        && o.inbound_listen.is_empty()
+    {
+        bail!(
+            "nothing to listen on: give --sidecar, --outbound-capture, --inbound-capture, --outbound-listen or --inbound-listen"
+        );
+    }
+    Ok(o)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = args
+        .log_level
+        .clone()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info".to_string());
+    let (filter_layer, reload) = match EnvFilter::try_new(&filter) {
+        Ok(f) => tracing_subscriber::reload::Layer::new(f),
+        Err(e) => {
+            eprintln!("error: --log-level {filter:?}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let registry = tracing_subscriber::registry().with(filter_layer);
+    match args.log_format {
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
+            .init(),
+        LogFormat::Text => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init(),
+    }
+    let set_level: admin::SetLogLevel = Box::new(move |l: &str| {
+        let f = EnvFilter::try_new(l).map_err(|e| format!("bad filter {l:?}: {e}"))?;
+        reload.reload(f).map_err(|e| e.to_string())
+    });
+    match run(&args, set_level) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: &Args, set_level: admin::SetLogLevel) -> anyhow::Result<()> {
+    let opts = options(args)?;
+    let admin_addr = parse_addr_opt(&args.admin)?;
+    let ready_addr = parse_addr_opt(&args.readiness)?;
+    // A bad snapshot stops the proxy before it listens, with the file position.
+    let cfg = config::load_file(&args.config, None).map_err(anyhow::Error::msg)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.workers.max(1))
+        .thread_name("trellis-worker")
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async {
+        let handle = trellis_proxy::start(cfg, opts).await?;
+        let quit = Arc::new(Notify::new());
+        let ready = Arc::new(AtomicBool::new(true));
+        let ctx = Arc::new(AdminContext {
+            shared: Arc::clone(&handle.shared),
+            set_log_level: Some(set_level),
+            quit: Arc::clone(&quit),
+            ready: Arc::clone(&ready),
+        });
+        spawn_control_thread(ctx, admin_addr, ready_addr, args.config.clone())?;
+
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+            _ = quit.notified() => tracing::info!("/quitquitquit"),
+        }
+        ready.store(false, std::sync::atomic::Ordering::Relaxed);
+        handle.drain(args.drain_timeout.0).await;
+        Ok::<(), anyhow::Error>(())
+    })?;
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    Ok(())
+}
+
+/// Admin, readiness and config reloads run on their own thread and runtime, off the data
+/// path.
+fn spawn_control_thread(
+    ctx: Arc<AdminContext>,
+    admin_addr: Option<SocketAddr>,
+    ready_addr: Option<SocketAddr>,
+    config_path: PathBuf,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the admin runtime")?;
+    // Bind here so that a taken port is reported at startup.
+    let std_listener = |a: SocketAddr| -> anyhow::Result<std::net::TcpListener> {
+        let l = std::net::TcpListener::bind(a).with_context(|| format!("cannot listen on {a}"))?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    };
+    let admin_l = admin_addr.map(std_listener).transpose()?;
+    let ready_l = ready_addr.map(std_listener).transpose()?;
+    std::thread::Builder::new()
+        .name("trellis-admin".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                for (l, what) in [(admin_l, "admin"), (ready_l, "readiness")] {
+                    if let Some(l) = l {
+                        match tokio::net::TcpListener::from_std(l) {
+                            Ok(l) => {
+                                tracing::info!("{what} on {:?}", l.local_addr().ok());
+                                tokio::spawn(admin::serve(l, Arc::clone(&ctx)));
+                            }
+                            Err(e) => tracing::error!("{what}: {e}"),
+                        }
+                    }
+                }
+                watch_config(&ctx.shared, &config_path).await;
+            });
+        })
+        .context("starting the admin thread")?;
+    Ok(())
+}
+
+/// Reloads the snapshot file when it changes; a bad version is refused and logged, and
+/// the last good snapshot stays.
+async fn watch_config(shared: &Shared, path: &std::path::Path) {
+    let stamp = |p: &std::path::Path| -> Option<(SystemTime, u64)> {
+        let m = std::fs::metadata(p).ok()?;
+        Some((m.modified().ok()?, m.len()))
+    };
+    let mut last = stamp(path);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now = stamp(path);
+        if now == last || now.is_none() {
+            continue;
+        }
+        last = now;
+        let current = shared.config.load_full();
+        match config::load_file(path, Some(&current)) {
+            Ok(cfg) => shared.update(cfg),
+            Err(e) => {
+                trellis_proxy::stats::Stats::inc(&shared.stats.config_rejections_total);
+                tracing::error!(
+                    "snapshot refused, keeping version {:?}: {e}",
+                    current.version
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! Upstream connections: keep-alive HTTP/1.1 pools to apps, one multiplexed HTTP/2
+//! connection per peer proxy.
+//!
+//! An idle HTTP/1.1 connection is dropped after the cluster's idle timeout (default 3 s,
+//! below common app keep-alive timeouts), and a request that was never written to a reused
+//! connection (the server closed it meanwhile) is sent again on a fresh connection: the
+//! "503 UC" that Envoy sidecars show in that race does not happen here.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use crate::sockets;
+
+/// Most idle HTTP/1.1 connections kept per endpoint.
+const MAX_IDLE_PER_ENDPOINT: usize = 256;
+
+/// Why an upstream exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No connection could be made (response flag UF).
+    #[error("connect to {addr} failed: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    /// The connection failed during the exchange (response flag UC).
+    #[error("upstream {addr}: {source}")]
+    Request {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+}
+
+impl UpstreamError {
+    /// Envoy-style response flag.
+    pub fn flag(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect { .. } => "UF",
+            UpstreamError::Request { .. } => "UC",
+        }
+    }
+}
+
+struct Idle {
+    sender: http1::SendRequest<Incoming>,
+    since: Instant,
+}
+
+type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Incoming>>>>;
+
+/// All upstream connections of a proxy. Lives across snapshot swaps.
+#[derive(Default)]
+pub struct Pools {
+    h1: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+    h2: Mutex<HashMap<SocketAddr, H2Slot>>,
+}
+
+impl std::fmt::Debug for Pools {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let h1 = self.h1.lock().unwrap_or_else(PoisonError::into_inner);
+        let idle: usize = h1.values().map(Vec::len).sum();
+        write!(f, "Pools {{ idle_http1: {idle} }}")
+    }
+}
+
+impl Pools {
+    pub fn new() -> Arc<Pools> {
+        Arc::new(Pools::default())
+    }
+
+    fn take_idle(
+        &self,
+        addr: SocketAddr,
+        idle_timeout: Duration,
+    ) -> Option<http1::SendRequest<Incoming>> {
+        let mut map = self.h1.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = map.get_mut(&addr)?;
+        while let Some(idle) = list.pop() {
+            if idle.since.elapsed() < idle_timeout && !idle.sender.is_closed() {
+                return Some(idle.sender);
+            }
+        }
+        None
+    }
+
+    fn give_back(&self, addr: SocketAddr, sender: http1::SendRequest<Incoming>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut map = self.h1.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = map.entry(addr).or_default();
+        if list.len() < MAX_IDLE_PER_ENDPOINT {
+            list.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Opens a new HTTP/1.1 connection (with upgrades enabled).
+    pub async fn connect_h1(
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+        let stream = sockets::connect(addr, timeout)
+            .await
+            .map_err(|source| UpstreamError::Connect { addr, source })?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| UpstreamError::Request { addr, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!("upstream connection {addr}: {e}");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Sends an HTTP/1.1 request over a pooled connection to `addr`.
+    pub async fn send_h1(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        // At most one retry, and only for a request that was never written.
+        for _ in 0..2 {
+            let (mut sender, reused) = match self.take_idle(addr, idle_timeout) {
+                Some(s) => (s, true),
+                None => (Self::connect_h1(addr, connect_timeout).await?, false),
+            };
+            if let Err(source) = sender.ready().await {
+                if reused {
+                    continue;
+                }
+                return Err(UpstreamError::Request { addr, source });
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    let (parts, body) = resp.into_parts();
+                    let body = PooledBody::new(body, Arc::clone(self), addr, sender);
+                    return Ok(Response::from_parts(parts, body));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => {
+                        tracing::debug!(
+                            "pooled connection to {addr} was closed; resending on a new one"
+                        );
+                        req = unsent;
+                    }
+                    _ => {
+                        return Err(UpstreamError::Request {
+                            addr,
+                            source: e.into_error(),
+                        });
+                    }
+                },
+            }
+        }
+        // Both attempts met closed pooled connections: one last fresh connection.
+        let mut sender = Self::connect_h1(addr, connect_timeout).await?;
+        sender
+            .ready()
+            .await
+            .map_err(|source| UpstreamError::Request { addr, source })?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|source| UpstreamError::Request { addr, source })?;
+        let (parts, body) = resp.into_parts();
+        Ok(Response::from_parts(
+            parts,
+            PooledBody::new(body, Arc::clone(self), addr, sender),
+        ))
+    }
+
+    async fn connect_h2(
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<http2::SendRequest<Incoming>, UpstreamError> {
+        let stream = sockets::connect(addr, timeout)
+            .await
+            .map_err(|source| UpstreamError::Connect { addr, source })?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .adaptive_window(true)
+            .keep_alive_interval(Duration::from_secs(30))
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| UpstreamError::Request { addr, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("upstream HTTP/2 connection {addr}: {e}");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// The shared HTTP/2 connection to `addr`, opened on first use.
+    async fn h2_sender(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+        fresh: bool,
+    ) -> Result<http2::SendRequest<Incoming>, UpstreamError> {
+        let slot = {
+            let mut map = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
+            Arc::clone(map.entry(addr).or_default())
+        };
+        let mut guard = slot.lock().await;
+        if let Some(s) = guard.as_ref() {
+            if !fresh && !s.is_closed() {
+                return Ok(s.clone());
+            }
+        }
+        let s = Self::connect_h2(addr, timeout).await?;
+        *guard = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Sends a request over the multiplexed HTTP/2 connection to `addr`.
+    pub async fn send_h2(
+        &self,
+        addr: SocketAddr,
+        connect_timeout: Duration,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut sender = self.h2_sender(addr, connect_timeout, false).await?;
+        let retry = match sender.ready().await {
+            Ok(()) => match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => unsent,
+                    None => {
+                        return Err(UpstreamError::Request {
+                            addr,
+                            source: e.into_error(),
+                        });
+                    }
+                },
+            },
+            // The connection died (peer restarted, GOAWAY): nothing was sent yet.
+            Err(_) => req,
+        };
+        let mut sender = self.h2_sender(addr, connect_timeout, true).await?;
+        sender
+            .ready()
+            .await
+            .map_err(|source| UpstreamError::Request { addr, source })?;
+        sender
+            .send_request(retry)
+            .await
+            .map_err(|source| UpstreamError::Request { addr, source })
+    }
+
+    /// Idle HTTP/1.1 connections and HTTP/2 peers, per endpoint (for `/clusters`).
+    pub fn snapshot(&self) -> (HashMap<SocketAddr, usize>, Vec<SocketAddr>) {
+        let h1 = self.h1.lock().unwrap_or_else(PoisonError::into_inner);
+        let idle = h1.iter().map(|(a, v)| (*a, v.len())).collect();
+        let h2 = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
+        (idle, h2.keys().copied().collect())
+    }
+}
+
+struct Return {
+    pools: Arc<Pools>,
+    addr: SocketAddr,
+    sender: http1::SendRequest<Incoming>,
+}
+
+/// A response body from a pooled HTTP/1.1 connection: when it has been read to the end,
+/// the connection goes back to the pool; a body dropped half-read takes its connection
+/// with it.
+pub struct PooledBody {
+    inner: Incoming,
+    ret: Option<Return>,
+}
+
+impl std::fmt::Debug for PooledBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledBody").finish_non_exhaustive()
+    }
+}
+
+impl PooledBody {
+    fn new(
+        inner: Incoming,
+        pools: Arc<Pools>,
+        addr: SocketAddr,
+        sender: http1::SendRequest<Incoming>,
+    ) -> PooledBody {
+        let ret = Return {
+            pools,
+            addr,
+            sender,
+        };
+        if inner.is_end_stream() {
+            ret.pools.give_back(ret.addr, ret.sender);
+            PooledBody { inner, ret: None }
+        } else {
+            PooledBody {
+                inner,
+                ret: Some(ret),
+            }
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(None) => {
+                if let Some(ret) = this.ret.take() {
+                    ret.pools.give_back(ret.addr, ret.sender);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.ret = None,
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => {
+                if let Some(ret) = this.ret.take() {
+                    ret.pools.give_back(ret.addr, ret.sender);
+                }
+            }
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

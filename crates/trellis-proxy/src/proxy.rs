@@ -1,0 +1,292 @@
+//! The proxy: shared state, listeners, snapshot updates, drain.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+
+use crate::config::Config;
+use crate::listener::{self, ListenerKind};
+use crate::pool::Pools;
+use crate::sockets::{OriginalDst, SoOriginalDst};
+use crate::stats::Stats;
+
+/// State every connection shares.
+pub struct Shared {
+    /// The snapshot in use; each request takes the current one when it starts and keeps
+    /// it to the end.
+    pub config: ArcSwap<Config>,
+    pub pools: Arc<Pools>,
+    pub stats: Stats,
+    pub original_dst: Arc<dyn OriginalDst>,
+    /// Addresses the proxy listens on: an intercepted connection to one of them would loop.
+    pub own_addrs: Mutex<Vec<SocketAddr>>,
+    /// Inbound port → where the app was found listening (localhost or a pod address).
+    app_addrs: Mutex<HashMap<u16, SocketAddr>>,
+    pub inbound_conns: Arc<Tracker>,
+    pub outbound_conns: Arc<Tracker>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("version", &self.config.load().version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub fn new(config: Config, original_dst: Arc<dyn OriginalDst>) -> Arc<Shared> {
+        Arc::new(Shared {
+            config: ArcSwap::from_pointee(config),
+            pools: Pools::new(),
+            stats: Stats::default(),
+            original_dst,
+            own_addrs: Mutex::new(Vec::new()),
+            app_addrs: Mutex::new(HashMap::new()),
+            inbound_conns: Arc::default(),
+            outbound_conns: Arc::default(),
+        })
+    }
+
+    /// Installs a new snapshot. Requests in flight finish on the one they started with.
+    pub fn update(&self, config: Config) {
+        tracing::info!(version = %config.version, "snapshot applied");
+        self.config.store(Arc::new(config));
+        Stats::inc(&self.stats.config_updates_total);
+    }
+
+    /// Where the app behind inbound `addr` listens: `addr` (localhost) unless it refuses
+    /// and one of the pod addresses accepts. Remembered per port.
+    pub async fn app_addr(
+        &self,
+        addr: SocketAddr,
+        pod_ips: &[IpAddr],
+        timeout: Duration,
+    ) -> SocketAddr {
+        if let Some(a) = self
+            .app_addrs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&addr.port())
+        {
+            return *a;
+        }
+        let mut found = addr;
+        if crate::sockets::connect(addr, timeout).await.is_err() {
+            for ip in pod_ips {
+                let candidate = SocketAddr::new(*ip, addr.port());
+                if crate::sockets::connect(candidate, timeout).await.is_ok() {
+                    found = candidate;
+                    break;
+                }
+            }
+        }
+        self.app_addrs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(addr.port(), found);
+        found
+    }
+
+    pub fn forget_app_addr(&self, port: u16) {
+        self.app_addrs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&port);
+    }
+
+    pub fn is_own_addr(&self, a: SocketAddr) -> bool {
+        self.own_addrs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .any(|o| o.port() == a.port() && (o.ip() == a.ip() || o.ip().is_unspecified()))
+    }
+}
+
+/// Counts open connections and wakes a waiter when the count reaches zero.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    active: AtomicUsize,
+    idle: Notify,
+}
+
+impl Tracker {
+    pub fn enter(self: &Arc<Self>) -> TrackGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        TrackGuard(Arc::clone(self))
+    }
+
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Waits until no connection is open (or `timeout`); returns whether it got there.
+    pub async fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.idle.notified();
+            if self.active() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.active() == 0;
+            }
+        }
+    }
+}
+
+/// Held by a connection task; leaving decrements the count.
+#[derive(Debug)]
+pub struct TrackGuard(Arc<Tracker>);
+
+impl Drop for TrackGuard {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// What the proxy listens on.
+#[derive(Clone)]
+pub struct ProxyOptions {
+    /// Intercepted outbound traffic (Istio: 15001).
+    pub outbound_capture: Option<SocketAddr>,
+    /// Intercepted inbound traffic (Istio: 15006).
+    pub inbound_capture: Option<SocketAddr>,
+    /// Explicit outbound listeners: address → service name and port.
+    pub outbound_listen: Vec<(SocketAddr, String, u16)>,
+    /// Explicit inbound listeners: address → workload port.
+    pub inbound_listen: Vec<(SocketAddr, u16)>,
+    pub original_dst: Arc<dyn OriginalDst>,
+}
+
+impl std::fmt::Debug for ProxyOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyOptions")
+            .field("outbound_capture", &self.outbound_capture)
+            .field("inbound_capture", &self.inbound_capture)
+            .field("outbound_listen", &self.outbound_listen)
+            .field("inbound_listen", &self.inbound_listen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        ProxyOptions {
+            outbound_capture: None,
+            inbound_capture: None,
+            outbound_listen: Vec::new(),
+            inbound_listen: Vec::new(),
+            original_dst: Arc::new(SoOriginalDst),
+        }
+    }
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct ProxyHandle {
+    pub shared: Arc<Shared>,
+    /// Bound addresses, in the order of the options (capture first, then explicit).
+    pub outbound_addrs: Vec<SocketAddr>,
+    pub inbound_addrs: Vec<SocketAddr>,
+    stop_inbound: watch::Sender<bool>,
+    stop_outbound: watch::Sender<bool>,
+}
+
+/// Binds every listener and starts serving.
+pub async fn start(config: Config, opts: ProxyOptions) -> io::Result<ProxyHandle> {
+    let shared = Shared::new(config, Arc::clone(&opts.original_dst));
+    let (stop_inbound, inbound_rx) = watch::channel(false);
+    let (stop_outbound, outbound_rx) = watch::channel(false);
+    let mut outbound_addrs = Vec::new();
+    let mut inbound_addrs = Vec::new();
+    let mut bound: Vec<(TcpListener, ListenerKind)> = Vec::new();
+    let bind = |a: SocketAddr| async move {
+        TcpListener::bind(a)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))
+    };
+    if let Some(a) = opts.outbound_capture {
+        bound.push((bind(a).await?, ListenerKind::OutboundCapture));
+    }
+    for (a, host, port) in &opts.outbound_listen {
+        bound.push((
+            bind(*a).await?,
+            ListenerKind::OutboundNamed(Arc::from(host.as_str()), *port),
+        ));
+    }
+    if let Some(a) = opts.inbound_capture {
+        bound.push((bind(a).await?, ListenerKind::InboundCapture));
+    }
+    for (a, port) in &opts.inbound_listen {
+        bound.push((bind(*a).await?, ListenerKind::InboundPort(*port)));
+    }
+    for (l, kind) in bound {
+        let addr = l.local_addr()?;
+        shared
+            .own_addrs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(addr);
+        let stop = if kind.is_inbound() {
+            inbound_addrs.push(addr);
+            inbound_rx.clone()
+        } else {
+            outbound_addrs.push(addr);
+            outbound_rx.clone()
+        };
+        tracing::info!("listening on {addr} ({kind:?})");
+        tokio::spawn(listener::accept_loop(l, kind, Arc::clone(&shared), stop));
+    }
+    Ok(ProxyHandle {
+        shared,
+        outbound_addrs,
+        inbound_addrs,
+        stop_inbound,
+        stop_outbound,
+    })
+}
+
+impl ProxyHandle {
+    pub fn update(&self, config: Config) {
+        self.shared.update(config);
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.shared.config.load_full()
+    }
+
+    /// Drains: stops accepting inbound connections, lets open ones finish their requests
+    /// (HTTP connections close after the request in flight), keeps outbound working so the
+    /// app can finish its own work, and returns when everything is closed or `timeout`
+    /// has passed.
+    pub async fn drain(&self, timeout: Duration) {
+        tracing::info!("draining for up to {timeout:?}");
+        let _ = self.stop_inbound.send(true);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let inbound_done = self.shared.inbound_conns.wait_idle(timeout).await;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let outbound_done = self.shared.outbound_conns.wait_idle(left).await;
+        let _ = self.stop_outbound.send(true);
+        tracing::info!(
+            inbound_open = self.shared.inbound_conns.active(),
+            outbound_open = self.shared.outbound_conns.active(),
+            "drained{}",
+            if inbound_done && outbound_done {
+                ""
+            } else {
+                " (timeout)"
+            }
+        );
+    }
+}

@@ -1,0 +1,83 @@
+//! Socket options: the original destination of an intercepted connection and the mark on
+//! proxy-originated sockets. (Safe wrappers from `nix` and `socket2`; no unsafe code.)
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+/// Mark on every socket the proxy opens, so interception rules let it through (Istio's
+/// 0x539, 1337).
+pub const PROXY_MARK: u32 = 0x539;
+
+/// Finds where an intercepted connection was going. A seam: in-process tests use a fake.
+pub trait OriginalDst: Send + Sync + 'static {
+    fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr>;
+}
+
+/// The real lookup: `SO_ORIGINAL_DST` (IPv4) / `IP6T_SO_ORIGINAL_DST` (IPv6), set by
+/// iptables REDIRECT.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SoOriginalDst;
+
+impl OriginalDst for SoOriginalDst {
+    fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
+        use nix::sys::socket::{getsockopt, sockopt};
+        let local = stream.local_addr()?;
+        if local.is_ipv4() {
+            let sa = getsockopt(stream, sockopt::OriginalDst).map_err(io::Error::from)?;
+            let ip = Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
+            Ok(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(sa.sin_port),
+            )))
+        } else {
+            let sa = getsockopt(stream, sockopt::Ip6tOriginalDst).map_err(io::Error::from)?;
+            let ip = Ipv6Addr::from(sa.sin6_addr.s6_addr);
+            Ok(SocketAddr::V6(SocketAddrV6::new(
+                ip,
+                u16::from_be(sa.sin6_port),
+                0,
+                0,
+            )))
+        }
+    }
+}
+
+/// A lookup that answers with the socket's own local address (what a connection that was
+/// not redirected reports).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LocalAddrAsOriginal;
+
+impl OriginalDst for LocalAddrAsOriginal {
+    fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
+        stream.local_addr()
+    }
+}
+
+static MARK_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// Connects to `addr` with the proxy mark, TCP_NODELAY and a timeout.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if let Err(e) = socket2::SockRef::from(&socket).set_mark(PROXY_MARK) {
+        // Needs CAP_NET_ADMIN; without it interception rules must match the proxy's uid.
+        if !MARK_WARNED.swap(true, Ordering::Relaxed) {
+            tracing::warn!("cannot set socket mark {PROXY_MARK:#x} on upstream sockets: {e}");
+        }
+    }
+    socket.set_nodelay(true)?;
+    match tokio::time::timeout(timeout, socket.connect(addr)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connect to {addr} timed out after {timeout:?}"),
+        )),
+    }
+}

@@ -1,0 +1,82 @@
+//! Proxy-internal counters, rendered in Prometheus text format on the admin port. (Istio's
+//! request metrics, with their labels, arrive with the observability work.)
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::config::Config;
+
+macro_rules! counters {
+    ($($field:ident => $name:literal, $kind:literal, $help:literal;)*) => {
+        /// Process-wide counters.
+        #[derive(Debug, Default)]
+        pub struct Stats {
+            $(pub $field: AtomicU64,)*
+        }
+
+        impl Stats {
+            fn write_counters(&self, out: &mut String) {
+                $(
+                    let _ = writeln!(out, "# HELP {} {}", $name, $help);
+                    let _ = writeln!(out, "# TYPE {} {}", $name, $kind);
+                    let _ = writeln!(out, "{} {}", $name, self.$field.load(Ordering::Relaxed));
+                )*
+            }
+        }
+    };
+}
+
+counters! {
+    downstream_cx_total => "trellis_proxy_downstream_connections_total", "counter", "Connections accepted.";
+    downstream_cx_active => "trellis_proxy_downstream_connections_active", "gauge", "Connections open now.";
+    requests_total => "trellis_proxy_requests_total", "counter", "HTTP requests proxied.";
+    responses_5xx_total => "trellis_proxy_responses_5xx_total", "counter", "HTTP responses with a 5xx status (from upstream or the proxy).";
+    upstream_connect_failures_total => "trellis_proxy_upstream_connect_failures_total", "counter", "Upstream connections that could not be made (UF).";
+    blackhole_total => "trellis_proxy_blackhole_connections_total", "counter", "Outbound connections refused by REGISTRY_ONLY (BlackHoleCluster).";
+    passthrough_total => "trellis_proxy_passthrough_connections_total", "counter", "Outbound connections to unknown destinations passed through (PassthroughCluster).";
+    detection_timeouts_total => "trellis_proxy_protocol_detection_timeouts_total", "counter", "Connections whose protocol detection ended on the timeout (treated as TCP).";
+    config_updates_total => "trellis_proxy_config_updates_total", "counter", "Snapshots applied.";
+    config_rejections_total => "trellis_proxy_config_rejections_total", "counter", "Snapshots refused (the last good one stays).";
+}
+
+impl Stats {
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self, cfg: &Config) -> String {
+        let mut out = String::with_capacity(4096);
+        self.write_counters(&mut out);
+        let _ = writeln!(out, "# HELP trellis_proxy_config_info The snapshot in use.");
+        let _ = writeln!(out, "# TYPE trellis_proxy_config_info gauge");
+        let _ = writeln!(
+            out,
+            "trellis_proxy_config_info{{version=\"{}\"}} 1",
+            escape(&cfg.version)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP trellis_proxy_endpoint_requests_total Requests per upstream endpoint."
+        );
+        let _ = writeln!(out, "# TYPE trellis_proxy_endpoint_requests_total counter");
+        for c in &cfg.clusters {
+            for e in &c.endpoints {
+                let _ = writeln!(
+                    out,
+                    "trellis_proxy_endpoint_requests_total{{cluster=\"{}\",endpoint=\"{}\"}} {}",
+                    escape(&c.name),
+                    e.addr,
+                    e.stats.requests.load(Ordering::Relaxed)
+                );
+            }
+        }
+        out
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

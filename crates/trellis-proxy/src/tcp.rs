@@ -1,0 +1,97 @@
+//! Opaque TCP: bytes copied both ways, with half-close passed through (when one side
+//! finishes sending, the other side's write half is shut down, and the rest still flows).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use crate::config::{Config, Endpoint};
+use crate::http::Route;
+use crate::proxy::Shared;
+use crate::sockets;
+use crate::stats::Stats;
+
+/// Forwards a connection to where its route says.
+pub async fn forward_route(
+    stream: TcpStream,
+    peer: SocketAddr,
+    route: &Route,
+    shared: &Arc<Shared>,
+    cfg: &Config,
+) {
+    let target = match route {
+        Route::Outbound(dst) => cfg.outbound_target(*dst),
+        Route::Named(host, port) => cfg.target_by_name(host, *port),
+        Route::Inbound(port) => {
+            let target_port = cfg.inbound_port(*port).map_or(*port, |p| p.target_port);
+            let app = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), target_port);
+            let pod_ips: Vec<IpAddr> = cfg
+                .workload
+                .as_ref()
+                .map(|w| w.addresses.iter().filter_map(|a| a.parse().ok()).collect())
+                .unwrap_or_default();
+            let app = if pod_ips.is_empty() {
+                app
+            } else {
+                shared.app_addr(app, &pod_ips, Duration::from_secs(1)).await
+            };
+            forward(stream, app, Duration::from_secs(1), shared, None).await;
+            return;
+        }
+    };
+    let Some(target) = target else {
+        tracing::warn!("{peer}: route {route:?} has no target any more; closing");
+        return;
+    };
+    let Some(ep) = target.cluster.pick() else {
+        tracing::warn!(
+            flags = "UH",
+            "{peer}: no endpoint for {}:{}",
+            target.hostname,
+            target.port
+        );
+        return;
+    };
+    forward(
+        stream,
+        ep.addr,
+        target.cluster.connect_timeout,
+        shared,
+        Some(ep),
+    )
+    .await;
+}
+
+/// Connects to `to` and copies both ways until both sides are done.
+pub async fn forward(
+    mut down: TcpStream,
+    to: SocketAddr,
+    timeout: Duration,
+    shared: &Shared,
+    ep: Option<&Endpoint>,
+) {
+    let mut up = match sockets::connect(to, timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            Stats::inc(&shared.stats.upstream_connect_failures_total);
+            if let Some(ep) = ep {
+                ep.stats
+                    .connect_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            tracing::warn!(flags = "UF", "TCP connect to {to} failed: {e}");
+            return;
+        }
+    };
+    if let Some(ep) = ep {
+        ep.stats
+            .requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    match tokio::io::copy_bidirectional(&mut down, &mut up).await {
+        Ok((sent, received)) => tracing::debug!("TCP {to}: sent {sent} received {received}"),
+        Err(e) => tracing::debug!("TCP {to}: {e}"),
+    }
+}
