@@ -308,7 +308,11 @@ pub struct GrpcResponse {
 }
 
 impl GrpcResponse {
-    fn new(parts: http::response::Parts, messages: Vec<Bytes>, trailers: Option<HeaderMap>) -> Self {
+    fn new(
+        parts: http::response::Parts,
+        messages: Vec<Bytes>,
+        trailers: Option<HeaderMap>,
+    ) -> Self {
         let pick = |name: &str| {
             trailers
                 .as_ref()

@@ -64,14 +64,18 @@ impl HttpClient {
     pub async fn http1(addr: SocketAddr) -> Result<Self> {
         let (sender, conn) = http1::handshake(connect(addr).await?).await?;
         tokio::spawn(conn);
-        Ok(Self { sender: Sender::Http1(sender) })
+        Ok(Self {
+            sender: Sender::Http1(sender),
+        })
     }
 
     /// Opens an HTTP/2 connection to `addr` with prior knowledge (no upgrade, no TLS).
     pub async fn h2c(addr: SocketAddr) -> Result<Self> {
         let (sender, conn) = http2::handshake(TokioExecutor::new(), connect(addr).await?).await?;
         tokio::spawn(conn);
-        Ok(Self { sender: Sender::H2c(sender) })
+        Ok(Self {
+            sender: Sender::H2c(sender),
+        })
     }
 
     /// A request builder for `method` to `host` + `path` shaped for this connection: on
@@ -119,7 +123,9 @@ impl HttpClient {
 
     /// `GET path` with `host` as Host / `:authority`.
     pub async fn get(&mut self, host: &str, path: &str) -> Result<HttpResponse> {
-        let req = self.request(Method::GET, host, path).body(Empty::<Bytes>::new())?;
+        let req = self
+            .request(Method::GET, host, path)
+            .body(Empty::<Bytes>::new())?;
         self.send(req).await
     }
 
@@ -130,7 +136,9 @@ impl HttpClient {
         path: &str,
         body: impl Into<Bytes>,
     ) -> Result<HttpResponse> {
-        let req = self.request(Method::POST, host, path).body(Full::new(body.into()))?;
+        let req = self
+            .request(Method::POST, host, path)
+            .body(Full::new(body.into()))?;
         self.send(req).await
     }
 }

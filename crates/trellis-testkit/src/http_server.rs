@@ -104,7 +104,9 @@ impl HttpServer {
                     let stats = stats.clone();
                     async move { Ok::<_, Infallible>(route(req, &stats).await) }
                 });
-                let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                let _ = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
             }
         })
         .await?;
@@ -145,15 +147,17 @@ async fn route(req: Request<Incoming>, stats: &HttpStats) -> Response<RespBody> 
     }
     if let Some(n) = path.strip_prefix("/bytes/") {
         return match n.parse::<usize>() {
-            Ok(n) if n <= STATIC_BYTES => {
-                Response::new(full(Bytes::from_static(&A_BYTES[..n])))
-            }
+            Ok(n) if n <= STATIC_BYTES => Response::new(full(Bytes::from_static(&A_BYTES[..n]))),
             Ok(n) => Response::new(full(vec![b'a'; n])),
             Err(_) => simple(StatusCode::BAD_REQUEST, "bad byte count\n"),
         };
     }
     if let Some(code) = path.strip_prefix("/status/") {
-        return match code.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()) {
+        return match code
+            .parse::<u16>()
+            .ok()
+            .and_then(|c| StatusCode::from_u16(c).ok())
+        {
             Some(status) => simple(status, format!("status {}\n", status.as_u16())),
             None => simple(StatusCode::BAD_REQUEST, "bad status code\n"),
         };
@@ -206,17 +210,24 @@ async fn echo(req: Request<Incoming>) -> Response<RespBody> {
         .uri
         .path_and_query()
         .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned());
-    let authority = parts.uri.authority().map(|a| a.as_str().to_owned()).or_else(|| {
-        parts
-            .headers
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-    });
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        });
     for (name, value) in [
         ("x-echo-method", Some(parts.method.as_str().to_owned())),
         ("x-echo-path", Some(path_and_query)),
-        ("x-echo-version", Some(version_str(parts.version).to_owned())),
+        (
+            "x-echo-version",
+            Some(version_str(parts.version).to_owned()),
+        ),
         ("x-echo-authority", authority),
     ] {
         if let Some(v) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {

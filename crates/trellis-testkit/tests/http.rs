@@ -13,7 +13,9 @@ use trellis_testkit::{HttpServer, chunked_body};
 #[tokio::test]
 async fn h1_echo_reflects_method_path_version_headers_and_body() {
     let server = HttpServer::start().await.unwrap();
-    let mut client = bounded("connect", HttpClient::http1(server.addr)).await.unwrap();
+    let mut client = bounded("connect", HttpClient::http1(server.addr))
+        .await
+        .unwrap();
     let req = client
         .request(Method::PUT, "app.test", "/echo?x=1&y=2")
         .header("x-custom", "one")
@@ -79,7 +81,9 @@ async fn h1_keep_alive_reuses_one_connection() {
     let server = HttpServer::start().await.unwrap();
     let mut client = HttpClient::http1(server.addr).await.unwrap();
     for i in 0..3 {
-        let resp = bounded("get", client.get("app.test", "/bytes/1024")).await.unwrap();
+        let resp = bounded("get", client.get("app.test", "/bytes/1024"))
+            .await
+            .unwrap();
         assert_eq!(resp.status, StatusCode::OK, "request {i}");
         assert_eq!(resp.body.len(), 1024);
         assert!(resp.body.iter().all(|&b| b == b'a'));
@@ -106,7 +110,10 @@ async fn expect_100_continue_gets_an_interim_response_before_the_body() {
     s.write_all(b"hello").await.unwrap();
     let resp = bounded("final response", read_until(&mut s, b"hello")).await;
     assert!(resp.starts_with("HTTP/1.1 200 OK"), "got {resp:?}");
-    assert!(resp.to_ascii_lowercase().contains("x-echo-h-expect: 100-continue"));
+    assert!(
+        resp.to_ascii_lowercase()
+            .contains("x-echo-h-expect: 100-continue")
+    );
 }
 
 /// Reads until `marker` has arrived; returns everything read.
@@ -125,29 +132,44 @@ async fn read_until(s: &mut TcpStream, marker: &[u8]) -> String {
 async fn status_bytes_slow_and_not_found_routes() {
     let server = HttpServer::start().await.unwrap();
     let a = server.addr;
-    let resp = bounded("status", http_client::get(a, "h", "/status/503")).await.unwrap();
+    let resp = bounded("status", http_client::get(a, "h", "/status/503"))
+        .await
+        .unwrap();
     assert_eq!(resp.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(resp.body, "status 503\n");
-    let resp = bounded("bytes", http_client::h2c_get(a, "h", "/bytes/100000")).await.unwrap();
+    let resp = bounded("bytes", http_client::h2c_get(a, "h", "/bytes/100000"))
+        .await
+        .unwrap();
     assert_eq!(resp.body.len(), 100_000);
-    let resp = bounded("bytes0", http_client::get(a, "h", "/bytes/0")).await.unwrap();
+    let resp = bounded("bytes0", http_client::get(a, "h", "/bytes/0"))
+        .await
+        .unwrap();
     assert_eq!((resp.status, resp.body.len()), (StatusCode::OK, 0));
     let started = std::time::Instant::now();
-    let resp = bounded("slow", http_client::get(a, "h", "/slow/150")).await.unwrap();
+    let resp = bounded("slow", http_client::get(a, "h", "/slow/150"))
+        .await
+        .unwrap();
     assert_eq!(resp.status, StatusCode::OK);
     assert!(started.elapsed() >= std::time::Duration::from_millis(150));
-    let resp = bounded("404", http_client::get(a, "h", "/nope")).await.unwrap();
+    let resp = bounded("404", http_client::get(a, "h", "/nope"))
+        .await
+        .unwrap();
     assert_eq!(resp.status, StatusCode::NOT_FOUND);
-    let resp = bounded("bad", http_client::get(a, "h", "/status/abc")).await.unwrap();
+    let resp = bounded("bad", http_client::get(a, "h", "/status/abc"))
+        .await
+        .unwrap();
     assert_eq!(resp.status, StatusCode::BAD_REQUEST);
 }
 
 #[tokio::test]
 async fn trailers_arrive_over_h2() {
     let server = HttpServer::start().await.unwrap();
-    let resp = bounded("trailers", http_client::h2c_get(server.addr, "h", "/trailers"))
-        .await
-        .unwrap();
+    let resp = bounded(
+        "trailers",
+        http_client::h2c_get(server.addr, "h", "/trailers"),
+    )
+    .await
+    .unwrap();
     assert_eq!(resp.status, StatusCode::OK);
     assert_eq!(resp.body, "ok");
     let trailers = resp.trailers.expect("h2 response trailers");
@@ -157,10 +179,15 @@ async fn trailers_arrive_over_h2() {
 #[tokio::test]
 async fn http1_only_server_refuses_h2c_and_serves_h1() {
     let server = HttpServer::start_http1_only().await.unwrap();
-    let resp = bounded("h1", http_client::get(server.addr, "h", "/echo")).await.unwrap();
+    let resp = bounded("h1", http_client::get(server.addr, "h", "/echo"))
+        .await
+        .unwrap();
     assert_eq!(resp.header("x-echo-version"), Some("HTTP/1.1"));
     let h2 = bounded("h2c", http_client::h2c_get(server.addr, "h", "/echo")).await;
-    assert!(h2.is_err(), "an HTTP/1.1-only app must not answer h2c: {h2:?}");
+    assert!(
+        h2.is_err(),
+        "an HTTP/1.1-only app must not answer h2c: {h2:?}"
+    );
     assert_eq!(server.stats().http2_requests(), 0);
 }
 
@@ -168,9 +195,15 @@ async fn http1_only_server_refuses_h2c_and_serves_h1() {
 async fn dropping_the_handle_stops_the_server() {
     let server = HttpServer::start().await.unwrap();
     let addr = server.addr;
-    bounded("get", http_client::get(addr, "h", "/status/200")).await.unwrap();
+    bounded("get", http_client::get(addr, "h", "/status/200"))
+        .await
+        .unwrap();
     server.shutdown().await;
-    let after = bounded("get after shutdown", http_client::get(addr, "h", "/status/200")).await;
+    let after = bounded(
+        "get after shutdown",
+        http_client::get(addr, "h", "/status/200"),
+    )
+    .await;
     assert!(after.is_err(), "server still answering: {after:?}");
 }
 
@@ -194,20 +227,35 @@ async fn curl_h1_h2_chunked_and_100_continue() {
     assert!(out.contains("x-echo-path: /echo?from=curl"), "{out}");
     assert!(out.ends_with("h1 body"), "{out}");
 
-    let (out, err, ok) =
-        run_curl(curl, args(&["--http2-prior-knowledge", "--data-binary", "h2 body"])).await;
+    let (out, err, ok) = run_curl(
+        curl,
+        args(&["--http2-prior-knowledge", "--data-binary", "h2 body"]),
+    )
+    .await;
     assert!(ok, "curl h2c failed: {err}");
     assert!(out.starts_with("HTTP/2 200"), "{out}");
     assert!(out.contains("x-echo-version: HTTP/2.0"), "{out}");
     assert!(out.ends_with("h2 body"), "{out}");
 
-    let chunked = ["--http1.1", "-H", "Transfer-Encoding: chunked", "--data-binary", "chunky"];
+    let chunked = [
+        "--http1.1",
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        "chunky",
+    ];
     let (out, err, ok) = run_curl(curl, args(&chunked)).await;
     assert!(ok, "curl chunked failed: {err}");
     assert!(out.contains("x-echo-h-transfer-encoding: chunked"), "{out}");
     assert!(out.ends_with("chunky"), "{out}");
 
-    let expect = ["--http1.1", "-H", "Expect: 100-continue", "--data-binary", "later"];
+    let expect = [
+        "--http1.1",
+        "-H",
+        "Expect: 100-continue",
+        "--data-binary",
+        "later",
+    ];
     let (out, err, ok) = run_curl(curl, args(&expect)).await;
     assert!(ok, "curl 100-continue failed: {err}");
     assert!(out.starts_with("HTTP/1.1 100 Continue"), "{out}");
