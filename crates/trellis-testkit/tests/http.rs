@@ -121,11 +121,11 @@ async fn read_until(s: &mut TcpStream, marker: &[u8]) -> String {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     while !buf.windows(marker.len()).any(|w| w == marker) {
-        let n = s.read(&mut chunk).await.unwrap();
+        let n = s.read(&mut chunk).await.expect("reading the socket");
         assert!(n > 0, "EOF before {marker:?}; got {buf:?}");
         buf.extend_from_slice(&chunk[..n]);
     }
-    String::from_utf8(buf).unwrap()
+    String::from_utf8(buf).expect("HTTP/1.1 text")
 }
 
 #[tokio::test]
