@@ -44,7 +44,7 @@ pub const STATUS_UNAVAILABLE: &str = "14";
 pub const FAIL_MESSAGE: &str = "fixture failure";
 
 /// How long [`grpc_call_pingpong`] waits for each echo before calling it lost.
-const ECHO_WAIT: Duration = Duration::from_secs(10);
+pub const DEFAULT_ECHO_WAIT: Duration = Duration::from_secs(10);
 
 type RespBody = BoxBody<Bytes, Infallible>;
 
@@ -398,22 +398,24 @@ pub async fn grpc_call_with_authority(
 /// then sends the next, and finally ends the request stream and reads the trailers.
 ///
 /// A proxy that buffers a whole request or response before forwarding makes this fail with
-/// [`Error::Timeout`], which is the point. If the server ends the response early (an error
+/// [`Error::Timeout`] (after [`DEFAULT_ECHO_WAIT`]), which is the point. If the server ends the response early (an error
 /// status), sending stops and the response so far is returned.
 pub async fn grpc_call_pingpong(
     addr: SocketAddr,
     path: &str,
     messages: Vec<Bytes>,
 ) -> Result<GrpcResponse> {
-    grpc_call_pingpong_with_authority(addr, &addr.to_string(), path, messages).await
+    grpc_call_pingpong_with(addr, &addr.to_string(), path, messages, DEFAULT_ECHO_WAIT).await
 }
 
-/// [`grpc_call_pingpong`] with a chosen `:authority`.
-pub async fn grpc_call_pingpong_with_authority(
+/// [`grpc_call_pingpong`] with a chosen `:authority` and a chosen wait for each echo (and for
+/// the response headers).
+pub async fn grpc_call_pingpong_with(
     addr: SocketAddr,
     authority: &str,
     path: &str,
     messages: Vec<Bytes>,
+    echo_wait: Duration,
 ) -> Result<GrpcResponse> {
     let mut sender = h2c_connect::<ChannelBody>(addr).await?;
     let (tx, body) = channel_body(4);
@@ -425,11 +427,11 @@ pub async fn grpc_call_pingpong_with_authority(
         let _ = tx.send(Frame::data(encode_message(m))).await;
     }
     let resp = tokio::time::timeout(
-        ECHO_WAIT,
+        echo_wait,
         sender.send_request(grpc_request(authority, path, body)?),
     )
     .await
-    .map_err(|_| Error::Timeout(ECHO_WAIT, "gRPC response headers"))??;
+    .map_err(|_| Error::Timeout(echo_wait, "gRPC response headers"))??;
     let (parts, mut body) = resp.into_parts();
     let mut decoder = MessageDecoder::default();
     let mut echoed = Vec::new();
@@ -442,14 +444,14 @@ pub async fn grpc_call_pingpong_with_authority(
                 break;
             }
         }
-        match next_message(&mut body, &mut decoder, &mut trailers).await? {
+        match next_message(&mut body, &mut decoder, &mut trailers, echo_wait).await? {
             Some(m) => echoed.push(m),
             None => ended = true,
         }
     }
     drop(tx);
     while !ended {
-        match next_message(&mut body, &mut decoder, &mut trailers).await? {
+        match next_message(&mut body, &mut decoder, &mut trailers, echo_wait).await? {
             Some(m) => echoed.push(m),
             None => ended = true,
         }
@@ -462,14 +464,15 @@ async fn next_message(
     body: &mut Incoming,
     decoder: &mut MessageDecoder,
     trailers: &mut Option<HeaderMap>,
+    wait: Duration,
 ) -> Result<Option<Bytes>> {
     loop {
         if let Some(m) = decoder.next_message()? {
             return Ok(Some(m));
         }
-        let frame = tokio::time::timeout(ECHO_WAIT, body.frame())
+        let frame = tokio::time::timeout(wait, body.frame())
             .await
-            .map_err(|_| Error::Timeout(ECHO_WAIT, "a streamed gRPC echo"))?;
+            .map_err(|_| Error::Timeout(wait, "a streamed gRPC echo"))?;
         match frame {
             None => return Ok(None),
             Some(Err(e)) => return Err(e.into()),

@@ -31,7 +31,10 @@ pub mod ws;
 
 pub use body::{ChannelBody, channel_body, chunked_body};
 pub use error::Error;
-pub use grpc::{GrpcResponse, GrpcServer, GrpcStats, grpc_call, grpc_call_pingpong};
+pub use grpc::{
+    GrpcResponse, GrpcServer, GrpcStats, grpc_call, grpc_call_pingpong, grpc_call_pingpong_with,
+    grpc_call_with_authority,
+};
 pub use http_server::{HttpServer, HttpStats};
 pub use tcp::{BannerServer, TcpEchoServer, TcpStats, tcp_echo_half_close};
 pub use ws::{WsEchoServer, WsStats, ws_echo};

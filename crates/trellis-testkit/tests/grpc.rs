@@ -7,7 +7,10 @@ use common::bounded;
 use http::StatusCode;
 use trellis_testkit::grpc::{FAIL_MESSAGE, encode_message};
 use trellis_testkit::http_client::HttpClient;
-use trellis_testkit::{GrpcServer, grpc_call, grpc_call_pingpong};
+use trellis_testkit::{
+    Error, GrpcServer, grpc_call, grpc_call_pingpong, grpc_call_pingpong_with,
+    grpc_call_with_authority,
+};
 
 fn msgs(items: &[&'static str]) -> Vec<Bytes> {
     items
@@ -166,4 +169,50 @@ async fn non_grpc_request_is_refused_with_415() {
     .await
     .unwrap();
     assert_eq!(resp.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+}
+
+#[tokio::test]
+async fn pingpong_detects_a_peer_that_waits_for_the_whole_request() {
+    // Unary collects the whole request before answering, as a buffering proxy would: the first
+    // echo cannot arrive while the request stream is still open.
+    let server = GrpcServer::start().await.unwrap();
+    let wait = std::time::Duration::from_millis(300);
+    let authority = server.addr.to_string();
+    let result = bounded(
+        "buffering peer",
+        grpc_call_pingpong_with(
+            server.addr,
+            &authority,
+            "/test.Echo/Unary",
+            msgs(&["a", "b"]),
+            wait,
+        ),
+    )
+    .await;
+    assert!(
+        matches!(result, Err(Error::Timeout(..))),
+        "lock-step streaming must notice buffering: {result:?}"
+    );
+}
+
+#[tokio::test]
+async fn authority_and_grpc_headers_are_sent_as_given() {
+    // The HTTP fixture's /echo reflects what arrived; a framed body echoed back decodes as-is.
+    let server = trellis_testkit::HttpServer::start().await.unwrap();
+    let authority = "echo.test.svc:50051";
+    let resp = bounded(
+        "authority",
+        grpc_call_with_authority(server.addr, authority, "/echo", msgs(&["x"])),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.headers.get("x-echo-authority").unwrap(), authority);
+    assert_eq!(resp.headers.get("x-echo-version").unwrap(), "HTTP/2.0");
+    assert_eq!(
+        resp.headers.get("x-echo-h-content-type").unwrap(),
+        "application/grpc"
+    );
+    assert_eq!(resp.headers.get("x-echo-h-te").unwrap(), "trailers");
+    assert_eq!(resp.messages, msgs(&["x"]));
+    assert_eq!(resp.grpc_status, None);
 }
