@@ -1,0 +1,234 @@
+#!/usr/bin/env python3
+"""First proxy benchmark: load generator -> outbound proxy -> inbound proxy -> fixture
+server, against load generator -> fixture server, measured in the same run.
+
+HTTP/1.1, 1 KiB responses, 16 keep-alive connections, a fixed rate from an open-loop
+generator (oha -q with --latency-correction, so coordinated omission is corrected), each
+proxy on one worker thread. Runs are interleaved (direct, pair, direct, pair, ...) so that
+drift on a shared machine hits both sides alike; medians over the repetitions are reported.
+
+Reports: added p50/p99 latency over direct, proxy CPU microseconds per request
+(utime+stime from /proc, load generator excluded), RSS and peak RSS per proxy.
+
+Usage: bench/proxy_pair.py [--rate 2000] [--duration 15] [--reps 3] [--write-docs]
+Needs: a release build (the script runs cargo build --release), oha on PATH
+(cargo install oha --locked).
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TICK_US = 1_000_000 / os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} did not open")
+
+
+def cpu_us(pid):
+    """utime + stime of a process (all its threads), in microseconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * TICK_US
+
+
+def rss_kib(pid):
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                k, v = line.split(":")
+                out[k] = int(v.split()[0])
+    return out["VmRSS"], out["VmHWM"]
+
+
+def oha(url, rate, duration, conns):
+    cmd = [
+        "oha", "--no-tui", "--output-format", "json",
+        "-z", f"{duration}s", "-q", str(rate), "-c", str(conns),
+        "--latency-correction", "-H", "Host: app", url,
+    ]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    j = json.loads(out)
+    pct = j["latencyPercentiles"]
+    summary = j["summary"]
+    codes = j.get("statusCodeDistribution", {})
+    ok = int(codes.get("200", 0))
+    return {
+        "p50_us": pct["p50"] * 1e6,
+        "p99_us": pct["p99"] * 1e6,
+        "rps": summary["requestsPerSec"],
+        "ok": ok,
+        "errors": sum(int(v) for v in j.get("errorDistribution", {}).values())
+        + sum(int(v) for k, v in codes.items() if k != "200"),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rate", type=int, default=2000)
+    ap.add_argument("--duration", type=int, default=15)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--write-docs", action="store_true", help="rewrite the results section of docs/benchmarks.md")
+    args = ap.parse_args()
+
+    if not shutil.which("oha"):
+        sys.exit("oha not found: cargo install oha --locked")
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "trellis-proxy", "-p", "trellis-testkit"],
+                   cwd=ROOT, check=True)
+    target = os.path.join(ROOT, "target", "release")
+
+    tmp = tempfile.mkdtemp(prefix="trellis-bench-")
+    app_port, in_port, out_port = free_port(), free_port(), free_port()
+    inbound_snap = os.path.join(tmp, "inbound.yaml")
+    outbound_snap = os.path.join(tmp, "outbound.yaml")
+    with open(inbound_snap, "w") as f:
+        f.write(f"version: bench\nworkload:\n  name: app\n  inboundPorts: [{{port: {app_port}, name: http}}]\n")
+    with open(outbound_snap, "w") as f:
+        f.write(
+            "version: bench\nservices:\n- hostname: app.default.svc.cluster.local\n"
+            "  ports: [{port: 80, name: http, cluster: app}]\n"
+            f"clusters:\n- name: app\n  endpoints: [{{address: \"127.0.0.1:{in_port}\", proxied: true}}]\n"
+        )
+    common = ["--workers", "1", "--admin", "off", "--readiness", "off", "--log-level", "warn"]
+    procs = []
+    try:
+        app = subprocess.Popen([os.path.join(target, "trellis-fixture"), "--http", f"127.0.0.1:{app_port}"],
+                               stdout=subprocess.DEVNULL)
+        procs.append(app)
+        inbound = subprocess.Popen([os.path.join(target, "trellis-proxy"), "--config", inbound_snap,
+                                    "--inbound-listen", f"127.0.0.1:{in_port}={app_port}", *common])
+        procs.append(inbound)
+        outbound = subprocess.Popen([os.path.join(target, "trellis-proxy"), "--config", outbound_snap,
+                                     "--outbound-listen", f"127.0.0.1:{out_port}=app:80", *common])
+        procs.append(outbound)
+        for p in (app_port, in_port, out_port):
+            wait_port(p)
+        idle_rss = {"outbound": rss_kib(outbound.pid), "inbound": rss_kib(inbound.pid)}
+
+        direct_url = f"http://127.0.0.1:{app_port}/bytes/1024"
+        pair_url = f"http://127.0.0.1:{out_port}/bytes/1024"
+        # Warm up both paths (connections, pools, page cache).
+        oha(direct_url, args.rate, 2, args.connections)
+        oha(pair_url, args.rate, 2, args.connections)
+
+        direct, pair = [], []
+        for rep in range(args.reps):
+            direct.append(oha(direct_url, args.rate, args.duration, args.connections))
+            c0 = {n: cpu_us(p.pid) for n, p in (("outbound", outbound), ("inbound", inbound))}
+            r = oha(pair_url, args.rate, args.duration, args.connections)
+            c1 = {n: cpu_us(p.pid) for n, p in (("outbound", outbound), ("inbound", inbound))}
+            requests = max(r["ok"], 1)
+            r["cpu_us_per_req"] = {n: (c1[n] - c0[n]) / requests for n in c0}
+            pair.append(r)
+            print(f"rep {rep + 1}: direct p50 {direct[-1]['p50_us']:.0f}us p99 {direct[-1]['p99_us']:.0f}us | "
+                  f"pair p50 {r['p50_us']:.0f}us p99 {r['p99_us']:.0f}us | cpu/req out "
+                  f"{r['cpu_us_per_req']['outbound']:.1f}us in {r['cpu_us_per_req']['inbound']:.1f}us | "
+                  f"errors {r['errors']}", flush=True)
+        load_rss = {"outbound": rss_kib(outbound.pid), "inbound": rss_kib(inbound.pid)}
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    med = statistics.median
+    res = {
+        "direct_p50": med(d["p50_us"] for d in direct),
+        "direct_p99": med(d["p99_us"] for d in direct),
+        "pair_p50": med(p["p50_us"] for p in pair),
+        "pair_p99": med(p["p99_us"] for p in pair),
+        "added_p50": med(p["p50_us"] - d["p50_us"] for p, d in zip(pair, direct)),
+        "added_p99": med(p["p99_us"] - d["p99_us"] for p, d in zip(pair, direct)),
+        "added_p50_spread": (min(p["p50_us"] - d["p50_us"] for p, d in zip(pair, direct)),
+                             max(p["p50_us"] - d["p50_us"] for p, d in zip(pair, direct))),
+        "added_p99_spread": (min(p["p99_us"] - d["p99_us"] for p, d in zip(pair, direct)),
+                             max(p["p99_us"] - d["p99_us"] for p, d in zip(pair, direct))),
+        "cpu_out": med(p["cpu_us_per_req"]["outbound"] for p in pair),
+        "cpu_in": med(p["cpu_us_per_req"]["inbound"] for p in pair),
+        "errors": sum(p["errors"] for p in pair) + sum(d["errors"] for d in direct),
+        "rps": med(p["rps"] for p in pair),
+        "idle_rss": idle_rss,
+        "load_rss": load_rss,
+    }
+    report = render(res, args)
+    print(report)
+    if args.write_docs:
+        write_docs(report)
+
+
+def render(r, args):
+    machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.platform()}"
+    cmd = f"bench/proxy_pair.py --rate {args.rate} --duration {args.duration} --reps {args.reps}"
+    lines = [
+        f"### Proxy pair vs direct, HTTP/1.1, {args.rate} rps ({datetime.now(timezone.utc):%Y-%m-%d})",
+        "",
+        f"Command: `{cmd}`. Machine: {machine}. Load: oha, open loop at {args.rate} rps with latency",
+        f"correction, {args.connections} keep-alive connections, 1 KiB responses, {args.duration} s per run,",
+        f"{args.reps} interleaved repetitions (medians; spread is min..max of the per-repetition",
+        "difference). Plaintext between the proxies (mTLS arrives with the security work).",
+        "",
+        "| | direct | through the pair | added by two proxies | target |",
+        "|---|---|---|---|---|",
+        f"| p50 latency | {r['direct_p50']:.0f} µs | {r['pair_p50']:.0f} µs | **{r['added_p50']:.0f} µs** "
+        f"({r['added_p50_spread'][0]:.0f}..{r['added_p50_spread'][1]:.0f}) | ≤ 80 µs |",
+        f"| p99 latency | {r['direct_p99']:.0f} µs | {r['pair_p99']:.0f} µs | **{r['added_p99']:.0f} µs** "
+        f"({r['added_p99_spread'][0]:.0f}..{r['added_p99_spread'][1]:.0f}) | ≤ 250 µs |",
+        "",
+        "| per proxy | CPU per request | RSS idle | RSS under load | peak RSS | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, cpu in (("outbound", r["cpu_out"]), ("inbound", r["cpu_in"])):
+        idle, _ = r["idle_rss"][name]
+        load, peak = r["load_rss"][name]
+        lines.append(f"| {name} | **{cpu:.1f} µs** | {idle / 1024:.1f} MiB | {load / 1024:.1f} MiB | "
+                     f"{peak / 1024:.1f} MiB | ≤ 35 µs, ≤ 15 MiB |")
+    lines += ["", f"Achieved rate {r['rps']:.0f} rps; failed requests: {r['errors']}.", ""]
+    return "\n".join(lines)
+
+
+def write_docs(report):
+    path = os.path.join(ROOT, "docs", "benchmarks.md")
+    begin, end = "<!-- proxy_pair:begin -->", "<!-- proxy_pair:end -->"
+    text = open(path).read() if os.path.exists(path) else ""
+    block = f"{begin}\n{report}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text + "\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
