@@ -94,6 +94,8 @@ def main():
     ap.add_argument("--duration", type=int, default=15)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--between", choices=["h2", "h1"], default="h2",
+                    help="protocol between the proxies (h2: Trellis's default, one multiplexed connection)")
     ap.add_argument("--write-docs", action="store_true", help="rewrite the results section of docs/benchmarks.md")
     args = ap.parse_args()
 
@@ -113,7 +115,8 @@ def main():
         f.write(
             "version: bench\nservices:\n- hostname: app.default.svc.cluster.local\n"
             "  ports: [{port: 80, name: http, cluster: app}]\n"
-            f"clusters:\n- name: app\n  endpoints: [{{address: \"127.0.0.1:{in_port}\", proxied: true}}]\n"
+            f"clusters:\n- name: app\n  endpoints: [{{address: \"127.0.0.1:{in_port}\", "
+            f"proxied: {'true' if args.between == 'h2' else 'false'}}}]\n"
         )
     common = ["--workers", "1", "--admin", "off", "--readiness", "off", "--log-level", "warn"]
     procs = []

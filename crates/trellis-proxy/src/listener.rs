@@ -223,7 +223,8 @@ async fn serve_http(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .adaptive_window(true)
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
         .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX));
     let svc_shared = Arc::clone(shared);
     let service = service_fn(move |req| http::handle(Arc::clone(&svc_shared), route.clone(), req));

@@ -165,12 +165,20 @@ fn run(args: &Args, set_level: admin::SetLogLevel) -> anyhow::Result<()> {
     let ready_addr = parse_addr_opt(&args.readiness)?;
     // A bad snapshot stops the proxy before it listens, with the file position.
     let cfg = config::load_file(&args.config, None).map_err(anyhow::Error::msg)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.workers.max(1))
-        .thread_name("trellis-worker")
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    // One worker: a current-thread runtime, without the work-stealing scheduler's
+    // bookkeeping (the proxy's own thread is the worker).
+    let runtime = if args.workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.workers)
+            .thread_name("trellis-worker")
+            .enable_all()
+            .build()
+    }
+    .context("starting the runtime")?;
     runtime.block_on(async {
         let handle = trellis_proxy::start(cfg, opts).await?;
         let quit = Arc::new(Notify::new());

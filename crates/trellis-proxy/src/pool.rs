@@ -194,7 +194,8 @@ impl Pools {
             .map_err(|source| UpstreamError::Connect { addr, source })?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .adaptive_window(true)
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(4 << 20)
             .keep_alive_interval(Duration::from_secs(30))
             .handshake(TokioIo::new(stream))
             .await
