@@ -78,13 +78,17 @@ def oha(url, rate, duration, conns):
     summary = j["summary"]
     codes = j.get("statusCodeDistribution", {})
     ok = int(codes.get("200", 0))
+    errors = {k: int(v) for k, v in j.get("errorDistribution", {}).items()}
+    # Requests still in flight when the run's time is up are cut off by oha, not failed.
+    errors.pop("aborted due to deadline", None)
+    errors.update({f"HTTP {k}": int(v) for k, v in codes.items() if k != "200"})
     return {
         "p50_us": pct["p50"] * 1e6,
         "p99_us": pct["p99"] * 1e6,
         "rps": summary["requestsPerSec"],
         "ok": ok,
-        "errors": sum(int(v) for v in j.get("errorDistribution", {}).values())
-        + sum(int(v) for k, v in codes.items() if k != "200"),
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
     }
 
 
@@ -152,7 +156,7 @@ def main():
             print(f"rep {rep + 1}: direct p50 {direct[-1]['p50_us']:.0f}us p99 {direct[-1]['p99_us']:.0f}us | "
                   f"pair p50 {r['p50_us']:.0f}us p99 {r['p99_us']:.0f}us | cpu/req out "
                   f"{r['cpu_us_per_req']['outbound']:.1f}us in {r['cpu_us_per_req']['inbound']:.1f}us | "
-                  f"errors {r['errors']}", flush=True)
+                  f"errors {r['errors']} {r['error_kinds'] or ''}", flush=True)
         load_rss = {"outbound": rss_kib(outbound.pid), "inbound": rss_kib(inbound.pid)}
     finally:
         for p in procs:

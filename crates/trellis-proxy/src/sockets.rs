@@ -81,3 +81,28 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStrea
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn upstream_sockets_carry_the_proxy_mark() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let s = connect(l.local_addr().expect("addr"), Duration::from_secs(5))
+            .await
+            .expect("connect");
+        let probe = tokio::net::TcpSocket::new_v4().expect("socket");
+        if socket2::SockRef::from(&probe).set_mark(1).is_err() {
+            eprintln!("no CAP_NET_ADMIN here: the mark cannot be set; skipping");
+            return;
+        }
+        assert_eq!(
+            socket2::SockRef::from(&s).mark().expect("SO_MARK"),
+            PROXY_MARK
+        );
+        assert!(s.nodelay().expect("nodelay"));
+    }
+}

@@ -167,6 +167,17 @@ async fn reloads_keep_the_last_good_snapshot_and_sigterm_exits_0() {
         .await
     );
 
+    // The log filter changes at run time; a bad filter is refused.
+    let mut admin_client = http_client::HttpClient::http1(admin).await.expect("admin");
+    for (q, want) in [("level=debug", 200), ("level=%5Bbad", 400), ("", 400)] {
+        let req = admin_client
+            .request(http::Method::POST, "localhost", &format!("/logging?{q}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("request");
+        let r = admin_client.send(req).await.expect("response");
+        assert_eq!(r.status.as_u16(), want, "{q}: {r:?}");
+    }
+
     let pid = proxy.0.id();
     let status = Command::new("kill")
         .args(["-TERM", &pid.to_string()])

@@ -347,3 +347,138 @@ async fn snapshot_swaps_under_load_lose_no_request() {
     assert!(total > 100, "only {total} requests ran during the swaps");
     assert_eq!(pair.outbound.config().version, "swap-99");
 }
+
+#[tokio::test]
+async fn expect_100_continue_and_chunked_bodies_through_two_proxies() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = HttpServer::start_http1_only().await.expect("app");
+    let pair = Pair::start(app.addr, "http").await;
+    let mut s = tokio::net::TcpStream::connect(pair.addr())
+        .await
+        .expect("connect");
+    s.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: app\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("write head");
+    // The body is only sent after the interim response, as a careful client does.
+    let mut buf = vec![0u8; 64];
+    let n = timeout(LIMIT, s.read(&mut buf))
+        .await
+        .expect("in time")
+        .expect("read");
+    let interim = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(interim.starts_with("HTTP/1.1 100 Continue"), "{interim:?}");
+    s.write_all(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        .await
+        .expect("write body");
+    let mut rest = Vec::new();
+    timeout(LIMIT, s.read_to_end(&mut rest))
+        .await
+        .expect("in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&rest);
+    let text = text.trim_start_matches(&interim[..]);
+    assert!(text.contains("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("hello world"), "{text}");
+}
+
+#[tokio::test]
+async fn connect_is_tunnelled() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    // A minimal CONNECT-speaking app: accepts the tunnel, then echoes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let app = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let Ok((s, _)) = listener.accept().await else {
+            return;
+        };
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        // Read the request head (bounded: 64 lines).
+        for _ in 0..64 {
+            line.clear();
+            if r.read_line(&mut line).await.unwrap_or(0) == 0 || line == "\r\n" {
+                break;
+            }
+        }
+        let mut s = r.into_inner();
+        let _ = s
+            .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+            .await;
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    });
+    let pair = Pair::start(app, "http").await;
+    let mut s = tokio::net::TcpStream::connect(pair.addr())
+        .await
+        .expect("connect");
+    s.write_all(b"CONNECT db.example:5432 HTTP/1.1\r\nHost: db.example:5432\r\n\r\n")
+        .await
+        .expect("write");
+    let mut r = BufReader::new(s);
+    let mut status = String::new();
+    timeout(LIMIT, r.read_line(&mut status))
+        .await
+        .expect("in time")
+        .expect("read");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status:?}");
+    let mut line = String::new();
+    for _ in 0..16 {
+        line.clear();
+        timeout(LIMIT, r.read_line(&mut line))
+            .await
+            .expect("in time")
+            .expect("read");
+        if line == "\r\n" {
+            break;
+        }
+    }
+    r.get_mut()
+        .write_all(b"through the tunnel\n")
+        .await
+        .expect("write");
+    line.clear();
+    timeout(LIMIT, r.read_line(&mut line))
+        .await
+        .expect("in time")
+        .expect("read");
+    assert_eq!(line, "through the tunnel\n");
+}
+
+#[tokio::test]
+async fn inbound_finds_an_app_that_listens_only_on_the_pod_address() {
+    // 127.0.0.2 stands in for the pod address (all of 127/8 is loopback on Linux).
+    let app = HttpServer::start_on("127.0.0.2:0".parse().expect("addr"), false)
+        .await
+        .expect("app on the pod address");
+    let port = app.addr.port();
+    let inbound = trellis_proxy::start(
+        config(&format!(
+            "workload:\n  name: app\n  addresses: [127.0.0.2]\n  inboundPorts: [{{port: {port}, name: http}}]\n"
+        )),
+        ProxyOptions {
+            inbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), port)],
+            ..ProxyOptions::default()
+        },
+    )
+    .await
+    .expect("inbound proxy");
+    for _ in 0..2 {
+        let r = timeout(
+            LIMIT,
+            http_client::get(inbound.inbound_addrs[0], "app", "/echo"),
+        )
+        .await
+        .expect("in time")
+        .expect("response");
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    assert_eq!(app.stats().requests(), 2);
+}
