@@ -174,6 +174,33 @@ fn bad(resource: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// A wire duration, or the default when absent; negative or malformed ones are refused.
+fn duration(
+    resource: &str,
+    d: Option<&prost_types::Duration>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match d {
+        None => Ok(default),
+        Some(d) => wire::to_std(d).ok_or_else(|| {
+            bad(
+                resource,
+                format!("invalid duration {}s {}ns", d.seconds, d.nanos),
+            )
+        }),
+    }
+}
+
+/// A wire protocol enum value (`None` when unset or unspecified).
+fn protocol(resource: &str, p: Option<i32>) -> Result<Option<Protocol>, ConfigError> {
+    match p {
+        None => Ok(None),
+        Some(v) => wire::Protocol::try_from(v)
+            .map(wire::Protocol::to_api)
+            .map_err(|_| bad(resource, format!("unknown protocol value {v}"))),
+    }
+}
+
 fn port_u16(resource: &str, p: u32) -> Result<u16, ConfigError> {
     u16::try_from(p)
         .ok()
@@ -200,10 +227,19 @@ impl Config {
                     .collect()
             })
             .unwrap_or_default();
-        let settings = &raw.settings;
-        let default_connect = settings
-            .connect_timeout
-            .map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0);
+        let settings = raw.settings.clone().unwrap_or_default();
+        let default_connect = duration(
+            "settings.connectTimeout",
+            settings.connect_timeout.as_ref(),
+            DEFAULT_CONNECT_TIMEOUT,
+        )?;
+        let outbound_policy =
+            OutboundPolicy::try_from(raw.outbound_traffic_policy).map_err(|_| {
+                bad(
+                    "outboundTrafficPolicy",
+                    format!("unknown value {}", raw.outbound_traffic_policy),
+                )
+            })?;
 
         let mut clusters: HashMap<&str, Arc<Cluster>> = HashMap::new();
         for (i, c) in raw.clusters.iter().enumerate() {
@@ -226,7 +262,7 @@ impl Config {
                     addr,
                     proxied: e.proxied,
                     identity: e.identity.clone(),
-                    healthy: e.healthy,
+                    healthy: e.healthy.unwrap_or(true),
                     locality: e.locality.clone(),
                     labels: e
                         .labels
@@ -239,8 +275,8 @@ impl Config {
             let cluster = Arc::new(Cluster {
                 name: c.name.clone(),
                 endpoints,
-                connect_timeout: c.connect_timeout.map_or(default_connect, |d| d.0),
-                idle_timeout: c.idle_timeout.map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
+                connect_timeout: duration(&res, c.connect_timeout.as_ref(), default_connect)?,
+                idle_timeout: duration(&res, c.idle_timeout.as_ref(), DEFAULT_IDLE_TIMEOUT)?,
                 next: AtomicUsize::new(0),
             });
             if clusters.insert(c.name.as_str(), cluster).is_some() {
@@ -276,7 +312,7 @@ impl Config {
                     hostname: s.hostname.clone(),
                     port,
                     protocol: PortProtocol::declared(
-                        p.protocol,
+                        protocol(&res, p.protocol)?,
                         p.app_protocol.as_deref(),
                         p.name.as_deref(),
                     ),
@@ -306,7 +342,7 @@ impl Config {
                         port,
                         target_port,
                         protocol: PortProtocol::declared(
-                            p.protocol,
+                            protocol(&res, p.protocol)?,
                             p.app_protocol.as_deref(),
                             p.name.as_deref(),
                         ),
@@ -327,20 +363,24 @@ impl Config {
         cluster_list.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Config {
             version: raw.version.clone(),
-            outbound_policy: raw.outbound_traffic_policy,
+            outbound_policy,
             by_vip,
             by_endpoint,
             by_host,
             clusters: cluster_list,
             inbound,
             workload: raw.workload.clone(),
-            detection_timeout: settings
-                .protocol_detection_timeout
-                .map_or(DEFAULT_DETECTION_TIMEOUT, |d| d.0),
+            detection_timeout: duration(
+                "settings.protocolDetectionTimeout",
+                settings.protocol_detection_timeout.as_ref(),
+                DEFAULT_DETECTION_TIMEOUT,
+            )?,
             max_header_bytes,
-            header_timeout: settings
-                .request_header_timeout
-                .map_or(DEFAULT_HEADER_TIMEOUT, |d| d.0),
+            header_timeout: duration(
+                "settings.requestHeaderTimeout",
+                settings.request_header_timeout.as_ref(),
+                DEFAULT_HEADER_TIMEOUT,
+            )?,
             raw,
         })
     }
@@ -471,6 +511,31 @@ clusters:
             ),
             "{e}"
         );
+    }
+
+    #[test]
+    fn bad_wire_values_are_refused_with_the_resource() {
+        let mut raw = wire::Snapshot::from_text(GOOD, "s.yaml").expect("parse");
+        raw.services[0].ports[0].protocol = Some(99);
+        let e = Config::from_wire(raw, None).expect_err("bad protocol");
+        assert_eq!(
+            e.to_string(),
+            "services[0] \"reviews.default.svc.cluster.local\": unknown protocol value 99"
+        );
+        let mut raw = wire::Snapshot::from_text(GOOD, "s.yaml").expect("parse");
+        raw.clusters[1].idle_timeout = Some(prost_types::Duration {
+            seconds: -1,
+            nanos: 0,
+        });
+        let e = Config::from_wire(raw, None).expect_err("negative duration");
+        assert_eq!(
+            e.to_string(),
+            "clusters[1] \"db\": invalid duration -1s 0ns"
+        );
+        let mut raw = wire::Snapshot::from_text(GOOD, "s.yaml").expect("parse");
+        raw.outbound_traffic_policy = 7;
+        let e = Config::from_wire(raw, None).expect_err("bad policy");
+        assert_eq!(e.to_string(), "outboundTrafficPolicy: unknown value 7");
     }
 
     #[test]

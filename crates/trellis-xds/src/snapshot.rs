@@ -1,4 +1,7 @@
-//! The proxy snapshot model (wire form).
+//! The proxy snapshot model, as it travels: protobuf on the wire
+//! (`proto/trellis/snapshot/v1/snapshot.proto`, prost derives below) and YAML or JSON
+//! in files (serde derives below, with located errors). One set of types serves both, so
+//! the two forms cannot drift; `tests/proto_fresh.rs` checks them against the `.proto`.
 //!
 //! ```yaml
 //! version: "7"
@@ -21,155 +24,270 @@
 //!   endpoints:
 //!   - {address: "10.44.0.7:9080", proxied: true, identity: "spiffe://cluster.local/ns/default/sa/ratings"}
 //! ```
+//!
+//! Conversion to the proxy's domain types (and the checks that go with it) happens in the
+//! proxy, at the edge; these types only describe the shape.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use trellis_api::common::{Duration, Protocol};
 use trellis_api::de::DeError;
 use trellis_api::yaml;
 
 /// A whole proxy configuration.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct Snapshot {
     /// Opaque version, reported in logs, `/config_dump` and metrics.
-    #[serde(default)]
+    #[prost(string, tag = "1")]
     pub version: String,
+    #[prost(message, optional, tag = "2")]
     pub workload: Option<Workload>,
     /// What happens to outbound traffic for destinations not in `services`.
-    #[serde(default)]
-    pub outbound_traffic_policy: OutboundPolicy,
-    #[serde(default)]
+    #[prost(enumeration = "OutboundPolicy", tag = "3")]
+    #[serde(with = "outbound_policy")]
+    pub outbound_traffic_policy: i32,
+    #[prost(message, repeated, tag = "4")]
     pub services: Vec<Service>,
-    #[serde(default)]
+    #[prost(message, repeated, tag = "5")]
     pub clusters: Vec<Cluster>,
-    #[serde(default)]
-    pub settings: Settings,
+    #[prost(message, optional, tag = "6")]
+    pub settings: Option<Settings>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
 pub enum OutboundPolicy {
     /// Unknown destinations pass through to where the app meant to go.
-    #[default]
-    AllowAny,
+    AllowAny = 0,
     /// Unknown destinations are refused (BlackHoleCluster).
-    RegistryOnly,
+    RegistryOnly = 1,
+}
+
+impl OutboundPolicy {
+    pub fn name(self) -> &'static str {
+        match self {
+            OutboundPolicy::AllowAny => "ALLOW_ANY",
+            OutboundPolicy::RegistryOnly => "REGISTRY_ONLY",
+        }
+    }
+}
+
+/// Application protocols on the wire (Istio's names; see `trellis_api::common::Protocol`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum Protocol {
+    Unspecified = 0,
+    Http = 1,
+    Https = 2,
+    Http2 = 3,
+    Grpc = 4,
+    GrpcWeb = 5,
+    HttpProxy = 6,
+    Tcp = 7,
+    Tls = 8,
+    Udp = 9,
+    Mongo = 10,
+    Redis = 11,
+    Mysql = 12,
+    Hbone = 13,
+}
+
+impl Protocol {
+    /// The configuration API's protocol, `None` for `Unspecified`.
+    pub fn to_api(self) -> Option<trellis_api::common::Protocol> {
+        use trellis_api::common::Protocol as P;
+        Some(match self {
+            Protocol::Unspecified => return None,
+            Protocol::Http => P::Http,
+            Protocol::Https => P::Https,
+            Protocol::Http2 => P::Http2,
+            Protocol::Grpc => P::Grpc,
+            Protocol::GrpcWeb => P::GrpcWeb,
+            Protocol::HttpProxy => P::HttpProxy,
+            Protocol::Tcp => P::Tcp,
+            Protocol::Tls => P::Tls,
+            Protocol::Udp => P::Udp,
+            Protocol::Mongo => P::Mongo,
+            Protocol::Redis => P::Redis,
+            Protocol::Mysql => P::Mysql,
+            Protocol::Hbone => P::Hbone,
+        })
+    }
+
+    pub fn from_api(p: trellis_api::common::Protocol) -> Protocol {
+        use trellis_api::common::Protocol as P;
+        match p {
+            P::Http => Protocol::Http,
+            P::Https => Protocol::Https,
+            P::Http2 => Protocol::Http2,
+            P::Grpc => Protocol::Grpc,
+            P::GrpcWeb => Protocol::GrpcWeb,
+            P::HttpProxy => Protocol::HttpProxy,
+            P::Tcp => Protocol::Tcp,
+            P::Tls => Protocol::Tls,
+            P::Udp => Protocol::Udp,
+            P::Mongo => Protocol::Mongo,
+            P::Redis => Protocol::Redis,
+            P::Mysql => Protocol::Mysql,
+            P::Hbone => Protocol::Hbone,
+        }
+    }
 }
 
 /// The workload this proxy sits beside.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Workload {
+    #[prost(string, tag = "1")]
     pub name: String,
-    #[serde(default = "default_namespace")]
+    /// Empty means `default`.
+    #[prost(string, tag = "2")]
+    #[serde(default)]
     pub namespace: String,
+    #[prost(btree_map = "string, string", tag = "3")]
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    #[serde(default = "default_sa")]
+    /// Empty means `default`.
+    #[prost(string, tag = "4")]
+    #[serde(default)]
     pub service_account: String,
     /// The pod's own addresses (apps that bind them rather than 127.0.0.1).
+    #[prost(string, repeated, tag = "5")]
     #[serde(default)]
     pub addresses: Vec<String>,
+    #[prost(message, repeated, tag = "6")]
     #[serde(default)]
     pub inbound_ports: Vec<InboundPort>,
 }
 
-fn default_namespace() -> String {
-    "default".to_string()
-}
-
-fn default_sa() -> String {
-    "default".to_string()
-}
-
 /// A port the app listens on; inbound traffic to it is intercepted.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct InboundPort {
+    #[prost(uint32, tag = "1")]
     pub port: u32,
     /// Port the app really listens on, when it differs (default: `port`).
+    #[prost(uint32, optional, tag = "2")]
+    #[serde(default)]
     pub target_port: Option<u32>,
+    #[prost(string, optional, tag = "3")]
+    #[serde(default)]
     pub name: Option<String>,
-    pub protocol: Option<Protocol>,
+    #[prost(enumeration = "Protocol", optional, tag = "4")]
+    #[serde(default, with = "protocol_opt")]
+    pub protocol: Option<i32>,
+    #[prost(string, optional, tag = "5")]
+    #[serde(default)]
     pub app_protocol: Option<String>,
 }
 
 /// A service the proxy may send to.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Service {
     /// Fully qualified name, e.g. `reviews.default.svc.cluster.local`.
+    #[prost(string, tag = "1")]
     pub hostname: String,
     /// Virtual IPs the app's connections are addressed to.
+    #[prost(string, repeated, tag = "2")]
     #[serde(default)]
     pub addresses: Vec<String>,
+    #[prost(message, repeated, tag = "3")]
     pub ports: Vec<ServicePort>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServicePort {
+    #[prost(uint32, tag = "1")]
     pub port: u32,
     /// Port name: its prefix declares the protocol as in Istio (`http-…`, `grpc-…`).
+    #[prost(string, optional, tag = "2")]
+    #[serde(default)]
     pub name: Option<String>,
-    pub protocol: Option<Protocol>,
+    #[prost(enumeration = "Protocol", optional, tag = "3")]
+    #[serde(default, with = "protocol_opt")]
+    pub protocol: Option<i32>,
     /// Kubernetes appProtocol; wins over the name.
+    #[prost(string, optional, tag = "4")]
+    #[serde(default)]
     pub app_protocol: Option<String>,
     /// The cluster traffic to this port goes to (routing rules arrive with the traffic
     /// management work).
+    #[prost(string, tag = "5")]
     pub cluster: String,
 }
 
 /// A set of endpoints traffic can be balanced over: service + subset + port.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Cluster {
+    #[prost(string, tag = "1")]
     pub name: String,
+    #[prost(message, repeated, tag = "2")]
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
-    pub connect_timeout: Option<Duration>,
+    #[prost(message, optional, tag = "3")]
+    #[serde(default, with = "duration_opt")]
+    pub connect_timeout: Option<prost_types::Duration>,
     /// How long an idle upstream connection is kept (default 3 s, shorter than common app
     /// keep-alive timeouts so a reused connection never meets a server-side close).
-    pub idle_timeout: Option<Duration>,
+    #[prost(message, optional, tag = "4")]
+    #[serde(default, with = "duration_opt")]
+    pub idle_timeout: Option<prost_types::Duration>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Endpoint {
     /// `ip:port`.
+    #[prost(string, tag = "1")]
     pub address: String,
     /// Whether a Trellis proxy fronts this endpoint (HTTP then travels as HTTP/2 between
     /// the proxies).
+    #[prost(bool, tag = "2")]
     #[serde(default)]
     pub proxied: bool,
+    #[prost(btree_map = "string, string", tag = "3")]
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     /// SPIFFE identity of the endpoint's workload.
+    #[prost(string, optional, tag = "4")]
+    #[serde(default)]
     pub identity: Option<String>,
-    #[serde(default = "yes")]
-    pub healthy: bool,
+    /// Absent means healthy.
+    #[prost(bool, optional, tag = "5")]
+    #[serde(default)]
+    pub healthy: Option<bool>,
+    #[prost(string, optional, tag = "6")]
+    #[serde(default)]
     pub locality: Option<String>,
+    #[prost(uint32, optional, tag = "7")]
+    #[serde(default)]
     pub weight: Option<u32>,
 }
 
-fn yes() -> bool {
-    true
-}
-
 /// Proxy-wide settings.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Settings {
     /// How long to wait for a client's first bytes to tell its protocol (default 100ms).
-    pub protocol_detection_timeout: Option<Duration>,
+    #[prost(message, optional, tag = "1")]
+    #[serde(default, with = "duration_opt")]
+    pub protocol_detection_timeout: Option<prost_types::Duration>,
     /// Largest request head accepted (default 60 KiB); larger gets 431.
+    #[prost(uint32, optional, tag = "2")]
+    #[serde(default)]
     pub max_request_header_bytes: Option<u32>,
     /// Time allowed to receive a request head (default 10s); slower clients are closed.
-    pub request_header_timeout: Option<Duration>,
+    #[prost(message, optional, tag = "3")]
+    #[serde(default, with = "duration_opt")]
+    pub request_header_timeout: Option<prost_types::Duration>,
     /// Default upstream connect timeout (default 5s).
-    pub connect_timeout: Option<Duration>,
+    #[prost(message, optional, tag = "4")]
+    #[serde(default, with = "duration_opt")]
+    pub connect_timeout: Option<prost_types::Duration>,
 }
 
 /// Why a snapshot file did not load.
@@ -222,12 +340,143 @@ impl Snapshot {
             fail(mark.line, mark.col, e.to_string())
         })
     }
-}
 
-impl Snapshot {
     /// The snapshot as JSON for `/config_dump`. Nothing in the model is secret yet; when
     /// keys or tokens join it, they are redacted here.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// Converts a protobuf duration (seconds + nanos) to a std duration; negative durations
+/// are refused.
+pub fn to_std(d: &prost_types::Duration) -> Option<std::time::Duration> {
+    let secs = u64::try_from(d.seconds).ok()?;
+    let nanos = u32::try_from(d.nanos).ok()?;
+    (nanos < 1_000_000_000).then(|| std::time::Duration::new(secs, nanos))
+}
+
+/// The other way.
+pub fn from_std(d: std::time::Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+/// Durations in files are written as in Istio ("1.5s", "100ms").
+mod duration_opt {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use trellis_api::common::Duration;
+
+    pub fn serialize<S: Serializer>(
+        d: &Option<prost_types::Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match d.as_ref().and_then(super::to_std) {
+            Some(d) => s.collect_str(&Duration(d)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<prost_types::Duration>, D::Error> {
+        Ok(Option::<Duration>::deserialize(d)?.map(|d| super::from_std(d.0)))
+    }
+}
+
+/// Protocols in files are names, matched case-insensitively ("HTTP", "grpc").
+mod protocol_opt {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::Protocol;
+
+    pub fn serialize<S: Serializer>(p: &Option<i32>, s: S) -> Result<S::Ok, S::Error> {
+        match p
+            .and_then(|v| Protocol::try_from(v).ok())
+            .and_then(Protocol::to_api)
+        {
+            Some(p) => s.serialize_str(p.as_str()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i32>, D::Error> {
+        Ok(Option::<trellis_api::common::Protocol>::deserialize(d)?
+            .map(|p| Protocol::from_api(p) as i32))
+    }
+}
+
+/// `ALLOW_ANY` or `REGISTRY_ONLY` in files.
+mod outbound_policy {
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::OutboundPolicy;
+
+    pub fn serialize<S: Serializer>(p: &i32, s: S) -> Result<S::Ok, S::Error> {
+        match OutboundPolicy::try_from(*p) {
+            Ok(p) => s.serialize_str(p.name()),
+            Err(_) => s.serialize_i32(*p),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+        let name = String::deserialize(d)?;
+        [OutboundPolicy::AllowAny, OutboundPolicy::RegistryOnly]
+            .into_iter()
+            .find(|p| p.name() == name)
+            .map(|p| p as i32)
+            .ok_or_else(|| {
+                D::Error::custom(format!(
+                    "unknown value {name:?}, expected one of ALLOW_ANY, REGISTRY_ONLY"
+                ))
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    #[test]
+    fn yaml_and_protobuf_describe_the_same_snapshot() {
+        let s = Snapshot::from_text(
+            "version: v9\noutboundTrafficPolicy: REGISTRY_ONLY\nworkload: {name: w, inboundPorts: [{port: 80, protocol: grpc}]}\nclusters:\n- name: c\n  connectTimeout: 1.5s\n  endpoints: [{address: \"10.0.0.1:80\", healthy: false}]\n",
+            "s.yaml",
+        )
+        .expect("parses");
+        assert_eq!(s.outbound_traffic_policy(), OutboundPolicy::RegistryOnly);
+        let port = &s.workload.as_ref().expect("workload").inbound_ports[0];
+        assert_eq!(port.protocol(), Protocol::Grpc);
+        let c = &s.clusters[0];
+        assert_eq!(
+            c.connect_timeout.as_ref().and_then(to_std),
+            Some(std::time::Duration::from_millis(1500))
+        );
+        assert_eq!(c.endpoints[0].healthy, Some(false));
+        let bytes = s.encode_to_vec();
+        let back = Snapshot::decode(bytes.as_slice()).expect("decodes");
+        assert_eq!(back, s);
+        let json = back.to_json();
+        assert_eq!(json["outboundTrafficPolicy"], "REGISTRY_ONLY");
+        assert_eq!(json["clusters"][0]["connectTimeout"], "1500ms");
+        assert_eq!(json["workload"]["inboundPorts"][0]["protocol"], "GRPC");
+    }
+
+    #[test]
+    fn file_errors_are_located() {
+        let e =
+            Snapshot::from_text("outboundTrafficPolicy: ALLOW_SOME\n", "s.yaml").expect_err("bad");
+        assert_eq!(
+            e.to_string(),
+            "s.yaml:1:24: outboundTrafficPolicy: unknown value \"ALLOW_SOME\", expected one of ALLOW_ANY, REGISTRY_ONLY"
+        );
+        let e = Snapshot::from_text("clusters: [{name: c, idleTimeout: 3}]\n", "s.yaml")
+            .expect_err("bad");
+        assert!(e.to_string().contains("clusters[0].idleTimeout"), "{e}");
     }
 }

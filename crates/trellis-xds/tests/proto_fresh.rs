@@ -1,0 +1,147 @@
+//! The hand-written prost types match `proto/trellis/snapshot/v1/snapshot.proto`: the file
+//! is compiled here (protox, no system protoc), a snapshot with every field set is encoded
+//! from Rust, decoded with the compiled descriptors, and must carry no unknown field, leave
+//! no declared field unset, and come back to Rust unchanged.
+
+use std::collections::BTreeMap;
+
+use prost::Message;
+use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, ReflectMessage, Value};
+use trellis_xds::snapshot::*;
+
+fn pool() -> DescriptorPool {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/proto");
+    let fds = protox::compile(["trellis/snapshot/v1/snapshot.proto"], [dir])
+        .expect("the .proto compiles");
+    DescriptorPool::from_file_descriptor_set(fds).expect("descriptor pool")
+}
+
+fn d(ms: u64) -> Option<prost_types::Duration> {
+    Some(from_std(std::time::Duration::from_millis(ms)))
+}
+
+fn full() -> Snapshot {
+    let labels = BTreeMap::from([("app".to_string(), "x".to_string())]);
+    Snapshot {
+        version: "v1".into(),
+        workload: Some(Workload {
+            name: "w".into(),
+            namespace: "ns".into(),
+            labels: labels.clone(),
+            service_account: "sa".into(),
+            addresses: vec!["10.0.0.1".into()],
+            inbound_ports: vec![InboundPort {
+                port: 80,
+                target_port: Some(8080),
+                name: Some("http".into()),
+                protocol: Some(Protocol::Http as i32),
+                app_protocol: Some("http".into()),
+            }],
+        }),
+        outbound_traffic_policy: OutboundPolicy::RegistryOnly as i32,
+        services: vec![Service {
+            hostname: "a.ns.svc.cluster.local".into(),
+            addresses: vec!["240.240.0.1".into()],
+            ports: vec![ServicePort {
+                port: 80,
+                name: Some("grpc".into()),
+                protocol: Some(Protocol::Grpc as i32),
+                app_protocol: Some("grpc".into()),
+                cluster: "c".into(),
+            }],
+        }],
+        clusters: vec![Cluster {
+            name: "c".into(),
+            endpoints: vec![Endpoint {
+                address: "10.0.0.2:80".into(),
+                proxied: true,
+                labels,
+                identity: Some("spiffe://cluster.local/ns/ns/sa/sa".into()),
+                healthy: Some(false),
+                locality: Some("r/z".into()),
+                weight: Some(3),
+            }],
+            connect_timeout: d(1500),
+            idle_timeout: d(3000),
+        }],
+        settings: Some(Settings {
+            protocol_detection_timeout: d(100),
+            max_request_header_bytes: Some(61440),
+            request_header_timeout: d(10_000),
+            connect_timeout: d(5000),
+        }),
+    }
+}
+
+/// Every declared field is set and nothing undeclared came along, recursively.
+fn check(msg: &DynamicMessage, path: &str, problems: &mut Vec<String>) {
+    if msg.unknown_fields().count() > 0 {
+        problems.push(format!("{path}: fields the .proto does not declare"));
+    }
+    let desc: MessageDescriptor = msg.descriptor();
+    if desc.full_name().starts_with("google.protobuf.") {
+        return;
+    }
+    for f in desc.fields() {
+        let p = format!("{path}.{}", f.name());
+        if !msg.has_field(&f) {
+            problems.push(format!("{p}: declared but not set by the Rust types"));
+            continue;
+        }
+        match &*msg.get_field(&f) {
+            Value::Message(m) => check(m, &p, problems),
+            Value::List(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    if let Value::Message(m) = v {
+                        check(m, &format!("{p}[{i}]"), problems);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn rust_types_match_the_proto_file() {
+    let pool = pool();
+    let desc = pool
+        .get_message_by_name("trellis.snapshot.v1.Snapshot")
+        .expect("Snapshot message");
+    let snapshot = full();
+    let bytes = snapshot.encode_to_vec();
+    let dynamic = DynamicMessage::decode(desc, bytes.as_slice()).expect("decodes with the .proto");
+    let mut problems = Vec::new();
+    check(&dynamic, "Snapshot", &mut problems);
+    assert!(problems.is_empty(), "{problems:#?}");
+    let again = Snapshot::decode(dynamic.encode_to_vec().as_slice()).expect("decodes back");
+    assert_eq!(again, snapshot);
+}
+
+#[test]
+fn enums_match_the_proto_file() {
+    let pool = pool();
+    let proto = pool
+        .get_enum_by_name("trellis.snapshot.v1.Protocol")
+        .expect("Protocol");
+    for v in proto.values() {
+        let rust = Protocol::try_from(v.number())
+            .unwrap_or_else(|_| panic!("{} missing in Rust", v.name()));
+        let name = match rust.to_api() {
+            None => "PROTOCOL_UNSPECIFIED".to_string(),
+            Some(p) => p.as_str().replace('-', "_"),
+        };
+        assert_eq!(name, v.name());
+    }
+    assert!(
+        Protocol::try_from(proto.values().count() as i32).is_err(),
+        "Rust has values the .proto lacks"
+    );
+    let policy = pool
+        .get_enum_by_name("trellis.snapshot.v1.OutboundPolicy")
+        .expect("OutboundPolicy");
+    for v in policy.values() {
+        let rust = OutboundPolicy::try_from(v.number()).expect("value in Rust");
+        assert_eq!(rust.name(), v.name());
+    }
+}
