@@ -146,8 +146,10 @@ pub struct Config {
     by_vip: HashMap<SocketAddr, Arc<Target>>,
     /// Endpoint address → target (an app that dialled a pod address directly).
     by_endpoint: HashMap<SocketAddr, Arc<Target>>,
-    /// (hostname, port) → target, for explicit listeners.
-    by_host: HashMap<(String, u16), Arc<Target>>,
+    /// Name → port → target, for explicit listeners. Every name a service answers to is
+    /// here: the FQDN and its leading parts (`reviews`, `reviews.default`,
+    /// `reviews.default.svc`); a short name two services share is left out.
+    by_name: HashMap<String, HashMap<u16, Arc<Target>>>,
     pub clusters: Vec<Arc<Cluster>>,
     pub inbound: HashMap<u16, InboundPort>,
     pub workload: Option<wire::Workload>,
@@ -286,7 +288,9 @@ impl Config {
 
         let mut by_vip = HashMap::new();
         let mut by_endpoint = HashMap::new();
-        let mut by_host = HashMap::new();
+        let mut by_name: HashMap<String, HashMap<u16, Arc<Target>>> = HashMap::new();
+        let mut ambiguous: std::collections::HashSet<(String, u16)> =
+            std::collections::HashSet::new();
         for (i, s) in raw.services.iter().enumerate() {
             let res = format!("services[{i}] {:?}", s.hostname);
             if s.hostname.is_empty() {
@@ -326,7 +330,25 @@ impl Config {
                         .entry(e.addr)
                         .or_insert_with(|| Arc::clone(&target));
                 }
-                by_host.insert((s.hostname.clone(), port), target);
+                by_name
+                    .entry(s.hostname.clone())
+                    .or_default()
+                    .insert(port, Arc::clone(&target));
+                // Shorter names: every proper prefix made of whole labels.
+                let mut end = s.hostname.len();
+                while let Some(dot) = s.hostname[..end].rfind('.') {
+                    end = dot;
+                    let alias = &s.hostname[..end];
+                    let ports = by_name.entry(alias.to_string()).or_default();
+                    match ports.get(&port) {
+                        Some(existing) if existing.hostname != target.hostname => {
+                            ambiguous.insert((alias.to_string(), port));
+                        }
+                        _ => {
+                            ports.insert(port, Arc::clone(&target));
+                        }
+                    }
+                }
             }
         }
 
@@ -350,6 +372,15 @@ impl Config {
                 );
             }
         }
+        // Ambiguous short names resolve to nothing rather than to a random service (an
+        // FQDN is never ambiguous: it is its own service).
+        for (alias, port) in ambiguous {
+            if let Some(ports) = by_name.get_mut(&alias) {
+                if ports.get(&port).is_some_and(|t| t.hostname != alias) {
+                    ports.remove(&port);
+                }
+            }
+        }
         let max_header_bytes = settings
             .max_request_header_bytes
             .map_or(DEFAULT_MAX_HEADER_BYTES, |b| b as usize);
@@ -366,7 +397,7 @@ impl Config {
             outbound_policy,
             by_vip,
             by_endpoint,
-            by_host,
+            by_name,
             clusters: cluster_list,
             inbound,
             workload: raw.workload.clone(),
@@ -393,18 +424,7 @@ impl Config {
 
     /// The target named by an explicit listener: `reviews`, `reviews.default`, or the FQDN.
     pub fn target_by_name(&self, name: &str, port: u16) -> Option<&Arc<Target>> {
-        if let Some(t) = self.by_host.get(&(name.to_string(), port)) {
-            return Some(t);
-        }
-        let prefix = format!("{name}.");
-        let mut found = self
-            .by_host
-            .iter()
-            .filter(|((h, p), _)| *p == port && h.starts_with(&prefix))
-            .map(|(_, t)| t);
-        let first = found.next();
-        // Ambiguous short names resolve to nothing rather than to a random service.
-        if found.next().is_some() { None } else { first }
+        self.by_name.get(name)?.get(&port)
     }
 
     pub fn inbound_port(&self, port: u16) -> Option<&InboundPort> {
@@ -420,7 +440,7 @@ impl Config {
             outbound_policy: OutboundPolicy::AllowAny,
             by_vip: HashMap::new(),
             by_endpoint: HashMap::new(),
-            by_host: HashMap::new(),
+            by_name: HashMap::new(),
             clusters: Vec::new(),
             inbound: HashMap::new(),
             workload: None,
@@ -488,6 +508,27 @@ clusters:
             assert_eq!(t.cluster.pick().map(|e| e.addr.port()), Some(9080));
             assert!(t.cluster.pick().is_some_and(|e| e.healthy));
         }
+    }
+
+    #[test]
+    fn short_names_two_services_share_resolve_to_neither() {
+        let c = snap(
+            "services:
+- {hostname: reviews.default.svc.cluster.local, ports: [{port: 80, cluster: a}]}
+- {hostname: reviews.prod.svc.cluster.local, ports: [{port: 80, cluster: a}]}
+- {hostname: reviews, ports: [{port: 81, cluster: a}]}
+clusters: [{name: a}]
+",
+        )
+        .expect("good");
+        assert!(c.target_by_name("reviews", 80).is_none(), "ambiguous");
+        assert!(c.target_by_name("reviews.default", 80).is_some());
+        assert!(c.target_by_name("reviews.prod.svc", 80).is_some());
+        assert_eq!(
+            c.target_by_name("reviews", 81).map(|t| t.hostname.as_str()),
+            Some("reviews"),
+            "a service whose name is the short name itself"
+        );
     }
 
     #[test]

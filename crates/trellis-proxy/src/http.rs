@@ -203,23 +203,46 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-/// A random request id in UUID v4 form.
+/// A random request id in UUID v4 form (a per-thread xorshift generator seeded from the
+/// OS-keyed hasher: unique enough for tracing, cheap enough for every request).
 fn request_id() -> HeaderValue {
-    let a = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(a);
-    let b = h.finish();
-    let s = format!(
-        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0x0fff,
-        0x8000 | ((b >> 48) & 0x3fff),
-        b & 0xffff_ffff_ffff
-    );
-    HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("0"))
+    thread_local! {
+        static STATE: std::cell::Cell<(u64, u64)> = std::cell::Cell::new({
+            let a = std::collections::hash_map::RandomState::new().build_hasher().finish();
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(a);
+            (a | 1, h.finish() | 1)
+        });
+    }
+    let (a, b) = STATE.with(|s| {
+        let (mut x, y) = s.get();
+        // xorshift128+
+        x ^= x << 23;
+        let next = (y, x ^ y ^ (x >> 17) ^ (y >> 26));
+        s.set(next);
+        let r1 = next.1.wrapping_add(y);
+        let mut z = r1 ^ 0x9e37_79b9_7f4a_7c15;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        (r1, z ^ (z >> 31))
+    });
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [b'-'; 36];
+    let mut nibbles = (0..16)
+        .rev()
+        .map(|i| (a >> (i * 4)) & 0xf)
+        .chain((0..16).rev().map(|i| (b >> (i * 4)) & 0xf));
+    for (i, slot) in out.iter_mut().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            continue;
+        }
+        let n = nibbles.next().unwrap_or(0) as usize;
+        *slot = match i {
+            14 => b'4',               // version 4
+            19 => HEX[8 | (n & 0x3)], // variant 10xx
+            _ => HEX[n],
+        };
+    }
+    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
 }
 
 async fn forward(
@@ -231,13 +254,6 @@ async fn forward(
     if is_upgrade(&req) {
         return forward_upgrade(req, up).await;
     }
-    // The authority, from Host (HTTP/1.1) or :authority (HTTP/2).
-    let authority = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()));
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
     if !headers.contains_key(&X_FORWARDED_PROTO) {
@@ -249,48 +265,9 @@ async fn forward(
     if let Some(v) = up.peer_version {
         headers.insert(DOWNSTREAM_VERSION, HeaderValue::from_static(v));
     }
-    let path = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
-    if up.h2 {
-        // HTTP/2 wants an absolute URI; :authority carries the host.
-        req.headers_mut().remove(header::HOST);
-        let auth = authority.as_deref().unwrap_or("localhost");
-        match Uri::builder()
-            .scheme("http")
-            .authority(auth)
-            .path_and_query(path.as_str())
-            .build()
-        {
-            Ok(u) => *req.uri_mut() = u,
-            Err(_) => {
-                return local_reply(
-                    StatusCode::BAD_REQUEST,
-                    "DPE",
-                    format!("invalid authority {auth:?}"),
-                );
-            }
-        }
-        *req.version_mut() = Version::HTTP_2;
-    } else {
-        if let Some(a) = &authority {
-            if !req.headers().contains_key(header::HOST) {
-                if let Ok(v) = HeaderValue::from_str(a) {
-                    req.headers_mut().insert(header::HOST, v);
-                }
-            }
-        }
-        match path.parse::<Uri>() {
-            Ok(u) => *req.uri_mut() = u,
-            Err(_) => {
-                return local_reply(StatusCode::BAD_REQUEST, "DPE", "invalid path".to_string());
-            }
-        }
-        *req.version_mut() = Version::HTTP_11;
+    if let Err(reply) = set_upstream_target(&mut req, up.h2) {
+        return reply;
     }
-
     if let Some(ep) = up.endpoint {
         ep.stats.requests.fetch_add(1, Ordering::Relaxed);
         ep.stats.active.fetch_add(1, Ordering::Relaxed);
@@ -324,6 +301,58 @@ async fn forward(
             };
             local_reply(StatusCode::SERVICE_UNAVAILABLE, e.flag(), what.to_string())
         }
+    }
+}
+
+/// Rewrites the request line for the upstream's version without re-parsing anything:
+/// HTTP/2 wants an absolute URI (the authority travels as `:authority`), HTTP/1.1 an
+/// origin-form path and a Host header.
+fn set_upstream_target(req: &mut Request<Incoming>, h2: bool) -> Result<(), Response<ProxyBody>> {
+    let uri = std::mem::take(req.uri_mut());
+    let mut parts = uri.into_parts();
+    if h2 {
+        let host = req.headers_mut().remove(header::HOST);
+        if parts.authority.is_none() {
+            match host
+                .as_ref()
+                .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+            {
+                Some(a) => parts.authority = Some(a),
+                None => {
+                    return Err(local_reply(
+                        StatusCode::BAD_REQUEST,
+                        "DPE",
+                        "request has no valid Host or :authority".to_string(),
+                    ));
+                }
+            }
+        }
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        *req.version_mut() = Version::HTTP_2;
+    } else {
+        if let Some(a) = parts.authority.take() {
+            if !req.headers().contains_key(header::HOST) {
+                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+            }
+        }
+        parts.scheme = None;
+        *req.version_mut() = Version::HTTP_11;
+    }
+    match Uri::from_parts(parts) {
+        Ok(u) => {
+            *req.uri_mut() = u;
+            Ok(())
+        }
+        Err(_) => Err(local_reply(
+            StatusCode::BAD_REQUEST,
+            "DPE",
+            "invalid request target".to_string(),
+        )),
     }
 }
 
@@ -465,5 +494,10 @@ mod tests {
         let s = a.to_str().expect("ascii");
         assert_eq!(s.len(), 36, "{s}");
         assert_eq!(&s[14..15], "4");
+        assert!(matches!(&s[19..20], "8" | "9" | "a" | "b"), "{s}");
+        let dashes: Vec<usize> = s.match_indices('-').map(|(i, _)| i).collect();
+        assert_eq!(dashes, [8, 13, 18, 23]);
+        let many: std::collections::HashSet<_> = (0..1000).map(|_| request_id()).collect();
+        assert_eq!(many.len(), 1000);
     }
 }
