@@ -265,8 +265,8 @@ async fn forward(
     if let Some(v) = up.peer_version {
         headers.insert(DOWNSTREAM_VERSION, HeaderValue::from_static(v));
     }
-    if let Err(reply) = set_upstream_target(&mut req, up.h2) {
-        return reply;
+    if let Err(why) = set_upstream_target(&mut req, up.h2) {
+        return local_reply(StatusCode::BAD_REQUEST, "DPE", why.to_string());
     }
     if let Some(ep) = up.endpoint {
         ep.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -307,7 +307,7 @@ async fn forward(
 /// Rewrites the request line for the upstream's version without re-parsing anything:
 /// HTTP/2 wants an absolute URI (the authority travels as `:authority`), HTTP/1.1 an
 /// origin-form path and a Host header.
-fn set_upstream_target(req: &mut Request<Incoming>, h2: bool) -> Result<(), Response<ProxyBody>> {
+fn set_upstream_target(req: &mut Request<Incoming>, h2: bool) -> Result<(), &'static str> {
     let uri = std::mem::take(req.uri_mut());
     let mut parts = uri.into_parts();
     if h2 {
@@ -318,13 +318,7 @@ fn set_upstream_target(req: &mut Request<Incoming>, h2: bool) -> Result<(), Resp
                 .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
             {
                 Some(a) => parts.authority = Some(a),
-                None => {
-                    return Err(local_reply(
-                        StatusCode::BAD_REQUEST,
-                        "DPE",
-                        "request has no valid Host or :authority".to_string(),
-                    ));
-                }
+                None => return Err("request has no valid Host or :authority"),
             }
         }
         parts.scheme = Some(http::uri::Scheme::HTTP);
@@ -348,11 +342,7 @@ fn set_upstream_target(req: &mut Request<Incoming>, h2: bool) -> Result<(), Resp
             *req.uri_mut() = u;
             Ok(())
         }
-        Err(_) => Err(local_reply(
-            StatusCode::BAD_REQUEST,
-            "DPE",
-            "invalid request target".to_string(),
-        )),
+        Err(_) => Err("invalid request target"),
     }
 }
 
