@@ -130,7 +130,7 @@ pub struct Target {
     pub cluster: Arc<Cluster>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct InboundPort {
     pub port: u16,
     pub target_port: u16,
@@ -153,6 +153,10 @@ pub struct Config {
     pub clusters: Vec<Arc<Cluster>>,
     pub inbound: HashMap<u16, InboundPort>,
     pub workload: Option<wire::Workload>,
+    /// The pod's addresses, where an app that does not listen on 127.0.0.1 is looked for.
+    pub pod_ips: Vec<IpAddr>,
+    /// Default upstream connect timeout (settings.connectTimeout).
+    pub connect_timeout: Duration,
     pub detection_timeout: Duration,
     pub max_header_bytes: usize,
     pub header_timeout: Duration,
@@ -353,7 +357,13 @@ impl Config {
         }
 
         let mut inbound = HashMap::new();
+        let mut pod_ips = Vec::new();
         if let Some(w) = &raw.workload {
+            for a in &w.addresses {
+                pod_ips.push(a.parse().map_err(|_| {
+                    bad("workload.addresses", format!("{a:?} is not an IP address"))
+                })?);
+            }
             for (i, p) in w.inbound_ports.iter().enumerate() {
                 let res = format!("workload.inboundPorts[{i}]");
                 let port = port_u16(&res, p.port)?;
@@ -401,6 +411,8 @@ impl Config {
             clusters: cluster_list,
             inbound,
             workload: raw.workload.clone(),
+            pod_ips,
+            connect_timeout: default_connect,
             detection_timeout: duration(
                 "settings.protocolDetectionTimeout",
                 settings.protocol_detection_timeout.as_ref(),
@@ -427,8 +439,22 @@ impl Config {
         self.by_name.get(name)?.get(&port)
     }
 
-    pub fn inbound_port(&self, port: u16) -> Option<&InboundPort> {
-        self.inbound.get(&port)
+    /// The workload port `port` as declared, or undeclared (detected protocol, same
+    /// port on the app).
+    pub fn inbound_port(&self, port: u16) -> InboundPort {
+        self.inbound.get(&port).copied().unwrap_or(InboundPort {
+            port,
+            target_port: port,
+            protocol: PortProtocol::Detect,
+        })
+    }
+
+    /// Where the app behind inbound `port` is first tried.
+    pub fn app_addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(
+            IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            self.inbound_port(port).target_port,
+        )
     }
 }
 
@@ -444,6 +470,8 @@ impl Config {
             clusters: Vec::new(),
             inbound: HashMap::new(),
             workload: None,
+            pod_ips: Vec::new(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             detection_timeout: DEFAULT_DETECTION_TIMEOUT,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             header_timeout: DEFAULT_HEADER_TIMEOUT,

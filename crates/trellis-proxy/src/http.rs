@@ -9,7 +9,7 @@
 
 use std::convert::Infallible;
 use std::hash::{BuildHasher, Hasher};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::body::ProxyBody;
-use crate::config::{Config, DEFAULT_IDLE_TIMEOUT, Endpoint, InboundPort, PortProtocol};
+use crate::config::{Config, DEFAULT_IDLE_TIMEOUT, Endpoint, PortProtocol};
 use crate::pool::{Pools, UpstreamError};
 use crate::proxy::Shared;
 use crate::stats::Stats;
@@ -130,11 +130,7 @@ async fn inbound(
     port: u16,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let declared = cfg.inbound_port(port).cloned().unwrap_or(InboundPort {
-        port,
-        target_port: port,
-        protocol: PortProtocol::Detect,
-    });
+    let declared = cfg.inbound_port(port);
     let marker = req.headers_mut().remove(DOWNSTREAM_VERSION);
     let h2 = match marker.as_ref().map(HeaderValue::as_bytes) {
         _ if declared.protocol == PortProtocol::Http2 => true,
@@ -142,19 +138,14 @@ async fn inbound(
         Some(_) => false,
         None => req.version() == Version::HTTP_2,
     };
-    let fallbacks: Vec<IpAddr> = cfg
-        .workload
-        .as_ref()
-        .map(|w| w.addresses.iter().filter_map(|a| a.parse().ok()).collect())
-        .unwrap_or_default();
     let up = Upstream {
-        addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), declared.target_port),
+        addr: cfg.app_addr(port),
         h2,
         peer_version: None,
         connect_timeout: Duration::from_secs(1),
         idle_timeout: DEFAULT_IDLE_TIMEOUT,
         endpoint: None,
-        fallbacks: &fallbacks,
+        fallbacks: &cfg.pod_ips,
     };
     forward(shared, req, up).await
 }

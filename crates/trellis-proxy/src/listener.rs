@@ -170,17 +170,9 @@ async fn dispatch(
                 return;
             }
             let p = dst.port();
-            (
-                Route::Inbound(p),
-                cfg.inbound_port(p)
-                    .map_or(PortProtocol::Detect, |i| i.protocol),
-            )
+            (Route::Inbound(p), cfg.inbound_port(p).protocol)
         }
-        ListenerKind::InboundPort(p) => (
-            Route::Inbound(*p),
-            cfg.inbound_port(*p)
-                .map_or(PortProtocol::Detect, |i| i.protocol),
-        ),
+        ListenerKind::InboundPort(p) => (Route::Inbound(*p), cfg.inbound_port(*p).protocol),
     };
     let http = match declared {
         PortProtocol::Http | PortProtocol::Http2 => true,

@@ -1,7 +1,7 @@
 //! Opaque TCP: bytes copied both ways, with half-close passed through (when one side
 //! finishes sending, the other side's write half is shut down, and the rest still flows).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,18 +25,12 @@ pub async fn forward_route(
         Route::Outbound(dst) => cfg.outbound_target(*dst),
         Route::Named(host, port) => cfg.target_by_name(host, *port),
         Route::Inbound(port) => {
-            let target_port = cfg.inbound_port(*port).map_or(*port, |p| p.target_port);
-            let app = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), target_port);
-            let pod_ips: Vec<IpAddr> = cfg
-                .workload
-                .as_ref()
-                .map(|w| w.addresses.iter().filter_map(|a| a.parse().ok()).collect())
-                .unwrap_or_default();
-            let app = if pod_ips.is_empty() {
-                app
-            } else {
-                shared.app_addr(app, &pod_ips, Duration::from_secs(1)).await
-            };
+            let mut app = cfg.app_addr(*port);
+            if !cfg.pod_ips.is_empty() {
+                app = shared
+                    .app_addr(app, &cfg.pod_ips, Duration::from_secs(1))
+                    .await;
+            }
             forward(stream, app, Duration::from_secs(1), shared, None).await;
             return;
         }
