@@ -1,0 +1,8 @@
+//! Pure decision engines shared by the proxy and the CLI (`trellis explain`): no sockets,
+//! no async, no clocks. The proxy calls them on the data path, so they are compiled once
+//! per snapshot and cheap per request.
+//!
+//! - [`route`]: VirtualService HTTP routing — first-match over `http[]`, every match
+//!   condition Istio has, weighted destinations.
+
+pub mod route;
