@@ -174,63 +174,106 @@ async fn dispatch(
         }
         ListenerKind::InboundPort(p) => (Route::Inbound(*p), cfg.inbound_port(*p).protocol),
     };
-    let http = match declared {
-        PortProtocol::Http | PortProtocol::Http2 => true,
-        PortProtocol::Tcp => false,
-        PortProtocol::Detect => match sniff::detect(&stream, cfg.detection_timeout).await {
-            Ok(d) => {
-                if d.timed_out {
-                    Stats::inc(&shared.stats.detection_timeouts_total);
-                }
-                matches!(d.protocol, Detected::Http1 | Detected::Http2)
-            }
-            Err(e) => {
-                tracing::debug!("{peer}: {e}");
-                return;
-            }
-        },
-    };
-    if http {
-        serve_http(stream, peer, route, shared, &cfg, stop).await;
-    } else {
+    if declared == PortProtocol::Tcp {
         tcp::forward_route(stream, peer, &route, shared, &cfg).await;
+        return;
     }
+    // Detected ports decide between HTTP and TCP here; declared HTTP ports peek too, to
+    // pick the HTTP version's server directly.
+    let detection = match sniff::detect(&stream, cfg.detection_timeout).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::debug!("{peer}: {e}");
+            return;
+        }
+    };
+    let is_http = matches!(detection.protocol, Detected::Http1 | Detected::Http2);
+    if declared == PortProtocol::Detect && !is_http {
+        if detection.timed_out {
+            Stats::inc(&shared.stats.detection_timeouts_total);
+        }
+        tcp::forward_route(stream, peer, &route, shared, &cfg).await;
+        return;
+    }
+    let version = is_http.then_some(detection.protocol);
+    serve_http(stream, peer, version, route, shared, &cfg, stop).await;
 }
 
+/// Runs a connection until it ends, or until `stop` fires and it has finished the
+/// request in flight (graceful shutdown: HTTP/1 closes after the response, HTTP/2 sends
+/// GOAWAY).
+macro_rules! drive {
+    ($conn:expr, $stop:expr, $peer:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = $stop.changed() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
+            // Malformed requests get their 400/431 from hyper before this.
+            tracing::info!("HTTP connection from {} ended with an error: {e}", $peer);
+        }
+    }};
+}
+
+/// Serves HTTP on a connection. When the first bytes already told the version, the
+/// server for that version runs directly: its header-size limit (431) is enforced exactly,
+/// which hyper-util's auto-detecting server cannot be told to do; otherwise the auto
+/// server decides.
 async fn serve_http(
     stream: TcpStream,
     peer: SocketAddr,
+    version: Option<Detected>,
     route: Route,
     shared: &Arc<Shared>,
     cfg: &crate::config::Config,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_timeout)
-        .max_buf_size(cfg.max_header_bytes.max(8192))
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(4 << 20)
-        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX));
     let svc_shared = Arc::clone(shared);
     let service = service_fn(move |req| http::handle(Arc::clone(&svc_shared), route.clone(), req));
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = stop.changed() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    let io = TokioIo::new(stream);
+    let max_header_list = u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX);
+    match version {
+        Some(Detected::Http1) => {
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new())
+                .header_read_timeout(cfg.header_timeout)
+                .max_buf_size(cfg.max_header_bytes.max(8192))
+                .max_header_size(cfg.max_header_bytes)
+                .keep_alive(true);
+            drive!(b.serve_connection(io, service).with_upgrades(), stop, peer);
         }
-    };
-    if let Err(e) = result {
-        // Malformed requests get their 400/431 from hyper before this.
-        tracing::info!("HTTP connection from {peer} ended with an error: {e}");
+        Some(Detected::Http2) => {
+            let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            b.timer(TokioTimer::new())
+                .initial_stream_window_size(1 << 20)
+                .initial_connection_window_size(4 << 20)
+                .max_header_list_size(max_header_list);
+            drive!(b.serve_connection(io, service), stop, peer);
+        }
+        _ => {
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(cfg.header_timeout)
+                .max_buf_size(cfg.max_header_bytes.max(8192))
+                .keep_alive(true);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .initial_stream_window_size(1 << 20)
+                .initial_connection_window_size(4 << 20)
+                .max_header_list_size(max_header_list);
+            drive!(
+                builder.serve_connection_with_upgrades(io, service),
+                stop,
+                peer
+            );
+        }
     }
 }
