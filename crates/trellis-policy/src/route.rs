@@ -133,7 +133,8 @@ pub struct Match {
 }
 
 impl Match {
-    fn compile(m: &HttpMatchRequest, path: &str) -> Result<Match, RouteError> {
+    /// Compiles one Istio `HTTPMatchRequest`; `path` prefixes error paths.
+    pub fn compile(m: &HttpMatchRequest, path: &str) -> Result<Match, RouteError> {
         let ignore = m.ignore_uri_case.unwrap_or(false);
         let one = |sm: &Option<StringMatch>, field: &str, fold: bool| {
             sm.as_ref()
@@ -270,6 +271,24 @@ pub struct Route<D> {
 }
 
 impl<D> Route<D> {
+    /// A rule from compiled matches and weighted destinations. A lone destination without
+    /// a weight gets all the traffic; otherwise weights are relative.
+    pub fn new(
+        name: String,
+        index: usize,
+        matches: Vec<Match>,
+        destinations: Vec<Weighted<D>>,
+    ) -> Route<D> {
+        let total_weight = destinations.iter().map(|w| w.weight).sum();
+        Route {
+            name,
+            index,
+            matches,
+            destinations,
+            total_weight,
+        }
+    }
+
     /// The destination for a roll in `0..u32::MAX` (callers pass a random number).
     pub fn pick(&self, roll: u32) -> Option<&D> {
         if self.total_weight == 0 {
@@ -309,6 +328,11 @@ pub struct Matched<'a, D> {
 }
 
 impl<D> RouteTable<D> {
+    /// A table of rules, tried in order.
+    pub fn new(routes: Vec<Route<D>>) -> RouteTable<D> {
+        RouteTable { routes }
+    }
+
     /// Compiles HTTP rules; `destination` turns each route destination (the API's type) into
     /// whatever the caller routes to (a cluster, say), failing with a reason.
     pub fn compile<F>(http: &[HttpRoute], mut destination: F) -> Result<RouteTable<D>, RouteError>
@@ -339,14 +363,12 @@ impl<D> RouteTable<D> {
                     destination: destination(&d.destination, &format!("{dpath}.destination"))?,
                 });
             }
-            let total_weight = destinations.iter().map(|w| w.weight).sum();
-            routes.push(Route {
-                name: r.name.clone().unwrap_or_else(|| format!("#{i}")),
-                index: i,
+            routes.push(Route::new(
+                r.name.clone().unwrap_or_else(|| format!("#{i}")),
+                i,
                 matches,
                 destinations,
-                total_weight,
-            });
+            ));
         }
         Ok(RouteTable { routes })
     }

@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use trellis_api::common::Protocol;
+use trellis_api::networking::HttpMatchRequest;
+use trellis_policy::route::{Match, Route, RouteTable, Weighted};
 use trellis_xds::snapshot::{self as wire, OutboundPolicy};
 
 /// Default time to wait for a client's first bytes.
@@ -127,7 +129,19 @@ pub struct Target {
     pub hostname: String,
     pub port: u16,
     pub protocol: PortProtocol,
+    /// Where traffic goes when there are no HTTP routes, and TCP traffic always.
     pub cluster: Arc<Cluster>,
+    /// HTTP routing rules (a VirtualService's `http[]`), when the port has any.
+    pub routes: Option<RouteTable<RouteDest>>,
+}
+
+/// Where a route sends traffic: a cluster, or a name the snapshot does not define (the
+/// request then gets 503 NR and a log line naming the route, as a route to a missing
+/// subset does in Istio).
+#[derive(Debug)]
+pub struct RouteDest {
+    pub name: String,
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -155,6 +169,10 @@ pub struct Config {
     pub workload: Option<wire::Workload>,
     /// The pod's addresses, where an app that does not listen on 127.0.0.1 is looked for.
     pub pod_ips: Vec<IpAddr>,
+    /// This workload's labels and namespace: the source of its outbound requests, for
+    /// routes that match on sourceLabels and sourceNamespace.
+    pub own_labels: std::collections::BTreeMap<String, String>,
+    pub own_namespace: String,
     /// Default upstream connect timeout (settings.connectTimeout).
     pub connect_timeout: Duration,
     pub detection_timeout: Duration,
@@ -178,6 +196,75 @@ fn bad(resource: impl Into<String>, reason: impl Into<String>) -> ConfigError {
         resource: resource.into(),
         reason: reason.into(),
     }
+}
+
+/// Compiles a port's HTTP routes; a bad match (say, an invalid regex) refuses the
+/// snapshot, a route to an undefined cluster does not (it answers 503 NR).
+fn compile_routes(
+    resource: &str,
+    port: u16,
+    routes: &[wire::HttpRoute],
+    clusters: &HashMap<&str, Arc<Cluster>>,
+) -> Result<RouteTable<RouteDest>, ConfigError> {
+    let sm = |m: &wire::StringMatch| trellis_api::common::StringMatch {
+        exact: m.exact.clone(),
+        prefix: m.prefix.clone(),
+        regex: m.regex.clone(),
+    };
+    let map = |m: &std::collections::BTreeMap<String, wire::StringMatch>| {
+        m.iter().map(|(k, v)| (k.clone(), sm(v))).collect()
+    };
+    let mut compiled = Vec::with_capacity(routes.len());
+    for (i, r) in routes.iter().enumerate() {
+        let path = format!("port {port} httpRoutes[{i}]");
+        let mut matches = Vec::with_capacity(r.matches.len());
+        for (j, m) in r.matches.iter().enumerate() {
+            let api = HttpMatchRequest {
+                name: m.name.clone(),
+                uri: m.uri.as_ref().map(sm),
+                scheme: m.scheme.as_ref().map(sm),
+                method: m.method.as_ref().map(sm),
+                authority: m.authority.as_ref().map(sm),
+                headers: map(&m.headers),
+                without_headers: map(&m.without_headers),
+                query_params: map(&m.query_params),
+                port: m.port,
+                source_labels: m.source_labels.clone(),
+                source_namespace: m.source_namespace.clone(),
+                ignore_uri_case: Some(m.ignore_uri_case),
+                ..HttpMatchRequest::default()
+            };
+            matches.push(
+                Match::compile(&api, &format!("{path}.match[{j}]"))
+                    .map_err(|e| bad(resource, e.to_string()))?,
+            );
+        }
+        if r.clusters.is_empty() {
+            return Err(bad(
+                resource,
+                format!("{path}: a route needs at least one cluster"),
+            ));
+        }
+        let lone = r.clusters.len() == 1;
+        let destinations = r
+            .clusters
+            .iter()
+            .map(|w| Weighted {
+                weight: if lone && w.weight == 0 { 1 } else { w.weight },
+                destination: RouteDest {
+                    name: w.cluster.clone(),
+                    cluster: clusters.get(w.cluster.as_str()).cloned(),
+                },
+            })
+            .collect();
+        let name = if r.name.is_empty() {
+            format!("#{i}")
+        } else {
+            r.name.clone()
+        };
+        compiled.push(Route::new(name, i, matches, destinations));
+    }
+    Ok(RouteTable::new(compiled))
 }
 
 /// A wire duration, or the default when absent; negative or malformed ones are refused.
@@ -316,7 +403,13 @@ impl Config {
                         format!("port {port}: cluster {:?} is not defined", p.cluster),
                     )
                 })?;
+                let routes = if p.http_routes.is_empty() {
+                    None
+                } else {
+                    Some(compile_routes(&res, port, &p.http_routes, &clusters)?)
+                };
                 let target = Arc::new(Target {
+                    routes,
                     hostname: s.hostname.clone(),
                     port,
                     protocol: PortProtocol::declared(
@@ -412,6 +505,17 @@ impl Config {
             inbound,
             workload: raw.workload.clone(),
             pod_ips,
+            own_labels: raw
+                .workload
+                .as_ref()
+                .map(|w| w.labels.clone())
+                .unwrap_or_default(),
+            own_namespace: raw
+                .workload
+                .as_ref()
+                .map(|w| w.namespace.clone())
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| "default".to_string()),
             connect_timeout: default_connect,
             detection_timeout: duration(
                 "settings.protocolDetectionTimeout",
@@ -471,6 +575,8 @@ impl Config {
             inbound: HashMap::new(),
             workload: None,
             pod_ips: Vec::new(),
+            own_labels: std::collections::BTreeMap::new(),
+            own_namespace: "default".to_string(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             detection_timeout: DEFAULT_DETECTION_TIMEOUT,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,

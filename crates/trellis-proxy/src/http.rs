@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::body::ProxyBody;
-use crate::config::{Config, DEFAULT_IDLE_TIMEOUT, Endpoint, PortProtocol};
+use crate::config::{Config, DEFAULT_IDLE_TIMEOUT, Endpoint, PortProtocol, RouteDest};
 use crate::pool::{Pools, UpstreamError};
 use crate::proxy::Shared;
 use crate::stats::Stats;
@@ -71,7 +71,7 @@ pub async fn handle(
     let resp = match &route {
         Route::Inbound(port) => inbound(&shared, &cfg, *port, req).await,
         Route::Outbound(dst) => match cfg.outbound_target(*dst) {
-            Some(t) => outbound(&shared, t, req).await,
+            Some(t) => outbound(&shared, &cfg, t, req).await,
             None => local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "NR",
@@ -79,7 +79,7 @@ pub async fn handle(
             ),
         },
         Route::Named(host, port) => match cfg.target_by_name(host, *port) {
-            Some(t) => outbound(&shared, t, req).await,
+            Some(t) => outbound(&shared, &cfg, t, req).await,
             None => local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "NR",
@@ -95,11 +95,59 @@ pub async fn handle(
 
 async fn outbound(
     shared: &Shared,
+    cfg: &Config,
     target: &crate::config::Target,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let Some(ep) = target.cluster.pick() else {
-        tracing::warn!(cluster = %target.cluster.name, "no endpoint for {}:{} (UH)", target.hostname, target.port);
+    let cluster = match &target.routes {
+        None => &target.cluster,
+        Some(table) => {
+            let view = trellis_policy::route::HttpRequestView {
+                req: &req,
+                port: Some(target.port),
+                source_labels: &cfg.own_labels,
+                source_namespace: &cfg.own_namespace,
+                gateway: "mesh",
+            };
+            let Some(m) = table.first_match(&view) else {
+                return local_reply(
+                    StatusCode::NOT_FOUND,
+                    "NR",
+                    format!(
+                        "no route for {}:{}{}",
+                        target.hostname,
+                        target.port,
+                        req.uri().path()
+                    ),
+                );
+            };
+            match m.route.pick(random_u64() as u32) {
+                Some(RouteDest {
+                    cluster: Some(c), ..
+                }) => c,
+                Some(RouteDest {
+                    name,
+                    cluster: None,
+                }) => {
+                    tracing::warn!(flags = "NR", route = %m.route.name, "route {:?} of {}:{} sends to cluster {name:?}, which is not defined", m.route.name, target.hostname, target.port);
+                    return local_reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "NR",
+                        format!("route {:?} has no cluster {name:?}", m.route.name),
+                    );
+                }
+                None => {
+                    return local_reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "NR",
+                        format!("route {:?} has no destination", m.route.name),
+                    );
+                }
+            }
+        }
+    };
+    let Some(ep) = cluster.pick() else {
+        tracing::warn!(cluster = %cluster.name, "no endpoint for {}:{} (UH)", target.hostname, target.port);
         return local_reply(
             StatusCode::SERVICE_UNAVAILABLE,
             "UH",
@@ -116,8 +164,8 @@ async fn outbound(
         peer_version: ep
             .proxied
             .then_some(if downstream_h2 { "2" } else { "1.1" }),
-        connect_timeout: target.cluster.connect_timeout,
-        idle_timeout: target.cluster.idle_timeout,
+        connect_timeout: cluster.connect_timeout,
+        idle_timeout: cluster.idle_timeout,
         endpoint: Some(ep),
         fallbacks: &[],
     };
@@ -194,9 +242,9 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-/// A random request id in UUID v4 form (a per-thread xorshift generator seeded from the
-/// OS-keyed hasher: unique enough for tracing, cheap enough for every request).
-fn request_id() -> HeaderValue {
+/// A fast per-thread random number (xorshift128+, seeded from the OS-keyed hasher): for
+/// weighted picks and request ids, not for secrets.
+pub fn random_u64() -> u64 {
     thread_local! {
         static STATE: std::cell::Cell<(u64, u64)> = std::cell::Cell::new({
             let a = std::collections::hash_map::RandomState::new().build_hasher().finish();
@@ -205,17 +253,19 @@ fn request_id() -> HeaderValue {
             (a | 1, h.finish() | 1)
         });
     }
-    let (a, b) = STATE.with(|s| {
+    STATE.with(|s| {
         let (mut x, y) = s.get();
-        // xorshift128+
         x ^= x << 23;
         let next = (y, x ^ y ^ (x >> 17) ^ (y >> 26));
         s.set(next);
-        let r1 = next.1.wrapping_add(y);
-        let mut z = r1 ^ 0x9e37_79b9_7f4a_7c15;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        (r1, z ^ (z >> 31))
-    });
+        next.1.wrapping_add(y)
+    })
+}
+
+/// A random request id in UUID v4 form.
+fn request_id() -> HeaderValue {
+    let a = random_u64();
+    let b = random_u64();
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = [b'-'; 36];
     let mut nibbles = (0..16)

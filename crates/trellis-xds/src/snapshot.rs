@@ -213,10 +213,97 @@ pub struct ServicePort {
     #[prost(string, optional, tag = "4")]
     #[serde(default)]
     pub app_protocol: Option<String>,
-    /// The cluster traffic to this port goes to (routing rules arrive with the traffic
-    /// management work).
+    /// Where traffic goes when the port has no HTTP routes (and TCP traffic always).
     #[prost(string, tag = "5")]
     pub cluster: String,
+    /// HTTP routing rules, tried in order (a VirtualService's `http[]` after translation).
+    #[prost(message, repeated, tag = "6")]
+    #[serde(default)]
+    pub http_routes: Vec<HttpRoute>,
+}
+
+/// One HTTP routing rule.
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRoute {
+    /// Reported in logs; Istio's `name`, else `#<index>`.
+    #[prost(string, tag = "1")]
+    #[serde(default)]
+    pub name: String,
+    /// Alternatives: the rule applies when any entry matches (or when there is none).
+    #[prost(message, repeated, tag = "2")]
+    #[serde(default, rename = "match")]
+    pub matches: Vec<HttpMatch>,
+    #[prost(message, repeated, tag = "3")]
+    pub clusters: Vec<WeightedCluster>,
+}
+
+/// Conditions that must all hold (Istio's `HTTPMatchRequest`).
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpMatch {
+    #[prost(string, optional, tag = "1")]
+    #[serde(default)]
+    pub name: Option<String>,
+    #[prost(message, optional, tag = "2")]
+    #[serde(default)]
+    pub uri: Option<StringMatch>,
+    #[prost(message, optional, tag = "3")]
+    #[serde(default)]
+    pub scheme: Option<StringMatch>,
+    #[prost(message, optional, tag = "4")]
+    #[serde(default)]
+    pub method: Option<StringMatch>,
+    #[prost(message, optional, tag = "5")]
+    #[serde(default)]
+    pub authority: Option<StringMatch>,
+    #[prost(btree_map = "string, message", tag = "6")]
+    #[serde(default)]
+    pub headers: BTreeMap<String, StringMatch>,
+    #[prost(btree_map = "string, message", tag = "7")]
+    #[serde(default)]
+    pub without_headers: BTreeMap<String, StringMatch>,
+    #[prost(btree_map = "string, message", tag = "8")]
+    #[serde(default)]
+    pub query_params: BTreeMap<String, StringMatch>,
+    #[prost(uint32, optional, tag = "9")]
+    #[serde(default)]
+    pub port: Option<u32>,
+    #[prost(btree_map = "string, string", tag = "10")]
+    #[serde(default)]
+    pub source_labels: BTreeMap<String, String>,
+    #[prost(string, optional, tag = "11")]
+    #[serde(default)]
+    pub source_namespace: Option<String>,
+    #[prost(bool, tag = "12")]
+    #[serde(default)]
+    pub ignore_uri_case: bool,
+}
+
+/// Exactly one of exact, prefix or regex; none means "present" (headers).
+#[derive(Clone, PartialEq, Eq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StringMatch {
+    #[prost(string, optional, tag = "1")]
+    #[serde(default)]
+    pub exact: Option<String>,
+    #[prost(string, optional, tag = "2")]
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[prost(string, optional, tag = "3")]
+    #[serde(default)]
+    pub regex: Option<String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WeightedCluster {
+    #[prost(string, tag = "1")]
+    pub cluster: String,
+    /// Relative weight; a single cluster may leave it 0.
+    #[prost(uint32, tag = "2")]
+    #[serde(default)]
+    pub weight: u32,
 }
 
 /// A set of endpoints traffic can be balanced over: service + subset + port.

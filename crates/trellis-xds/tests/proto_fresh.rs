@@ -20,6 +20,15 @@ fn d(ms: u64) -> Option<prost_types::Duration> {
     Some(from_std(std::time::Duration::from_millis(ms)))
 }
 
+/// A string match with every field set (valid or not does not matter for the wire).
+fn sm() -> StringMatch {
+    StringMatch {
+        exact: Some("e".into()),
+        prefix: Some("p".into()),
+        regex: Some("r".into()),
+    }
+}
+
 fn full() -> Snapshot {
     let labels = BTreeMap::from([("app".to_string(), "x".to_string())]);
     Snapshot {
@@ -48,6 +57,27 @@ fn full() -> Snapshot {
                 protocol: Some(Protocol::Grpc as i32),
                 app_protocol: Some("grpc".into()),
                 cluster: "c".into(),
+                http_routes: vec![HttpRoute {
+                    name: "r".into(),
+                    matches: vec![HttpMatch {
+                        name: Some("m".into()),
+                        uri: Some(sm()),
+                        scheme: Some(sm()),
+                        method: Some(sm()),
+                        authority: Some(sm()),
+                        headers: BTreeMap::from([("h".to_string(), sm())]),
+                        without_headers: BTreeMap::from([("w".to_string(), sm())]),
+                        query_params: BTreeMap::from([("q".to_string(), sm())]),
+                        port: Some(80),
+                        source_labels: BTreeMap::from([("app".to_string(), "x".to_string())]),
+                        source_namespace: Some("ns".into()),
+                        ignore_uri_case: true,
+                    }],
+                    clusters: vec![WeightedCluster {
+                        cluster: "c".into(),
+                        weight: 100,
+                    }],
+                }],
             }],
         }],
         clusters: vec![Cluster {
@@ -94,6 +124,13 @@ fn check(msg: &DynamicMessage, path: &str, problems: &mut Vec<String>) {
                 for (i, v) in items.iter().enumerate() {
                     if let Value::Message(m) = v {
                         check(m, &format!("{p}[{i}]"), problems);
+                    }
+                }
+            }
+            Value::Map(entries) => {
+                for (k, v) in entries {
+                    if let Value::Message(m) = v {
+                        check(m, &format!("{p}[{k:?}]"), problems);
                     }
                 }
             }

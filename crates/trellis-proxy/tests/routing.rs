@@ -1,0 +1,143 @@
+//! HTTP routes in the snapshot, through the proxy with real sockets: header-based routing
+//! and a weighted split (Bookinfo's reviews rules), no-match, and a route to a cluster the
+//! snapshot lacks.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::time::timeout;
+use trellis_proxy::{Config, ProxyHandle, ProxyOptions};
+use trellis_testkit::{HttpServer, http_client};
+use trellis_xds::snapshot::Snapshot;
+
+fn config(yaml: &str) -> Result<Config, String> {
+    let raw = Snapshot::from_text(yaml, "routes.yaml").map_err(|e| e.to_string())?;
+    Config::from_wire(raw, None).map_err(|e| e.to_string())
+}
+
+async fn proxy(v1: SocketAddr, v2: SocketAddr, v3: SocketAddr) -> ProxyHandle {
+    let yaml = format!(
+        r#"version: routes-1
+services:
+- hostname: reviews.default.svc.cluster.local
+  ports:
+  - port: 9080
+    name: http
+    cluster: v1
+    httpRoutes:
+    - name: jason
+      match: [{{headers: {{end-user: {{exact: jason}}}}}}]
+      clusters: [{{cluster: v2}}]
+    - name: api-only
+      match: [{{uri: {{prefix: /reviews}}}}, {{uri: {{exact: /health}}}}]
+      clusters: [{{cluster: v1, weight: 50}}, {{cluster: v3, weight: 50}}]
+    - name: to-nowhere
+      match: [{{uri: {{prefix: /gone}}}}]
+      clusters: [{{cluster: v4}}]
+clusters:
+- {{name: v1, endpoints: [{{address: "{v1}"}}]}}
+- {{name: v2, endpoints: [{{address: "{v2}"}}]}}
+- {{name: v3, endpoints: [{{address: "{v3}"}}]}}
+"#
+    );
+    trellis_proxy::start(
+        config(&yaml).expect("snapshot"),
+        ProxyOptions {
+            outbound_listen: vec![(
+                "127.0.0.1:0".parse().expect("addr"),
+                "reviews".to_string(),
+                9080,
+            )],
+            ..ProxyOptions::default()
+        },
+    )
+    .await
+    .expect("proxy")
+}
+
+#[tokio::test]
+async fn jason_goes_to_v2_and_the_rest_split_50_50() {
+    let (v1, v2, v3) = (
+        HttpServer::start().await.expect("v1"),
+        HttpServer::start().await.expect("v2"),
+        HttpServer::start().await.expect("v3"),
+    );
+    let p = proxy(v1.addr, v2.addr, v3.addr).await;
+    let mut c = http_client::HttpClient::http1(p.outbound_addrs[0])
+        .await
+        .expect("connect");
+    for _ in 0..20 {
+        let req = c
+            .request(http::Method::GET, "reviews", "/reviews/1")
+            .header("end-user", "jason")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("request");
+        let r = timeout(Duration::from_secs(10), c.send(req))
+            .await
+            .expect("in time")
+            .expect("response");
+        assert_eq!(
+            r.status, 404,
+            "fixture says 404 for /reviews/1: the request arrived"
+        );
+    }
+    assert_eq!(v2.stats().requests(), 20);
+    // Bounded: 2,000 requests on one keep-alive connection.
+    for i in 0..2000 {
+        let r = timeout(Duration::from_secs(10), c.get("reviews", "/reviews/2"))
+            .await
+            .expect("in time")
+            .expect("response");
+        assert_eq!(r.status, 404, "request {i}");
+    }
+    let (n1, n3) = (v1.stats().requests(), v3.stats().requests());
+    assert_eq!(n1 + n3, 2000);
+    assert!(
+        (900..=1100).contains(&n1),
+        "v1 got {n1}, v3 got {n3}: not within 45-55 %"
+    );
+    assert_eq!(v2.stats().requests(), 20, "only jason reached v2");
+}
+
+#[tokio::test]
+async fn no_matching_route_is_404_nr_and_a_missing_cluster_is_503_nr() {
+    let (v1, v2, v3) = (
+        HttpServer::start().await.expect("v1"),
+        HttpServer::start().await.expect("v2"),
+        HttpServer::start().await.expect("v3"),
+    );
+    let p = proxy(v1.addr, v2.addr, v3.addr).await;
+    let r = http_client::get(p.outbound_addrs[0], "reviews", "/other")
+        .await
+        .expect("response");
+    assert_eq!(r.status, 404);
+    assert_eq!(r.header("x-trellis-response-flags"), Some("NR"));
+    let r = http_client::get(p.outbound_addrs[0], "reviews", "/gone/1")
+        .await
+        .expect("response");
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("x-trellis-response-flags"), Some("NR"));
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("route \"to-nowhere\" has no cluster \"v4\"")
+    );
+    let r = http_client::get(p.outbound_addrs[0], "reviews", "/health")
+        .await
+        .expect("response");
+    assert_eq!(
+        r.status, 404,
+        "the fixture answered: matched the second entry of api-only"
+    );
+    assert_eq!(v1.stats().requests() + v3.stats().requests(), 1);
+}
+
+#[test]
+fn a_bad_route_regex_refuses_the_snapshot() {
+    let e = config(
+        "services:\n- hostname: a.default.svc.cluster.local\n  ports:\n  - port: 80\n    cluster: c\n    httpRoutes: [{name: r, match: [{uri: {regex: \"(\"}}], clusters: [{cluster: c}]}]\nclusters: [{name: c}]\n",
+    )
+    .expect_err("bad regex");
+    assert!(
+        e.starts_with("services[0] \"a.default.svc.cluster.local\": port 80 httpRoutes[0].match[0].uri.regex: invalid regex \"(\""),
+        "{e}"
+    );
+}
