@@ -133,6 +133,128 @@ pub struct Target {
     pub cluster: Arc<Cluster>,
     /// HTTP routing rules (a VirtualService's `http[]`), when the port has any.
     pub routes: Option<RouteTable<RouteDest>>,
+    /// Per rule (by index): timeout and faults.
+    pub route_policies: Vec<RoutePolicy>,
+}
+
+/// What a route does besides choosing a cluster.
+#[derive(Debug, Clone, Default)]
+pub struct RoutePolicy {
+    /// Bounds the whole request, injected delay included.
+    pub timeout: Option<Duration>,
+    /// Delay and the share of requests (0..100) it applies to.
+    pub delay: Option<(Duration, f64)>,
+    pub abort: Option<Abort>,
+}
+
+/// An injected failure.
+#[derive(Debug, Clone, Copy)]
+pub struct Abort {
+    pub kind: AbortKind,
+    /// Share of requests (0..100).
+    pub percentage: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbortKind {
+    Http(u16),
+    /// A gRPC status code: answered as a trailers-only gRPC response.
+    Grpc(u8),
+}
+
+const GRPC_CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+fn route_policy(
+    resource: &str,
+    path: &str,
+    r: &wire::HttpRoute,
+) -> Result<RoutePolicy, ConfigError> {
+    let pct = |field: &str, p: Option<f64>| match p {
+        None => Ok(100.0),
+        Some(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        Some(p) => Err(bad(
+            resource,
+            format!("{path}.{field}: percentage {p} must be in 0..100"),
+        )),
+    };
+    let timeout = r
+        .timeout
+        .as_ref()
+        .map(|d| duration(resource, Some(d), Duration::ZERO))
+        .transpose()?;
+    let mut policy = RoutePolicy {
+        timeout,
+        ..RoutePolicy::default()
+    };
+    if let Some(f) = &r.fault {
+        if let Some(d) = &f.delay {
+            let Some(fixed) = &d.fixed_delay else {
+                return Err(bad(
+                    resource,
+                    format!("{path}.fault.delay: fixedDelay is required"),
+                ));
+            };
+            let fixed = duration(resource, Some(fixed), Duration::ZERO)?;
+            policy.delay = Some((fixed, pct("fault.delay.percentage", d.percentage)?));
+        }
+        if let Some(a) = &f.abort {
+            let kind = match (a.http_status, &a.grpc_status) {
+                (Some(s), None) if (200..=599).contains(&s) => AbortKind::Http(s as u16),
+                (Some(s), None) => {
+                    return Err(bad(
+                        resource,
+                        format!("{path}.fault.abort.httpStatus: {s} must be in 200..599"),
+                    ));
+                }
+                (None, Some(g)) => {
+                    let code = GRPC_CODES
+                        .iter()
+                        .position(|c| c.eq_ignore_ascii_case(g))
+                        .or_else(|| g.parse::<usize>().ok().filter(|n| *n < GRPC_CODES.len()));
+                    match code {
+                        Some(c) => AbortKind::Grpc(c as u8),
+                        None => {
+                            return Err(bad(
+                                resource,
+                                format!(
+                                    "{path}.fault.abort.grpcStatus: {g:?} is not a gRPC status"
+                                ),
+                            ));
+                        }
+                    }
+                }
+                _ => {
+                    return Err(bad(
+                        resource,
+                        format!("{path}.fault.abort: exactly one of httpStatus or grpcStatus"),
+                    ));
+                }
+            };
+            policy.abort = Some(Abort {
+                kind,
+                percentage: pct("fault.abort.percentage", a.percentage)?,
+            });
+        }
+    }
+    Ok(policy)
 }
 
 /// Where a route sends traffic: a cluster, or a name the snapshot does not define (the
@@ -408,8 +530,15 @@ impl Config {
                 } else {
                     Some(compile_routes(&res, port, &p.http_routes, &clusters)?)
                 };
+                let route_policies = p
+                    .http_routes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| route_policy(&res, &format!("port {port} httpRoutes[{i}]"), r))
+                    .collect::<Result<Vec<_>, _>>()?;
                 let target = Arc::new(Target {
                     routes,
+                    route_policies,
                     hostname: s.hostname.clone(),
                     port,
                     protocol: PortProtocol::declared(

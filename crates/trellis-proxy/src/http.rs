@@ -99,8 +99,8 @@ async fn outbound(
     target: &crate::config::Target,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let cluster = match &target.routes {
-        None => &target.cluster,
+    let (cluster, policy) = match &target.routes {
+        None => (&target.cluster, None),
         Some(table) => {
             let view = trellis_policy::route::HttpRequestView {
                 req: &req,
@@ -121,10 +121,11 @@ async fn outbound(
                     ),
                 );
             };
+            let policy = target.route_policies.get(m.route.index);
             match m.route.pick(random_u64() as u32) {
                 Some(RouteDest {
                     cluster: Some(c), ..
-                }) => c,
+                }) => (c, policy),
                 Some(RouteDest {
                     name,
                     cluster: None,
@@ -146,6 +147,79 @@ async fn outbound(
             }
         }
     };
+    match policy {
+        None => to_cluster(shared, target, cluster, req).await,
+        Some(p) => {
+            let work = with_faults(shared, target, cluster, p, req);
+            match p.timeout {
+                None => work.await,
+                Some(t) => match tokio::time::timeout(t, work).await {
+                    Ok(r) => r,
+                    Err(_) => local_reply(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "UT",
+                        "upstream request timeout".to_string(),
+                    ),
+                },
+            }
+        }
+    }
+}
+
+/// True for `percentage` percent of calls.
+fn roll(percentage: f64) -> bool {
+    percentage >= 100.0 || (random_u64() % 1_000_000) as f64 / 10_000.0 < percentage
+}
+
+/// Injected delay and abort (flags DI, FI), then the request itself.
+async fn with_faults(
+    shared: &Shared,
+    target: &crate::config::Target,
+    cluster: &Arc<crate::config::Cluster>,
+    policy: &crate::config::RoutePolicy,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    if let Some((delay, pct)) = policy.delay {
+        if roll(pct) {
+            tokio::time::sleep(delay).await;
+        }
+    }
+    if let Some(abort) = policy.abort {
+        if roll(abort.percentage) {
+            return match abort.kind {
+                crate::config::AbortKind::Http(code) => local_reply(
+                    StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                    "FI",
+                    "fault filter abort".to_string(),
+                ),
+                crate::config::AbortKind::Grpc(code) => {
+                    let mut r = local_reply(StatusCode::OK, "FI", String::new());
+                    let h = r.headers_mut();
+                    h.insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/grpc"),
+                    );
+                    h.insert("grpc-status", HeaderValue::from(u16::from(code)));
+                    h.insert(
+                        "grpc-message",
+                        HeaderValue::from_static("fault filter abort"),
+                    );
+                    *r.body_mut() = ProxyBody::empty();
+                    r
+                }
+            };
+        }
+    }
+    to_cluster(shared, target, cluster, req).await
+}
+
+/// Sends the request to an endpoint of `cluster`.
+async fn to_cluster(
+    shared: &Shared,
+    target: &crate::config::Target,
+    cluster: &Arc<crate::config::Cluster>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
     let Some(ep) = cluster.pick() else {
         tracing::warn!(cluster = %cluster.name, "no endpoint for {}:{} (UH)", target.hostname, target.port);
         return local_reply(

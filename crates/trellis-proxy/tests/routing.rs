@@ -141,3 +141,143 @@ fn a_bad_route_regex_refuses_the_snapshot() {
         "{e}"
     );
 }
+
+/// A proxy for `app:80` whose one route has the given extra YAML (timeout, fault).
+async fn faulty(app: SocketAddr, extra: &str) -> ProxyHandle {
+    let yaml = format!(
+        "services:
+- hostname: app.default.svc.cluster.local
+  ports:
+  - port: 80
+    name: http
+    cluster: app
+    httpRoutes:
+    - name: faulty
+      clusters: [{{cluster: app}}]
+{extra}
+clusters:
+- {{name: app, endpoints: [{{address: \"{app}\"}}]}}
+"
+    );
+    trellis_proxy::start(
+        config(&yaml).expect("snapshot"),
+        ProxyOptions {
+            outbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), "app".to_string(), 80)],
+            ..ProxyOptions::default()
+        },
+    )
+    .await
+    .expect("proxy")
+}
+
+#[tokio::test]
+async fn a_2s_delay_under_a_1s_timeout_is_a_504_after_about_1s() {
+    let app = HttpServer::start().await.expect("app");
+    let p = faulty(
+        app.addr,
+        "      timeout: 1s\n      fault: {delay: {fixedDelay: 2s, percentage: 100}}",
+    )
+    .await;
+    let start = std::time::Instant::now();
+    let r = timeout(
+        Duration::from_secs(10),
+        http_client::get(p.outbound_addrs[0], "app", "/echo"),
+    )
+    .await
+    .expect("in time")
+    .expect("response");
+    let took = start.elapsed();
+    assert_eq!(r.status, 504);
+    assert_eq!(r.header("x-trellis-response-flags"), Some("UT"));
+    assert!(
+        took >= Duration::from_millis(950) && took < Duration::from_millis(1800),
+        "{took:?}"
+    );
+    assert_eq!(app.stats().requests(), 0);
+}
+
+#[tokio::test]
+async fn a_short_delay_slows_the_request_and_it_still_succeeds() {
+    let app = HttpServer::start().await.expect("app");
+    let p = faulty(app.addr, "      fault: {delay: {fixedDelay: 200ms}}").await;
+    let start = std::time::Instant::now();
+    let r = http_client::get(p.outbound_addrs[0], "app", "/echo")
+        .await
+        .expect("response");
+    assert_eq!(r.status, 200);
+    assert!(start.elapsed() >= Duration::from_millis(200));
+}
+
+#[tokio::test]
+async fn aborts_at_a_percentage() {
+    let app = HttpServer::start().await.expect("app");
+    let p = faulty(
+        app.addr,
+        "      fault: {abort: {httpStatus: 418, percentage: 50}}",
+    )
+    .await;
+    let mut c = http_client::HttpClient::http1(p.outbound_addrs[0])
+        .await
+        .expect("connect");
+    let mut aborted = 0;
+    // Bounded: 1,000 requests.
+    for _ in 0..1000 {
+        let r = c.get("app", "/echo").await.expect("response");
+        if r.status == 418 {
+            assert_eq!(r.header("x-trellis-response-flags"), Some("FI"));
+            aborted += 1;
+        } else {
+            assert_eq!(r.status, 200);
+        }
+    }
+    assert!((400..=600).contains(&aborted), "{aborted} of 1000 aborted");
+    assert_eq!(app.stats().requests(), 1000 - aborted);
+}
+
+#[tokio::test]
+async fn grpc_aborts_answer_with_a_grpc_status() {
+    let app = trellis_testkit::GrpcServer::start()
+        .await
+        .expect("grpc app");
+    let p = faulty(app.addr, "      fault: {abort: {grpcStatus: UNAVAILABLE}}").await;
+    let r = trellis_testkit::grpc_call_with_authority(
+        p.outbound_addrs[0],
+        "app",
+        "/test.Echo/Unary",
+        vec![bytes::Bytes::from_static(b"x")],
+    )
+    .await
+    .expect("call");
+    assert_eq!(r.grpc_status.as_deref(), Some("14"));
+    assert_eq!(r.grpc_message.as_deref(), Some("fault filter abort"));
+}
+
+#[test]
+fn bad_faults_refuse_the_snapshot() {
+    let base = "services:\n- hostname: a.default.svc.cluster.local\n  ports:\n  - port: 80\n    cluster: c\n    httpRoutes: [{name: r, clusters: [{cluster: c}], fault: FAULT}]\nclusters: [{name: c}]\n";
+    for (fault, want) in [
+        (
+            "{abort: {httpStatus: 99}}",
+            "fault.abort.httpStatus: 99 must be in 200..599",
+        ),
+        (
+            "{abort: {grpcStatus: NOPE}}",
+            "fault.abort.grpcStatus: \"NOPE\" is not a gRPC status",
+        ),
+        (
+            "{abort: {percentage: 5}}",
+            "fault.abort: exactly one of httpStatus or grpcStatus",
+        ),
+        (
+            "{delay: {percentage: 5}}",
+            "fault.delay: fixedDelay is required",
+        ),
+        (
+            "{delay: {fixedDelay: 1s, percentage: 150}}",
+            "fault.delay.percentage: percentage 150 must be in 0..100",
+        ),
+    ] {
+        let e = config(&base.replace("FAULT", fault)).expect_err(fault);
+        assert!(e.ends_with(want), "{fault}: {e}");
+    }
+}

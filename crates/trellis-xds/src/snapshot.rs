@@ -236,6 +236,54 @@ pub struct HttpRoute {
     pub matches: Vec<HttpMatch>,
     #[prost(message, repeated, tag = "3")]
     pub clusters: Vec<WeightedCluster>,
+    /// Bounds the whole request, injected delay included; on expiry: 504 (UT).
+    #[prost(message, optional, tag = "4")]
+    #[serde(default, with = "duration_opt")]
+    pub timeout: Option<prost_types::Duration>,
+    #[prost(message, optional, tag = "5")]
+    #[serde(default)]
+    pub fault: Option<Fault>,
+}
+
+/// Faults injected on purpose (Istio's `HTTPFaultInjection`).
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Fault {
+    #[prost(message, optional, tag = "1")]
+    #[serde(default)]
+    pub delay: Option<FaultDelay>,
+    #[prost(message, optional, tag = "2")]
+    #[serde(default)]
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultDelay {
+    #[prost(message, optional, tag = "1")]
+    #[serde(default, with = "duration_opt")]
+    pub fixed_delay: Option<prost_types::Duration>,
+    /// Share of requests delayed, 0..100; absent means all of them.
+    #[prost(double, optional, tag = "2")]
+    #[serde(default)]
+    pub percentage: Option<f64>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultAbort {
+    /// One of httpStatus or grpcStatus.
+    #[prost(uint32, optional, tag = "1")]
+    #[serde(default)]
+    pub http_status: Option<u32>,
+    /// A gRPC status name (`UNAVAILABLE`) or number.
+    #[prost(string, optional, tag = "2")]
+    #[serde(default)]
+    pub grpc_status: Option<String>,
+    /// Share of requests aborted, 0..100; absent means all of them.
+    #[prost(double, optional, tag = "3")]
+    #[serde(default)]
+    pub percentage: Option<f64>,
 }
 
 /// Conditions that must all hold (Istio's `HTTPMatchRequest`).

@@ -77,6 +77,18 @@ fn full() -> Snapshot {
                         cluster: "c".into(),
                         weight: 100,
                     }],
+                    timeout: d(1000),
+                    fault: Some(Fault {
+                        delay: Some(FaultDelay {
+                            fixed_delay: d(5),
+                            percentage: Some(50.0),
+                        }),
+                        abort: Some(FaultAbort {
+                            http_status: Some(503),
+                            grpc_status: Some("UNAVAILABLE".into()),
+                            percentage: Some(10.0),
+                        }),
+                    }),
                 }],
             }],
         }],
