@@ -180,6 +180,15 @@ impl Match {
         })
     }
 
+    /// The uri prefix this entry matched on, when it is a prefix match (a `rewrite.uri`
+    /// then replaces just that prefix, as in Istio).
+    pub fn uri_prefix(&self) -> Option<&str> {
+        match &self.uri {
+            Some(StrMatch::Prefix(p)) => Some(p),
+            _ => None,
+        }
+    }
+
     /// Whether every condition of this entry holds for `req`.
     pub fn matches(&self, req: &dyn Request) -> bool {
         if let Some(u) = &self.uri {

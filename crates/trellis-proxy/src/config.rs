@@ -145,6 +145,85 @@ pub struct RoutePolicy {
     /// Delay and the share of requests (0..100) it applies to.
     pub delay: Option<(Duration, f64)>,
     pub abort: Option<Abort>,
+    /// Answer without an upstream.
+    pub action: Option<LocalAction>,
+    pub rewrite: Option<Rewrite>,
+    pub request_headers: Option<HeaderOps>,
+    pub response_headers: Option<HeaderOps>,
+}
+
+/// A route that answers by itself.
+#[derive(Debug, Clone)]
+pub enum LocalAction {
+    Direct {
+        status: u16,
+        body: bytes::Bytes,
+    },
+    Redirect {
+        code: u16,
+        uri: Option<String>,
+        authority: Option<String>,
+        scheme: Option<String>,
+        port: Option<u16>,
+    },
+}
+
+/// Changes to the request before it goes upstream.
+#[derive(Debug, Clone)]
+pub struct Rewrite {
+    pub uri: Option<String>,
+    pub authority: Option<http::HeaderValue>,
+    pub uri_regex: Option<(regex::Regex, String)>,
+}
+
+/// Header changes, validated once per snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct HeaderOps {
+    pub set: Vec<(http::HeaderName, http::HeaderValue)>,
+    pub add: Vec<(http::HeaderName, http::HeaderValue)>,
+    pub remove: Vec<http::HeaderName>,
+}
+
+impl HeaderOps {
+    pub fn apply(&self, h: &mut http::HeaderMap) {
+        for n in &self.remove {
+            h.remove(n);
+        }
+        for (n, v) in &self.set {
+            h.insert(n.clone(), v.clone());
+        }
+        for (n, v) in &self.add {
+            h.append(n.clone(), v.clone());
+        }
+    }
+}
+
+fn header_ops(resource: &str, path: &str, ops: &wire::HeaderOps) -> Result<HeaderOps, ConfigError> {
+    let name = |n: &str| {
+        http::HeaderName::from_bytes(n.as_bytes())
+            .map_err(|_| bad(resource, format!("{path}: invalid header name {n:?}")))
+    };
+    let value = |v: &str| {
+        http::HeaderValue::from_str(v)
+            .map_err(|_| bad(resource, format!("{path}: invalid header value {v:?}")))
+    };
+    Ok(HeaderOps {
+        set: ops
+            .set
+            .iter()
+            .map(|(n, v)| Ok((name(n)?, value(v)?)))
+            .collect::<Result<_, ConfigError>>()?,
+        add: ops
+            .add
+            .iter()
+            .map(|(n, v)| Ok((name(n)?, value(v)?)))
+            .collect::<Result<_, ConfigError>>()?,
+        remove: ops
+            .remove
+            .iter()
+            .map(|n| name(n))
+            .collect::<Result<_, _>>()?,
+    })
 }
 
 /// An injected failure.
@@ -204,6 +283,101 @@ fn route_policy(
         timeout,
         ..RoutePolicy::default()
     };
+    if let Some(d) = &r.direct_response {
+        let status = u16::try_from(d.status)
+            .ok()
+            .filter(|s| (200..=599).contains(s))
+            .ok_or_else(|| {
+                bad(
+                    resource,
+                    format!(
+                        "{path}.directResponse.status: {} must be in 200..599",
+                        d.status
+                    ),
+                )
+            })?;
+        policy.action = Some(LocalAction::Direct {
+            status,
+            body: bytes::Bytes::from(d.body.clone().unwrap_or_default()),
+        });
+    }
+    if let Some(rd) = &r.redirect {
+        if policy.action.is_some() {
+            return Err(bad(
+                resource,
+                format!("{path}: only one of directResponse or redirect"),
+            ));
+        }
+        let code = rd.redirect_code.unwrap_or(301);
+        if !(300..=399).contains(&code) {
+            return Err(bad(
+                resource,
+                format!("{path}.redirect.redirectCode: {code} is not a redirect code"),
+            ));
+        }
+        let port = rd
+            .port
+            .map(|p| {
+                u16::try_from(p).ok().filter(|p| *p > 0).ok_or_else(|| {
+                    bad(
+                        resource,
+                        format!("{path}.redirect.port: {p} must be in 1..65535"),
+                    )
+                })
+            })
+            .transpose()?;
+        policy.action = Some(LocalAction::Redirect {
+            code: code as u16,
+            uri: rd.uri.clone(),
+            authority: rd.authority.clone(),
+            scheme: rd.scheme.clone(),
+            port,
+        });
+    }
+    if let Some(rw) = &r.rewrite {
+        let authority = rw
+            .authority
+            .as_deref()
+            .map(|a| {
+                http::HeaderValue::from_str(a)
+                    .map_err(|_| bad(resource, format!("{path}.rewrite.authority: invalid {a:?}")))
+            })
+            .transpose()?;
+        let uri_regex = match (&rw.uri_regex, &rw.uri_regex_replacement) {
+            (None, None) => None,
+            (Some(re), Some(rep)) => Some((
+                regex::RegexBuilder::new(re)
+                    .size_limit(1 << 20)
+                    .build()
+                    .map_err(|e| bad(resource, format!("{path}.rewrite.uriRegex: {e}")))?,
+                rep.clone(),
+            )),
+            _ => {
+                return Err(bad(
+                    resource,
+                    format!("{path}.rewrite: uriRegex and uriRegexReplacement go together"),
+                ));
+            }
+        };
+        if rw.uri.is_some() && uri_regex.is_some() {
+            return Err(bad(
+                resource,
+                format!("{path}.rewrite: only one of uri or uriRegex"),
+            ));
+        }
+        policy.rewrite = Some(Rewrite {
+            uri: rw.uri.clone(),
+            authority,
+            uri_regex,
+        });
+    }
+    if let Some(h) = &r.request_headers {
+        policy.request_headers = Some(header_ops(resource, &format!("{path}.requestHeaders"), h)?);
+    }
+    if let Some(h) = &r.response_headers {
+        policy.response_headers =
+            Some(header_ops(resource, &format!("{path}.responseHeaders"), h)?);
+    }
     if let Some(f) = &r.fault {
         if let Some(d) = &f.delay {
             let Some(fixed) = &d.fixed_delay else {
@@ -361,10 +535,10 @@ fn compile_routes(
                     .map_err(|e| bad(resource, e.to_string()))?,
             );
         }
-        if r.clusters.is_empty() {
+        if r.clusters.is_empty() && r.direct_response.is_none() && r.redirect.is_none() {
             return Err(bad(
                 resource,
-                format!("{path}: a route needs at least one cluster"),
+                format!("{path}: a route needs clusters, a directResponse or a redirect"),
             ));
         }
         let lone = r.clusters.len() == 1;

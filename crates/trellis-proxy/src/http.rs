@@ -99,17 +99,21 @@ async fn outbound(
     target: &crate::config::Target,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    let mut req = req;
     let (cluster, policy) = match &target.routes {
         None => (&target.cluster, None),
         Some(table) => {
-            let view = trellis_policy::route::HttpRequestView {
-                req: &req,
-                port: Some(target.port),
-                source_labels: &cfg.own_labels,
-                source_namespace: &cfg.own_namespace,
-                gateway: "mesh",
+            let matched = {
+                let view = trellis_policy::route::HttpRequestView {
+                    req: &req,
+                    port: Some(target.port),
+                    source_labels: &cfg.own_labels,
+                    source_namespace: &cfg.own_namespace,
+                    gateway: "mesh",
+                };
+                table.first_match(&view)
             };
-            let Some(m) = table.first_match(&view) else {
+            let Some(m) = matched else {
                 return local_reply(
                     StatusCode::NOT_FOUND,
                     "NR",
@@ -122,6 +126,17 @@ async fn outbound(
                 );
             };
             let policy = target.route_policies.get(m.route.index);
+            if let Some(p) = policy {
+                if let Some(action) = &p.action {
+                    return local_action(action, &req);
+                }
+                if let Some(rw) = &p.rewrite {
+                    apply_rewrite(&mut req, rw, m.entry.and_then(|e| e.uri_prefix()));
+                }
+                if let Some(h) = &p.request_headers {
+                    h.apply(req.headers_mut());
+                }
+            }
             match m.route.pick(random_u64() as u32) {
                 Some(RouteDest {
                     cluster: Some(c), ..
@@ -147,7 +162,7 @@ async fn outbound(
             }
         }
     };
-    match policy {
+    let mut resp = match policy {
         None => to_cluster(shared, target, cluster, req).await,
         Some(p) => {
             let work = with_faults(shared, target, cluster, p, req);
@@ -163,6 +178,116 @@ async fn outbound(
                 },
             }
         }
+    };
+    if let Some(h) = policy.and_then(|p| p.response_headers.as_ref()) {
+        h.apply(resp.headers_mut());
+    }
+    resp
+}
+
+/// A route that answers by itself: a direct response or a redirect.
+fn local_action(
+    action: &crate::config::LocalAction,
+    req: &Request<Incoming>,
+) -> Response<ProxyBody> {
+    match action {
+        crate::config::LocalAction::Direct { status, body } => {
+            let mut r = Response::new(ProxyBody::text(body.clone()));
+            *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            r
+        }
+        crate::config::LocalAction::Redirect {
+            code,
+            uri,
+            authority,
+            scheme,
+            port,
+        } => {
+            let req_authority = req
+                .uri()
+                .authority()
+                .map(|a| a.as_str().to_string())
+                .or_else(|| {
+                    req.headers()
+                        .get(header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .map(str::to_string)
+                })
+                .unwrap_or_default();
+            let mut host = authority.clone().unwrap_or(req_authority);
+            if let Some(p) = port {
+                let bare = match host.rsplit_once(':') {
+                    Some((h, maybe_port)) if maybe_port.bytes().all(|c| c.is_ascii_digit()) => {
+                        h.to_string()
+                    }
+                    _ => host.clone(),
+                };
+                host = format!("{bare}:{p}");
+            }
+            let scheme = scheme
+                .as_deref()
+                .or(req.uri().scheme_str())
+                .unwrap_or("http");
+            let path = uri.clone().unwrap_or_else(|| {
+                req.uri()
+                    .path_and_query()
+                    .map_or("/".to_string(), |p| p.to_string())
+            });
+            let location = format!("{scheme}://{host}{path}");
+            let mut r = Response::new(ProxyBody::empty());
+            *r.status_mut() = StatusCode::from_u16(*code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+            match HeaderValue::from_str(&location) {
+                Ok(v) => {
+                    r.headers_mut().insert(header::LOCATION, v);
+                    r
+                }
+                Err(_) => local_reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "DPE",
+                    "redirect target is not a valid header".to_string(),
+                ),
+            }
+        }
+    }
+}
+
+/// Rewrites the path (the matched prefix, or all of it) and the authority.
+fn apply_rewrite(req: &mut Request<Incoming>, rw: &crate::config::Rewrite, prefix: Option<&str>) {
+    let path = req.uri().path();
+    let new_path = if let Some(u) = &rw.uri {
+        Some(match prefix {
+            Some(p) if path.len() >= p.len() && path[..p.len()].eq_ignore_ascii_case(p) => {
+                format!("{u}{}", &path[p.len()..])
+            }
+            _ => u.clone(),
+        })
+    } else {
+        rw.uri_regex
+            .as_ref()
+            .map(|(re, rep)| re.replace_all(path, rep.as_str()).into_owned())
+    };
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    if let Some(np) = new_path {
+        let pq = match parts.path_and_query.as_ref().and_then(|p| p.query()) {
+            Some(q) => format!("{np}?{q}"),
+            None => np,
+        };
+        if let Ok(pq) = http::uri::PathAndQuery::try_from(pq) {
+            parts.path_and_query = Some(pq);
+        }
+    }
+    if let Some(a) = &rw.authority {
+        if parts.authority.is_some() {
+            if let Ok(auth) = http::uri::Authority::try_from(a.as_bytes()) {
+                parts.authority = Some(auth);
+            }
+        }
+        req.headers_mut().insert(header::HOST, a.clone());
+    }
+    if let Ok(u) = Uri::from_parts(parts) {
+        *req.uri_mut() = u;
     }
 }
 

@@ -281,3 +281,104 @@ fn bad_faults_refuse_the_snapshot() {
         assert!(e.ends_with(want), "{fault}: {e}");
     }
 }
+
+/// A proxy for `app:80` with the given routes YAML (indented for `httpRoutes:`).
+async fn routed(app: SocketAddr, routes: &str) -> ProxyHandle {
+    let yaml = format!(
+        "services:
+- hostname: app.default.svc.cluster.local
+  ports:
+  - port: 80
+    name: http
+    cluster: app
+    httpRoutes:
+{routes}
+clusters:
+- {{name: app, endpoints: [{{address: \"{app}\"}}]}}
+"
+    );
+    trellis_proxy::start(
+        config(&yaml).expect("snapshot"),
+        ProxyOptions {
+            outbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), "app".to_string(), 80)],
+            ..ProxyOptions::default()
+        },
+    )
+    .await
+    .expect("proxy")
+}
+
+#[tokio::test]
+async fn direct_responses_redirects_rewrites_and_headers() {
+    let app = HttpServer::start().await.expect("app");
+    let p = routed(
+        app.addr,
+        r#"    - name: maintenance
+      match: [{uri: {exact: /maintenance}}]
+      directResponse: {status: 503, body: "back soon"}
+    - name: moved
+      match: [{uri: {prefix: /old}}]
+      redirect: {uri: /new, authority: new.example.com, scheme: https, redirectCode: 308}
+    - name: versioned
+      match: [{uri: {prefix: /v1/echo}}]
+      rewrite: {uri: /echo, authority: internal.app}
+      requestHeaders: {set: {x-route: versioned}, remove: [x-secret]}
+      responseHeaders: {add: {x-served-by: trellis}, remove: [x-echo-method]}
+      clusters: [{cluster: app}]"#,
+    )
+    .await;
+    let addr = p.outbound_addrs[0];
+
+    let r = http_client::get(addr, "app", "/maintenance")
+        .await
+        .expect("response");
+    assert_eq!((r.status.as_u16(), &r.body[..]), (503, &b"back soon"[..]));
+    assert_eq!(
+        r.header("x-trellis-response-flags"),
+        None,
+        "a configured answer, not an error"
+    );
+
+    let r = http_client::get(addr, "app", "/old/page")
+        .await
+        .expect("response");
+    assert_eq!(r.status, 308);
+    assert_eq!(r.header("location"), Some("https://new.example.com/new"));
+
+    let mut c = http_client::HttpClient::http1(addr).await.expect("connect");
+    let req = c
+        .request(http::Method::GET, "app", "/v1/echo?id=7")
+        .header("x-secret", "s3cret")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let r = c.send(req).await.expect("response");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.header("x-echo-path"),
+        Some("/echo?id=7"),
+        "the matched prefix is replaced"
+    );
+    assert_eq!(r.header("x-echo-h-host"), Some("internal.app"));
+    assert_eq!(r.header("x-echo-h-x-route"), Some("versioned"));
+    assert_eq!(r.header("x-echo-h-x-secret"), None);
+    assert_eq!(r.header("x-served-by"), Some("trellis"));
+    assert_eq!(r.header("x-echo-method"), None, "removed from the response");
+    assert_eq!(app.stats().requests(), 1);
+}
+
+#[tokio::test]
+async fn regex_rewrites_use_capture_groups() {
+    let app = HttpServer::start().await.expect("app");
+    let p = routed(
+        app.addr,
+        r#"    - match: [{uri: {prefix: /items/}}]
+      rewrite: {uriRegex: "^/items/([0-9]+)$", uriRegexReplacement: "/bytes/$1"}
+      clusters: [{cluster: app}]"#,
+    )
+    .await;
+    let r = http_client::get(p.outbound_addrs[0], "app", "/items/42?x=1")
+        .await
+        .expect("response");
+    assert_eq!(r.status, 200, "rewritten to the fixture's /bytes/42");
+    assert_eq!(r.body.len(), 42);
+}

@@ -235,6 +235,7 @@ pub struct HttpRoute {
     #[serde(default, rename = "match")]
     pub matches: Vec<HttpMatch>,
     #[prost(message, repeated, tag = "3")]
+    #[serde(default)]
     pub clusters: Vec<WeightedCluster>,
     /// Bounds the whole request, injected delay included; on expiry: 504 (UT).
     #[prost(message, optional, tag = "4")]
@@ -243,6 +244,88 @@ pub struct HttpRoute {
     #[prost(message, optional, tag = "5")]
     #[serde(default)]
     pub fault: Option<Fault>,
+    /// Instead of clusters: answer directly.
+    #[prost(message, optional, tag = "6")]
+    #[serde(default)]
+    pub direct_response: Option<DirectResponse>,
+    /// Instead of clusters: redirect.
+    #[prost(message, optional, tag = "7")]
+    #[serde(default)]
+    pub redirect: Option<Redirect>,
+    #[prost(message, optional, tag = "8")]
+    #[serde(default)]
+    pub rewrite: Option<Rewrite>,
+    #[prost(message, optional, tag = "9")]
+    #[serde(default)]
+    pub request_headers: Option<HeaderOps>,
+    #[prost(message, optional, tag = "10")]
+    #[serde(default)]
+    pub response_headers: Option<HeaderOps>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DirectResponse {
+    #[prost(uint32, tag = "1")]
+    pub status: u32,
+    #[prost(string, optional, tag = "2")]
+    #[serde(default)]
+    pub body: Option<String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Redirect {
+    /// Replaces the path (and query).
+    #[prost(string, optional, tag = "1")]
+    #[serde(default)]
+    pub uri: Option<String>,
+    #[prost(string, optional, tag = "2")]
+    #[serde(default)]
+    pub authority: Option<String>,
+    #[prost(string, optional, tag = "3")]
+    #[serde(default)]
+    pub scheme: Option<String>,
+    #[prost(uint32, optional, tag = "4")]
+    #[serde(default)]
+    pub port: Option<u32>,
+    /// Default 301.
+    #[prost(uint32, optional, tag = "5")]
+    #[serde(default)]
+    pub redirect_code: Option<u32>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rewrite {
+    /// Replaces the matched uri prefix (or the whole path for exact and regex matches).
+    #[prost(string, optional, tag = "1")]
+    #[serde(default)]
+    pub uri: Option<String>,
+    #[prost(string, optional, tag = "2")]
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// Regex replacement on the path (RE2 pattern; `\\1` groups in the replacement).
+    #[prost(string, optional, tag = "3")]
+    #[serde(default)]
+    pub uri_regex: Option<String>,
+    #[prost(string, optional, tag = "4")]
+    #[serde(default)]
+    pub uri_regex_replacement: Option<String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderOps {
+    #[prost(btree_map = "string, string", tag = "1")]
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[prost(btree_map = "string, string", tag = "2")]
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    #[prost(string, repeated, tag = "3")]
+    #[serde(default)]
+    pub remove: Vec<String>,
 }
 
 /// Faults injected on purpose (Istio's `HTTPFaultInjection`).

@@ -29,6 +29,14 @@ fn sm() -> StringMatch {
     }
 }
 
+fn ops() -> HeaderOps {
+    HeaderOps {
+        set: BTreeMap::from([("s".to_string(), "1".to_string())]),
+        add: BTreeMap::from([("a".to_string(), "2".to_string())]),
+        remove: vec!["r".into()],
+    }
+}
+
 fn full() -> Snapshot {
     let labels = BTreeMap::from([("app".to_string(), "x".to_string())]);
     Snapshot {
@@ -89,6 +97,25 @@ fn full() -> Snapshot {
                             percentage: Some(10.0),
                         }),
                     }),
+                    direct_response: Some(DirectResponse {
+                        status: 200,
+                        body: Some("b".into()),
+                    }),
+                    redirect: Some(Redirect {
+                        uri: Some("/u".into()),
+                        authority: Some("a".into()),
+                        scheme: Some("https".into()),
+                        port: Some(443),
+                        redirect_code: Some(302),
+                    }),
+                    rewrite: Some(Rewrite {
+                        uri: Some("/v".into()),
+                        authority: Some("b".into()),
+                        uri_regex: Some("^/x".into()),
+                        uri_regex_replacement: Some("/y".into()),
+                    }),
+                    request_headers: Some(ops()),
+                    response_headers: Some(ops()),
                 }],
             }],
         }],
