@@ -62,3 +62,40 @@ impl Body for ProxyBody {
         }
     }
 }
+
+/// The body of requests the proxy sends upstream: streamed from the client, or buffered
+/// (so that a retry can send it again).
+#[derive(Debug)]
+pub enum ReqBody {
+    Streaming(Incoming),
+    Buffered(Option<Bytes>),
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ReqBody::Streaming(b) => Pin::new(b).poll_frame(cx),
+            ReqBody::Buffered(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Streaming(b) => b.is_end_stream(),
+            ReqBody::Buffered(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Streaming(b) => b.size_hint(),
+            ReqBody::Buffered(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}

@@ -19,7 +19,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, ReqBody};
 use crate::config::{Config, DEFAULT_IDLE_TIMEOUT, Endpoint, PortProtocol, RouteDest};
 use crate::pool::{Pools, UpstreamError};
 use crate::proxy::Shared;
@@ -66,6 +66,7 @@ pub async fn handle(
     route: Route,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    let req = req.map(ReqBody::Streaming);
     Stats::inc(&shared.stats.requests_total);
     let cfg = shared.config.load_full();
     let resp = match &route {
@@ -97,7 +98,7 @@ async fn outbound(
     shared: &Shared,
     cfg: &Config,
     target: &crate::config::Target,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> Response<ProxyBody> {
     let mut req = req;
     let (cluster, policy) = match &target.routes {
@@ -188,7 +189,7 @@ async fn outbound(
 /// A route that answers by itself: a direct response or a redirect.
 fn local_action(
     action: &crate::config::LocalAction,
-    req: &Request<Incoming>,
+    req: &Request<ReqBody>,
 ) -> Response<ProxyBody> {
     match action {
         crate::config::LocalAction::Direct { status, body } => {
@@ -254,7 +255,7 @@ fn local_action(
 }
 
 /// Rewrites the path (the matched prefix, or all of it) and the authority.
-fn apply_rewrite(req: &mut Request<Incoming>, rw: &crate::config::Rewrite, prefix: Option<&str>) {
+fn apply_rewrite(req: &mut Request<ReqBody>, rw: &crate::config::Rewrite, prefix: Option<&str>) {
     let path = req.uri().path();
     let new_path = if let Some(u) = &rw.uri {
         Some(match prefix {
@@ -302,7 +303,7 @@ async fn with_faults(
     target: &crate::config::Target,
     cluster: &Arc<crate::config::Cluster>,
     policy: &crate::config::RoutePolicy,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> Response<ProxyBody> {
     if let Some((delay, pct)) = policy.delay {
         if roll(pct) {
@@ -343,7 +344,7 @@ async fn to_cluster(
     shared: &Shared,
     target: &crate::config::Target,
     cluster: &Arc<crate::config::Cluster>,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> Response<ProxyBody> {
     let Some(ep) = cluster.pick() else {
         tracing::warn!(cluster = %cluster.name, "no endpoint for {}:{} (UH)", target.hostname, target.port);
@@ -375,7 +376,7 @@ async fn inbound(
     shared: &Shared,
     cfg: &Config,
     port: u16,
-    mut req: Request<Incoming>,
+    mut req: Request<ReqBody>,
 ) -> Response<ProxyBody> {
     let declared = cfg.inbound_port(port);
     let marker = req.headers_mut().remove(DOWNSTREAM_VERSION);
@@ -397,7 +398,7 @@ async fn inbound(
     forward(shared, req, up).await
 }
 
-fn is_upgrade(req: &Request<Incoming>) -> bool {
+fn is_upgrade(req: &Request<ReqBody>) -> bool {
     req.method() == Method::CONNECT
         || (req.headers().contains_key(header::UPGRADE)
             && header_has_token(req.headers(), &header::CONNECTION, "upgrade"))
@@ -487,7 +488,7 @@ fn request_id() -> HeaderValue {
 
 async fn forward(
     shared: &Shared,
-    mut req: Request<Incoming>,
+    mut req: Request<ReqBody>,
     up: Upstream<'_>,
 ) -> Response<ProxyBody> {
     let downstream_version = req.version();
@@ -547,7 +548,7 @@ async fn forward(
 /// Rewrites the request line for the upstream's version without re-parsing anything:
 /// HTTP/2 wants an absolute URI (the authority travels as `:authority`), HTTP/1.1 an
 /// origin-form path and a Host header.
-fn set_upstream_target(req: &mut Request<Incoming>, h2: bool) -> Result<(), &'static str> {
+fn set_upstream_target(req: &mut Request<ReqBody>, h2: bool) -> Result<(), &'static str> {
     let uri = std::mem::take(req.uri_mut());
     let mut parts = uri.into_parts();
     if h2 {
@@ -588,7 +589,7 @@ fn set_upstream_target(req: &mut Request<Incoming>, h2: bool) -> Result<(), &'st
 
 async fn send(
     shared: &Shared,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
     up: &Upstream<'_>,
 ) -> Result<Response<ProxyBody>, UpstreamError> {
     let pools = &shared.pools;
@@ -620,7 +621,7 @@ async fn send(
 
 /// Upgrades and CONNECT: the request goes over a fresh HTTP/1.1 connection; once the
 /// upstream switches protocols, bytes are copied both ways.
-async fn forward_upgrade(mut req: Request<Incoming>, up: Upstream<'_>) -> Response<ProxyBody> {
+async fn forward_upgrade(mut req: Request<ReqBody>, up: Upstream<'_>) -> Response<ProxyBody> {
     let downstream = hyper::upgrade::on(&mut req);
     // Keep Connection: upgrade and Upgrade; drop the rest of the hop-by-hop headers.
     let upgrade = req.headers().get(header::UPGRADE).cloned();

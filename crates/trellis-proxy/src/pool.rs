@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
+use crate::body::ReqBody;
 use crate::sockets;
 
 /// Most idle HTTP/1.1 connections kept per endpoint.
@@ -51,11 +52,11 @@ impl UpstreamError {
 }
 
 struct Idle {
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<ReqBody>,
     since: Instant,
 }
 
-type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Incoming>>>>;
+type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<ReqBody>>>>;
 
 /// All upstream connections of a proxy. Lives across snapshot swaps.
 #[derive(Default)]
@@ -81,7 +82,7 @@ impl Pools {
         &self,
         addr: SocketAddr,
         idle_timeout: Duration,
-    ) -> Option<http1::SendRequest<Incoming>> {
+    ) -> Option<http1::SendRequest<ReqBody>> {
         let mut map = self.h1.lock().unwrap_or_else(PoisonError::into_inner);
         let list = map.get_mut(&addr)?;
         while let Some(idle) = list.pop() {
@@ -92,7 +93,7 @@ impl Pools {
         None
     }
 
-    fn give_back(&self, addr: SocketAddr, sender: http1::SendRequest<Incoming>) {
+    fn give_back(&self, addr: SocketAddr, sender: http1::SendRequest<ReqBody>) {
         if sender.is_closed() {
             return;
         }
@@ -110,7 +111,7 @@ impl Pools {
     pub async fn connect_h1(
         addr: SocketAddr,
         timeout: Duration,
-    ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+    ) -> Result<http1::SendRequest<ReqBody>, UpstreamError> {
         let stream = sockets::connect(addr, timeout)
             .await
             .map_err(|source| UpstreamError::Connect { addr, source })?;
@@ -132,7 +133,7 @@ impl Pools {
         addr: SocketAddr,
         connect_timeout: Duration,
         idle_timeout: Duration,
-        mut req: Request<Incoming>,
+        mut req: Request<ReqBody>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         // At most one retry, and only for a request that was never written.
         for _ in 0..2 {
@@ -188,7 +189,7 @@ impl Pools {
     async fn connect_h2(
         addr: SocketAddr,
         timeout: Duration,
-    ) -> Result<http2::SendRequest<Incoming>, UpstreamError> {
+    ) -> Result<http2::SendRequest<ReqBody>, UpstreamError> {
         let stream = sockets::connect(addr, timeout)
             .await
             .map_err(|source| UpstreamError::Connect { addr, source })?;
@@ -214,7 +215,7 @@ impl Pools {
         addr: SocketAddr,
         timeout: Duration,
         fresh: bool,
-    ) -> Result<http2::SendRequest<Incoming>, UpstreamError> {
+    ) -> Result<http2::SendRequest<ReqBody>, UpstreamError> {
         let slot = {
             let mut map = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
             Arc::clone(map.entry(addr).or_default())
@@ -235,7 +236,7 @@ impl Pools {
         &self,
         addr: SocketAddr,
         connect_timeout: Duration,
-        req: Request<Incoming>,
+        req: Request<ReqBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let mut sender = self.h2_sender(addr, connect_timeout, false).await?;
         let retry = match sender.ready().await {
@@ -277,7 +278,7 @@ impl Pools {
 struct Return {
     pools: Arc<Pools>,
     addr: SocketAddr,
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<ReqBody>,
 }
 
 /// A response body from a pooled HTTP/1.1 connection: when it has been read to the end,
@@ -299,7 +300,7 @@ impl PooledBody {
         inner: Incoming,
         pools: Arc<Pools>,
         addr: SocketAddr,
-        sender: http1::SendRequest<Incoming>,
+        sender: http1::SendRequest<ReqBody>,
     ) -> PooledBody {
         let ret = Return {
             pools,
