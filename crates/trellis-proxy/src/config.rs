@@ -150,9 +150,83 @@ pub struct RoutePolicy {
     pub rewrite: Option<Rewrite>,
     pub request_headers: Option<HeaderOps>,
     pub response_headers: Option<HeaderOps>,
+    /// `None`: Istio's default policy.
+    pub retry: Option<RetryPolicy>,
 }
 
-/// A route that answers by itself.
+/// Largest request body buffered so that a retry can send it again; larger (or
+/// unknown-length, streaming) bodies go out once.
+pub const MAX_RETRY_BODY: u64 = 64 * 1024;
+
+/// When and how often a request is tried again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Retries after the first try (0: none).
+    pub attempts: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub backoff: Duration,
+    pub on: RetryOn,
+}
+
+/// Istio's `retryOn` conditions.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RetryOn {
+    pub five_xx: bool,
+    pub gateway_error: bool,
+    pub reset: bool,
+    pub connect_failure: bool,
+    pub retriable_4xx: bool,
+    pub refused_stream: bool,
+    pub status_codes: Vec<u16>,
+    /// gRPC status codes (cancelled 1, deadline-exceeded 4, resource-exhausted 8,
+    /// internal 13, unavailable 14).
+    pub grpc: Vec<u8>,
+}
+
+impl RetryPolicy {
+    /// Istio's default for HTTP routes: 2 retries on connect-failure, refused-stream,
+    /// unavailable, cancelled and retriable-status-codes 503.
+    pub fn istio_default() -> RetryPolicy {
+        RetryPolicy {
+            attempts: 2,
+            per_try_timeout: None,
+            backoff: Duration::from_millis(25),
+            on: RetryOn {
+                connect_failure: true,
+                refused_stream: true,
+                status_codes: vec![503],
+                grpc: vec![14, 1],
+                ..RetryOn::default()
+            },
+        }
+    }
+
+    /// Parses Istio's `retryOn` list.
+    pub fn parse_retry_on(s: &str) -> Result<RetryOn, String> {
+        let mut on = RetryOn::default();
+        for cond in s.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            match cond {
+                "5xx" => on.five_xx = true,
+                "gateway-error" => on.gateway_error = true,
+                "reset" | "reset-before-request" => on.reset = true,
+                "connect-failure" => on.connect_failure = true,
+                "retriable-4xx" => on.retriable_4xx = true,
+                "refused-stream" => on.refused_stream = true,
+                "retriable-status-codes" => {}
+                "cancelled" => on.grpc.push(1),
+                "deadline-exceeded" => on.grpc.push(4),
+                "resource-exhausted" => on.grpc.push(8),
+                "internal" => on.grpc.push(13),
+                "unavailable" => on.grpc.push(14),
+                other => match other.parse::<u16>() {
+                    Ok(code) if (100..=599).contains(&code) => on.status_codes.push(code),
+                    _ => return Err(format!("{other:?} is not a retryOn condition")),
+                },
+            }
+        }
+        Ok(on)
+    }
+}
 #[derive(Debug, Clone)]
 pub enum LocalAction {
     Direct {
@@ -369,6 +443,23 @@ fn route_policy(
             uri: rw.uri.clone(),
             authority,
             uri_regex,
+        });
+    }
+    if let Some(rp) = &r.retries {
+        let on = match rp.retry_on.as_deref() {
+            None => RetryPolicy::istio_default().on,
+            Some(s) => RetryPolicy::parse_retry_on(s)
+                .map_err(|e| bad(resource, format!("{path}.retries.retryOn: {e}")))?,
+        };
+        policy.retry = Some(RetryPolicy {
+            attempts: rp.attempts,
+            per_try_timeout: rp
+                .per_try_timeout
+                .as_ref()
+                .map(|d| duration(resource, Some(d), Duration::ZERO))
+                .transpose()?,
+            backoff: duration(resource, rp.backoff.as_ref(), Duration::from_millis(25))?,
+            on,
         });
     }
     if let Some(h) = &r.request_headers {

@@ -20,7 +20,9 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::body::{ProxyBody, ReqBody};
-use crate::config::{Config, DEFAULT_IDLE_TIMEOUT, Endpoint, PortProtocol, RouteDest};
+use crate::config::{
+    Config, DEFAULT_IDLE_TIMEOUT, Endpoint, PortProtocol, RetryOn, RetryPolicy, RouteDest,
+};
 use crate::pool::{Pools, UpstreamError};
 use crate::proxy::Shared;
 use crate::stats::Stats;
@@ -164,7 +166,7 @@ async fn outbound(
         }
     };
     let mut resp = match policy {
-        None => to_cluster(shared, target, cluster, req).await,
+        None => to_cluster(shared, target, cluster, &shared.default_retry, req).await,
         Some(p) => {
             let work = with_faults(shared, target, cluster, p, req);
             match p.timeout {
@@ -336,29 +338,36 @@ async fn with_faults(
             };
         }
     }
-    to_cluster(shared, target, cluster, req).await
+    let retry = policy.retry.as_ref().unwrap_or(&shared.default_retry);
+    to_cluster(shared, target, cluster, retry, req).await
 }
 
 /// Sends the request to an endpoint of `cluster`.
+const ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
+
+/// Sends the request to an endpoint of `cluster`, trying again as the retry policy says:
+/// on another endpoint when there is one, after an exponential backoff with jitter, with
+/// the body buffered (up to 64 KiB) so that it can be sent again. Streaming bodies and
+/// upgrades go out once.
 async fn to_cluster(
     shared: &Shared,
     target: &crate::config::Target,
     cluster: &Arc<crate::config::Cluster>,
+    retry: &RetryPolicy,
     req: Request<ReqBody>,
 ) -> Response<ProxyBody> {
-    let Some(ep) = cluster.pick() else {
+    let no_endpoint = || {
         tracing::warn!(cluster = %cluster.name, "no endpoint for {}:{} (UH)", target.hostname, target.port);
-        return local_reply(
+        local_reply(
             StatusCode::SERVICE_UNAVAILABLE,
             "UH",
             format!(
                 "no healthy upstream for {}:{}",
                 target.hostname, target.port
             ),
-        );
+        )
     };
-    let downstream_h2 = req.version() == Version::HTTP_2;
-    let up = Upstream {
+    let upstream = |ep: &Arc<Endpoint>, downstream_h2: bool| Upstream {
         addr: ep.addr,
         h2: ep.proxied || downstream_h2 || target.protocol == PortProtocol::Http2,
         peer_version: ep
@@ -366,10 +375,165 @@ async fn to_cluster(
             .then_some(if downstream_h2 { "2" } else { "1.1" }),
         connect_timeout: cluster.connect_timeout,
         idle_timeout: cluster.idle_timeout,
-        endpoint: Some(ep),
+        endpoint: None,
         fallbacks: &[],
     };
-    forward(shared, req, up).await
+    let downstream_h2 = req.version() == Version::HTTP_2;
+    if retry.attempts == 0 || is_upgrade(&req) {
+        let Some(ep) = cluster.pick() else {
+            return no_endpoint();
+        };
+        let up = Upstream {
+            endpoint: Some(ep),
+            ..upstream(ep, downstream_h2)
+        };
+        return forward(shared, req, up).await;
+    }
+
+    let (parts, body) = req.into_parts();
+    // A body that can be sent again: empty, or small with a known length.
+    let (buffered, mut streaming) = match body {
+        ReqBody::Buffered(b) => (Some(b), None),
+        ReqBody::Streaming(b) if http_body::Body::is_end_stream(&b) => (Some(None), None),
+        ReqBody::Streaming(b) => match http_body::Body::size_hint(&b).exact() {
+            Some(n) if n <= crate::config::MAX_RETRY_BODY => {
+                match http_body_util::BodyExt::collect(b).await {
+                    Ok(c) => (Some(Some(c.to_bytes())), None),
+                    Err(e) => {
+                        return local_reply(
+                            StatusCode::BAD_REQUEST,
+                            "DPE",
+                            format!("reading the request body: {e}"),
+                        );
+                    }
+                }
+            }
+            _ => (None, Some(ReqBody::Streaming(b))),
+        },
+    };
+    let tries = if buffered.is_some() {
+        1 + retry.attempts
+    } else {
+        1
+    };
+    let mut tried: Vec<std::net::SocketAddr> = Vec::new();
+    for attempt in 1..=tries {
+        // Another endpoint than those already tried, when there is one.
+        let mut ep = None;
+        for _ in 0..cluster.endpoints.len().max(1) {
+            match cluster.pick() {
+                Some(e) if !tried.contains(&e.addr) => {
+                    ep = Some(e);
+                    break;
+                }
+                Some(e) => ep = ep.or(Some(e)),
+                None => break,
+            }
+        }
+        let Some(ep) = ep else { return no_endpoint() };
+        tried.push(ep.addr);
+        let body = match &buffered {
+            Some(b) => ReqBody::Buffered(b.clone()),
+            None => streaming.take().unwrap_or(ReqBody::Buffered(None)),
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = parts.uri.clone();
+        *req.version_mut() = parts.version;
+        *req.headers_mut() = parts.headers.clone();
+        if attempt > 1 {
+            req.headers_mut()
+                .insert(ATTEMPT_COUNT, HeaderValue::from(attempt));
+        }
+        let up = Upstream {
+            endpoint: Some(ep),
+            ..upstream(ep, downstream_h2)
+        };
+        let result = match retry.per_try_timeout {
+            None => forward_once(shared, req, &up).await,
+            Some(t) => tokio::time::timeout(t, forward_once(shared, req, &up))
+                .await
+                .unwrap_or(Err(UpstreamError::Timeout { addr: ep.addr })),
+        };
+        if let Err(e) = &result {
+            count_failure(shared, Some(ep), e);
+        }
+        let last = attempt == tries;
+        let again = match &result {
+            Ok(resp) => !last && retriable_response(&retry.on, resp),
+            Err(e) => !last && retriable_error(&retry.on, e, &parts.method),
+        };
+        if !again {
+            return match result {
+                Ok(resp) => resp,
+                Err(e) => upstream_error_reply(e),
+            };
+        }
+        match &result {
+            Ok(resp) => tracing::debug!(
+                "retrying {} {} after status {} (attempt {attempt})",
+                parts.method,
+                parts.uri,
+                resp.status()
+            ),
+            Err(e) => tracing::debug!(
+                "retrying {} {} after {e} (attempt {attempt})",
+                parts.method,
+                parts.uri
+            ),
+        }
+        drop(result);
+        // Exponential backoff with full jitter, capped at ten times the base.
+        let base = retry.backoff.as_micros() as u64;
+        let cap = base.saturating_mul(10).max(1);
+        let ceiling = base
+            .saturating_mul(1 << (attempt - 1).min(16))
+            .min(cap)
+            .max(1);
+        tokio::time::sleep(std::time::Duration::from_micros(random_u64() % ceiling)).await;
+    }
+    no_endpoint()
+}
+
+/// Whether a response calls for another try under `on`.
+fn retriable_response(on: &RetryOn, resp: &Response<ProxyBody>) -> bool {
+    let s = resp.status().as_u16();
+    if (on.five_xx && s >= 500)
+        || (on.gateway_error && matches!(s, 502..=504))
+        || (on.retriable_4xx && s == 409)
+        || on.status_codes.contains(&s)
+    {
+        return true;
+    }
+    !on.grpc.is_empty()
+        && resp
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u8>().ok())
+            .is_some_and(|c| on.grpc.contains(&c))
+}
+
+/// Whether a failure calls for another try under `on`. A request that may have reached
+/// the upstream is retried on a reset only when it is idempotent or the policy lists
+/// `reset` itself.
+fn retriable_error(on: &RetryOn, e: &UpstreamError, method: &Method) -> bool {
+    match e {
+        UpstreamError::Connect { .. } => on.connect_failure || on.five_xx || on.gateway_error,
+        UpstreamError::Request { .. } => {
+            let idempotent = matches!(
+                *method,
+                Method::GET
+                    | Method::HEAD
+                    | Method::OPTIONS
+                    | Method::PUT
+                    | Method::DELETE
+                    | Method::TRACE
+            );
+            on.reset || (idempotent && (on.five_xx || on.refused_stream))
+        }
+        UpstreamError::Timeout { .. } => on.five_xx || on.gateway_error,
+    }
 }
 
 async fn inbound(
@@ -486,15 +650,26 @@ fn request_id() -> HeaderValue {
     HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
 }
 
-async fn forward(
-    shared: &Shared,
-    mut req: Request<ReqBody>,
-    up: Upstream<'_>,
-) -> Response<ProxyBody> {
-    let downstream_version = req.version();
+async fn forward(shared: &Shared, req: Request<ReqBody>, up: Upstream<'_>) -> Response<ProxyBody> {
     if is_upgrade(&req) {
         return forward_upgrade(req, up).await;
     }
+    match forward_once(shared, req, &up).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            count_failure(shared, up.endpoint, &e);
+            upstream_error_reply(e)
+        }
+    }
+}
+
+/// One try: prepares the request for the upstream, sends it, and tidies the response.
+async fn forward_once(
+    shared: &Shared,
+    mut req: Request<ReqBody>,
+    up: &Upstream<'_>,
+) -> Result<Response<ProxyBody>, UpstreamError> {
+    let downstream_version = req.version();
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
     if !headers.contains_key(&X_FORWARDED_PROTO) {
@@ -507,42 +682,51 @@ async fn forward(
         headers.insert(DOWNSTREAM_VERSION, HeaderValue::from_static(v));
     }
     if let Err(why) = set_upstream_target(&mut req, up.h2) {
-        return local_reply(StatusCode::BAD_REQUEST, "DPE", why.to_string());
+        return Ok(local_reply(StatusCode::BAD_REQUEST, "DPE", why.to_string()));
     }
     if let Some(ep) = up.endpoint {
         ep.stats.requests.fetch_add(1, Ordering::Relaxed);
         ep.stats.active.fetch_add(1, Ordering::Relaxed);
     }
-    let result = send(shared, req, &up).await;
+    let result = send(shared, req, up).await;
     if let Some(ep) = up.endpoint {
         ep.stats.active.fetch_sub(1, Ordering::Relaxed);
     }
-    match result {
-        Ok(mut resp) => {
-            strip_hop_by_hop(resp.headers_mut());
-            *resp.version_mut() = downstream_version;
-            resp
-        }
-        Err(e) => {
-            if let Some(ep) = up.endpoint {
-                ep.stats.errors.fetch_add(1, Ordering::Relaxed);
-                if matches!(e, UpstreamError::Connect { .. }) {
-                    ep.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            if matches!(e, UpstreamError::Connect { .. }) {
-                Stats::inc(&shared.stats.upstream_connect_failures_total);
-            }
-            tracing::warn!(flags = e.flag(), "{e}");
-            let what = match e {
-                UpstreamError::Connect { .. } => "upstream connect error: connection failure",
-                UpstreamError::Request { .. } => {
-                    "upstream connect error or disconnect/reset before headers"
-                }
-            };
-            local_reply(StatusCode::SERVICE_UNAVAILABLE, e.flag(), what.to_string())
+    let mut resp = result?;
+    strip_hop_by_hop(resp.headers_mut());
+    *resp.version_mut() = downstream_version;
+    Ok(resp)
+}
+
+/// Counts an upstream failure (every try counts, retried or not).
+fn count_failure(shared: &Shared, ep: Option<&Endpoint>, e: &UpstreamError) {
+    let connect = matches!(e, UpstreamError::Connect { .. });
+    if let Some(ep) = ep {
+        ep.stats.errors.fetch_add(1, Ordering::Relaxed);
+        if connect {
+            ep.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
         }
     }
+    if connect {
+        Stats::inc(&shared.stats.upstream_connect_failures_total);
+    }
+}
+
+/// Logs and answers the failure that ended a request.
+fn upstream_error_reply(e: UpstreamError) -> Response<ProxyBody> {
+    tracing::warn!(flags = e.flag(), "{e}");
+    let (status, what) = match e {
+        UpstreamError::Connect { .. } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream connect error: connection failure",
+        ),
+        UpstreamError::Request { .. } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream connect error or disconnect/reset before headers",
+        ),
+        UpstreamError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+    };
+    local_reply(status, e.flag(), what.to_string())
 }
 
 /// Rewrites the request line for the upstream's version without re-parsing anything:

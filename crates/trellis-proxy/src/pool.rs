@@ -39,6 +39,9 @@ pub enum UpstreamError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    /// No response headers within the per-try timeout (response flag UT).
+    #[error("upstream {addr}: no response within the per-try timeout")]
+    Timeout { addr: SocketAddr },
 }
 
 impl UpstreamError {
@@ -47,6 +50,7 @@ impl UpstreamError {
         match self {
             UpstreamError::Connect { .. } => "UF",
             UpstreamError::Request { .. } => "UC",
+            UpstreamError::Timeout { .. } => "UT",
         }
     }
 }

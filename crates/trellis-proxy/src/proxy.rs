@@ -31,6 +31,8 @@ pub struct Shared {
     app_addrs: Mutex<HashMap<u16, SocketAddr>>,
     pub inbound_conns: Arc<Tracker>,
     pub outbound_conns: Arc<Tracker>,
+    /// Retries for routes that do not set their own (Istio's default).
+    pub default_retry: crate::config::RetryPolicy,
 }
 
 impl std::fmt::Debug for Shared {
@@ -52,6 +54,7 @@ impl Shared {
             app_addrs: Mutex::new(HashMap::new()),
             inbound_conns: Arc::default(),
             outbound_conns: Arc::default(),
+            default_retry: crate::config::RetryPolicy::istio_default(),
         })
     }
 

@@ -174,7 +174,8 @@ async fn refused_upstream_gets_503_uf_and_no_endpoint_gets_503_uh() {
             .stats
             .upstream_connect_failures_total
             .load(Ordering::Relaxed),
-        1
+        3,
+        "tried 3 times: Istio's default policy retries connect failures twice"
     );
 
     let p = outbound(&[], "").await;

@@ -382,3 +382,197 @@ async fn regex_rewrites_use_capture_groups() {
     assert_eq!(r.status, 200, "rewritten to the fixture's /bytes/42");
     assert_eq!(r.body.len(), 42);
 }
+
+/// An HTTP/1.1 app that answers 503 to the first `fail` requests and then echoes the
+/// request body with the attempt-count header; counts requests.
+async fn flaky(fail: usize) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let c = std::sync::Arc::clone(&count);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let c = std::sync::Arc::clone(&c);
+            tokio::spawn(async move {
+                // Requests on this connection, at most 100.
+                for _ in 0..100 {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < head_end + len {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body = buf[head_end..head_end + len].to_vec();
+                    let attempt = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("x-envoy-attempt-count:"))
+                        .map(|v| v.trim().to_string())
+                        .unwrap_or_else(|| "1".into());
+                    let n = c.fetch_add(1, Ordering::SeqCst);
+                    let resp = if n < fail {
+                        "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n"
+                            .to_string()
+                            .into_bytes()
+                    } else {
+                        let mut r = format!(
+                            "HTTP/1.1 200 OK\r\nx-attempt: {attempt}\r\ncontent-length: {}\r\n\r\n",
+                            body.len()
+                        )
+                        .into_bytes();
+                        r.extend_from_slice(&body);
+                        r
+                    };
+                    if s.write_all(&resp).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, count)
+}
+
+#[tokio::test]
+async fn istio_default_retries_a_503_and_resends_the_body() {
+    let (app, count) = flaky(1).await;
+    let p = faulty(app, "").await; // a route without its own retry policy
+    let r = http_client::post(
+        p.outbound_addrs[0],
+        "app",
+        "/orders",
+        bytes::Bytes::from_static(b"order #1"),
+    )
+    .await
+    .expect("response");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, "order #1", "the buffered body went out again");
+    assert_eq!(r.header("x-attempt"), Some("2"));
+    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn connect_failures_are_retried_on_another_endpoint() {
+    let app = HttpServer::start().await.expect("app");
+    let dead = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let yaml = |retries: &str| {
+        format!(
+            "services:
+- hostname: app.default.svc.cluster.local
+  ports:
+  - port: 80
+    name: http
+    cluster: app
+    httpRoutes: [{{name: r, clusters: [{{cluster: app}}]{retries}}}]
+clusters:
+- {{name: app, endpoints: [{{address: \"{dead}\"}}, {{address: \"{}\"}}]}}
+",
+            app.addr
+        )
+    };
+    let start = |y: String| async move {
+        trellis_proxy::start(
+            config(&y).expect("snapshot"),
+            ProxyOptions {
+                outbound_listen: vec![(
+                    "127.0.0.1:0".parse().expect("addr"),
+                    "app".to_string(),
+                    80,
+                )],
+                ..ProxyOptions::default()
+            },
+        )
+        .await
+        .expect("proxy")
+    };
+    let p = start(yaml("")).await;
+    for _ in 0..20 {
+        let r = http_client::get(p.outbound_addrs[0], "app", "/echo")
+            .await
+            .expect("response");
+        assert_eq!(r.status, 200, "the dead endpoint is skipped by a retry");
+    }
+    let p = start(yaml(", retries: {attempts: 0}")).await;
+    let mut failed = 0;
+    for _ in 0..20 {
+        let r = http_client::get(p.outbound_addrs[0], "app", "/echo")
+            .await
+            .expect("response");
+        if r.status == 503 {
+            assert_eq!(r.header("x-trellis-response-flags"), Some("UF"));
+            failed += 1;
+        }
+    }
+    assert_eq!(
+        failed, 10,
+        "round robin, no retries: every other request fails"
+    );
+}
+
+#[tokio::test]
+async fn per_try_timeouts_and_conditions_outside_the_policy() {
+    let app = HttpServer::start().await.expect("app");
+    let p = faulty(
+        app.addr,
+        "      retries: {attempts: 2, perTryTimeout: 100ms, retryOn: \"5xx\", backoff: 1ms}",
+    )
+    .await;
+    let start = std::time::Instant::now();
+    let r = http_client::get(p.outbound_addrs[0], "app", "/slow/400")
+        .await
+        .expect("response");
+    assert_eq!(r.status, 504);
+    assert_eq!(r.header("x-trellis-response-flags"), Some("UT"));
+    assert!(
+        start.elapsed() < Duration::from_millis(1200),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(app.stats().requests(), 3, "three tries of 100 ms");
+
+    // A 500 is not in Istio's default policy: one try only.
+    let app = HttpServer::start().await.expect("app");
+    let p = faulty(app.addr, "").await;
+    let r = http_client::get(p.outbound_addrs[0], "app", "/status/500")
+        .await
+        .expect("response");
+    assert_eq!(r.status, 500);
+    assert_eq!(app.stats().requests(), 1);
+}
+
+#[test]
+fn unknown_retry_conditions_refuse_the_snapshot() {
+    let e = config(
+        "services:\n- hostname: a.default.svc.cluster.local\n  ports:\n  - port: 80\n    cluster: c\n    httpRoutes: [{name: r, clusters: [{cluster: c}], retries: {attempts: 1, retryOn: \"5xx,sometimes\"}}]\nclusters: [{name: c}]\n",
+    )
+    .expect_err("bad retryOn");
+    assert!(
+        e.ends_with("retries.retryOn: \"sometimes\" is not a retryOn condition"),
+        "{e}"
+    );
+}

@@ -261,6 +261,30 @@ pub struct HttpRoute {
     #[prost(message, optional, tag = "10")]
     #[serde(default)]
     pub response_headers: Option<HeaderOps>,
+    /// Absent: Istio's default (2 retries on connect-failure, refused-stream,
+    /// unavailable, cancelled and 503). `attempts: 0` disables retries.
+    #[prost(message, optional, tag = "11")]
+    #[serde(default)]
+    pub retries: Option<RetryPolicy>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryPolicy {
+    #[prost(uint32, tag = "1")]
+    #[serde(default)]
+    pub attempts: u32,
+    #[prost(message, optional, tag = "2")]
+    #[serde(default, with = "duration_opt")]
+    pub per_try_timeout: Option<prost_types::Duration>,
+    /// Istio's `retryOn`: comma-separated conditions and status codes.
+    #[prost(string, optional, tag = "3")]
+    #[serde(default)]
+    pub retry_on: Option<String>,
+    /// Base of the exponential backoff with jitter (default 25ms).
+    #[prost(message, optional, tag = "4")]
+    #[serde(default, with = "duration_opt")]
+    pub backoff: Option<prost_types::Duration>,
 }
 
 #[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]

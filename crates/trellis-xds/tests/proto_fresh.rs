@@ -116,6 +116,12 @@ fn full() -> Snapshot {
                     }),
                     request_headers: Some(ops()),
                     response_headers: Some(ops()),
+                    retries: Some(RetryPolicy {
+                        attempts: 3,
+                        per_try_timeout: d(100),
+                        retry_on: Some("5xx".into()),
+                        backoff: d(25),
+                    }),
                 }],
             }],
         }],
