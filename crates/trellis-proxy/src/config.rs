@@ -152,6 +152,16 @@ pub struct RoutePolicy {
     pub response_headers: Option<HeaderOps>,
     /// `None`: Istio's default policy.
     pub retry: Option<RetryPolicy>,
+    pub mirrors: Vec<Mirror>,
+}
+
+/// Where copies of requests go.
+#[derive(Debug, Clone)]
+pub struct Mirror {
+    /// `None` when the snapshot does not define the cluster (nothing is sent).
+    pub cluster: Option<Arc<Cluster>>,
+    /// Share of requests (0..100).
+    pub percentage: f64,
 }
 
 /// Largest request body buffered so that a retry can send it again; larger (or
@@ -339,6 +349,7 @@ fn route_policy(
     resource: &str,
     path: &str,
     r: &wire::HttpRoute,
+    clusters: &HashMap<&str, Arc<Cluster>>,
 ) -> Result<RoutePolicy, ConfigError> {
     let pct = |field: &str, p: Option<f64>| match p {
         None => Ok(100.0),
@@ -443,6 +454,12 @@ fn route_policy(
             uri: rw.uri.clone(),
             authority,
             uri_regex,
+        });
+    }
+    for (i, m) in r.mirrors.iter().enumerate() {
+        policy.mirrors.push(Mirror {
+            cluster: clusters.get(m.cluster.as_str()).cloned(),
+            percentage: pct(&format!("mirrors[{i}].percentage"), m.percentage)?,
         });
     }
     if let Some(rp) = &r.retries {
@@ -799,7 +816,9 @@ impl Config {
                     .http_routes
                     .iter()
                     .enumerate()
-                    .map(|(i, r)| route_policy(&res, &format!("port {port} httpRoutes[{i}]"), r))
+                    .map(|(i, r)| {
+                        route_policy(&res, &format!("port {port} httpRoutes[{i}]"), r, &clusters)
+                    })
                     .collect::<Result<Vec<_>, _>>()?;
                 let target = Arc::new(Target {
                     routes,

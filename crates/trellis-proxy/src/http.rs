@@ -97,7 +97,7 @@ pub async fn handle(
 }
 
 async fn outbound(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     cfg: &Config,
     target: &crate::config::Target,
     req: Request<ReqBody>,
@@ -166,7 +166,7 @@ async fn outbound(
         }
     };
     let mut resp = match policy {
-        None => to_cluster(shared, target, cluster, &shared.default_retry, req).await,
+        None => to_cluster(shared, target, cluster, &shared.default_retry, &[], req).await,
         Some(p) => {
             let work = with_faults(shared, target, cluster, p, req);
             match p.timeout {
@@ -301,7 +301,7 @@ fn roll(percentage: f64) -> bool {
 
 /// Injected delay and abort (flags DI, FI), then the request itself.
 async fn with_faults(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     target: &crate::config::Target,
     cluster: &Arc<crate::config::Cluster>,
     policy: &crate::config::RoutePolicy,
@@ -339,7 +339,7 @@ async fn with_faults(
         }
     }
     let retry = policy.retry.as_ref().unwrap_or(&shared.default_retry);
-    to_cluster(shared, target, cluster, retry, req).await
+    to_cluster(shared, target, cluster, retry, &policy.mirrors, req).await
 }
 
 /// Sends the request to an endpoint of `cluster`.
@@ -350,10 +350,11 @@ const ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count
 /// the body buffered (up to 64 KiB) so that it can be sent again. Streaming bodies and
 /// upgrades go out once.
 async fn to_cluster(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     target: &crate::config::Target,
     cluster: &Arc<crate::config::Cluster>,
     retry: &RetryPolicy,
+    mirrors: &[crate::config::Mirror],
     req: Request<ReqBody>,
 ) -> Response<ProxyBody> {
     let no_endpoint = || {
@@ -379,7 +380,8 @@ async fn to_cluster(
         fallbacks: &[],
     };
     let downstream_h2 = req.version() == Version::HTTP_2;
-    if retry.attempts == 0 || is_upgrade(&req) {
+    let buffer = retry.attempts > 0 || !mirrors.is_empty();
+    if !buffer || is_upgrade(&req) {
         let Some(ep) = cluster.pick() else {
             return no_endpoint();
         };
@@ -411,6 +413,15 @@ async fn to_cluster(
             _ => (None, Some(ReqBody::Streaming(b))),
         },
     };
+    if let Some(body) = &buffered {
+        for m in mirrors {
+            if roll(m.percentage) {
+                mirror(shared, m, &parts, body.clone());
+            }
+        }
+    } else if !mirrors.is_empty() {
+        Stats::inc(&shared.stats.mirror_skipped_total);
+    }
     let tries = if buffered.is_some() {
         1 + retry.attempts
     } else {
@@ -493,6 +504,83 @@ async fn to_cluster(
         tokio::time::sleep(std::time::Duration::from_micros(random_u64() % ceiling)).await;
     }
     no_endpoint()
+}
+
+/// Most mirrored requests in flight at once: mirroring has its own budget and never
+/// queues behind, slows or fails the primary request.
+const MAX_MIRRORS_IN_FLIGHT: usize = 256;
+
+/// Sends a copy of a request to the mirror's cluster without waiting for it.
+fn mirror(
+    shared: &Arc<Shared>,
+    m: &crate::config::Mirror,
+    parts: &http::request::Parts,
+    body: Option<bytes::Bytes>,
+) {
+    let Some(cluster) = m.cluster.clone() else {
+        Stats::inc(&shared.stats.mirror_skipped_total);
+        return;
+    };
+    if shared.mirrors_in_flight.fetch_add(1, Ordering::Relaxed) >= MAX_MIRRORS_IN_FLIGHT {
+        shared.mirrors_in_flight.fetch_sub(1, Ordering::Relaxed);
+        Stats::inc(&shared.stats.mirror_skipped_total);
+        return;
+    }
+    let mut req = Request::new(ReqBody::Buffered(body));
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    // Istio's convention: the mirror sees the host with a "-shadow" suffix.
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| parts.uri.authority().map(|a| a.to_string()));
+    if let Some(host) = host {
+        let shadow = match host.rsplit_once(':') {
+            Some((h, p)) if p.bytes().all(|c| c.is_ascii_digit()) => format!("{h}-shadow:{p}"),
+            _ => format!("{host}-shadow"),
+        };
+        if let Ok(v) = HeaderValue::from_str(&shadow) {
+            req.headers_mut().insert(header::HOST, v);
+            if parts.uri.authority().is_some() {
+                let mut p = std::mem::take(req.uri_mut()).into_parts();
+                p.authority = http::uri::Authority::try_from(shadow.as_str()).ok();
+                if let Ok(u) = Uri::from_parts(p) {
+                    *req.uri_mut() = u;
+                }
+            }
+        }
+    }
+    Stats::inc(&shared.stats.mirror_requests_total);
+    let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        if let Some(ep) = cluster.pick() {
+            let up = Upstream {
+                addr: ep.addr,
+                h2: ep.proxied || req.version() == Version::HTTP_2,
+                peer_version: ep.proxied.then_some(if req.version() == Version::HTTP_2 {
+                    "2"
+                } else {
+                    "1.1"
+                }),
+                connect_timeout: cluster.connect_timeout,
+                idle_timeout: cluster.idle_timeout,
+                endpoint: Some(ep),
+                fallbacks: &[],
+            };
+            match forward_once(&shared, req, &up).await {
+                // Read the answer to the end so that the connection can be reused.
+                Ok(resp) => {
+                    let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+                }
+                Err(e) => tracing::debug!("mirror to {}: {e}", cluster.name),
+            }
+        }
+        shared.mirrors_in_flight.fetch_sub(1, Ordering::Relaxed);
+    });
 }
 
 /// Whether a response calls for another try under `on`.

@@ -33,6 +33,8 @@ pub struct Shared {
     pub outbound_conns: Arc<Tracker>,
     /// Retries for routes that do not set their own (Istio's default).
     pub default_retry: crate::config::RetryPolicy,
+    /// Mirrored requests in flight.
+    pub mirrors_in_flight: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Shared {
@@ -55,6 +57,7 @@ impl Shared {
             inbound_conns: Arc::default(),
             outbound_conns: Arc::default(),
             default_retry: crate::config::RetryPolicy::istio_default(),
+            mirrors_in_flight: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 

@@ -576,3 +576,126 @@ fn unknown_retry_conditions_refuse_the_snapshot() {
         "{e}"
     );
 }
+
+/// A slow app that records the Host header of every request and answers after `delay`.
+async fn slow_recorder(
+    delay: Duration,
+) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = std::sync::Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let seen = std::sync::Arc::clone(&s2);
+            tokio::spawn(async move {
+                for _ in 0..1000 {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+                    if let Some(h) = head.lines().find_map(|l| l.strip_prefix("host:")) {
+                        if let Ok(mut v) = seen.lock() {
+                            v.push(h.trim().to_string());
+                        }
+                    }
+                    tokio::time::sleep(delay).await;
+                    if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+async fn mirrored(app: SocketAddr, mirror: SocketAddr, percentage: &str) -> ProxyHandle {
+    let yaml = format!(
+        "services:
+- hostname: app.default.svc.cluster.local
+  ports:
+  - port: 80
+    name: http
+    cluster: app
+    httpRoutes: [{{name: r, clusters: [{{cluster: app}}], mirrors: [{{cluster: mirror{percentage}}}]}}]
+clusters:
+- {{name: app, endpoints: [{{address: \"{app}\"}}]}}
+- {{name: mirror, endpoints: [{{address: \"{mirror}\"}}]}}
+"
+    );
+    trellis_proxy::start(
+        config(&yaml).expect("snapshot"),
+        ProxyOptions {
+            outbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), "app".to_string(), 80)],
+            ..ProxyOptions::default()
+        },
+    )
+    .await
+    .expect("proxy")
+}
+
+#[tokio::test]
+async fn mirrors_get_a_shadow_copy_without_slowing_the_request() {
+    let app = HttpServer::start().await.expect("app");
+    let (mirror, seen) = slow_recorder(Duration::from_millis(800)).await;
+    let p = mirrored(app.addr, mirror, "").await;
+    let start = std::time::Instant::now();
+    let r = http_client::get(p.outbound_addrs[0], "app:80", "/echo")
+        .await
+        .expect("response");
+    assert_eq!(r.status, 200);
+    assert!(
+        start.elapsed() < Duration::from_millis(400),
+        "the primary waited for the mirror: {:?}",
+        start.elapsed()
+    );
+    // The copy arrives (bounded wait: 50 × 50 ms).
+    for _ in 0..50 {
+        if seen.lock().map(|v| !v.is_empty()).unwrap_or(false) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        seen.lock().expect("lock").clone(),
+        vec!["app-shadow:80".to_string()]
+    );
+}
+
+#[tokio::test]
+async fn mirroring_honours_the_percentage() {
+    let app = HttpServer::start().await.expect("app");
+    let (mirror, seen) = slow_recorder(Duration::ZERO).await;
+    let p = mirrored(app.addr, mirror, ", percentage: 50").await;
+    let mut c = http_client::HttpClient::http1(p.outbound_addrs[0])
+        .await
+        .expect("connect");
+    for _ in 0..400 {
+        assert_eq!(c.get("app", "/echo").await.expect("response").status, 200);
+    }
+    // Let the last copies land (bounded: 40 × 25 ms).
+    let mut last = 0;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        let n = seen.lock().map(|v| v.len()).unwrap_or(0);
+        if n == last && n > 0 {
+            break;
+        }
+        last = n;
+    }
+    let n = seen.lock().map(|v| v.len()).unwrap_or(0);
+    assert!((150..=250).contains(&n), "{n} of 400 mirrored");
+    assert_eq!(app.stats().requests(), 400);
+}

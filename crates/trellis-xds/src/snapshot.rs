@@ -266,6 +266,21 @@ pub struct HttpRoute {
     #[prost(message, optional, tag = "11")]
     #[serde(default)]
     pub retries: Option<RetryPolicy>,
+    /// Copies of requests, sent without waiting (Host gets a `-shadow` suffix).
+    #[prost(message, repeated, tag = "12")]
+    #[serde(default)]
+    pub mirrors: Vec<Mirror>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Mirror {
+    #[prost(string, tag = "1")]
+    pub cluster: String,
+    /// Share of requests mirrored, 0..100; absent means all of them.
+    #[prost(double, optional, tag = "2")]
+    #[serde(default)]
+    pub percentage: Option<f64>,
 }
 
 #[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]

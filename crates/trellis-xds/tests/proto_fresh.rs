@@ -122,6 +122,10 @@ fn full() -> Snapshot {
                         retry_on: Some("5xx".into()),
                         backoff: d(25),
                     }),
+                    mirrors: vec![Mirror {
+                        cluster: "c".into(),
+                        percentage: Some(10.0),
+                    }],
                 }],
             }],
         }],
