@@ -85,6 +85,51 @@ pub struct EndpointStats {
     pub errors: AtomicU64,
     pub connect_failures: AtomicU64,
     pub active: AtomicU64,
+    /// Outlier detection: failures in a row, ejected until (ms on [`now_ms`]'s clock),
+    /// and how many times the endpoint was ejected (each ejection lasts longer).
+    pub consecutive_failures: std::sync::atomic::AtomicU32,
+    pub ejected_until_ms: AtomicU64,
+    pub ejections: std::sync::atomic::AtomicU32,
+}
+
+impl EndpointStats {
+    pub fn ejected(&self, now: u64) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > now
+    }
+}
+
+/// Milliseconds on a monotonic clock private to the process.
+pub fn now_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
+/// Connection-pool limits of a cluster (Envoy's circuit breakers).
+#[derive(Debug)]
+pub struct Limits {
+    connections: Option<Arc<tokio::sync::Semaphore>>,
+    max_pending: usize,
+    pending: AtomicUsize,
+    requests: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+/// Permits held by a request in flight.
+#[derive(Debug)]
+pub struct Admitted {
+    _connection: Option<tokio::sync::OwnedSemaphorePermit>,
+    _request: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Outlier detection settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Outlier {
+    pub consecutive_errors: u32,
+    pub base_ejection: Duration,
+    pub max_ejection_percent: u32,
+    pub min_health_percent: u32,
 }
 
 #[derive(Debug)]
@@ -104,22 +149,121 @@ pub struct Cluster {
     pub endpoints: Vec<Arc<Endpoint>>,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    pub load_balancer: wire::LoadBalancer,
+    pub limits: Option<Limits>,
+    pub outlier: Option<Outlier>,
     next: AtomicUsize,
 }
 
 impl Cluster {
-    /// Round robin over healthy endpoints (all endpoints when none is healthy, as Envoy's
-    /// panic threshold does).
+    /// An endpoint by the cluster's load-balancing policy, among healthy endpoints that
+    /// are not ejected (all endpoints when none is, as Envoy's panic threshold does).
     pub fn pick(&self) -> Option<&Arc<Endpoint>> {
         let n = self.endpoints.len();
         if n == 0 {
             return None;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n)
-            .map(|i| &self.endpoints[(start + i) % n])
-            .find(|e| e.healthy)
-            .or_else(|| self.endpoints.get(start % n))
+        let now = now_ms();
+        let ok = |e: &&Arc<Endpoint>| e.healthy && !e.stats.ejected(now);
+        match self.load_balancer {
+            wire::LoadBalancer::RoundRobin => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..n)
+                    .map(|i| &self.endpoints[(start + i) % n])
+                    .find(ok)
+                    .or_else(|| self.endpoints.get(start % n))
+            }
+            wire::LoadBalancer::Random | wire::LoadBalancer::LeastRequest => {
+                let available: Vec<&Arc<Endpoint>> = self.endpoints.iter().filter(ok).collect();
+                let pool: Vec<&Arc<Endpoint>> = if available.is_empty() {
+                    self.endpoints.iter().collect()
+                } else {
+                    available
+                };
+                let r = crate::http::random_u64();
+                let len = pool.len() as u64;
+                let ia = (r % len) as usize;
+                let a = pool[ia];
+                if self.load_balancer == wire::LoadBalancer::Random || len == 1 {
+                    return Some(a);
+                }
+                // Power of two choices: the less busy of two different random endpoints.
+                let ib = (ia + 1 + ((r >> 32) % (len - 1)) as usize) % pool.len();
+                let b = pool[ib];
+                let busy = |e: &Arc<Endpoint>| e.stats.active.load(Ordering::Relaxed);
+                Some(if busy(b) < busy(a) { b } else { a })
+            }
+        }
+    }
+
+    /// Admits a request under the cluster's limits, waiting only for a pending slot;
+    /// `None` means overflow (503 UO).
+    pub async fn admit(&self) -> Option<Admitted> {
+        let Some(l) = &self.limits else {
+            return Some(Admitted {
+                _connection: None,
+                _request: None,
+            });
+        };
+        let request = match &l.requests {
+            None => None,
+            Some(s) => Some(Arc::clone(s).try_acquire_owned().ok()?),
+        };
+        let connection = match &l.connections {
+            None => None,
+            Some(s) => match Arc::clone(s).try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    if l.pending.fetch_add(1, Ordering::AcqRel) >= l.max_pending {
+                        l.pending.fetch_sub(1, Ordering::AcqRel);
+                        return None;
+                    }
+                    let p = Arc::clone(s).acquire_owned().await.ok();
+                    l.pending.fetch_sub(1, Ordering::AcqRel);
+                    Some(p?)
+                }
+            },
+        };
+        Some(Admitted {
+            _connection: connection,
+            _request: request,
+        })
+    }
+
+    /// Feeds outlier detection with the outcome of a try.
+    pub fn report(&self, ep: &Endpoint, failed: bool) {
+        let Some(o) = self.outlier else { return };
+        if !failed {
+            ep.stats.consecutive_failures.store(0, Ordering::Relaxed);
+            return;
+        }
+        let n = ep
+            .stats
+            .consecutive_failures
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        if o.consecutive_errors == 0 || n < o.consecutive_errors {
+            return;
+        }
+        let now = now_ms();
+        let total = self.endpoints.len();
+        let ejected = self
+            .endpoints
+            .iter()
+            .filter(|e| e.stats.ejected(now))
+            .count();
+        let allowed = (total * o.max_ejection_percent as usize / 100).max(1);
+        let available_after = total.saturating_sub(ejected + 1);
+        if ejected >= allowed || available_after * 100 < o.min_health_percent as usize * total {
+            return;
+        }
+        let times = ep.stats.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let ms = (o.base_ejection.as_millis() as u64)
+            .saturating_mul(u64::from(times))
+            .min(300_000);
+        ep.stats.ejected_until_ms.store(now + ms, Ordering::Relaxed);
+        ep.stats.consecutive_failures.store(0, Ordering::Relaxed);
+        tracing::warn!(cluster = %self.name, "endpoint {} ejected for {ms} ms after {n} consecutive failures", ep.addr);
     }
 }
 
@@ -769,11 +913,52 @@ impl Config {
                     stats,
                 }));
             }
+            let load_balancer = wire::LoadBalancer::try_from(c.load_balancer)
+                .map_err(|_| bad(&res, format!("unknown load balancer {}", c.load_balancer)))?;
+            let limits = c.circuit_breakers.as_ref().map(|cb| Limits {
+                connections: cb
+                    .max_connections
+                    .map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize))),
+                max_pending: cb.max_pending_requests.map_or(usize::MAX, |n| n as usize),
+                pending: AtomicUsize::new(0),
+                requests: cb
+                    .max_requests
+                    .map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize))),
+            });
+            let outlier = match &c.outlier_detection {
+                None => None,
+                Some(o) => {
+                    let pct = |v: Option<u32>, d: u32, f: &str| match v.unwrap_or(d) {
+                        p if p <= 100 => Ok(p),
+                        p => Err(bad(
+                            &res,
+                            format!("outlierDetection.{f}: {p} must be 0..100"),
+                        )),
+                    };
+                    Some(Outlier {
+                        consecutive_errors: o.consecutive_5xx_errors.unwrap_or(5),
+                        base_ejection: duration(
+                            &res,
+                            o.base_ejection_time.as_ref(),
+                            Duration::from_secs(30),
+                        )?,
+                        max_ejection_percent: pct(
+                            o.max_ejection_percent,
+                            10,
+                            "maxEjectionPercent",
+                        )?,
+                        min_health_percent: pct(o.min_health_percent, 0, "minHealthPercent")?,
+                    })
+                }
+            };
             let cluster = Arc::new(Cluster {
                 name: c.name.clone(),
                 endpoints,
                 connect_timeout: duration(&res, c.connect_timeout.as_ref(), default_connect)?,
                 idle_timeout: duration(&res, c.idle_timeout.as_ref(), DEFAULT_IDLE_TIMEOUT)?,
+                load_balancer,
+                limits,
+                outlier,
                 next: AtomicUsize::new(0),
             });
             if clusters.insert(c.name.as_str(), cluster).is_some() {

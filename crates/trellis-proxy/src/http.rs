@@ -389,7 +389,12 @@ async fn to_cluster(
             endpoint: Some(ep),
             ..upstream(ep, downstream_h2)
         };
-        return forward(shared, req, up).await;
+        let Some(_admitted) = cluster.admit().await else {
+            return overflow(cluster);
+        };
+        let resp = forward(shared, req, up).await;
+        cluster.report(ep, resp.status().is_server_error());
+        return resp;
     }
 
     let (parts, body) = req.into_parts();
@@ -460,6 +465,9 @@ async fn to_cluster(
             endpoint: Some(ep),
             ..upstream(ep, downstream_h2)
         };
+        let Some(_admitted) = cluster.admit().await else {
+            return overflow(cluster);
+        };
         let result = match retry.per_try_timeout {
             None => forward_once(shared, req, &up).await,
             Some(t) => tokio::time::timeout(t, forward_once(shared, req, &up))
@@ -469,6 +477,13 @@ async fn to_cluster(
         if let Err(e) = &result {
             count_failure(shared, Some(ep), e);
         }
+        cluster.report(
+            ep,
+            match &result {
+                Ok(r) => r.status().is_server_error(),
+                Err(_) => true,
+            },
+        );
         let last = attempt == tries;
         let again = match &result {
             Ok(resp) => !last && retriable_response(&retry.on, resp),
@@ -581,6 +596,17 @@ fn mirror(
         }
         shared.mirrors_in_flight.fetch_sub(1, Ordering::Relaxed);
     });
+}
+
+/// 503 UO: the cluster's connection-pool limits are reached.
+fn overflow(cluster: &crate::config::Cluster) -> Response<ProxyBody> {
+    tracing::info!(flags = "UO", cluster = %cluster.name, "connection pool limits reached");
+    local_reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "UO",
+        "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+            .to_string(),
+    )
 }
 
 /// Whether a response calls for another try under `on`.

@@ -493,6 +493,80 @@ pub struct Cluster {
     #[prost(message, optional, tag = "4")]
     #[serde(default, with = "duration_opt")]
     pub idle_timeout: Option<prost_types::Duration>,
+    /// ROUND_ROBIN (default), LEAST_REQUEST or RANDOM.
+    #[prost(enumeration = "LoadBalancer", tag = "5")]
+    #[serde(default, with = "load_balancer")]
+    pub load_balancer: i32,
+    #[prost(message, optional, tag = "6")]
+    #[serde(default)]
+    pub circuit_breakers: Option<CircuitBreakers>,
+    #[prost(message, optional, tag = "7")]
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum LoadBalancer {
+    RoundRobin = 0,
+    /// Power of two choices by requests in flight.
+    LeastRequest = 1,
+    Random = 2,
+}
+
+impl LoadBalancer {
+    pub const ALL: [LoadBalancer; 3] = [
+        LoadBalancer::RoundRobin,
+        LoadBalancer::LeastRequest,
+        LoadBalancer::Random,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LoadBalancer::RoundRobin => "ROUND_ROBIN",
+            LoadBalancer::LeastRequest => "LEAST_REQUEST",
+            LoadBalancer::Random => "RANDOM",
+        }
+    }
+}
+
+/// DestinationRule connectionPool limits; over a limit the request gets 503 (UO) at once.
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CircuitBreakers {
+    /// Concurrent HTTP/1.1 connections (requests) to the cluster.
+    #[prost(uint32, optional, tag = "1")]
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    /// Requests allowed to wait for a connection when maxConnections is reached.
+    #[prost(uint32, optional, tag = "2")]
+    #[serde(default)]
+    pub max_pending_requests: Option<u32>,
+    /// Concurrent requests to the cluster, whatever the protocol.
+    #[prost(uint32, optional, tag = "3")]
+    #[serde(default)]
+    pub max_requests: Option<u32>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetection {
+    /// Consecutive 5xx responses (or connect failures) that eject an endpoint.
+    #[prost(uint32, optional, tag = "1")]
+    #[serde(default, rename = "consecutive5xxErrors")]
+    pub consecutive_5xx_errors: Option<u32>,
+    /// Base ejection time; the n-th ejection lasts n times this (default 30s).
+    #[prost(message, optional, tag = "2")]
+    #[serde(default, with = "duration_opt")]
+    pub base_ejection_time: Option<prost_types::Duration>,
+    /// Most endpoints ejected at once, in percent (default 10; at least one).
+    #[prost(uint32, optional, tag = "3")]
+    #[serde(default)]
+    pub max_ejection_percent: Option<u32>,
+    /// Below this share of available endpoints, nothing is ejected (default 0).
+    #[prost(uint32, optional, tag = "4")]
+    #[serde(default)]
+    pub min_health_percent: Option<u32>,
 }
 
 #[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
@@ -662,6 +736,34 @@ mod protocol_opt {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i32>, D::Error> {
         Ok(Option::<trellis_api::common::Protocol>::deserialize(d)?
             .map(|p| Protocol::from_api(p) as i32))
+    }
+}
+
+/// Load balancer names in files.
+mod load_balancer {
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::LoadBalancer;
+
+    pub fn serialize<S: Serializer>(p: &i32, s: S) -> Result<S::Ok, S::Error> {
+        match LoadBalancer::try_from(*p) {
+            Ok(p) => s.serialize_str(p.name()),
+            Err(_) => s.serialize_i32(*p),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+        let name = String::deserialize(d)?;
+        LoadBalancer::ALL
+            .into_iter()
+            .find(|p| p.name() == name)
+            .map(|p| p as i32)
+            .ok_or_else(|| {
+                D::Error::custom(format!(
+                    "unknown value {name:?}, expected one of ROUND_ROBIN, LEAST_REQUEST, RANDOM"
+                ))
+            })
     }
 }
 

@@ -142,6 +142,18 @@ fn full() -> Snapshot {
             }],
             connect_timeout: d(1500),
             idle_timeout: d(3000),
+            load_balancer: LoadBalancer::LeastRequest as i32,
+            circuit_breakers: Some(CircuitBreakers {
+                max_connections: Some(1),
+                max_pending_requests: Some(2),
+                max_requests: Some(3),
+            }),
+            outlier_detection: Some(OutlierDetection {
+                consecutive_5xx_errors: Some(5),
+                base_ejection_time: d(30_000),
+                max_ejection_percent: Some(10),
+                min_health_percent: Some(0),
+            }),
         }],
         settings: Some(Settings {
             protocol_detection_timeout: d(100),

@@ -1,0 +1,183 @@
+//! DestinationRule-derived cluster policies through the proxy: connection-pool limits
+//! (503 UO), outlier detection (ejection and return), load balancers.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::time::timeout;
+use trellis_proxy::{Config, ProxyHandle, ProxyOptions};
+use trellis_testkit::{HttpServer, http_client};
+use trellis_xds::snapshot::Snapshot;
+
+/// A proxy for `app:80` whose cluster has `endpoints` and the given policy YAML (the
+/// route has no retries, so every try is visible).
+async fn proxy(endpoints: &[SocketAddr], policy: &str) -> ProxyHandle {
+    let eps: Vec<String> = endpoints
+        .iter()
+        .map(|e| format!("{{address: \"{e}\"}}"))
+        .collect();
+    let yaml = format!(
+        "services:
+- hostname: app.default.svc.cluster.local
+  ports:
+  - port: 80
+    name: http
+    cluster: app
+    httpRoutes: [{{name: r, clusters: [{{cluster: app}}], retries: {{attempts: 0}}}}]
+clusters:
+- name: app
+  endpoints: [{}]
+{policy}
+",
+        eps.join(", ")
+    );
+    let raw = Snapshot::from_text(&yaml, "policy.yaml").expect("snapshot");
+    trellis_proxy::start(
+        Config::from_wire(raw, None).expect("converts"),
+        ProxyOptions {
+            outbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), "app".to_string(), 80)],
+            ..ProxyOptions::default()
+        },
+    )
+    .await
+    .expect("proxy")
+}
+
+#[tokio::test]
+async fn the_third_concurrent_request_overflows_with_503_uo() {
+    let app = HttpServer::start().await.expect("app");
+    let p = proxy(
+        &[app.addr],
+        "  circuitBreakers: {maxConnections: 1, maxPendingRequests: 1}",
+    )
+    .await;
+    let addr = p.outbound_addrs[0];
+    let slow = || tokio::spawn(async move { http_client::get(addr, "app", "/slow/600").await });
+    let first = slow();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = slow(); // waits for the connection
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let start = std::time::Instant::now();
+    let third = http_client::get(addr, "app", "/slow/600")
+        .await
+        .expect("response");
+    assert_eq!(third.status, 503);
+    assert_eq!(third.header("x-trellis-response-flags"), Some("UO"));
+    assert!(
+        start.elapsed() < Duration::from_millis(300),
+        "overflow answers at once: {:?}",
+        start.elapsed()
+    );
+    for t in [first, second] {
+        let r = timeout(Duration::from_secs(10), t)
+            .await
+            .expect("in time")
+            .expect("task")
+            .expect("response");
+        assert_eq!(r.status, 200, "queued requests are served");
+    }
+    assert_eq!(app.stats().requests(), 2);
+}
+
+/// An HTTP/1.1 app that answers every request with `status`.
+async fn answering(status: u16) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                for _ in 0..10_000 {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..i + 4);
+                    }
+                    let resp = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n");
+                    if s.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn consecutive_5xx_eject_an_endpoint_and_it_comes_back() {
+    let good = HttpServer::start().await.expect("good");
+    let bad = answering(500).await;
+    let p = proxy(
+        &[good.addr, bad],
+        "  outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 500ms, maxEjectionPercent: 50}",
+    )
+    .await;
+    let mut c = http_client::HttpClient::http1(p.outbound_addrs[0])
+        .await
+        .expect("connect");
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        statuses.push(
+            c.get("app", "/bytes/1")
+                .await
+                .expect("response")
+                .status
+                .as_u16(),
+        );
+    }
+    // Round robin: 500s until the third, then only the good endpoint.
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 500).count(),
+        3,
+        "{statuses:?}"
+    );
+    assert!(statuses[6..].iter().all(|s| *s == 200), "{statuses:?}");
+    // After the ejection time the endpoint is tried again.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut again = 0;
+    for _ in 0..4 {
+        if c.get("app", "/bytes/1").await.expect("response").status == 500 {
+            again += 1;
+        }
+    }
+    assert!(again >= 1, "the ejected endpoint came back");
+}
+
+#[tokio::test]
+async fn least_request_prefers_the_idle_endpoint() {
+    let a = HttpServer::start().await.expect("a");
+    let b = HttpServer::start().await.expect("b");
+    let p = proxy(&[a.addr, b.addr], "  loadBalancer: LEAST_REQUEST").await;
+    let addr = p.outbound_addrs[0];
+    // Keep one request busy on whichever endpoint it lands, then count where quick
+    // requests go: mostly to the other one.
+    let busy = tokio::spawn(async move { http_client::get(addr, "app", "/slow/800").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (before_a, before_b) = (a.stats().requests(), b.stats().requests());
+    let busy_is_a = before_a == 1;
+    for _ in 0..40 {
+        assert_eq!(
+            http_client::get(addr, "app", "/bytes/1")
+                .await
+                .expect("response")
+                .status,
+            200
+        );
+    }
+    let to_busy = if busy_is_a {
+        a.stats().requests() - before_a
+    } else {
+        b.stats().requests() - before_b
+    };
+    assert!(to_busy <= 2, "{to_busy} of 40 went to the busy endpoint");
+    let _ = timeout(Duration::from_secs(10), busy).await;
+}
