@@ -297,6 +297,34 @@ pub struct RoutePolicy {
     /// `None`: Istio's default policy.
     pub retry: Option<RetryPolicy>,
     pub mirrors: Vec<Mirror>,
+    pub rate_limit: Option<Arc<crate::ratelimit::TokenBucket>>,
+}
+
+/// A token bucket from the snapshot, checked once per snapshot.
+fn rate_limit(
+    resource: &str,
+    path: &str,
+    rl: Option<&wire::RateLimit>,
+) -> Result<Option<Arc<crate::ratelimit::TokenBucket>>, ConfigError> {
+    let Some(rl) = rl else { return Ok(None) };
+    if rl.max_tokens == 0 || rl.tokens_per_fill == 0 {
+        return Err(bad(
+            resource,
+            format!("{path}.rateLimit: maxTokens and tokensPerFill must be at least 1"),
+        ));
+    }
+    let interval = duration(resource, rl.fill_interval.as_ref(), Duration::ZERO)?;
+    if interval < Duration::from_millis(1) {
+        return Err(bad(
+            resource,
+            format!("{path}.rateLimit.fillInterval must be at least 1ms"),
+        ));
+    }
+    Ok(Some(Arc::new(crate::ratelimit::TokenBucket::new(
+        rl.max_tokens,
+        rl.tokens_per_fill,
+        interval,
+    ))))
 }
 
 /// Where copies of requests go.
@@ -600,6 +628,7 @@ fn route_policy(
             uri_regex,
         });
     }
+    policy.rate_limit = rate_limit(resource, path, r.rate_limit.as_ref())?;
     for (i, m) in r.mirrors.iter().enumerate() {
         policy.mirrors.push(Mirror {
             cluster: clusters.get(m.cluster.as_str()).cloned(),
@@ -692,11 +721,12 @@ pub struct RouteDest {
     pub cluster: Option<Arc<Cluster>>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct InboundPort {
     pub port: u16,
     pub target_port: u16,
     pub protocol: PortProtocol,
+    pub rate_limit: Option<Arc<crate::ratelimit::TokenBucket>>,
 }
 
 /// A converted snapshot.
@@ -1069,6 +1099,7 @@ impl Config {
                             p.app_protocol.as_deref(),
                             p.name.as_deref(),
                         ),
+                        rate_limit: rate_limit(&res, "", p.rate_limit.as_ref())?,
                     },
                 );
             }
@@ -1144,10 +1175,11 @@ impl Config {
     /// The workload port `port` as declared, or undeclared (detected protocol, same
     /// port on the app).
     pub fn inbound_port(&self, port: u16) -> InboundPort {
-        self.inbound.get(&port).copied().unwrap_or(InboundPort {
+        self.inbound.get(&port).cloned().unwrap_or(InboundPort {
             port,
             target_port: port,
             protocol: PortProtocol::Detect,
+            rate_limit: None,
         })
     }
 

@@ -130,6 +130,12 @@ async fn outbound(
             };
             let policy = target.route_policies.get(m.route.index);
             if let Some(p) = policy {
+                if let Some(bucket) = &p.rate_limit {
+                    if let Err(retry_in) = bucket.try_take() {
+                        Stats::inc(&shared.stats.rate_limited_total);
+                        return bucket.limited(retry_in);
+                    }
+                }
                 if let Some(action) = &p.action {
                     return local_action(action, &req);
                 }
@@ -657,6 +663,12 @@ async fn inbound(
     mut req: Request<ReqBody>,
 ) -> Response<ProxyBody> {
     let declared = cfg.inbound_port(port);
+    if let Some(bucket) = &declared.rate_limit {
+        if let Err(retry_in) = bucket.try_take() {
+            Stats::inc(&shared.stats.rate_limited_total);
+            return bucket.limited(retry_in);
+        }
+    }
     let marker = req.headers_mut().remove(DOWNSTREAM_VERSION);
     let h2 = match marker.as_ref().map(HeaderValue::as_bytes) {
         _ if declared.protocol == PortProtocol::Http2 => true,

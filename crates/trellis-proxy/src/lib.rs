@@ -12,6 +12,7 @@ pub mod http;
 pub mod listener;
 pub mod pool;
 pub mod proxy;
+pub mod ratelimit;
 pub mod sniff;
 pub mod sockets;
 pub mod stats;

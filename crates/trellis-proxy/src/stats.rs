@@ -37,6 +37,7 @@ counters! {
     detection_timeouts_total => "trellis_proxy_protocol_detection_timeouts_total", "counter", "Connections whose protocol detection ended on the timeout (treated as TCP).";
     mirror_requests_total => "trellis_proxy_mirror_requests_total", "counter", "Requests copied to a mirror.";
     mirror_skipped_total => "trellis_proxy_mirror_skipped_total", "counter", "Requests not mirrored (streaming body, missing mirror cluster, or the mirror budget was full).";
+    rate_limited_total => "trellis_proxy_rate_limited_requests_total", "counter", "Requests refused by a local rate limit (429, RL).";
     config_updates_total => "trellis_proxy_config_updates_total", "counter", "Snapshots applied.";
     config_rejections_total => "trellis_proxy_config_rejections_total", "counter", "Snapshots refused (the last good one stays).";
 }

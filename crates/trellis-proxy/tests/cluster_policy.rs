@@ -181,3 +181,47 @@ async fn least_request_prefers_the_idle_endpoint() {
     assert!(to_busy <= 2, "{to_busy} of 40 went to the busy endpoint");
     let _ = timeout(Duration::from_secs(10), busy).await;
 }
+
+#[tokio::test]
+async fn inbound_rate_limit_answers_429_rl_and_refills() {
+    let app = HttpServer::start().await.expect("app");
+    let port = app.addr.port();
+    let raw = Snapshot::from_text(
+        &format!(
+            "workload:\n  name: app\n  inboundPorts:\n  - {{port: {port}, name: http, rateLimit: {{maxTokens: 5, tokensPerFill: 5, fillInterval: 500ms}}}}\n"
+        ),
+        "rl.yaml",
+    )
+    .expect("snapshot");
+    let p = trellis_proxy::start(
+        Config::from_wire(raw, None).expect("converts"),
+        ProxyOptions {
+            inbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), port)],
+            ..ProxyOptions::default()
+        },
+    )
+    .await
+    .expect("proxy");
+    let mut c = http_client::HttpClient::http1(p.inbound_addrs[0])
+        .await
+        .expect("connect");
+    let mut codes = Vec::new();
+    for _ in 0..8 {
+        let r = c.get("app", "/bytes/1").await.expect("response");
+        if r.status == 429 {
+            assert_eq!(r.header("x-trellis-response-flags"), Some("RL"));
+            assert_eq!(r.header("x-ratelimit-limit"), Some("5"));
+            assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
+            assert_eq!(r.header("x-ratelimit-reset"), Some("1"));
+        }
+        codes.push(r.status.as_u16());
+    }
+    assert_eq!(codes, [200, 200, 200, 200, 200, 429, 429, 429]);
+    tokio::time::sleep(Duration::from_millis(550)).await;
+    assert_eq!(
+        c.get("app", "/bytes/1").await.expect("response").status,
+        200,
+        "refilled"
+    );
+    assert_eq!(app.stats().requests(), 6);
+}

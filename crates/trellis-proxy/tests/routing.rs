@@ -699,3 +699,31 @@ async fn mirroring_honours_the_percentage() {
     assert!((150..=250).contains(&n), "{n} of 400 mirrored");
     assert_eq!(app.stats().requests(), 400);
 }
+
+#[tokio::test]
+async fn a_route_rate_limit_applies_to_that_route() {
+    let app = HttpServer::start().await.expect("app");
+    let p = faulty(
+        app.addr,
+        "      rateLimit: {maxTokens: 2, tokensPerFill: 1, fillInterval: 10s}",
+    )
+    .await;
+    let mut c = http_client::HttpClient::http1(p.outbound_addrs[0])
+        .await
+        .expect("connect");
+    let codes: Vec<u16> = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(
+                c.get("app", "/echo")
+                    .await
+                    .expect("response")
+                    .status
+                    .as_u16(),
+            );
+        }
+        v
+    };
+    assert_eq!(codes, [200, 200, 429, 429]);
+    assert_eq!(app.stats().requests(), 2);
+}

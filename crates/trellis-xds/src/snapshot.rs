@@ -180,6 +180,24 @@ pub struct InboundPort {
     #[prost(string, optional, tag = "5")]
     #[serde(default)]
     pub app_protocol: Option<String>,
+    /// Local rate limit for HTTP requests to this port (429, flag RL).
+    #[prost(message, optional, tag = "6")]
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A token bucket: `maxTokens` requests at once, refilled with `tokensPerFill` every
+/// `fillInterval`.
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimit {
+    #[prost(uint32, tag = "1")]
+    pub max_tokens: u32,
+    #[prost(uint32, tag = "2")]
+    pub tokens_per_fill: u32,
+    #[prost(message, optional, tag = "3")]
+    #[serde(with = "duration_opt")]
+    pub fill_interval: Option<prost_types::Duration>,
 }
 
 /// A service the proxy may send to.
@@ -270,6 +288,10 @@ pub struct HttpRoute {
     #[prost(message, repeated, tag = "12")]
     #[serde(default)]
     pub mirrors: Vec<Mirror>,
+    /// Local rate limit for requests this route matches (429, flag RL).
+    #[prost(message, optional, tag = "13")]
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
 }
 
 #[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]

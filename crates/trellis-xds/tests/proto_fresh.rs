@@ -29,6 +29,14 @@ fn sm() -> StringMatch {
     }
 }
 
+fn rl() -> RateLimit {
+    RateLimit {
+        max_tokens: 10,
+        tokens_per_fill: 5,
+        fill_interval: d(1000),
+    }
+}
+
 fn ops() -> HeaderOps {
     HeaderOps {
         set: BTreeMap::from([("s".to_string(), "1".to_string())]),
@@ -53,6 +61,7 @@ fn full() -> Snapshot {
                 name: Some("http".into()),
                 protocol: Some(Protocol::Http as i32),
                 app_protocol: Some("http".into()),
+                rate_limit: Some(rl()),
             }],
         }),
         outbound_traffic_policy: OutboundPolicy::RegistryOnly as i32,
@@ -126,6 +135,7 @@ fn full() -> Snapshot {
                         cluster: "c".into(),
                         percentage: Some(10.0),
                     }],
+                    rate_limit: Some(rl()),
                 }],
             }],
         }],
