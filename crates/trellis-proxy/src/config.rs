@@ -279,6 +279,204 @@ pub struct Target {
     pub routes: Option<RouteTable<RouteDest>>,
     /// Per rule (by index): timeout and faults.
     pub route_policies: Vec<RoutePolicy>,
+    /// Opaque TCP routing; none matching: `cluster`.
+    pub tcp_routes: Vec<L4Route>,
+    /// TLS passthrough routing by SNI; none matching: the connection is refused.
+    pub tls_routes: Vec<L4Route>,
+}
+
+/// A compiled TCP or TLS route.
+#[derive(Debug)]
+pub struct L4Route {
+    pub name: String,
+    pub matches: Vec<L4Match>,
+    pub destinations: Vec<Weighted<RouteDest>>,
+    total_weight: u32,
+}
+
+/// Conditions on a connection (all must hold).
+#[derive(Debug)]
+pub struct L4Match {
+    pub subnets: Vec<(IpAddr, u8)>,
+    pub port: Option<u16>,
+    pub source_labels: Vec<(String, String)>,
+    pub source_namespace: Option<String>,
+    /// Lowercase; `*.example.com` matches one or more labels in front.
+    pub sni_hosts: Vec<String>,
+}
+
+/// What a connection looks like to TCP and TLS routes.
+#[derive(Debug)]
+pub struct L4Request<'a> {
+    pub dst: Option<SocketAddr>,
+    pub port: u16,
+    pub sni: Option<&'a str>,
+    pub source_labels: &'a std::collections::BTreeMap<String, String>,
+    pub source_namespace: &'a str,
+}
+
+fn in_subnet(ip: IpAddr, net: IpAddr, prefix: u8) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => {
+            let mask = if prefix == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(prefix.min(32)))
+            };
+            u32::from(a) & mask == u32::from(b) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(b)) => {
+            let mask = if prefix == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(prefix.min(128)))
+            };
+            u128::from(a) & mask == u128::from(b) & mask
+        }
+        _ => false,
+    }
+}
+
+fn sni_matches(pattern: &str, sni: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        Some(suffix) => sni.ends_with(suffix) && sni.len() > suffix.len(),
+        None => pattern == sni,
+    }
+}
+
+impl L4Match {
+    pub fn matches(&self, req: &L4Request<'_>) -> bool {
+        if !self.subnets.is_empty()
+            && !req
+                .dst
+                .is_some_and(|d| self.subnets.iter().any(|(n, p)| in_subnet(d.ip(), *n, *p)))
+        {
+            return false;
+        }
+        if self.port.is_some_and(|p| p != req.port) {
+            return false;
+        }
+        if !self
+            .source_labels
+            .iter()
+            .all(|(k, v)| req.source_labels.get(k) == Some(v))
+        {
+            return false;
+        }
+        if self
+            .source_namespace
+            .as_deref()
+            .is_some_and(|n| n != req.source_namespace)
+        {
+            return false;
+        }
+        if !self.sni_hosts.is_empty()
+            && !req
+                .sni
+                .is_some_and(|sni| self.sni_hosts.iter().any(|h| sni_matches(h, sni)))
+        {
+            return false;
+        }
+        true
+    }
+}
+
+/// The first route whose match entries (alternatives) hold, and its weighted pick.
+pub fn pick_l4<'a>(
+    routes: &'a [L4Route],
+    req: &L4Request<'_>,
+) -> Option<(&'a L4Route, &'a RouteDest)> {
+    let route = routes
+        .iter()
+        .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.matches(req)))?;
+    let mut point = (crate::http::random_u64() % u64::from(route.total_weight.max(1))) as u32;
+    for d in &route.destinations {
+        if point < d.weight {
+            return Some((route, &d.destination));
+        }
+        point -= d.weight;
+    }
+    route.destinations.last().map(|d| (route, &d.destination))
+}
+
+fn compile_l4(
+    resource: &str,
+    what: &str,
+    routes: &[wire::L4Route],
+    clusters: &HashMap<&str, Arc<Cluster>>,
+) -> Result<Vec<L4Route>, ConfigError> {
+    let mut out = Vec::with_capacity(routes.len());
+    for (i, r) in routes.iter().enumerate() {
+        let path = format!("{what}[{i}]");
+        if r.clusters.is_empty() {
+            return Err(bad(
+                resource,
+                format!("{path}: a route needs at least one cluster"),
+            ));
+        }
+        let mut matches = Vec::with_capacity(r.matches.len());
+        for (j, m) in r.matches.iter().enumerate() {
+            let mut subnets = Vec::with_capacity(m.destination_subnets.len());
+            for c in &m.destination_subnets {
+                let (addr, prefix) = c.split_once('/').unwrap_or((c, ""));
+                let ip: IpAddr = addr.parse().map_err(|_| {
+                    bad(resource, format!("{path}.match[{j}]: {c:?} is not a CIDR"))
+                })?;
+                let max = if ip.is_ipv4() { 32 } else { 128 };
+                let prefix = if prefix.is_empty() {
+                    max
+                } else {
+                    prefix
+                        .parse::<u8>()
+                        .ok()
+                        .filter(|p| *p <= max)
+                        .ok_or_else(|| {
+                            bad(resource, format!("{path}.match[{j}]: {c:?} is not a CIDR"))
+                        })?
+                };
+                subnets.push((ip, prefix));
+            }
+            let port = m
+                .port
+                .map(|p| port_u16(&format!("{resource} {path}.match[{j}]"), p))
+                .transpose()?;
+            matches.push(L4Match {
+                subnets,
+                port,
+                source_labels: m
+                    .source_labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                source_namespace: m.source_namespace.clone(),
+                sni_hosts: m.sni_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            });
+        }
+        let lone = r.clusters.len() == 1;
+        let destinations: Vec<Weighted<RouteDest>> = r
+            .clusters
+            .iter()
+            .map(|w| Weighted {
+                weight: if lone && w.weight == 0 { 1 } else { w.weight },
+                destination: RouteDest {
+                    name: w.cluster.clone(),
+                    cluster: clusters.get(w.cluster.as_str()).cloned(),
+                },
+            })
+            .collect();
+        let total_weight = destinations.iter().map(|d| d.weight).sum();
+        out.push(L4Route {
+            name: if r.name.is_empty() {
+                format!("#{i}")
+            } else {
+                r.name.clone()
+            },
+            matches,
+            destinations,
+            total_weight,
+        });
+    }
+    Ok(out)
 }
 
 /// What a route does besides choosing a cluster.
@@ -1035,9 +1233,23 @@ impl Config {
                         route_policy(&res, &format!("port {port} httpRoutes[{i}]"), r, &clusters)
                     })
                     .collect::<Result<Vec<_>, _>>()?;
+                let tcp_routes = compile_l4(
+                    &res,
+                    &format!("port {port} tcpRoutes"),
+                    &p.tcp_routes,
+                    &clusters,
+                )?;
+                let tls_routes = compile_l4(
+                    &res,
+                    &format!("port {port} tlsRoutes"),
+                    &p.tls_routes,
+                    &clusters,
+                )?;
                 let target = Arc::new(Target {
                     routes,
                     route_policies,
+                    tcp_routes,
+                    tls_routes,
                     hostname: s.hostname.clone(),
                     port,
                     protocol: PortProtocol::declared(

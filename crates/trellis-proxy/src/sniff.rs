@@ -143,3 +143,148 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(2));
     }
 }
+
+/// The server name (SNI) of a TLS ClientHello at the start of `buf`, if `buf` holds the
+/// whole first record and it carries one. Parsing is bounds-checked throughout: malformed
+/// input gives `None`.
+pub fn sni(buf: &[u8]) -> Option<String> {
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        if b.len() < n {
+            return None;
+        }
+        let (head, rest) = b.split_at(n);
+        *b = rest;
+        Some(head)
+    }
+    fn u16_at(b: &mut &[u8]) -> Option<usize> {
+        take(b, 2).map(|x| usize::from(x[0]) << 8 | usize::from(x[1]))
+    }
+    let mut b = buf;
+    let rec = take(&mut b, 5)?;
+    if rec[0] != 0x16 {
+        return None;
+    }
+    let rec_len = usize::from(rec[3]) << 8 | usize::from(rec[4]);
+    let mut hs = take(&mut b, rec_len)?;
+    let head = take(&mut hs, 4)?;
+    if head[0] != 1 {
+        return None; // not a ClientHello
+    }
+    take(&mut hs, 2 + 32)?; // version, random
+    let sid = usize::from(*take(&mut hs, 1)?.first()?);
+    take(&mut hs, sid)?;
+    let suites = u16_at(&mut hs)?;
+    take(&mut hs, suites)?;
+    let comp = usize::from(*take(&mut hs, 1)?.first()?);
+    take(&mut hs, comp)?;
+    let ext_len = u16_at(&mut hs)?;
+    let mut exts = take(&mut hs, ext_len)?;
+    while !exts.is_empty() {
+        let ty = u16_at(&mut exts)?;
+        let len = u16_at(&mut exts)?;
+        let mut data = take(&mut exts, len)?;
+        if ty != 0 {
+            continue;
+        }
+        let _list = u16_at(&mut data)?;
+        while !data.is_empty() {
+            let name_type = *take(&mut data, 1)?.first()?;
+            let n = u16_at(&mut data)?;
+            let name = take(&mut data, n)?;
+            if name_type == 0 {
+                return std::str::from_utf8(name).ok().map(str::to_ascii_lowercase);
+            }
+        }
+    }
+    None
+}
+
+/// Peeks at a TLS client's first record (at most 16 KiB, for at most `wait`) and returns
+/// its SNI.
+pub async fn peek_sni(stream: &TcpStream, wait: Duration) -> Option<String> {
+    let deadline = Instant::now() + wait;
+    let mut buf = vec![0u8; 16 * 1024 + 5];
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        if n >= 5 {
+            let need = 5 + (usize::from(buf[3]) << 8 | usize::from(buf[4]));
+            if n >= need || n == buf.len() {
+                return sni(&buf[..n]);
+            }
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod sni_tests {
+    use super::*;
+
+    /// A minimal ClientHello with one SNI extension (and one other extension before it).
+    pub(crate) fn client_hello(host: &str) -> Vec<u8> {
+        let name = host.as_bytes();
+        let mut sni_ext = vec![0x00, 0x00];
+        let list_len = 3 + name.len();
+        let ext_len = 2 + list_len;
+        sni_ext.extend_from_slice(&(ext_len as u16).to_be_bytes());
+        sni_ext.extend_from_slice(&(list_len as u16).to_be_bytes());
+        sni_ext.push(0);
+        sni_ext.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        sni_ext.extend_from_slice(name);
+        let mut exts = vec![0x00, 0x0b, 0x00, 0x02, 0x01, 0x00]; // ec_point_formats
+        exts.extend_from_slice(&sni_ext);
+        let mut body = vec![0x03, 0x03];
+        body.extend_from_slice(&[7u8; 32]);
+        body.push(0); // session id
+        body.extend_from_slice(&[0x00, 0x02, 0x13, 0x01]); // one cipher suite
+        body.extend_from_slice(&[0x01, 0x00]); // null compression
+        body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+        body.extend_from_slice(&exts);
+        let mut hs = vec![0x01];
+        hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+        hs.extend_from_slice(&body);
+        let mut rec = vec![0x16, 0x03, 0x01];
+        rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+        rec.extend_from_slice(&hs);
+        rec
+    }
+
+    #[test]
+    fn finds_the_server_name() {
+        assert_eq!(
+            sni(&client_hello("DB.Example.com")).as_deref(),
+            Some("db.example.com")
+        );
+    }
+
+    #[test]
+    fn truncated_or_garbage_input_is_none_not_a_panic() {
+        let full = client_hello("db.example.com");
+        for cut in 0..full.len() {
+            assert_eq!(sni(&full[..cut]), None, "cut at {cut}");
+        }
+        let mut x = 0x9e37_79b9_u32;
+        for _ in 0..2000 {
+            let garbage: Vec<u8> = (0..300)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    (x & 0xff) as u8
+                })
+                .collect();
+            let mut g = vec![0x16, 0x03, 0x01, 0x01, 0x20, 0x01];
+            g.extend_from_slice(&garbage);
+            let _ = sni(&g);
+        }
+    }
+}

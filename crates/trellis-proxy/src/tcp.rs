@@ -39,7 +39,51 @@ pub async fn forward_route(
         tracing::warn!("{peer}: route {route:?} has no target any more; closing");
         return;
     };
-    let Some(ep) = target.cluster.pick() else {
+    let dst = match route {
+        Route::Outbound(d) => Some(*d),
+        _ => None,
+    };
+    let mut cluster = &target.cluster;
+    if !target.tls_routes.is_empty() || !target.tcp_routes.is_empty() {
+        let sni = if target.tls_routes.is_empty() {
+            None
+        } else {
+            crate::sniff::peek_sni(&stream, cfg.detection_timeout).await
+        };
+        let req = crate::config::L4Request {
+            dst,
+            port: target.port,
+            sni: sni.as_deref(),
+            source_labels: &cfg.own_labels,
+            source_namespace: &cfg.own_namespace,
+        };
+        let chosen = if sni.is_some() {
+            crate::config::pick_l4(&target.tls_routes, &req)
+        } else {
+            crate::config::pick_l4(&target.tcp_routes, &req)
+        };
+        match chosen {
+            Some((r, dest)) => match &dest.cluster {
+                Some(c) => cluster = c,
+                None => {
+                    tracing::warn!(flags = "NR", route = %r.name, "{peer}: route {:?} sends to cluster {:?}, which is not defined; closing", r.name, dest.name);
+                    return;
+                }
+            },
+            None if !target.tls_routes.is_empty() && target.tcp_routes.is_empty() => {
+                tracing::info!(
+                    flags = "NR",
+                    "{peer}: no TLS route for SNI {:?} on {}:{}; closing",
+                    sni,
+                    target.hostname,
+                    target.port
+                );
+                return;
+            }
+            None => {}
+        }
+    }
+    let Some(ep) = cluster.pick() else {
         tracing::warn!(
             flags = "UH",
             "{peer}: no endpoint for {}:{}",

@@ -238,6 +238,49 @@ pub struct ServicePort {
     #[prost(message, repeated, tag = "6")]
     #[serde(default)]
     pub http_routes: Vec<HttpRoute>,
+    /// Opaque TCP routing (a VirtualService's `tcp[]`); none matching: the default cluster.
+    #[prost(message, repeated, tag = "7")]
+    #[serde(default)]
+    pub tcp_routes: Vec<L4Route>,
+    /// TLS passthrough routing by SNI (a VirtualService's `tls[]`); none matching: refused.
+    #[prost(message, repeated, tag = "8")]
+    #[serde(default)]
+    pub tls_routes: Vec<L4Route>,
+}
+
+/// A TCP or TLS route.
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct L4Route {
+    #[prost(string, tag = "1")]
+    #[serde(default)]
+    pub name: String,
+    #[prost(message, repeated, tag = "2")]
+    #[serde(default, rename = "match")]
+    pub matches: Vec<L4Match>,
+    #[prost(message, repeated, tag = "3")]
+    pub clusters: Vec<WeightedCluster>,
+}
+
+/// Conditions on a connection (all must hold); `sniHosts` only for TLS routes.
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct L4Match {
+    #[prost(string, repeated, tag = "1")]
+    #[serde(default)]
+    pub destination_subnets: Vec<String>,
+    #[prost(uint32, optional, tag = "2")]
+    #[serde(default)]
+    pub port: Option<u32>,
+    #[prost(btree_map = "string, string", tag = "3")]
+    #[serde(default)]
+    pub source_labels: BTreeMap<String, String>,
+    #[prost(string, optional, tag = "4")]
+    #[serde(default)]
+    pub source_namespace: Option<String>,
+    #[prost(string, repeated, tag = "5")]
+    #[serde(default)]
+    pub sni_hosts: Vec<String>,
 }
 
 /// One HTTP routing rule.

@@ -29,6 +29,23 @@ fn sm() -> StringMatch {
     }
 }
 
+fn l4() -> L4Route {
+    L4Route {
+        name: "t".into(),
+        matches: vec![L4Match {
+            destination_subnets: vec!["10.0.0.0/8".into()],
+            port: Some(5432),
+            source_labels: BTreeMap::from([("app".to_string(), "x".to_string())]),
+            source_namespace: Some("ns".into()),
+            sni_hosts: vec!["db.example.com".into()],
+        }],
+        clusters: vec![WeightedCluster {
+            cluster: "c".into(),
+            weight: 1,
+        }],
+    }
+}
+
 fn rl() -> RateLimit {
     RateLimit {
         max_tokens: 10,
@@ -137,6 +154,8 @@ fn full() -> Snapshot {
                     }],
                     rate_limit: Some(rl()),
                 }],
+                tcp_routes: vec![l4()],
+                tls_routes: vec![l4()],
             }],
         }],
         clusters: vec![Cluster {
