@@ -313,6 +313,11 @@ impl<D> Route<D> {
         self.destinations.last().map(|w| &w.destination)
     }
 
+    /// Whether the rule matches `req` (one of its entries holds, or it has none).
+    pub fn matches(&self, req: &dyn Request) -> bool {
+        self.matching_entry(req).is_some()
+    }
+
     /// The first of this rule's match entries that holds (`None` inside `Some` when the
     /// rule has no match list and so matches everything).
     fn matching_entry(&self, req: &dyn Request) -> Option<Option<&Match>> {
@@ -327,6 +332,79 @@ impl<D> Route<D> {
 #[derive(Debug, Clone)]
 pub struct RouteTable<D> {
     routes: Vec<Route<D>>,
+    /// For long tables: which rules can match a given path, so that matching does not
+    /// walk every rule.
+    index: Option<UriIndex>,
+}
+
+/// Tables at least this long get a [`UriIndex`].
+const INDEX_FROM: usize = 16;
+
+/// Rules indexed by their literal uri conditions. A rule whose every match entry has a
+/// case-sensitive exact or prefix uri is reachable only through its literals; any other
+/// rule is always a candidate. Candidates are evaluated in table order, so first-match
+/// semantics are unchanged.
+#[derive(Debug, Clone, Default)]
+struct UriIndex {
+    exact: std::collections::HashMap<String, Vec<usize>>,
+    prefix: std::collections::HashMap<String, Vec<usize>>,
+    always: Vec<usize>,
+}
+
+impl UriIndex {
+    fn build<D>(routes: &[Route<D>]) -> UriIndex {
+        let mut idx = UriIndex::default();
+        for (i, r) in routes.iter().enumerate() {
+            let literals: Option<Vec<(bool, &str)>> = if r.matches.is_empty() {
+                None
+            } else {
+                r.matches
+                    .iter()
+                    .map(|m| match (&m.uri, m.ignore_uri_case) {
+                        (Some(StrMatch::Exact(e)), false) => Some((true, e.as_str())),
+                        (Some(StrMatch::Prefix(p)), false) => Some((false, p.as_str())),
+                        _ => None,
+                    })
+                    .collect()
+            };
+            match literals {
+                None => idx.always.push(i),
+                Some(lits) => {
+                    for (exact, lit) in lits {
+                        let map = if exact {
+                            &mut idx.exact
+                        } else {
+                            &mut idx.prefix
+                        };
+                        let list = map.entry(lit.to_string()).or_default();
+                        if list.last() != Some(&i) {
+                            list.push(i);
+                        }
+                    }
+                }
+            }
+        }
+        idx
+    }
+
+    /// Rules that may match `path`, in table order.
+    fn candidates(&self, path: &str) -> Vec<usize> {
+        let mut c = self.always.clone();
+        if let Some(l) = self.exact.get(path) {
+            c.extend_from_slice(l);
+        }
+        for (k, _) in path
+            .char_indices()
+            .chain(std::iter::once((path.len(), ' ')))
+        {
+            if let Some(l) = self.prefix.get(&path[..k]) {
+                c.extend_from_slice(l);
+            }
+        }
+        c.sort_unstable();
+        c.dedup();
+        c
+    }
 }
 
 /// The outcome of matching: the rule and the match entry that selected it.
@@ -339,7 +417,8 @@ pub struct Matched<'a, D> {
 impl<D> RouteTable<D> {
     /// A table of rules, tried in order.
     pub fn new(routes: Vec<Route<D>>) -> RouteTable<D> {
-        RouteTable { routes }
+        let index = (routes.len() >= INDEX_FROM).then(|| UriIndex::build(&routes));
+        RouteTable { routes, index }
     }
 
     /// Compiles HTTP rules; `destination` turns each route destination (the API's type) into
@@ -379,16 +458,24 @@ impl<D> RouteTable<D> {
                 destinations,
             ));
         }
-        Ok(RouteTable { routes })
+        Ok(RouteTable::new(routes))
     }
 
     /// The first rule that matches `req` (Istio's first-match semantics).
     pub fn first_match(&self, req: &dyn Request) -> Option<Matched<'_, D>> {
-        self.routes.iter().find_map(|route| {
+        fn matched<'t, D>(route: &'t Route<D>, req: &dyn Request) -> Option<Matched<'t, D>> {
             route
                 .matching_entry(req)
                 .map(|entry| Matched { route, entry })
-        })
+        }
+        match &self.index {
+            None => self.routes.iter().find_map(|r| matched(r, req)),
+            Some(idx) => idx
+                .candidates(req.path())
+                .into_iter()
+                .filter_map(|i| self.routes.get(i))
+                .find_map(|r| matched(r, req)),
+        }
     }
 
     pub fn routes(&self) -> &[Route<D>] {

@@ -284,3 +284,98 @@ fn http_requests_are_matched_directly() {
     assert_eq!(m.route.name, "jason");
     assert_eq!(m.route.pick(0).map(String::as_str), Some("reviews/v2"));
 }
+
+#[test]
+fn the_uri_index_never_changes_which_rule_matches() {
+    use trellis_api::common::StringMatch;
+    use trellis_api::networking::{Destination, HttpMatchRequest, HttpRoute, HttpRouteDestination};
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut rnd = |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let paths = [
+        "/",
+        "/a",
+        "/a/b",
+        "/ab",
+        "/api/v1/x",
+        "/API/v1",
+        "/b",
+        "/static/app.js",
+        "/a/b/c",
+    ];
+    let sm = |kind: u64, lit: &str| match kind {
+        0 => StringMatch {
+            exact: Some(lit.into()),
+            ..StringMatch::default()
+        },
+        1 => StringMatch {
+            prefix: Some(lit.into()),
+            ..StringMatch::default()
+        },
+        _ => StringMatch {
+            regex: Some(format!("{}.*", regex_escape(lit))),
+            ..StringMatch::default()
+        },
+    };
+    for round in 0..50 {
+        let n = 16 + rnd(40) as usize;
+        let http: Vec<HttpRoute> = (0..n)
+            .map(|i| {
+                let entries = rnd(3) as usize; // 0: catch-all rule
+                HttpRoute {
+                    matches: (0..entries)
+                        .map(|_| {
+                            let lit = paths[rnd(paths.len() as u64) as usize];
+                            let mut m = HttpMatchRequest {
+                                uri: (rnd(5) > 0).then(|| sm(rnd(3), lit)),
+                                ignore_uri_case: (rnd(6) == 0).then_some(true),
+                                ..HttpMatchRequest::default()
+                            };
+                            if rnd(4) == 0 {
+                                m.method = Some(StringMatch {
+                                    exact: Some("POST".into()),
+                                    ..StringMatch::default()
+                                });
+                            }
+                            m
+                        })
+                        .collect(),
+                    route: vec![HttpRouteDestination {
+                        destination: Destination {
+                            host: format!("d{i}"),
+                            ..Destination::default()
+                        },
+                        ..HttpRouteDestination::default()
+                    }],
+                    ..HttpRoute::default()
+                }
+            })
+            .collect();
+        let t = RouteTable::compile(&http, |d, _| Ok(d.host.clone())).expect("compile");
+        for p in paths {
+            for method in ["GET", "POST"] {
+                let mut req = SimpleRequest::get("a", p);
+                req.method = method.into();
+                let indexed = t.first_match(&req).map(|m| m.route.index);
+                let linear = t.routes().iter().find(|r| r.matches(&req)).map(|r| r.index);
+                assert_eq!(indexed, linear, "round {round}, {method} {p}");
+            }
+        }
+    }
+}
+
+fn regex_escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            if c.is_ascii_alphanumeric() || c == '/' {
+                vec![c]
+            } else {
+                vec!['\\', c]
+            }
+        })
+        .collect()
+}
