@@ -174,22 +174,44 @@ impl Cluster {
                     .or_else(|| self.endpoints.get(start % n))
             }
             wire::LoadBalancer::Random | wire::LoadBalancer::LeastRequest => {
-                let available: Vec<&Arc<Endpoint>> = self.endpoints.iter().filter(ok).collect();
-                let pool: Vec<&Arc<Endpoint>> = if available.is_empty() {
-                    self.endpoints.iter().collect()
-                } else {
-                    available
+                // Random draws over all endpoints, keeping available ones (no allocation
+                // in the common case); a scan only when the draws keep missing.
+                let mut r = crate::http::random_u64();
+                let pick_one = |r: &mut u64| -> Option<usize> {
+                    for _ in 0..4 {
+                        let i = (*r % n as u64) as usize;
+                        *r = r.rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15;
+                        if ok(&&self.endpoints[i]) {
+                            return Some(i);
+                        }
+                    }
+                    None
                 };
-                let r = crate::http::random_u64();
-                let len = pool.len() as u64;
-                let ia = (r % len) as usize;
-                let a = pool[ia];
-                if self.load_balancer == wire::LoadBalancer::Random || len == 1 {
+                let ia = match pick_one(&mut r) {
+                    Some(i) => i,
+                    None => {
+                        let available: Vec<usize> =
+                            (0..n).filter(|i| ok(&&self.endpoints[*i])).collect();
+                        if available.is_empty() {
+                            (r % n as u64) as usize
+                        } else {
+                            available[(r % available.len() as u64) as usize]
+                        }
+                    }
+                };
+                let a = &self.endpoints[ia];
+                if self.load_balancer == wire::LoadBalancer::Random || n == 1 {
                     return Some(a);
                 }
-                // Power of two choices: the less busy of two different random endpoints.
-                let ib = (ia + 1 + ((r >> 32) % (len - 1)) as usize) % pool.len();
-                let b = pool[ib];
+                // Power of two choices: the less busy of two different endpoints.
+                let ib = match pick_one(&mut r) {
+                    Some(i) if i != ia => i,
+                    _ => (ia + 1 + (r % (n as u64 - 1)) as usize) % n,
+                };
+                let b = &self.endpoints[ib];
+                if !ok(&b) {
+                    return Some(a);
+                }
                 let busy = |e: &Arc<Endpoint>| e.stats.active.load(Ordering::Relaxed);
                 Some(if busy(b) < busy(a) { b } else { a })
             }
