@@ -518,6 +518,70 @@ pub struct RoutePolicy {
     pub retry: Option<RetryPolicy>,
     pub mirrors: Vec<Mirror>,
     pub rate_limit: Option<Arc<crate::ratelimit::TokenBucket>>,
+    pub cors: Option<Cors>,
+}
+
+/// A compiled CORS policy.
+#[derive(Debug, Clone)]
+pub struct Cors {
+    pub origins: Vec<trellis_policy::route::StrMatch>,
+    pub allow_methods: Option<http::HeaderValue>,
+    pub allow_headers: Option<http::HeaderValue>,
+    pub expose_headers: Option<http::HeaderValue>,
+    pub max_age: Option<http::HeaderValue>,
+    pub allow_credentials: bool,
+}
+
+impl Cors {
+    pub fn allows(&self, origin: &str) -> bool {
+        self.origins.iter().any(|m| m.matches(origin))
+    }
+}
+
+fn cors(resource: &str, path: &str, c: &wire::CorsPolicy) -> Result<Cors, ConfigError> {
+    let list = |field: &str, v: &[String]| -> Result<Option<http::HeaderValue>, ConfigError> {
+        if v.is_empty() {
+            return Ok(None);
+        }
+        http::HeaderValue::from_str(&v.join(","))
+            .map(Some)
+            .map_err(|_| {
+                bad(
+                    resource,
+                    format!("{path}.cors.{field}: invalid header value"),
+                )
+            })
+    };
+    let mut origins = Vec::with_capacity(c.allow_origins.len());
+    for (i, o) in c.allow_origins.iter().enumerate() {
+        let api = trellis_api::common::StringMatch {
+            exact: o.exact.clone(),
+            prefix: o.prefix.clone(),
+            regex: o.regex.clone(),
+        };
+        origins.push(
+            trellis_policy::route::StrMatch::compile(
+                &api,
+                false,
+                &format!("{path}.cors.allowOrigins[{i}]"),
+            )
+            .map_err(|e| bad(resource, e.to_string()))?,
+        );
+    }
+    let max_age = c
+        .max_age
+        .as_ref()
+        .map(|d| duration(resource, Some(d), Duration::ZERO))
+        .transpose()?
+        .map(|d| http::HeaderValue::from(d.as_secs()));
+    Ok(Cors {
+        origins,
+        allow_methods: list("allowMethods", &c.allow_methods)?,
+        allow_headers: list("allowHeaders", &c.allow_headers)?,
+        expose_headers: list("exposeHeaders", &c.expose_headers)?,
+        max_age,
+        allow_credentials: c.allow_credentials.unwrap_or(false),
+    })
 }
 
 /// A token bucket from the snapshot, checked once per snapshot.
@@ -849,6 +913,11 @@ fn route_policy(
         });
     }
     policy.rate_limit = rate_limit(resource, path, r.rate_limit.as_ref())?;
+    policy.cors = r
+        .cors
+        .as_ref()
+        .map(|c| cors(resource, path, c))
+        .transpose()?;
     for (i, m) in r.mirrors.iter().enumerate() {
         policy.mirrors.push(Mirror {
             cluster: clusters.get(m.cluster.as_str()).cloned(),

@@ -103,6 +103,7 @@ async fn outbound(
     req: Request<ReqBody>,
 ) -> Response<ProxyBody> {
     let mut req = req;
+    let origin = req.headers().get(header::ORIGIN).cloned();
     let (cluster, policy) = match &target.routes {
         None => (&target.cluster, None),
         Some(table) => {
@@ -134,6 +135,11 @@ async fn outbound(
                     if let Err(retry_in) = bucket.try_take() {
                         Stats::inc(&shared.stats.rate_limited_total);
                         return bucket.limited(retry_in);
+                    }
+                }
+                if let Some(cors) = &p.cors {
+                    if let Some(resp) = cors_preflight(cors, &req) {
+                        return resp;
                     }
                 }
                 if let Some(action) = &p.action {
@@ -191,7 +197,60 @@ async fn outbound(
     if let Some(h) = policy.and_then(|p| p.response_headers.as_ref()) {
         h.apply(resp.headers_mut());
     }
+    if let (Some(cors), Some(origin)) = (policy.and_then(|p| p.cors.as_ref()), origin) {
+        if cors.allows(origin.to_str().unwrap_or_default()) {
+            let h = resp.headers_mut();
+            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+            if let Some(v) = &cors.expose_headers {
+                h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, v.clone());
+            }
+            if cors.allow_credentials {
+                h.insert(
+                    header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                    HeaderValue::from_static("true"),
+                );
+            }
+        }
+    }
     resp
+}
+
+/// Answers a CORS preflight (OPTIONS with Origin and Access-Control-Request-Method) from
+/// an allowed origin; anything else goes on to the app.
+fn cors_preflight(
+    cors: &crate::config::Cors,
+    req: &Request<ReqBody>,
+) -> Option<Response<ProxyBody>> {
+    if req.method() != Method::OPTIONS
+        || !req
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+    {
+        return None;
+    }
+    let origin = req.headers().get(header::ORIGIN)?;
+    if !cors.allows(origin.to_str().ok()?) {
+        return None;
+    }
+    let mut r = Response::new(ProxyBody::empty());
+    let h = r.headers_mut();
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+    if let Some(v) = &cors.allow_methods {
+        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, v.clone());
+    }
+    if let Some(v) = &cors.allow_headers {
+        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, v.clone());
+    }
+    if let Some(v) = &cors.max_age {
+        h.insert(header::ACCESS_CONTROL_MAX_AGE, v.clone());
+    }
+    if cors.allow_credentials {
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        );
+    }
+    Some(r)
 }
 
 /// A route that answers by itself: a direct response or a redirect.

@@ -727,3 +727,60 @@ async fn a_route_rate_limit_applies_to_that_route() {
     assert_eq!(codes, [200, 200, 429, 429]);
     assert_eq!(app.stats().requests(), 2);
 }
+
+#[tokio::test]
+async fn cors_preflights_and_responses() {
+    let app = HttpServer::start().await.expect("app");
+    let p = faulty(
+        app.addr,
+        "      cors: {allowOrigins: [{exact: \"https://shop.example\"}, {regex: \"https://.*\\\\.trusted\\\\.example\"}], allowMethods: [GET, POST], allowHeaders: [x-token], exposeHeaders: [x-echo-method], maxAge: 24h, allowCredentials: true}",
+    )
+    .await;
+    let mut c = http_client::HttpClient::http1(p.outbound_addrs[0])
+        .await
+        .expect("connect");
+    let preflight = |origin: &'static str| {
+        http::Request::builder()
+            .method(http::Method::OPTIONS)
+            .uri("/echo")
+            .header("host", "app")
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("request")
+    };
+    let req = preflight("https://shop.example");
+    let r = c.send(req).await.expect("response");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://shop.example")
+    );
+    assert_eq!(r.header("access-control-allow-methods"), Some("GET,POST"));
+    assert_eq!(r.header("access-control-allow-headers"), Some("x-token"));
+    assert_eq!(r.header("access-control-max-age"), Some("86400"));
+    assert_eq!(r.header("access-control-allow-credentials"), Some("true"));
+    assert_eq!(app.stats().requests(), 0, "answered by the proxy");
+
+    // A preflight from an origin that is not allowed goes to the app untouched.
+    let req = preflight("https://evil.example");
+    let r = c.send(req).await.expect("response");
+    assert_eq!(r.header("access-control-allow-origin"), None);
+    assert_eq!(app.stats().requests(), 1);
+
+    let req = c
+        .request(http::Method::GET, "app", "/echo")
+        .header("origin", "https://a.trusted.example")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let r = c.send(req).await.expect("response");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://a.trusted.example")
+    );
+    assert_eq!(
+        r.header("access-control-expose-headers"),
+        Some("x-echo-method")
+    );
+}

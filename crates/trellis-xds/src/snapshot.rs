@@ -335,6 +335,34 @@ pub struct HttpRoute {
     #[prost(message, optional, tag = "13")]
     #[serde(default)]
     pub rate_limit: Option<RateLimit>,
+    #[prost(message, optional, tag = "14")]
+    #[serde(default)]
+    pub cors: Option<CorsPolicy>,
+}
+
+/// Istio's `corsPolicy`: preflights from allowed origins are answered by the proxy;
+/// actual requests from them get the `Access-Control-Allow-*` response headers.
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CorsPolicy {
+    #[prost(message, repeated, tag = "1")]
+    #[serde(default)]
+    pub allow_origins: Vec<StringMatch>,
+    #[prost(string, repeated, tag = "2")]
+    #[serde(default)]
+    pub allow_methods: Vec<String>,
+    #[prost(string, repeated, tag = "3")]
+    #[serde(default)]
+    pub allow_headers: Vec<String>,
+    #[prost(string, repeated, tag = "4")]
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    #[prost(message, optional, tag = "5")]
+    #[serde(default, with = "duration_opt")]
+    pub max_age: Option<prost_types::Duration>,
+    #[prost(bool, optional, tag = "6")]
+    #[serde(default)]
+    pub allow_credentials: Option<bool>,
 }
 
 #[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
