@@ -152,7 +152,48 @@ pub struct Cluster {
     pub load_balancer: wire::LoadBalancer,
     pub limits: Option<Limits>,
     pub outlier: Option<Outlier>,
+    /// Consistent hashing (sticky sessions), when configured.
+    pub ring: Option<Ring>,
     next: AtomicUsize,
+}
+
+/// What a consistent-hash load balancer hashes.
+#[derive(Debug, Clone)]
+pub enum HashKey {
+    Header(http::HeaderName),
+    Cookie(String),
+    SourceIp,
+    Query(String),
+}
+
+/// A hash ring: points sorted by hash, each naming an endpoint index.
+#[derive(Debug)]
+pub struct Ring {
+    pub key: HashKey,
+    points: Vec<(u64, usize)>,
+}
+
+/// A stable hash (same result in every process: SipHash with fixed keys).
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new();
+    h.write(bytes);
+    h.finish()
+}
+
+impl Ring {
+    fn build(key: HashKey, endpoints: &[Arc<Endpoint>], size: u64) -> Ring {
+        let per = size.div_ceil(endpoints.len().max(1) as u64).max(1);
+        let mut points = Vec::with_capacity((per as usize) * endpoints.len());
+        for (i, e) in endpoints.iter().enumerate() {
+            for v in 0..per {
+                points.push((stable_hash(format!("{}-{v}", e.addr).as_bytes()), i));
+            }
+        }
+        points.sort_unstable();
+        Ring { key, points }
+    }
 }
 
 impl Cluster {
@@ -216,6 +257,22 @@ impl Cluster {
                 Some(if busy(b) < busy(a) { b } else { a })
             }
         }
+    }
+
+    /// The endpoint a hash lands on: the first available one clockwise on the ring.
+    pub fn pick_hashed(&self, hash: u64) -> Option<&Arc<Endpoint>> {
+        let ring = self.ring.as_ref()?;
+        if ring.points.is_empty() {
+            return None;
+        }
+        let now = now_ms();
+        let start = ring.points.partition_point(|(h, _)| *h < hash);
+        let n = ring.points.len();
+        (0..n)
+            .map(|k| ring.points[(start + k) % n].1)
+            .map(|i| &self.endpoints[i])
+            .find(|e| e.healthy && !e.stats.ejected(now))
+            .or_else(|| self.endpoints.get(ring.points[start % n].1))
     }
 
     /// Admits a request under the cluster's limits, waiting only for a pending slot;
@@ -1270,7 +1327,39 @@ impl Config {
                     })
                 }
             };
+            let ring = match &c.consistent_hash {
+                None => None,
+                Some(ch) => {
+                    let key = match (
+                        &ch.http_header_name,
+                        &ch.http_cookie,
+                        ch.use_source_ip,
+                        &ch.http_query_parameter_name,
+                    ) {
+                        (Some(h), None, None | Some(false), None) => HashKey::Header(
+                            http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+                                bad(
+                                    &res,
+                                    format!("consistentHash.httpHeaderName: invalid header {h:?}"),
+                                )
+                            })?,
+                        ),
+                        (None, Some(c), None | Some(false), None) => HashKey::Cookie(c.clone()),
+                        (None, None, Some(true), None) => HashKey::SourceIp,
+                        (None, None, None | Some(false), Some(q)) => HashKey::Query(q.clone()),
+                        _ => {
+                            return Err(bad(
+                                &res,
+                                "consistentHash: exactly one of httpHeaderName, httpCookie, useSourceIp or httpQueryParameterName",
+                            ));
+                        }
+                    };
+                    let size = ch.minimum_ring_size.unwrap_or(1024).clamp(1, 1 << 20);
+                    Some(Ring::build(key, &endpoints, size))
+                }
+            };
             let cluster = Arc::new(Cluster {
+                ring,
                 name: c.name.clone(),
                 endpoints,
                 connect_timeout: duration(&res, c.connect_timeout.as_ref(), default_connect)?,

@@ -48,6 +48,39 @@ pub enum Route {
     Inbound(u16),
 }
 
+/// The downstream address, carried in the request's extensions (consistent hashing on
+/// the source IP).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+/// The ring hash of a request under `key`, when the request has the key.
+fn request_hash(key: &crate::config::HashKey, req: &Request<ReqBody>) -> Option<u64> {
+    use crate::config::{HashKey, stable_hash};
+    match key {
+        HashKey::Header(h) => req.headers().get(h).map(|v| stable_hash(v.as_bytes())),
+        HashKey::SourceIp => req
+            .extensions()
+            .get::<Peer>()
+            .map(|p| stable_hash(p.0.ip().to_string().as_bytes())),
+        HashKey::Query(name) => req.uri().query().and_then(|q| {
+            q.split('&').find_map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                (k == name).then(|| stable_hash(v.as_bytes()))
+            })
+        }),
+        HashKey::Cookie(name) => req
+            .headers()
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|c| {
+                let (k, v) = c.trim().split_once('=')?;
+                (k == name).then(|| stable_hash(v.as_bytes()))
+            }),
+    }
+}
+
 /// Where one request goes.
 struct Upstream<'a> {
     addr: SocketAddr,
@@ -66,9 +99,11 @@ struct Upstream<'a> {
 pub async fn handle(
     shared: Arc<Shared>,
     route: Route,
+    peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    let req = req.map(ReqBody::Streaming);
+    let mut req = req.map(ReqBody::Streaming);
+    req.extensions_mut().insert(Peer(peer));
     Stats::inc(&shared.stats.requests_total);
     let cfg = shared.config.load_full();
     let resp = match &route {
@@ -445,9 +480,14 @@ async fn to_cluster(
         fallbacks: &[],
     };
     let downstream_h2 = req.version() == Version::HTTP_2;
+    let hashed = cluster
+        .ring
+        .as_ref()
+        .and_then(|r| request_hash(&r.key, &req))
+        .and_then(|h| cluster.pick_hashed(h));
     let buffer = retry.attempts > 0 || !mirrors.is_empty();
     if !buffer || is_upgrade(&req) {
-        let Some(ep) = cluster.pick() else {
+        let Some(ep) = hashed.or_else(|| cluster.pick()) else {
             return no_endpoint();
         };
         let up = Upstream {
@@ -499,9 +539,12 @@ async fn to_cluster(
     };
     let mut tried: Vec<std::net::SocketAddr> = Vec::new();
     for attempt in 1..=tries {
-        // Another endpoint than those already tried, when there is one.
-        let mut ep = None;
+        // The hashed endpoint first; then another endpoint than those already tried.
+        let mut ep = if attempt == 1 { hashed } else { None };
         for _ in 0..cluster.endpoints.len().max(1) {
+            if ep.is_some() && attempt == 1 && hashed.is_some() {
+                break;
+            }
             match cluster.pick() {
                 Some(e) if !tried.contains(&e.addr) => {
                     ep = Some(e);

@@ -225,3 +225,54 @@ async fn inbound_rate_limit_answers_429_rl_and_refills() {
     );
     assert_eq!(app.stats().requests(), 6);
 }
+
+#[tokio::test]
+async fn consistent_hash_keeps_a_user_on_one_endpoint() {
+    let mut apps = Vec::new();
+    for _ in 0..5 {
+        apps.push(HttpServer::start().await.expect("app"));
+    }
+    let addrs: Vec<SocketAddr> = apps.iter().map(|a| a.addr).collect();
+    let p = proxy(&addrs, "  consistentHash: {httpHeaderName: x-user}").await;
+    let mut c = http_client::HttpClient::http1(p.outbound_addrs[0])
+        .await
+        .expect("connect");
+    let mut send = async |user: &str| {
+        let req = c
+            .request(http::Method::GET, "app", "/bytes/1")
+            .header("x-user", user)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("request");
+        c.send(req).await.expect("response").status
+    };
+    for _ in 0..30 {
+        assert_eq!(send("alice").await, 200);
+    }
+    let counts: Vec<u64> = apps.iter().map(|a| a.stats().requests()).collect();
+    assert_eq!(
+        counts.iter().filter(|n| **n > 0).count(),
+        1,
+        "alice stuck to one endpoint: {counts:?}"
+    );
+    for i in 0..40 {
+        assert_eq!(send(&format!("user-{i}")).await, 200);
+    }
+    let used = apps.iter().filter(|a| a.stats().requests() > 0).count();
+    assert!(used >= 3, "40 users spread over {used} endpoints");
+
+    // By source IP: every request from this test comes from 127.0.0.1.
+    let p = proxy(&addrs, "  consistentHash: {useSourceIp: true}").await;
+    let before: Vec<u64> = apps.iter().map(|a| a.stats().requests()).collect();
+    for _ in 0..20 {
+        let r = http_client::get(p.outbound_addrs[0], "app", "/bytes/1")
+            .await
+            .expect("response");
+        assert_eq!(r.status, 200);
+    }
+    let grew = apps
+        .iter()
+        .zip(&before)
+        .filter(|(a, b)| a.stats().requests() > **b)
+        .count();
+    assert_eq!(grew, 1, "one source IP, one endpoint");
+}

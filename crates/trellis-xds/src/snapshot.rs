@@ -596,6 +596,32 @@ pub struct Cluster {
     #[prost(message, optional, tag = "7")]
     #[serde(default)]
     pub outlier_detection: Option<OutlierDetection>,
+    /// Sticky sessions on a ring hash (wins over loadBalancer); one key field is set.
+    #[prost(message, optional, tag = "8")]
+    #[serde(default)]
+    pub consistent_hash: Option<ConsistentHash>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConsistentHash {
+    #[prost(string, optional, tag = "1")]
+    #[serde(default)]
+    pub http_header_name: Option<String>,
+    /// Cookie name (an absent cookie gives a random pick; the proxy does not set it).
+    #[prost(string, optional, tag = "2")]
+    #[serde(default)]
+    pub http_cookie: Option<String>,
+    #[prost(bool, optional, tag = "3")]
+    #[serde(default)]
+    pub use_source_ip: Option<bool>,
+    #[prost(string, optional, tag = "4")]
+    #[serde(default)]
+    pub http_query_parameter_name: Option<String>,
+    /// Points on the ring (default 1024).
+    #[prost(uint64, optional, tag = "5")]
+    #[serde(default)]
+    pub minimum_ring_size: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]

@@ -185,6 +185,13 @@ fn full() -> Snapshot {
                 max_pending_requests: Some(2),
                 max_requests: Some(3),
             }),
+            consistent_hash: Some(ConsistentHash {
+                http_header_name: Some("x-user".into()),
+                http_cookie: Some("session".into()),
+                use_source_ip: Some(true),
+                http_query_parameter_name: Some("u".into()),
+                minimum_ring_size: Some(1024),
+            }),
             outlier_detection: Some(OutlierDetection {
                 consecutive_5xx_errors: Some(5),
                 base_ejection_time: d(30_000),
