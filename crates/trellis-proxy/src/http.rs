@@ -539,21 +539,24 @@ async fn to_cluster(
     };
     let mut tried: Vec<std::net::SocketAddr> = Vec::new();
     for attempt in 1..=tries {
-        // The hashed endpoint first; then another endpoint than those already tried.
-        let mut ep = if attempt == 1 { hashed } else { None };
-        for _ in 0..cluster.endpoints.len().max(1) {
-            if ep.is_some() && attempt == 1 && hashed.is_some() {
-                break;
-            }
-            match cluster.pick() {
-                Some(e) if !tried.contains(&e.addr) => {
-                    ep = Some(e);
-                    break;
+        // The hashed endpoint first; then one not tried yet, when there is one.
+        let ep = match hashed.filter(|_| attempt == 1) {
+            Some(e) => Some(e),
+            None => {
+                let mut ep = None;
+                for _ in 0..cluster.endpoints.len().max(1) {
+                    match cluster.pick() {
+                        Some(e) if !tried.contains(&e.addr) => {
+                            ep = Some(e);
+                            break;
+                        }
+                        Some(e) => ep = ep.or(Some(e)),
+                        None => break,
+                    }
                 }
-                Some(e) => ep = ep.or(Some(e)),
-                None => break,
+                ep
             }
-        }
+        };
         let Some(ep) = ep else { return no_endpoint() };
         tried.push(ep.addr);
         let body = match &buffered {
