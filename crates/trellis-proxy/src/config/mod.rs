@@ -1,0 +1,629 @@
+//! The proxy's domain view of a snapshot: wire types ([`trellis_xds::snapshot`]) are
+//! converted here, once, into indexed structures the data path reads without parsing
+//! anything. A resource that does not convert is rejected with a reason; the snapshot as a
+//! whole is refused so that a proxy never runs half of a configuration.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use trellis_api::common::Protocol;
+use trellis_api::networking::HttpMatchRequest;
+use trellis_policy::route::{Match, Route, RouteTable, Weighted};
+use trellis_xds::snapshot::{self as wire, OutboundPolicy};
+
+mod cluster;
+mod routes;
+
+pub use cluster::*;
+pub use routes::*;
+
+/// Default time to wait for a client's first bytes.
+pub const DEFAULT_DETECTION_TIMEOUT: Duration = Duration::from_millis(100);
+/// Default limit on a request head (Envoy's 60 KiB).
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 60 * 1024;
+/// Default time allowed to receive a request head.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default upstream connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default idle timeout of pooled upstream connections: below the 5 s keep-alive of
+/// Node.js and most app servers, so a pooled connection is dropped before the app drops it.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How traffic on a port is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortProtocol {
+    /// HTTP/1.1 or HTTP/2 (which one is seen on the wire).
+    Http,
+    /// HTTP/2 only (grpc, http2, h2c): forwarded as HTTP/2 to the app.
+    Http2,
+    /// Opaque bytes (tcp, tls, https, mongo, mysql, redis…).
+    Tcp,
+    /// Not declared: detected from the client's first bytes.
+    Detect,
+}
+
+impl PortProtocol {
+    /// Istio's rules: appProtocol wins, then the explicit protocol, then the port name's
+    /// prefix (`http-web`, `grpc`, `tcp-db`…); otherwise detect.
+    pub fn declared(
+        protocol: Option<Protocol>,
+        app_protocol: Option<&str>,
+        name: Option<&str>,
+    ) -> PortProtocol {
+        if let Some(app) = app_protocol {
+            if let Some(p) = from_name(app) {
+                return p;
+            }
+        }
+        if let Some(p) = protocol {
+            return from_protocol(p);
+        }
+        name.and_then(|n| from_name(n.split('-').next().unwrap_or(n)))
+            .unwrap_or(PortProtocol::Detect)
+    }
+}
+
+fn from_protocol(p: Protocol) -> PortProtocol {
+    match p {
+        Protocol::Http => PortProtocol::Http,
+        Protocol::Http2 | Protocol::Grpc | Protocol::GrpcWeb => PortProtocol::Http2,
+        Protocol::HttpProxy => PortProtocol::Http,
+        _ => PortProtocol::Tcp,
+    }
+}
+
+fn from_name(name: &str) -> Option<PortProtocol> {
+    match name.to_ascii_lowercase().as_str() {
+        "kubernetes.io/h2c" => Some(PortProtocol::Http2),
+        "kubernetes.io/ws" | "kubernetes.io/wss" => Some(PortProtocol::Http),
+        n => n.parse::<Protocol>().ok().map(from_protocol),
+    }
+}
+
+/// A service port as the outbound path sees it.
+#[derive(Debug)]
+pub struct Target {
+    pub hostname: String,
+    pub port: u16,
+    pub protocol: PortProtocol,
+    /// Where traffic goes when there are no HTTP routes, and TCP traffic always.
+    pub cluster: Arc<Cluster>,
+    /// HTTP routing rules (a VirtualService's `http[]`), when the port has any.
+    pub routes: Option<RouteTable<RouteDest>>,
+    /// Per rule (by index): timeout and faults.
+    pub route_policies: Vec<RoutePolicy>,
+    /// Opaque TCP routing; none matching: `cluster`.
+    pub tcp_routes: Vec<L4Route>,
+    /// TLS passthrough routing by SNI; none matching: the connection is refused.
+    pub tls_routes: Vec<L4Route>,
+}
+
+#[derive(Debug, Clone)]
+pub struct InboundPort {
+    pub port: u16,
+    pub target_port: u16,
+    pub protocol: PortProtocol,
+    pub rate_limit: Option<Arc<crate::ratelimit::TokenBucket>>,
+}
+
+/// A converted snapshot.
+#[derive(Debug)]
+pub struct Config {
+    pub version: String,
+    pub outbound_policy: OutboundPolicy,
+    /// Service virtual IP and port → target.
+    by_vip: HashMap<SocketAddr, Arc<Target>>,
+    /// Endpoint address → target (an app that dialled a pod address directly).
+    by_endpoint: HashMap<SocketAddr, Arc<Target>>,
+    /// Name → port → target, for explicit listeners. Every name a service answers to is
+    /// here: the FQDN and its leading parts (`reviews`, `reviews.default`,
+    /// `reviews.default.svc`); a short name two services share is left out.
+    by_name: HashMap<String, HashMap<u16, Arc<Target>>>,
+    pub clusters: Vec<Arc<Cluster>>,
+    pub inbound: HashMap<u16, InboundPort>,
+    pub workload: Option<wire::Workload>,
+    /// The pod's addresses, where an app that does not listen on 127.0.0.1 is looked for.
+    pub pod_ips: Vec<IpAddr>,
+    /// This workload's labels and namespace: the source of its outbound requests, for
+    /// routes that match on sourceLabels and sourceNamespace.
+    pub own_labels: std::collections::BTreeMap<String, String>,
+    pub own_namespace: String,
+    /// Default upstream connect timeout (settings.connectTimeout).
+    pub connect_timeout: Duration,
+    pub detection_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub header_timeout: Duration,
+    /// The wire form, for `/config_dump`.
+    pub raw: wire::Snapshot,
+}
+
+/// Why a snapshot was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{resource}: {reason}")]
+pub struct ConfigError {
+    /// Which resource, e.g. `clusters[2] "outbound|9080||reviews"`.
+    pub resource: String,
+    pub reason: String,
+}
+
+fn bad(resource: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        resource: resource.into(),
+        reason: reason.into(),
+    }
+}
+
+/// A wire duration, or the default when absent; negative or malformed ones are refused.
+fn duration(
+    resource: &str,
+    d: Option<&prost_types::Duration>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match d {
+        None => Ok(default),
+        Some(d) => wire::to_std(d).ok_or_else(|| {
+            bad(
+                resource,
+                format!("invalid duration {}s {}ns", d.seconds, d.nanos),
+            )
+        }),
+    }
+}
+
+/// A wire protocol enum value (`None` when unset or unspecified).
+fn protocol(resource: &str, p: Option<i32>) -> Result<Option<Protocol>, ConfigError> {
+    match p {
+        None => Ok(None),
+        Some(v) => wire::Protocol::try_from(v)
+            .map(wire::Protocol::to_api)
+            .map_err(|_| bad(resource, format!("unknown protocol value {v}"))),
+    }
+}
+
+fn port_u16(resource: &str, p: u32) -> Result<u16, ConfigError> {
+    u16::try_from(p)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| bad(resource, format!("port {p} must be in 1..65535")))
+}
+
+impl Config {
+    /// Converts a wire snapshot. `previous` lends its endpoint counters to endpoints that
+    /// are still there.
+    pub fn from_wire(
+        raw: wire::Snapshot,
+        previous: Option<&Config>,
+    ) -> Result<Config, ConfigError> {
+        let old_stats: HashMap<(&str, SocketAddr), &Arc<EndpointStats>> = previous
+            .map(|p| {
+                p.clusters
+                    .iter()
+                    .flat_map(|c| {
+                        c.endpoints
+                            .iter()
+                            .map(move |e| ((c.name.as_str(), e.addr), &e.stats))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let settings = raw.settings.clone().unwrap_or_default();
+        let default_connect = duration(
+            "settings.connectTimeout",
+            settings.connect_timeout.as_ref(),
+            DEFAULT_CONNECT_TIMEOUT,
+        )?;
+        let outbound_policy =
+            OutboundPolicy::try_from(raw.outbound_traffic_policy).map_err(|_| {
+                bad(
+                    "outboundTrafficPolicy",
+                    format!("unknown value {}", raw.outbound_traffic_policy),
+                )
+            })?;
+
+        let mut clusters: HashMap<&str, Arc<Cluster>> = HashMap::new();
+        for (i, c) in raw.clusters.iter().enumerate() {
+            let cluster = Arc::new(Cluster::from_wire(i, c, default_connect, &old_stats)?);
+            let res = format!("clusters[{i}] {:?}", c.name);
+            if clusters.insert(c.name.as_str(), cluster).is_some() {
+                return Err(bad(res, "duplicate cluster name"));
+            }
+        }
+
+        let mut by_vip = HashMap::new();
+        let mut by_endpoint = HashMap::new();
+        let mut by_name: HashMap<String, HashMap<u16, Arc<Target>>> = HashMap::new();
+        let mut ambiguous: std::collections::HashSet<(String, u16)> =
+            std::collections::HashSet::new();
+        for (i, s) in raw.services.iter().enumerate() {
+            let res = format!("services[{i}] {:?}", s.hostname);
+            if s.hostname.is_empty() {
+                return Err(bad(res, "hostname must not be empty"));
+            }
+            let vips: Vec<IpAddr> = s
+                .addresses
+                .iter()
+                .map(|a| {
+                    a.parse()
+                        .map_err(|_| bad(&res, format!("address {a:?} is not an IP address")))
+                })
+                .collect::<Result<_, _>>()?;
+            for p in &s.ports {
+                let port = port_u16(&res, p.port)?;
+                let cluster = clusters.get(p.cluster.as_str()).ok_or_else(|| {
+                    bad(
+                        &res,
+                        format!("port {port}: cluster {:?} is not defined", p.cluster),
+                    )
+                })?;
+                let routes = if p.http_routes.is_empty() {
+                    None
+                } else {
+                    Some(compile_routes(&res, port, &p.http_routes, &clusters)?)
+                };
+                let route_policies = p
+                    .http_routes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        route_policy(&res, &format!("port {port} httpRoutes[{i}]"), r, &clusters)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let tcp_routes = compile_l4(
+                    &res,
+                    &format!("port {port} tcpRoutes"),
+                    &p.tcp_routes,
+                    &clusters,
+                )?;
+                let tls_routes = compile_l4(
+                    &res,
+                    &format!("port {port} tlsRoutes"),
+                    &p.tls_routes,
+                    &clusters,
+                )?;
+                let target = Arc::new(Target {
+                    routes,
+                    route_policies,
+                    tcp_routes,
+                    tls_routes,
+                    hostname: s.hostname.clone(),
+                    port,
+                    protocol: PortProtocol::declared(
+                        protocol(&res, p.protocol)?,
+                        p.app_protocol.as_deref(),
+                        p.name.as_deref(),
+                    ),
+                    cluster: Arc::clone(cluster),
+                });
+                for ip in &vips {
+                    by_vip.insert(SocketAddr::new(*ip, port), Arc::clone(&target));
+                }
+                for e in &cluster.endpoints {
+                    by_endpoint
+                        .entry(e.addr)
+                        .or_insert_with(|| Arc::clone(&target));
+                }
+                by_name
+                    .entry(s.hostname.clone())
+                    .or_default()
+                    .insert(port, Arc::clone(&target));
+                // Shorter names: every proper prefix made of whole labels.
+                let mut end = s.hostname.len();
+                while let Some(dot) = s.hostname[..end].rfind('.') {
+                    end = dot;
+                    let alias = &s.hostname[..end];
+                    let ports = by_name.entry(alias.to_string()).or_default();
+                    match ports.get(&port) {
+                        Some(existing) if existing.hostname != target.hostname => {
+                            ambiguous.insert((alias.to_string(), port));
+                        }
+                        _ => {
+                            ports.insert(port, Arc::clone(&target));
+                        }
+                    }
+                }
+            }
+        }
+
+        let mut inbound = HashMap::new();
+        let mut pod_ips = Vec::new();
+        if let Some(w) = &raw.workload {
+            for a in &w.addresses {
+                pod_ips.push(a.parse().map_err(|_| {
+                    bad("workload.addresses", format!("{a:?} is not an IP address"))
+                })?);
+            }
+            for (i, p) in w.inbound_ports.iter().enumerate() {
+                let res = format!("workload.inboundPorts[{i}]");
+                let port = port_u16(&res, p.port)?;
+                let target_port = port_u16(&res, p.target_port.unwrap_or(p.port))?;
+                inbound.insert(
+                    port,
+                    InboundPort {
+                        port,
+                        target_port,
+                        protocol: PortProtocol::declared(
+                            protocol(&res, p.protocol)?,
+                            p.app_protocol.as_deref(),
+                            p.name.as_deref(),
+                        ),
+                        rate_limit: rate_limit(&res, "", p.rate_limit.as_ref())?,
+                    },
+                );
+            }
+        }
+        // Ambiguous short names resolve to nothing rather than to a random service (an
+        // FQDN is never ambiguous: it is its own service).
+        for (alias, port) in ambiguous {
+            if let Some(ports) = by_name.get_mut(&alias) {
+                if ports.get(&port).is_some_and(|t| t.hostname != alias) {
+                    ports.remove(&port);
+                }
+            }
+        }
+        let max_header_bytes = settings
+            .max_request_header_bytes
+            .map_or(DEFAULT_MAX_HEADER_BYTES, |b| b as usize);
+        if max_header_bytes < 8192 {
+            return Err(bad(
+                "settings.maxRequestHeaderBytes",
+                "must be at least 8192",
+            ));
+        }
+        let mut cluster_list: Vec<Arc<Cluster>> = clusters.into_values().collect();
+        cluster_list.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Config {
+            version: raw.version.clone(),
+            outbound_policy,
+            by_vip,
+            by_endpoint,
+            by_name,
+            clusters: cluster_list,
+            inbound,
+            workload: raw.workload.clone(),
+            pod_ips,
+            own_labels: raw
+                .workload
+                .as_ref()
+                .map(|w| w.labels.clone())
+                .unwrap_or_default(),
+            own_namespace: raw
+                .workload
+                .as_ref()
+                .map(|w| w.namespace.clone())
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| "default".to_string()),
+            connect_timeout: default_connect,
+            detection_timeout: duration(
+                "settings.protocolDetectionTimeout",
+                settings.protocol_detection_timeout.as_ref(),
+                DEFAULT_DETECTION_TIMEOUT,
+            )?,
+            max_header_bytes,
+            header_timeout: duration(
+                "settings.requestHeaderTimeout",
+                settings.request_header_timeout.as_ref(),
+                DEFAULT_HEADER_TIMEOUT,
+            )?,
+            raw,
+        })
+    }
+
+    /// The target of an intercepted outbound connection: by service virtual IP, else by
+    /// endpoint address.
+    pub fn outbound_target(&self, dst: SocketAddr) -> Option<&Arc<Target>> {
+        self.by_vip.get(&dst).or_else(|| self.by_endpoint.get(&dst))
+    }
+
+    /// The target named by an explicit listener: `reviews`, `reviews.default`, or the FQDN.
+    pub fn target_by_name(&self, name: &str, port: u16) -> Option<&Arc<Target>> {
+        self.by_name.get(name)?.get(&port)
+    }
+
+    /// The workload port `port` as declared, or undeclared (detected protocol, same
+    /// port on the app).
+    pub fn inbound_port(&self, port: u16) -> InboundPort {
+        self.inbound.get(&port).cloned().unwrap_or(InboundPort {
+            port,
+            target_port: port,
+            protocol: PortProtocol::Detect,
+            rate_limit: None,
+        })
+    }
+
+    /// Where the app behind inbound `port` is first tried.
+    pub fn app_addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(
+            IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            self.inbound_port(port).target_port,
+        )
+    }
+}
+
+impl Config {
+    /// An empty configuration (no services; unknown destinations pass through).
+    pub fn empty() -> Config {
+        Config {
+            version: String::new(),
+            outbound_policy: OutboundPolicy::AllowAny,
+            by_vip: HashMap::new(),
+            by_endpoint: HashMap::new(),
+            by_name: HashMap::new(),
+            clusters: Vec::new(),
+            inbound: HashMap::new(),
+            workload: None,
+            pod_ips: Vec::new(),
+            own_labels: std::collections::BTreeMap::new(),
+            own_namespace: "default".to_string(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            detection_timeout: DEFAULT_DETECTION_TIMEOUT,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            raw: wire::Snapshot::default(),
+        }
+    }
+}
+
+/// Loads and converts a snapshot file; the error says which line or resource is wrong.
+pub fn load_file(path: &std::path::Path, previous: Option<&Config>) -> Result<Config, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let raw =
+        wire::Snapshot::from_text(&text, &path.display().to_string()).map_err(|e| e.to_string())?;
+    Config::from_wire(raw, previous).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(text: &str) -> Result<Config, String> {
+        let raw = wire::Snapshot::from_text(text, "s.yaml").map_err(|e| e.to_string())?;
+        Config::from_wire(raw, None).map_err(|e| e.to_string())
+    }
+
+    const GOOD: &str = r#"
+version: "1"
+services:
+- hostname: reviews.default.svc.cluster.local
+  addresses: [240.240.0.1]
+  ports: [{port: 9080, name: http-web, cluster: reviews}]
+- hostname: db.default.svc.cluster.local
+  ports: [{port: 5432, name: tcp-pg, cluster: db}]
+clusters:
+- name: reviews
+  endpoints: [{address: "10.0.0.1:9080", proxied: true}, {address: "10.0.0.2:9080", healthy: false}]
+- name: db
+  endpoints: [{address: "10.0.0.3:5432"}]
+"#;
+
+    #[test]
+    fn indexes_by_vip_endpoint_and_name() {
+        let c = snap(GOOD).expect("good");
+        let vip: SocketAddr = "240.240.0.1:9080".parse().expect("addr");
+        assert_eq!(
+            c.outbound_target(vip).map(|t| t.hostname.as_str()),
+            Some("reviews.default.svc.cluster.local")
+        );
+        let ep: SocketAddr = "10.0.0.3:5432".parse().expect("addr");
+        assert_eq!(
+            c.outbound_target(ep).map(|t| t.protocol),
+            Some(PortProtocol::Tcp)
+        );
+        assert!(c.target_by_name("reviews", 9080).is_some());
+        assert!(c.target_by_name("reviews.default", 9080).is_some());
+        assert!(c.target_by_name("reviews", 9081).is_none());
+        let t = c.target_by_name("reviews", 9080).expect("target");
+        assert_eq!(t.protocol, PortProtocol::Http);
+        // Round robin skips the unhealthy endpoint.
+        for _ in 0..4 {
+            assert_eq!(t.cluster.pick().map(|e| e.addr.port()), Some(9080));
+            assert!(t.cluster.pick().is_some_and(|e| e.healthy));
+        }
+    }
+
+    #[test]
+    fn short_names_two_services_share_resolve_to_neither() {
+        let c = snap(
+            "services:
+- {hostname: reviews.default.svc.cluster.local, ports: [{port: 80, cluster: a}]}
+- {hostname: reviews.prod.svc.cluster.local, ports: [{port: 80, cluster: a}]}
+- {hostname: reviews, ports: [{port: 81, cluster: a}]}
+clusters: [{name: a}]
+",
+        )
+        .expect("good");
+        assert!(c.target_by_name("reviews", 80).is_none(), "ambiguous");
+        assert!(c.target_by_name("reviews.default", 80).is_some());
+        assert!(c.target_by_name("reviews.prod.svc", 80).is_some());
+        assert_eq!(
+            c.target_by_name("reviews", 81).map(|t| t.hostname.as_str()),
+            Some("reviews"),
+            "a service whose name is the short name itself"
+        );
+    }
+
+    #[test]
+    fn bad_resources_are_named() {
+        let e = snap("services:\n- hostname: a\n  ports: [{port: 80, cluster: nope}]\n")
+            .expect_err("bad");
+        assert_eq!(
+            e,
+            "services[0] \"a\": port 80: cluster \"nope\" is not defined"
+        );
+        let e = snap("clusters:\n- name: c\n  endpoints: [{address: \"10.0.0.1\"}]\n")
+            .expect_err("bad");
+        assert_eq!(
+            e,
+            "clusters[0] \"c\" endpoints[0]: address \"10.0.0.1\" is not ip:port"
+        );
+        let e = snap("clusterz: []\n").expect_err("bad");
+        assert!(
+            e.starts_with(
+                "s.yaml:1:1: clusterz: unknown field `clusterz` (did you mean `clusters`?)"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_wire_values_are_refused_with_the_resource() {
+        let mut raw = wire::Snapshot::from_text(GOOD, "s.yaml").expect("parse");
+        raw.services[0].ports[0].protocol = Some(99);
+        let e = Config::from_wire(raw, None).expect_err("bad protocol");
+        assert_eq!(
+            e.to_string(),
+            "services[0] \"reviews.default.svc.cluster.local\": unknown protocol value 99"
+        );
+        let mut raw = wire::Snapshot::from_text(GOOD, "s.yaml").expect("parse");
+        raw.clusters[1].idle_timeout = Some(prost_types::Duration {
+            seconds: -1,
+            nanos: 0,
+        });
+        let e = Config::from_wire(raw, None).expect_err("negative duration");
+        assert_eq!(
+            e.to_string(),
+            "clusters[1] \"db\": invalid duration -1s 0ns"
+        );
+        let mut raw = wire::Snapshot::from_text(GOOD, "s.yaml").expect("parse");
+        raw.outbound_traffic_policy = 7;
+        let e = Config::from_wire(raw, None).expect_err("bad policy");
+        assert_eq!(e.to_string(), "outboundTrafficPolicy: unknown value 7");
+    }
+
+    #[test]
+    fn protocol_declaration_follows_istio() {
+        use PortProtocol::*;
+        assert_eq!(PortProtocol::declared(None, None, Some("http-web")), Http);
+        assert_eq!(PortProtocol::declared(None, None, Some("grpc")), Http2);
+        assert_eq!(PortProtocol::declared(None, None, Some("tcp-db")), Tcp);
+        assert_eq!(PortProtocol::declared(None, None, Some("mongo")), Tcp);
+        assert_eq!(PortProtocol::declared(None, None, Some("web")), Detect);
+        assert_eq!(
+            PortProtocol::declared(None, Some("kubernetes.io/h2c"), Some("tcp")),
+            Http2
+        );
+        assert_eq!(
+            PortProtocol::declared(Some(Protocol::Tls), None, Some("http")),
+            Tcp
+        );
+        assert_eq!(PortProtocol::declared(None, None, None), Detect);
+    }
+
+    #[test]
+    fn counters_survive_a_swap() {
+        let a = snap(GOOD).expect("good");
+        let t = a.target_by_name("db", 5432).expect("db");
+        let ep = t.cluster.pick().expect("ep");
+        ep.stats.requests.fetch_add(5, Ordering::Relaxed);
+        let raw = wire::Snapshot::from_text(GOOD, "s.yaml").expect("parse");
+        let b = Config::from_wire(raw, Some(&a)).expect("convert");
+        let ep2 = b
+            .target_by_name("db", 5432)
+            .and_then(|t| t.cluster.pick())
+            .expect("ep");
+        assert_eq!(ep2.stats.requests.load(Ordering::Relaxed), 5);
+    }
+}
