@@ -8,6 +8,7 @@
 
 pub mod dirsource;
 pub mod store;
+pub mod translate;
 
 pub use dirsource::{DirSourceError, DirectorySource, DirectorySourceHandle, ReloadSummary};
 pub use store::{Applied, Change, ChangeOp, ConfigStore, ObjectKey, Snapshot};

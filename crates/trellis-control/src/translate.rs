@@ -1,0 +1,444 @@
+//! Translation of Istio routing configuration into the proxy snapshot's routes.
+//!
+//! This is the pure part of the control plane's per-proxy translation: a VirtualService's
+//! `http[]`, `tcp[]` and `tls[]` become the snapshot's route lists, each destination a
+//! cluster named as Istio names them (`outbound|<port>|<subset>|<fqdn>`). Choosing which
+//! VirtualServices and DestinationRules apply to a proxy (merging, exportTo, Sidecar scope)
+//! is the registry's job and arrives with the control plane.
+
+use trellis_api::common::{Percent, StringMatch};
+use trellis_api::host;
+use trellis_api::networking::{
+    Destination, HeaderOperations, HttpMatchRequest, HttpRoute, L4MatchAttributes,
+    RouteDestination, TlsMatchAttributes, VirtualService,
+};
+use trellis_xds::snapshot as wire;
+
+/// Why a VirtualService does not translate.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {reason}")]
+pub struct TranslateError {
+    pub path: String,
+    pub reason: String,
+}
+
+fn err(path: impl Into<String>, reason: impl Into<String>) -> TranslateError {
+    TranslateError {
+        path: path.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Istio's cluster name for a destination.
+pub fn cluster_name(port: u16, subset: Option<&str>, fqdn: &str) -> String {
+    format!("outbound|{port}|{}|{fqdn}", subset.unwrap_or(""))
+}
+
+/// The cluster a destination names, from a VirtualService in `namespace` routing traffic
+/// that arrived on `port` (the destination's own port wins).
+pub fn destination_cluster(
+    d: &Destination,
+    namespace: &str,
+    port: u16,
+    path: &str,
+) -> Result<String, TranslateError> {
+    let p = match d.port.and_then(|p| p.number) {
+        Some(n) => {
+            u16::try_from(n).map_err(|_| err(format!("{path}.port"), "port out of range"))?
+        }
+        None => port,
+    };
+    Ok(cluster_name(
+        p,
+        d.subset.as_deref(),
+        &host::fqdn(&d.host, namespace),
+    ))
+}
+
+fn string_match(m: &StringMatch) -> wire::StringMatch {
+    wire::StringMatch {
+        exact: m.exact.clone(),
+        prefix: m.prefix.clone(),
+        regex: m.regex.clone(),
+    }
+}
+
+fn pct(p: Option<&Percent>, legacy: Option<i32>) -> Option<f64> {
+    p.map(|p| p.value).or(legacy.map(f64::from))
+}
+
+fn duration(d: Option<&trellis_api::common::Duration>) -> Option<prost_types::Duration> {
+    d.map(|d| wire::from_std(d.0))
+}
+
+fn header_ops(h: Option<&HeaderOperations>) -> Option<wire::HeaderOps> {
+    h.map(|h| wire::HeaderOps {
+        set: h.set.clone(),
+        add: h.add.clone(),
+        remove: h.remove.clone(),
+    })
+}
+
+fn http_match(m: &HttpMatchRequest) -> wire::HttpMatch {
+    let map = |m: &std::collections::BTreeMap<String, StringMatch>| {
+        m.iter()
+            .map(|(k, v)| (k.clone(), string_match(v)))
+            .collect()
+    };
+    wire::HttpMatch {
+        name: m.name.clone(),
+        uri: m.uri.as_ref().map(string_match),
+        scheme: m.scheme.as_ref().map(string_match),
+        method: m.method.as_ref().map(string_match),
+        authority: m.authority.as_ref().map(string_match),
+        headers: map(&m.headers),
+        without_headers: map(&m.without_headers),
+        query_params: map(&m.query_params),
+        port: m.port,
+        source_labels: m.source_labels.clone(),
+        source_namespace: m.source_namespace.clone(),
+        ignore_uri_case: m.ignore_uri_case.unwrap_or(false),
+    }
+}
+
+/// Translates one HTTP rule.
+pub fn http_route(
+    r: &HttpRoute,
+    index: usize,
+    namespace: &str,
+    port: u16,
+) -> Result<wire::HttpRoute, TranslateError> {
+    let path = format!("spec.http[{index}]");
+    let clusters = r
+        .route
+        .iter()
+        .enumerate()
+        .map(|(j, d)| {
+            let dpath = format!("{path}.route[{j}].destination");
+            Ok(wire::WeightedCluster {
+                cluster: destination_cluster(&d.destination, namespace, port, &dpath)?,
+                weight: u32::try_from(d.weight.unwrap_or(0)).unwrap_or(0),
+            })
+        })
+        .collect::<Result<Vec<_>, TranslateError>>()?;
+    let mut mirrors = Vec::new();
+    if let Some(m) = &r.mirror {
+        mirrors.push(wire::Mirror {
+            cluster: destination_cluster(m, namespace, port, &format!("{path}.mirror"))?,
+            percentage: pct(
+                r.mirror_percentage.as_ref(),
+                r.mirror_percent
+                    .or(r.mirror_percent_snake)
+                    .map(|p| p as i32),
+            ),
+        });
+    }
+    for (j, m) in r.mirrors.iter().enumerate() {
+        mirrors.push(wire::Mirror {
+            cluster: destination_cluster(
+                &m.destination,
+                namespace,
+                port,
+                &format!("{path}.mirrors[{j}]"),
+            )?,
+            percentage: m.percentage.map(|p| p.value),
+        });
+    }
+    // Route-level and destination-level header operations: Trellis applies the route's;
+    // per-destination operations would need a per-cluster hook and are merged here.
+    let mut request_headers = header_ops(r.headers.as_ref().and_then(|h| h.request.as_ref()));
+    let mut response_headers = header_ops(r.headers.as_ref().and_then(|h| h.response.as_ref()));
+    if r.route.len() == 1 {
+        let d = &r.route[0];
+        if let Some(extra) = header_ops(d.headers.as_ref().and_then(|h| h.request.as_ref())) {
+            let base = request_headers.get_or_insert_with(Default::default);
+            base.set.extend(extra.set);
+            base.add.extend(extra.add);
+            base.remove.extend(extra.remove);
+        }
+        if let Some(extra) = header_ops(d.headers.as_ref().and_then(|h| h.response.as_ref())) {
+            let base = response_headers.get_or_insert_with(Default::default);
+            base.set.extend(extra.set);
+            base.add.extend(extra.add);
+            base.remove.extend(extra.remove);
+        }
+    }
+    Ok(wire::HttpRoute {
+        name: r.name.clone().unwrap_or_else(|| format!("#{index}")),
+        matches: r.matches.iter().map(http_match).collect(),
+        clusters,
+        timeout: duration(r.timeout.as_ref()),
+        fault: r.fault.as_ref().map(|f| wire::Fault {
+            delay: f.delay.as_ref().map(|d| wire::FaultDelay {
+                fixed_delay: duration(d.fixed_delay.as_ref().or(d.exponential_delay.as_ref())),
+                percentage: pct(d.percentage.as_ref(), d.percent),
+            }),
+            abort: f.abort.as_ref().map(|a| wire::FaultAbort {
+                http_status: a.http_status.and_then(|s| u32::try_from(s).ok()),
+                grpc_status: a.grpc_status.clone(),
+                percentage: pct(a.percentage.as_ref(), None),
+            }),
+        }),
+        direct_response: r.direct_response.as_ref().map(|d| wire::DirectResponse {
+            status: d.status,
+            body: d.body.as_ref().and_then(|b| b.string.clone()),
+        }),
+        redirect: r.redirect.as_ref().map(|rd| wire::Redirect {
+            uri: rd.uri.clone(),
+            authority: rd.authority.clone(),
+            scheme: rd.scheme.clone(),
+            port: rd.port,
+            redirect_code: rd.redirect_code,
+        }),
+        rewrite: r.rewrite.as_ref().map(|rw| wire::Rewrite {
+            uri: rw.uri.clone(),
+            authority: rw.authority.clone(),
+            uri_regex: rw
+                .uri_regex_rewrite
+                .as_ref()
+                .and_then(|x| x.pattern.clone()),
+            uri_regex_replacement: rw
+                .uri_regex_rewrite
+                .as_ref()
+                .and_then(|x| x.rewrite.clone()),
+        }),
+        request_headers,
+        response_headers,
+        retries: r.retries.as_ref().map(|rt| wire::RetryPolicy {
+            attempts: u32::try_from(rt.attempts.unwrap_or(0)).unwrap_or(0),
+            per_try_timeout: duration(rt.per_try_timeout.as_ref()),
+            retry_on: rt.retry_on.clone(),
+            backoff: duration(rt.backoff.as_ref()),
+        }),
+        mirrors,
+        rate_limit: None,
+        cors: r.cors_policy.as_ref().map(|c| wire::CorsPolicy {
+            allow_origins: c
+                .allow_origins
+                .iter()
+                .map(string_match)
+                .chain(c.allow_origin.iter().map(|o| wire::StringMatch {
+                    exact: Some(o.clone()),
+                    ..Default::default()
+                }))
+                .collect(),
+            allow_methods: c.allow_methods.clone(),
+            allow_headers: c.allow_headers.clone(),
+            expose_headers: c.expose_headers.clone(),
+            max_age: duration(c.max_age.as_ref()),
+            allow_credentials: c.allow_credentials,
+        }),
+    })
+}
+
+fn l4_clusters(
+    routes: &[RouteDestination],
+    namespace: &str,
+    port: u16,
+    path: &str,
+) -> Result<Vec<wire::WeightedCluster>, TranslateError> {
+    routes
+        .iter()
+        .enumerate()
+        .map(|(j, d)| {
+            Ok(wire::WeightedCluster {
+                cluster: destination_cluster(
+                    &d.destination,
+                    namespace,
+                    port,
+                    &format!("{path}.route[{j}].destination"),
+                )?,
+                weight: u32::try_from(d.weight.unwrap_or(0)).unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
+fn l4_match(m: &L4MatchAttributes) -> wire::L4Match {
+    wire::L4Match {
+        destination_subnets: m.destination_subnets.clone(),
+        port: m.port,
+        source_labels: m.source_labels.clone(),
+        source_namespace: m.source_namespace.clone(),
+        sni_hosts: Vec::new(),
+    }
+}
+
+fn tls_match(m: &TlsMatchAttributes) -> wire::L4Match {
+    wire::L4Match {
+        destination_subnets: m.destination_subnets.clone(),
+        port: m.port,
+        source_labels: m.source_labels.clone(),
+        source_namespace: m.source_namespace.clone(),
+        sni_hosts: m.sni_hosts.clone(),
+    }
+}
+
+/// The routes a VirtualService in `namespace` gives traffic arriving on `port`.
+#[derive(Debug, Clone, Default)]
+pub struct PortRoutes {
+    pub http: Vec<wire::HttpRoute>,
+    pub tcp: Vec<wire::L4Route>,
+    pub tls: Vec<wire::L4Route>,
+}
+
+/// Translates a whole VirtualService for one service port.
+pub fn virtual_service(
+    vs: &VirtualService,
+    namespace: &str,
+    port: u16,
+) -> Result<PortRoutes, TranslateError> {
+    let http = vs
+        .http
+        .iter()
+        .enumerate()
+        .map(|(i, r)| http_route(r, i, namespace, port))
+        .collect::<Result<_, _>>()?;
+    let tcp = vs
+        .tcp
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let path = format!("spec.tcp[{i}]");
+            Ok(wire::L4Route {
+                name: format!("#{i}"),
+                matches: r.matches.iter().map(l4_match).collect(),
+                clusters: l4_clusters(&r.route, namespace, port, &path)?,
+            })
+        })
+        .collect::<Result<_, TranslateError>>()?;
+    let tls = vs
+        .tls
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let path = format!("spec.tls[{i}]");
+            Ok(wire::L4Route {
+                name: format!("#{i}"),
+                matches: r.matches.iter().map(tls_match).collect(),
+                clusters: l4_clusters(&r.route, namespace, port, &path)?,
+            })
+        })
+        .collect::<Result<_, TranslateError>>()?;
+    Ok(PortRoutes { http, tcp, tls })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_api::{LoadOptions, Spec, parse_text};
+
+    fn vs(yaml: &str) -> VirtualService {
+        let parsed = parse_text(yaml, "vs.yaml", &LoadOptions::default());
+        match parsed[0].resource().map(|r| &r.spec) {
+            Some(Spec::VirtualService(v)) => v.clone(),
+            _ => panic!("{:?}", parsed[0].diagnostics),
+        }
+    }
+
+    #[test]
+    fn every_http_feature_is_carried_over() {
+        let v = vs(r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings, namespace: shop}
+spec:
+  hosts: [ratings]
+  http:
+  - name: faulty
+    match: [{uri: {prefix: /v1}, headers: {x-a: {}}, ignoreUriCase: true}]
+    fault:
+      delay: {fixedDelay: 7s, percentage: {value: 10}}
+      abort: {httpStatus: 500, percentage: {value: 1}}
+    timeout: 2s
+    retries: {attempts: 3, perTryTimeout: 500ms, retryOn: "5xx"}
+    rewrite: {uri: /v2, authority: ratings.internal}
+    headers:
+      request: {set: {x-b: "1"}}
+    mirror: {host: ratings-canary, subset: v9}
+    mirrorPercentage: {value: 25}
+    corsPolicy: {allowOrigins: [{exact: "https://a"}], allowOrigin: ["https://b"], maxAge: 1h}
+    route:
+    - destination: {host: ratings, subset: v1, port: {number: 9080}}
+      weight: 90
+      headers: {response: {remove: [x-c]}}
+    - destination: {host: ratings.other.svc.cluster.local}
+      weight: 10
+  - redirect: {uri: /moved, redirectCode: 302}
+  tcp:
+  - match: [{port: 3306, destinationSubnets: [10.0.0.0/8]}]
+    route: [{destination: {host: db}}]
+  tls:
+  - match: [{sniHosts: [ratings.example.com]}]
+    route: [{destination: {host: ratings, port: {number: 443}}}]
+"#);
+        let r = virtual_service(&v, "shop", 8080).expect("translates");
+        let h = &r.http[0];
+        assert_eq!(h.name, "faulty");
+        assert!(h.matches[0].ignore_uri_case);
+        assert_eq!(
+            h.matches[0].uri.as_ref().and_then(|u| u.prefix.as_deref()),
+            Some("/v1")
+        );
+        assert!(h.matches[0].headers.contains_key("x-a"));
+        let clusters: Vec<(&str, u32)> = h
+            .clusters
+            .iter()
+            .map(|c| (c.cluster.as_str(), c.weight))
+            .collect();
+        assert_eq!(
+            clusters,
+            [
+                ("outbound|9080|v1|ratings.shop.svc.cluster.local", 90),
+                ("outbound|8080||ratings.other.svc.cluster.local", 10)
+            ]
+        );
+        let f = h.fault.as_ref().expect("fault");
+        assert_eq!(f.delay.as_ref().and_then(|d| d.percentage), Some(10.0));
+        assert_eq!(f.abort.as_ref().and_then(|a| a.http_status), Some(500));
+        assert_eq!(
+            h.timeout.as_ref().and_then(wire::to_std),
+            Some(std::time::Duration::from_secs(2))
+        );
+        let rt = h.retries.as_ref().expect("retries");
+        assert_eq!((rt.attempts, rt.retry_on.as_deref()), (3, Some("5xx")));
+        assert_eq!(
+            h.rewrite.as_ref().and_then(|w| w.uri.as_deref()),
+            Some("/v2")
+        );
+        assert_eq!(
+            h.request_headers.as_ref().map(|o| o.set["x-b"].as_str()),
+            Some("1")
+        );
+        assert_eq!(
+            h.mirrors[0].cluster,
+            "outbound|8080|v9|ratings-canary.shop.svc.cluster.local"
+        );
+        assert_eq!(h.mirrors[0].percentage, Some(25.0));
+        let cors = h.cors.as_ref().expect("cors");
+        assert_eq!(
+            cors.allow_origins.len(),
+            2,
+            "allowOrigins and the deprecated allowOrigin"
+        );
+        assert!(
+            h.response_headers.is_none(),
+            "destination headers only merge for a single destination"
+        );
+        assert_eq!(r.http[1].name, "#1");
+        assert_eq!(
+            r.http[1].redirect.as_ref().and_then(|x| x.redirect_code),
+            Some(302)
+        );
+        assert_eq!(
+            r.tcp[0].clusters[0].cluster,
+            "outbound|8080||db.shop.svc.cluster.local"
+        );
+        assert_eq!(r.tcp[0].matches[0].destination_subnets, ["10.0.0.0/8"]);
+        assert_eq!(r.tls[0].matches[0].sni_hosts, ["ratings.example.com"]);
+        assert_eq!(
+            r.tls[0].clusters[0].cluster,
+            "outbound|443||ratings.shop.svc.cluster.local"
+        );
+    }
+}
