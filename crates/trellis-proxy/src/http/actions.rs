@@ -14,10 +14,10 @@ pub(super) fn request_hash(key: &crate::config::HashKey, req: &Request<ReqBody>)
     use crate::config::{HashKey, stable_hash};
     match key {
         HashKey::Header(h) => req.headers().get(h).map(|v| stable_hash(v.as_bytes())),
-        HashKey::SourceIp => req
-            .extensions()
-            .get::<Peer>()
-            .map(|p| stable_hash(p.0.ip().to_string().as_bytes())),
+        HashKey::SourceIp => req.extensions().get::<Peer>().map(|p| match p.0.ip() {
+            IpAddr::V4(a) => stable_hash(&a.octets()),
+            IpAddr::V6(a) => stable_hash(&a.octets()),
+        }),
         HashKey::Query(name) => req.uri().query().and_then(|q| {
             q.split('&').find_map(|kv| {
                 let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
@@ -253,11 +253,7 @@ pub(super) fn mirror(
         Stats::inc(&shared.stats.mirror_skipped_total);
         return;
     }
-    let mut req = Request::new(ReqBody::Buffered(body));
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = parts.uri.clone();
-    *req.version_mut() = parts.version;
-    *req.headers_mut() = parts.headers.clone();
+    let mut req = rebuild(parts, ReqBody::Buffered(body));
     // Istio's convention: the mirror sees the host with a "-shadow" suffix.
     let host = req
         .headers()
@@ -285,19 +281,7 @@ pub(super) fn mirror(
     let shared = Arc::clone(shared);
     tokio::spawn(async move {
         if let Some(ep) = cluster.pick() {
-            let up = Upstream {
-                addr: ep.addr,
-                h2: ep.proxied || req.version() == Version::HTTP_2,
-                peer_version: ep.proxied.then_some(if req.version() == Version::HTTP_2 {
-                    "2"
-                } else {
-                    "1.1"
-                }),
-                connect_timeout: cluster.connect_timeout,
-                idle_timeout: cluster.idle_timeout,
-                endpoint: Some(ep),
-                fallbacks: &[],
-            };
+            let up = Upstream::endpoint(ep, &cluster, req.version() == Version::HTTP_2, false);
             match forward_once(&shared, req, &up).await {
                 // Read the answer to the end so that the connection can be reused.
                 Ok(resp) => {

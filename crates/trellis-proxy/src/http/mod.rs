@@ -67,6 +67,39 @@ struct Upstream<'a> {
     fallbacks: &'a [IpAddr],
 }
 
+impl<'a> Upstream<'a> {
+    /// An endpoint of `cluster`: over HTTP/2 when a peer proxy fronts it, when the app
+    /// spoke HTTP/2 or when the port declares it.
+    fn endpoint(
+        ep: &'a Endpoint,
+        cluster: &crate::config::Cluster,
+        downstream_h2: bool,
+        port_h2: bool,
+    ) -> Self {
+        Upstream {
+            addr: ep.addr,
+            h2: ep.proxied || downstream_h2 || port_h2,
+            peer_version: ep
+                .proxied
+                .then_some(if downstream_h2 { "2" } else { "1.1" }),
+            connect_timeout: cluster.connect_timeout,
+            idle_timeout: cluster.idle_timeout,
+            endpoint: Some(ep),
+            fallbacks: &[],
+        }
+    }
+}
+
+/// A fresh copy of a request whose head was kept apart from its body (retries, mirrors).
+fn rebuild(parts: &http::request::Parts, body: ReqBody) -> Request<ReqBody> {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req
+}
+
 /// Serves one request.
 pub async fn handle(
     shared: Arc<Shared>,
@@ -222,7 +255,7 @@ async fn outbound(
     resp
 }
 
-/// Sends the request to an endpoint of `cluster`.
+/// Set on retries: which try this is (Envoy's header, which apps and tests look at).
 const ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
 
 /// Sends the request to an endpoint of `cluster`, trying again as the retry policy says:
@@ -248,18 +281,8 @@ async fn to_cluster(
             ),
         )
     };
-    let upstream = |ep: &Arc<Endpoint>, downstream_h2: bool| Upstream {
-        addr: ep.addr,
-        h2: ep.proxied || downstream_h2 || target.protocol == PortProtocol::Http2,
-        peer_version: ep
-            .proxied
-            .then_some(if downstream_h2 { "2" } else { "1.1" }),
-        connect_timeout: cluster.connect_timeout,
-        idle_timeout: cluster.idle_timeout,
-        endpoint: None,
-        fallbacks: &[],
-    };
     let downstream_h2 = req.version() == Version::HTTP_2;
+    let port_h2 = target.protocol == PortProtocol::Http2;
     let hashed = cluster
         .ring
         .as_ref()
@@ -270,10 +293,7 @@ async fn to_cluster(
         let Some(ep) = hashed.or_else(|| cluster.pick()) else {
             return no_endpoint();
         };
-        let up = Upstream {
-            endpoint: Some(ep),
-            ..upstream(ep, downstream_h2)
-        };
+        let up = Upstream::endpoint(ep, cluster, downstream_h2, port_h2);
         let Some(_admitted) = cluster.admit().await else {
             return overflow(cluster);
         };
@@ -343,19 +363,12 @@ async fn to_cluster(
             Some(b) => ReqBody::Buffered(b.clone()),
             None => streaming.take().unwrap_or(ReqBody::Buffered(None)),
         };
-        let mut req = Request::new(body);
-        *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = parts.uri.clone();
-        *req.version_mut() = parts.version;
-        *req.headers_mut() = parts.headers.clone();
+        let mut req = rebuild(&parts, body);
         if attempt > 1 {
             req.headers_mut()
                 .insert(ATTEMPT_COUNT, HeaderValue::from(attempt));
         }
-        let up = Upstream {
-            endpoint: Some(ep),
-            ..upstream(ep, downstream_h2)
-        };
+        let up = Upstream::endpoint(ep, cluster, downstream_h2, port_h2);
         let Some(_admitted) = cluster.admit().await else {
             return overflow(cluster);
         };
