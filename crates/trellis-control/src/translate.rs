@@ -109,18 +109,12 @@ pub fn http_route(
     port: u16,
 ) -> Result<wire::HttpRoute, TranslateError> {
     let path = format!("spec.http[{index}]");
-    let clusters = r
-        .route
-        .iter()
-        .enumerate()
-        .map(|(j, d)| {
-            let dpath = format!("{path}.route[{j}].destination");
-            Ok(wire::WeightedCluster {
-                cluster: destination_cluster(&d.destination, namespace, port, &dpath)?,
-                weight: u32::try_from(d.weight.unwrap_or(0)).unwrap_or(0),
-            })
-        })
-        .collect::<Result<Vec<_>, TranslateError>>()?;
+    let clusters = weighted_clusters(
+        r.route.iter().map(|d| (&d.destination, d.weight)),
+        namespace,
+        port,
+        &path,
+    )?;
     let mut mirrors = Vec::new();
     if let Some(m) = &r.mirror {
         mirrors.push(wire::Mirror {
@@ -144,24 +138,15 @@ pub fn http_route(
             percentage: m.percentage.map(|p| p.value),
         });
     }
-    // Route-level and destination-level header operations: Trellis applies the route's;
-    // per-destination operations would need a per-cluster hook and are merged here.
+    // Route-level header operations, plus the destination's when there is only one. With
+    // several destinations, per-destination operations would need a per-cluster hook in
+    // the proxy, which it does not have yet: they are not applied.
     let mut request_headers = header_ops(r.headers.as_ref().and_then(|h| h.request.as_ref()));
     let mut response_headers = header_ops(r.headers.as_ref().and_then(|h| h.response.as_ref()));
-    if r.route.len() == 1 {
-        let d = &r.route[0];
-        if let Some(extra) = header_ops(d.headers.as_ref().and_then(|h| h.request.as_ref())) {
-            let base = request_headers.get_or_insert_with(Default::default);
-            base.set.extend(extra.set);
-            base.add.extend(extra.add);
-            base.remove.extend(extra.remove);
-        }
-        if let Some(extra) = header_ops(d.headers.as_ref().and_then(|h| h.response.as_ref())) {
-            let base = response_headers.get_or_insert_with(Default::default);
-            base.set.extend(extra.set);
-            base.add.extend(extra.add);
-            base.remove.extend(extra.remove);
-        }
+    if let [d] = r.route.as_slice() {
+        let h = d.headers.as_ref();
+        merge_header_ops(&mut request_headers, h.and_then(|h| h.request.as_ref()));
+        merge_header_ops(&mut response_headers, h.and_then(|h| h.response.as_ref()));
     }
     Ok(wire::HttpRoute {
         name: r.name.clone().unwrap_or_else(|| format!("#{index}")),
@@ -231,27 +216,50 @@ pub fn http_route(
     })
 }
 
+fn merge_header_ops(base: &mut Option<wire::HeaderOps>, extra: Option<&HeaderOperations>) {
+    if let Some(extra) = header_ops(extra) {
+        let base = base.get_or_insert_with(Default::default);
+        base.set.extend(extra.set);
+        base.add.extend(extra.add);
+        base.remove.extend(extra.remove);
+    }
+}
+
+/// The weighted clusters of a rule's `route[]` (HTTP, TCP and TLS alike).
+fn weighted_clusters<'a>(
+    routes: impl Iterator<Item = (&'a Destination, Option<i32>)>,
+    namespace: &str,
+    port: u16,
+    path: &str,
+) -> Result<Vec<wire::WeightedCluster>, TranslateError> {
+    routes
+        .enumerate()
+        .map(|(j, (d, weight))| {
+            Ok(wire::WeightedCluster {
+                cluster: destination_cluster(
+                    d,
+                    namespace,
+                    port,
+                    &format!("{path}.route[{j}].destination"),
+                )?,
+                weight: u32::try_from(weight.unwrap_or(0)).unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
 fn l4_clusters(
     routes: &[RouteDestination],
     namespace: &str,
     port: u16,
     path: &str,
 ) -> Result<Vec<wire::WeightedCluster>, TranslateError> {
-    routes
-        .iter()
-        .enumerate()
-        .map(|(j, d)| {
-            Ok(wire::WeightedCluster {
-                cluster: destination_cluster(
-                    &d.destination,
-                    namespace,
-                    port,
-                    &format!("{path}.route[{j}].destination"),
-                )?,
-                weight: u32::try_from(d.weight.unwrap_or(0)).unwrap_or(0),
-            })
-        })
-        .collect()
+    weighted_clusters(
+        routes.iter().map(|d| (&d.destination, d.weight)),
+        namespace,
+        port,
+        path,
+    )
 }
 
 fn l4_match(m: &L4MatchAttributes) -> wire::L4Match {
@@ -439,6 +447,33 @@ spec:
         assert_eq!(
             r.tls[0].clusters[0].cluster,
             "outbound|443||ratings.shop.svc.cluster.local"
+        );
+    }
+
+    #[test]
+    fn a_single_destinations_headers_join_the_routes() {
+        let v = vs(r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings, namespace: shop}
+spec:
+  hosts: [ratings]
+  http:
+  - headers: {request: {set: {x-route: "1"}}}
+    route:
+    - destination: {host: ratings}
+      headers:
+        request: {add: {x-dest: "2"}}
+        response: {remove: [x-secret]}
+"#);
+        let r = virtual_service(&v, "shop", 8080).expect("translates");
+        let h = &r.http[0];
+        let req = h.request_headers.as_ref().expect("request headers");
+        assert_eq!(req.set["x-route"], "1");
+        assert_eq!(req.add["x-dest"], "2");
+        assert_eq!(
+            h.response_headers.as_ref().map(|o| o.remove.clone()),
+            Some(vec!["x-secret".to_string()])
         );
     }
 }
