@@ -69,6 +69,13 @@ pub struct Endpoint {
     pub stats: Arc<EndpointStats>,
 }
 
+impl Endpoint {
+    /// Healthy and not ejected by outlier detection at `now` (on [`now_ms`]'s clock).
+    pub fn available(&self, now: u64) -> bool {
+        self.healthy && !self.stats.ejected(now)
+    }
+}
+
 #[derive(Debug)]
 pub struct Cluster {
     pub name: String,
@@ -131,7 +138,7 @@ impl Cluster {
             return None;
         }
         let now = now_ms();
-        let ok = |e: &&Arc<Endpoint>| e.healthy && !e.stats.ejected(now);
+        let ok = |e: &&Arc<Endpoint>| e.available(now);
         match self.load_balancer {
             wire::LoadBalancer::RoundRobin => {
                 let start = self.next.fetch_add(1, Ordering::Relaxed);
@@ -197,7 +204,7 @@ impl Cluster {
         (0..n)
             .map(|k| ring.points[(start + k) % n].1)
             .map(|i| &self.endpoints[i])
-            .find(|e| e.healthy && !e.stats.ejected(now))
+            .find(|e| e.available(now))
             .or_else(|| self.endpoints.get(ring.points[start % n].1))
     }
 

@@ -109,6 +109,13 @@ pub struct InboundPort {
     pub rate_limit: Option<Arc<crate::ratelimit::TokenBucket>>,
 }
 
+impl InboundPort {
+    /// Where the app behind this port is first tried.
+    pub fn app_addr(&self) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), self.target_port)
+    }
+}
+
 /// A converted snapshot.
 #[derive(Debug)]
 pub struct Config {
@@ -435,10 +442,7 @@ impl Config {
 
     /// Where the app behind inbound `port` is first tried.
     pub fn app_addr(&self, port: u16) -> SocketAddr {
-        SocketAddr::new(
-            IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
-            self.inbound_port(port).target_port,
-        )
+        self.inbound_port(port).app_addr()
     }
 }
 

@@ -446,7 +446,7 @@ async fn inbound(
         None => req.version() == Version::HTTP_2,
     };
     let up = Upstream {
-        addr: cfg.app_addr(port),
+        addr: declared.app_addr(),
         h2,
         peer_version: None,
         connect_timeout: Duration::from_secs(1),
