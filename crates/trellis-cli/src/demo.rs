@@ -84,8 +84,10 @@ pub fn run() -> anyhow::Result<ExitCode> {
     println!(
         "\nTry a mistake: change a subset to v4 in examples/bookinfo/routing.yaml and run\n  \
          target/release/trellis analyze examples/bookinfo\n\n\
-         Not yet in this build: `trellis up` (pods in network namespaces with transparent\n\
-         sidecars), the proxy, the control plane. See README.md, Status."
+         Built so far: the sidecar proxy (`trellis-proxy`, docs/proxy.md) and the\n\
+         translation of VirtualServices into its routes. Not yet: `trellis up` (pods in\n\
+         network namespaces with transparent sidecars) and the control plane that feeds\n\
+         the proxies. See README.md, Status."
     );
     Ok(if messages.iter().any(|m| m.level == Level::Error) {
         ExitCode::from(2)
