@@ -10,7 +10,8 @@ drift on a shared machine hits both sides alike; medians over the repetitions ar
 Reports: added p50/p99 latency over direct, proxy CPU microseconds per request
 (utime+stime from /proc, load generator excluded), RSS and peak RSS per proxy.
 
-Usage: bench/proxy_pair.py [--rate 2000] [--duration 15] [--reps 3] [--write-docs]
+Usage: bench/proxy_pair.py [--rate 2000] [--duration 15] [--reps 3] [--no-peers] [--write-docs]
+Same-run references: one Trellis hop and one nginx hop (Debian nginx, skipped if absent).
 Needs: a release build (the script runs cargo build --release), oha on PATH
 (cargo install oha --locked).
 """
@@ -92,6 +93,38 @@ def oha(url, rate, duration, conns):
     }
 
 
+NGINX_CONF = """worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx.err warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  upstream app {{ server 127.0.0.1:{app}; keepalive 32; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+  }}
+}}
+"""
+
+
+def nginx_worker(master_pid, timeout=5.0):
+    """The pid of nginx's single worker process."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open(f"/proc/{d}/stat") as f:
+                        if int(f.read().rsplit(")", 1)[1].split()[1]) == master_pid:
+                            return int(d)
+                except OSError:
+                    continue
+        time.sleep(0.05)
+    raise RuntimeError("nginx started no worker")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", type=int, default=2000)
@@ -100,63 +133,100 @@ def main():
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--between", choices=["h2", "h1"], default="h2",
                     help="protocol between the proxies (h2: Trellis's default, one multiplexed connection)")
+    ap.add_argument("--no-peers", action="store_true",
+                    help="skip the same-run references (one Trellis hop, one nginx hop)")
     ap.add_argument("--write-docs", action="store_true", help="rewrite the results section of docs/benchmarks.md")
     args = ap.parse_args()
 
     if not shutil.which("oha"):
         sys.exit("oha not found: cargo install oha --locked")
+    nginx = None if args.no_peers else shutil.which("nginx") or (
+        "/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if not args.no_peers and nginx is None:
+        print("nginx not found (apt-get install nginx-light): the nginx reference is skipped", file=sys.stderr)
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "trellis-proxy", "-p", "trellis-testkit"],
                    cwd=ROOT, check=True)
     target = os.path.join(ROOT, "target", "release")
 
     tmp = tempfile.mkdtemp(prefix="trellis-bench-")
-    app_port, in_port, out_port = free_port(), free_port(), free_port()
+    app_port, in_port, out_port, one_port, nginx_port = (free_port() for _ in range(5))
     inbound_snap = os.path.join(tmp, "inbound.yaml")
     outbound_snap = os.path.join(tmp, "outbound.yaml")
+    one_snap = os.path.join(tmp, "one.yaml")
     with open(inbound_snap, "w") as f:
         f.write(f"version: bench\nworkload:\n  name: app\n  inboundPorts: [{{port: {app_port}, name: http}}]\n")
+    service = ("version: bench\nservices:\n- hostname: app.default.svc.cluster.local\n"
+               "  ports: [{port: 80, name: http, cluster: app}]\n"
+               "clusters:\n- name: app\n  endpoints: [{address: \"127.0.0.1:%d\", proxied: %s}]\n")
     with open(outbound_snap, "w") as f:
-        f.write(
-            "version: bench\nservices:\n- hostname: app.default.svc.cluster.local\n"
-            "  ports: [{port: 80, name: http, cluster: app}]\n"
-            f"clusters:\n- name: app\n  endpoints: [{{address: \"127.0.0.1:{in_port}\", "
-            f"proxied: {'true' if args.between == 'h2' else 'false'}}}]\n"
-        )
+        f.write(service % (in_port, "true" if args.between == "h2" else "false"))
+    with open(one_snap, "w") as f:
+        f.write(service % (app_port, "false"))
     common = ["--workers", "1", "--admin", "off", "--readiness", "off", "--log-level", "warn"]
+    proxy = os.path.join(target, "trellis-proxy")
     procs = []
     try:
         app = subprocess.Popen([os.path.join(target, "trellis-fixture"), "--http", f"127.0.0.1:{app_port}"],
                                stdout=subprocess.DEVNULL)
         procs.append(app)
-        inbound = subprocess.Popen([os.path.join(target, "trellis-proxy"), "--config", inbound_snap,
+        inbound = subprocess.Popen([proxy, "--config", inbound_snap,
                                     "--inbound-listen", f"127.0.0.1:{in_port}={app_port}", *common])
         procs.append(inbound)
-        outbound = subprocess.Popen([os.path.join(target, "trellis-proxy"), "--config", outbound_snap,
+        outbound = subprocess.Popen([proxy, "--config", outbound_snap,
                                      "--outbound-listen", f"127.0.0.1:{out_port}=app:80", *common])
         procs.append(outbound)
-        for p in (app_port, in_port, out_port):
+        ports = [app_port, in_port, out_port]
+        # Same-run references: one Trellis hop (HTTP/1.1 both sides) and one nginx hop.
+        peers = {}
+        if not args.no_peers:
+            one = subprocess.Popen([proxy, "--config", one_snap,
+                                    "--outbound-listen", f"127.0.0.1:{one_port}=app:80", *common])
+            procs.append(one)
+            ports.append(one_port)
+            peers["trellis (one hop)"] = ([one.pid], f"http://127.0.0.1:{one_port}/bytes/1024")
+        if nginx:
+            conf = os.path.join(tmp, "nginx.conf")
+            with open(conf, "w") as f:
+                f.write(NGINX_CONF.format(tmp=tmp, app=app_port, port=nginx_port))
+            ngx = subprocess.Popen([nginx, "-c", conf, "-p", tmp], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+            procs.append(ngx)
+            ports.append(nginx_port)
+        for p in ports:
             wait_port(p)
+        if nginx:
+            peers["nginx (one hop)"] = ([nginx_worker(ngx.pid)], f"http://127.0.0.1:{nginx_port}/bytes/1024")
         idle_rss = {"outbound": rss_kib(outbound.pid), "inbound": rss_kib(inbound.pid)}
 
         direct_url = f"http://127.0.0.1:{app_port}/bytes/1024"
         pair_url = f"http://127.0.0.1:{out_port}/bytes/1024"
-        # Warm up both paths (connections, pools, page cache).
-        oha(direct_url, args.rate, 2, args.connections)
-        oha(pair_url, args.rate, 2, args.connections)
+        # Warm up every path (connections, pools, page cache).
+        for url in [direct_url, pair_url] + [u for _, u in peers.values()]:
+            oha(url, args.rate, 2, args.connections)
 
-        direct, pair = [], []
-        for rep in range(args.reps):
-            direct.append(oha(direct_url, args.rate, args.duration, args.connections))
-            c0 = {n: cpu_us(p.pid) for n, p in (("outbound", outbound), ("inbound", inbound))}
-            r = oha(pair_url, args.rate, args.duration, args.connections)
-            c1 = {n: cpu_us(p.pid) for n, p in (("outbound", outbound), ("inbound", inbound))}
+        def run(url, pids):
+            c0 = [cpu_us(p) for p in pids]
+            r = oha(url, args.rate, args.duration, args.connections)
+            c1 = [cpu_us(p) for p in pids]
             requests = max(r["ok"], 1)
-            r["cpu_us_per_req"] = {n: (c1[n] - c0[n]) / requests for n in c0}
+            r["cpu"] = [(b - a) / requests for a, b in zip(c0, c1)]
+            return r
+
+        direct, pair, peer_runs = [], [], {n: [] for n in peers}
+        for rep in range(args.reps):
+            direct.append(run(direct_url, [app.pid]))
+            r = run(pair_url, [outbound.pid, inbound.pid])
+            r["cpu_us_per_req"] = {"outbound": r["cpu"][0], "inbound": r["cpu"][1]}
             pair.append(r)
-            print(f"rep {rep + 1}: direct p50 {direct[-1]['p50_us']:.0f}us p99 {direct[-1]['p99_us']:.0f}us | "
-                  f"pair p50 {r['p50_us']:.0f}us p99 {r['p99_us']:.0f}us | cpu/req out "
-                  f"{r['cpu_us_per_req']['outbound']:.1f}us in {r['cpu_us_per_req']['inbound']:.1f}us | "
-                  f"errors {r['errors']} {r['error_kinds'] or ''}", flush=True)
+            line = (f"rep {rep + 1}: direct p50 {direct[-1]['p50_us']:.0f}us p99 {direct[-1]['p99_us']:.0f}us "
+                    f"(fixture cpu/req {direct[-1]['cpu'][0]:.1f}us) | "
+                    f"pair p50 {r['p50_us']:.0f}us p99 {r['p99_us']:.0f}us | cpu/req out "
+                    f"{r['cpu'][0]:.1f}us in {r['cpu'][1]:.1f}us | errors {r['errors']} {r['error_kinds'] or ''}")
+            for name, (pids, url) in peers.items():
+                pr = run(url, pids)
+                peer_runs[name].append(pr)
+                line += f" | {name} p50 {pr['p50_us']:.0f}us cpu/req {pr['cpu'][0]:.1f}us"
+            print(line, flush=True)
         load_rss = {"outbound": rss_kib(outbound.pid), "inbound": rss_kib(inbound.pid)}
     finally:
         for p in procs:
@@ -172,6 +242,7 @@ def main():
     res = {
         "direct_p50": med(d["p50_us"] for d in direct),
         "direct_p99": med(d["p99_us"] for d in direct),
+        "fixture_cpu": med(d["cpu"][0] for d in direct),
         "pair_p50": med(p["p50_us"] for p in pair),
         "pair_p99": med(p["p99_us"] for p in pair),
         "added_p50": med(p["p50_us"] - d["p50_us"] for p, d in zip(pair, direct)),
@@ -186,6 +257,15 @@ def main():
         "rps": med(p["rps"] for p in pair),
         "idle_rss": idle_rss,
         "load_rss": load_rss,
+        "peers": {
+            name: {
+                "added_p50": med(p["p50_us"] - d["p50_us"] for p, d in zip(runs, direct)),
+                "added_p99": med(p["p99_us"] - d["p99_us"] for p, d in zip(runs, direct)),
+                "cpu": med(p["cpu"][0] for p in runs),
+                "errors": sum(p["errors"] for p in runs),
+            }
+            for name, runs in peer_runs.items()
+        },
     }
     report = render(res, args)
     print(report)
@@ -220,6 +300,19 @@ def render(r, args):
         lines.append(f"| {name} | **{cpu:.1f} µs** | {idle / 1024:.1f} MiB | {load / 1024:.1f} MiB | "
                      f"{peak / 1024:.1f} MiB | ≤ 35 µs, ≤ 15 MiB |")
     lines += ["", f"Achieved rate {r['rps']:.0f} rps; failed requests: {r['errors']}.", ""]
+    if r["peers"]:
+        lines += [
+            "Same-run references, each a single hop (client → proxy → fixture, HTTP/1.1 both",
+            "sides, one worker, upstream keep-alive), and the fixture server's own CPU per request",
+            "(one `recvfrom` and one `writev` per request: the kernel's floor on this machine):",
+            "",
+            "| | added p50 | added p99 | CPU per request |",
+            "|---|---|---|---|",
+        ]
+        for name, p in r["peers"].items():
+            lines.append(f"| {name} | {p['added_p50']:.0f} µs | {p['added_p99']:.0f} µs | {p['cpu']:.1f} µs |")
+        lines.append(f"| fixture server alone | | | {r['fixture_cpu']:.1f} µs |")
+        lines.append("")
     return "\n".join(lines)
 
 

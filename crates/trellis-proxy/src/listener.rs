@@ -234,8 +234,16 @@ async fn serve_http(
     mut stop: watch::Receiver<bool>,
 ) {
     let svc_shared = Arc::clone(shared);
-    let service =
-        service_fn(move |req| http::handle(Arc::clone(&svc_shared), route.clone(), peer, req));
+    // Boxed once here: the request's future is several KiB, and hyper moves it (into its
+    // dispatcher, into a spawned task per HTTP/2 stream); a box moves as a pointer.
+    let service = service_fn(move |req| {
+        Box::pin(http::handle(
+            Arc::clone(&svc_shared),
+            route.clone(),
+            peer,
+            req,
+        ))
+    });
     let io = TokioIo::new(stream);
     let max_header_list = u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX);
     match version {

@@ -132,6 +132,10 @@ impl Pools {
     }
 
     /// Sends an HTTP/1.1 request over a pooled connection to `addr`.
+    ///
+    /// Connecting is boxed: it is the rare path, and a request's future is copied each
+    /// time it moves (into hyper's dispatcher, into a spawned HTTP/2 stream task), so
+    /// keeping the connect state out of it keeps every request cheaper.
     pub async fn send_h1(
         self: &Arc<Self>,
         addr: SocketAddr,
@@ -139,11 +143,19 @@ impl Pools {
         idle_timeout: Duration,
         mut req: Request<ReqBody>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        // At most one retry, and only for a request that was never written.
-        for _ in 0..2 {
-            let (mut sender, reused) = match self.take_idle(addr, idle_timeout) {
+        // A request that was never written goes again: on another pooled connection once,
+        // then on a fresh one, which ends the loop whatever happens.
+        let mut pooled_tries = 0;
+        loop {
+            let idle = if pooled_tries < 2 {
+                pooled_tries += 1;
+                self.take_idle(addr, idle_timeout)
+            } else {
+                None
+            };
+            let (mut sender, reused) = match idle {
                 Some(s) => (s, true),
-                None => (Self::connect_h1(addr, connect_timeout).await?, false),
+                None => (Box::pin(Self::connect_h1(addr, connect_timeout)).await?, false),
             };
             if let Err(source) = sender.ready().await {
                 if reused {
@@ -173,21 +185,6 @@ impl Pools {
                 },
             }
         }
-        // Both attempts met closed pooled connections: one last fresh connection.
-        let mut sender = Self::connect_h1(addr, connect_timeout).await?;
-        sender
-            .ready()
-            .await
-            .map_err(|source| UpstreamError::Request { addr, source })?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|source| UpstreamError::Request { addr, source })?;
-        let (parts, body) = resp.into_parts();
-        Ok(Response::from_parts(
-            parts,
-            PooledBody::new(body, Arc::clone(self), addr, sender),
-        ))
     }
 
     async fn connect_h2(
@@ -213,7 +210,8 @@ impl Pools {
         Ok(sender)
     }
 
-    /// The shared HTTP/2 connection to `addr`, opened on first use.
+    /// The shared HTTP/2 connection to `addr`, opened on first use. The common case (a
+    /// live connection, nobody opening one) takes no await.
     async fn h2_sender(
         &self,
         addr: SocketAddr,
@@ -224,15 +222,25 @@ impl Pools {
             let mut map = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
             Arc::clone(map.entry(addr).or_default())
         };
-        let mut guard = slot.lock().await;
-        if let Some(s) = guard.as_ref() {
-            if !fresh && !s.is_closed() {
-                return Ok(s.clone());
+        if !fresh {
+            if let Ok(guard) = slot.try_lock() {
+                if let Some(s) = guard.as_ref().filter(|s| !s.is_closed()) {
+                    return Ok(s.clone());
+                }
             }
         }
-        let s = Self::connect_h2(addr, timeout).await?;
-        *guard = Some(s.clone());
-        Ok(s)
+        Box::pin(async move {
+            let mut guard = slot.lock().await;
+            if let Some(s) = guard.as_ref() {
+                if !fresh && !s.is_closed() {
+                    return Ok(s.clone());
+                }
+            }
+            let s = Self::connect_h2(addr, timeout).await?;
+            *guard = Some(s.clone());
+            Ok(s)
+        })
+        .await
     }
 
     /// Sends a request over the multiplexed HTTP/2 connection to `addr`.
@@ -259,15 +267,18 @@ impl Pools {
             // The connection died (peer restarted, GOAWAY): nothing was sent yet.
             Err(_) => req,
         };
-        let mut sender = self.h2_sender(addr, connect_timeout, true).await?;
-        sender
-            .ready()
-            .await
-            .map_err(|source| UpstreamError::Request { addr, source })?;
-        sender
-            .send_request(retry)
-            .await
-            .map_err(|source| UpstreamError::Request { addr, source })
+        Box::pin(async move {
+            let mut sender = self.h2_sender(addr, connect_timeout, true).await?;
+            sender
+                .ready()
+                .await
+                .map_err(|source| UpstreamError::Request { addr, source })?;
+            sender
+                .send_request(retry)
+                .await
+                .map_err(|source| UpstreamError::Request { addr, source })
+        })
+        .await
     }
 
     /// Idle HTTP/1.1 connections and HTTP/2 peers, per endpoint (for `/clusters`).

@@ -230,7 +230,7 @@ impl Cluster {
                         l.pending.fetch_sub(1, Ordering::AcqRel);
                         return None;
                     }
-                    let p = Arc::clone(s).acquire_owned().await.ok();
+                    let p = Box::pin(Arc::clone(s).acquire_owned()).await.ok();
                     l.pending.fetch_sub(1, Ordering::AcqRel);
                     Some(p?)
                 }

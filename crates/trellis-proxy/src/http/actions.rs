@@ -200,7 +200,7 @@ pub(super) async fn with_faults(
 ) -> Response<ProxyBody> {
     if let Some((delay, pct)) = policy.delay {
         if roll(pct) {
-            tokio::time::sleep(delay).await;
+            Box::pin(tokio::time::sleep(delay)).await;
         }
     }
     if let Some(abort) = policy.abort {

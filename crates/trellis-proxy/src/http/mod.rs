@@ -28,6 +28,9 @@ use crate::proxy::Shared;
 use crate::stats::Stats;
 
 mod actions;
+mod deadline;
+
+use deadline::Deadline;
 
 pub use actions::Peer;
 use actions::*;
@@ -220,17 +223,13 @@ async fn outbound(
     let mut resp = match policy {
         None => to_cluster(shared, target, cluster, &shared.default_retry, &[], req).await,
         Some(p) => {
-            let work = with_faults(shared, target, cluster, p, req);
-            match p.timeout {
-                None => work.await,
-                Some(t) => match tokio::time::timeout(t, work).await {
-                    Ok(r) => r,
-                    Err(_) => local_reply(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "UT",
-                        "upstream request timeout".to_string(),
-                    ),
-                },
+            match Deadline::new(p.timeout, with_faults(shared, target, cluster, p, req)).await {
+                Some(r) => r,
+                None => local_reply(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "UT",
+                    "upstream request timeout".to_string(),
+                ),
             }
         }
     };
@@ -309,7 +308,7 @@ async fn to_cluster(
         ReqBody::Streaming(b) if http_body::Body::is_end_stream(&b) => (Some(None), None),
         ReqBody::Streaming(b) => match http_body::Body::size_hint(&b).exact() {
             Some(n) if n <= crate::config::MAX_RETRY_BODY => {
-                match http_body_util::BodyExt::collect(b).await {
+                match Box::pin(http_body_util::BodyExt::collect(b)).await {
                     Ok(c) => (Some(Some(c.to_bytes())), None),
                     Err(e) => {
                         return local_reply(
@@ -372,12 +371,9 @@ async fn to_cluster(
         let Some(_admitted) = cluster.admit().await else {
             return overflow(cluster);
         };
-        let result = match retry.per_try_timeout {
-            None => forward_once(shared, req, &up).await,
-            Some(t) => tokio::time::timeout(t, forward_once(shared, req, &up))
-                .await
-                .unwrap_or(Err(UpstreamError::Timeout { addr: ep.addr })),
-        };
+        let result = Deadline::new(retry.per_try_timeout, forward_once(shared, req, &up))
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout { addr: ep.addr }));
         if let Err(e) = &result {
             count_failure(shared, Some(ep), e);
         }
@@ -420,7 +416,7 @@ async fn to_cluster(
             .saturating_mul(1 << (attempt - 1).min(16))
             .min(cap)
             .max(1);
-        tokio::time::sleep(std::time::Duration::from_micros(random_u64() % ceiling)).await;
+        Box::pin(tokio::time::sleep(Duration::from_micros(random_u64() % ceiling))).await;
     }
     no_endpoint()
 }
@@ -547,7 +543,7 @@ fn request_id() -> HeaderValue {
 
 async fn forward(shared: &Shared, req: Request<ReqBody>, up: Upstream<'_>) -> Response<ProxyBody> {
     if is_upgrade(&req) {
-        return forward_upgrade(req, up).await;
+        return Box::pin(forward_upgrade(req, up)).await;
     }
     match forward_once(shared, req, &up).await {
         Ok(resp) => resp,
@@ -685,9 +681,7 @@ async fn send(
             .map(|r| r.map(ProxyBody::Pooled));
     }
     // Inbound with pod addresses: the app may listen on one of them instead of localhost.
-    let addr = shared
-        .app_addr(up.addr, up.fallbacks, up.connect_timeout)
-        .await;
+    let addr = Box::pin(shared.app_addr(up.addr, up.fallbacks, up.connect_timeout)).await;
     let r = pools
         .send_h1(addr, up.connect_timeout, up.idle_timeout, req)
         .await
