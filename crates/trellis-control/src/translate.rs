@@ -6,11 +6,12 @@
 //! VirtualServices and DestinationRules apply to a proxy (merging, exportTo, Sidecar scope)
 //! is the registry's job and arrives with the control plane.
 
+use trellis_api::common::Protocol;
 use trellis_api::common::{Percent, StringMatch};
 use trellis_api::host;
 use trellis_api::networking::{
-    Destination, HeaderOperations, HttpMatchRequest, HttpRoute, L4MatchAttributes,
-    RouteDestination, TlsMatchAttributes, VirtualService,
+    Destination, Gateway, HeaderOperations, HttpMatchRequest, HttpRoute, L4MatchAttributes,
+    RouteDestination, ServerTlsMode, TlsMatchAttributes, VirtualService,
 };
 use trellis_xds::snapshot as wire;
 
@@ -296,12 +297,7 @@ pub fn virtual_service(
     namespace: &str,
     port: u16,
 ) -> Result<PortRoutes, TranslateError> {
-    let http = vs
-        .http
-        .iter()
-        .enumerate()
-        .map(|(i, r)| http_route(r, i, namespace, port))
-        .collect::<Result<_, _>>()?;
+    let http = http_routes_for(vs, namespace, port, MESH)?;
     let tcp = vs
         .tcp
         .iter()
@@ -329,6 +325,257 @@ pub fn virtual_service(
         })
         .collect::<Result<_, TranslateError>>()?;
     Ok(PortRoutes { http, tcp, tls })
+}
+
+/// The reserved gateway name of sidecars.
+pub const MESH: &str = "mesh";
+
+/// A gateway reference as "namespace/name" (`name` alone is in `namespace`; `mesh` stays).
+pub fn gateway_ref(g: &str, namespace: &str) -> String {
+    if g == MESH || g.contains('/') {
+        g.to_string()
+    } else {
+        format!("{namespace}/{g}")
+    }
+}
+
+/// Whether a VirtualService in `namespace` applies to `gateway` (`mesh` or
+/// "namespace/name"); no `gateways` means the mesh only, as in Istio.
+pub fn applies_to(vs: &VirtualService, namespace: &str, gateway: &str) -> bool {
+    if vs.gateways.is_empty() {
+        return gateway == MESH;
+    }
+    vs.gateways
+        .iter()
+        .any(|g| gateway_ref(g, namespace) == gateway)
+}
+
+/// A VirtualService's HTTP rules as `gateway` sees them: a match that names other gateways
+/// is left out, and a rule all of whose matches are left out goes with them.
+pub fn http_routes_for(
+    vs: &VirtualService,
+    namespace: &str,
+    port: u16,
+    gateway: &str,
+) -> Result<Vec<wire::HttpRoute>, TranslateError> {
+    let mut out = Vec::with_capacity(vs.http.len());
+    for (i, r) in vs.http.iter().enumerate() {
+        if r.matches.iter().all(|m| m.gateways.is_empty()) {
+            out.push(http_route(r, i, namespace, port)?);
+            continue;
+        }
+        let kept: Vec<HttpMatchRequest> = r
+            .matches
+            .iter()
+            .filter(|m| {
+                if m.gateways.is_empty() {
+                    applies_to(vs, namespace, gateway)
+                } else {
+                    m.gateways
+                        .iter()
+                        .any(|g| gateway_ref(g, namespace) == gateway)
+                }
+            })
+            .cloned()
+            .collect();
+        if kept.is_empty() {
+            continue;
+        }
+        let mut rule = r.clone();
+        rule.matches = kept;
+        out.push(http_route(&rule, i, namespace, port)?);
+    }
+    Ok(out)
+}
+
+/// One Gateway to translate: its namespace, name and spec.
+#[derive(Debug, Clone, Copy)]
+pub struct GatewayRef<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub gateway: &'a Gateway,
+}
+
+/// One VirtualService that may bind to it.
+#[derive(Debug, Clone, Copy)]
+pub struct VirtualServiceRef<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub vs: &'a VirtualService,
+}
+
+/// A Gateway server host: the namespace it admits VirtualServices from (`None`: any) and
+/// the host name.
+fn server_host<'a>(h: &'a str, gateway_ns: &str) -> (Option<String>, &'a str) {
+    match h.split_once('/') {
+        Some(("*", host)) => (None, host),
+        Some((".", host)) => (Some(gateway_ns.to_string()), host),
+        Some((ns, host)) => (Some(ns.to_string()), host),
+        None => (None, h),
+    }
+}
+
+/// The more specific of two host patterns when they overlap (`*` ⊇ `*.a.com` ⊇ `b.a.com`),
+/// else `None`.
+fn host_intersection(a: &str, b: &str) -> Option<String> {
+    let covers = |wide: &str, narrow: &str| {
+        wide == "*"
+            || wide == narrow
+            || wide
+                .strip_prefix('*')
+                .is_some_and(|suffix| narrow.len() > suffix.len() && narrow.ends_with(suffix))
+    };
+    if covers(a, b) {
+        Some(b.to_string())
+    } else if covers(b, a) {
+        Some(a.to_string())
+    } else {
+        None
+    }
+}
+
+/// Translates Gateways (the ones a gateway proxy's labels select) and the VirtualServices
+/// bound to them into the snapshot's gateway ports. Servers on the same port are merged
+/// onto one listener. A server Trellis cannot serve yet (TLS passthrough, TCP) is left
+/// out and reported, the rest still translates.
+pub fn gateway_ports(
+    gateways: &[GatewayRef<'_>],
+    virtual_services: &[VirtualServiceRef<'_>],
+) -> (Vec<wire::GatewayPort>, Vec<TranslateError>) {
+    let mut ports: Vec<wire::GatewayPort> = Vec::new();
+    let mut problems = Vec::new();
+    for g in gateways {
+        let gw_name = format!("{}/{}", g.namespace, g.name);
+        for (j, server) in g.gateway.servers.iter().enumerate() {
+            let path = format!("Gateway {gw_name}: spec.servers[{j}]");
+            let Ok(port) = u16::try_from(server.port.number) else {
+                problems.push(err(format!("{path}.port.number"), "port out of range"));
+                continue;
+            };
+            let tls_mode = server.tls.as_ref().and_then(|t| t.mode);
+            let protocol = match server.port.protocol {
+                Protocol::Http | Protocol::Http2 | Protocol::Grpc => wire::Protocol::Http,
+                Protocol::Https
+                    if matches!(
+                        tls_mode,
+                        Some(
+                            ServerTlsMode::Simple
+                                | ServerTlsMode::Mutual
+                                | ServerTlsMode::OptionalMutual
+                        )
+                    ) =>
+                {
+                    wire::Protocol::Https
+                }
+                other => {
+                    problems.push(err(
+                        &path,
+                        format!(
+                            "protocol {} with TLS mode {} is not served by Trellis gateways yet (HTTP, and HTTPS with SIMPLE, MUTUAL or OPTIONAL_MUTUAL are); the server is left out",
+                            other.as_str(),
+                            tls_mode.map_or("unset", tls_mode_name)
+                        ),
+                    ));
+                    continue;
+                }
+            };
+            let hosts: Vec<(Option<String>, &str)> = server
+                .hosts
+                .iter()
+                .map(|h| server_host(h, g.namespace))
+                .collect();
+            let mut virtual_hosts = Vec::new();
+            for v in virtual_services {
+                if !applies_to(v.vs, v.namespace, &gw_name) {
+                    continue;
+                }
+                let mut domains: Vec<String> = Vec::new();
+                for vh in &v.vs.hosts {
+                    for (ns, sh) in &hosts {
+                        if ns.as_deref().is_some_and(|ns| ns != v.namespace) {
+                            continue;
+                        }
+                        if let Some(d) = host_intersection(vh, sh) {
+                            if !domains.contains(&d) {
+                                domains.push(d);
+                            }
+                        }
+                    }
+                }
+                if domains.is_empty() {
+                    continue;
+                }
+                match http_routes_for(v.vs, v.namespace, port, &gw_name) {
+                    Ok(http_routes) => virtual_hosts.push(wire::VirtualHost {
+                        name: format!("{}/{}", v.namespace, v.name),
+                        domains,
+                        http_routes,
+                    }),
+                    Err(e) => problems.push(err(
+                        format!("VirtualService {}/{}: {}", v.namespace, v.name, e.path),
+                        e.reason,
+                    )),
+                }
+            }
+            let tls = server.tls.as_ref().map(|t| wire::ServerTls {
+                mode: match t.mode {
+                    Some(ServerTlsMode::Mutual) => wire::ServerTlsMode::Mutual,
+                    Some(ServerTlsMode::OptionalMutual) => wire::ServerTlsMode::OptionalMutual,
+                    Some(ServerTlsMode::Passthrough) => wire::ServerTlsMode::Passthrough,
+                    Some(ServerTlsMode::AutoPassthrough) => wire::ServerTlsMode::AutoPassthrough,
+                    Some(ServerTlsMode::IstioMutual) => wire::ServerTlsMode::IstioMutual,
+                    Some(ServerTlsMode::Simple) | None => wire::ServerTlsMode::Simple,
+                } as i32,
+                https_redirect: t.https_redirect.unwrap_or(false),
+                credential_name: t.credential_name.clone(),
+                server_certificate: t.server_certificate.clone(),
+                private_key: t.private_key.clone(),
+                ca_certificates: t.ca_certificates.clone(),
+            });
+            let out = wire::GatewayServer {
+                gateway: gw_name.clone(),
+                name: server.name.clone(),
+                protocol: protocol as i32,
+                hosts: hosts.iter().map(|(_, h)| h.to_string()).collect(),
+                tls,
+                virtual_hosts,
+            };
+            match ports.iter_mut().find(|p| p.port == u32::from(port)) {
+                Some(p) => {
+                    let existing = p.servers.first().map(|s| s.protocol);
+                    if existing.is_some_and(|e| e != out.protocol) {
+                        problems.push(err(
+                            &path,
+                            format!(
+                                "port {port} already serves {} from another server; the server is left out",
+                                if existing == Some(wire::Protocol::Https as i32) { "HTTPS" } else { "HTTP" }
+                            ),
+                        ));
+                        continue;
+                    }
+                    p.servers.push(out);
+                }
+                None => ports.push(wire::GatewayPort {
+                    port: u32::from(port),
+                    bind: server.bind.clone(),
+                    servers: vec![out],
+                }),
+            }
+        }
+    }
+    ports.sort_by_key(|p| p.port);
+    (ports, problems)
+}
+
+fn tls_mode_name(m: ServerTlsMode) -> &'static str {
+    match m {
+        ServerTlsMode::Passthrough => "PASSTHROUGH",
+        ServerTlsMode::Simple => "SIMPLE",
+        ServerTlsMode::Mutual => "MUTUAL",
+        ServerTlsMode::AutoPassthrough => "AUTO_PASSTHROUGH",
+        ServerTlsMode::IstioMutual => "ISTIO_MUTUAL",
+        ServerTlsMode::OptionalMutual => "OPTIONAL_MUTUAL",
+    }
 }
 
 #[cfg(test)]

@@ -18,5 +18,5 @@ pub mod sockets;
 pub mod stats;
 pub mod tcp;
 
-pub use config::Config;
+pub use config::{Config, LoadEnv};
 pub use proxy::{ProxyHandle, ProxyOptions, Shared, start};

@@ -29,13 +29,15 @@ pub enum ListenerKind {
     InboundCapture,
     /// An explicit inbound listener for one workload port.
     InboundPort(u16),
+    /// A gateway port (gateway mode): the snapshot's servers on that port.
+    Gateway(u16),
 }
 
 impl ListenerKind {
     pub fn is_inbound(&self) -> bool {
         matches!(
             self,
-            ListenerKind::InboundCapture | ListenerKind::InboundPort(_)
+            ListenerKind::InboundCapture | ListenerKind::InboundPort(_) | ListenerKind::Gateway(_)
         )
     }
 }
@@ -173,6 +175,25 @@ async fn dispatch(
             (Route::Inbound(p), cfg.inbound_port(p).protocol)
         }
         ListenerKind::InboundPort(p) => (Route::Inbound(*p), cfg.inbound_port(*p).protocol),
+        ListenerKind::Gateway(port) => {
+            let Some(gp) = cfg.gateway_ports.get(port).cloned() else {
+                tracing::warn!(
+                    "{peer}: no gateway server on port {port} in the current configuration; closing"
+                );
+                return;
+            };
+            if gp.is_tls() {
+                serve_tls(stream, peer, &gp, shared, &cfg, stop).await;
+                return;
+            }
+            (
+                Route::Gateway {
+                    port: *port,
+                    tls: false,
+                },
+                PortProtocol::Http,
+            )
+        }
     };
     if declared == PortProtocol::Tcp {
         tcp::forward_route(stream, peer, &route, shared, &cfg).await;
@@ -197,6 +218,51 @@ async fn dispatch(
     }
     let version = is_http.then_some(detection.protocol);
     serve_http(stream, peer, version, route, shared, &cfg, stop).await;
+}
+
+/// Terminates TLS for an HTTPS gateway port: the certificate is chosen by SNI among the
+/// port's servers, ALPN picks HTTP/2 or HTTP/1.1, and the requests are then served as on
+/// any gateway port. A client that does not finish its handshake within the header
+/// timeout is dropped.
+async fn serve_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    gp: &crate::config::GatewayPort,
+    shared: &Arc<Shared>,
+    cfg: &crate::config::Config,
+    stop: watch::Receiver<bool>,
+) {
+    let port = gp.port;
+    let handshake = async {
+        let start =
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
+                .await?;
+        let sni = start.client_hello().server_name().map(str::to_string);
+        let Some(config) = gp.tls_for(sni.as_deref()) else {
+            return Err(std::io::Error::other("no TLS server on this port"));
+        };
+        start.into_stream(config).await
+    };
+    let tls = match tokio::time::timeout(cfg.header_timeout, handshake).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            Stats::inc(&shared.stats.tls_handshake_errors_total);
+            tracing::info!("TLS handshake from {peer} on gateway port {port} failed: {e}");
+            return;
+        }
+        Err(_) => {
+            Stats::inc(&shared.stats.tls_handshake_errors_total);
+            tracing::info!("TLS handshake from {peer} on gateway port {port} timed out");
+            return;
+        }
+    };
+    let version = if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+        Detected::Http2
+    } else {
+        Detected::Http1
+    };
+    let route = Route::Gateway { port, tls: true };
+    serve_http(tls, peer, Some(version), route, shared, cfg, stop).await;
 }
 
 /// Runs a connection until it ends, or until `stop` fires and it has finished the
@@ -224,15 +290,17 @@ macro_rules! drive {
 /// server for that version runs directly: its header-size limit (431) is enforced exactly,
 /// which hyper-util's auto-detecting server cannot be told to do; otherwise the auto
 /// server decides.
-async fn serve_http(
-    stream: TcpStream,
+async fn serve_http<S>(
+    stream: S,
     peer: SocketAddr,
     version: Option<Detected>,
     route: Route,
     shared: &Arc<Shared>,
     cfg: &crate::config::Config,
     mut stop: watch::Receiver<bool>,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let svc_shared = Arc::clone(shared);
     // Boxed once here: the request's future is several KiB, and hyper moves it (into its
     // dispatcher, into a spawned task per HTTP/2 stream); a box moves as a pointer.

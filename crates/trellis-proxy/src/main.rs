@@ -1,4 +1,4 @@
-//! `trellis-proxy`: the sidecar binary.
+//! `trellis-proxy`: the sidecar and gateway binary.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,8 +17,25 @@ use trellis_proxy::config;
 use trellis_proxy::{ProxyOptions, Shared};
 
 #[derive(Debug, Parser)]
-#[command(name = "trellis-proxy", version, about = "Trellis sidecar proxy")]
+#[command(
+    name = "trellis-proxy",
+    version,
+    about = "Trellis sidecar and gateway proxy"
+)]
 struct Args {
+    /// sidecar: beside a workload (capture or explicit listeners); gateway: a standalone
+    /// ingress or egress gateway serving the snapshot's gateway ports.
+    #[arg(long, value_enum, default_value_t = Mode::Sidecar)]
+    mode: Mode,
+    /// Gateway listener: ADDR=PORT (the snapshot's gateway port it serves). Without any,
+    /// gateway mode listens on every gateway port of the snapshot, on its `bind` address
+    /// or all addresses.
+    #[arg(long, value_name = "ADDR=PORT")]
+    gateway_listen: Vec<String>,
+    /// Where gateway certificates named by `credentialName` live: DIR/NAME/tls.crt,
+    /// tls.key and (MUTUAL) ca.crt.
+    #[arg(long, value_name = "DIR", default_value = config::DEFAULT_CREDENTIALS_DIR)]
+    credentials_dir: PathBuf,
     /// Snapshot file (YAML or JSON) to serve in static mode; reloaded when it changes (a
     /// bad new version is refused and the last good one stays).
     #[arg(long, value_name = "FILE")]
@@ -58,6 +75,12 @@ struct Args {
     log_level: Option<String>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Sidecar,
+    Gateway,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
@@ -73,7 +96,7 @@ fn parse_addr_opt(s: &str) -> anyhow::Result<Option<SocketAddr>> {
     })?))
 }
 
-fn options(args: &Args) -> anyhow::Result<ProxyOptions> {
+fn options(args: &Args, cfg: &config::Config) -> anyhow::Result<ProxyOptions> {
     let mut o = ProxyOptions::default();
     if args.sidecar {
         o.outbound_capture = Some(SocketAddr::from(([0, 0, 0, 0], 15001)));
@@ -107,13 +130,43 @@ fn options(args: &Args) -> anyhow::Result<ProxyOptions> {
                 .with_context(|| format!("--inbound-listen {l:?}: bad port"))?,
         ));
     }
+    for l in &args.gateway_listen {
+        let (addr, port) = l
+            .split_once('=')
+            .with_context(|| format!("--gateway-listen {l:?}: expected ADDR=PORT"))?;
+        o.gateway_listen.push((
+            addr.parse()
+                .with_context(|| format!("--gateway-listen {l:?}: bad address"))?,
+            port.parse()
+                .with_context(|| format!("--gateway-listen {l:?}: bad port"))?,
+        ));
+    }
+    if args.mode == Mode::Gateway && o.gateway_listen.is_empty() {
+        let mut ports: Vec<_> = cfg.gateway_ports.values().collect();
+        ports.sort_by_key(|p| p.port);
+        for p in ports {
+            let ip = p
+                .bind
+                .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+            o.gateway_listen.push((SocketAddr::new(ip, p.port), p.port));
+        }
+        if o.gateway_listen.is_empty() {
+            bail!(
+                "gateway mode, but the snapshot has no gatewayPorts (translate a Gateway, or give --gateway-listen)"
+            );
+        }
+    }
+    if args.mode == Mode::Sidecar && !o.gateway_listen.is_empty() {
+        bail!("--gateway-listen needs --mode gateway");
+    }
     if o.outbound_capture.is_none()
         && o.inbound_capture.is_none()
         && o.outbound_listen.is_empty()
         && o.inbound_listen.is_empty()
+        && o.gateway_listen.is_empty()
     {
         bail!(
-            "nothing to listen on: give --sidecar, --outbound-capture, --inbound-capture, --outbound-listen or --inbound-listen"
+            "nothing to listen on: give --sidecar, --outbound-capture, --inbound-capture, --outbound-listen, --inbound-listen or --mode gateway"
         );
     }
     Ok(o)
@@ -160,11 +213,14 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args, set_level: admin::SetLogLevel) -> anyhow::Result<()> {
-    let opts = options(args)?;
+    let env = config::LoadEnv {
+        credentials_dir: args.credentials_dir.clone(),
+    };
+    // A bad snapshot stops the proxy before it listens, with the file position.
+    let cfg = config::load_file_with(&args.config, None, &env).map_err(anyhow::Error::msg)?;
+    let opts = options(args, &cfg)?;
     let admin_addr = parse_addr_opt(&args.admin)?;
     let ready_addr = parse_addr_opt(&args.readiness)?;
-    // A bad snapshot stops the proxy before it listens, with the file position.
-    let cfg = config::load_file(&args.config, None).map_err(anyhow::Error::msg)?;
     // One worker: a current-thread runtime, without the work-stealing scheduler's
     // bookkeeping (the proxy's own thread is the worker).
     let runtime = if args.workers <= 1 {
@@ -189,7 +245,7 @@ fn run(args: &Args, set_level: admin::SetLogLevel) -> anyhow::Result<()> {
             quit: Arc::clone(&quit),
             ready: Arc::clone(&ready),
         });
-        spawn_control_thread(ctx, admin_addr, ready_addr, args.config.clone())?;
+        spawn_control_thread(ctx, admin_addr, ready_addr, args.config.clone(), env)?;
 
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
@@ -213,6 +269,7 @@ fn spawn_control_thread(
     admin_addr: Option<SocketAddr>,
     ready_addr: Option<SocketAddr>,
     config_path: PathBuf,
+    env: config::LoadEnv,
 ) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -241,7 +298,7 @@ fn spawn_control_thread(
                         }
                     }
                 }
-                watch_config(&ctx.shared, &config_path).await;
+                watch_config(&ctx.shared, &config_path, &env).await;
             });
         })
         .context("starting the admin thread")?;
@@ -250,7 +307,7 @@ fn spawn_control_thread(
 
 /// Reloads the snapshot file when it changes; a bad version is refused and logged, and
 /// the last good snapshot stays.
-async fn watch_config(shared: &Shared, path: &std::path::Path) {
+async fn watch_config(shared: &Shared, path: &std::path::Path, env: &config::LoadEnv) {
     let stamp = |p: &std::path::Path| -> Option<(SystemTime, u64)> {
         let m = std::fs::metadata(p).ok()?;
         Some((m.modified().ok()?, m.len()))
@@ -265,8 +322,17 @@ async fn watch_config(shared: &Shared, path: &std::path::Path) {
         }
         last = now;
         let current = shared.config.load_full();
-        match config::load_file(path, Some(&current)) {
-            Ok(cfg) => shared.update(cfg),
+        match config::load_file_with(path, Some(&current), env) {
+            Ok(cfg) => {
+                for port in cfg.gateway_ports.keys() {
+                    if !current.gateway_ports.contains_key(port) {
+                        tracing::warn!(
+                            "snapshot adds gateway port {port}; listeners are opened at start, so restart the gateway to serve it"
+                        );
+                    }
+                }
+                shared.update(cfg)
+            }
             Err(e) => {
                 trellis_proxy::stats::Stats::inc(&shared.stats.config_rejections_total);
                 tracing::error!(

@@ -155,7 +155,10 @@ impl Pools {
             };
             let (mut sender, reused) = match idle {
                 Some(s) => (s, true),
-                None => (Box::pin(Self::connect_h1(addr, connect_timeout)).await?, false),
+                None => (
+                    Box::pin(Self::connect_h1(addr, connect_timeout)).await?,
+                    false,
+                ),
             };
             if let Err(source) = sender.ready().await {
                 if reused {

@@ -172,6 +172,8 @@ pub struct ProxyOptions {
     pub outbound_listen: Vec<(SocketAddr, String, u16)>,
     /// Explicit inbound listeners: address → workload port.
     pub inbound_listen: Vec<(SocketAddr, u16)>,
+    /// Gateway listeners: address → the snapshot's gateway port it serves.
+    pub gateway_listen: Vec<(SocketAddr, u16)>,
     pub original_dst: Arc<dyn OriginalDst>,
 }
 
@@ -182,6 +184,7 @@ impl std::fmt::Debug for ProxyOptions {
             .field("inbound_capture", &self.inbound_capture)
             .field("outbound_listen", &self.outbound_listen)
             .field("inbound_listen", &self.inbound_listen)
+            .field("gateway_listen", &self.gateway_listen)
             .finish_non_exhaustive()
     }
 }
@@ -193,6 +196,7 @@ impl Default for ProxyOptions {
             inbound_capture: None,
             outbound_listen: Vec::new(),
             inbound_listen: Vec::new(),
+            gateway_listen: Vec::new(),
             original_dst: Arc::new(SoOriginalDst),
         }
     }
@@ -236,6 +240,9 @@ pub async fn start(config: Config, opts: ProxyOptions) -> io::Result<ProxyHandle
     }
     for (a, port) in &opts.inbound_listen {
         bound.push((bind(*a).await?, ListenerKind::InboundPort(*port)));
+    }
+    for (a, port) in &opts.gateway_listen {
+        bound.push((bind(*a).await?, ListenerKind::Gateway(*port)));
     }
     for (l, kind) in bound {
         let addr = l.local_addr()?;

@@ -34,6 +34,10 @@ pub async fn forward_route(
             forward(stream, app, Duration::from_secs(1), shared, None).await;
             return;
         }
+        Route::Gateway { port, .. } => {
+            tracing::info!("{peer}: gateway port {port} serves HTTP only; closing");
+            return;
+        }
     };
     let Some(target) = target else {
         tracing::warn!("{peer}: route {route:?} has no target any more; closing");

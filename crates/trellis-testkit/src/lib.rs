@@ -27,6 +27,7 @@ pub mod http_client;
 pub mod http_server;
 mod server;
 pub mod tcp;
+pub mod tls;
 pub mod ws;
 
 pub use body::{ChannelBody, channel_body, chunked_body};

@@ -53,6 +53,125 @@ pub struct Snapshot {
     pub clusters: Vec<Cluster>,
     #[prost(message, optional, tag = "6")]
     pub settings: Option<Settings>,
+    /// Gateway mode: the ports this proxy serves as an ingress or egress gateway.
+    #[prost(message, repeated, tag = "7")]
+    #[serde(default)]
+    pub gateway_ports: Vec<GatewayPort>,
+}
+
+/// One port of a gateway: the Istio Gateway servers that share it.
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayPort {
+    #[prost(uint32, tag = "1")]
+    pub port: u32,
+    /// Address to listen on (a server's `bind`); all addresses when unset.
+    #[prost(string, optional, tag = "2")]
+    #[serde(default)]
+    pub bind: Option<String>,
+    #[prost(message, repeated, tag = "3")]
+    #[serde(default)]
+    pub servers: Vec<GatewayServer>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayServer {
+    /// The Gateway, as "namespace/name" (what VirtualService `gateways:` names).
+    #[prost(string, tag = "1")]
+    pub gateway: String,
+    #[prost(string, optional, tag = "2")]
+    #[serde(default)]
+    pub name: Option<String>,
+    /// HTTP or HTTPS.
+    #[prost(enumeration = "Protocol", tag = "3")]
+    #[serde(with = "protocol_req")]
+    pub protocol: i32,
+    /// Host names the server answers ("*", "*.example.com", "shop.example.com").
+    #[prost(string, repeated, tag = "4")]
+    pub hosts: Vec<String>,
+    #[prost(message, optional, tag = "5")]
+    #[serde(default)]
+    pub tls: Option<ServerTls>,
+    /// Routes of the VirtualServices bound to this server, per host.
+    #[prost(message, repeated, tag = "6")]
+    #[serde(default)]
+    pub virtual_hosts: Vec<VirtualHost>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServerTls {
+    #[prost(enumeration = "ServerTlsMode", tag = "1")]
+    #[serde(default, with = "server_tls_mode")]
+    pub mode: i32,
+    /// On an HTTP server: answer every request with a 301 to https.
+    #[prost(bool, tag = "2")]
+    #[serde(default)]
+    pub https_redirect: bool,
+    /// Certificate files in `<credentials dir>/<name>/` (tls.crt, tls.key, ca.crt).
+    #[prost(string, optional, tag = "3")]
+    #[serde(default)]
+    pub credential_name: Option<String>,
+    /// Or the PEM files themselves.
+    #[prost(string, optional, tag = "4")]
+    #[serde(default)]
+    pub server_certificate: Option<String>,
+    #[prost(string, optional, tag = "5")]
+    #[serde(default)]
+    pub private_key: Option<String>,
+    #[prost(string, optional, tag = "6")]
+    #[serde(default)]
+    pub ca_certificates: Option<String>,
+}
+
+/// Istio's server TLS modes (`Gateway.spec.servers[].tls.mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum ServerTlsMode {
+    Passthrough = 0,
+    Simple = 1,
+    Mutual = 2,
+    AutoPassthrough = 3,
+    IstioMutual = 4,
+    OptionalMutual = 5,
+}
+
+impl ServerTlsMode {
+    pub const ALL: [ServerTlsMode; 6] = [
+        ServerTlsMode::Passthrough,
+        ServerTlsMode::Simple,
+        ServerTlsMode::Mutual,
+        ServerTlsMode::AutoPassthrough,
+        ServerTlsMode::IstioMutual,
+        ServerTlsMode::OptionalMutual,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ServerTlsMode::Passthrough => "PASSTHROUGH",
+            ServerTlsMode::Simple => "SIMPLE",
+            ServerTlsMode::Mutual => "MUTUAL",
+            ServerTlsMode::AutoPassthrough => "AUTO_PASSTHROUGH",
+            ServerTlsMode::IstioMutual => "ISTIO_MUTUAL",
+            ServerTlsMode::OptionalMutual => "OPTIONAL_MUTUAL",
+        }
+    }
+}
+
+/// Host names and their HTTP routes (one VirtualService bound to a gateway server).
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VirtualHost {
+    /// The VirtualService, as "namespace/name" (for logs).
+    #[prost(string, tag = "1")]
+    #[serde(default)]
+    pub name: String,
+    #[prost(string, repeated, tag = "2")]
+    pub domains: Vec<String>,
+    #[prost(message, repeated, tag = "3")]
+    #[serde(default)]
+    pub http_routes: Vec<HttpRoute>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
@@ -855,6 +974,52 @@ mod protocol_opt {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i32>, D::Error> {
         Ok(Option::<trellis_api::common::Protocol>::deserialize(d)?
             .map(|p| Protocol::from_api(p) as i32))
+    }
+}
+
+/// A required protocol name in files.
+mod protocol_req {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::Protocol;
+
+    pub fn serialize<S: Serializer>(p: &i32, s: S) -> Result<S::Ok, S::Error> {
+        match Protocol::try_from(*p).ok().and_then(Protocol::to_api) {
+            Some(p) => s.serialize_str(p.as_str()),
+            None => s.serialize_i32(*p),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+        Ok(Protocol::from_api(trellis_api::common::Protocol::deserialize(d)?) as i32)
+    }
+}
+
+/// Server TLS mode names in files (`SIMPLE`, `MUTUAL`…).
+mod server_tls_mode {
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::ServerTlsMode;
+
+    pub fn serialize<S: Serializer>(p: &i32, s: S) -> Result<S::Ok, S::Error> {
+        match ServerTlsMode::try_from(*p) {
+            Ok(p) => s.serialize_str(p.name()),
+            Err(_) => s.serialize_i32(*p),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+        let name = String::deserialize(d)?;
+        ServerTlsMode::ALL
+            .into_iter()
+            .find(|p| p.name() == name)
+            .map(|p| p as i32)
+            .ok_or_else(|| {
+                D::Error::custom(format!(
+                    "unknown value {name:?}, expected one of PASSTHROUGH, SIMPLE, MUTUAL, AUTO_PASSTHROUGH, ISTIO_MUTUAL, OPTIONAL_MUTUAL"
+                ))
+            })
     }
 }
 

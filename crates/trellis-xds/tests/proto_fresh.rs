@@ -64,7 +64,7 @@ fn ops() -> HeaderOps {
 
 fn full() -> Snapshot {
     let labels = BTreeMap::from([("app".to_string(), "x".to_string())]);
-    Snapshot {
+    let mut s = Snapshot {
         version: "v1".into(),
         workload: Some(Workload {
             name: "w".into(),
@@ -205,7 +205,34 @@ fn full() -> Snapshot {
             request_header_timeout: d(10_000),
             connect_timeout: d(5000),
         }),
-    }
+        gateway_ports: vec![GatewayPort {
+            port: 443,
+            bind: Some("0.0.0.0".into()),
+            servers: vec![GatewayServer {
+                gateway: "shop/gw".into(),
+                name: Some("https".into()),
+                protocol: Protocol::Https as i32,
+                hosts: vec!["shop.example.com".into()],
+                tls: Some(ServerTls {
+                    mode: ServerTlsMode::Mutual as i32,
+                    https_redirect: true,
+                    credential_name: Some("shop-cert".into()),
+                    server_certificate: Some("/c.pem".into()),
+                    private_key: Some("/k.pem".into()),
+                    ca_certificates: Some("/ca.pem".into()),
+                }),
+                virtual_hosts: vec![VirtualHost {
+                    name: "shop/shop".into(),
+                    domains: vec!["shop.example.com".into()],
+                    // Filled below with the service port's fully set routes.
+                    http_routes: Vec::new(),
+                }],
+            }],
+        }],
+    };
+    let routes = s.services[0].ports[0].http_routes.clone();
+    s.gateway_ports[0].servers[0].virtual_hosts[0].http_routes = routes;
+    s
 }
 
 /// Every declared field is set and nothing undeclared came along, recursively.

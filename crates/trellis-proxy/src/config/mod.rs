@@ -15,9 +15,11 @@ use trellis_policy::route::{Match, Route, RouteTable, Weighted};
 use trellis_xds::snapshot::{self as wire, OutboundPolicy};
 
 mod cluster;
+mod gateway;
 mod routes;
 
 pub use cluster::*;
+pub use gateway::*;
 pub use routes::*;
 
 /// Default time to wait for a client's first bytes.
@@ -99,6 +101,9 @@ pub struct Target {
     pub tcp_routes: Vec<L4Route>,
     /// TLS passthrough routing by SNI; none matching: the connection is refused.
     pub tls_routes: Vec<L4Route>,
+    /// The gateway whose virtual host this is ("namespace/name"); `None` for the mesh.
+    /// Route matches that name `gateways` compare against it.
+    pub gateway: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone)]
@@ -143,6 +148,8 @@ pub struct Config {
     pub detection_timeout: Duration,
     pub max_header_bytes: usize,
     pub header_timeout: Duration,
+    /// Gateway mode: the ports served, by port number.
+    pub gateway_ports: HashMap<u16, Arc<GatewayPort>>,
     /// The wire form, for `/config_dump`.
     pub raw: wire::Snapshot,
 }
@@ -203,6 +210,15 @@ impl Config {
     pub fn from_wire(
         raw: wire::Snapshot,
         previous: Option<&Config>,
+    ) -> Result<Config, ConfigError> {
+        Config::from_wire_with(raw, previous, &LoadEnv::default())
+    }
+
+    /// As [`Config::from_wire`], with certificate files found through `env`.
+    pub fn from_wire_with(
+        raw: wire::Snapshot,
+        previous: Option<&Config>,
+        env: &LoadEnv,
     ) -> Result<Config, ConfigError> {
         let old_stats: HashMap<(&str, SocketAddr), &Arc<EndpointStats>> = previous
             .map(|p| {
@@ -303,6 +319,7 @@ impl Config {
                         p.name.as_deref(),
                     ),
                     cluster: Arc::clone(cluster),
+                    gateway: None,
                 });
                 for ip in &vips {
                     by_vip.insert(SocketAddr::new(*ip, port), Arc::clone(&target));
@@ -379,6 +396,38 @@ impl Config {
                 "must be at least 8192",
             ));
         }
+        // A gateway's virtual host always has a route table (no route: 404 NR); its
+        // default cluster is never used and has no endpoints.
+        let no_cluster = Arc::new(Cluster::from_wire(
+            usize::MAX,
+            &wire::Cluster {
+                name: "BlackHoleCluster".into(),
+                ..Default::default()
+            },
+            default_connect,
+            &HashMap::new(),
+        )?);
+        let gateway_ports = gateway_ports(&raw.gateway_ports, env, |res, port, v, gateway| {
+            let res = format!("{res} virtualHosts {:?}", v.name);
+            Ok(Target {
+                routes: Some(compile_routes(&res, port, &v.http_routes, &clusters)?),
+                route_policies: v
+                    .http_routes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        route_policy(&res, &format!("port {port} httpRoutes[{i}]"), r, &clusters)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+                tcp_routes: Vec::new(),
+                tls_routes: Vec::new(),
+                hostname: v.domains.first().cloned().unwrap_or_else(|| v.name.clone()),
+                port,
+                protocol: PortProtocol::Http,
+                cluster: Arc::clone(&no_cluster),
+                gateway: Some(gateway),
+            })
+        })?;
         let mut cluster_list: Vec<Arc<Cluster>> = clusters.into_values().collect();
         cluster_list.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Config {
@@ -414,6 +463,7 @@ impl Config {
                 settings.request_header_timeout.as_ref(),
                 DEFAULT_HEADER_TIMEOUT,
             )?,
+            gateway_ports,
             raw,
         })
     }
@@ -465,6 +515,7 @@ impl Config {
             detection_timeout: DEFAULT_DETECTION_TIMEOUT,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
+            gateway_ports: HashMap::new(),
             raw: wire::Snapshot::default(),
         }
     }
@@ -472,11 +523,20 @@ impl Config {
 
 /// Loads and converts a snapshot file; the error says which line or resource is wrong.
 pub fn load_file(path: &std::path::Path, previous: Option<&Config>) -> Result<Config, String> {
+    load_file_with(path, previous, &LoadEnv::default())
+}
+
+/// As [`load_file`], with certificate files found through `env`.
+pub fn load_file_with(
+    path: &std::path::Path,
+    previous: Option<&Config>,
+    env: &LoadEnv,
+) -> Result<Config, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
     let raw =
         wire::Snapshot::from_text(&text, &path.display().to_string()).map_err(|e| e.to_string())?;
-    Config::from_wire(raw, previous).map_err(|e| format!("{}: {e}", path.display()))
+    Config::from_wire_with(raw, previous, env).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 #[cfg(test)]

@@ -54,6 +54,8 @@ pub enum Route {
     Named(Arc<str>, u16),
     /// Inbound traffic for the workload's port.
     Inbound(u16),
+    /// A gateway port; `tls` says whether the connection was a TLS one (HTTPS servers).
+    Gateway { port: u16, tls: bool },
 }
 
 /// Where one request goes.
@@ -116,6 +118,7 @@ pub async fn handle(
     let cfg = shared.config.load_full();
     let resp = match &route {
         Route::Inbound(port) => inbound(&shared, &cfg, *port, req).await,
+        Route::Gateway { port, tls } => gateway(&shared, &cfg, *port, *tls, req).await,
         Route::Outbound(dst) => match cfg.outbound_target(*dst) {
             Some(t) => outbound(&shared, &cfg, t, req).await,
             None => local_reply(
@@ -156,7 +159,7 @@ async fn outbound(
                     port: Some(target.port),
                     source_labels: &cfg.own_labels,
                     source_namespace: &cfg.own_namespace,
-                    gateway: "mesh",
+                    gateway: target.gateway.as_deref().unwrap_or("mesh"),
                 };
                 table.first_match(&view)
             };
@@ -416,9 +419,100 @@ async fn to_cluster(
             .saturating_mul(1 << (attempt - 1).min(16))
             .min(cap)
             .max(1);
-        Box::pin(tokio::time::sleep(Duration::from_micros(random_u64() % ceiling))).await;
+        Box::pin(tokio::time::sleep(Duration::from_micros(
+            random_u64() % ceiling,
+        )))
+        .await;
     }
     no_endpoint()
+}
+
+/// A request to a gateway: the server for its host on this port, then the virtual host
+/// (the VirtualService bound to the server), then that virtual host's routes.
+async fn gateway(
+    shared: &Arc<Shared>,
+    cfg: &Config,
+    port: u16,
+    tls: bool,
+    mut req: Request<ReqBody>,
+) -> Response<ProxyBody> {
+    let Some(gp) = cfg.gateway_ports.get(&port) else {
+        return local_reply(
+            StatusCode::NOT_FOUND,
+            "NR",
+            format!("no gateway server on port {port} in the current configuration"),
+        );
+    };
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let host = crate::config::request_host(&authority);
+    let Some(server) = gp.server(&host, tls) else {
+        tracing::info!(
+            flags = "NR",
+            "gateway port {port}: no server for host {host:?}"
+        );
+        return local_reply(
+            StatusCode::NOT_FOUND,
+            "NR",
+            format!("no gateway server for host {host:?} on port {port}"),
+        );
+    };
+    if server.https_redirect {
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let mut resp = local_reply(StatusCode::MOVED_PERMANENTLY, "-", String::new());
+        *resp.body_mut() = ProxyBody::empty();
+        resp.headers_mut().remove(RESPONSE_FLAGS);
+        resp.headers_mut().remove(header::CONTENT_TYPE);
+        match HeaderValue::try_from(format!(
+            "https://{}{path}",
+            authority_without_port(&authority)
+        )) {
+            Ok(v) => {
+                resp.headers_mut().insert(header::LOCATION, v);
+                return resp;
+            }
+            Err(_) => {
+                return local_reply(
+                    StatusCode::BAD_REQUEST,
+                    "DPE",
+                    "request host cannot be redirected".to_string(),
+                );
+            }
+        }
+    }
+    let Some(vh) = server.virtual_host(&host) else {
+        tracing::info!(flags = "NR", gateway = %server.gateway, "gateway port {port}: no VirtualService for host {host:?}");
+        return local_reply(
+            StatusCode::NOT_FOUND,
+            "NR",
+            format!("no route for host {host:?} on gateway port {port}"),
+        );
+    };
+    // The gateway is the edge: the scheme the client used is what it says it is.
+    req.headers_mut().insert(
+        X_FORWARDED_PROTO,
+        HeaderValue::from_static(if tls { "https" } else { "http" }),
+    );
+    outbound(shared, cfg, &vh.target, req).await
+}
+
+/// `host:port` → `host` (IPv6 literals keep their brackets).
+fn authority_without_port(a: &str) -> &str {
+    match a.rfind(':') {
+        Some(i) if !a[i..].contains(']') && (a.starts_with('[') || a.matches(':').count() == 1) => {
+            &a[..i]
+        }
+        _ => a,
+    }
 }
 
 async fn inbound(

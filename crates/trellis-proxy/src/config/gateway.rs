@@ -1,0 +1,389 @@
+//! Gateway mode: the ports a gateway serves, their servers (hosts, TLS) and the virtual
+//! hosts of the VirtualServices bound to them.
+//!
+//! Certificates are read when the snapshot converts, so a missing or malformed file
+//! refuses the snapshot with the file's name (and a running gateway keeps its last good
+//! one); a handshake never meets a half-loaded certificate.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use trellis_xds::snapshot::{self as wire, ServerTlsMode};
+
+use super::{ConfigError, Target, bad, port_u16};
+
+/// Where `credentialName` certificates live unless `--credentials-dir` says otherwise:
+/// `<dir>/<credentialName>/tls.crt`, `tls.key` and, for MUTUAL, `ca.crt`.
+pub const DEFAULT_CREDENTIALS_DIR: &str = "/etc/trellis/credentials";
+
+/// What converting a snapshot needs from the proxy's environment.
+#[derive(Debug, Clone)]
+pub struct LoadEnv {
+    pub credentials_dir: PathBuf,
+}
+
+impl Default for LoadEnv {
+    fn default() -> Self {
+        LoadEnv {
+            credentials_dir: PathBuf::from(DEFAULT_CREDENTIALS_DIR),
+        }
+    }
+}
+
+/// A host name pattern of a Gateway server or a VirtualService: `*`, `*.example.com` or
+/// an exact name (compared case-insensitively, without a port).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    Any,
+    /// `*.example.com`, kept as `.example.com`.
+    Suffix(String),
+    Exact(String),
+}
+
+impl HostPattern {
+    pub fn parse(s: &str) -> HostPattern {
+        // Gateway hosts may carry a namespace (`ns/host`, `./host`, `*/host`).
+        let host = s
+            .rsplit_once('/')
+            .map_or(s, |(_, h)| h)
+            .to_ascii_lowercase();
+        if host == "*" {
+            HostPattern::Any
+        } else if let Some(rest) = host.strip_prefix('*') {
+            HostPattern::Suffix(rest.to_string())
+        } else {
+            HostPattern::Exact(host)
+        }
+    }
+
+    /// How well this pattern matches `host` (lower-case, no port): `None` when it does
+    /// not; more specific patterns rank higher.
+    pub fn rank(&self, host: &str) -> Option<usize> {
+        match self {
+            HostPattern::Any => Some(0),
+            HostPattern::Suffix(s) => {
+                (host.len() > s.len() && host.ends_with(s.as_str())).then_some(1 + s.len())
+            }
+            HostPattern::Exact(e) => (e == host).then_some(usize::MAX),
+        }
+    }
+}
+
+fn best_rank(patterns: &[HostPattern], host: &str) -> Option<usize> {
+    patterns.iter().filter_map(|p| p.rank(host)).max()
+}
+
+/// The host of a Host header or `:authority`: lower-case, without port or trailing dot.
+pub fn request_host(authority: &str) -> String {
+    let host = if authority.starts_with('[') {
+        // [v6]:port
+        authority
+            .split_once(']')
+            .map_or(authority, |(h, _)| h)
+            .trim_start_matches('[')
+    } else {
+        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+    };
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// One VirtualService bound to a gateway server.
+#[derive(Debug)]
+pub struct VirtualHost {
+    pub name: String,
+    pub domains: Vec<HostPattern>,
+    pub target: Arc<Target>,
+}
+
+#[derive(Debug)]
+pub struct GatewayServer {
+    /// "namespace/name" of the Gateway.
+    pub gateway: Arc<str>,
+    pub name: String,
+    pub hosts: Vec<HostPattern>,
+    /// Set on HTTPS servers: the handshake's configuration.
+    pub tls: Option<Arc<ServerConfig>>,
+    /// Set on HTTP servers that only redirect to https.
+    pub https_redirect: bool,
+    pub virtual_hosts: Vec<VirtualHost>,
+}
+
+impl GatewayServer {
+    /// The virtual host for a request's host, the most specific domain winning.
+    pub fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
+        self.virtual_hosts
+            .iter()
+            .filter_map(|v| best_rank(&v.domains, host).map(|r| (r, v)))
+            .max_by_key(|(r, _)| *r)
+            .map(|(_, v)| v)
+    }
+}
+
+#[derive(Debug)]
+pub struct GatewayPort {
+    pub port: u16,
+    pub bind: Option<IpAddr>,
+    pub servers: Vec<GatewayServer>,
+}
+
+impl GatewayPort {
+    /// Whether connections to this port start with a TLS handshake.
+    pub fn is_tls(&self) -> bool {
+        self.servers.iter().any(|s| s.tls.is_some())
+    }
+
+    /// The server for a request to `host` on a plaintext (`tls == false`) or TLS
+    /// connection: the one whose hosts match most specifically.
+    pub fn server(&self, host: &str, tls: bool) -> Option<&GatewayServer> {
+        self.servers
+            .iter()
+            .filter(|s| s.tls.is_some() == tls)
+            .filter_map(|s| best_rank(&s.hosts, host).map(|r| (r, s)))
+            .max_by_key(|(r, _)| *r)
+            .map(|(_, s)| s)
+    }
+
+    /// The TLS configuration for a ClientHello's SNI; without SNI (or with one no server
+    /// names), the port's first TLS server.
+    pub fn tls_for(&self, sni: Option<&str>) -> Option<Arc<ServerConfig>> {
+        let tls_servers = || self.servers.iter().filter(|s| s.tls.is_some());
+        let by_sni = sni.and_then(|name| {
+            let name = name.to_ascii_lowercase();
+            tls_servers()
+                .filter_map(|s| best_rank(&s.hosts, &name).map(|r| (r, s)))
+                .max_by_key(|(r, _)| *r)
+                .map(|(_, s)| s)
+        });
+        by_sni.or_else(|| tls_servers().next())?.tls.clone()
+    }
+}
+
+fn read_pem_certs(res: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| bad(res, format!("certificate file {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(bad(
+            res,
+            format!(
+                "certificate file {}: no PEM certificate in it",
+                path.display()
+            ),
+        ));
+    }
+    Ok(certs)
+}
+
+/// Builds an HTTPS server's TLS configuration from its files.
+fn server_tls(
+    res: &str,
+    tls: &wire::ServerTls,
+    env: &LoadEnv,
+) -> Result<Arc<ServerConfig>, ConfigError> {
+    let mode = ServerTlsMode::try_from(tls.mode)
+        .map_err(|_| bad(res, format!("unknown TLS mode {}", tls.mode)))?;
+    let (cert, key, ca) = match &tls.credential_name {
+        Some(name) => {
+            let dir = env.credentials_dir.join(name);
+            let mut ca = dir.join("ca.crt");
+            if !ca.exists() {
+                // Istio also reads the CA from a separate `<name>-cacert` secret.
+                ca = env
+                    .credentials_dir
+                    .join(format!("{name}-cacert"))
+                    .join("ca.crt");
+            }
+            (dir.join("tls.crt"), dir.join("tls.key"), Some(ca))
+        }
+        None => match (&tls.server_certificate, &tls.private_key) {
+            (Some(c), Some(k)) => (
+                PathBuf::from(c),
+                PathBuf::from(k),
+                tls.ca_certificates.as_ref().map(PathBuf::from),
+            ),
+            _ => {
+                return Err(bad(
+                    res,
+                    "TLS needs credentialName, or serverCertificate and privateKey",
+                ));
+            }
+        },
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(res, format!("TLS: {e}")))?;
+    let builder = match mode {
+        ServerTlsMode::Simple => builder.with_no_client_auth(),
+        ServerTlsMode::Mutual | ServerTlsMode::OptionalMutual => {
+            let Some(ca) = ca else {
+                return Err(bad(res, "MUTUAL TLS needs caCertificates"));
+            };
+            let mut roots = rustls::RootCertStore::empty();
+            for c in read_pem_certs(res, &ca)? {
+                roots
+                    .add(c)
+                    .map_err(|e| bad(res, format!("CA file {}: {e}", ca.display())))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            );
+            let verifier = if mode == ServerTlsMode::OptionalMutual {
+                verifier.allow_unauthenticated()
+            } else {
+                verifier
+            };
+            builder.with_client_cert_verifier(
+                verifier
+                    .build()
+                    .map_err(|e| bad(res, format!("client verifier: {e}")))?,
+            )
+        }
+        ServerTlsMode::Passthrough | ServerTlsMode::AutoPassthrough => {
+            return Err(bad(
+                res,
+                format!(
+                    "TLS mode {} is not supported by Trellis gateways yet (SIMPLE, MUTUAL and OPTIONAL_MUTUAL are)",
+                    mode.name()
+                ),
+            ));
+        }
+        ServerTlsMode::IstioMutual => {
+            return Err(bad(
+                res,
+                "TLS mode ISTIO_MUTUAL needs the mesh CA, which Trellis gateways do not have yet",
+            ));
+        }
+    };
+    let certs = read_pem_certs(res, &cert)?;
+    let key = PrivateKeyDer::from_pem_file(&key)
+        .map_err(|e| bad(res, format!("private key file {}: {e}", key.display())))?;
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| bad(res, format!("certificate and key: {e}")))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Converts the snapshot's gateway ports. `make_target` compiles a virtual host's routes
+/// (the same way a service port's are compiled).
+pub(super) fn gateway_ports(
+    raw: &[wire::GatewayPort],
+    env: &LoadEnv,
+    mut make_target: impl FnMut(&str, u16, &wire::VirtualHost, Arc<str>) -> Result<Target, ConfigError>,
+) -> Result<HashMap<u16, Arc<GatewayPort>>, ConfigError> {
+    let mut out = HashMap::new();
+    for (i, p) in raw.iter().enumerate() {
+        let res = format!("gatewayPorts[{i}]");
+        let port = port_u16(&res, p.port)?;
+        let bind = match &p.bind {
+            None => None,
+            Some(b) => Some(
+                b.parse()
+                    .map_err(|_| bad(&res, format!("bind {b:?} is not an IP address")))?,
+            ),
+        };
+        let mut servers = Vec::with_capacity(p.servers.len());
+        for (j, s) in p.servers.iter().enumerate() {
+            let res = format!("{res} port {port} servers[{j}] of gateway {:?}", s.gateway);
+            let protocol = wire::Protocol::try_from(s.protocol)
+                .map_err(|_| bad(&res, format!("unknown protocol {}", s.protocol)))?;
+            let tls = match protocol {
+                wire::Protocol::Http => None,
+                wire::Protocol::Https => {
+                    let Some(t) = &s.tls else {
+                        return Err(bad(&res, "an HTTPS server needs tls settings"));
+                    };
+                    Some(server_tls(&res, t, env)?)
+                }
+                other => {
+                    return Err(bad(
+                        &res,
+                        format!(
+                            "protocol {other:?} is not supported on gateways yet (HTTP and HTTPS are)"
+                        ),
+                    ));
+                }
+            };
+            if s.hosts.is_empty() {
+                return Err(bad(&res, "a server needs at least one host"));
+            }
+            let gateway: Arc<str> = Arc::from(s.gateway.as_str());
+            let virtual_hosts = s
+                .virtual_hosts
+                .iter()
+                .map(|v| {
+                    Ok(VirtualHost {
+                        name: v.name.clone(),
+                        domains: v.domains.iter().map(|d| HostPattern::parse(d)).collect(),
+                        target: Arc::new(make_target(&res, port, v, Arc::clone(&gateway))?),
+                    })
+                })
+                .collect::<Result<Vec<_>, ConfigError>>()?;
+            servers.push(GatewayServer {
+                gateway,
+                name: s.name.clone().unwrap_or_else(|| format!("#{j}")),
+                hosts: s.hosts.iter().map(|h| HostPattern::parse(h)).collect(),
+                https_redirect: tls.is_none() && s.tls.as_ref().is_some_and(|t| t.https_redirect),
+                tls,
+                virtual_hosts,
+            });
+        }
+        let tls_kinds: Vec<bool> = servers.iter().map(|s| s.tls.is_some()).collect();
+        if tls_kinds.iter().any(|t| *t) && tls_kinds.iter().any(|t| !*t) {
+            return Err(bad(
+                &res,
+                format!("port {port} mixes HTTP and HTTPS servers; a port speaks one or the other"),
+            ));
+        }
+        if out
+            .insert(
+                port,
+                Arc::new(GatewayPort {
+                    port,
+                    bind,
+                    servers,
+                }),
+            )
+            .is_some()
+        {
+            return Err(bad(res, format!("port {port} is listed twice")));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_patterns_rank_exact_over_wildcards() {
+        let exact = HostPattern::parse("bookinfo/Shop.example.com");
+        let suffix = HostPattern::parse("*.example.com");
+        let any = HostPattern::parse("*");
+        assert_eq!(exact, HostPattern::Exact("shop.example.com".into()));
+        let host = "shop.example.com";
+        let (e, s, a) = (
+            exact.rank(host).expect("exact"),
+            suffix.rank(host).expect("suffix"),
+            any.rank(host).expect("any"),
+        );
+        assert!(e > s && s > a);
+        assert_eq!(suffix.rank("example.com"), None);
+        assert_eq!(exact.rank("shop.example.org"), None);
+    }
+
+    #[test]
+    fn request_hosts_lose_port_case_and_trailing_dot() {
+        assert_eq!(request_host("Shop.Example.com:8443"), "shop.example.com");
+        assert_eq!(request_host("shop.example.com."), "shop.example.com");
+        assert_eq!(request_host("[::1]:80"), "::1");
+    }
+}
