@@ -9,6 +9,7 @@ use trellis_api::analyze::{self, AnalyzeOptions, Message};
 use trellis_api::{Level, LoadOptions};
 
 mod demo;
+mod gateway;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -33,6 +34,10 @@ enum Command {
     /// A tour of Trellis on this machine (today: analyzes the bundled Bookinfo example; the
     /// running mesh arrives with the local runtime).
     Demo,
+    /// Translate Istio Gateways and the VirtualServices bound to them into a snapshot for
+    /// `trellis-proxy --mode gateway` (JSON on stdout). Clusters are listed with no
+    /// endpoints: fill them in (the control plane will, once it exists).
+    GatewaySnapshot(gateway::Args),
 }
 
 #[derive(Debug, clap::Args)]
@@ -69,6 +74,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Analyze(args) => run_analyze(&args),
         Command::Demo => demo::run(),
+        Command::GatewaySnapshot(args) => gateway::run(&args),
     };
     match result {
         Ok(code) => code,

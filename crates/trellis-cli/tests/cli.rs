@@ -158,3 +158,36 @@ fn analyze_reads_stdin() {
          spec.subsets[1].name: duplicate subset name \"v1\"\n"
     );
 }
+
+#[test]
+fn gateway_snapshot_translates_bookinfo_for_the_ingress_gateway() {
+    let bookinfo = examples().join("bookinfo");
+    let path = bookinfo.to_str().expect("utf-8 path");
+    let out = trellis(&["gateway-snapshot", path, "--label", "istio=ingressgateway"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = stdout(&out);
+    // What the gateway proxy loads.
+    let snap = trellis_xds::snapshot::Snapshot::from_text(&text, "gw.json").expect("loads");
+    assert_eq!(snap.gateway_ports.len(), 1);
+    let port = &snap.gateway_ports[0];
+    assert_eq!(port.port, 8080);
+    let server = &port.servers[0];
+    assert_eq!(server.gateway, "bookinfo/bookinfo-gateway");
+    assert_eq!(server.virtual_hosts[0].name, "bookinfo/bookinfo");
+    let names: Vec<&str> = snap.clusters.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["outbound|9080||productpage.bookinfo.svc.cluster.local"]
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no endpoints yet"));
+
+    // Labels no Gateway selects: a clear error.
+    let out = trellis(&["gateway-snapshot", path, "--label", "istio=egressgateway"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no Gateway selects"));
+}

@@ -1,0 +1,249 @@
+//! Gateway mode with real TLS clients (curl): a certificate per host chosen by SNI, mutual
+//! TLS that refuses a client without a certificate from the configured CA, and the
+//! `trellis-proxy --mode gateway` binary serving its snapshot's ports, or refusing to start
+//! with the name of a certificate file it cannot read.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use trellis_proxy::{Config, LoadEnv, ProxyOptions};
+use trellis_testkit::HttpServer;
+use trellis_testkit::tls::TestCa;
+use trellis_xds::snapshot::Snapshot;
+
+const BIN: &str = env!("CARGO_BIN_EXE_trellis-proxy");
+
+/// curl's status code (0 when the transfer failed) and its error output; `None` when curl
+/// is not installed.
+fn curl(args: &[&str]) -> Option<(u16, String)> {
+    let out = match Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "10",
+            "-w",
+            "%{http_code}",
+        ])
+        .args(args)
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => panic!("curl: {e}"),
+    };
+    Some((
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+fn https(host: &str, addr: SocketAddr, ca: &Path, extra: &[&str]) -> Option<(u16, String)> {
+    let resolve = format!("{host}:{}:127.0.0.1", addr.port());
+    let url = format!("https://{host}:{}/bytes/4", addr.port());
+    let ca = ca.to_str().expect("utf-8 path");
+    let mut args = vec!["--cacert", ca, "--resolve", &resolve];
+    args.extend_from_slice(extra);
+    args.push(&url);
+    curl(&args)
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write");
+    p.to_str().expect("utf-8 path").to_string()
+}
+
+/// A gateway port 443 with a MUTUAL server for a.example.com (certificate files named
+/// directly) and a SIMPLE one for b.example.com (credentialName), both to `app`.
+fn snapshot(dir: &Path, ca: &TestCa, app: SocketAddr, port: u16) -> String {
+    let a = ca.server(&["a.example.com"]).expect("cert a");
+    let cert = write(dir, "a.crt", &a.cert_pem);
+    let key = write(dir, "a.key", &a.key_pem);
+    let ca_file = write(dir, "clients-ca.crt", &ca.cert_pem);
+    ca.write_credential(dir, "b-cert", &["b.example.com"])
+        .expect("credential b");
+    format!(
+        r#"version: gw
+clusters:
+- name: app
+  endpoints: [{{address: "{app}"}}]
+gatewayPorts:
+- port: {port}
+  servers:
+  - gateway: edge/gw
+    protocol: HTTPS
+    hosts: [a.example.com]
+    tls: {{mode: MUTUAL, serverCertificate: "{cert}", privateKey: "{key}", caCertificates: "{ca_file}"}}
+    virtualHosts:
+    - name: edge/a
+      domains: [a.example.com]
+      httpRoutes: [{{name: a, clusters: [{{cluster: app}}]}}]
+  - gateway: edge/gw
+    protocol: HTTPS
+    hosts: ["*.example.com"]
+    tls: {{mode: SIMPLE, credentialName: b-cert}}
+    virtualHosts:
+    - name: edge/b
+      domains: ["*.example.com"]
+      httpRoutes: [{{name: b, clusters: [{{cluster: app}}]}}]
+"#
+    )
+}
+
+// curl runs as a blocking child process: the proxy needs a runtime thread of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_by_sni_and_mutual_tls() {
+    let app = HttpServer::start().await.expect("app");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = TestCa::new("gateway test CA").expect("ca");
+    let text = snapshot(dir.path(), &ca, app.addr, 443);
+    let raw = Snapshot::from_text(&text, "gw.yaml").expect("parses");
+    let env = LoadEnv {
+        credentials_dir: dir.path().to_path_buf(),
+    };
+    let proxy = trellis_proxy::start(
+        Config::from_wire_with(raw, None, &env).expect("converts"),
+        ProxyOptions {
+            gateway_listen: vec![("127.0.0.1:0".parse().expect("addr"), 443)],
+            ..ProxyOptions::default()
+        },
+    )
+    .await
+    .expect("gateway");
+    let addr = proxy.inbound_addrs[0];
+    let ca_file = ca.write_ca(&dir.path().join("trust")).expect("ca file");
+
+    // b.example.com: SIMPLE, its own certificate (curl checks the name).
+    let Some((code, err)) = https("b.example.com", addr, &ca_file, &[]) else {
+        eprintln!("curl not installed: skipping");
+        return;
+    };
+    assert_eq!(code, 200, "{err}");
+    // a.example.com: MUTUAL. Without a client certificate the handshake fails...
+    let (code, err) = https("a.example.com", addr, &ca_file, &[]).expect("curl");
+    assert_eq!(code, 0, "no client certificate must fail: {err}");
+    // ...with one from another CA too...
+    let stranger = TestCa::new("someone else").expect("ca");
+    let c = stranger.client("intruder").expect("client cert");
+    let (cert, key) = (
+        write(dir.path(), "intruder.crt", &c.cert_pem),
+        write(dir.path(), "intruder.key", &c.key_pem),
+    );
+    let (code, err) = https(
+        "a.example.com",
+        addr,
+        &ca_file,
+        &["--cert", &cert, "--key", &key],
+    )
+    .expect("curl");
+    assert_eq!(code, 0, "a certificate from another CA must fail: {err}");
+    // ...and with one from the configured CA it goes through.
+    let c = ca.client("shop-frontend").expect("client cert");
+    let (cert, key) = (
+        write(dir.path(), "client.crt", &c.cert_pem),
+        write(dir.path(), "client.key", &c.key_pem),
+    );
+    let (code, err) = https(
+        "a.example.com",
+        addr,
+        &ca_file,
+        &["--cert", &cert, "--key", &key],
+    )
+    .expect("curl");
+    assert_eq!(code, 200, "{err}");
+    assert_eq!(app.stats().requests(), 2);
+    let failed = proxy
+        .shared
+        .stats
+        .tls_handshake_errors_total
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(failed, 2, "the two refused handshakes are counted");
+}
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_its_gateway_ports_or_names_the_missing_file() {
+    let app = HttpServer::start().await.expect("app");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = TestCa::new("gateway test CA").expect("ca");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let text = snapshot(dir.path(), &ca, app.addr, port).replace(
+        "gatewayPorts:\n- port:",
+        "gatewayPorts:\n- bind: 127.0.0.1\n  port:",
+    );
+    let snap = write(dir.path(), "gw.yaml", &text);
+    let creds = dir.path().to_str().expect("utf-8 path");
+    let common = [
+        "--admin",
+        "off",
+        "--readiness",
+        "off",
+        "--log-level",
+        "warn",
+    ];
+
+    // A credential directory without b-cert: the gateway refuses to start and says which
+    // file is missing.
+    let empty = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(BIN)
+        .args(["--mode", "gateway", "--config", &snap, "--credentials-dir"])
+        .arg(empty.path())
+        .args(common)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("b-cert/tls.crt"), "{err}");
+    assert!(err.contains("edge/gw"), "{err}");
+
+    let child = Command::new(BIN)
+        .args([
+            "--mode",
+            "gateway",
+            "--config",
+            &snap,
+            "--credentials-dir",
+            creds,
+        ])
+        .args(common)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("starts");
+    let _running = Running(child);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let ca_file = ca.write_ca(&dir.path().join("trust")).expect("ca file");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway did not listen on {addr}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let Some((code, err)) = https("b.example.com", addr, &ca_file, &[]) else {
+        eprintln!("curl not installed: skipping");
+        return;
+    };
+    assert_eq!(code, 200, "{err}");
+}
