@@ -298,33 +298,63 @@ pub fn virtual_service(
     port: u16,
 ) -> Result<PortRoutes, TranslateError> {
     let http = http_routes_for(vs, namespace, port, MESH)?;
-    let tcp = vs
-        .tcp
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let path = format!("spec.tcp[{i}]");
-            Ok(wire::L4Route {
-                name: format!("#{i}"),
-                matches: r.matches.iter().map(l4_match).collect(),
-                clusters: l4_clusters(&r.route, namespace, port, &path)?,
-            })
-        })
-        .collect::<Result<_, TranslateError>>()?;
-    let tls = vs
-        .tls
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let path = format!("spec.tls[{i}]");
-            Ok(wire::L4Route {
-                name: format!("#{i}"),
-                matches: r.matches.iter().map(tls_match).collect(),
-                clusters: l4_clusters(&r.route, namespace, port, &path)?,
-            })
-        })
-        .collect::<Result<_, TranslateError>>()?;
+    let (tcp, tls) = l4_routes_for(vs, namespace, port, MESH)?;
     Ok(PortRoutes { http, tcp, tls })
+}
+
+/// Whether one match entry with these `gateways` applies to `gateway` (empty: the
+/// VirtualService's own gateways decide).
+fn match_applies(gateways: &[String], vs: &VirtualService, namespace: &str, gateway: &str) -> bool {
+    if gateways.is_empty() {
+        applies_to(vs, namespace, gateway)
+    } else {
+        gateways
+            .iter()
+            .any(|g| gateway_ref(g, namespace) == gateway)
+    }
+}
+
+/// A VirtualService's `tcp[]` and `tls[]` rules as `gateway` sees them (match entries
+/// naming other gateways left out, as for HTTP).
+pub fn l4_routes_for(
+    vs: &VirtualService,
+    namespace: &str,
+    port: u16,
+    gateway: &str,
+) -> Result<(Vec<wire::L4Route>, Vec<wire::L4Route>), TranslateError> {
+    let mut tcp = Vec::new();
+    for (i, r) in vs.tcp.iter().enumerate() {
+        let kept: Vec<&L4MatchAttributes> = r
+            .matches
+            .iter()
+            .filter(|m| match_applies(&m.gateways, vs, namespace, gateway))
+            .collect();
+        if !r.matches.is_empty() && kept.is_empty() {
+            continue;
+        }
+        tcp.push(wire::L4Route {
+            name: format!("#{i}"),
+            matches: kept.into_iter().map(l4_match).collect(),
+            clusters: l4_clusters(&r.route, namespace, port, &format!("spec.tcp[{i}]"))?,
+        });
+    }
+    let mut tls = Vec::new();
+    for (i, r) in vs.tls.iter().enumerate() {
+        let kept: Vec<&TlsMatchAttributes> = r
+            .matches
+            .iter()
+            .filter(|m| match_applies(&m.gateways, vs, namespace, gateway))
+            .collect();
+        if !r.matches.is_empty() && kept.is_empty() {
+            continue;
+        }
+        tls.push(wire::L4Route {
+            name: format!("#{i}"),
+            matches: kept.into_iter().map(tls_match).collect(),
+            clusters: l4_clusters(&r.route, namespace, port, &format!("spec.tls[{i}]"))?,
+        });
+    }
+    Ok((tcp, tls))
 }
 
 /// The reserved gateway name of sidecars.
@@ -367,15 +397,7 @@ pub fn http_routes_for(
         let kept: Vec<HttpMatchRequest> = r
             .matches
             .iter()
-            .filter(|m| {
-                if m.gateways.is_empty() {
-                    applies_to(vs, namespace, gateway)
-                } else {
-                    m.gateways
-                        .iter()
-                        .any(|g| gateway_ref(g, namespace) == gateway)
-                }
-            })
+            .filter(|m| match_applies(&m.gateways, vs, namespace, gateway))
             .cloned()
             .collect();
         if kept.is_empty() {
@@ -455,6 +477,12 @@ pub fn gateway_ports(
             let tls_mode = server.tls.as_ref().and_then(|t| t.mode);
             let protocol = match server.port.protocol {
                 Protocol::Http | Protocol::Http2 | Protocol::Grpc => wire::Protocol::Http,
+                Protocol::Https | Protocol::Tls if tls_mode == Some(ServerTlsMode::Passthrough) => {
+                    wire::Protocol::Tls
+                }
+                Protocol::Tcp | Protocol::Mongo | Protocol::Mysql | Protocol::Redis => {
+                    wire::Protocol::Tcp
+                }
                 Protocol::Https
                     if matches!(
                         tls_mode,
@@ -471,7 +499,7 @@ pub fn gateway_ports(
                     problems.push(err(
                         &path,
                         format!(
-                            "protocol {} with TLS mode {} is not served by Trellis gateways yet (HTTP, and HTTPS with SIMPLE, MUTUAL or OPTIONAL_MUTUAL are); the server is left out",
+                            "protocol {} with TLS mode {} is not served by Trellis gateways yet (HTTP; HTTPS with SIMPLE, MUTUAL or OPTIONAL_MUTUAL; HTTPS or TLS with PASSTHROUGH; TCP are); the server is left out",
                             other.as_str(),
                             tls_mode.map_or("unset", tls_mode_name)
                         ),
@@ -505,12 +533,31 @@ pub fn gateway_ports(
                 if domains.is_empty() {
                     continue;
                 }
-                match http_routes_for(v.vs, v.namespace, port, &gw_name) {
-                    Ok(http_routes) => virtual_hosts.push(wire::VirtualHost {
-                        name: format!("{}/{}", v.namespace, v.name),
-                        domains,
-                        http_routes,
-                    }),
+                let routes = http_routes_for(v.vs, v.namespace, port, &gw_name).and_then(|h| {
+                    l4_routes_for(v.vs, v.namespace, port, &gw_name).map(|(t, s)| (h, t, s))
+                });
+                match routes {
+                    Ok((http_routes, tcp_routes, tls_routes)) => {
+                        // A server carries only the routes of its protocol.
+                        let (http_routes, tcp_routes, tls_routes) = match protocol {
+                            wire::Protocol::Tcp => (Vec::new(), tcp_routes, Vec::new()),
+                            wire::Protocol::Tls => (Vec::new(), Vec::new(), tls_routes),
+                            _ => (http_routes, Vec::new(), Vec::new()),
+                        };
+                        // Nothing for this server: no virtual host that would shadow
+                        // another VirtualService's for the same host.
+                        if http_routes.is_empty() && tcp_routes.is_empty() && tls_routes.is_empty()
+                        {
+                            continue;
+                        }
+                        virtual_hosts.push(wire::VirtualHost {
+                            name: format!("{}/{}", v.namespace, v.name),
+                            domains,
+                            http_routes,
+                            tcp_routes,
+                            tls_routes,
+                        });
+                    }
                     Err(e) => problems.push(err(
                         format!("VirtualService {}/{}: {}", v.namespace, v.name, e.path),
                         e.reason,
@@ -542,13 +589,18 @@ pub fn gateway_ports(
             };
             match ports.iter_mut().find(|p| p.port == u32::from(port)) {
                 Some(p) => {
-                    let existing = p.servers.first().map(|s| s.protocol);
-                    if existing.is_some_and(|e| e != out.protocol) {
+                    let family = |proto: i32| match wire::Protocol::try_from(proto) {
+                        Ok(wire::Protocol::Https | wire::Protocol::Tls) => "TLS",
+                        Ok(wire::Protocol::Tcp) => "TCP",
+                        _ => "HTTP",
+                    };
+                    let existing = p.servers.first().map(|s| family(s.protocol));
+                    if existing.is_some_and(|e| e != family(out.protocol)) {
                         problems.push(err(
                             &path,
                             format!(
                                 "port {port} already serves {} from another server; the server is left out",
-                                if existing == Some(wire::Protocol::Https as i32) { "HTTPS" } else { "HTTP" }
+                                existing.unwrap_or_default()
                             ),
                         ));
                         continue;

@@ -1,16 +1,18 @@
 //! An Istio ingress Gateway with an HTTP server that redirects to HTTPS, a plain HTTP
-//! server, and an HTTPS server with SIMPLE TLS from a `credentialName`, plus the
-//! VirtualService bound to it: translated, served by a real gateway proxy, and driven by
-//! curl, which checks the certificate against the test CA.
+//! server, an HTTPS server with SIMPLE TLS from a `credentialName`, a TLS passthrough
+//! server routed by SNI and a TCP server, plus the VirtualServices bound to it:
+//! translated, served by a real gateway proxy, and driven by curl (which checks the
+//! certificate against the test CA) and a raw TCP client.
 
 use std::net::SocketAddr;
 use std::process::Command;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use trellis_api::{LoadOptions, Spec, parse_text};
 use trellis_control::translate::{self, GatewayRef, VirtualServiceRef, cluster_name};
 use trellis_proxy::{Config, LoadEnv, ProxyOptions};
-use trellis_testkit::HttpServer;
 use trellis_testkit::tls::TestCa;
+use trellis_testkit::{HttpServer, TcpEchoServer};
 use trellis_xds::snapshot as wire;
 
 const CONFIG: &str = r#"
@@ -29,8 +31,26 @@ spec:
     hosts: ["shop/shop.example.com"]
     tls: {mode: SIMPLE, credentialName: shop-cert}
   - port: {number: 8443, name: tls-passthrough, protocol: TLS}
-    hosts: ["db.example.com"]
+    hosts: ["shop.example.com"]
     tls: {mode: PASSTHROUGH}
+  - port: {number: 9000, name: tcp-echo, protocol: TCP}
+    hosts: ["*"]
+  - port: {number: 9443, name: https-mesh, protocol: HTTPS}
+    hosts: ["*"]
+    tls: {mode: ISTIO_MUTUAL}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: passthrough, namespace: shop}
+spec:
+  hosts: ["shop.example.com"]
+  gateways: [shop-gateway]
+  tls:
+  - match: [{port: 8443, sniHosts: [shop.example.com]}]
+    route: [{destination: {host: shop-https, port: {number: 443}}}]
+  tcp:
+  - match: [{port: 9000}]
+    route: [{destination: {host: echo, port: {number: 7}}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -126,20 +146,19 @@ async fn istio_gateway_serves_https_redirects_and_routes_by_host() {
         })
         .collect();
     let (ports, problems) = translate::gateway_ports(&gw_refs, &vs_refs);
-    // The TLS passthrough server is reported and left out; the rest translates.
+    // The ISTIO_MUTUAL server is reported and left out; the rest translates.
     assert_eq!(problems.len(), 1, "{problems:?}");
-    assert!(
-        problems[0].to_string().contains("servers[3]"),
-        "{}",
-        problems[0]
-    );
-    assert!(
-        problems[0].to_string().contains("PASSTHROUGH"),
-        "{}",
-        problems[0]
-    );
+    let problem = problems[0].to_string();
+    assert!(problem.contains("servers[5]"), "{problem}");
+    assert!(problem.contains("ISTIO_MUTUAL"), "{problem}");
     let numbers: Vec<u32> = ports.iter().map(|p| p.port).collect();
-    assert_eq!(numbers, [80, 443, 8080]);
+    assert_eq!(numbers, [80, 443, 8080, 8443, 9000]);
+    // The passthrough server carries only the L4 routes.
+    let pass = &ports[3].servers[0];
+    assert_eq!(pass.protocol, wire::Protocol::Tls as i32);
+    assert_eq!(pass.virtual_hosts.len(), 1);
+    assert_eq!(pass.virtual_hosts[0].tls_routes.len(), 1);
+    assert!(pass.virtual_hosts[0].http_routes.is_empty());
     // Only the VirtualService bound to the gateway, and without its mesh-only rule.
     let https = &ports[1].servers[0];
     assert_eq!(https.virtual_hosts.len(), 1);
@@ -155,7 +174,8 @@ async fn istio_gateway_serves_https_redirects_and_routes_by_host() {
         HttpServer::start().await.expect("api"),
         HttpServer::start().await.expect("web"),
     );
-    let snapshot = wire::Snapshot {
+    let echo = TcpEchoServer::start().await.expect("echo");
+    let mut snapshot = wire::Snapshot {
         version: "gateway".into(),
         clusters: vec![
             cluster(
@@ -165,6 +185,10 @@ async fn istio_gateway_serves_https_redirects_and_routes_by_host() {
             cluster(
                 cluster_name(80, None, "web.shop.svc.cluster.local"),
                 web.addr,
+            ),
+            cluster(
+                cluster_name(7, None, "echo.shop.svc.cluster.local"),
+                echo.addr,
             ),
         ],
         gateway_ports: ports,
@@ -182,15 +206,28 @@ async fn istio_gateway_serves_https_redirects_and_routes_by_host() {
     let proxy = trellis_proxy::start(
         Config::from_wire_with(snapshot.clone(), None, &env).expect("snapshot converts"),
         ProxyOptions {
-            gateway_listen: vec![(any(), 80), (any(), 443), (any(), 8080)],
+            gateway_listen: vec![
+                (any(), 80),
+                (any(), 443),
+                (any(), 8080),
+                (any(), 8443),
+                (any(), 9000),
+            ],
             ..ProxyOptions::default()
         },
     )
     .await
     .expect("gateway");
-    let [http80, https443, http8080] = proxy.inbound_addrs[..] else {
-        panic!("three gateway listeners: {:?}", proxy.inbound_addrs)
+    let [http80, https443, http8080, pass8443, tcp9000] = proxy.inbound_addrs[..] else {
+        panic!("five gateway listeners: {:?}", proxy.inbound_addrs)
     };
+    // The passthrough route's destination is this gateway's own HTTPS listener: the
+    // handshake on 8443 is carried through untouched and answered there.
+    snapshot.clusters.push(cluster(
+        cluster_name(443, None, "shop-https.shop.svc.cluster.local"),
+        https443,
+    ));
+    proxy.update(Config::from_wire_with(snapshot.clone(), None, &env).expect("converts"));
     let resolve = |a: SocketAddr| format!("shop.example.com:{}:127.0.0.1", a.port());
     let url = |scheme: &str, a: SocketAddr, path: &str| {
         format!("{scheme}://shop.example.com:{}{path}", a.port())
@@ -294,6 +331,43 @@ async fn istio_gateway_serves_https_redirects_and_routes_by_host() {
     .expect("curl");
     assert_eq!(code, 404, "{head}{body}");
     assert!(head.contains("x-trellis-response-flags: nr"), "{head}");
+
+    // TLS passthrough: routed by SNI without terminating; the certificate curl checks is
+    // the one the destination serves.
+    let (code, head, body) = curl(&[
+        "--cacert",
+        ca_arg,
+        "--resolve",
+        &resolve(pass8443),
+        &url("https", pass8443, "/bytes/2"),
+    ])
+    .expect("curl");
+    assert_eq!(code, 200, "{head}{body}");
+    assert_eq!(web.stats().requests(), 4);
+    // Another SNI has no server on the port: the connection is closed.
+    let (code, _, err) = curl(&[
+        "-k",
+        "--resolve",
+        &format!("other.example.com:{}:127.0.0.1", pass8443.port()),
+        &format!("https://other.example.com:{}/", pass8443.port()),
+    ])
+    .expect("curl");
+    assert_eq!(code, 0, "{err}");
+
+    // TCP: bytes both ways through the gateway.
+    let mut c = tokio::net::TcpStream::connect(tcp9000)
+        .await
+        .expect("connect");
+    c.write_all(b"ping through the gateway")
+        .await
+        .expect("write");
+    c.shutdown().await.expect("half-close");
+    let mut back = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(5), c.read_to_end(&mut back))
+        .await
+        .expect("echo in time")
+        .expect("read");
+    assert_eq!(back, b"ping through the gateway");
 
     // A credential that is not there refuses the snapshot, naming the file.
     let mut broken = snapshot;

@@ -182,7 +182,35 @@ async fn dispatch(
                 );
                 return;
             };
+            if gp.is_tcp() {
+                tcp::gateway(stream, peer, &gp.servers[0], None, shared, &cfg, *port).await;
+                return;
+            }
             if gp.is_tls() {
+                let passthrough = gp
+                    .servers
+                    .iter()
+                    .any(|s| matches!(s.kind, crate::config::ServerKind::TlsPassthrough));
+                if passthrough {
+                    // Clients speak first on TLS: wait for the ClientHello as long as for
+                    // a request head.
+                    let sni = sniff::peek_sni(&stream, cfg.header_timeout).await;
+                    match gp.tls_server(sni.as_deref()) {
+                        Some(s) if matches!(s.kind, crate::config::ServerKind::TlsPassthrough) => {
+                            tcp::gateway(stream, peer, s, sni.as_deref(), shared, &cfg, *port)
+                                .await;
+                            return;
+                        }
+                        Some(_) => {}
+                        None => {
+                            tracing::info!(
+                                flags = "NR",
+                                "{peer}: no server on gateway port {port} for SNI {sni:?}; closing"
+                            );
+                            return;
+                        }
+                    }
+                }
                 serve_tls(stream, peer, &gp, shared, &cfg, stop).await;
                 return;
             }

@@ -106,6 +106,61 @@ pub async fn forward_route(
     .await;
 }
 
+/// A connection to a gateway's TLS passthrough (`sni` set) or TCP server: the first of
+/// its virtual hosts' routes that matches (with SNI, the virtual hosts whose domains match
+/// it best first) picks the cluster.
+pub async fn gateway(
+    stream: TcpStream,
+    peer: SocketAddr,
+    server: &crate::config::GatewayServer,
+    sni: Option<&str>,
+    shared: &Arc<Shared>,
+    cfg: &Config,
+    port: u16,
+) {
+    let req = crate::config::L4Request {
+        dst: None,
+        port,
+        sni,
+        source_labels: &cfg.own_labels,
+        source_namespace: &cfg.own_namespace,
+    };
+    let mut hosts: Vec<&crate::config::VirtualHost> = server.virtual_hosts.iter().collect();
+    if let Some(name) = sni {
+        let name = name.to_ascii_lowercase();
+        let rank =
+            |v: &crate::config::VirtualHost| v.domains.iter().filter_map(|d| d.rank(&name)).max();
+        hosts.retain(|v| rank(v).is_some());
+        // Stable: among equally specific ones, the first bound VirtualService first.
+        hosts.sort_by_key(|v| std::cmp::Reverse(rank(v)));
+    }
+    let chosen = hosts.iter().find_map(|v| {
+        let routes = if sni.is_some() {
+            &v.target.tls_routes
+        } else {
+            &v.target.tcp_routes
+        };
+        crate::config::pick_l4(routes, &req)
+    });
+    let Some((route, dest)) = chosen else {
+        tracing::info!(
+            flags = "NR",
+            gateway = %server.gateway,
+            "{peer}: no route on gateway port {port} for SNI {sni:?}; closing"
+        );
+        return;
+    };
+    let Some(cluster) = &dest.cluster else {
+        tracing::warn!(flags = "NR", route = %route.name, "{peer}: route {:?} sends to cluster {:?}, which is not defined; closing", route.name, dest.name);
+        return;
+    };
+    let Some(ep) = cluster.pick() else {
+        tracing::warn!(flags = "UH", cluster = %cluster.name, "{peer}: no endpoint on gateway port {port}");
+        return;
+    };
+    forward(stream, ep.addr, cluster.connect_timeout, shared, Some(ep)).await;
+}
+
 /// Connects to `to` and copies both ways until both sides are done.
 pub async fn forward(
     mut down: TcpStream,

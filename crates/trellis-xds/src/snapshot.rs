@@ -83,7 +83,7 @@ pub struct GatewayServer {
     #[prost(string, optional, tag = "2")]
     #[serde(default)]
     pub name: Option<String>,
-    /// HTTP or HTTPS.
+    /// HTTP, HTTPS (TLS terminated here), TLS (passthrough, routed by SNI) or TCP.
     #[prost(enumeration = "Protocol", tag = "3")]
     #[serde(with = "protocol_req")]
     pub protocol: i32,
@@ -159,7 +159,7 @@ impl ServerTlsMode {
     }
 }
 
-/// Host names and their HTTP routes (one VirtualService bound to a gateway server).
+/// Host names and their routes (one VirtualService bound to a gateway server).
 #[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VirtualHost {
@@ -172,6 +172,14 @@ pub struct VirtualHost {
     #[prost(message, repeated, tag = "3")]
     #[serde(default)]
     pub http_routes: Vec<HttpRoute>,
+    /// On TCP servers.
+    #[prost(message, repeated, tag = "4")]
+    #[serde(default)]
+    pub tcp_routes: Vec<L4Route>,
+    /// On TLS passthrough servers, by SNI.
+    #[prost(message, repeated, tag = "5")]
+    #[serde(default)]
+    pub tls_routes: Vec<L4Route>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]

@@ -226,12 +226,16 @@ fn full() -> Snapshot {
                     domains: vec!["shop.example.com".into()],
                     // Filled below with the service port's fully set routes.
                     http_routes: Vec::new(),
+                    tcp_routes: Vec::new(),
+                    tls_routes: Vec::new(),
                 }],
             }],
         }],
     };
     let routes = s.services[0].ports[0].http_routes.clone();
     s.gateway_ports[0].servers[0].virtual_hosts[0].http_routes = routes;
+    s.gateway_ports[0].servers[0].virtual_hosts[0].tcp_routes = vec![l4()];
+    s.gateway_ports[0].servers[0].virtual_hosts[0].tls_routes = vec![l4()];
     s
 }
 

@@ -78,6 +78,23 @@ fn best_rank(patterns: &[HostPattern], host: &str) -> Option<usize> {
     patterns.iter().filter_map(|p| p.rank(host)).max()
 }
 
+/// The item whose patterns match `host` most specifically; the first one among equals.
+fn most_specific<'a, T>(
+    items: impl Iterator<Item = &'a T>,
+    host: &str,
+    patterns: impl Fn(&T) -> &[HostPattern],
+) -> Option<&'a T> {
+    let mut best: Option<(usize, &T)> = None;
+    for item in items {
+        if let Some(r) = best_rank(patterns(item), host) {
+            if best.is_none_or(|(b, _)| r > b) {
+                best = Some((r, item));
+            }
+        }
+    }
+    best.map(|(_, item)| item)
+}
+
 /// The host of a Host header or `:authority`: lower-case, without port or trailing dot.
 pub fn request_host(authority: &str) -> String {
     let host = if authority.starts_with('[') {
@@ -100,27 +117,40 @@ pub struct VirtualHost {
     pub target: Arc<Target>,
 }
 
+/// What a gateway server does with a connection.
+#[derive(Debug, Clone)]
+pub enum ServerKind {
+    /// Plain HTTP; `https_redirect` answers every request with a 301 to https.
+    Http { https_redirect: bool },
+    /// TLS terminated here with this configuration, then HTTP.
+    Https(Arc<ServerConfig>),
+    /// TLS passed through untouched, routed by the ClientHello's SNI.
+    TlsPassthrough,
+    /// Opaque TCP.
+    Tcp,
+}
+
+impl ServerKind {
+    /// Whether connections start with a TLS ClientHello.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, ServerKind::Https(_) | ServerKind::TlsPassthrough)
+    }
+}
+
 #[derive(Debug)]
 pub struct GatewayServer {
     /// "namespace/name" of the Gateway.
     pub gateway: Arc<str>,
     pub name: String,
     pub hosts: Vec<HostPattern>,
-    /// Set on HTTPS servers: the handshake's configuration.
-    pub tls: Option<Arc<ServerConfig>>,
-    /// Set on HTTP servers that only redirect to https.
-    pub https_redirect: bool,
+    pub kind: ServerKind,
     pub virtual_hosts: Vec<VirtualHost>,
 }
 
 impl GatewayServer {
     /// The virtual host for a request's host, the most specific domain winning.
     pub fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
-        self.virtual_hosts
-            .iter()
-            .filter_map(|v| best_rank(&v.domains, host).map(|r| (r, v)))
-            .max_by_key(|(r, _)| *r)
-            .map(|(_, v)| v)
+        most_specific(self.virtual_hosts.iter(), host, |v| &v.domains)
     }
 }
 
@@ -134,32 +164,63 @@ pub struct GatewayPort {
 impl GatewayPort {
     /// Whether connections to this port start with a TLS handshake.
     pub fn is_tls(&self) -> bool {
-        self.servers.iter().any(|s| s.tls.is_some())
+        self.servers.iter().any(|s| s.kind.is_tls())
     }
 
-    /// The server for a request to `host` on a plaintext (`tls == false`) or TLS
-    /// connection: the one whose hosts match most specifically.
-    pub fn server(&self, host: &str, tls: bool) -> Option<&GatewayServer> {
+    /// Whether the port carries opaque TCP.
+    pub fn is_tcp(&self) -> bool {
         self.servers
             .iter()
-            .filter(|s| s.tls.is_some() == tls)
-            .filter_map(|s| best_rank(&s.hosts, host).map(|r| (r, s)))
-            .max_by_key(|(r, _)| *r)
-            .map(|(_, s)| s)
+            .any(|s| matches!(s.kind, ServerKind::Tcp))
     }
 
-    /// The TLS configuration for a ClientHello's SNI; without SNI (or with one no server
-    /// names), the port's first TLS server.
+    fn best<'a>(
+        &'a self,
+        host: &str,
+        keep: impl Fn(&ServerKind) -> bool,
+    ) -> Option<&'a GatewayServer> {
+        most_specific(self.servers.iter().filter(|s| keep(&s.kind)), host, |s| {
+            &s.hosts
+        })
+    }
+
+    /// The server for an HTTP request to `host` on a plaintext (`tls == false`) or
+    /// terminated TLS connection: the one whose hosts match most specifically.
+    pub fn server(&self, host: &str, tls: bool) -> Option<&GatewayServer> {
+        self.best(host, |k| match k {
+            ServerKind::Http { .. } => !tls,
+            ServerKind::Https(_) => tls,
+            _ => false,
+        })
+    }
+
+    /// The TLS server for a ClientHello's SNI; without SNI (or with one no server names),
+    /// the port's first server that terminates TLS.
+    pub fn tls_server(&self, sni: Option<&str>) -> Option<&GatewayServer> {
+        let by_sni = sni.and_then(|name| self.best(&name.to_ascii_lowercase(), ServerKind::is_tls));
+        by_sni.or_else(|| {
+            self.servers
+                .iter()
+                .find(|s| matches!(s.kind, ServerKind::Https(_)))
+        })
+    }
+
+    /// The TLS configuration to terminate a handshake with, by SNI.
     pub fn tls_for(&self, sni: Option<&str>) -> Option<Arc<ServerConfig>> {
-        let tls_servers = || self.servers.iter().filter(|s| s.tls.is_some());
         let by_sni = sni.and_then(|name| {
-            let name = name.to_ascii_lowercase();
-            tls_servers()
-                .filter_map(|s| best_rank(&s.hosts, &name).map(|r| (r, s)))
-                .max_by_key(|(r, _)| *r)
-                .map(|(_, s)| s)
+            self.best(&name.to_ascii_lowercase(), |k| {
+                matches!(k, ServerKind::Https(_))
+            })
         });
-        by_sni.or_else(|| tls_servers().next())?.tls.clone()
+        let s = by_sni.or_else(|| {
+            self.servers
+                .iter()
+                .find(|s| matches!(s.kind, ServerKind::Https(_)))
+        })?;
+        match &s.kind {
+            ServerKind::Https(c) => Some(Arc::clone(c)),
+            _ => None,
+        }
     }
 }
 
@@ -294,19 +355,40 @@ pub(super) fn gateway_ports(
             let res = format!("{res} port {port} servers[{j}] of gateway {:?}", s.gateway);
             let protocol = wire::Protocol::try_from(s.protocol)
                 .map_err(|_| bad(&res, format!("unknown protocol {}", s.protocol)))?;
-            let tls = match protocol {
-                wire::Protocol::Http => None,
+            let passthrough = s
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.mode == ServerTlsMode::Passthrough as i32);
+            let kind = match protocol {
+                wire::Protocol::Http | wire::Protocol::Http2 | wire::Protocol::Grpc => {
+                    ServerKind::Http {
+                        https_redirect: s.tls.as_ref().is_some_and(|t| t.https_redirect),
+                    }
+                }
+                wire::Protocol::Https | wire::Protocol::Tls if passthrough => {
+                    ServerKind::TlsPassthrough
+                }
                 wire::Protocol::Https => {
                     let Some(t) = &s.tls else {
                         return Err(bad(&res, "an HTTPS server needs tls settings"));
                     };
-                    Some(server_tls(&res, t, env)?)
+                    ServerKind::Https(server_tls(&res, t, env)?)
                 }
+                wire::Protocol::Tls => {
+                    return Err(bad(
+                        &res,
+                        "a TLS server is passed through: give tls.mode PASSTHROUGH (or use HTTPS to terminate)",
+                    ));
+                }
+                wire::Protocol::Tcp
+                | wire::Protocol::Mongo
+                | wire::Protocol::Mysql
+                | wire::Protocol::Redis => ServerKind::Tcp,
                 other => {
                     return Err(bad(
                         &res,
                         format!(
-                            "protocol {other:?} is not supported on gateways yet (HTTP and HTTPS are)"
+                            "protocol {other:?} is not supported on gateways (HTTP, HTTPS, TLS and TCP are)"
                         ),
                     ));
                 }
@@ -330,17 +412,28 @@ pub(super) fn gateway_ports(
                 gateway,
                 name: s.name.clone().unwrap_or_else(|| format!("#{j}")),
                 hosts: s.hosts.iter().map(|h| HostPattern::parse(h)).collect(),
-                https_redirect: tls.is_none() && s.tls.as_ref().is_some_and(|t| t.https_redirect),
-                tls,
+                kind,
                 virtual_hosts,
             });
         }
-        let tls_kinds: Vec<bool> = servers.iter().map(|s| s.tls.is_some()).collect();
-        if tls_kinds.iter().any(|t| *t) && tls_kinds.iter().any(|t| !*t) {
-            return Err(bad(
-                &res,
-                format!("port {port} mixes HTTP and HTTPS servers; a port speaks one or the other"),
-            ));
+        // A port speaks one family: HTTP, TLS (terminated or passed through, by SNI), or
+        // TCP.
+        let family = |k: &ServerKind| match k {
+            ServerKind::Http { .. } => "HTTP",
+            ServerKind::Https(_) | ServerKind::TlsPassthrough => "TLS",
+            ServerKind::Tcp => "TCP",
+        };
+        if let Some(first) = servers.first() {
+            let f = family(&first.kind);
+            if let Some(other) = servers.iter().find(|s| family(&s.kind) != f) {
+                return Err(bad(
+                    &res,
+                    format!(
+                        "port {port} mixes {f} and {} servers; a port speaks one of HTTP, TLS or TCP",
+                        family(&other.kind)
+                    ),
+                ));
+            }
         }
         if out
             .insert(

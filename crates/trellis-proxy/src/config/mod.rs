@@ -419,8 +419,18 @@ impl Config {
                         route_policy(&res, &format!("port {port} httpRoutes[{i}]"), r, &clusters)
                     })
                     .collect::<Result<Vec<_>, _>>()?,
-                tcp_routes: Vec::new(),
-                tls_routes: Vec::new(),
+                tcp_routes: compile_l4(
+                    &res,
+                    &format!("port {port} tcpRoutes"),
+                    &v.tcp_routes,
+                    &clusters,
+                )?,
+                tls_routes: compile_l4(
+                    &res,
+                    &format!("port {port} tlsRoutes"),
+                    &v.tls_routes,
+                    &clusters,
+                )?,
                 hostname: v.domains.first().cloned().unwrap_or_else(|| v.name.clone()),
                 port,
                 protocol: PortProtocol::Http,

@@ -466,7 +466,12 @@ async fn gateway(
             format!("no gateway server for host {host:?} on port {port}"),
         );
     };
-    if server.https_redirect {
+    if matches!(
+        server.kind,
+        crate::config::ServerKind::Http {
+            https_redirect: true
+        }
+    ) {
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let mut resp = local_reply(StatusCode::MOVED_PERMANENTLY, "-", String::new());
         *resp.body_mut() = ProxyBody::empty();
