@@ -85,6 +85,20 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     for p in &problems {
         eprintln!("warning: {p}");
     }
+    // Clusters of ServiceEntry hosts come with their endpoints (an egress gateway's
+    // destinations): resolved by the proxy for DNS, listed for STATIC, the original
+    // destination for NONE.
+    let mut known: std::collections::BTreeMap<String, wire::Cluster> = Default::default();
+    for r in &resources {
+        if let Spec::ServiceEntry(se) = &r.spec {
+            match translate::service_entry(se, r.namespace(), r.name()) {
+                Ok((_, clusters)) => {
+                    known.extend(clusters.into_iter().map(|c| (c.name.clone(), c)));
+                }
+                Err(e) => eprintln!("warning: {e}"),
+            }
+        }
+    }
     let mut clusters = BTreeSet::new();
     for p in &ports {
         for s in &p.servers {
@@ -96,21 +110,30 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    if !clusters.is_empty() {
+    let clusters: Vec<wire::Cluster> = clusters
+        .into_iter()
+        .map(|name| {
+            known.remove(&name).unwrap_or(wire::Cluster {
+                name,
+                ..Default::default()
+            })
+        })
+        .collect();
+    let empty: Vec<&str> = clusters
+        .iter()
+        .filter(|c| c.endpoints.is_empty() && c.discovery == wire::Discovery::Static as i32)
+        .map(|c| c.name.as_str())
+        .collect();
+    if !empty.is_empty() {
         eprintln!(
-            "note: {} clusters have no endpoints yet; add each one's `endpoints: [{{address: \"IP:PORT\"}}]`",
-            clusters.len()
+            "note: {} clusters have no endpoints yet; add each one's `endpoints: [{{address: \"IP:PORT\"}}]`: {}",
+            empty.len(),
+            empty.join(", ")
         );
     }
     let snapshot = wire::Snapshot {
         version: "static".into(),
-        clusters: clusters
-            .into_iter()
-            .map(|name| wire::Cluster {
-                name,
-                ..Default::default()
-            })
-            .collect(),
+        clusters,
         gateway_ports: ports,
         ..Default::default()
     };

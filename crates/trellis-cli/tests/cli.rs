@@ -191,3 +191,62 @@ fn gateway_snapshot_translates_bookinfo_for_the_ingress_gateway() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no Gateway selects"));
 }
+
+#[test]
+fn gateway_snapshot_fills_service_entry_clusters_for_an_egress_gateway() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("egress.yaml");
+    std::fs::write(
+        &file,
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: httpbin-ext, namespace: shop}
+spec:
+  hosts: [httpbin.example.org]
+  location: MESH_EXTERNAL
+  resolution: DNS
+  ports: [{number: 80, name: http, protocol: HTTP}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: egress, namespace: shop}
+spec:
+  selector: {istio: egressgateway}
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: [httpbin.example.org]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: via-egress, namespace: shop}
+spec:
+  hosts: [httpbin.example.org]
+  gateways: [egress]
+  http:
+  - route: [{destination: {host: httpbin.example.org, port: {number: 80}}}]
+"#,
+    )
+    .expect("write");
+    let out = trellis(&[
+        "gateway-snapshot",
+        file.to_str().expect("utf-8 path"),
+        "--label",
+        "istio=egressgateway",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let snap = trellis_xds::snapshot::Snapshot::from_text(&stdout(&out), "gw.json").expect("loads");
+    assert_eq!(snap.clusters.len(), 1);
+    let c = &snap.clusters[0];
+    assert_eq!(c.name, "outbound|80||httpbin.example.org");
+    assert_eq!(
+        c.discovery,
+        trellis_xds::snapshot::Discovery::StrictDns as i32
+    );
+    assert_eq!(c.endpoints[0].address, "httpbin.example.org:80");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("no endpoints yet"));
+}

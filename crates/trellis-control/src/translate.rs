@@ -11,7 +11,8 @@ use trellis_api::common::{Percent, StringMatch};
 use trellis_api::host;
 use trellis_api::networking::{
     Destination, Gateway, HeaderOperations, HttpMatchRequest, HttpRoute, L4MatchAttributes,
-    RouteDestination, ServerTlsMode, TlsMatchAttributes, VirtualService,
+    Location, Resolution, RouteDestination, ServerTlsMode, ServiceEntry, TlsMatchAttributes,
+    VirtualService,
 };
 use trellis_xds::snapshot as wire;
 
@@ -628,6 +629,113 @@ fn tls_mode_name(m: ServerTlsMode) -> &'static str {
         ServerTlsMode::IstioMutual => "ISTIO_MUTUAL",
         ServerTlsMode::OptionalMutual => "OPTIONAL_MUTUAL",
     }
+}
+
+/// A ServiceEntry's services and clusters, one per host and port, named as Istio names
+/// them (`outbound|443||api.example.com`):
+///
+/// - `STATIC`: the entry's `endpoints` (their address, the port named like the entry's
+///   port, else `targetPort`, else the port itself); none: an empty cluster (503 UH);
+/// - `DNS` and `DNS_ROUND_ROBIN`: the endpoints' addresses, or the host itself, resolved
+///   by the proxy (STRICT_DNS);
+/// - `NONE`: no endpoints, connections go where the app sent them (ORIGINAL_DST).
+///
+/// `MESH_INTERNAL` endpoints are taken to have a Trellis proxy in front of them.
+pub fn service_entry(
+    se: &ServiceEntry,
+    namespace: &str,
+    name: &str,
+) -> Result<(Vec<wire::Service>, Vec<wire::Cluster>), TranslateError> {
+    let path = format!("ServiceEntry {namespace}/{name}");
+    let resolution = se.resolution.unwrap_or(Resolution::None);
+    let discovery = match resolution {
+        Resolution::Static => wire::Discovery::Static,
+        Resolution::Dns | Resolution::DnsRoundRobin => wire::Discovery::StrictDns,
+        Resolution::None => wire::Discovery::OriginalDst,
+        Resolution::DynamicDns => {
+            return Err(err(
+                format!("{path}: spec.resolution"),
+                "DYNAMIC_DNS is not supported by Trellis yet",
+            ));
+        }
+    };
+    let proxied = matches!(se.location, Some(Location::MeshInternal));
+    // Only plain IPs become service addresses (a CIDR cannot be a listener address).
+    let addresses: Vec<String> = se
+        .addresses
+        .iter()
+        .filter(|a| a.parse::<std::net::IpAddr>().is_ok())
+        .cloned()
+        .collect();
+    let mut services = Vec::new();
+    let mut clusters = Vec::new();
+    for host in &se.hosts {
+        if host.starts_with('*') && discovery != wire::Discovery::OriginalDst {
+            return Err(err(
+                format!("{path}: spec.hosts"),
+                format!("wildcard host {host:?} needs resolution NONE"),
+            ));
+        }
+        let mut ports = Vec::new();
+        for (j, p) in se.ports.iter().enumerate() {
+            let number = u16::try_from(p.number)
+                .map_err(|_| err(format!("{path}: spec.ports[{j}].number"), "out of range"))?;
+            let target = p.target_port.unwrap_or(p.number);
+            let cluster = cluster_name(number, None, host);
+            let endpoints = match discovery {
+                wire::Discovery::OriginalDst => Vec::new(),
+                // STATIC without endpoints (a workloadSelector's WorkloadEntries are the
+                // registry's job): no endpoints yet, 503 UH, as Istio warns (IST0133).
+                wire::Discovery::Static if se.endpoints.is_empty() => Vec::new(),
+                _ if se.endpoints.is_empty() => {
+                    vec![wire::Endpoint {
+                        address: format!("{host}:{target}"),
+                        proxied,
+                        ..Default::default()
+                    }]
+                }
+                _ => se
+                    .endpoints
+                    .iter()
+                    .filter_map(|e| {
+                        let addr = e.address.as_deref()?;
+                        let port = e.ports.get(&p.name).copied().unwrap_or(target);
+                        let address = match addr.parse::<std::net::IpAddr>() {
+                            Ok(std::net::IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
+                            _ => format!("{addr}:{port}"),
+                        };
+                        Some(wire::Endpoint {
+                            address,
+                            proxied,
+                            labels: e.labels.clone(),
+                            locality: e.locality.clone(),
+                            weight: e.weight,
+                            ..Default::default()
+                        })
+                    })
+                    .collect(),
+            };
+            clusters.push(wire::Cluster {
+                name: cluster.clone(),
+                endpoints,
+                discovery: discovery as i32,
+                ..Default::default()
+            });
+            ports.push(wire::ServicePort {
+                port: u32::from(number),
+                name: Some(p.name.clone()),
+                protocol: p.protocol.map(|pr| wire::Protocol::from_api(pr) as i32),
+                cluster,
+                ..Default::default()
+            });
+        }
+        services.push(wire::Service {
+            hostname: host.clone(),
+            addresses: addresses.clone(),
+            ports,
+        });
+    }
+    Ok((services, clusters))
 }
 
 #[cfg(test)]

@@ -201,6 +201,7 @@ async fn istio_gateway_serves_https_redirects_and_routes_by_host() {
     let ca_file = ca.write_ca(&creds.path().join("client")).expect("ca file");
     let env = LoadEnv {
         credentials_dir: creds.path().to_path_buf(),
+        ..LoadEnv::default()
     };
     let any = || "127.0.0.1:0".parse::<SocketAddr>().expect("addr");
     let proxy = trellis_proxy::start(

@@ -215,6 +215,7 @@ fn main() -> ExitCode {
 fn run(args: &Args, set_level: admin::SetLogLevel) -> anyhow::Result<()> {
     let env = config::LoadEnv {
         credentials_dir: args.credentials_dir.clone(),
+        ..config::LoadEnv::default()
     };
     // A bad snapshot stops the proxy before it listens, with the file position.
     let cfg = config::load_file_with(&args.config, None, &env).map_err(anyhow::Error::msg)?;
@@ -298,6 +299,10 @@ fn spawn_control_thread(
                         }
                     }
                 }
+                tokio::spawn(trellis_proxy::proxy::refresh_dns(
+                    Arc::clone(&ctx.shared),
+                    env.clone(),
+                ));
                 watch_config(&ctx.shared, &config_path, &env).await;
             });
         })

@@ -117,6 +117,43 @@ impl Shared {
     }
 }
 
+/// Resolves the snapshot's STRICT_DNS names again every refresh interval (off the data
+/// path, on a blocking thread) and swaps in the new endpoints when an answer changed,
+/// unless a newer snapshot arrived meanwhile. Runs until the runtime stops.
+pub async fn refresh_dns(shared: Arc<Shared>, env: crate::config::LoadEnv) {
+    loop {
+        let every = shared
+            .config
+            .load()
+            .dns_refresh
+            .unwrap_or(crate::config::DEFAULT_DNS_REFRESH);
+        tokio::time::sleep(every).await;
+        let current = shared.config.load_full();
+        if current.dns.is_empty() {
+            continue;
+        }
+        let (cfg, env2) = (Arc::clone(&current), env.clone());
+        let result = match tokio::task::spawn_blocking(move || cfg.refresh_dns(&env2)).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("DNS refresh failed: {e}");
+                continue;
+            }
+        };
+        match result {
+            None => {}
+            Some(Ok(cfg)) => {
+                let prev = shared.config.compare_and_swap(&current, Arc::new(cfg));
+                if Arc::ptr_eq(&prev, &current) {
+                    tracing::info!(version = %current.version, "DNS answers changed; endpoints updated");
+                    Stats::inc(&shared.stats.dns_updates_total);
+                }
+            }
+            Some(Err(e)) => tracing::warn!("DNS refresh: snapshot no longer converts: {e}"),
+        }
+    }
+}
+
 /// Counts open connections and wakes a waiter when the count reaches zero.
 #[derive(Debug, Default)]
 pub struct Tracker {

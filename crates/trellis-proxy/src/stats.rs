@@ -40,6 +40,7 @@ counters! {
     rate_limited_total => "trellis_proxy_rate_limited_requests_total", "counter", "Requests refused by a local rate limit (429, RL).";
     config_updates_total => "trellis_proxy_config_updates_total", "counter", "Snapshots applied.";
     tls_handshake_errors_total => "trellis_proxy_tls_handshake_errors_total", "counter", "Gateway TLS handshakes that failed or timed out.";
+    dns_updates_total => "trellis_proxy_dns_updates_total", "counter", "Endpoint updates after a STRICT_DNS name resolved differently.";
     config_rejections_total => "trellis_proxy_config_rejections_total", "counter", "Snapshots refused (the last good one stays).";
 }
 

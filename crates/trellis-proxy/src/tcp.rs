@@ -87,6 +87,19 @@ pub async fn forward_route(
             None => {}
         }
     }
+    if cluster.discovery == trellis_xds::snapshot::Discovery::OriginalDst {
+        // Resolution NONE: where the app sent the connection.
+        match dst {
+            Some(d) => forward(stream, d, cluster.connect_timeout, shared, None).await,
+            None => tracing::warn!(
+                flags = "NR",
+                "{peer}: {}:{} has no endpoints of its own (resolution NONE) and this connection was not intercepted; closing",
+                target.hostname,
+                target.port
+            ),
+        }
+        return;
+    }
     let Some(ep) = cluster.pick() else {
         tracing::warn!(
             flags = "UH",
@@ -96,14 +109,7 @@ pub async fn forward_route(
         );
         return;
     };
-    forward(
-        stream,
-        ep.addr,
-        target.cluster.connect_timeout,
-        shared,
-        Some(ep),
-    )
-    .await;
+    forward(stream, ep.addr, cluster.connect_timeout, shared, Some(ep)).await;
 }
 
 /// A connection to a gateway's TLS passthrough (`sni` set) or TCP server: the first of

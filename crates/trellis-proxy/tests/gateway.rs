@@ -107,6 +107,7 @@ async fn certificates_by_sni_and_mutual_tls() {
     let raw = Snapshot::from_text(&text, "gw.yaml").expect("parses");
     let env = LoadEnv {
         credentials_dir: dir.path().to_path_buf(),
+        ..LoadEnv::default()
     };
     let proxy = trellis_proxy::start(
         Config::from_wire_with(raw, None, &env).expect("converts"),

@@ -727,6 +727,44 @@ pub struct Cluster {
     #[prost(message, optional, tag = "8")]
     #[serde(default)]
     pub consistent_hash: Option<ConsistentHash>,
+    /// How the endpoints are found (a ServiceEntry's resolution): STATIC (default),
+    /// STRICT_DNS or ORIGINAL_DST.
+    #[prost(enumeration = "Discovery", tag = "9")]
+    #[serde(default, with = "discovery")]
+    pub discovery: i32,
+    /// STRICT_DNS: how often the proxy resolves the names again (default 5 s).
+    #[prost(message, optional, tag = "10")]
+    #[serde(default, with = "duration_opt")]
+    pub dns_refresh_rate: Option<prost_types::Duration>,
+}
+
+/// How a cluster's endpoints are found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum Discovery {
+    /// Endpoint addresses are IP:PORT.
+    Static = 0,
+    /// Endpoint addresses are HOST:PORT, resolved by the proxy; every address is an
+    /// endpoint.
+    StrictDns = 1,
+    /// No endpoints: connections go where the client sent them (resolution NONE).
+    OriginalDst = 2,
+}
+
+impl Discovery {
+    pub const ALL: [Discovery; 3] = [
+        Discovery::Static,
+        Discovery::StrictDns,
+        Discovery::OriginalDst,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Discovery::Static => "STATIC",
+            Discovery::StrictDns => "STRICT_DNS",
+            Discovery::OriginalDst => "ORIGINAL_DST",
+        }
+    }
 }
 
 #[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
@@ -1026,6 +1064,34 @@ mod server_tls_mode {
             .ok_or_else(|| {
                 D::Error::custom(format!(
                     "unknown value {name:?}, expected one of PASSTHROUGH, SIMPLE, MUTUAL, AUTO_PASSTHROUGH, ISTIO_MUTUAL, OPTIONAL_MUTUAL"
+                ))
+            })
+    }
+}
+
+/// Discovery names in files.
+mod discovery {
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::Discovery;
+
+    pub fn serialize<S: Serializer>(p: &i32, s: S) -> Result<S::Ok, S::Error> {
+        match Discovery::try_from(*p) {
+            Ok(p) => s.serialize_str(p.name()),
+            Err(_) => s.serialize_i32(*p),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+        let name = String::deserialize(d)?;
+        Discovery::ALL
+            .into_iter()
+            .find(|p| p.name() == name)
+            .map(|p| p as i32)
+            .ok_or_else(|| {
+                D::Error::custom(format!(
+                    "unknown value {name:?}, expected one of STATIC, STRICT_DNS, ORIGINAL_DST"
                 ))
             })
     }

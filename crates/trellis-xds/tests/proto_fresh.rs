@@ -192,6 +192,8 @@ fn full() -> Snapshot {
                 http_query_parameter_name: Some("u".into()),
                 minimum_ring_size: Some(1024),
             }),
+            discovery: Discovery::StrictDns as i32,
+            dns_refresh_rate: d(5000),
             outlier_detection: Some(OutlierDetection {
                 consecutive_5xx_errors: Some(5),
                 base_ejection_time: d(30_000),
@@ -316,5 +318,29 @@ fn enums_match_the_proto_file() {
     for v in policy.values() {
         let rust = OutboundPolicy::try_from(v.number()).expect("value in Rust");
         assert_eq!(rust.name(), v.name());
+    }
+    for (name, names) in [
+        (
+            "Discovery",
+            Discovery::ALL.map(|d| (d as i32, d.name())).to_vec(),
+        ),
+        (
+            "ServerTlsMode",
+            ServerTlsMode::ALL.map(|d| (d as i32, d.name())).to_vec(),
+        ),
+        (
+            "LoadBalancer",
+            LoadBalancer::ALL.map(|d| (d as i32, d.name())).to_vec(),
+        ),
+    ] {
+        let e = pool
+            .get_enum_by_name(&format!("trellis.snapshot.v1.{name}"))
+            .unwrap_or_else(|| panic!("{name}"));
+        let proto: Vec<(i32, String)> = e
+            .values()
+            .map(|v| (v.number(), v.name().to_string()))
+            .collect();
+        let rust: Vec<(i32, String)> = names.into_iter().map(|(n, s)| (n, s.to_string())).collect();
+        assert_eq!(proto, rust, "{name}");
     }
 }

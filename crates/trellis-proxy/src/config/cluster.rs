@@ -87,6 +87,11 @@ pub struct Cluster {
     pub outlier: Option<Outlier>,
     /// Consistent hashing (sticky sessions), when configured.
     pub ring: Option<Ring>,
+    /// STATIC, STRICT_DNS (endpoints from resolved names) or ORIGINAL_DST (no endpoints:
+    /// where the client sent the connection).
+    pub discovery: wire::Discovery,
+    /// STRICT_DNS: how often the names are resolved again.
+    pub dns_refresh: Duration,
     next: AtomicUsize,
 }
 
@@ -286,35 +291,59 @@ impl Cluster {
         c: &wire::Cluster,
         default_connect: Duration,
         old_stats: &HashMap<(&str, SocketAddr), &Arc<EndpointStats>>,
+        resolved: &HashMap<String, Vec<SocketAddr>>,
     ) -> Result<Cluster, ConfigError> {
         let res = format!("clusters[{i}] {:?}", c.name);
         if c.name.is_empty() {
             return Err(bad(res, "cluster name must not be empty"));
         }
+        let discovery = wire::Discovery::try_from(c.discovery)
+            .map_err(|_| bad(&res, format!("unknown discovery {}", c.discovery)))?;
+        if discovery == wire::Discovery::OriginalDst && !c.endpoints.is_empty() {
+            return Err(bad(
+                &res,
+                "an ORIGINAL_DST cluster has no endpoints (connections go where the client sent them)",
+            ));
+        }
         let mut endpoints = Vec::with_capacity(c.endpoints.len());
         for (j, e) in c.endpoints.iter().enumerate() {
             let eres = format!("{res} endpoints[{j}]");
-            let addr: SocketAddr = e
-                .address
-                .parse()
-                .map_err(|_| bad(&eres, format!("address {:?} is not ip:port", e.address)))?;
-            let stats = old_stats
-                .get(&(c.name.as_str(), addr))
-                .map(|s| Arc::clone(s))
-                .unwrap_or_default();
-            endpoints.push(Arc::new(Endpoint {
-                addr,
-                proxied: e.proxied,
-                identity: e.identity.clone(),
-                healthy: e.healthy.unwrap_or(true),
-                locality: e.locality.clone(),
-                labels: e
-                    .labels
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-                stats,
-            }));
+            let addrs: Vec<SocketAddr> = if discovery == wire::Discovery::StrictDns {
+                dns_name(&e.address).map_err(|why| bad(&eres, why))?;
+                resolved.get(&e.address).cloned().unwrap_or_default()
+            } else {
+                vec![e.address.parse().map_err(|_| {
+                    bad(
+                        &eres,
+                        format!(
+                            "address {:?} is not ip:port (a host name needs discovery STRICT_DNS)",
+                            e.address
+                        ),
+                    )
+                })?]
+            };
+            for addr in addrs {
+                if endpoints.iter().any(|x: &Arc<Endpoint>| x.addr == addr) {
+                    continue;
+                }
+                let stats = old_stats
+                    .get(&(c.name.as_str(), addr))
+                    .map(|s| Arc::clone(s))
+                    .unwrap_or_default();
+                endpoints.push(Arc::new(Endpoint {
+                    addr,
+                    proxied: e.proxied,
+                    identity: e.identity.clone(),
+                    healthy: e.healthy.unwrap_or(true),
+                    locality: e.locality.clone(),
+                    labels: e
+                        .labels
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                    stats,
+                }));
+            }
         }
         let load_balancer = wire::LoadBalancer::try_from(c.load_balancer)
             .map_err(|_| bad(&res, format!("unknown load balancer {}", c.load_balancer)))?;
@@ -390,7 +419,17 @@ impl Cluster {
             load_balancer,
             limits,
             outlier,
+            discovery,
+            dns_refresh: duration(&res, c.dns_refresh_rate.as_ref(), DEFAULT_DNS_REFRESH)?,
             next: AtomicUsize::new(0),
         })
+    }
+}
+
+/// Checks a STRICT_DNS endpoint address (`host:port`).
+pub(super) fn dns_name(address: &str) -> Result<(), String> {
+    match address.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(format!("address {address:?} is not host:port")),
     }
 }

@@ -21,16 +21,36 @@ use super::{ConfigError, Target, bad, port_u16};
 /// `<dir>/<credentialName>/tls.crt`, `tls.key` and, for MUTUAL, `ca.crt`.
 pub const DEFAULT_CREDENTIALS_DIR: &str = "/etc/trellis/credentials";
 
+/// Resolves a `host:port` name to addresses (STRICT_DNS clusters).
+pub type Resolver = Arc<dyn Fn(&str) -> std::io::Result<Vec<std::net::SocketAddr>> + Send + Sync>;
+
+/// The system's resolver (getaddrinfo: /etc/hosts, then DNS).
+pub fn system_resolver() -> Resolver {
+    Arc::new(|name: &str| {
+        std::net::ToSocketAddrs::to_socket_addrs(name).map(|addrs| addrs.collect())
+    })
+}
+
 /// What converting a snapshot needs from the proxy's environment.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LoadEnv {
     pub credentials_dir: PathBuf,
+    pub resolver: Resolver,
+}
+
+impl std::fmt::Debug for LoadEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadEnv")
+            .field("credentials_dir", &self.credentials_dir)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for LoadEnv {
     fn default() -> Self {
         LoadEnv {
             credentials_dir: PathBuf::from(DEFAULT_CREDENTIALS_DIR),
+            resolver: system_resolver(),
         }
     }
 }

@@ -28,6 +28,8 @@ pub const DEFAULT_DETECTION_TIMEOUT: Duration = Duration::from_millis(100);
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 60 * 1024;
 /// Default time allowed to receive a request head.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default interval between two resolutions of a STRICT_DNS cluster's names (Envoy's).
+pub const DEFAULT_DNS_REFRESH: Duration = Duration::from_secs(5);
 /// Default upstream connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default idle timeout of pooled upstream connections: below the 5 s keep-alive of
@@ -150,6 +152,10 @@ pub struct Config {
     pub header_timeout: Duration,
     /// Gateway mode: the ports served, by port number.
     pub gateway_ports: HashMap<u16, Arc<GatewayPort>>,
+    /// STRICT_DNS names (`host:port`) and the addresses they resolved to.
+    pub dns: HashMap<String, Vec<SocketAddr>>,
+    /// The shortest refresh interval of the STRICT_DNS clusters, when there are any.
+    pub dns_refresh: Option<Duration>,
     /// The wire form, for `/config_dump`.
     pub raw: wire::Snapshot,
 }
@@ -220,6 +226,47 @@ impl Config {
         previous: Option<&Config>,
         env: &LoadEnv,
     ) -> Result<Config, ConfigError> {
+        // Names the previous snapshot resolved are reused (the refresh loop keeps them
+        // current); new ones are resolved now.
+        let mut dns = HashMap::new();
+        let mut fresh = Vec::new();
+        for name in dns_names(&raw) {
+            match previous.and_then(|p| p.dns.get(&name)) {
+                Some(addrs) => {
+                    dns.insert(name, addrs.clone());
+                }
+                None => fresh.push(name),
+            }
+        }
+        dns.extend(resolve_names(&env.resolver, &fresh));
+        Config::from_wire_resolved(raw, previous, env, dns)
+    }
+
+    /// Resolves the snapshot's STRICT_DNS names again; when an answer changed, the same
+    /// snapshot with the new endpoints (counters kept). Blocking: run it off the data path.
+    pub fn refresh_dns(&self, env: &LoadEnv) -> Option<Result<Config, ConfigError>> {
+        if self.dns.is_empty() {
+            return None;
+        }
+        let names: Vec<String> = self.dns.keys().cloned().collect();
+        let fresh = resolve_names(&env.resolver, &names);
+        if fresh == self.dns {
+            return None;
+        }
+        Some(Config::from_wire_resolved(
+            self.raw.clone(),
+            Some(self),
+            env,
+            fresh,
+        ))
+    }
+
+    fn from_wire_resolved(
+        raw: wire::Snapshot,
+        previous: Option<&Config>,
+        env: &LoadEnv,
+        dns: HashMap<String, Vec<SocketAddr>>,
+    ) -> Result<Config, ConfigError> {
         let old_stats: HashMap<(&str, SocketAddr), &Arc<EndpointStats>> = previous
             .map(|p| {
                 p.clusters
@@ -248,7 +295,7 @@ impl Config {
 
         let mut clusters: HashMap<&str, Arc<Cluster>> = HashMap::new();
         for (i, c) in raw.clusters.iter().enumerate() {
-            let cluster = Arc::new(Cluster::from_wire(i, c, default_connect, &old_stats)?);
+            let cluster = Arc::new(Cluster::from_wire(i, c, default_connect, &old_stats, &dns)?);
             let res = format!("clusters[{i}] {:?}", c.name);
             if clusters.insert(c.name.as_str(), cluster).is_some() {
                 return Err(bad(res, "duplicate cluster name"));
@@ -406,6 +453,7 @@ impl Config {
             },
             default_connect,
             &HashMap::new(),
+            &HashMap::new(),
         )?);
         let gateway_ports = gateway_ports(&raw.gateway_ports, env, |res, port, v, gateway| {
             let res = format!("{res} virtualHosts {:?}", v.name);
@@ -438,6 +486,11 @@ impl Config {
                 gateway: Some(gateway),
             })
         })?;
+        let dns_refresh = clusters
+            .values()
+            .filter(|c| c.discovery == wire::Discovery::StrictDns)
+            .map(|c| c.dns_refresh)
+            .min();
         let mut cluster_list: Vec<Arc<Cluster>> = clusters.into_values().collect();
         cluster_list.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Config {
@@ -474,6 +527,8 @@ impl Config {
                 DEFAULT_HEADER_TIMEOUT,
             )?,
             gateway_ports,
+            dns,
+            dns_refresh,
             raw,
         })
     }
@@ -526,9 +581,50 @@ impl Config {
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             gateway_ports: HashMap::new(),
+            dns: HashMap::new(),
+            dns_refresh: None,
             raw: wire::Snapshot::default(),
         }
     }
+}
+
+/// The `host:port` names of the snapshot's STRICT_DNS endpoints.
+pub fn dns_names(raw: &wire::Snapshot) -> Vec<String> {
+    let mut names: Vec<String> = raw
+        .clusters
+        .iter()
+        .filter(|c| c.discovery == wire::Discovery::StrictDns as i32)
+        .flat_map(|c| c.endpoints.iter().map(|e| e.address.clone()))
+        .filter(|a| cluster::dns_name(a).is_ok())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Resolves names with `resolver`; a name that does not resolve maps to no addresses
+/// (its cluster answers 503 UH until it does) and is logged.
+pub fn resolve_names(resolver: &Resolver, names: &[String]) -> HashMap<String, Vec<SocketAddr>> {
+    names
+        .iter()
+        .map(|n| {
+            let addrs = match resolver(n) {
+                Ok(mut a) => {
+                    a.sort();
+                    a.dedup();
+                    if a.is_empty() {
+                        tracing::warn!("DNS: {n} resolved to no address");
+                    }
+                    a
+                }
+                Err(e) => {
+                    tracing::warn!("DNS: cannot resolve {n}: {e}");
+                    Vec::new()
+                }
+            };
+            (n.clone(), addrs)
+        })
+        .collect()
 }
 
 /// Loads and converts a snapshot file; the error says which line or resource is wrong.
@@ -631,7 +727,28 @@ clusters: [{name: a}]
             .expect_err("bad");
         assert_eq!(
             e,
-            "clusters[0] \"c\" endpoints[0]: address \"10.0.0.1\" is not ip:port"
+            "clusters[0] \"c\" endpoints[0]: address \"10.0.0.1\" is not ip:port (a host name needs discovery STRICT_DNS)"
+        );
+        let e = snap(
+            "clusters:\n- name: c\n  discovery: STRICT_DNS\n  endpoints: [{address: \"api.example.com\"}]\n",
+        )
+        .expect_err("bad");
+        assert_eq!(
+            e,
+            "clusters[0] \"c\" endpoints[0]: address \"api.example.com\" is not host:port"
+        );
+        let e = snap(
+            "clusters:\n- name: c\n  discovery: ORIGINAL_DST\n  endpoints: [{address: \"10.0.0.1:80\"}]\n",
+        )
+        .expect_err("bad");
+        assert!(
+            e.contains("an ORIGINAL_DST cluster has no endpoints"),
+            "{e}"
+        );
+        let e = snap("clusters:\n- name: c\n  discovery: DNS\n").expect_err("bad");
+        assert!(
+            e.contains("expected one of STATIC, STRICT_DNS, ORIGINAL_DST"),
+            "{e}"
         );
         let e = snap("clusterz: []\n").expect_err("bad");
         assert!(

@@ -58,6 +58,10 @@ pub enum Route {
     Gateway { port: u16, tls: bool },
 }
 
+/// Where an intercepted request was going (for ORIGINAL_DST clusters).
+#[derive(Debug, Clone, Copy)]
+struct OriginalDst(SocketAddr);
+
 /// Where one request goes.
 struct Upstream<'a> {
     addr: SocketAddr,
@@ -114,6 +118,9 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let mut req = req.map(ReqBody::Streaming);
     req.extensions_mut().insert(Peer(peer));
+    if let Route::Outbound(dst) = &route {
+        req.extensions_mut().insert(OriginalDst(*dst));
+    }
     Stats::inc(&shared.stats.requests_total);
     let cfg = shared.config.load_full();
     let resp = match &route {
@@ -285,6 +292,32 @@ async fn to_cluster(
     };
     let downstream_h2 = req.version() == Version::HTTP_2;
     let port_h2 = target.protocol == PortProtocol::Http2;
+    if cluster.discovery == trellis_xds::snapshot::Discovery::OriginalDst {
+        // Resolution NONE: the request goes where the app sent it.
+        let Some(OriginalDst(dst)) = req.extensions().get::<OriginalDst>().copied() else {
+            return local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "NR",
+                format!(
+                    "{}:{} has no endpoints of its own (resolution NONE) and this connection was not intercepted",
+                    target.hostname, target.port
+                ),
+            );
+        };
+        let up = Upstream {
+            addr: dst,
+            h2: downstream_h2 || port_h2,
+            peer_version: None,
+            connect_timeout: cluster.connect_timeout,
+            idle_timeout: cluster.idle_timeout,
+            endpoint: None,
+            fallbacks: &[],
+        };
+        let Some(_admitted) = cluster.admit().await else {
+            return overflow(cluster);
+        };
+        return forward(shared, req, up).await;
+    }
     let hashed = cluster
         .ring
         .as_ref()
