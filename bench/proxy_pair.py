@@ -67,11 +67,11 @@ def rss_kib(pid):
     return out["VmRSS"], out["VmHWM"]
 
 
-def oha(url, rate, duration, conns):
+def oha(url, rate, duration, conns, extra=()):
     cmd = [
         "oha", "--no-tui", "--output-format", "json",
         "-z", f"{duration}s", "-q", str(rate), "-c", str(conns),
-        "--latency-correction", "-H", "Host: app", url,
+        "--latency-correction", "-H", "Host: app", *extra, url,
     ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     j = json.loads(out)

@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod clusters;
 pub mod dirsource;
 pub mod store;
 pub mod translate;

@@ -1,24 +1,29 @@
 //! Istio's Bookinfo routing rules, as Istio YAML in examples/bookinfo, translated into a
 //! proxy snapshot and exercised through a real proxy: user jason sees reviews v2, everyone
-//! else a 50/50 split of v1 and v3.
+//! else a 50/50 split of v1 and v3. The clusters come from the example's DestinationRule
+//! (subsets by the endpoints' version labels).
 
 use std::net::SocketAddr;
 use std::path::Path;
 
 use trellis_api::{LoadOptions, Spec, load_paths};
+use trellis_control::clusters::{EndpointRef, clusters_for_port};
 use trellis_control::translate::{self, cluster_name};
 use trellis_proxy::{Config, ProxyOptions};
 use trellis_testkit::{HttpServer, http_client};
 use trellis_xds::snapshot as wire;
 
-fn cluster(name: String, addr: SocketAddr) -> wire::Cluster {
-    wire::Cluster {
-        name,
-        endpoints: vec![wire::Endpoint {
-            address: addr.to_string(),
-            ..Default::default()
-        }],
-        ..Default::default()
+fn endpoint(addr: SocketAddr, version: &str) -> EndpointRef {
+    EndpointRef {
+        ip: addr.ip(),
+        port: addr.port(),
+        labels: [("app", "reviews"), ("version", version)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        proxied: false,
+        identity: None,
+        locality: None,
     }
 }
 
@@ -26,6 +31,14 @@ fn cluster(name: String, addr: SocketAddr) -> wire::Cluster {
 async fn bookinfo_reviews_rules_through_the_proxy() {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/bookinfo");
     let parsed = load_paths(&[examples], &LoadOptions::default());
+    let dr = parsed
+        .iter()
+        .filter_map(|p| p.resource())
+        .find_map(|r| match &r.spec {
+            Spec::DestinationRule(d) if r.name() == "reviews" => Some(d.clone()),
+            _ => None,
+        })
+        .expect("the reviews DestinationRule");
     let vs = parsed
         .iter()
         .filter_map(|p| p.resource())
@@ -63,12 +76,17 @@ async fn bookinfo_reviews_rules_through_the_proxy() {
                 ..Default::default()
             }],
         }],
-        clusters: vec![
-            cluster(cluster_name(9080, None, host), v1.addr),
-            cluster(cluster_name(9080, Some("v1"), host), v1.addr),
-            cluster(cluster_name(9080, Some("v2"), host), v2.addr),
-            cluster(cluster_name(9080, Some("v3"), host), v3.addr),
-        ],
+        clusters: clusters_for_port(
+            host,
+            9080,
+            &[
+                endpoint(v1.addr, "v1"),
+                endpoint(v2.addr, "v2"),
+                endpoint(v3.addr, "v3"),
+            ],
+            Some((&dr, "bookinfo/reviews")),
+        )
+        .expect("DestinationRule translates"),
         ..Default::default()
     };
     let p = trellis_proxy::start(
