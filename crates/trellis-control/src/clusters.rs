@@ -86,6 +86,12 @@ fn apply(c: &mut wire::Cluster, e: &Effective<'_>) {
             c.consistent_hash = Some(wire::ConsistentHash {
                 http_header_name: ch.http_header_name.clone(),
                 http_cookie: ch.http_cookie.as_ref().map(|k| k.name.clone()),
+                // With a ttl, the proxy sets the cookie when a request has none.
+                http_cookie_ttl: ch
+                    .http_cookie
+                    .as_ref()
+                    .and_then(|k| duration(k.ttl.as_ref())),
+                http_cookie_path: ch.http_cookie.as_ref().and_then(|k| k.path.clone()),
                 use_source_ip: ch.use_source_ip,
                 http_query_parameter_name: ch.http_query_parameter_name.clone(),
                 minimum_ring_size: ch
@@ -96,6 +102,56 @@ fn apply(c: &mut wire::Cluster, e: &Effective<'_>) {
                     .or(ch.maglev.as_ref().and_then(|m| m.table_size)),
             });
         }
+    }
+    // Locality-aware load balancing is on by default in Istio's mesh config: failover
+    // takes effect with outlier detection, `distribute` on its own.
+    let setting = e
+        .load_balancer
+        .and_then(|lb| lb.locality_lb_setting.as_ref());
+    let enabled = setting.and_then(|s| s.enabled) != Some(false);
+    let distribute = setting.is_some_and(|s| !s.distribute.is_empty());
+    if enabled && (distribute || e.outlier_detection.is_some()) {
+        c.locality_lb = Some(wire::LocalityLb {
+            distribute: setting
+                .map(|s| {
+                    s.distribute
+                        .iter()
+                        .map(|d| wire::LocalityDistribute {
+                            from: d.from.clone().unwrap_or_else(|| "*".into()),
+                            to: d.to.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            failover: setting
+                .map(|s| {
+                    s.failover
+                        .iter()
+                        .filter_map(|f| {
+                            Some(wire::LocalityFailover {
+                                from: f.from.clone()?,
+                                to: f.to.clone()?,
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        });
+    }
+    if let Some(lb) = e.load_balancer {
+        let warmup = match (&lb.warmup, &lb.warmup_duration_secs) {
+            (Some(w), _) => Some(wire::Warmup {
+                duration: duration(Some(&w.duration)),
+                minimum_percent: w.minimum_percent,
+                aggression: w.aggression,
+            }),
+            (None, Some(d)) => Some(wire::Warmup {
+                duration: duration(Some(d)),
+                ..Default::default()
+            }),
+            (None, None) => None,
+        };
+        c.warmup = warmup;
     }
     if let Some(cp) = e.connection_pool {
         let tcp = cp.tcp.as_ref();
@@ -333,6 +389,87 @@ spec:
                 .and_then(|o| o.consecutive_5xx_errors),
             Some(1)
         );
+    }
+
+    #[test]
+    fn locality_warmup_and_cookie_settings_carry_over() {
+        let d = dr(r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 3}
+    loadBalancer:
+      simple: ROUND_ROBIN
+      warmup: {duration: 60s, minimumPercent: 5}
+      localityLbSetting:
+        failover: [{from: eu, to: us}]
+  subsets:
+  - name: sticky
+    labels: {version: v1}
+    trafficPolicy:
+      loadBalancer:
+        consistentHash: {httpCookie: {name: s, ttl: 1h, path: /app}}
+        localityLbSetting:
+          distribute: [{from: "eu/*", to: {"eu/*": 70, "us/*": 30}}]
+"#);
+        let eps = [ep(1, "v1")];
+        let cs = clusters_for_port(
+            "reviews.shop.svc.cluster.local",
+            9080,
+            &eps,
+            Some((&d, "shop/reviews")),
+        )
+        .expect("translates");
+        let lb = cs[0]
+            .locality_lb
+            .as_ref()
+            .expect("failover with outlier detection");
+        assert_eq!(
+            (lb.failover[0].from.as_str(), lb.failover[0].to.as_str()),
+            ("eu", "us")
+        );
+        let w = cs[0].warmup.as_ref().expect("warmup");
+        assert_eq!(
+            w.duration,
+            Some(wire::from_std(std::time::Duration::from_secs(60)))
+        );
+        assert_eq!(w.minimum_percent, Some(5.0));
+        let sticky = &cs[1];
+        let ch = sticky.consistent_hash.as_ref().expect("hash");
+        assert_eq!(ch.http_cookie.as_deref(), Some("s"));
+        assert_eq!(
+            ch.http_cookie_ttl,
+            Some(wire::from_std(std::time::Duration::from_secs(3600)))
+        );
+        assert_eq!(ch.http_cookie_path.as_deref(), Some("/app"));
+        let lb = sticky.locality_lb.as_ref().expect("distribute");
+        assert_eq!(lb.distribute[0].to.get("us/*"), Some(&30));
+        assert!(
+            sticky.warmup.is_none(),
+            "the subset's loadBalancer replaces the rule's"
+        );
+        // Explicitly off: no locality plan.
+        let off = dr(r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: r}
+spec:
+  host: r
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 3}
+    loadBalancer: {localityLbSetting: {enabled: false}}
+"#);
+        let cs = clusters_for_port(
+            "r.default.svc.cluster.local",
+            80,
+            &eps,
+            Some((&off, "default/r")),
+        )
+        .expect("translates");
+        assert!(cs[0].locality_lb.is_none());
     }
 
     #[test]

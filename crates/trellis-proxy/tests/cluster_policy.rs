@@ -276,3 +276,216 @@ async fn consistent_hash_keeps_a_user_on_one_endpoint() {
         .count();
     assert_eq!(grew, 1, "one source IP, one endpoint");
 }
+
+/// A proxy in locality `own` for `app:80` whose endpoints carry localities.
+async fn located(own: &str, endpoints: &[(SocketAddr, &str, bool)], policy: &str) -> ProxyHandle {
+    let eps: Vec<String> = endpoints
+        .iter()
+        .map(|(a, l, healthy)| {
+            format!("{{address: \"{a}\", locality: \"{l}\", healthy: {healthy}}}")
+        })
+        .collect();
+    let yaml = format!(
+        "workload: {{name: client, locality: \"{own}\"}}
+services:
+- hostname: app.default.svc.cluster.local
+  ports: [{{port: 80, name: http, cluster: app}}]
+clusters:
+- name: app
+  endpoints: [{}]
+{policy}
+",
+        eps.join(", ")
+    );
+    let raw = Snapshot::from_text(&yaml, "locality.yaml").expect("snapshot");
+    trellis_proxy::start(
+        Config::from_wire(raw, None).expect("converts"),
+        ProxyOptions {
+            outbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), "app".to_string(), 80)],
+            ..ProxyOptions::default()
+        },
+    )
+    .await
+    .expect("proxy")
+}
+
+async fn send_n(addr: SocketAddr, n: usize) {
+    let mut c = http_client::HttpClient::http1(addr).await.expect("connect");
+    for _ in 0..n {
+        assert_eq!(
+            c.get("app", "/bytes/1").await.expect("response").status,
+            200
+        );
+    }
+}
+
+#[tokio::test]
+async fn locality_failover_keeps_traffic_near_and_spills_by_health() {
+    let mut apps = Vec::new();
+    for _ in 0..4 {
+        apps.push(HttpServer::start().await.expect("app"));
+    }
+    let n = |i: usize| apps[i].stats().requests();
+    // Two endpoints in the client's zone, one elsewhere in its region, one in another
+    // region that `failover` names.
+    let zone = [
+        (apps[0].addr, "eu/a/1", true),
+        (apps[1].addr, "eu/a/1", true),
+    ];
+    let rest = [
+        (apps[2].addr, "eu/b/1", true),
+        (apps[3].addr, "us/x/1", true),
+    ];
+    let policy = "  localityLb: {failover: [{from: eu, to: us}]}";
+    let all: Vec<_> = zone.iter().chain(&rest).copied().collect();
+    let p = located("eu/a/1", &all, policy).await;
+    send_n(p.outbound_addrs[0], 200).await;
+    assert_eq!(n(0) + n(1), 200, "the client's zone takes everything");
+
+    // One of the two zone endpoints down: the zone is 50 % available, so it takes
+    // 1.4 × 50 % = 70 % and the rest of the region the other 30 %.
+    let mut half = all.clone();
+    half[0].2 = false;
+    let p = located("eu/a/1", &half, policy).await;
+    let before = [n(1), n(2), n(3)];
+    send_n(p.outbound_addrs[0], 1000).await;
+    let (z, r, f) = (n(1) - before[0], n(2) - before[1], n(3) - before[2]);
+    assert!(
+        (620..=780).contains(&z),
+        "zone {z}, region {r}, failover {f}"
+    );
+    assert_eq!(
+        z + r,
+        1000,
+        "the other region stays out while this one has room"
+    );
+
+    // The whole region down: the failover region.
+    let mut down = all.clone();
+    for e in &mut down[..3] {
+        e.2 = false;
+    }
+    let p = located("eu/a/1", &down, policy).await;
+    let before = n(3);
+    send_n(p.outbound_addrs[0], 50).await;
+    assert_eq!(n(3) - before, 50);
+}
+
+#[tokio::test]
+async fn locality_distribute_splits_by_weight() {
+    let (a, b) = (
+        HttpServer::start().await.expect("a"),
+        HttpServer::start().await.expect("b"),
+    );
+    let p = located(
+        "eu/a/1",
+        &[(a.addr, "eu/a/1", true), (b.addr, "us/x/1", true)],
+        "  localityLb: {distribute: [{from: \"eu/*\", to: {\"eu/*\": 80, \"us/*\": 20}}]}",
+    )
+    .await;
+    send_n(p.outbound_addrs[0], 2000).await;
+    let (na, nb) = (a.stats().requests(), b.stats().requests());
+    assert_eq!(na + nb, 2000);
+    assert!((1500..=1700).contains(&na), "80/20: {na} vs {nb}");
+}
+
+#[tokio::test]
+async fn a_new_endpoint_warms_up() {
+    let (a, b) = (
+        HttpServer::start().await.expect("a"),
+        HttpServer::start().await.expect("b"),
+    );
+    let yaml = |eps: &str| {
+        format!(
+            "services:
+- hostname: app.default.svc.cluster.local
+  ports: [{{port: 80, name: http, cluster: app}}]
+clusters:
+- name: app
+  warmup: {{duration: 1500ms, minimumPercent: 10}}
+  endpoints: [{eps}]
+"
+        )
+    };
+    let convert = |text: String, prev: Option<&Config>| {
+        Config::from_wire(
+            Snapshot::from_text(&text, "w.yaml").expect("snapshot"),
+            prev,
+        )
+        .expect("converts")
+    };
+    let p = trellis_proxy::start(
+        convert(yaml(&format!("{{address: \"{}\"}}", a.addr)), None),
+        ProxyOptions {
+            outbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), "app".to_string(), 80)],
+            ..ProxyOptions::default()
+        },
+    )
+    .await
+    .expect("proxy");
+    // b joins the existing cluster: it starts at a small share.
+    let both = yaml(&format!(
+        "{{address: \"{}\"}}, {{address: \"{}\"}}",
+        a.addr, b.addr
+    ));
+    p.update(convert(both, Some(&p.config())));
+    send_n(p.outbound_addrs[0], 400).await;
+    let early = b.stats().requests();
+    assert!(
+        early < 130,
+        "b is warming: {early} of 400 (50 % would be 200)"
+    );
+    // After the window it takes its full share.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    send_n(p.outbound_addrs[0], 400).await;
+    let late = b.stats().requests() - early;
+    assert!((160..=240).contains(&late), "b warmed up: {late} of 400");
+}
+
+#[tokio::test]
+async fn the_proxy_sets_the_sticky_cookie_when_there_is_none() {
+    let mut apps = Vec::new();
+    for _ in 0..4 {
+        apps.push(HttpServer::start().await.expect("app"));
+    }
+    let addrs: Vec<SocketAddr> = apps.iter().map(|a| a.addr).collect();
+    let p = proxy(
+        &addrs,
+        "  consistentHash: {httpCookie: session, httpCookieTtl: 1h, httpCookiePath: /}",
+    )
+    .await;
+    let mut c = http_client::HttpClient::http1(p.outbound_addrs[0])
+        .await
+        .expect("connect");
+    let first = c.get("app", "/bytes/1").await.expect("response");
+    let set = first
+        .header("set-cookie")
+        .expect("the proxy sets the cookie")
+        .to_string();
+    assert!(set.starts_with("session="), "{set}");
+    assert!(
+        set.contains("Max-Age=3600") && set.contains("Path=/") && set.contains("HttpOnly"),
+        "{set}"
+    );
+    let pair = set.split(';').next().expect("name=value").to_string();
+    let first_endpoint: Vec<u64> = apps.iter().map(|a| a.stats().requests()).collect();
+    // With the cookie: the same endpoint every time, and no new cookie.
+    for _ in 0..20 {
+        let req = c
+            .request(http::Method::GET, "app", "/bytes/1")
+            .header("cookie", pair.as_str())
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("request");
+        let r = c.send(req).await.expect("response");
+        assert_eq!(r.status, 200);
+        assert!(r.header("set-cookie").is_none());
+    }
+    let after: Vec<u64> = apps.iter().map(|a| a.stats().requests()).collect();
+    let grew: Vec<usize> = (0..4).filter(|i| after[*i] > first_endpoint[*i]).collect();
+    assert_eq!(grew.len(), 1, "one endpoint for the cookie: {after:?}");
+    assert_eq!(after[grew[0]] - first_endpoint[grew[0]], 20);
+    assert_eq!(
+        first_endpoint[grew[0]], 1,
+        "the first request, cookie-less, went there too"
+    );
+}

@@ -286,6 +286,10 @@ pub struct Workload {
     #[prost(message, repeated, tag = "6")]
     #[serde(default)]
     pub inbound_ports: Vec<InboundPort>,
+    /// "region/zone/subzone": where this workload runs (locality-aware load balancing).
+    #[prost(string, optional, tag = "7")]
+    #[serde(default)]
+    pub locality: Option<String>,
 }
 
 /// A port the app listens on; inbound traffic to it is intercepted.
@@ -736,6 +740,64 @@ pub struct Cluster {
     #[prost(message, optional, tag = "10")]
     #[serde(default, with = "duration_opt")]
     pub dns_refresh_rate: Option<prost_types::Duration>,
+    /// Locality-aware load balancing (set: enabled), from this workload's locality.
+    #[prost(message, optional, tag = "11")]
+    #[serde(default)]
+    pub locality_lb: Option<LocalityLb>,
+    /// Slow start: a new endpoint's share grows over this window.
+    #[prost(message, optional, tag = "12")]
+    #[serde(default)]
+    pub warmup: Option<Warmup>,
+}
+
+/// Istio's localityLbSetting. Without `distribute`, failover: endpoints in this
+/// workload's zone first, then its region, then the `failover` regions, then the rest,
+/// each level taking traffic in proportion to its available endpoints.
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalityLb {
+    #[prost(message, repeated, tag = "1")]
+    #[serde(default)]
+    pub distribute: Vec<LocalityDistribute>,
+    #[prost(message, repeated, tag = "2")]
+    #[serde(default)]
+    pub failover: Vec<LocalityFailover>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalityDistribute {
+    /// "region/zone/subzone", any part `*`.
+    #[prost(string, tag = "1")]
+    pub from: String,
+    /// Locality pattern → share of traffic (percent).
+    #[prost(btree_map = "string, uint32", tag = "2")]
+    pub to: BTreeMap<String, u32>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalityFailover {
+    #[prost(string, tag = "1")]
+    pub from: String,
+    #[prost(string, tag = "2")]
+    pub to: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Warmup {
+    #[prost(message, optional, tag = "1")]
+    #[serde(default, with = "duration_opt")]
+    pub duration: Option<prost_types::Duration>,
+    /// The share a brand-new endpoint starts with (percent, default 10).
+    #[prost(double, optional, tag = "2")]
+    #[serde(default)]
+    pub minimum_percent: Option<f64>,
+    /// Curve of the ramp (1: linear, the default).
+    #[prost(double, optional, tag = "3")]
+    #[serde(default)]
+    pub aggression: Option<f64>,
 }
 
 /// How a cluster's endpoints are found.
@@ -773,7 +835,8 @@ pub struct ConsistentHash {
     #[prost(string, optional, tag = "1")]
     #[serde(default)]
     pub http_header_name: Option<String>,
-    /// Cookie name (an absent cookie gives a random pick; the proxy does not set it).
+    /// Cookie name. An absent cookie gives a normal pick, unless `httpCookieTtl` is set:
+    /// then the proxy makes one up, hashes it and sets it on the response.
     #[prost(string, optional, tag = "2")]
     #[serde(default)]
     pub http_cookie: Option<String>,
@@ -787,6 +850,14 @@ pub struct ConsistentHash {
     #[prost(uint64, optional, tag = "5")]
     #[serde(default)]
     pub minimum_ring_size: Option<u64>,
+    /// With `httpCookie`: the proxy sets the cookie when the request has none (0s: a
+    /// session cookie).
+    #[prost(message, optional, tag = "6")]
+    #[serde(default, with = "duration_opt")]
+    pub http_cookie_ttl: Option<prost_types::Duration>,
+    #[prost(string, optional, tag = "7")]
+    #[serde(default)]
+    pub http_cookie_path: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]

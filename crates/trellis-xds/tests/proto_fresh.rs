@@ -80,6 +80,7 @@ fn full() -> Snapshot {
                 app_protocol: Some("http".into()),
                 rate_limit: Some(rl()),
             }],
+            locality: Some("eu/west-1a/rack1".into()),
         }),
         outbound_traffic_policy: OutboundPolicy::RegistryOnly as i32,
         services: vec![Service {
@@ -191,6 +192,23 @@ fn full() -> Snapshot {
                 use_source_ip: Some(true),
                 http_query_parameter_name: Some("u".into()),
                 minimum_ring_size: Some(1024),
+                http_cookie_ttl: d(60_000),
+                http_cookie_path: Some("/".into()),
+            }),
+            locality_lb: Some(LocalityLb {
+                distribute: vec![LocalityDistribute {
+                    from: "eu/*".into(),
+                    to: BTreeMap::from([("eu/*".to_string(), 80), ("us/*".to_string(), 20)]),
+                }],
+                failover: vec![LocalityFailover {
+                    from: "eu".into(),
+                    to: "us".into(),
+                }],
+            }),
+            warmup: Some(Warmup {
+                duration: d(60_000),
+                minimum_percent: Some(10.0),
+                aggression: Some(1.0),
             }),
             discovery: Discovery::StrictDns as i32,
             dns_refresh_rate: d(5000),

@@ -16,6 +16,9 @@ pub struct EndpointStats {
     pub consecutive_failures: std::sync::atomic::AtomicU32,
     pub ejected_until_ms: AtomicU64,
     pub ejections: std::sync::atomic::AtomicU32,
+    /// When the endpoint joined a cluster that already existed (ms on [`now_ms`]'s
+    /// clock, plus one), for slow start; 0: it was there from the start.
+    pub joined_ms: AtomicU64,
 }
 
 impl EndpointStats {
@@ -92,16 +95,130 @@ pub struct Cluster {
     pub discovery: wire::Discovery,
     /// STRICT_DNS: how often the names are resolved again.
     pub dns_refresh: Duration,
+    /// Locality-aware load balancing, worked out for this workload's locality.
+    pub locality: Option<LocalityPlan>,
+    /// Slow start for endpoints that join later.
+    pub warmup: Option<Warmup>,
     next: AtomicUsize,
+}
+
+/// How locality shapes the picks of a cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LocalityPlan {
+    /// Endpoint indices by priority (same zone, same region, failover regions, the rest);
+    /// each level takes traffic in proportion to its available endpoints, times 1.4
+    /// (Envoy's overprovisioning factor), the rest spilling to the next.
+    Failover(Vec<Vec<usize>>),
+    /// A weight per endpoint (Istio's `distribute`).
+    Weighted(Vec<u32>),
+}
+
+/// Slow start settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Warmup {
+    pub window_ms: u64,
+    pub min_fraction: f64,
+    pub aggression: f64,
+}
+
+/// Whether locality `l` ("region/zone/subzone") falls under `pattern` (parts may be `*`;
+/// a shorter pattern covers everything below it).
+pub fn locality_matches(pattern: &str, l: &str) -> bool {
+    let mut parts = l.split('/');
+    pattern.split('/').all(|p| {
+        let part = parts.next();
+        p == "*" || part == Some(p)
+    })
+}
+
+/// The locality plan of endpoints for a workload in `own`.
+fn locality_plan(
+    lb: &wire::LocalityLb,
+    own: &str,
+    endpoints: &[Arc<Endpoint>],
+) -> Option<LocalityPlan> {
+    if let Some(d) = lb
+        .distribute
+        .iter()
+        .find(|d| locality_matches(&d.from, own))
+    {
+        // Each target's share, split evenly among its endpoints.
+        let target = |e: &Endpoint| {
+            let l = e.locality.as_deref()?;
+            d.to.iter()
+                .filter(|(pat, _)| locality_matches(pat, l))
+                .max_by_key(|(pat, _)| pat.len())
+                .map(|(pat, pct)| (pat.as_str(), *pct))
+        };
+        let mut count: HashMap<&str, u32> = HashMap::new();
+        for e in endpoints {
+            if let Some((pat, _)) = target(e) {
+                *count.entry(pat).or_default() += 1;
+            }
+        }
+        let weights = endpoints
+            .iter()
+            .map(|e| match target(e) {
+                Some((pat, pct)) => pct * 1000 / count.get(pat).copied().unwrap_or(1).max(1),
+                None => 0,
+            })
+            .collect();
+        return Some(LocalityPlan::Weighted(weights));
+    }
+    let mut own_parts = own.split('/');
+    let (region, zone, subzone) = (own_parts.next()?, own_parts.next(), own_parts.next());
+    let failover: Vec<&str> = lb
+        .failover
+        .iter()
+        .filter(|f| f.from == region)
+        .map(|f| f.to.as_str())
+        .collect();
+    let rank = |e: &Endpoint| -> usize {
+        let Some(l) = e.locality.as_deref() else {
+            return 3 + failover.len();
+        };
+        let mut p = l.split('/');
+        let (r, z, sz) = (p.next(), p.next(), p.next());
+        if r != Some(region) {
+            return match failover.iter().position(|f| Some(*f) == r) {
+                Some(i) => 3 + i,
+                None => 3 + failover.len(),
+            };
+        }
+        match (z == zone, sz == subzone) {
+            (true, true) => 0,
+            (true, false) => 1,
+            _ => 2,
+        }
+    };
+    let mut levels: Vec<Vec<usize>> = vec![Vec::new(); 4 + failover.len()];
+    for (i, e) in endpoints.iter().enumerate() {
+        levels[rank(e)].push(i);
+    }
+    levels.retain(|l| !l.is_empty());
+    (levels.len() > 1).then_some(LocalityPlan::Failover(levels))
 }
 
 /// What a consistent-hash load balancer hashes.
 #[derive(Debug, Clone)]
 pub enum HashKey {
     Header(http::HeaderName),
-    Cookie(String),
+    /// A cookie; with `set`, the proxy makes one up for a request without it and sets it
+    /// on the response.
+    Cookie {
+        name: String,
+        set: Option<CookieSet>,
+    },
     SourceIp,
     Query(String),
+}
+
+/// The cookie the proxy sets: `Max-Age` (none for a zero ttl: a session cookie) and
+/// `Path`.
+#[derive(Debug, Clone)]
+pub struct CookieSet {
+    pub ttl: Duration,
+    pub path: Option<String>,
 }
 
 /// A hash ring: points sorted by hash, each naming an endpoint index.
@@ -138,6 +255,126 @@ impl Cluster {
     /// An endpoint by the cluster's load-balancing policy, among healthy endpoints that
     /// are not ejected (all endpoints when none is, as Envoy's panic threshold does).
     pub fn pick(&self) -> Option<&Arc<Endpoint>> {
+        let Some(w) = &self.warmup else {
+            return self.pick_once();
+        };
+        // Slow start: a warming endpoint is kept with its ramp's probability; after a few
+        // draws the last pick stands.
+        let now = now_ms();
+        let mut last = None;
+        for _ in 0..4 {
+            let e = self.pick_once()?;
+            let joined = e.stats.joined_ms.load(Ordering::Relaxed);
+            let age = now.saturating_sub(joined.saturating_sub(1));
+            if joined == 0 || age >= w.window_ms {
+                return Some(e);
+            }
+            let ramp = (age as f64 / w.window_ms as f64)
+                .powf(1.0 / w.aggression)
+                .max(w.min_fraction);
+            if (crate::http::random_u64() % 10_000) as f64 / 10_000.0 < ramp {
+                return Some(e);
+            }
+            last = Some(e);
+        }
+        last
+    }
+
+    fn pick_once(&self) -> Option<&Arc<Endpoint>> {
+        match &self.locality {
+            None => self.pick_any(),
+            Some(LocalityPlan::Weighted(w)) => self.pick_weighted(w),
+            Some(LocalityPlan::Failover(levels)) => self.pick_failover(levels),
+        }
+    }
+
+    fn pick_weighted(&self, weights: &[u32]) -> Option<&Arc<Endpoint>> {
+        let now = now_ms();
+        let total: u64 = self
+            .endpoints
+            .iter()
+            .zip(weights)
+            .filter(|(e, _)| e.available(now))
+            .map(|(_, w)| u64::from(*w))
+            .sum();
+        if total == 0 {
+            return self.pick_any();
+        }
+        let mut roll = crate::http::random_u64() % total;
+        for (e, w) in self.endpoints.iter().zip(weights) {
+            if !e.available(now) {
+                continue;
+            }
+            let w = u64::from(*w);
+            if roll < w {
+                return Some(e);
+            }
+            roll -= w;
+        }
+        self.pick_any()
+    }
+
+    fn pick_failover(&self, levels: &[Vec<usize>]) -> Option<&Arc<Endpoint>> {
+        let now = now_ms();
+        let roll = (crate::http::random_u64() % 10_000) as f64 / 100.0;
+        let (mut remaining, mut acc) = (100.0_f64, 0.0_f64);
+        let mut first_available = None;
+        for level in levels {
+            let available = level
+                .iter()
+                .filter(|i| self.endpoints[**i].available(now))
+                .count();
+            if available > 0 && first_available.is_none() {
+                first_available = Some(level);
+            }
+            let share = (available as f64 / level.len() as f64 * 140.0).min(remaining);
+            remaining -= share;
+            acc += share;
+            if roll < acc {
+                return self.pick_among(level, now);
+            }
+        }
+        // Every level degraded: the nearest one with an available endpoint.
+        self.pick_among(first_available.or(levels.first())?, now)
+    }
+
+    /// An endpoint among `idx` by the cluster's load balancer.
+    fn pick_among(&self, idx: &[usize], now: u64) -> Option<&Arc<Endpoint>> {
+        let n = idx.len();
+        if n == 0 {
+            return None;
+        }
+        let ok = |i: &usize| self.endpoints[*i].available(now);
+        let chosen = match self.load_balancer {
+            wire::LoadBalancer::RoundRobin => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..n)
+                    .map(|k| idx[(start + k) % n])
+                    .find(ok)
+                    .unwrap_or(idx[start % n])
+            }
+            wire::LoadBalancer::Random | wire::LoadBalancer::LeastRequest => {
+                let available: Vec<usize> = idx.iter().copied().filter(ok).collect();
+                let pool = if available.is_empty() {
+                    idx
+                } else {
+                    &available
+                };
+                let r = crate::http::random_u64();
+                let a = pool[(r % pool.len() as u64) as usize];
+                if self.load_balancer == wire::LoadBalancer::LeastRequest && pool.len() > 1 {
+                    let b = pool[((r >> 32) % pool.len() as u64) as usize];
+                    let busy = |i: usize| self.endpoints[i].stats.active.load(Ordering::Relaxed);
+                    if busy(b) < busy(a) { b } else { a }
+                } else {
+                    a
+                }
+            }
+        };
+        self.endpoints.get(chosen)
+    }
+
+    fn pick_any(&self) -> Option<&Arc<Endpoint>> {
         let n = self.endpoints.len();
         if n == 0 {
             return None;
@@ -292,6 +529,7 @@ impl Cluster {
         default_connect: Duration,
         old_stats: &HashMap<(&str, SocketAddr), &Arc<EndpointStats>>,
         resolved: &HashMap<String, Vec<SocketAddr>>,
+        own_locality: Option<&str>,
     ) -> Result<Cluster, ConfigError> {
         let res = format!("clusters[{i}] {:?}", c.name);
         if c.name.is_empty() {
@@ -305,6 +543,9 @@ impl Cluster {
                 "an ORIGINAL_DST cluster has no endpoints (connections go where the client sent them)",
             ));
         }
+        // Endpoints that join a cluster that already existed start slowly (warmup);
+        // those of a new cluster do not.
+        let existed = old_stats.keys().any(|(name, _)| *name == c.name);
         let mut endpoints = Vec::with_capacity(c.endpoints.len());
         for (j, e) in c.endpoints.iter().enumerate() {
             let eres = format!("{res} endpoints[{j}]");
@@ -329,7 +570,13 @@ impl Cluster {
                 let stats = old_stats
                     .get(&(c.name.as_str(), addr))
                     .map(|s| Arc::clone(s))
-                    .unwrap_or_default();
+                    .unwrap_or_else(|| {
+                        let s = EndpointStats::default();
+                        if existed {
+                            s.joined_ms.store(now_ms() + 1, Ordering::Relaxed);
+                        }
+                        Arc::new(s)
+                    });
                 endpoints.push(Arc::new(Endpoint {
                     addr,
                     proxied: e.proxied,
@@ -396,7 +643,16 @@ impl Cluster {
                             )
                         })?,
                     ),
-                    (None, Some(c), None | Some(false), None) => HashKey::Cookie(c.clone()),
+                    (None, Some(c), None | Some(false), None) => HashKey::Cookie {
+                        name: c.clone(),
+                        set: match &ch.http_cookie_ttl {
+                            None => None,
+                            Some(t) => Some(CookieSet {
+                                ttl: duration(&res, Some(t), Duration::ZERO)?,
+                                path: ch.http_cookie_path.clone(),
+                            }),
+                        },
+                    },
                     (None, None, Some(true), None) => HashKey::SourceIp,
                     (None, None, None | Some(false), Some(q)) => HashKey::Query(q.clone()),
                     _ => {
@@ -410,6 +666,10 @@ impl Cluster {
                 Some(Ring::build(key, &endpoints, size))
             }
         };
+        let locality = match (&c.locality_lb, own_locality) {
+            (Some(lb), Some(own)) => locality_plan(lb, own, &endpoints),
+            _ => None,
+        };
         Ok(Cluster {
             ring,
             name: c.name.clone(),
@@ -419,6 +679,26 @@ impl Cluster {
             load_balancer,
             limits,
             outlier,
+            locality,
+            warmup: match &c.warmup {
+                None => None,
+                Some(w) => {
+                    let window = duration(&res, w.duration.as_ref(), Duration::ZERO)?;
+                    let aggression = w.aggression.unwrap_or(1.0);
+                    if !(aggression.is_finite() && aggression > 0.0) {
+                        return Err(bad(&res, "warmup.aggression must be above 0"));
+                    }
+                    let min = w.minimum_percent.unwrap_or(10.0);
+                    if !(0.0..=100.0).contains(&min) {
+                        return Err(bad(&res, "warmup.minimumPercent must be 0..100"));
+                    }
+                    (!window.is_zero()).then(|| Warmup {
+                        window_ms: window.as_millis() as u64,
+                        min_fraction: min / 100.0,
+                        aggression,
+                    })
+                }
+            },
             discovery,
             dns_refresh: duration(&res, c.dns_refresh_rate.as_ref(), DEFAULT_DNS_REFRESH)?,
             next: AtomicUsize::new(0),

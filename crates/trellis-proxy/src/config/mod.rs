@@ -295,7 +295,14 @@ impl Config {
 
         let mut clusters: HashMap<&str, Arc<Cluster>> = HashMap::new();
         for (i, c) in raw.clusters.iter().enumerate() {
-            let cluster = Arc::new(Cluster::from_wire(i, c, default_connect, &old_stats, &dns)?);
+            let cluster = Arc::new(Cluster::from_wire(
+                i,
+                c,
+                default_connect,
+                &old_stats,
+                &dns,
+                raw.workload.as_ref().and_then(|w| w.locality.as_deref()),
+            )?);
             let res = format!("clusters[{i}] {:?}", c.name);
             if clusters.insert(c.name.as_str(), cluster).is_some() {
                 return Err(bad(res, "duplicate cluster name"));
@@ -454,6 +461,7 @@ impl Config {
             default_connect,
             &HashMap::new(),
             &HashMap::new(),
+            None,
         )?);
         let gateway_ports = gateway_ports(&raw.gateway_ports, env, |res, port, v, gateway| {
             let res = format!("{res} virtualHosts {:?}", v.name);

@@ -24,7 +24,7 @@ pub(super) fn request_hash(key: &crate::config::HashKey, req: &Request<ReqBody>)
                 (k == name).then(|| stable_hash(v.as_bytes()))
             })
         }),
-        HashKey::Cookie(name) => req
+        HashKey::Cookie { name, .. } => req
             .headers()
             .get_all(header::COOKIE)
             .iter()

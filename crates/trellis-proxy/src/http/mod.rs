@@ -230,6 +230,7 @@ async fn outbound(
             }
         }
     };
+    let set_cookie = sticky_cookie(cluster, &mut req);
     let mut resp = match policy {
         None => to_cluster(shared, target, cluster, &shared.default_retry, &[], req).await,
         Some(p) => {
@@ -245,6 +246,9 @@ async fn outbound(
     };
     if let Some(h) = policy.and_then(|p| p.response_headers.as_ref()) {
         h.apply(resp.headers_mut());
+    }
+    if let Some(c) = set_cookie {
+        resp.headers_mut().append(header::SET_COOKIE, c);
     }
     if let (Some(cors), Some(origin)) = (policy.and_then(|p| p.cors.as_ref()), origin) {
         if cors.allows(origin.to_str().unwrap_or_default()) {
@@ -262,6 +266,39 @@ async fn outbound(
         }
     }
     resp
+}
+
+/// Sticky sessions by a cookie the proxy sets (`consistentHash.httpCookie` with a ttl):
+/// a request without the cookie gets a fresh value, added to the request so that it hashes
+/// the way the client's next requests will, and the `Set-Cookie` to return.
+fn sticky_cookie(
+    cluster: &crate::config::Cluster,
+    req: &mut Request<ReqBody>,
+) -> Option<HeaderValue> {
+    let ring = cluster.ring.as_ref()?;
+    let crate::config::HashKey::Cookie {
+        name,
+        set: Some(spec),
+    } = &ring.key
+    else {
+        return None;
+    };
+    if request_hash(&ring.key, req).is_some() {
+        return None;
+    }
+    let value = format!("{:016x}", random_u64());
+    let pair = HeaderValue::from_str(&format!("{name}={value}")).ok()?;
+    req.headers_mut().append(header::COOKIE, pair);
+    let mut c = format!("{name}={value}");
+    if let Some(p) = &spec.path {
+        c.push_str("; Path=");
+        c.push_str(p);
+    }
+    if !spec.ttl.is_zero() {
+        c.push_str(&format!("; Max-Age={}", spec.ttl.as_secs().max(1)));
+    }
+    c.push_str("; HttpOnly");
+    HeaderValue::from_str(&c).ok()
 }
 
 /// Set on retries: which try this is (Envoy's header, which apps and tests look at).
