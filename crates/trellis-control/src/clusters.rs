@@ -182,6 +182,10 @@ fn apply(c: &mut wire::Cluster, e: &Effective<'_>) {
             base_ejection_time: duration(od.base_ejection_time.as_ref()),
             max_ejection_percent: non_negative(od.max_ejection_percent),
             min_health_percent: non_negative(od.min_health_percent),
+            consecutive_gateway_errors: od.consecutive_gateway_errors,
+            consecutive_local_origin_failures: od.consecutive_local_origin_failures,
+            split_external_local_origin_errors: od.split_external_local_origin_errors,
+            interval: duration(od.interval.as_ref()),
         });
     }
 }
@@ -286,7 +290,7 @@ spec:
     connectionPool:
       tcp: {maxConnections: 100, connectTimeout: 2s}
       http: {http1MaxPendingRequests: 10}
-    outlierDetection: {consecutive5xxErrors: 7, baseEjectionTime: 1m}
+    outlierDetection: {consecutive5xxErrors: 7, baseEjectionTime: 1m, consecutiveGatewayErrors: 2, interval: 5s}
     portLevelSettings:
     - port: {number: 9080}
       loadBalancer: {simple: RANDOM}
@@ -346,6 +350,12 @@ spec:
                 .as_ref()
                 .and_then(|o| o.consecutive_5xx_errors),
             Some(7)
+        );
+        let od = v1.outlier_detection.as_ref().expect("outlier detection");
+        assert_eq!(od.consecutive_gateway_errors, Some(2));
+        assert_eq!(
+            od.interval,
+            Some(wire::from_std(std::time::Duration::from_secs(5)))
         );
         // v2: its own load balancer (sticky cookie) and pool replace the rule's whole
         // fields; its port-level outlier detection wins over everything.

@@ -5,6 +5,7 @@
 
 use criterion::{Criterion, black_box, criterion_group, criterion_main};
 use trellis_proxy::Config;
+use trellis_proxy::config::Outcome;
 use trellis_xds::snapshot::Snapshot;
 
 fn cluster(lb: &str) -> Config {
@@ -34,10 +35,10 @@ fn bench(c: &mut Criterion) {
     let cl = &cfg.clusters[0];
     let ep = cl.endpoints[0].clone();
     c.bench_function("outlier report: success", |b| {
-        b.iter(|| cl.report(black_box(&ep), false))
+        b.iter(|| cl.report(black_box(&ep), Outcome::Status(200)))
     });
     c.bench_function("outlier report: failure below the threshold", |b| {
-        b.iter(|| cl.report(black_box(&ep), true))
+        b.iter(|| cl.report(black_box(&ep), Outcome::Status(500)))
     });
 }
 

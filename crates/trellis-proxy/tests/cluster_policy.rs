@@ -489,3 +489,57 @@ async fn the_proxy_sets_the_sticky_cookie_when_there_is_none() {
         "the first request, cookie-less, went there too"
     );
 }
+
+/// Round-robin statuses of `n` requests.
+async fn statuses(addr: SocketAddr, n: usize) -> Vec<u16> {
+    let mut c = http_client::HttpClient::http1(addr).await.expect("connect");
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(
+            c.get("app", "/bytes/1")
+                .await
+                .expect("response")
+                .status
+                .as_u16(),
+        );
+    }
+    out
+}
+
+#[tokio::test]
+async fn gateway_errors_and_local_origin_failures_have_their_own_thresholds() {
+    let good = HttpServer::start().await.expect("good");
+    // 502s trip consecutiveGatewayErrors 2 long before consecutive5xxErrors 100.
+    let bad_gateway = answering(502).await;
+    let p = proxy(
+        &[good.addr, bad_gateway],
+        "  outlierDetection: {consecutive5xxErrors: 100, consecutiveGatewayErrors: 2, baseEjectionTime: 30s, maxEjectionPercent: 50}",
+    )
+    .await;
+    let s = statuses(p.outbound_addrs[0], 12).await;
+    assert_eq!(s.iter().filter(|c| **c == 502).count(), 2, "{s:?}");
+    // 500s are not gateway errors: the same rule leaves that endpoint in.
+    let server_error = answering(500).await;
+    let p = proxy(
+        &[good.addr, server_error],
+        "  outlierDetection: {consecutive5xxErrors: 100, consecutiveGatewayErrors: 2, baseEjectionTime: 30s, maxEjectionPercent: 50}",
+    )
+    .await;
+    let s = statuses(p.outbound_addrs[0], 12).await;
+    assert_eq!(s.iter().filter(|c| **c == 500).count(), 6, "{s:?}");
+
+    // Split local-origin errors: an endpoint that refuses connections is ejected after
+    // consecutiveLocalOriginFailures 2, while consecutive5xxErrors 100 would never fire.
+    let refusing = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let p = proxy(
+        &[good.addr, refusing],
+        "  outlierDetection: {consecutive5xxErrors: 100, splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 2, baseEjectionTime: 30s, maxEjectionPercent: 50}",
+    )
+    .await;
+    let s = statuses(p.outbound_addrs[0], 12).await;
+    assert_eq!(s.iter().filter(|c| **c == 503).count(), 2, "{s:?}");
+    assert!(s[4..].iter().all(|c| *c == 200), "{s:?}");
+}

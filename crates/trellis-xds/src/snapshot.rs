@@ -922,6 +922,23 @@ pub struct OutlierDetection {
     #[prost(uint32, optional, tag = "4")]
     #[serde(default)]
     pub min_health_percent: Option<u32>,
+    /// Consecutive 502, 503 and 504 responses that eject an endpoint (0 or unset: off).
+    #[prost(uint32, optional, tag = "5")]
+    #[serde(default)]
+    pub consecutive_gateway_errors: Option<u32>,
+    /// With `splitExternalLocalOriginErrors`: consecutive connect failures, resets and
+    /// timeouts that eject an endpoint (default 5); they then no longer count as 5xx.
+    #[prost(uint32, optional, tag = "6")]
+    #[serde(default)]
+    pub consecutive_local_origin_failures: Option<u32>,
+    #[prost(bool, optional, tag = "7")]
+    #[serde(default)]
+    pub split_external_local_origin_errors: Option<bool>,
+    /// Ejections end at the first tick of this interval after their time (unset: exactly
+    /// at their time).
+    #[prost(message, optional, tag = "8")]
+    #[serde(default, with = "duration_opt")]
+    pub interval: Option<prost_types::Duration>,
 }
 
 #[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]

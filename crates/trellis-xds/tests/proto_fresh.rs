@@ -217,6 +217,10 @@ fn full() -> Snapshot {
                 base_ejection_time: d(30_000),
                 max_ejection_percent: Some(10),
                 min_health_percent: Some(0),
+                consecutive_gateway_errors: Some(3),
+                consecutive_local_origin_failures: Some(4),
+                split_external_local_origin_errors: Some(true),
+                interval: d(10_000),
             }),
         }],
         settings: Some(Settings {

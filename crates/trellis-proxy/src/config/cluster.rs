@@ -14,6 +14,8 @@ pub struct EndpointStats {
     /// Outlier detection: failures in a row, ejected until (ms on [`now_ms`]'s clock),
     /// and how many times the endpoint was ejected (each ejection lasts longer).
     pub consecutive_failures: std::sync::atomic::AtomicU32,
+    pub consecutive_gateway: std::sync::atomic::AtomicU32,
+    pub consecutive_local: std::sync::atomic::AtomicU32,
     pub ejected_until_ms: AtomicU64,
     pub ejections: std::sync::atomic::AtomicU32,
     /// When the endpoint joined a cluster that already existed (ms on [`now_ms`]'s
@@ -52,10 +54,24 @@ pub struct Admitted {
     _request: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
-/// Outlier detection settings.
+/// How one try ended, for outlier detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A response with this status.
+    Status(u16),
+    /// No response: connect failure, reset or timeout (Envoy's "local origin").
+    LocalOrigin,
+}
+
+/// Outlier detection settings (0: that rule is off).
 #[derive(Debug, Clone, Copy)]
 pub struct Outlier {
     pub consecutive_errors: u32,
+    pub consecutive_gateway: u32,
+    pub consecutive_local: u32,
+    /// Local-origin failures are counted on their own instead of as 5xx.
+    pub split_local: bool,
+    pub interval_ms: u64,
     pub base_ejection: Duration,
     pub max_ejection_percent: u32,
     pub min_health_percent: u32,
@@ -485,18 +501,50 @@ impl Cluster {
     }
 
     /// Feeds outlier detection with the outcome of a try.
-    pub fn report(&self, ep: &Endpoint, failed: bool) {
+    pub fn report(&self, ep: &Endpoint, outcome: Outcome) {
         let Some(o) = self.outlier else { return };
-        if !failed {
-            ep.stats.consecutive_failures.store(0, Ordering::Relaxed);
-            return;
-        }
-        let n = ep
-            .stats
-            .consecutive_failures
-            .fetch_add(1, Ordering::Relaxed)
-            + 1;
-        if o.consecutive_errors == 0 || n < o.consecutive_errors {
+        let s = &ep.stats;
+        let bump = |c: &std::sync::atomic::AtomicU32| c.fetch_add(1, Ordering::Relaxed) + 1;
+        let reset = |c: &std::sync::atomic::AtomicU32| c.store(0, Ordering::Relaxed);
+        // Which rule, if any, this failure trips: (count, threshold, what).
+        let tripped = match outcome {
+            Outcome::Status(code) if code < 500 => {
+                reset(&s.consecutive_failures);
+                reset(&s.consecutive_gateway);
+                reset(&s.consecutive_local);
+                return;
+            }
+            Outcome::LocalOrigin if o.split_local => {
+                let n = bump(&s.consecutive_local);
+                (n, o.consecutive_local, "local-origin failures")
+            }
+            Outcome::Status(code) => {
+                let n5 = bump(&s.consecutive_failures);
+                let ng = if (502..=504).contains(&code) {
+                    bump(&s.consecutive_gateway)
+                } else {
+                    reset(&s.consecutive_gateway);
+                    0
+                };
+                if o.consecutive_gateway > 0 && ng >= o.consecutive_gateway {
+                    (ng, o.consecutive_gateway, "gateway errors")
+                } else {
+                    (n5, o.consecutive_errors, "5xx errors")
+                }
+            }
+            // Not split: a local-origin failure counts as a 503.
+            Outcome::LocalOrigin => {
+                let n5 = bump(&s.consecutive_failures);
+                let ng = bump(&s.consecutive_gateway);
+                if o.consecutive_gateway > 0 && ng >= o.consecutive_gateway {
+                    (ng, o.consecutive_gateway, "gateway errors")
+                } else {
+                    (n5, o.consecutive_errors, "5xx errors")
+                }
+            }
+        };
+        let (n, threshold, what) = tripped;
+        if threshold == 0 || n < threshold {
             return;
         }
         let now = now_ms();
@@ -512,12 +560,18 @@ impl Cluster {
             return;
         }
         let times = ep.stats.ejections.fetch_add(1, Ordering::Relaxed) + 1;
-        let ms = (o.base_ejection.as_millis() as u64)
+        let mut ms = (o.base_ejection.as_millis() as u64)
             .saturating_mul(u64::from(times))
             .min(300_000);
+        // Envoy brings ejected hosts back on its interval timer: at the first tick after.
+        if o.interval_ms > 0 {
+            ms = ms.div_ceil(o.interval_ms) * o.interval_ms;
+        }
         ep.stats.ejected_until_ms.store(now + ms, Ordering::Relaxed);
-        ep.stats.consecutive_failures.store(0, Ordering::Relaxed);
-        tracing::warn!(cluster = %self.name, "endpoint {} ejected for {ms} ms after {n} consecutive failures", ep.addr);
+        reset(&s.consecutive_failures);
+        reset(&s.consecutive_gateway);
+        reset(&s.consecutive_local);
+        tracing::warn!(cluster = %self.name, "endpoint {} ejected for {ms} ms after {n} consecutive {what}", ep.addr);
     }
 }
 
@@ -616,6 +670,11 @@ impl Cluster {
                 };
                 Some(Outlier {
                     consecutive_errors: o.consecutive_5xx_errors.unwrap_or(5),
+                    consecutive_gateway: o.consecutive_gateway_errors.unwrap_or(0),
+                    consecutive_local: o.consecutive_local_origin_failures.unwrap_or(5),
+                    split_local: o.split_external_local_origin_errors.unwrap_or(false),
+                    interval_ms: duration(&res, o.interval.as_ref(), Duration::ZERO)?.as_millis()
+                        as u64,
                     base_ejection: duration(
                         &res,
                         o.base_ejection_time.as_ref(),

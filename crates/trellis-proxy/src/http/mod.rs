@@ -301,6 +301,19 @@ fn sticky_cookie(
     HeaderValue::from_str(&c).ok()
 }
 
+/// How a try ended, for outlier detection: the proxy's own connect-failure, reset and
+/// timeout answers are local-origin failures, anything else is the upstream's status.
+fn outcome(resp: &Response<ProxyBody>) -> crate::config::Outcome {
+    match resp
+        .headers()
+        .get(RESPONSE_FLAGS)
+        .map(HeaderValue::as_bytes)
+    {
+        Some(b"UF" | b"UC" | b"UT") => crate::config::Outcome::LocalOrigin,
+        _ => crate::config::Outcome::Status(resp.status().as_u16()),
+    }
+}
+
 /// Set on retries: which try this is (Envoy's header, which apps and tests look at).
 const ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
 
@@ -370,7 +383,7 @@ async fn to_cluster(
             return overflow(cluster);
         };
         let resp = forward(shared, req, up).await;
-        cluster.report(ep, resp.status().is_server_error());
+        cluster.report(ep, outcome(&resp));
         return resp;
     }
 
@@ -453,8 +466,8 @@ async fn to_cluster(
         cluster.report(
             ep,
             match &result {
-                Ok(r) => r.status().is_server_error(),
-                Err(_) => true,
+                Ok(r) => outcome(r),
+                Err(_) => crate::config::Outcome::LocalOrigin,
             },
         );
         let last = attempt == tries;
