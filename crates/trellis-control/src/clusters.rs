@@ -169,9 +169,21 @@ fn apply(c: &mut wire::Cluster, e: &Effective<'_>) {
             max_connections: non_negative(tcp.and_then(|t| t.max_connections)),
             max_pending_requests: non_negative(http.and_then(|h| h.http1_max_pending_requests)),
             max_requests: non_negative(http.and_then(|h| h.http2_max_requests)),
+            max_retries: non_negative(http.and_then(|h| h.max_retries)),
+            max_requests_per_connection: non_negative(
+                http.and_then(|h| h.max_requests_per_connection),
+            )
+            .filter(|n| *n > 0),
         };
         if breakers != wire::CircuitBreakers::default() {
             c.circuit_breakers = Some(breakers);
+        }
+        if let Some(k) = tcp.and_then(|t| t.tcp_keepalive.as_ref()) {
+            c.tcp_keepalive = Some(wire::TcpKeepalive {
+                probes: k.probes,
+                time: duration(k.time.as_ref()),
+                interval: duration(k.interval.as_ref()),
+            });
         }
     }
     if let Some(od) = e.outlier_detection {
@@ -288,8 +300,8 @@ spec:
   trafficPolicy:
     loadBalancer: {simple: LEAST_REQUEST}
     connectionPool:
-      tcp: {maxConnections: 100, connectTimeout: 2s}
-      http: {http1MaxPendingRequests: 10}
+      tcp: {maxConnections: 100, connectTimeout: 2s, tcpKeepalive: {time: 600s, interval: 30s, probes: 4}}
+      http: {http1MaxPendingRequests: 10, maxRetries: 3, maxRequestsPerConnection: 50}
     outlierDetection: {consecutive5xxErrors: 7, baseEjectionTime: 1m, consecutiveGatewayErrors: 2, interval: 5s}
     portLevelSettings:
     - port: {number: 9080}
@@ -350,6 +362,17 @@ spec:
                 .as_ref()
                 .and_then(|o| o.consecutive_5xx_errors),
             Some(7)
+        );
+        let cb = v1.circuit_breakers.as_ref().expect("breakers");
+        assert_eq!(
+            (cb.max_retries, cb.max_requests_per_connection),
+            (Some(3), Some(50))
+        );
+        let ka = v1.tcp_keepalive.as_ref().expect("keepalive");
+        assert_eq!(ka.probes, Some(4));
+        assert_eq!(
+            ka.time,
+            Some(wire::from_std(std::time::Duration::from_secs(600)))
         );
         let od = v1.outlier_detection.as_ref().expect("outlier detection");
         assert_eq!(od.consecutive_gateway_errors, Some(2));

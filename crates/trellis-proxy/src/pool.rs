@@ -22,7 +22,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::body::ReqBody;
-use crate::sockets;
+use crate::sockets::{self, Dial};
 
 /// Most idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 256;
@@ -58,6 +58,8 @@ impl UpstreamError {
 struct Idle {
     sender: http1::SendRequest<ReqBody>,
     since: Instant,
+    /// Requests this connection has carried.
+    uses: u32,
 }
 
 type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<ReqBody>>>>;
@@ -86,19 +88,27 @@ impl Pools {
         &self,
         addr: SocketAddr,
         idle_timeout: Duration,
-    ) -> Option<http1::SendRequest<ReqBody>> {
+    ) -> Option<(http1::SendRequest<ReqBody>, u32)> {
         let mut map = self.h1.lock().unwrap_or_else(PoisonError::into_inner);
         let list = map.get_mut(&addr)?;
         while let Some(idle) = list.pop() {
             if idle.since.elapsed() < idle_timeout && !idle.sender.is_closed() {
-                return Some(idle.sender);
+                return Some((idle.sender, idle.uses));
             }
         }
         None
     }
 
-    fn give_back(&self, addr: SocketAddr, sender: http1::SendRequest<ReqBody>) {
-        if sender.is_closed() {
+    /// Pools a connection that finished a request, unless it is closed or has carried
+    /// `max_uses` requests (DestinationRule `maxRequestsPerConnection`).
+    fn give_back(
+        &self,
+        addr: SocketAddr,
+        sender: http1::SendRequest<ReqBody>,
+        uses: u32,
+        max_uses: Option<u32>,
+    ) {
+        if sender.is_closed() || max_uses.is_some_and(|m| uses >= m) {
             return;
         }
         let mut map = self.h1.lock().unwrap_or_else(PoisonError::into_inner);
@@ -107,6 +117,7 @@ impl Pools {
             list.push(Idle {
                 sender,
                 since: Instant::now(),
+                uses,
             });
         }
     }
@@ -114,9 +125,9 @@ impl Pools {
     /// Opens a new HTTP/1.1 connection (with upgrades enabled).
     pub async fn connect_h1(
         addr: SocketAddr,
-        timeout: Duration,
+        dial: Dial,
     ) -> Result<http1::SendRequest<ReqBody>, UpstreamError> {
-        let stream = sockets::connect(addr, timeout)
+        let stream = sockets::connect_with(addr, dial)
             .await
             .map_err(|source| UpstreamError::Connect { addr, source })?;
         let (sender, conn) = http1::Builder::new()
@@ -139,8 +150,9 @@ impl Pools {
     pub async fn send_h1(
         self: &Arc<Self>,
         addr: SocketAddr,
-        connect_timeout: Duration,
+        dial: Dial,
         idle_timeout: Duration,
+        max_uses: Option<u32>,
         mut req: Request<ReqBody>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         // A request that was never written goes again: on another pooled connection once,
@@ -153,12 +165,9 @@ impl Pools {
             } else {
                 None
             };
-            let (mut sender, reused) = match idle {
-                Some(s) => (s, true),
-                None => (
-                    Box::pin(Self::connect_h1(addr, connect_timeout)).await?,
-                    false,
-                ),
+            let (mut sender, reused, uses) = match idle {
+                Some((s, uses)) => (s, true, uses),
+                None => (Box::pin(Self::connect_h1(addr, dial)).await?, false, 0),
             };
             if let Err(source) = sender.ready().await {
                 if reused {
@@ -169,7 +178,14 @@ impl Pools {
             match sender.try_send_request(req).await {
                 Ok(resp) => {
                     let (parts, body) = resp.into_parts();
-                    let body = PooledBody::new(body, Arc::clone(self), addr, sender);
+                    let ret = Return {
+                        pools: Arc::clone(self),
+                        addr,
+                        sender,
+                        uses: uses + 1,
+                        max_uses,
+                    };
+                    let body = PooledBody::new(body, ret);
                     return Ok(Response::from_parts(parts, body));
                 }
                 Err(mut e) => match e.take_message() {
@@ -192,9 +208,9 @@ impl Pools {
 
     async fn connect_h2(
         addr: SocketAddr,
-        timeout: Duration,
+        dial: Dial,
     ) -> Result<http2::SendRequest<ReqBody>, UpstreamError> {
-        let stream = sockets::connect(addr, timeout)
+        let stream = sockets::connect_with(addr, dial)
             .await
             .map_err(|source| UpstreamError::Connect { addr, source })?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
@@ -218,7 +234,7 @@ impl Pools {
     async fn h2_sender(
         &self,
         addr: SocketAddr,
-        timeout: Duration,
+        dial: Dial,
         fresh: bool,
     ) -> Result<http2::SendRequest<ReqBody>, UpstreamError> {
         let slot = {
@@ -239,7 +255,7 @@ impl Pools {
                     return Ok(s.clone());
                 }
             }
-            let s = Self::connect_h2(addr, timeout).await?;
+            let s = Self::connect_h2(addr, dial).await?;
             *guard = Some(s.clone());
             Ok(s)
         })
@@ -250,10 +266,10 @@ impl Pools {
     pub async fn send_h2(
         &self,
         addr: SocketAddr,
-        connect_timeout: Duration,
+        dial: Dial,
         req: Request<ReqBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut sender = self.h2_sender(addr, connect_timeout, false).await?;
+        let mut sender = self.h2_sender(addr, dial, false).await?;
         let retry = match sender.ready().await {
             Ok(()) => match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(resp),
@@ -271,7 +287,7 @@ impl Pools {
             Err(_) => req,
         };
         Box::pin(async move {
-            let mut sender = self.h2_sender(addr, connect_timeout, true).await?;
+            let mut sender = self.h2_sender(addr, dial, true).await?;
             sender
                 .ready()
                 .await
@@ -297,6 +313,16 @@ struct Return {
     pools: Arc<Pools>,
     addr: SocketAddr,
     sender: http1::SendRequest<ReqBody>,
+    /// Requests the connection has carried, this one included.
+    uses: u32,
+    max_uses: Option<u32>,
+}
+
+impl Return {
+    fn give_back(self) {
+        self.pools
+            .give_back(self.addr, self.sender, self.uses, self.max_uses);
+    }
 }
 
 /// A response body from a pooled HTTP/1.1 connection: when it has been read to the end,
@@ -314,19 +340,9 @@ impl std::fmt::Debug for PooledBody {
 }
 
 impl PooledBody {
-    fn new(
-        inner: Incoming,
-        pools: Arc<Pools>,
-        addr: SocketAddr,
-        sender: http1::SendRequest<ReqBody>,
-    ) -> PooledBody {
-        let ret = Return {
-            pools,
-            addr,
-            sender,
-        };
+    fn new(inner: Incoming, ret: Return) -> PooledBody {
         if inner.is_end_stream() {
-            ret.pools.give_back(ret.addr, ret.sender);
+            ret.give_back();
             PooledBody { inner, ret: None }
         } else {
             PooledBody {
@@ -350,13 +366,13 @@ impl Body for PooledBody {
         match &r {
             Poll::Ready(None) => {
                 if let Some(ret) = this.ret.take() {
-                    ret.pools.give_back(ret.addr, ret.sender);
+                    ret.give_back();
                 }
             }
             Poll::Ready(Some(Err(_))) => this.ret = None,
             Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => {
                 if let Some(ret) = this.ret.take() {
-                    ret.pools.give_back(ret.addr, ret.sender);
+                    ret.give_back();
                 }
             }
             _ => {}

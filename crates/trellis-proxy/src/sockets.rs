@@ -59,8 +59,39 @@ impl OriginalDst for LocalAddrAsOriginal {
 
 static MARK_WARNED: AtomicBool = AtomicBool::new(false);
 
+/// TCP keepalive on upstream sockets (a DestinationRule's `tcpKeepalive`); unset
+/// fields keep the OS's values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Keepalive {
+    pub time: Option<Duration>,
+    pub interval: Option<Duration>,
+    pub probes: Option<u32>,
+}
+
+/// How to open an upstream connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dial {
+    pub timeout: Duration,
+    pub keepalive: Option<Keepalive>,
+}
+
+impl From<Duration> for Dial {
+    fn from(timeout: Duration) -> Dial {
+        Dial {
+            timeout,
+            keepalive: None,
+        }
+    }
+}
+
 /// Connects to `addr` with the proxy mark, TCP_NODELAY and a timeout.
 pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    connect_with(addr, timeout.into()).await
+}
+
+/// Connects as [`connect`] does, with keepalive when `dial` asks for it.
+pub async fn connect_with(addr: SocketAddr, dial: Dial) -> io::Result<TcpStream> {
+    let timeout = dial.timeout;
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -73,6 +104,19 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStrea
         }
     }
     socket.set_nodelay(true)?;
+    if let Some(k) = dial.keepalive {
+        let mut ka = socket2::TcpKeepalive::new();
+        if let Some(t) = k.time {
+            ka = ka.with_time(t);
+        }
+        if let Some(i) = k.interval {
+            ka = ka.with_interval(i);
+        }
+        if let Some(p) = k.probes {
+            ka = ka.with_retries(p);
+        }
+        socket2::SockRef::from(&socket).set_tcp_keepalive(&ka)?;
+    }
     match tokio::time::timeout(timeout, socket.connect(addr)).await {
         Ok(r) => r,
         Err(_) => Err(io::Error::new(
@@ -104,5 +148,41 @@ mod tests {
             PROXY_MARK
         );
         assert!(s.nodelay().expect("nodelay"));
+    }
+
+    #[tokio::test]
+    async fn keepalive_is_set_when_asked() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let plain = connect(addr, Duration::from_secs(5))
+            .await
+            .expect("connect");
+        assert!(
+            !socket2::SockRef::from(&plain)
+                .keepalive()
+                .expect("SO_KEEPALIVE")
+        );
+        let dial = Dial {
+            timeout: Duration::from_secs(5),
+            keepalive: Some(Keepalive {
+                time: Some(Duration::from_secs(600)),
+                interval: Some(Duration::from_secs(30)),
+                probes: Some(4),
+            }),
+        };
+        let s = connect_with(addr, dial).await.expect("connect");
+        let r = socket2::SockRef::from(&s);
+        assert!(r.keepalive().expect("SO_KEEPALIVE"));
+        assert_eq!(
+            r.tcp_keepalive_time().expect("TCP_KEEPIDLE"),
+            Duration::from_secs(600)
+        );
+        assert_eq!(
+            r.tcp_keepalive_interval().expect("TCP_KEEPINTVL"),
+            Duration::from_secs(30)
+        );
+        assert_eq!(r.tcp_keepalive_retries().expect("TCP_KEEPCNT"), 4);
     }
 }

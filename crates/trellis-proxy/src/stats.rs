@@ -41,6 +41,7 @@ counters! {
     config_updates_total => "trellis_proxy_config_updates_total", "counter", "Snapshots applied.";
     tls_handshake_errors_total => "trellis_proxy_tls_handshake_errors_total", "counter", "Gateway TLS handshakes that failed or timed out.";
     dns_updates_total => "trellis_proxy_dns_updates_total", "counter", "Endpoint updates after a STRICT_DNS name resolved differently.";
+    retry_overflow_total => "trellis_proxy_retry_overflow_total", "counter", "Retries not made because the cluster's maxRetries were in flight.";
     config_rejections_total => "trellis_proxy_config_rejections_total", "counter", "Snapshots refused (the last good one stays).";
 }
 

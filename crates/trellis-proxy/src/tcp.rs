@@ -90,7 +90,7 @@ pub async fn forward_route(
     if cluster.discovery == trellis_xds::snapshot::Discovery::OriginalDst {
         // Resolution NONE: where the app sent the connection.
         match dst {
-            Some(d) => forward(stream, d, cluster.connect_timeout, shared, None).await,
+            Some(d) => forward(stream, d, cluster.dial(), shared, None).await,
             None => tracing::warn!(
                 flags = "NR",
                 "{peer}: {}:{} has no endpoints of its own (resolution NONE) and this connection was not intercepted; closing",
@@ -109,7 +109,7 @@ pub async fn forward_route(
         );
         return;
     };
-    forward(stream, ep.addr, cluster.connect_timeout, shared, Some(ep)).await;
+    forward(stream, ep.addr, cluster.dial(), shared, Some(ep)).await;
 }
 
 /// A connection to a gateway's TLS passthrough (`sni` set) or TCP server: the first of
@@ -164,18 +164,18 @@ pub async fn gateway(
         tracing::warn!(flags = "UH", cluster = %cluster.name, "{peer}: no endpoint on gateway port {port}");
         return;
     };
-    forward(stream, ep.addr, cluster.connect_timeout, shared, Some(ep)).await;
+    forward(stream, ep.addr, cluster.dial(), shared, Some(ep)).await;
 }
 
 /// Connects to `to` and copies both ways until both sides are done.
 pub async fn forward(
     mut down: TcpStream,
     to: SocketAddr,
-    timeout: Duration,
+    dial: impl Into<sockets::Dial>,
     shared: &Shared,
     ep: Option<&Endpoint>,
 ) {
-    let mut up = match sockets::connect(to, timeout).await {
+    let mut up = match sockets::connect_with(to, dial.into()).await {
         Ok(s) => s,
         Err(e) => {
             Stats::inc(&shared.stats.upstream_connect_failures_total);

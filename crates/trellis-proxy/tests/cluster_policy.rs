@@ -543,3 +543,72 @@ async fn gateway_errors_and_local_origin_failures_have_their_own_thresholds() {
     assert_eq!(s.iter().filter(|c| **c == 503).count(), 2, "{s:?}");
     assert!(s[4..].iter().all(|c| *c == 200), "{s:?}");
 }
+
+#[tokio::test]
+async fn max_requests_per_connection_and_the_retry_budget() {
+    // maxRequestsPerConnection 1: every request opens its own upstream connection.
+    let app = HttpServer::start().await.expect("app");
+    let p = proxy(
+        &[app.addr],
+        "  circuitBreakers: {maxRequestsPerConnection: 1}",
+    )
+    .await;
+    send_n(p.outbound_addrs[0], 5).await;
+    assert_eq!(app.stats().connections(), 5);
+    let reused = HttpServer::start().await.expect("app");
+    let p = proxy(&[reused.addr], "").await;
+    send_n(p.outbound_addrs[0], 5).await;
+    assert_eq!(
+        reused.stats().connections(),
+        1,
+        "without the limit, one pooled connection"
+    );
+
+    // maxRetries 0: a 503 with `retryOn: 5xx, attempts: 3` is answered, not retried.
+    let failing = answering(503).await;
+    let yaml = |budget: &str| {
+        format!(
+            "services:
+- hostname: app.default.svc.cluster.local
+  ports:
+  - port: 80
+    name: http
+    cluster: app
+    httpRoutes: [{{name: r, clusters: [{{cluster: app}}], retries: {{attempts: 3, retryOn: 5xx, backoff: 1ms}}}}]
+clusters:
+- name: app
+  endpoints: [{{address: \"{failing}\"}}]
+{budget}
+"
+        )
+    };
+    for (budget, tries) in [("  circuitBreakers: {maxRetries: 0}", 1), ("", 4)] {
+        let raw = Snapshot::from_text(&yaml(budget), "retry.yaml").expect("snapshot");
+        let p = trellis_proxy::start(
+            Config::from_wire(raw, None).expect("converts"),
+            ProxyOptions {
+                outbound_listen: vec![(
+                    "127.0.0.1:0".parse().expect("addr"),
+                    "app".to_string(),
+                    80,
+                )],
+                ..ProxyOptions::default()
+            },
+        )
+        .await
+        .expect("proxy");
+        let r = http_client::get(p.outbound_addrs[0], "app", "/")
+            .await
+            .expect("response");
+        assert_eq!(r.status, 503);
+        let ep = &p.config().clusters[0].endpoints[0];
+        let sent = ep.stats.requests.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(sent, tries, "budget {budget:?}");
+        let overflow = p
+            .shared
+            .stats
+            .retry_overflow_total
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(overflow, if tries == 1 { 1 } else { 0 });
+    }
+}

@@ -748,6 +748,24 @@ pub struct Cluster {
     #[prost(message, optional, tag = "12")]
     #[serde(default)]
     pub warmup: Option<Warmup>,
+    /// SO_KEEPALIVE on upstream connections (set: enabled; unset fields: the OS's).
+    #[prost(message, optional, tag = "13")]
+    #[serde(default)]
+    pub tcp_keepalive: Option<TcpKeepalive>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpKeepalive {
+    #[prost(uint32, optional, tag = "1")]
+    #[serde(default)]
+    pub probes: Option<u32>,
+    #[prost(message, optional, tag = "2")]
+    #[serde(default, with = "duration_opt")]
+    pub time: Option<prost_types::Duration>,
+    #[prost(message, optional, tag = "3")]
+    #[serde(default, with = "duration_opt")]
+    pub interval: Option<prost_types::Duration>,
 }
 
 /// Istio's localityLbSetting. Without `distribute`, failover: endpoints in this
@@ -901,6 +919,14 @@ pub struct CircuitBreakers {
     #[prost(uint32, optional, tag = "3")]
     #[serde(default)]
     pub max_requests: Option<u32>,
+    /// Concurrent retries to the cluster; beyond it a failed try is answered, not retried.
+    #[prost(uint32, optional, tag = "4")]
+    #[serde(default)]
+    pub max_retries: Option<u32>,
+    /// Requests per upstream HTTP/1.1 connection before it is closed (unset: no limit).
+    #[prost(uint32, optional, tag = "5")]
+    #[serde(default)]
+    pub max_requests_per_connection: Option<u32>,
 }
 
 #[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]

@@ -185,6 +185,8 @@ fn full() -> Snapshot {
                 max_connections: Some(1),
                 max_pending_requests: Some(2),
                 max_requests: Some(3),
+                max_retries: Some(4),
+                max_requests_per_connection: Some(100),
             }),
             consistent_hash: Some(ConsistentHash {
                 http_header_name: Some("x-user".into()),
@@ -209,6 +211,11 @@ fn full() -> Snapshot {
                 duration: d(60_000),
                 minimum_percent: Some(10.0),
                 aggression: Some(1.0),
+            }),
+            tcp_keepalive: Some(TcpKeepalive {
+                probes: Some(3),
+                time: d(7_200_000),
+                interval: d(75_000),
             }),
             discovery: Discovery::StrictDns as i32,
             dns_refresh_rate: d(5000),

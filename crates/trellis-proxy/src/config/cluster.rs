@@ -45,6 +45,21 @@ pub struct Limits {
     max_pending: usize,
     pending: AtomicUsize,
     requests: Option<Arc<tokio::sync::Semaphore>>,
+    /// Concurrent retries allowed, and those in flight.
+    max_retries: Option<usize>,
+    retries: Arc<AtomicUsize>,
+}
+
+/// A retry in flight, counted against `maxRetries` until dropped.
+#[derive(Debug)]
+pub struct RetrySlot(Option<Arc<AtomicUsize>>);
+
+impl Drop for RetrySlot {
+    fn drop(&mut self) {
+        if let Some(c) = &self.0 {
+            c.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 /// Permits held by a request in flight.
@@ -115,6 +130,10 @@ pub struct Cluster {
     pub locality: Option<LocalityPlan>,
     /// Slow start for endpoints that join later.
     pub warmup: Option<Warmup>,
+    /// SO_KEEPALIVE on upstream connections.
+    pub keepalive: Option<crate::sockets::Keepalive>,
+    /// Requests per upstream HTTP/1.1 connection before it is closed.
+    pub max_requests_per_connection: Option<u32>,
     next: AtomicUsize,
 }
 
@@ -500,6 +519,30 @@ impl Cluster {
         })
     }
 
+    /// How to open connections to this cluster's endpoints.
+    pub fn dial(&self) -> crate::sockets::Dial {
+        crate::sockets::Dial {
+            timeout: self.connect_timeout,
+            keepalive: self.keepalive,
+        }
+    }
+
+    /// A slot for one more retry under `maxRetries`; `None`: the budget is spent and the
+    /// failed try's answer stands.
+    pub fn try_retry(&self) -> Option<RetrySlot> {
+        let Some(l) = &self.limits else {
+            return Some(RetrySlot(None));
+        };
+        let Some(max) = l.max_retries else {
+            return Some(RetrySlot(None));
+        };
+        if l.retries.fetch_add(1, Ordering::AcqRel) >= max {
+            l.retries.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(RetrySlot(Some(Arc::clone(&l.retries))))
+    }
+
     /// Feeds outlier detection with the outcome of a try.
     pub fn report(&self, ep: &Endpoint, outcome: Outcome) {
         let Some(o) = self.outlier else { return };
@@ -657,6 +700,8 @@ impl Cluster {
             requests: cb
                 .max_requests
                 .map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize))),
+            max_retries: cb.max_retries.map(|n| n as usize),
+            retries: Arc::new(AtomicUsize::new(0)),
         });
         let outlier = match &c.outlier_detection {
             None => None,
@@ -758,6 +803,30 @@ impl Cluster {
                     })
                 }
             },
+            keepalive: c
+                .tcp_keepalive
+                .as_ref()
+                .map(|k| -> Result<_, ConfigError> {
+                    Ok(crate::sockets::Keepalive {
+                        time: k
+                            .time
+                            .as_ref()
+                            .map(|t| duration(&res, Some(t), Duration::ZERO))
+                            .transpose()?,
+                        interval: k
+                            .interval
+                            .as_ref()
+                            .map(|t| duration(&res, Some(t), Duration::ZERO))
+                            .transpose()?,
+                        probes: k.probes,
+                    })
+                })
+                .transpose()?,
+            max_requests_per_connection: c
+                .circuit_breakers
+                .as_ref()
+                .and_then(|cb| cb.max_requests_per_connection)
+                .filter(|n| *n > 0),
             discovery,
             dns_refresh: duration(&res, c.dns_refresh_rate.as_ref(), DEFAULT_DNS_REFRESH)?,
             next: AtomicUsize::new(0),

@@ -68,8 +68,10 @@ struct Upstream<'a> {
     h2: bool,
     /// Set when the upstream is a peer proxy: the app's version, for the peer.
     peer_version: Option<&'static str>,
-    connect_timeout: Duration,
+    dial: crate::sockets::Dial,
     idle_timeout: Duration,
+    /// DestinationRule `maxRequestsPerConnection` (HTTP/1.1 pools).
+    max_uses: Option<u32>,
     endpoint: Option<&'a Endpoint>,
     /// Other addresses to try when the first refuses (the pod address for apps that do
     /// not listen on localhost).
@@ -91,8 +93,9 @@ impl<'a> Upstream<'a> {
             peer_version: ep
                 .proxied
                 .then_some(if downstream_h2 { "2" } else { "1.1" }),
-            connect_timeout: cluster.connect_timeout,
+            dial: cluster.dial(),
             idle_timeout: cluster.idle_timeout,
+            max_uses: cluster.max_requests_per_connection,
             endpoint: Some(ep),
             fallbacks: &[],
         }
@@ -358,8 +361,9 @@ async fn to_cluster(
             addr: dst,
             h2: downstream_h2 || port_h2,
             peer_version: None,
-            connect_timeout: cluster.connect_timeout,
+            dial: cluster.dial(),
             idle_timeout: cluster.idle_timeout,
+            max_uses: cluster.max_requests_per_connection,
             endpoint: None,
             fallbacks: &[],
         };
@@ -423,6 +427,8 @@ async fn to_cluster(
         1
     };
     let mut tried: Vec<std::net::SocketAddr> = Vec::new();
+    // Held across the next try (dropped when it is replaced or the function returns).
+    let mut _retry_slot = None;
     for attempt in 1..=tries {
         // The hashed endpoint first; then one not tried yet, when there is one.
         let ep = match hashed.filter(|_| attempt == 1) {
@@ -475,12 +481,19 @@ async fn to_cluster(
             Ok(resp) => !last && retriable_response(&retry.on, resp),
             Err(e) => !last && retriable_error(&retry.on, e, &parts.method),
         };
-        if !again {
+        // The cluster's retry budget (maxRetries): a retry holds a slot until it is done.
+        let slot = if again { cluster.try_retry() } else { None };
+        if slot.is_none() {
+            if again {
+                Stats::inc(&shared.stats.retry_overflow_total);
+                tracing::info!(cluster = %cluster.name, "retry budget of the cluster spent; not retrying");
+            }
             return match result {
                 Ok(resp) => resp,
                 Err(e) => upstream_error_reply(e),
             };
         }
+        _retry_slot = slot;
         match &result {
             Ok(resp) => tracing::debug!(
                 "retrying {} {} after status {} (attempt {attempt})",
@@ -627,8 +640,9 @@ async fn inbound(
         addr: declared.app_addr(),
         h2,
         peer_version: None,
-        connect_timeout: Duration::from_secs(1),
+        dial: Duration::from_secs(1).into(),
         idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        max_uses: None,
         endpoint: None,
         fallbacks: &cfg.pod_ips,
     };
@@ -852,20 +866,20 @@ async fn send(
     let pools = &shared.pools;
     if up.h2 {
         return pools
-            .send_h2(up.addr, up.connect_timeout, req)
+            .send_h2(up.addr, up.dial, req)
             .await
             .map(|r| r.map(ProxyBody::Upstream));
     }
     if up.fallbacks.is_empty() {
         return pools
-            .send_h1(up.addr, up.connect_timeout, up.idle_timeout, req)
+            .send_h1(up.addr, up.dial, up.idle_timeout, up.max_uses, req)
             .await
             .map(|r| r.map(ProxyBody::Pooled));
     }
     // Inbound with pod addresses: the app may listen on one of them instead of localhost.
-    let addr = Box::pin(shared.app_addr(up.addr, up.fallbacks, up.connect_timeout)).await;
+    let addr = Box::pin(shared.app_addr(up.addr, up.fallbacks, up.dial.timeout)).await;
     let r = pools
-        .send_h1(addr, up.connect_timeout, up.idle_timeout, req)
+        .send_h1(addr, up.dial, up.idle_timeout, up.max_uses, req)
         .await
         .map(|r| r.map(ProxyBody::Pooled));
     if matches!(r, Err(UpstreamError::Connect { .. })) {
@@ -888,7 +902,7 @@ async fn forward_upgrade(mut req: Request<ReqBody>, up: Upstream<'_>) -> Respons
     }
     *req.version_mut() = Version::HTTP_11;
     let is_connect = req.method() == Method::CONNECT;
-    let mut sender = match Pools::connect_h1(up.addr, up.connect_timeout).await {
+    let mut sender = match Pools::connect_h1(up.addr, up.dial).await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(flags = e.flag(), "{e}");
