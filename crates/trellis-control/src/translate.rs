@@ -111,12 +111,21 @@ pub fn http_route(
     port: u16,
 ) -> Result<wire::HttpRoute, TranslateError> {
     let path = format!("spec.http[{index}]");
-    let clusters = weighted_clusters(
+    let mut clusters = weighted_clusters(
         r.route.iter().map(|d| (&d.destination, d.weight)),
         namespace,
         port,
         &path,
     )?;
+    // Several destinations: each keeps its own header operations (one destination's
+    // join the route's below).
+    if r.route.len() > 1 {
+        for (wc, d) in clusters.iter_mut().zip(&r.route) {
+            let h = d.headers.as_ref();
+            wc.request_headers = header_ops(h.and_then(|h| h.request.as_ref()));
+            wc.response_headers = header_ops(h.and_then(|h| h.response.as_ref()));
+        }
+    }
     let mut mirrors = Vec::new();
     if let Some(m) = &r.mirror {
         mirrors.push(wire::Mirror {
@@ -140,9 +149,8 @@ pub fn http_route(
             percentage: m.percentage.map(|p| p.value),
         });
     }
-    // Route-level header operations, plus the destination's when there is only one. With
-    // several destinations, per-destination operations would need a per-cluster hook in
-    // the proxy, which it does not have yet: they are not applied.
+    // Route-level header operations, plus the destination's when there is only one (with
+    // several, each destination carries its own, above).
     let mut request_headers = header_ops(r.headers.as_ref().and_then(|h| h.request.as_ref()));
     let mut response_headers = header_ops(r.headers.as_ref().and_then(|h| h.response.as_ref()));
     if let [d] = r.route.as_slice() {
@@ -245,6 +253,7 @@ fn weighted_clusters<'a>(
                     &format!("{path}.route[{j}].destination"),
                 )?,
                 weight: u32::try_from(weight.unwrap_or(0)).unwrap_or(0),
+                ..Default::default()
             })
         })
         .collect()
@@ -298,7 +307,17 @@ pub fn virtual_service(
     namespace: &str,
     port: u16,
 ) -> Result<PortRoutes, TranslateError> {
-    let http = http_routes_for(vs, namespace, port, MESH)?;
+    virtual_service_delegating(vs, namespace, port, &|_, _| None)
+}
+
+/// As [`virtual_service`], with `delegate` rules resolved through `lookup`.
+pub fn virtual_service_delegating(
+    vs: &VirtualService,
+    namespace: &str,
+    port: u16,
+    lookup: DelegateLookup<'_>,
+) -> Result<PortRoutes, TranslateError> {
+    let http = http_routes_delegating(vs, namespace, port, MESH, lookup)?;
     let (tcp, tls) = l4_routes_for(vs, namespace, port, MESH)?;
     Ok(PortRoutes { http, tcp, tls })
 }
@@ -381,34 +400,167 @@ pub fn applies_to(vs: &VirtualService, namespace: &str, gateway: &str) -> bool {
         .any(|g| gateway_ref(g, namespace) == gateway)
 }
 
+/// Finds the VirtualService a `delegate` names (`name`, `namespace`).
+pub type DelegateLookup<'a> = &'a dyn Fn(&str, &str) -> Option<&'a VirtualService>;
+
 /// A VirtualService's HTTP rules as `gateway` sees them: a match that names other gateways
-/// is left out, and a rule all of whose matches are left out goes with them.
+/// is left out, and a rule all of whose matches are left out goes with them. A rule with
+/// `delegate` fails to translate (use [`http_routes_delegating`]).
 pub fn http_routes_for(
     vs: &VirtualService,
     namespace: &str,
     port: u16,
     gateway: &str,
 ) -> Result<Vec<wire::HttpRoute>, TranslateError> {
+    http_routes_delegating(vs, namespace, port, gateway, &|_, _| None)
+}
+
+/// As [`http_routes_for`], with `delegate` rules replaced by the delegate VirtualService's
+/// rules (found with `lookup`), each of its matches combined with the delegating rule's:
+/// conditions on different fields add up, a delegate's condition on the same field must
+/// lie within the root's (a longer prefix of the same path, the same exact value), and a
+/// combination that cannot hold is dropped, as Istio does. Delegation is one level deep.
+pub fn http_routes_delegating(
+    vs: &VirtualService,
+    namespace: &str,
+    port: u16,
+    gateway: &str,
+    lookup: DelegateLookup<'_>,
+) -> Result<Vec<wire::HttpRoute>, TranslateError> {
     let mut out = Vec::with_capacity(vs.http.len());
     for (i, r) in vs.http.iter().enumerate() {
-        if r.matches.iter().all(|m| m.gateways.is_empty()) {
-            out.push(http_route(r, i, namespace, port)?);
+        let kept: Vec<HttpMatchRequest> = if r.matches.iter().all(|m| m.gateways.is_empty()) {
+            r.matches.clone()
+        } else {
+            let kept: Vec<HttpMatchRequest> = r
+                .matches
+                .iter()
+                .filter(|m| match_applies(&m.gateways, vs, namespace, gateway))
+                .cloned()
+                .collect();
+            if kept.is_empty() {
+                continue;
+            }
+            kept
+        };
+        let Some(d) = &r.delegate else {
+            let mut rule = r.clone();
+            rule.matches = kept;
+            out.push(http_route(&rule, i, namespace, port)?);
             continue;
+        };
+        let path = format!("spec.http[{i}].delegate");
+        let name = d.name.as_deref().unwrap_or_default();
+        let ns = d.namespace.as_deref().unwrap_or(namespace);
+        let Some(target) = lookup(name, ns) else {
+            return Err(err(
+                path,
+                format!("VirtualService {ns}/{name} is not found"),
+            ));
+        };
+        for (j, dr) in target.http.iter().enumerate() {
+            if dr.delegate.is_some() {
+                return Err(err(
+                    format!("{path}: VirtualService {ns}/{name} spec.http[{j}]"),
+                    "a delegate cannot delegate again",
+                ));
+            }
+            let matches: Vec<HttpMatchRequest> = match (kept.is_empty(), dr.matches.is_empty()) {
+                (true, _) => dr.matches.clone(),
+                (false, true) => kept.clone(),
+                (false, false) => kept
+                    .iter()
+                    .flat_map(|root| dr.matches.iter().filter_map(move |m| merge_match(root, m)))
+                    .collect(),
+            };
+            if matches.is_empty() && !(kept.is_empty() && dr.matches.is_empty()) {
+                continue; // every combination conflicts
+            }
+            let mut rule = dr.clone();
+            rule.matches = matches;
+            if rule.name.is_none() {
+                rule.name = Some(format!(
+                    "{}/{j}",
+                    r.name.clone().unwrap_or_else(|| format!("#{i}"))
+                ));
+            }
+            // The delegate's destinations are in its own namespace.
+            out.push(http_route(&rule, j, ns, port)?);
         }
-        let kept: Vec<HttpMatchRequest> = r
-            .matches
-            .iter()
-            .filter(|m| match_applies(&m.gateways, vs, namespace, gateway))
-            .cloned()
-            .collect();
-        if kept.is_empty() {
-            continue;
-        }
-        let mut rule = r.clone();
-        rule.matches = kept;
-        out.push(http_route(&rule, i, namespace, port)?);
     }
     Ok(out)
+}
+
+/// `inner` within `outer` (a delegate's condition under the root's), or `None` when the
+/// two cannot both hold.
+fn narrower(outer: &StringMatch, inner: &StringMatch) -> Option<StringMatch> {
+    let ok = match (
+        (&outer.exact, &outer.prefix, &outer.regex),
+        (&inner.exact, &inner.prefix, &inner.regex),
+    ) {
+        ((Some(a), _, _), (Some(b), _, _)) => a == b,
+        ((_, Some(p), _), (Some(b), _, _)) | ((_, Some(p), _), (_, Some(b), _)) => {
+            b.starts_with(p.as_str())
+        }
+        ((_, _, Some(a)), (_, _, Some(b))) => a == b,
+        // Presence only on the outer side: any inner condition is narrower.
+        ((None, None, None), _) => true,
+        _ => false,
+    };
+    ok.then(|| inner.clone())
+}
+
+fn merge_opt(
+    outer: &Option<StringMatch>,
+    inner: &Option<StringMatch>,
+) -> Result<Option<StringMatch>, ()> {
+    match (outer, inner) {
+        (Some(o), Some(i)) => narrower(o, i).map(Some).ok_or(()),
+        (o, None) => Ok(o.clone()),
+        (None, i) => Ok(i.clone()),
+    }
+}
+
+fn merge_map<V: Clone + PartialEq>(
+    outer: &std::collections::BTreeMap<String, V>,
+    inner: &std::collections::BTreeMap<String, V>,
+) -> Result<std::collections::BTreeMap<String, V>, ()> {
+    let mut out = outer.clone();
+    for (k, v) in inner {
+        match out.get(k) {
+            Some(existing) if existing != v => return Err(()),
+            _ => {
+                out.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A delegate route's match combined with the root route's, Istio's way.
+fn merge_match(root: &HttpMatchRequest, d: &HttpMatchRequest) -> Option<HttpMatchRequest> {
+    let mut m = d.clone();
+    m.uri = merge_opt(&root.uri, &d.uri).ok()?;
+    m.scheme = merge_opt(&root.scheme, &d.scheme).ok()?;
+    m.method = merge_opt(&root.method, &d.method).ok()?;
+    m.authority = merge_opt(&root.authority, &d.authority).ok()?;
+    m.headers = merge_map(&root.headers, &d.headers).ok()?;
+    m.without_headers = merge_map(&root.without_headers, &d.without_headers).ok()?;
+    m.query_params = merge_map(&root.query_params, &d.query_params).ok()?;
+    m.source_labels = merge_map(&root.source_labels, &d.source_labels).ok()?;
+    m.port = match (root.port, d.port) {
+        (Some(a), Some(b)) if a != b => return None,
+        (a, b) => b.or(a),
+    };
+    m.source_namespace = match (&root.source_namespace, &d.source_namespace) {
+        (Some(a), Some(b)) if a != b => return None,
+        (a, b) => b.clone().or_else(|| a.clone()),
+    };
+    m.gateways = root.gateways.clone();
+    m.ignore_uri_case =
+        Some(root.ignore_uri_case.unwrap_or(false) || d.ignore_uri_case.unwrap_or(false));
+    m.name = d.name.clone().or_else(|| root.name.clone());
+    Some(m)
 }
 
 /// One Gateway to translate: its namespace, name and spec.
@@ -465,6 +617,12 @@ pub fn gateway_ports(
     gateways: &[GatewayRef<'_>],
     virtual_services: &[VirtualServiceRef<'_>],
 ) -> (Vec<wire::GatewayPort>, Vec<TranslateError>) {
+    let lookup = |name: &str, ns: &str| {
+        virtual_services
+            .iter()
+            .find(|v| v.name == name && v.namespace == ns)
+            .map(|v| v.vs)
+    };
     let mut ports: Vec<wire::GatewayPort> = Vec::new();
     let mut problems = Vec::new();
     for g in gateways {
@@ -534,9 +692,10 @@ pub fn gateway_ports(
                 if domains.is_empty() {
                     continue;
                 }
-                let routes = http_routes_for(v.vs, v.namespace, port, &gw_name).and_then(|h| {
-                    l4_routes_for(v.vs, v.namespace, port, &gw_name).map(|(t, s)| (h, t, s))
-                });
+                let routes = http_routes_delegating(v.vs, v.namespace, port, &gw_name, &lookup)
+                    .and_then(|h| {
+                        l4_routes_for(v.vs, v.namespace, port, &gw_name).map(|(t, s)| (h, t, s))
+                    });
                 match routes {
                     Ok((http_routes, tcp_routes, tls_routes)) => {
                         // A server carries only the routes of its protocol.
@@ -881,6 +1040,106 @@ spec:
         assert_eq!(
             h.response_headers.as_ref().map(|o| o.remove.clone()),
             Some(vec!["x-secret".to_string()])
+        );
+        // Several destinations: each keeps its own.
+        let v = vs(r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings, namespace: shop}
+spec:
+  hosts: [ratings]
+  http:
+  - route:
+    - destination: {host: ratings, subset: v1}
+      weight: 50
+      headers: {request: {set: {x-dest: v1}}}
+    - destination: {host: ratings, subset: v2}
+      weight: 50
+      headers: {response: {add: {x-from: v2}}}
+"#);
+        let r = virtual_service(&v, "shop", 8080).expect("translates");
+        let cs = &r.http[0].clusters;
+        assert_eq!(
+            cs[0]
+                .request_headers
+                .as_ref()
+                .map(|o| o.set["x-dest"].clone()),
+            Some("v1".to_string())
+        );
+        assert!(cs[0].response_headers.is_none());
+        assert_eq!(
+            cs[1]
+                .response_headers
+                .as_ref()
+                .map(|o| o.add["x-from"].clone()),
+            Some("v2".to_string())
+        );
+        assert!(r.http[0].request_headers.is_none());
+    }
+
+    #[test]
+    fn delegate_rules_merge_into_the_root() {
+        let root = vs(r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: root, namespace: edge}
+spec:
+  hosts: [shop.example.com]
+  http:
+  - name: product
+    match: [{uri: {prefix: /productpage}, headers: {end-user: {exact: jason}}}]
+    delegate: {name: productpage, namespace: team}
+  - name: rest
+    route: [{destination: {host: web}}]
+"#);
+        let delegate = vs(r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: productpage, namespace: team}
+spec:
+  http:
+  - name: v1
+    match: [{uri: {prefix: /productpage/v1}}, {uri: {prefix: /elsewhere}}]
+    route: [{destination: {host: productpage, subset: v1}}]
+  - route: [{destination: {host: productpage, subset: v2}}]
+"#);
+        let lookup =
+            |name: &str, ns: &str| (name == "productpage" && ns == "team").then_some(&delegate);
+        let routes =
+            http_routes_delegating(&root, "edge", 9080, MESH, &lookup).expect("translates");
+        let names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["v1", "product/1", "rest"]);
+        // /elsewhere is not under /productpage: that combination is dropped; the root's
+        // header condition joins the delegate's uri.
+        assert_eq!(routes[0].matches.len(), 1);
+        let m = &routes[0].matches[0];
+        assert_eq!(
+            m.uri.as_ref().and_then(|u| u.prefix.as_deref()),
+            Some("/productpage/v1")
+        );
+        assert!(m.headers.contains_key("end-user"));
+        // A delegate rule without match takes the root's; its hosts are in its namespace.
+        assert_eq!(
+            routes[1].matches[0]
+                .uri
+                .as_ref()
+                .and_then(|u| u.prefix.as_deref()),
+            Some("/productpage")
+        );
+        assert_eq!(
+            routes[1].clusters[0].cluster,
+            "outbound|9080|v2|productpage.team.svc.cluster.local"
+        );
+        assert_eq!(
+            routes[2].clusters[0].cluster,
+            "outbound|9080||web.edge.svc.cluster.local"
+        );
+        // A missing delegate is an error naming it.
+        let e =
+            http_routes_delegating(&root, "edge", 9080, MESH, &|_, _| None).expect_err("missing");
+        assert_eq!(
+            e.to_string(),
+            "spec.http[0].delegate: VirtualService team/productpage is not found"
         );
     }
 }

@@ -784,3 +784,70 @@ async fn cors_preflights_and_responses() {
         Some("x-echo-method")
     );
 }
+
+#[tokio::test]
+async fn each_destination_applies_its_own_headers() {
+    let (a, b) = (
+        HttpServer::start().await.expect("a"),
+        HttpServer::start().await.expect("b"),
+    );
+    let yaml = format!(
+        r#"services:
+- hostname: reviews.default.svc.cluster.local
+  ports:
+  - port: 9080
+    name: http
+    cluster: a
+    httpRoutes:
+    - name: split
+      requestHeaders: {{set: {{x-route: split}}}}
+      clusters:
+      - {{cluster: a, weight: 50, requestHeaders: {{set: {{x-dest: a}}}}, responseHeaders: {{set: {{x-served: a}}}}}}
+      - {{cluster: b, weight: 50, requestHeaders: {{set: {{x-dest: b}}}}, responseHeaders: {{set: {{x-served: b}}}}}}
+clusters:
+- {{name: a, endpoints: [{{address: "{}"}}]}}
+- {{name: b, endpoints: [{{address: "{}"}}]}}
+"#,
+        a.addr, b.addr
+    );
+    let p = trellis_proxy::start(
+        config(&yaml).expect("snapshot"),
+        ProxyOptions {
+            outbound_listen: vec![(
+                "127.0.0.1:0".parse().expect("addr"),
+                "reviews".to_string(),
+                9080,
+            )],
+            ..ProxyOptions::default()
+        },
+    )
+    .await
+    .expect("proxy");
+    let mut c = http_client::HttpClient::http1(p.outbound_addrs[0])
+        .await
+        .expect("connect");
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..100 {
+        let r = c.get("reviews:9080", "/echo").await.expect("response");
+        let served = r
+            .header("x-served")
+            .expect("destination response header")
+            .to_string();
+        assert_eq!(
+            r.header("x-echo-h-x-dest"),
+            Some(served.as_str()),
+            "the request carried its own destination's headers"
+        );
+        assert_eq!(
+            r.header("x-echo-h-x-route"),
+            Some("split"),
+            "and the route's"
+        );
+        *seen.entry(served).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(
+        seen.get("a").copied().unwrap_or(0),
+        a.stats().requests() as i32
+    );
+}

@@ -698,6 +698,13 @@ pub struct WeightedCluster {
     #[prost(uint32, tag = "2")]
     #[serde(default)]
     pub weight: u32,
+    /// Header operations for requests sent to this destination (after the route's).
+    #[prost(message, optional, tag = "3")]
+    #[serde(default)]
+    pub request_headers: Option<HeaderOps>,
+    #[prost(message, optional, tag = "4")]
+    #[serde(default)]
+    pub response_headers: Option<HeaderOps>,
 }
 
 /// A set of endpoints traffic can be balanced over: service + subset + port.

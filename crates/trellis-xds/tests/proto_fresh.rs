@@ -42,6 +42,8 @@ fn l4() -> L4Route {
         clusters: vec![WeightedCluster {
             cluster: "c".into(),
             weight: 1,
+            request_headers: Some(ops()),
+            response_headers: Some(ops()),
         }],
     }
 }
@@ -111,6 +113,8 @@ fn full() -> Snapshot {
                     clusters: vec![WeightedCluster {
                         cluster: "c".into(),
                         weight: 100,
+                        request_headers: Some(ops()),
+                        response_headers: Some(ops()),
                     }],
                     timeout: d(1000),
                     fault: Some(Fault {

@@ -179,6 +179,8 @@ pub(super) fn compile_l4(
                 destination: RouteDest {
                     name: w.cluster.clone(),
                     cluster: clusters.get(w.cluster.as_str()).cloned(),
+                    request_headers: None,
+                    response_headers: None,
                 },
             })
             .collect();
@@ -708,6 +710,10 @@ pub(super) fn route_policy(
 pub struct RouteDest {
     pub name: String,
     pub cluster: Option<Arc<Cluster>>,
+    /// The destination's own header operations (a VirtualService's
+    /// `route[].headers`), applied after the route's.
+    pub request_headers: Option<HeaderOps>,
+    pub response_headers: Option<HeaderOps>,
 }
 
 /// Compiles a port's HTTP routes; a bad match (say, an invalid regex) refuses the
@@ -758,17 +764,23 @@ pub(super) fn compile_routes(
             ));
         }
         let lone = r.clusters.len() == 1;
-        let destinations = r
-            .clusters
-            .iter()
-            .map(|w| Weighted {
+        let mut destinations = Vec::with_capacity(r.clusters.len());
+        for (j, w) in r.clusters.iter().enumerate() {
+            let ops = |o: &Option<wire::HeaderOps>, which: &str| {
+                o.as_ref()
+                    .map(|o| header_ops(resource, &format!("{path}.clusters[{j}].{which}"), o))
+                    .transpose()
+            };
+            destinations.push(Weighted {
                 weight: if lone && w.weight == 0 { 1 } else { w.weight },
                 destination: RouteDest {
                     name: w.cluster.clone(),
                     cluster: clusters.get(w.cluster.as_str()).cloned(),
+                    request_headers: ops(&w.request_headers, "requestHeaders")?,
+                    response_headers: ops(&w.response_headers, "responseHeaders")?,
                 },
-            })
-            .collect();
+            });
+        }
         let name = if r.name.is_empty() {
             format!("#{i}")
         } else {

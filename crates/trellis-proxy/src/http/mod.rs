@@ -160,6 +160,7 @@ async fn outbound(
 ) -> Response<ProxyBody> {
     let mut req = req;
     let origin = req.headers().get(header::ORIGIN).cloned();
+    let mut dest_response_headers = None;
     let (cluster, policy) = match &target.routes {
         None => (&target.cluster, None),
         Some(table) => {
@@ -209,12 +210,21 @@ async fn outbound(
                 }
             }
             match m.route.pick(random_u64() as u32) {
-                Some(RouteDest {
-                    cluster: Some(c), ..
-                }) => (c, policy),
+                Some(
+                    d @ RouteDest {
+                        cluster: Some(c), ..
+                    },
+                ) => {
+                    if let Some(h) = &d.request_headers {
+                        h.apply(req.headers_mut());
+                    }
+                    dest_response_headers = d.response_headers.as_ref();
+                    (c, policy)
+                }
                 Some(RouteDest {
                     name,
                     cluster: None,
+                    ..
                 }) => {
                     tracing::warn!(flags = "NR", route = %m.route.name, "route {:?} of {}:{} sends to cluster {name:?}, which is not defined", m.route.name, target.hostname, target.port);
                     return local_reply(
@@ -248,6 +258,9 @@ async fn outbound(
         }
     };
     if let Some(h) = policy.and_then(|p| p.response_headers.as_ref()) {
+        h.apply(resp.headers_mut());
+    }
+    if let Some(h) = dest_response_headers {
         h.apply(resp.headers_mut());
     }
     if let Some(c) = set_cookie {
