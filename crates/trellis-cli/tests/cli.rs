@@ -20,16 +20,43 @@ fn stdout(o: &Output) -> String {
 
 #[test]
 fn analyze_examples_is_clean() {
-    let out = trellis(&["analyze", examples().to_str().expect("utf-8 path")]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stdout: {}\nstderr: {}",
-        stdout(&out),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(stdout(&out), "", "no messages expected");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("No validation issues found"));
+    let clean = |paths: &[PathBuf]| {
+        let args: Vec<&str> = std::iter::once("analyze")
+            .chain(paths.iter().map(|p| p.to_str().expect("utf-8 path")))
+            .collect();
+        let out = trellis(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{paths:?}\nstdout: {}\nstderr: {}",
+            stdout(&out),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(stdout(&out), "", "no messages expected for {paths:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("No validation issues found"));
+    };
+    clean(&[examples().join("bookinfo")]);
+    // Istio's routing tasks, each applied on its own over Bookinfo, as the tasks do.
+    let tasks = examples().join("bookinfo-tasks");
+    let mut n = 0;
+    for e in std::fs::read_dir(&tasks).expect("tasks") {
+        let path = e.expect("entry").path();
+        let name = path
+            .file_name()
+            .and_then(|f| f.to_str())
+            .unwrap_or("")
+            .to_string();
+        if name.starts_with("virtual-service-") {
+            clean(&[
+                examples().join("bookinfo/services.yaml"),
+                examples().join("bookinfo/workloads.yaml"),
+                tasks.join("destination-rule-all.yaml"),
+                path,
+            ]);
+            n += 1;
+        }
+    }
+    assert_eq!(n, 5, "five task files");
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
