@@ -40,8 +40,8 @@ struct Args {
     /// bad new version is refused and the last good one stays).
     #[arg(long, value_name = "FILE")]
     config: PathBuf,
-    /// Capture intercepted traffic on Istio's ports: outbound 0.0.0.0:15001, inbound
-    /// 0.0.0.0:15006.
+    /// Capture intercepted traffic on Istio's ports: outbound [::]:15001, inbound
+    /// [::]:15006 (both IPv4 and IPv6; 0.0.0.0 where the host has no IPv6).
     #[arg(long)]
     sidecar: bool,
     /// Listen for intercepted outbound connections (original destination via SO_ORIGINAL_DST).
@@ -99,8 +99,9 @@ fn parse_addr_opt(s: &str) -> anyhow::Result<Option<SocketAddr>> {
 fn options(args: &Args, cfg: &config::Config) -> anyhow::Result<ProxyOptions> {
     let mut o = ProxyOptions::default();
     if args.sidecar {
-        o.outbound_capture = Some(SocketAddr::from(([0, 0, 0, 0], 15001)));
-        o.inbound_capture = Some(SocketAddr::from(([0, 0, 0, 0], 15006)));
+        let any = std::net::Ipv6Addr::UNSPECIFIED;
+        o.outbound_capture = Some(SocketAddr::from((any, 15001)));
+        o.inbound_capture = Some(SocketAddr::from((any, 15006)));
     }
     o.outbound_capture = args.outbound_capture.or(o.outbound_capture);
     o.inbound_capture = args.inbound_capture.or(o.inbound_capture);

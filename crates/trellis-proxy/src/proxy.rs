@@ -259,9 +259,24 @@ pub async fn start(config: Config, opts: ProxyOptions) -> io::Result<ProxyHandle
     let mut inbound_addrs = Vec::new();
     let mut bound: Vec<(TcpListener, ListenerKind)> = Vec::new();
     let bind = |a: SocketAddr| async move {
-        TcpListener::bind(a)
-            .await
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))
+        match TcpListener::bind(a).await {
+            Ok(l) => Ok(l),
+            // `[::]` on a host without IPv6: the IPv4 wildcard instead.
+            Err(e)
+                if a.ip() == std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(nix::libc::EAFNOSUPPORT | nix::libc::EADDRNOTAVAIL)
+                    ) =>
+            {
+                let v4 = SocketAddr::from(([0, 0, 0, 0], a.port()));
+                tracing::info!("no IPv6 here ({e}); listening on {v4} instead of {a}");
+                TcpListener::bind(v4)
+                    .await
+                    .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {v4}: {e}")))
+            }
+            Err(e) => Err(io::Error::new(e.kind(), format!("cannot listen on {a}: {e}"))),
+        }
     };
     if let Some(a) = opts.outbound_capture {
         bound.push((bind(a).await?, ListenerKind::OutboundCapture));

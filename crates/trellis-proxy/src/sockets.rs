@@ -26,7 +26,13 @@ impl OriginalDst for SoOriginalDst {
     fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
         use nix::sys::socket::{getsockopt, sockopt};
         let local = stream.local_addr()?;
-        if local.is_ipv4() {
+        // An IPv4 connection accepted on a dual-stack (`[::]`) listener has a v4-mapped
+        // address and an IPv4 conntrack entry: it is asked with the IPv4 option.
+        let v4 = match local {
+            SocketAddr::V4(_) => true,
+            SocketAddr::V6(a) => a.ip().to_ipv4_mapped().is_some(),
+        };
+        if v4 {
             let sa = getsockopt(stream, sockopt::OriginalDst).map_err(io::Error::from)?;
             let ip = Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
             Ok(SocketAddr::V4(SocketAddrV4::new(
