@@ -275,7 +275,10 @@ pub async fn start(config: Config, opts: ProxyOptions) -> io::Result<ProxyHandle
                     .await
                     .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {v4}: {e}")))
             }
-            Err(e) => Err(io::Error::new(e.kind(), format!("cannot listen on {a}: {e}"))),
+            Err(e) => Err(io::Error::new(
+                e.kind(),
+                format!("cannot listen on {a}: {e}"),
+            )),
         }
     };
     if let Some(a) = opts.outbound_capture {

@@ -395,14 +395,14 @@ async fn a_new_endpoint_warms_up() {
         HttpServer::start().await.expect("a"),
         HttpServer::start().await.expect("b"),
     );
-    let yaml = |eps: &str| {
+    let yaml = |window: &str, eps: &str| {
         format!(
             "services:
 - hostname: app.default.svc.cluster.local
   ports: [{{port: 80, name: http, cluster: app}}]
 clusters:
 - name: app
-  warmup: {{duration: 1500ms, minimumPercent: 10}}
+  warmup: {{duration: {window}, minimumPercent: 10}}
   endpoints: [{eps}]
 "
         )
@@ -414,8 +414,12 @@ clusters:
         )
         .expect("converts")
     };
+    let only_a = format!("{{address: \"{}\"}}", a.addr);
+    let both = format!("{{address: \"{}\"}}, {{address: \"{}\"}}", a.addr, b.addr);
+    // A long window: however slowly this machine sends the requests, b is still near
+    // the start of its ramp (10 %, plus under 2 % per second).
     let p = trellis_proxy::start(
-        convert(yaml(&format!("{{address: \"{}\"}}", a.addr)), None),
+        convert(yaml("60s", &only_a), None),
         ProxyOptions {
             outbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), "app".to_string(), 80)],
             ..ProxyOptions::default()
@@ -423,21 +427,26 @@ clusters:
     )
     .await
     .expect("proxy");
-    // b joins the existing cluster: it starts at a small share.
-    let both = yaml(&format!(
-        "{{address: \"{}\"}}, {{address: \"{}\"}}",
-        a.addr, b.addr
-    ));
-    p.update(convert(both, Some(&p.config())));
+    p.update(convert(yaml("60s", &both), Some(&p.config())));
     send_n(p.outbound_addrs[0], 400).await;
     let early = b.stats().requests();
     assert!(
         early < 130,
         "b is warming: {early} of 400 (50 % would be 200)"
     );
-    // After the window it takes its full share.
-    tokio::time::sleep(Duration::from_millis(1600)).await;
-    send_n(p.outbound_addrs[0], 400).await;
+    // A short window, over: b takes its full share.
+    let p2 = trellis_proxy::start(
+        convert(yaml("200ms", &only_a), None),
+        ProxyOptions {
+            outbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), "app".to_string(), 80)],
+            ..ProxyOptions::default()
+        },
+    )
+    .await
+    .expect("proxy");
+    p2.update(convert(yaml("200ms", &both), Some(&p2.config())));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send_n(p2.outbound_addrs[0], 400).await;
     let late = b.stats().requests() - early;
     assert!((160..=240).contains(&late), "b warmed up: {late} of 400");
 }
@@ -530,10 +539,8 @@ async fn gateway_errors_and_local_origin_failures_have_their_own_thresholds() {
 
     // Split local-origin errors: an endpoint that refuses connections is ejected after
     // consecutiveLocalOriginFailures 2, while consecutive5xxErrors 100 would never fire.
-    let refusing = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr")
-    };
+    let refused = trellis_testkit::RefusedPort::new().expect("a refusing port");
+    let refusing = refused.addr;
     let p = proxy(
         &[good.addr, refusing],
         "  outlierDetection: {consecutive5xxErrors: 100, splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 2, baseEjectionTime: 30s, maxEjectionPercent: 50}",

@@ -149,18 +149,15 @@ async fn slowloris_is_closed_after_the_header_timeout() {
     );
 }
 
-async fn closed_port() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let a = l.local_addr().expect("addr");
-    drop(l);
-    a
+/// A port that refuses connections while the guard lives.
+fn closed_port() -> trellis_testkit::RefusedPort {
+    trellis_testkit::RefusedPort::new().expect("a refusing port")
 }
 
 #[tokio::test]
 async fn refused_upstream_gets_503_uf_and_no_endpoint_gets_503_uh() {
-    let dead = closed_port().await;
+    let refused = closed_port();
+    let dead = refused.addr;
     let p = outbound(&[dead], "").await;
     let r = timeout(LIMIT, http_client::get(p.outbound_addrs[0], "app", "/"))
         .await

@@ -474,12 +474,8 @@ async fn istio_default_retries_a_503_and_resends_the_body() {
 #[tokio::test]
 async fn connect_failures_are_retried_on_another_endpoint() {
     let app = HttpServer::start().await.expect("app");
-    let dead = {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        l.local_addr().expect("addr")
-    };
+    let refused = trellis_testkit::RefusedPort::new().expect("a refusing port");
+    let dead = refused.addr;
     let yaml = |retries: &str| {
         format!(
             "services:

@@ -37,7 +37,7 @@ pub use grpc::{
     grpc_call_with_authority,
 };
 pub use http_server::{HttpServer, HttpStats};
-pub use tcp::{BannerServer, TcpEchoServer, TcpStats, tcp_echo_half_close};
+pub use tcp::{BannerServer, RefusedPort, TcpEchoServer, TcpStats, tcp_echo_half_close};
 pub use ws::{WsEchoServer, WsStats, ws_echo};
 
 /// Re-exported so callers of [`ws_echo`] need not depend on tungstenite themselves.

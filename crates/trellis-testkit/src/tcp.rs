@@ -176,3 +176,24 @@ impl BannerServer {
         self.task.shutdown().await;
     }
 }
+
+/// A loopback port that refuses connections for as long as this value lives: a socket is
+/// bound to it but never listens. (A port freed by dropping a listener can be taken by
+/// another test meanwhile, and then it answers.)
+#[derive(Debug)]
+pub struct RefusedPort {
+    _socket: tokio::net::TcpSocket,
+    pub addr: SocketAddr,
+}
+
+impl RefusedPort {
+    pub fn new() -> std::io::Result<RefusedPort> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        let addr = socket.local_addr()?;
+        Ok(RefusedPort {
+            _socket: socket,
+            addr,
+        })
+    }
+}
