@@ -9,6 +9,7 @@ use trellis_api::analyze::{self, AnalyzeOptions, Message};
 use trellis_api::{Level, LoadOptions};
 
 mod demo;
+mod explain;
 mod gateway;
 
 #[derive(Debug, Parser)]
@@ -38,6 +39,12 @@ enum Command {
     /// `trellis-proxy --mode gateway` (JSON on stdout). Clusters are listed with no
     /// endpoints: fill them in (the control plane will, once it exists).
     GatewaySnapshot(gateway::Args),
+    /// Which VirtualService rule a request meets and where it goes (weights, subsets,
+    /// timeout, faults, retries), matched by the proxy's own engine.
+    ///
+    /// Exit status: 0 when a rule matches (or no VirtualService applies), 1 when the
+    /// proxy would answer 404, 2 on bad input.
+    Explain(explain::Args),
 }
 
 #[derive(Debug, clap::Args)]
@@ -75,6 +82,7 @@ fn main() -> ExitCode {
         Command::Analyze(args) => run_analyze(&args),
         Command::Demo => demo::run(),
         Command::GatewaySnapshot(args) => gateway::run(&args),
+        Command::Explain(args) => explain::run(&args),
     };
     match result {
         Ok(code) => code,

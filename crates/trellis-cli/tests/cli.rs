@@ -277,3 +277,93 @@ spec:
     assert_eq!(c.endpoints[0].address, "httpbin.example.org:80");
     assert!(!String::from_utf8_lossy(&out.stderr).contains("no endpoints yet"));
 }
+
+#[test]
+fn explain_tells_which_rule_a_request_meets_and_where_it_goes() {
+    let bookinfo = examples().join("bookinfo");
+    let path = bookinfo.to_str().expect("utf-8 path");
+    let out = trellis(&[
+        "explain",
+        path,
+        "--host",
+        "reviews",
+        "-n",
+        "bookinfo",
+        "-H",
+        "end-user: jason",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = stdout(&out);
+    assert!(text.contains("rule \"jason\" (http[0])"), "{text}");
+    assert!(
+        text.contains("100 %  reviews.bookinfo.svc.cluster.local subset v2 port 9080"),
+        "{text}"
+    );
+
+    let out = trellis(&[
+        "explain",
+        path,
+        "--host",
+        "reviews.bookinfo",
+        "--path",
+        "/reviews/1",
+    ]);
+    let text = stdout(&out);
+    assert!(text.contains("rule \"split\""), "{text}");
+    assert!(
+        text.contains("50 %  reviews.bookinfo.svc.cluster.local subset v1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("50 %  reviews.bookinfo.svc.cluster.local subset v3"),
+        "{text}"
+    );
+
+    // At the ingress gateway: a path the gateway's VirtualService does not route.
+    let out = trellis(&[
+        "explain",
+        path,
+        "--host",
+        "bookinfo.example",
+        "--gateway",
+        "bookinfo/bookinfo-gateway",
+        "--path",
+        "/admin",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("404 (NR)"), "{}", stdout(&out));
+
+    // A task file: the fault is shown.
+    let tasks = examples().join("bookinfo-tasks");
+    let out = trellis(&[
+        "explain",
+        examples()
+            .join("bookinfo/services.yaml")
+            .to_str()
+            .expect("utf-8 path"),
+        tasks
+            .join("destination-rule-all.yaml")
+            .to_str()
+            .expect("utf-8 path"),
+        tasks
+            .join("virtual-service-ratings-test-abort.yaml")
+            .to_str()
+            .expect("utf-8 path"),
+        "--host",
+        "ratings",
+        "-n",
+        "bookinfo",
+        "-H",
+        "end-user: jason",
+    ]);
+    assert!(
+        stdout(&out).contains("abort with HTTP 500 for 100 % of requests"),
+        "{}",
+        stdout(&out)
+    );
+}

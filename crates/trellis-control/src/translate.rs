@@ -427,6 +427,33 @@ pub fn http_routes_delegating(
     gateway: &str,
     lookup: DelegateLookup<'_>,
 ) -> Result<Vec<wire::HttpRoute>, TranslateError> {
+    effective_http_rules(vs, namespace, gateway, lookup)?
+        .iter()
+        .map(|e| http_route(&e.rule, e.index, &e.namespace, port))
+        .collect()
+}
+
+/// One HTTP rule as a gateway (or the mesh) sees it, still in Istio's terms.
+#[derive(Debug, Clone)]
+pub struct EffectiveRule {
+    pub rule: HttpRoute,
+    /// Its index in the VirtualService that holds it.
+    pub index: usize,
+    /// Where its destinations' short names resolve (the delegate's namespace for a
+    /// delegated rule).
+    pub namespace: String,
+    /// `namespace/name` of the delegate VirtualService it came from, if any.
+    pub delegate: Option<String>,
+}
+
+/// The HTTP rules of `vs` that apply to `gateway`, delegates resolved and merged:
+/// what [`http_routes_delegating`] translates, and what `trellis explain` matches against.
+pub fn effective_http_rules(
+    vs: &VirtualService,
+    namespace: &str,
+    gateway: &str,
+    lookup: DelegateLookup<'_>,
+) -> Result<Vec<EffectiveRule>, TranslateError> {
     let mut out = Vec::with_capacity(vs.http.len());
     for (i, r) in vs.http.iter().enumerate() {
         let kept: Vec<HttpMatchRequest> = if r.matches.iter().all(|m| m.gateways.is_empty()) {
@@ -446,7 +473,12 @@ pub fn http_routes_delegating(
         let Some(d) = &r.delegate else {
             let mut rule = r.clone();
             rule.matches = kept;
-            out.push(http_route(&rule, i, namespace, port)?);
+            out.push(EffectiveRule {
+                rule,
+                index: i,
+                namespace: namespace.to_string(),
+                delegate: None,
+            });
             continue;
         };
         let path = format!("spec.http[{i}].delegate");
@@ -485,7 +517,12 @@ pub fn http_routes_delegating(
                 ));
             }
             // The delegate's destinations are in its own namespace.
-            out.push(http_route(&rule, j, ns, port)?);
+            out.push(EffectiveRule {
+                rule,
+                index: j,
+                namespace: ns.to_string(),
+                delegate: Some(format!("{ns}/{name}")),
+            });
         }
     }
     Ok(out)
