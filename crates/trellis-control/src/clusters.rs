@@ -174,6 +174,8 @@ fn apply(c: &mut wire::Cluster, e: &Effective<'_>) {
                 http.and_then(|h| h.max_requests_per_connection),
             )
             .filter(|n| *n > 0),
+            max_concurrent_streams: non_negative(http.and_then(|h| h.max_concurrent_streams))
+                .filter(|n| *n > 0),
         };
         if breakers != wire::CircuitBreakers::default() {
             c.circuit_breakers = Some(breakers);
@@ -301,7 +303,7 @@ spec:
     loadBalancer: {simple: LEAST_REQUEST}
     connectionPool:
       tcp: {maxConnections: 100, connectTimeout: 2s, tcpKeepalive: {time: 600s, interval: 30s, probes: 4}}
-      http: {http1MaxPendingRequests: 10, maxRetries: 3, maxRequestsPerConnection: 50}
+      http: {http1MaxPendingRequests: 10, maxRetries: 3, maxRequestsPerConnection: 50, maxConcurrentStreams: 8}
     outlierDetection: {consecutive5xxErrors: 7, baseEjectionTime: 1m, consecutiveGatewayErrors: 2, interval: 5s}
     portLevelSettings:
     - port: {number: 9080}
@@ -368,6 +370,7 @@ spec:
             (cb.max_retries, cb.max_requests_per_connection),
             (Some(3), Some(50))
         );
+        assert_eq!(cb.max_concurrent_streams, Some(8));
         let ka = v1.tcp_keepalive.as_ref().expect("keepalive");
         assert_eq!(ka.probes, Some(4));
         assert_eq!(

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::pool::PooledBody;
+use crate::pool::{H2Body, PooledBody};
 
 #[derive(Debug)]
 pub enum ProxyBody {
@@ -18,6 +18,8 @@ pub enum ProxyBody {
     Upstream(Incoming),
     /// Streamed from a pooled HTTP/1.1 upstream connection.
     Pooled(PooledBody),
+    /// Streamed from an HTTP/2 upstream connection.
+    H2(H2Body),
 }
 
 impl ProxyBody {
@@ -43,6 +45,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
             ProxyBody::Pooled(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::H2(b) => Pin::new(b).poll_frame(cx),
         }
     }
 
@@ -51,6 +54,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => b.is_none(),
             ProxyBody::Upstream(b) => b.is_end_stream(),
             ProxyBody::Pooled(b) => b.is_end_stream(),
+            ProxyBody::H2(b) => b.is_end_stream(),
         }
     }
 
@@ -59,6 +63,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             ProxyBody::Upstream(b) => b.size_hint(),
             ProxyBody::Pooled(b) => b.size_hint(),
+            ProxyBody::H2(b) => b.size_hint(),
         }
     }
 }

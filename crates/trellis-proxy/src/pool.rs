@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -62,7 +63,36 @@ struct Idle {
     uses: u32,
 }
 
-type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<ReqBody>>>>;
+/// One HTTP/2 connection to a peer and the streams open on it.
+struct H2Conn {
+    sender: http2::SendRequest<ReqBody>,
+    streams: Arc<AtomicUsize>,
+}
+
+type H2Slot = Arc<tokio::sync::Mutex<Vec<H2Conn>>>;
+
+/// A stream counted against its connection until the response body is done.
+#[derive(Debug)]
+pub struct StreamGuard(Arc<AtomicUsize>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A live connection with room for another stream, counted in.
+fn with_room(
+    conns: &mut Vec<H2Conn>,
+    max_streams: Option<u32>,
+) -> Option<(http2::SendRequest<ReqBody>, StreamGuard)> {
+    conns.retain(|c| !c.sender.is_closed());
+    let c = conns
+        .iter()
+        .find(|c| max_streams.is_none_or(|m| c.streams.load(Ordering::Acquire) < m as usize))?;
+    c.streams.fetch_add(1, Ordering::AcqRel);
+    Some((c.sender.clone(), StreamGuard(Arc::clone(&c.streams))))
+}
 
 /// All upstream connections of a proxy. Lives across snapshot swaps.
 #[derive(Default)]
@@ -229,50 +259,65 @@ impl Pools {
         Ok(sender)
     }
 
-    /// The shared HTTP/2 connection to `addr`, opened on first use. The common case (a
-    /// live connection, nobody opening one) takes no await.
+    /// An HTTP/2 connection to `addr` with room for one more stream (all streams share
+    /// one connection unless `max_streams`, a DestinationRule's `maxConcurrentStreams`,
+    /// says otherwise), opened when there is none. The common case (a live connection
+    /// with room, nobody opening one) takes no await. `fresh`: the connection just used
+    /// died; open a new one.
     async fn h2_sender(
         &self,
         addr: SocketAddr,
         dial: Dial,
+        max_streams: Option<u32>,
         fresh: bool,
-    ) -> Result<http2::SendRequest<ReqBody>, UpstreamError> {
+    ) -> Result<(http2::SendRequest<ReqBody>, StreamGuard), UpstreamError> {
         let slot = {
             let mut map = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
             Arc::clone(map.entry(addr).or_default())
         };
         if !fresh {
-            if let Ok(guard) = slot.try_lock() {
-                if let Some(s) = guard.as_ref().filter(|s| !s.is_closed()) {
-                    return Ok(s.clone());
+            if let Ok(mut conns) = slot.try_lock() {
+                if let Some(found) = with_room(&mut conns, max_streams) {
+                    return Ok(found);
                 }
             }
         }
         Box::pin(async move {
-            let mut guard = slot.lock().await;
-            if let Some(s) = guard.as_ref() {
-                if !fresh && !s.is_closed() {
-                    return Ok(s.clone());
+            let mut conns = slot.lock().await;
+            if !fresh {
+                if let Some(found) = with_room(&mut conns, max_streams) {
+                    return Ok(found);
                 }
             }
-            let s = Self::connect_h2(addr, dial).await?;
-            *guard = Some(s.clone());
-            Ok(s)
+            conns.retain(|c| !c.sender.is_closed());
+            let sender = Self::connect_h2(addr, dial).await?;
+            let streams = Arc::new(AtomicUsize::new(1));
+            conns.push(H2Conn {
+                sender: sender.clone(),
+                streams: Arc::clone(&streams),
+            });
+            Ok((sender, StreamGuard(streams)))
         })
         .await
     }
 
-    /// Sends a request over the multiplexed HTTP/2 connection to `addr`.
+    /// Sends a request over a multiplexed HTTP/2 connection to `addr`.
     pub async fn send_h2(
         &self,
         addr: SocketAddr,
         dial: Dial,
+        max_streams: Option<u32>,
         req: Request<ReqBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut sender = self.h2_sender(addr, dial, false).await?;
+    ) -> Result<Response<H2Body>, UpstreamError> {
+        let (mut sender, guard) = self.h2_sender(addr, dial, max_streams, false).await?;
         let retry = match sender.ready().await {
             Ok(()) => match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(resp),
+                Ok(resp) => {
+                    return Ok(resp.map(|inner| H2Body {
+                        inner,
+                        _guard: guard,
+                    }));
+                }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => unsent,
                     None => {
@@ -286,16 +331,21 @@ impl Pools {
             // The connection died (peer restarted, GOAWAY): nothing was sent yet.
             Err(_) => req,
         };
+        drop(guard);
         Box::pin(async move {
-            let mut sender = self.h2_sender(addr, dial, true).await?;
+            let (mut sender, guard) = self.h2_sender(addr, dial, max_streams, true).await?;
             sender
                 .ready()
                 .await
                 .map_err(|source| UpstreamError::Request { addr, source })?;
-            sender
+            let resp = sender
                 .send_request(retry)
                 .await
-                .map_err(|source| UpstreamError::Request { addr, source })
+                .map_err(|source| UpstreamError::Request { addr, source })?;
+            Ok(resp.map(|inner| H2Body {
+                inner,
+                _guard: guard,
+            }))
         })
         .await
     }
@@ -378,6 +428,39 @@ impl Body for PooledBody {
             _ => {}
         }
         r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body from an HTTP/2 upstream; its stream counts against the connection's
+/// `maxConcurrentStreams` until the body is dropped.
+pub struct H2Body {
+    inner: Incoming,
+    _guard: StreamGuard,
+}
+
+impl std::fmt::Debug for H2Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Body").finish_non_exhaustive()
+    }
+}
+
+impl Body for H2Body {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {

@@ -619,3 +619,84 @@ clusters:
         assert_eq!(overflow, if tries == 1 { 1 } else { 0 });
     }
 }
+
+/// Three slow requests at once from an outbound proxy to a peer (inbound) proxy: how many
+/// HTTP/2 connections the peer sees.
+async fn h2_connections_for_three_concurrent(policy: &str) -> u64 {
+    let app = HttpServer::start().await.expect("app");
+    let inbound = trellis_proxy::start(
+        Config::from_wire(
+            Snapshot::from_text(
+                &format!(
+                    "workload: {{name: app, inboundPorts: [{{port: {}, name: http}}]}}\n",
+                    app.addr.port()
+                ),
+                "in.yaml",
+            )
+            .expect("snapshot"),
+            None,
+        )
+        .expect("converts"),
+        ProxyOptions {
+            inbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), app.addr.port())],
+            ..ProxyOptions::default()
+        },
+    )
+    .await
+    .expect("inbound proxy");
+    let yaml = format!(
+        "services:
+- hostname: app.default.svc.cluster.local
+  ports: [{{port: 80, name: http, cluster: app}}]
+clusters:
+- name: app
+  endpoints: [{{address: \"{}\", proxied: true}}]
+{policy}
+",
+        inbound.inbound_addrs[0]
+    );
+    let outbound = trellis_proxy::start(
+        Config::from_wire(
+            Snapshot::from_text(&yaml, "out.yaml").expect("snapshot"),
+            None,
+        )
+        .expect("converts"),
+        ProxyOptions {
+            outbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), "app".to_string(), 80)],
+            ..ProxyOptions::default()
+        },
+    )
+    .await
+    .expect("outbound proxy");
+    let addr = outbound.outbound_addrs[0];
+    let slow = || tokio::spawn(async move { http_client::get(addr, "app", "/slow/300").await });
+    let tasks = [slow(), slow(), slow()];
+    for t in tasks {
+        let r = timeout(Duration::from_secs(10), t)
+            .await
+            .expect("in time")
+            .expect("task")
+            .expect("response");
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(app.stats().requests(), 3);
+    inbound
+        .shared
+        .stats
+        .downstream_cx_total
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[tokio::test]
+async fn max_concurrent_streams_opens_more_http2_connections() {
+    assert_eq!(
+        h2_connections_for_three_concurrent("").await,
+        1,
+        "one multiplexed connection"
+    );
+    assert_eq!(
+        h2_connections_for_three_concurrent("  circuitBreakers: {maxConcurrentStreams: 1}").await,
+        3,
+        "one stream per connection"
+    );
+}

@@ -934,6 +934,11 @@ pub struct CircuitBreakers {
     #[prost(uint32, optional, tag = "5")]
     #[serde(default)]
     pub max_requests_per_connection: Option<u32>,
+    /// Streams per upstream HTTP/2 connection; more open another connection (unset: one
+    /// connection per peer).
+    #[prost(uint32, optional, tag = "6")]
+    #[serde(default)]
+    pub max_concurrent_streams: Option<u32>,
 }
 
 #[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]

@@ -191,6 +191,7 @@ fn full() -> Snapshot {
                 max_requests: Some(3),
                 max_retries: Some(4),
                 max_requests_per_connection: Some(100),
+                max_concurrent_streams: Some(50),
             }),
             consistent_hash: Some(ConsistentHash {
                 http_header_name: Some("x-user".into()),

@@ -134,6 +134,8 @@ pub struct Cluster {
     pub keepalive: Option<crate::sockets::Keepalive>,
     /// Requests per upstream HTTP/1.1 connection before it is closed.
     pub max_requests_per_connection: Option<u32>,
+    /// Streams per upstream HTTP/2 connection; more open another connection.
+    pub max_concurrent_streams: Option<u32>,
     next: AtomicUsize,
 }
 
@@ -826,6 +828,11 @@ impl Cluster {
                 .circuit_breakers
                 .as_ref()
                 .and_then(|cb| cb.max_requests_per_connection)
+                .filter(|n| *n > 0),
+            max_concurrent_streams: c
+                .circuit_breakers
+                .as_ref()
+                .and_then(|cb| cb.max_concurrent_streams)
                 .filter(|n| *n > 0),
             discovery,
             dns_refresh: duration(&res, c.dns_refresh_rate.as_ref(), DEFAULT_DNS_REFRESH)?,

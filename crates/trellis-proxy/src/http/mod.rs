@@ -72,6 +72,8 @@ struct Upstream<'a> {
     idle_timeout: Duration,
     /// DestinationRule `maxRequestsPerConnection` (HTTP/1.1 pools).
     max_uses: Option<u32>,
+    /// DestinationRule `maxConcurrentStreams` (HTTP/2 connections).
+    max_streams: Option<u32>,
     endpoint: Option<&'a Endpoint>,
     /// Other addresses to try when the first refuses (the pod address for apps that do
     /// not listen on localhost).
@@ -96,6 +98,7 @@ impl<'a> Upstream<'a> {
             dial: cluster.dial(),
             idle_timeout: cluster.idle_timeout,
             max_uses: cluster.max_requests_per_connection,
+            max_streams: cluster.max_concurrent_streams,
             endpoint: Some(ep),
             fallbacks: &[],
         }
@@ -377,6 +380,7 @@ async fn to_cluster(
             dial: cluster.dial(),
             idle_timeout: cluster.idle_timeout,
             max_uses: cluster.max_requests_per_connection,
+            max_streams: cluster.max_concurrent_streams,
             endpoint: None,
             fallbacks: &[],
         };
@@ -656,6 +660,7 @@ async fn inbound(
         dial: Duration::from_secs(1).into(),
         idle_timeout: DEFAULT_IDLE_TIMEOUT,
         max_uses: None,
+        max_streams: None,
         endpoint: None,
         fallbacks: &cfg.pod_ips,
     };
@@ -879,9 +884,9 @@ async fn send(
     let pools = &shared.pools;
     if up.h2 {
         return pools
-            .send_h2(up.addr, up.dial, req)
+            .send_h2(up.addr, up.dial, up.max_streams, req)
             .await
-            .map(|r| r.map(ProxyBody::Upstream));
+            .map(|r| r.map(ProxyBody::H2));
     }
     if up.fallbacks.is_empty() {
         return pools
