@@ -279,3 +279,103 @@ fn bad_entries_stop_before_the_proxy() {
         "ServiceEntry shop/d: spec.resolution: DYNAMIC_DNS is not supported by Trellis yet"
     );
 }
+
+#[tokio::test]
+async fn an_egress_gateway_reaches_a_dns_service_entry() {
+    let external = HttpServer::start().await.expect("external");
+    let parsed = parse_text(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: httpbin-ext, namespace: shop}
+spec:
+  hosts: [httpbin.example.org]
+  location: MESH_EXTERNAL
+  resolution: DNS
+  ports: [{number: 80, name: http, protocol: HTTP}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: egress, namespace: shop}
+spec:
+  selector: {istio: egressgateway}
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: [httpbin.example.org]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: via-egress, namespace: shop}
+spec:
+  hosts: [httpbin.example.org]
+  gateways: [egress]
+  http:
+  - route: [{destination: {host: httpbin.example.org, port: {number: 80}}}]
+"#,
+        "egress.yaml",
+        &LoadOptions::default(),
+    );
+    let resources: Vec<_> = parsed
+        .iter()
+        .map(|p| {
+            p.resource()
+                .unwrap_or_else(|| panic!("{:?}", p.diagnostics))
+        })
+        .collect();
+    let mut clusters = Vec::new();
+    let mut gateways = Vec::new();
+    let mut vss = Vec::new();
+    for r in &resources {
+        match &r.spec {
+            Spec::ServiceEntry(se) => clusters.extend(
+                translate::service_entry(se, r.namespace(), r.name())
+                    .expect("translates")
+                    .1,
+            ),
+            Spec::Gateway(g) => gateways.push(translate::GatewayRef {
+                namespace: r.namespace(),
+                name: r.name(),
+                gateway: g,
+            }),
+            Spec::VirtualService(vs) => vss.push(translate::VirtualServiceRef {
+                namespace: r.namespace(),
+                name: r.name(),
+                vs,
+            }),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let (ports, problems) = translate::gateway_ports(&gateways, &vss);
+    assert!(problems.is_empty(), "{problems:?}");
+    // The external name resolves (in this test's fake resolver) to the fixture.
+    let table = Arc::new(Mutex::new(HashMap::from([(
+        "httpbin.example.org:80".to_string(),
+        vec![external.addr],
+    )])));
+    let env = LoadEnv {
+        resolver: fake_resolver(table),
+        ..LoadEnv::default()
+    };
+    let snapshot = wire::Snapshot {
+        version: "egress".into(),
+        clusters,
+        gateway_ports: ports,
+        ..Default::default()
+    };
+    let gw = trellis_proxy::start(
+        Config::from_wire_with(snapshot, None, &env).expect("converts"),
+        ProxyOptions {
+            gateway_listen: vec![("127.0.0.1:0".parse().expect("addr"), 80)],
+            ..ProxyOptions::default()
+        },
+    )
+    .await
+    .expect("egress gateway");
+    assert_eq!(get(gw.inbound_addrs[0], "httpbin.example.org").await.0, 200);
+    assert_eq!(external.stats().requests(), 1);
+    // A host the egress Gateway does not serve: 404 NR.
+    assert_eq!(
+        get(gw.inbound_addrs[0], "elsewhere.example.org").await,
+        (404, "NR".into())
+    );
+}
