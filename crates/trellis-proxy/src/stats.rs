@@ -63,6 +63,24 @@ impl Stats {
         );
         let _ = writeln!(
             out,
+            "# HELP trellis_proxy_route_requests_total Requests per HTTP route (a VirtualService rule, by its name)."
+        );
+        let _ = writeln!(out, "# TYPE trellis_proxy_route_requests_total counter");
+        for t in &cfg.targets {
+            let Some(table) = &t.routes else { continue };
+            for (r, p) in table.routes().iter().zip(&t.route_policies) {
+                let _ = writeln!(
+                    out,
+                    "trellis_proxy_route_requests_total{{host=\"{}\",port=\"{}\",route=\"{}\"}} {}",
+                    escape(&t.hostname),
+                    t.port,
+                    escape(&r.name),
+                    p.requests.load(Ordering::Relaxed)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
             "# HELP trellis_proxy_endpoint_requests_total Requests per upstream endpoint."
         );
         let _ = writeln!(out, "# TYPE trellis_proxy_endpoint_requests_total counter");

@@ -97,6 +97,22 @@ async fn jason_goes_to_v2_and_the_rest_split_50_50() {
         "v1 got {n1}, v3 got {n3}: not within 45-55 %"
     );
     assert_eq!(v2.stats().requests(), 20, "only jason reached v2");
+
+    // Each rule's requests, by its name, in the proxy's metrics; a snapshot swap that
+    // keeps the rule keeps its count.
+    let metric = |p: &ProxyHandle, route: &str| {
+        let text = p.shared.stats.render(&p.config());
+        let key = format!(
+            "trellis_proxy_route_requests_total{{host=\"reviews.default.svc.cluster.local\",port=\"9080\",route=\"{route}\"}} "
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    assert_eq!(metric(&p, "jason"), Some(20));
+    assert_eq!(metric(&p, "api-only"), Some(2000));
+    p.update(Config::from_wire(p.config().raw.clone(), Some(&p.config())).expect("converts"));
+    assert_eq!(metric(&p, "jason"), Some(20), "kept across the swap");
 }
 
 #[tokio::test]

@@ -152,6 +152,8 @@ pub struct Config {
     pub header_timeout: Duration,
     /// Gateway mode: the ports served, by port number.
     pub gateway_ports: HashMap<u16, Arc<GatewayPort>>,
+    /// Every service port and gateway virtual host once (for metrics).
+    pub targets: Vec<Arc<Target>>,
     /// STRICT_DNS names (`host:port`) and the addresses they resolved to.
     pub dns: HashMap<String, Vec<SocketAddr>>,
     /// The shortest refresh interval of the STRICT_DNS clusters, when there are any.
@@ -309,6 +311,23 @@ impl Config {
             }
         }
 
+        let old_route_counters: HashMap<(&str, u16, &str), &Arc<AtomicU64>> = previous
+            .map(|p| {
+                p.targets
+                    .iter()
+                    .flat_map(|t| {
+                        let names = t
+                            .routes
+                            .iter()
+                            .flat_map(|r| r.routes().iter().map(|r| r.name.as_str()));
+                        names
+                            .zip(&t.route_policies)
+                            .map(move |(n, p)| ((t.hostname.as_str(), t.port, n), &p.requests))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut targets: Vec<Arc<Target>> = Vec::new();
         let mut by_vip = HashMap::new();
         let mut by_endpoint = HashMap::new();
         let mut by_name: HashMap<String, HashMap<u16, Arc<Target>>> = HashMap::new();
@@ -340,7 +359,7 @@ impl Config {
                 } else {
                     Some(compile_routes(&res, port, &p.http_routes, &clusters)?)
                 };
-                let route_policies = p
+                let mut route_policies = p
                     .http_routes
                     .iter()
                     .enumerate()
@@ -348,6 +367,13 @@ impl Config {
                         route_policy(&res, &format!("port {port} httpRoutes[{i}]"), r, &clusters)
                     })
                     .collect::<Result<Vec<_>, _>>()?;
+                keep_route_counters(
+                    &mut route_policies,
+                    &p.http_routes,
+                    &s.hostname,
+                    port,
+                    &old_route_counters,
+                );
                 let tcp_routes = compile_l4(
                     &res,
                     &format!("port {port} tcpRoutes"),
@@ -375,6 +401,7 @@ impl Config {
                     cluster: Arc::clone(cluster),
                     gateway: None,
                 });
+                targets.push(Arc::clone(&target));
                 for ip in &vips {
                     by_vip.insert(SocketAddr::new(*ip, port), Arc::clone(&target));
                 }
@@ -465,16 +492,25 @@ impl Config {
         )?);
         let gateway_ports = gateway_ports(&raw.gateway_ports, env, |res, port, v, gateway| {
             let res = format!("{res} virtualHosts {:?}", v.name);
+            let hostname = v.domains.first().cloned().unwrap_or_else(|| v.name.clone());
+            let mut route_policies = v
+                .http_routes
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    route_policy(&res, &format!("port {port} httpRoutes[{i}]"), r, &clusters)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            keep_route_counters(
+                &mut route_policies,
+                &v.http_routes,
+                &hostname,
+                port,
+                &old_route_counters,
+            );
             Ok(Target {
                 routes: Some(compile_routes(&res, port, &v.http_routes, &clusters)?),
-                route_policies: v
-                    .http_routes
-                    .iter()
-                    .enumerate()
-                    .map(|(i, r)| {
-                        route_policy(&res, &format!("port {port} httpRoutes[{i}]"), r, &clusters)
-                    })
-                    .collect::<Result<Vec<_>, _>>()?,
+                route_policies,
                 tcp_routes: compile_l4(
                     &res,
                     &format!("port {port} tcpRoutes"),
@@ -487,13 +523,20 @@ impl Config {
                     &v.tls_routes,
                     &clusters,
                 )?,
-                hostname: v.domains.first().cloned().unwrap_or_else(|| v.name.clone()),
+                hostname,
                 port,
                 protocol: PortProtocol::Http,
                 cluster: Arc::clone(&no_cluster),
                 gateway: Some(gateway),
             })
         })?;
+        targets.extend(
+            gateway_ports
+                .values()
+                .flat_map(|p| p.servers.iter())
+                .flat_map(|s| s.virtual_hosts.iter())
+                .map(|v| Arc::clone(&v.target)),
+        );
         let dns_refresh = clusters
             .values()
             .filter(|c| c.discovery == wire::Discovery::StrictDns)
@@ -535,6 +578,7 @@ impl Config {
                 DEFAULT_HEADER_TIMEOUT,
             )?,
             gateway_ports,
+            targets,
             dns,
             dns_refresh,
             raw,
@@ -589,9 +633,30 @@ impl Config {
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             gateway_ports: HashMap::new(),
+            targets: Vec::new(),
             dns: HashMap::new(),
             dns_refresh: None,
             raw: wire::Snapshot::default(),
+        }
+    }
+}
+
+/// Gives each rule the counter its namesake had in the previous snapshot.
+fn keep_route_counters(
+    policies: &mut [RoutePolicy],
+    routes: &[wire::HttpRoute],
+    hostname: &str,
+    port: u16,
+    old: &HashMap<(&str, u16, &str), &Arc<AtomicU64>>,
+) {
+    for (i, (p, r)) in policies.iter_mut().zip(routes).enumerate() {
+        let name = if r.name.is_empty() {
+            format!("#{i}")
+        } else {
+            r.name.clone()
+        };
+        if let Some(c) = old.get(&(hostname, port, name.as_str())) {
+            p.requests = Arc::clone(c);
         }
     }
 }

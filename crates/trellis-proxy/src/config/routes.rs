@@ -217,6 +217,9 @@ pub struct RoutePolicy {
     pub mirrors: Vec<Mirror>,
     pub rate_limit: Option<Arc<crate::ratelimit::TokenBucket>>,
     pub cors: Option<Cors>,
+    /// Requests this rule matched (kept across snapshot swaps for the same service, port
+    /// and rule name).
+    pub requests: Arc<AtomicU64>,
 }
 
 /// A compiled CORS policy.

@@ -190,7 +190,9 @@ async fn outbound(
                 );
             };
             let policy = target.route_policies.get(m.route.index);
+            tracing::debug!(route = %m.route.name, "{} {}:{}{} matched route {:?}", req.method(), target.hostname, target.port, req.uri().path(), m.route.name);
             if let Some(p) = policy {
+                p.requests.fetch_add(1, Ordering::Relaxed);
                 if let Some(bucket) = &p.rate_limit {
                     if let Err(retry_in) = bucket.try_take() {
                         Stats::inc(&shared.stats.rate_limited_total);
