@@ -8,6 +8,8 @@
 
 pub mod clusters;
 pub mod dirsource;
+pub mod mesh;
+pub mod registry;
 pub mod store;
 pub mod translate;
 

@@ -1,0 +1,327 @@
+//! Per-proxy translation: the snapshot one sidecar needs, from the configuration and the
+//! registry. Pure: configuration and instances in, a snapshot out.
+//!
+//! What a sidecar sees: the services exported to its namespace (`exportTo`) that its
+//! `Sidecar` resource's egress hosts allow (a proxy receives only the services it may reach);
+//! for each, the VirtualService bound to the mesh for that host (one in the proxy's own
+//! namespace first, then the service's, then any other) and the DestinationRule by Istio's
+//! precedence (the proxy's namespace, then the service's, then the root namespace);
+//! ServiceEntries likewise; and its own inbound ports.
+
+use std::collections::BTreeSet;
+
+use trellis_api::networking::{
+    DestinationRule, OutboundTrafficPolicyMode, Sidecar, VirtualService,
+};
+use trellis_api::{Resource, Spec, host};
+use trellis_xds::snapshot as wire;
+
+use crate::clusters::clusters_for_port;
+use crate::registry::{Instance, Registry, exported};
+use crate::translate::{self, MESH, TranslateError, cluster_name};
+
+/// Istio's root namespace: mesh-wide Sidecars and DestinationRules live here.
+pub const ROOT_NAMESPACE: &str = "istio-system";
+
+/// The configuration a translation reads.
+#[derive(Debug, Clone, Copy)]
+pub struct MeshConfig<'a> {
+    pub resources: &'a [&'a Resource],
+    pub root_namespace: &'a str,
+}
+
+/// A snapshot, and what could not be translated (each left out alone).
+#[derive(Debug, Clone)]
+pub struct Built {
+    pub snapshot: wire::Snapshot,
+    pub problems: Vec<TranslateError>,
+}
+
+fn matches_labels(
+    selector: &std::collections::BTreeMap<String, String>,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+impl<'a> MeshConfig<'a> {
+    fn each<T>(&self, pick: impl Fn(&'a Spec) -> Option<&'a T>) -> Vec<(&'a Resource, &'a T)> {
+        self.resources
+            .iter()
+            .filter_map(|r| pick(&r.spec).map(|t| (*r, t)))
+            .collect()
+    }
+
+    /// The Sidecar that applies to `me`: one in its namespace whose selector matches, else
+    /// its namespace's selector-less one, else the root namespace's.
+    pub fn sidecar_for(&self, me: &Instance) -> Option<(&'a Resource, &'a Sidecar)> {
+        let all = self.each(|s| match s {
+            Spec::Sidecar(x) => Some(x),
+            _ => None,
+        });
+        let pick = |ns: &str, selected: bool| {
+            all.iter()
+                .find(|(r, s)| {
+                    r.namespace() == ns
+                        && match &s.workload_selector {
+                            Some(w) => selected && matches_labels(&w.labels, &me.labels),
+                            None => !selected,
+                        }
+                })
+                .copied()
+        };
+        pick(&me.namespace, true)
+            .or_else(|| pick(&me.namespace, false))
+            .or_else(|| pick(self.root_namespace, false))
+    }
+
+    /// The DestinationRule for `fqdn` (a service in `svc_ns`) as seen from `me`.
+    fn destination_rule(
+        &self,
+        fqdn: &str,
+        svc_ns: &str,
+        me: &Instance,
+    ) -> Option<(&'a Resource, &'a DestinationRule)> {
+        let candidates: Vec<(&Resource, &DestinationRule)> = self
+            .each(|s| match s {
+                Spec::DestinationRule(d) => Some(d),
+                _ => None,
+            })
+            .into_iter()
+            .filter(|(r, d)| {
+                exported(&d.export_to, r.namespace(), &me.namespace)
+                    && host::matches(&host::fqdn(&d.host, r.namespace()), fqdn)
+                    && d.workload_selector.as_ref().is_none_or(|w| {
+                        r.namespace() == me.namespace && matches_labels(&w.match_labels, &me.labels)
+                    })
+            })
+            .collect();
+        // The proxy's namespace, then the service's, then the root namespace; an exact host
+        // before a wildcard within each.
+        for ns in [me.namespace.as_str(), svc_ns, self.root_namespace] {
+            let mut here: Vec<_> = candidates
+                .iter()
+                .filter(|(r, _)| r.namespace() == ns)
+                .copied()
+                .collect();
+            here.sort_by_key(|(r, d)| (host::is_wildcard(&d.host), r.name().to_string()));
+            if let Some(first) = here.first() {
+                return Some(*first);
+            }
+        }
+        None
+    }
+
+    /// The mesh VirtualService for `fqdn` as seen from `me`.
+    fn virtual_service(
+        &self,
+        fqdn: &str,
+        svc_ns: &str,
+        me: &Instance,
+    ) -> Option<(&'a Resource, &'a VirtualService)> {
+        let mut candidates: Vec<(&Resource, &VirtualService)> = self
+            .each(|s| match s {
+                Spec::VirtualService(v) => Some(v),
+                _ => None,
+            })
+            .into_iter()
+            .filter(|(r, v)| {
+                translate::applies_to(v, r.namespace(), MESH)
+                    && exported(&v.export_to, r.namespace(), &me.namespace)
+                    && v.hosts
+                        .iter()
+                        .any(|h| host::matches(&host::fqdn(h, r.namespace()), fqdn))
+            })
+            .collect();
+        candidates.sort_by_key(|(r, _)| {
+            let tier = if r.namespace() == me.namespace {
+                0
+            } else if r.namespace() == svc_ns {
+                1
+            } else {
+                2
+            };
+            (tier, r.namespace().to_string(), r.name().to_string())
+        });
+        candidates.first().copied()
+    }
+}
+
+/// Whether a Sidecar's egress hosts (`ns/host`) let the proxy see `fqdn` in `ns`.
+fn egress_allows(sidecar: Option<&Sidecar>, me_ns: &str, ns: &str, fqdn: &str) -> bool {
+    let Some(s) = sidecar else { return true };
+    if s.egress.is_empty() {
+        return true;
+    }
+    s.egress.iter().flat_map(|e| e.hosts.iter()).any(|h| {
+        let (hns, hhost) = h.split_once('/').unwrap_or(("*", h.as_str()));
+        let ns_ok = match hns {
+            "*" => true,
+            "." => ns == me_ns,
+            "~" => false,
+            other => other == ns,
+        };
+        ns_ok && (hhost == "*" || host::matches(hhost, fqdn))
+    })
+}
+
+/// The snapshot for the sidecar of `me`.
+pub fn sidecar_snapshot(
+    cfg: &MeshConfig<'_>,
+    reg: &Registry,
+    me: &Instance,
+    version: &str,
+) -> Built {
+    let mut problems = Vec::new();
+    let sidecar = cfg.sidecar_for(me).map(|(_, s)| s);
+    let vs_lookup = |name: &str, ns: &str| {
+        cfg.resources.iter().find_map(|r| match &r.spec {
+            Spec::VirtualService(v) if r.name() == name && r.namespace() == ns => Some(v),
+            _ => None,
+        })
+    };
+    let mut services = Vec::new();
+    let mut clusters: Vec<wire::Cluster> = Vec::new();
+    let mut names: BTreeSet<String> = BTreeSet::new();
+    for s in &reg.services {
+        if !reg.visible(s, &me.namespace)
+            || !egress_allows(sidecar, &me.namespace, &s.namespace, &s.fqdn)
+        {
+            continue;
+        }
+        let vs = cfg.virtual_service(&s.fqdn, &s.namespace, me);
+        let dr = cfg.destination_rule(&s.fqdn, &s.namespace, me);
+        let mut ports = Vec::new();
+        for p in &s.ports {
+            let routes = match vs {
+                None => translate::PortRoutes::default(),
+                Some((r, v)) => {
+                    match translate::virtual_service_delegating(
+                        v,
+                        r.namespace(),
+                        p.port,
+                        &vs_lookup,
+                    ) {
+                        Ok(routes) => routes,
+                        Err(e) => {
+                            problems.push(TranslateError {
+                                path: format!(
+                                    "VirtualService {}/{}: {}",
+                                    r.namespace(),
+                                    r.name(),
+                                    e.path
+                                ),
+                                reason: e.reason,
+                            });
+                            translate::PortRoutes::default()
+                        }
+                    }
+                }
+            };
+            ports.push(wire::ServicePort {
+                port: u32::from(p.port),
+                name: p.name.clone(),
+                app_protocol: p.app_protocol.clone(),
+                cluster: cluster_name(p.port, None, &s.fqdn),
+                http_routes: routes.http,
+                tcp_routes: routes.tcp,
+                tls_routes: routes.tls,
+                ..Default::default()
+            });
+            let endpoints = reg.endpoints(s, p);
+            match clusters_for_port(
+                &s.fqdn,
+                p.port,
+                &endpoints,
+                dr.map(|(r, d)| (d, r.namespace())),
+            ) {
+                Ok(cs) => {
+                    for c in cs {
+                        if names.insert(c.name.clone()) {
+                            clusters.push(c);
+                        }
+                    }
+                }
+                Err(e) => problems.push(e),
+            }
+        }
+        services.push(wire::Service {
+            hostname: s.fqdn.clone(),
+            addresses: vec![s.vip.to_string()],
+            ports,
+        });
+    }
+    // ServiceEntries exported to this namespace and allowed by the Sidecar.
+    for r in cfg.resources {
+        let Spec::ServiceEntry(se) = &r.spec else {
+            continue;
+        };
+        if !exported(&se.export_to, r.namespace(), &me.namespace)
+            || !se
+                .hosts
+                .iter()
+                .any(|h| egress_allows(sidecar, &me.namespace, r.namespace(), h))
+        {
+            continue;
+        }
+        match translate::service_entry(se, r.namespace(), r.name()) {
+            Ok((svcs, cs)) => {
+                for c in cs {
+                    if names.insert(c.name.clone()) {
+                        clusters.push(c);
+                    }
+                }
+                services.extend(
+                    svcs.into_iter()
+                        .filter(|s| !services_has(&services_names(&reg.services), &s.hostname)),
+                );
+            }
+            Err(e) => problems.push(e),
+        }
+    }
+    let workload = wire::Workload {
+        name: me.name.clone(),
+        namespace: me.namespace.clone(),
+        labels: me.labels.clone(),
+        service_account: me.service_account.clone(),
+        addresses: me.addresses.iter().map(ToString::to_string).collect(),
+        inbound_ports: me
+            .ports
+            .iter()
+            .map(|p| wire::InboundPort {
+                port: u32::from(p.port),
+                name: p.name.clone(),
+                protocol: p.protocol.map(|pr| wire::Protocol::from_api(pr) as i32),
+                ..Default::default()
+            })
+            .collect(),
+        locality: me.locality.clone(),
+    };
+    let registry_only = sidecar
+        .and_then(|s| s.outbound_traffic_policy.as_ref())
+        .and_then(|o| o.mode)
+        == Some(OutboundTrafficPolicyMode::RegistryOnly);
+    Built {
+        snapshot: wire::Snapshot {
+            version: version.to_string(),
+            workload: Some(workload),
+            outbound_traffic_policy: if registry_only {
+                wire::OutboundPolicy::RegistryOnly as i32
+            } else {
+                wire::OutboundPolicy::AllowAny as i32
+            },
+            services,
+            clusters,
+            ..Default::default()
+        },
+        problems,
+    }
+}
+
+fn services_names(s: &[crate::registry::Service]) -> Vec<&str> {
+    s.iter().map(|s| s.fqdn.as_str()).collect()
+}
+
+fn services_has(names: &[&str], host: &str) -> bool {
+    names.contains(&host)
+}
