@@ -10,6 +10,7 @@ pub mod clusters;
 pub mod dirsource;
 pub mod mesh;
 pub mod registry;
+pub mod server;
 pub mod store;
 pub mod translate;
 

@@ -330,6 +330,31 @@ impl ProxyHandle {
         self.shared.update(config);
     }
 
+    /// Applies a snapshot from the control plane, converted against the current one
+    /// (counters kept). One that does not convert is refused with the reason, counted, and
+    /// the current one stays.
+    pub fn apply(
+        &self,
+        raw: trellis_xds::snapshot::Snapshot,
+        env: &crate::config::LoadEnv,
+    ) -> Result<(), String> {
+        let current = self.shared.config.load_full();
+        match Config::from_wire_with(raw, Some(&current), env) {
+            Ok(cfg) => {
+                self.shared.update(cfg);
+                Ok(())
+            }
+            Err(e) => {
+                Stats::inc(&self.shared.stats.config_rejections_total);
+                tracing::error!(
+                    "snapshot refused, keeping version {:?}: {e}",
+                    current.version
+                );
+                Err(e.to_string())
+            }
+        }
+    }
+
     pub fn config(&self) -> Arc<Config> {
         self.shared.config.load_full()
     }
