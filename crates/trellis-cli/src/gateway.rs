@@ -145,7 +145,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
 }
 
 /// Drops unset fields (nulls, empty maps) so the file shows what is configured.
-fn prune(v: &mut serde_json::Value) {
+pub fn prune(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::Object(m) => {
             m.retain(|_, x| !x.is_null() && !x.as_object().is_some_and(|o| o.is_empty()));

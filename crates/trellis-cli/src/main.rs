@@ -11,6 +11,7 @@ use trellis_api::{Level, LoadOptions};
 mod demo;
 mod explain;
 mod gateway;
+mod sidecar;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -45,6 +46,9 @@ enum Command {
     /// Exit status: 0 when a rule matches (or no VirtualService applies), 1 when the
     /// proxy would answer 404, 2 on bad input.
     Explain(explain::Args),
+    /// The snapshot the control plane would send one workload's sidecar (JSON on stdout),
+    /// for `trellis-proxy --config` in static mode.
+    SidecarSnapshot(sidecar::Args),
 }
 
 #[derive(Debug, clap::Args)]
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
         Command::Demo => demo::run(),
         Command::GatewaySnapshot(args) => gateway::run(&args),
         Command::Explain(args) => explain::run(&args),
+        Command::SidecarSnapshot(args) => sidecar::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -367,3 +367,54 @@ fn explain_tells_which_rule_a_request_meets_and_where_it_goes() {
         stdout(&out)
     );
 }
+
+#[test]
+fn sidecar_snapshot_builds_a_workloads_snapshot() {
+    let bookinfo = examples().join("bookinfo");
+    let out = trellis(&[
+        "sidecar-snapshot",
+        bookinfo.to_str().expect("utf-8 path"),
+        "--workload",
+        "productpage-v1",
+        "-n",
+        "bookinfo",
+        "--instance",
+        "productpage-v1=10.0.0.10",
+        "--instance",
+        "reviews-v2=10.0.0.12",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let snap = trellis_xds::snapshot::Snapshot::from_text(&stdout(&out), "pp.json").expect("loads");
+    let w = snap.workload.as_ref().expect("workload");
+    assert_eq!(
+        (w.name.as_str(), w.addresses.as_slice()),
+        ("productpage-v1", &["10.0.0.10".to_string()][..])
+    );
+    let reviews = snap
+        .services
+        .iter()
+        .find(|s| s.hostname == "reviews.bookinfo.svc.cluster.local")
+        .expect("reviews");
+    assert!(reviews.addresses[0].starts_with("240.240."));
+    assert_eq!(reviews.ports[0].http_routes[0].name, "jason");
+    let v2 = snap
+        .clusters
+        .iter()
+        .find(|c| c.name == "outbound|9080|v2|reviews.bookinfo.svc.cluster.local")
+        .expect("v2 cluster");
+    assert_eq!(v2.endpoints[0].address, "10.0.0.12:9080");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reviews-v1 has no --instance address"));
+    let out = trellis(&[
+        "sidecar-snapshot",
+        bookinfo.to_str().expect("utf-8 path"),
+        "--workload",
+        "nope",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no Workload default/nope"));
+}
