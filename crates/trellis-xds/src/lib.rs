@@ -6,4 +6,5 @@
 //! static mode) with located errors; the proxy converts it to its own domain types at the
 //! edge and rejects a bad resource with a clear reason.
 
+pub mod ads;
 pub mod snapshot;

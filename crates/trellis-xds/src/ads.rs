@@ -1,0 +1,226 @@
+//! The transport between proxies and the control plane: Envoy's Delta ADS
+//! (`envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources`), a
+//! bidirectional gRPC stream. Only the transport messages are defined here (field numbers
+//! as in Envoy's protos); what they carry is Trellis's own snapshot, as an `Any`.
+//!
+//! Plus gRPC's message framing (a 1-byte compression flag, a 4-byte big-endian length, the
+//! message), so both sides can speak gRPC over any HTTP/2 stack.
+
+use prost::Message;
+
+/// The gRPC method path.
+pub const DELTA_ADS_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+/// The type URL of a proxy snapshot.
+pub const SNAPSHOT_TYPE_URL: &str = "type.googleapis.com/trellis.snapshot.v1.Snapshot";
+/// Largest message accepted (a snapshot of a big mesh is a few MiB).
+pub const MAX_MESSAGE: usize = 64 << 20;
+
+/// `envoy.config.core.v3.Node` (the fields Trellis uses): who is asking. `metadata`
+/// carries the workload instance the proxy runs beside.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Node {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(string, tag = "2")]
+    pub cluster: String,
+    #[prost(message, optional, tag = "3")]
+    pub metadata: Option<prost_types::Struct>,
+}
+
+/// `google.rpc.Status`: why a proxy refused a response (a NACK).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Status {
+    #[prost(int32, tag = "1")]
+    pub code: i32,
+    #[prost(string, tag = "2")]
+    pub message: String,
+}
+
+/// `envoy.service.discovery.v3.DeltaDiscoveryRequest`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DeltaDiscoveryRequest {
+    #[prost(message, optional, tag = "1")]
+    pub node: Option<Node>,
+    #[prost(string, tag = "2")]
+    pub type_url: String,
+    #[prost(string, repeated, tag = "3")]
+    pub resource_names_subscribe: Vec<String>,
+    #[prost(string, repeated, tag = "4")]
+    pub resource_names_unsubscribe: Vec<String>,
+    /// Versions the proxy already has (on reconnect).
+    #[prost(btree_map = "string, string", tag = "5")]
+    pub initial_resource_versions: std::collections::BTreeMap<String, String>,
+    /// The nonce of the response this request answers (ACK, or NACK with error_detail).
+    #[prost(string, tag = "6")]
+    pub response_nonce: String,
+    #[prost(message, optional, tag = "7")]
+    pub error_detail: Option<Status>,
+}
+
+/// `envoy.service.discovery.v3.Resource`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Resource {
+    #[prost(string, tag = "1")]
+    pub version: String,
+    #[prost(message, optional, tag = "2")]
+    pub resource: Option<prost_types::Any>,
+    #[prost(string, tag = "3")]
+    pub name: String,
+}
+
+/// `envoy.service.discovery.v3.DeltaDiscoveryResponse`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DeltaDiscoveryResponse {
+    #[prost(string, tag = "1")]
+    pub system_version_info: String,
+    #[prost(message, repeated, tag = "2")]
+    pub resources: Vec<Resource>,
+    #[prost(string, tag = "4")]
+    pub type_url: String,
+    #[prost(string, tag = "5")]
+    pub nonce: String,
+    #[prost(string, repeated, tag = "6")]
+    pub removed_resources: Vec<String>,
+}
+
+/// One gRPC message frame.
+pub fn frame<M: Message>(msg: &M) -> Vec<u8> {
+    let len = msg.encoded_len();
+    let mut out = Vec::with_capacity(5 + len);
+    out.push(0);
+    out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+    msg.encode_raw(&mut out);
+    out
+}
+
+/// Why a stream of frames could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameError {
+    /// A compressed message (Trellis never asks for compression).
+    Compressed,
+    TooLarge(usize),
+    Decode(String),
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::Compressed => write!(f, "compressed gRPC messages are not accepted"),
+            FrameError::TooLarge(n) => write!(f, "gRPC message of {n} bytes is over the limit"),
+            FrameError::Decode(e) => write!(f, "gRPC message does not decode: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+/// Reassembles gRPC messages from the chunks of an HTTP/2 body, whatever their sizes.
+#[derive(Debug, Default)]
+pub struct Deframer {
+    buf: Vec<u8>,
+}
+
+impl Deframer {
+    pub fn push(&mut self, chunk: &[u8]) {
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// The next complete message, if one has arrived.
+    pub fn next<M: Message + Default>(&mut self) -> Result<Option<M>, FrameError> {
+        if self.buf.len() < 5 {
+            return Ok(None);
+        }
+        if self.buf[0] != 0 {
+            return Err(FrameError::Compressed);
+        }
+        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        if len > MAX_MESSAGE {
+            return Err(FrameError::TooLarge(len));
+        }
+        if self.buf.len() < 5 + len {
+            return Ok(None);
+        }
+        let msg =
+            M::decode(&self.buf[5..5 + len]).map_err(|e| FrameError::Decode(e.to_string()))?;
+        self.buf.drain(..5 + len);
+        Ok(Some(msg))
+    }
+}
+
+/// A snapshot as a Delta ADS resource.
+pub fn snapshot_resource(name: &str, snapshot: &crate::snapshot::Snapshot) -> Resource {
+    Resource {
+        version: snapshot.version.clone(),
+        name: name.to_string(),
+        resource: Some(prost_types::Any {
+            type_url: SNAPSHOT_TYPE_URL.to_string(),
+            value: snapshot.encode_to_vec(),
+        }),
+    }
+}
+
+/// The snapshot a resource carries.
+pub fn snapshot_of(r: &Resource) -> Result<crate::snapshot::Snapshot, String> {
+    let any = r.resource.as_ref().ok_or("resource has no body")?;
+    if any.type_url != SNAPSHOT_TYPE_URL {
+        return Err(format!("unexpected resource type {:?}", any.type_url));
+    }
+    crate::snapshot::Snapshot::decode(any.value.as_slice()).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_survive_any_chunking() {
+        let req = DeltaDiscoveryRequest {
+            node: Some(Node {
+                id: "sidecar~10.0.0.1~web-0.web".into(),
+                ..Default::default()
+            }),
+            type_url: SNAPSHOT_TYPE_URL.into(),
+            response_nonce: "7".into(),
+            ..Default::default()
+        };
+        let mut bytes = frame(&req);
+        bytes.extend(frame(&DeltaDiscoveryRequest::default()));
+        for chunk in [1, 2, 3, 7, 64] {
+            let mut d = Deframer::default();
+            let mut got = Vec::new();
+            for c in bytes.chunks(chunk) {
+                d.push(c);
+                while let Some(m) = d.next::<DeltaDiscoveryRequest>().expect("decodes") {
+                    got.push(m);
+                }
+            }
+            assert_eq!(
+                got,
+                vec![req.clone(), DeltaDiscoveryRequest::default()],
+                "chunks of {chunk}"
+            );
+        }
+        let mut d = Deframer::default();
+        d.push(&[1, 0, 0, 0, 0]);
+        assert_eq!(d.next::<Status>(), Err(FrameError::Compressed));
+        let mut d = Deframer::default();
+        d.push(&[0, 0xff, 0xff, 0xff, 0xff]);
+        assert!(matches!(d.next::<Status>(), Err(FrameError::TooLarge(_))));
+    }
+
+    #[test]
+    fn snapshots_travel_as_any() {
+        let s = crate::snapshot::Snapshot {
+            version: "v3".into(),
+            ..Default::default()
+        };
+        let r = snapshot_resource("web-0.web", &s);
+        assert_eq!(snapshot_of(&r), Ok(s));
+        let mut wrong = r.clone();
+        if let Some(a) = wrong.resource.as_mut() {
+            a.type_url = "type.googleapis.com/other".into();
+        }
+        assert!(snapshot_of(&wrong).is_err());
+    }
+}
