@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod ads;
 pub mod clusters;
 pub mod dirsource;
 pub mod mesh;

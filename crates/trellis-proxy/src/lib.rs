@@ -17,6 +17,7 @@ pub mod sniff;
 pub mod sockets;
 pub mod stats;
 pub mod tcp;
+pub mod xds;
 
 pub use config::{Config, LoadEnv};
 pub use proxy::{ProxyHandle, ProxyOptions, Shared, start};

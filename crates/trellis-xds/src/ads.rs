@@ -127,7 +127,7 @@ impl Deframer {
     }
 
     /// The next complete message, if one has arrived.
-    pub fn next<M: Message + Default>(&mut self) -> Result<Option<M>, FrameError> {
+    pub fn next_message<M: Message + Default>(&mut self) -> Result<Option<M>, FrameError> {
         if self.buf.len() < 5 {
             return Ok(None);
         }
@@ -169,6 +169,119 @@ pub fn snapshot_of(r: &Resource) -> Result<crate::snapshot::Snapshot, String> {
     crate::snapshot::Snapshot::decode(any.value.as_slice()).map_err(|e| e.to_string())
 }
 
+/// What a proxy announces about the instance it runs beside (in `Node.metadata`, with
+/// Istio-like keys: NAME, NAMESPACE, SERVICE_ACCOUNT, LABELS, INSTANCE_IPS, PORTS,
+/// LOCALITY).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Announce {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub addresses: Vec<String>,
+    /// `(name, port)` of each port the app listens on.
+    pub ports: Vec<(Option<String>, u16)>,
+    pub locality: Option<String>,
+}
+
+fn text(s: &str) -> prost_types::Value {
+    prost_types::Value {
+        kind: Some(prost_types::value::Kind::StringValue(s.to_string())),
+    }
+}
+
+fn get_text<'a>(m: &'a prost_types::Struct, k: &str) -> Option<&'a str> {
+    match m.fields.get(k)?.kind.as_ref()? {
+        prost_types::value::Kind::StringValue(s) => Some(s),
+        _ => None,
+    }
+}
+
+impl Announce {
+    /// The node a sidecar for this instance sends (`sidecar~<ip>~<name>.<ns>~<ns>.svc.cluster.local`).
+    pub fn to_node(&self) -> Node {
+        let mut f = std::collections::BTreeMap::new();
+        f.insert("NAME".to_string(), text(&self.name));
+        f.insert("NAMESPACE".to_string(), text(&self.namespace));
+        f.insert("SERVICE_ACCOUNT".to_string(), text(&self.service_account));
+        f.insert("INSTANCE_IPS".to_string(), text(&self.addresses.join(",")));
+        let ports: Vec<String> = self
+            .ports
+            .iter()
+            .map(|(n, p)| format!("{}:{p}", n.as_deref().unwrap_or("")))
+            .collect();
+        f.insert("PORTS".to_string(), text(&ports.join(",")));
+        if let Some(l) = &self.locality {
+            f.insert("LOCALITY".to_string(), text(l));
+        }
+        f.insert(
+            "LABELS".to_string(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StructValue(prost_types::Struct {
+                    fields: self
+                        .labels
+                        .iter()
+                        .map(|(k, v)| (k.clone(), text(v)))
+                        .collect(),
+                })),
+            },
+        );
+        Node {
+            id: format!(
+                "sidecar~{}~{}.{}~{}.svc.cluster.local",
+                self.addresses.first().map_or("", String::as_str),
+                self.name,
+                self.namespace,
+                self.namespace
+            ),
+            cluster: self.name.clone(),
+            metadata: Some(prost_types::Struct { fields: f }),
+        }
+    }
+
+    /// What a node announces; `None` without a name and namespace.
+    pub fn from_node(node: &Node) -> Option<Announce> {
+        let m = node.metadata.as_ref()?;
+        let name = get_text(m, "NAME").filter(|s| !s.is_empty())?.to_string();
+        let namespace = get_text(m, "NAMESPACE")
+            .filter(|s| !s.is_empty())?
+            .to_string();
+        let labels = match m.fields.get("LABELS").and_then(|v| v.kind.as_ref()) {
+            Some(prost_types::value::Kind::StructValue(s)) => s
+                .fields
+                .keys()
+                .filter_map(|k| Some((k.clone(), get_text(s, k)?.to_string())))
+                .collect(),
+            _ => Default::default(),
+        };
+        let split = |k: &str| -> Vec<String> {
+            get_text(m, k)
+                .unwrap_or("")
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        };
+        Some(Announce {
+            name,
+            namespace,
+            service_account: get_text(m, "SERVICE_ACCOUNT")
+                .unwrap_or("default")
+                .to_string(),
+            labels,
+            addresses: split("INSTANCE_IPS"),
+            ports: split("PORTS")
+                .iter()
+                .filter_map(|p| {
+                    let (n, port) = p.rsplit_once(':')?;
+                    Some(((!n.is_empty()).then(|| n.to_string()), port.parse().ok()?))
+                })
+                .collect(),
+            locality: get_text(m, "LOCALITY").map(str::to_string),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,7 +304,7 @@ mod tests {
             let mut got = Vec::new();
             for c in bytes.chunks(chunk) {
                 d.push(c);
-                while let Some(m) = d.next::<DeltaDiscoveryRequest>().expect("decodes") {
+                while let Some(m) = d.next_message::<DeltaDiscoveryRequest>().expect("decodes") {
                     got.push(m);
                 }
             }
@@ -203,10 +316,34 @@ mod tests {
         }
         let mut d = Deframer::default();
         d.push(&[1, 0, 0, 0, 0]);
-        assert_eq!(d.next::<Status>(), Err(FrameError::Compressed));
+        assert_eq!(d.next_message::<Status>(), Err(FrameError::Compressed));
         let mut d = Deframer::default();
         d.push(&[0, 0xff, 0xff, 0xff, 0xff]);
-        assert!(matches!(d.next::<Status>(), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            d.next_message::<Status>(),
+            Err(FrameError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn an_instance_round_trips_through_the_node() {
+        let a = Announce {
+            name: "web-0".into(),
+            namespace: "web".into(),
+            service_account: "web".into(),
+            labels: [("app".to_string(), "web".to_string())]
+                .into_iter()
+                .collect(),
+            addresses: vec!["10.0.0.1".into()],
+            ports: vec![(Some("http".into()), 8080), (None, 9090)],
+            locality: Some("eu/a".into()),
+        };
+        let node = a.to_node();
+        assert_eq!(node.id, "sidecar~10.0.0.1~web-0.web~web.svc.cluster.local");
+        let bytes = node.encode_to_vec();
+        let back = Node::decode(bytes.as_slice()).expect("decodes");
+        assert_eq!(Announce::from_node(&back), Some(a));
+        assert_eq!(Announce::from_node(&Node::default()), None);
     }
 
     #[test]

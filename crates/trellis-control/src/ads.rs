@@ -1,0 +1,212 @@
+//! The control plane's Delta ADS server: gRPC over HTTP/2 (cleartext for now; TLS with the
+//! mesh CA comes with the CA). Each stream is one proxy: its first request announces the
+//! instance it runs beside (`Node.metadata`), which joins the registry; responses carry its
+//! snapshot whenever it changes; each following request ACKs or NACKs a response by nonce.
+//! A stream that ends disconnects the proxy.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use trellis_xds::ads::{
+    Announce, DELTA_ADS_PATH, Deframer, DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+    SNAPSHOT_TYPE_URL, frame, snapshot_resource,
+};
+
+use crate::registry::{Instance, InstancePort};
+use crate::server::ControlPlane;
+
+/// A response body fed by a channel (a gRPC server stream).
+struct ChannelBody(mpsc::Receiver<Frame<Bytes>>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|f| f.map(Ok))
+    }
+}
+
+fn instance(a: Announce) -> Instance {
+    Instance {
+        workload: a.name.clone(),
+        name: a.name,
+        namespace: a.namespace,
+        labels: a.labels,
+        service_account: a.service_account,
+        addresses: a
+            .addresses
+            .iter()
+            .filter_map(|s| s.parse::<IpAddr>().ok())
+            .collect(),
+        ports: a
+            .ports
+            .into_iter()
+            .map(|(name, port)| InstancePort {
+                name,
+                port,
+                protocol: None,
+            })
+            .collect(),
+        locality: a.locality,
+    }
+}
+
+fn grpc_trailers(code: u32, message: &str) -> Frame<Bytes> {
+    let mut t = http::HeaderMap::new();
+    t.insert("grpc-status", HeaderValue::from(code));
+    if let Ok(v) = HeaderValue::from_str(message) {
+        if !message.is_empty() {
+            t.insert("grpc-message", v);
+        }
+    }
+    Frame::trailers(t)
+}
+
+/// Serves Delta ADS on `listener` until this future is dropped (which closes every
+/// connection it accepted).
+pub async fn serve(listener: TcpListener, cp: Arc<ControlPlane>) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        while conns.try_join_next().is_some() {}
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("xDS accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let cp = Arc::clone(&cp);
+        conns.spawn(async move {
+            let service = service_fn(move |req| handle(Arc::clone(&cp), req));
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!("xDS connection from {peer}: {e}");
+            }
+        });
+    }
+}
+
+async fn handle(
+    cp: Arc<ControlPlane>,
+    req: Request<Incoming>,
+) -> Result<Response<ChannelBody>, Infallible> {
+    let (tx, rx) = mpsc::channel(8);
+    let mut resp = Response::new(ChannelBody(rx));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    if req.uri().path() != DELTA_ADS_PATH {
+        let _ = tx.try_send(grpc_trailers(12, "unknown method"));
+        return Ok(resp);
+    }
+    tokio::spawn(stream(cp, req.into_body(), tx));
+    *resp.status_mut() = StatusCode::OK;
+    Ok(resp)
+}
+
+/// One proxy's stream.
+async fn stream(cp: Arc<ControlPlane>, mut body: Incoming, tx: mpsc::Sender<Frame<Bytes>>) {
+    let mut deframer = Deframer::default();
+    // The first request: who this is.
+    let first = loop {
+        match deframer.next_message::<DeltaDiscoveryRequest>() {
+            Ok(Some(r)) => break r,
+            Ok(None) => {}
+            Err(e) => {
+                let _ = tx.send(grpc_trailers(3, &e.to_string())).await;
+                return;
+            }
+        }
+        match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+            Some(Ok(f)) => {
+                if let Ok(d) = f.into_data() {
+                    deframer.push(&d);
+                }
+            }
+            _ => return,
+        }
+    };
+    let Some(announce) = first.node.as_ref().and_then(Announce::from_node) else {
+        let _ = tx
+            .send(grpc_trailers(
+                3,
+                "the first request must name the instance (node metadata NAME and NAMESPACE)",
+            ))
+            .await;
+        return;
+    };
+    let name = format!("{}.{}", announce.name, announce.namespace);
+    tracing::info!(proxy = %name, "proxy connected");
+    let mut session = cp.connect(instance(announce));
+    let mut sent: HashMap<String, String> = HashMap::new();
+    let mut nonce = 0u64;
+    loop {
+        tokio::select! {
+            changed = session.snapshots.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let snap = session.snapshots.borrow_and_update().clone();
+                let Some(snap) = snap else { continue };
+                nonce += 1;
+                let resp = DeltaDiscoveryResponse {
+                    system_version_info: snap.version.clone(),
+                    resources: vec![snapshot_resource(&name, &snap)],
+                    type_url: SNAPSHOT_TYPE_URL.to_string(),
+                    nonce: nonce.to_string(),
+                    removed_resources: Vec::new(),
+                };
+                sent.insert(nonce.to_string(), snap.version.clone());
+                if tx.send(Frame::data(Bytes::from(frame(&resp)))).await.is_err() {
+                    break;
+                }
+            }
+            f = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)) => {
+                let Some(Ok(f)) = f else { break };
+                let Ok(d) = f.into_data() else { continue };
+                deframer.push(&d);
+                loop {
+                    match deframer.next_message::<DeltaDiscoveryRequest>() {
+                        Ok(Some(r)) => {
+                            let version = sent.remove(&r.response_nonce).unwrap_or_default();
+                            match r.error_detail {
+                                Some(e) => cp.nack(session.id, &version, &e.message),
+                                None if !r.response_nonce.is_empty() => cp.ack(session.id, &version),
+                                None => {}
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!(proxy = %name, "{e}");
+                            cp.disconnect(session.id);
+                            let _ = tx.send(grpc_trailers(3, &e.to_string())).await;
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    tracing::info!(proxy = %name, "proxy disconnected");
+    cp.disconnect(session.id);
+    let _ = tx.send(grpc_trailers(0, "")).await;
+}

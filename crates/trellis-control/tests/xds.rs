@@ -1,0 +1,228 @@
+//! Delta ADS between the control plane and a real proxy over the network (loopback): the
+//! proxy announces its instance and gets its snapshot; the control plane is killed under
+//! steady traffic (no request fails: the proxy keeps its last snapshot); it comes back, the
+//! proxy reconnects, and a new change arrives.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use trellis_api::{LoadOptions, Resource, parse_text};
+use trellis_control::ConfigStore;
+use trellis_control::registry::{Instance, InstancePort, Registry};
+use trellis_control::server::{ControlPlane, Debounce};
+use trellis_proxy::sockets::OriginalDst;
+use trellis_proxy::{Config, LoadEnv, ProxyOptions};
+use trellis_testkit::{HttpServer, http_client};
+use trellis_xds::ads::Announce;
+
+const SERVICES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec:
+  selector: {app: reviews}
+  ports: [{name: http, port: 9080, targetPort: http}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"#;
+
+const ALL_TO_V2: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http:
+  - route: [{destination: {host: reviews, subset: v2}}]
+"#;
+
+fn parse(yaml: &str) -> Vec<Resource> {
+    parse_text(yaml, "cfg.yaml", &LoadOptions::default())
+        .into_iter()
+        .map(|p| {
+            p.resource()
+                .cloned()
+                .unwrap_or_else(|| panic!("{:?}", p.diagnostics))
+        })
+        .collect()
+}
+
+struct FakeDst(SocketAddr);
+
+impl OriginalDst for FakeDst {
+    fn original_dst(&self, _: &TcpStream) -> io::Result<SocketAddr> {
+        Ok(self.0)
+    }
+}
+
+fn reviews(version: &str, port: u16) -> Instance {
+    Instance {
+        name: format!("reviews-{version}"),
+        workload: format!("reviews-{version}"),
+        namespace: "shop".into(),
+        labels: [("app", "reviews"), ("version", version)]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+        service_account: "reviews".into(),
+        addresses: vec![IpAddr::from([127, 0, 0, 1])],
+        ports: vec![InstancePort {
+            name: Some("http".into()),
+            port,
+            protocol: None,
+        }],
+        locality: None,
+    }
+}
+
+async fn eventually<F: FnMut() -> bool>(within: Duration, mut f: F) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_follows_the_control_plane_and_survives_its_restart() {
+    let store = Arc::new(ConfigStore::new());
+    for r in parse(SERVICES) {
+        store.apply(r);
+    }
+    let cp = ControlPlane::new(
+        Arc::clone(&store),
+        Debounce {
+            quiet: Duration::from_millis(30),
+            max: Duration::from_millis(200),
+        },
+    );
+    tokio::spawn(Arc::clone(&cp).run());
+    let (v1, v2) = (
+        HttpServer::start().await.expect("v1"),
+        HttpServer::start().await.expect("v2"),
+    );
+    let _r1 = cp.connect(reviews("v1", v1.addr.port()));
+    let _r2 = cp.connect(reviews("v2", v2.addr.port()));
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let xds_addr = listener.local_addr().expect("addr");
+    let server = tokio::spawn(trellis_control::ads::serve(listener, Arc::clone(&cp)));
+
+    // The virtual IP the app dials (stable: the registry hashes the name).
+    let snap = store.snapshot();
+    let refs: Vec<&Resource> = snap.objects.iter().map(|r| r.as_ref()).collect();
+    let vip = Registry::build(&refs, vec![])
+        .service("reviews.shop", "web")
+        .expect("reviews")
+        .vip;
+    let proxy = trellis_proxy::start(
+        Config::empty(),
+        ProxyOptions {
+            outbound_capture: Some("127.0.0.1:0".parse().expect("addr")),
+            original_dst: Arc::new(FakeDst(SocketAddr::new(vip, 9080))),
+            ..ProxyOptions::default()
+        },
+    )
+    .await
+    .expect("proxy");
+    let announce = Announce {
+        name: "web-0".into(),
+        namespace: "web".into(),
+        service_account: "web".into(),
+        labels: [("app".to_string(), "web".to_string())]
+            .into_iter()
+            .collect(),
+        addresses: vec!["127.0.0.1".into()],
+        ports: vec![(Some("http".into()), 8080)],
+        locality: None,
+    };
+    tokio::spawn(trellis_proxy::xds::follow(
+        xds_addr,
+        announce,
+        Arc::clone(&proxy.shared),
+        LoadEnv::default(),
+    ));
+    assert!(
+        eventually(Duration::from_secs(5), || !proxy
+            .config()
+            .clusters
+            .is_empty())
+        .await,
+        "the first snapshot arrived over the network"
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || cp
+            .status()
+            .iter()
+            .any(|s| s.instance == "web-0" && s.acked.is_some()))
+        .await,
+        "and was ACKed: {:#?}",
+        cp.status()
+    );
+    let addr = proxy.outbound_addrs[0];
+    let mut c = http_client::HttpClient::http1(addr).await.expect("connect");
+    for _ in 0..10 {
+        assert_eq!(
+            c.get("reviews.shop:9080", "/bytes/1")
+                .await
+                .expect("response")
+                .status,
+            200
+        );
+    }
+    assert!(v1.stats().requests() > 0 && v2.stats().requests() > 0);
+
+    // The control plane goes away under steady traffic: no request fails.
+    server.abort();
+    let _ = server.await;
+    let mut failed = 0;
+    for _ in 0..40 {
+        match c.get("reviews.shop:9080", "/bytes/1").await {
+            Ok(r) if r.status == 200 => {}
+            _ => failed += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(failed, 0, "requests fail while the control plane is down");
+
+    // It comes back on the same address; the proxy reconnects and takes a new change.
+    let listener = TcpListener::bind(xds_addr).await.expect("rebind");
+    let _server = tokio::spawn(trellis_control::ads::serve(listener, Arc::clone(&cp)));
+    for r in parse(ALL_TO_V2) {
+        store.apply(r);
+    }
+    let before = v1.stats().requests();
+    assert!(
+        eventually(Duration::from_secs(10), || proxy
+            .config()
+            .targets
+            .iter()
+            .any(|t| t.routes.is_some()))
+        .await,
+        "the VirtualService arrived after the reconnect"
+    );
+    for _ in 0..10 {
+        assert_eq!(
+            c.get("reviews.shop:9080", "/bytes/1")
+                .await
+                .expect("response")
+                .status,
+            200
+        );
+    }
+    assert_eq!(v1.stats().requests(), before, "all to v2 now");
+}
