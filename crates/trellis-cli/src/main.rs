@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use trellis_api::analyze::{self, AnalyzeOptions, Message};
 use trellis_api::{Level, LoadOptions};
 
+mod control;
 mod demo;
 mod explain;
 mod gateway;
@@ -49,6 +50,12 @@ enum Command {
     /// The snapshot the control plane would send one workload's sidecar (JSON on stdout),
     /// for `trellis-proxy --config` in static mode.
     SidecarSnapshot(sidecar::Args),
+    /// Run the control plane: watch a configuration directory and serve proxies (Delta ADS)
+    /// and status (docs/control-plane.md).
+    ControlPlane(control::ControlPlaneArgs),
+    /// Every proxy connected to the control plane: the version sent, the version ACKed,
+    /// and the reason of a NACK.
+    ProxyStatus(control::ProxyStatusArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -88,6 +95,8 @@ fn main() -> ExitCode {
         Command::GatewaySnapshot(args) => gateway::run(&args),
         Command::Explain(args) => explain::run(&args),
         Command::SidecarSnapshot(args) => sidecar::run(&args),
+        Command::ControlPlane(args) => control::run_control_plane(&args),
+        Command::ProxyStatus(args) => control::run_proxy_status(&args),
     };
     match result {
         Ok(code) => code,

@@ -8,6 +8,7 @@
 
 pub mod ads;
 pub mod clusters;
+pub mod debug;
 pub mod dirsource;
 pub mod mesh;
 pub mod registry;

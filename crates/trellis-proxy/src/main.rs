@@ -38,8 +38,36 @@ struct Args {
     credentials_dir: PathBuf,
     /// Snapshot file (YAML or JSON) to serve in static mode; reloaded when it changes (a
     /// bad new version is refused and the last good one stays).
-    #[arg(long, value_name = "FILE")]
-    config: PathBuf,
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "xds",
+        conflicts_with = "xds"
+    )]
+    config: Option<PathBuf>,
+    /// Follow the control plane at ADDR (Delta ADS) instead of a snapshot file; the
+    /// proxy announces the instance it runs beside with --name, --namespace, --label,
+    /// --service-account, --address and --port.
+    #[arg(long, value_name = "ADDR")]
+    xds: Option<SocketAddr>,
+    /// This instance's name (with --xds).
+    #[arg(long, requires = "xds")]
+    name: Option<String>,
+    /// This instance's namespace (with --xds).
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    /// This instance's service account (with --xds).
+    #[arg(long, default_value = "default")]
+    service_account: String,
+    /// This instance's labels, KEY=VALUE (with --xds; repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// This instance's addresses (with --xds; repeatable).
+    #[arg(long = "address", value_name = "IP")]
+    addresses: Vec<std::net::IpAddr>,
+    /// Ports the app listens on, [NAME:]PORT (with --xds; repeatable).
+    #[arg(long = "port", value_name = "[NAME:]PORT")]
+    ports: Vec<String>,
     /// Capture intercepted traffic on Istio's ports: outbound [::]:15001, inbound
     /// [::]:15006 (both IPv4 and IPv6; 0.0.0.0 where the host has no IPv6).
     #[arg(long)]
@@ -94,6 +122,42 @@ fn parse_addr_opt(s: &str) -> anyhow::Result<Option<SocketAddr>> {
     Ok(Some(s.parse().with_context(|| {
         format!("{s:?} is not ADDR:PORT or \"off\"")
     })?))
+}
+
+/// What this proxy announces to the control plane.
+fn announce(args: &Args) -> anyhow::Result<trellis_xds::ads::Announce> {
+    let name = args
+        .name
+        .clone()
+        .context("--xds needs --name (this instance's name)")?;
+    let mut labels = std::collections::BTreeMap::new();
+    for l in &args.labels {
+        let (k, v) = l
+            .split_once('=')
+            .with_context(|| format!("--label {l:?}: expected KEY=VALUE"))?;
+        labels.insert(k.to_string(), v.to_string());
+    }
+    let mut ports = Vec::new();
+    for p in &args.ports {
+        let (n, port) = match p.rsplit_once(':') {
+            Some((n, port)) => (Some(n.to_string()), port),
+            None => (None, p.as_str()),
+        };
+        ports.push((
+            n,
+            port.parse()
+                .with_context(|| format!("--port {p:?}: expected [NAME:]PORT"))?,
+        ));
+    }
+    Ok(trellis_xds::ads::Announce {
+        name,
+        namespace: args.namespace.clone(),
+        service_account: args.service_account.clone(),
+        labels,
+        addresses: args.addresses.iter().map(ToString::to_string).collect(),
+        ports,
+        locality: None,
+    })
 }
 
 fn options(args: &Args, cfg: &config::Config) -> anyhow::Result<ProxyOptions> {
@@ -219,7 +283,14 @@ fn run(args: &Args, set_level: admin::SetLogLevel) -> anyhow::Result<()> {
         ..config::LoadEnv::default()
     };
     // A bad snapshot stops the proxy before it listens, with the file position.
-    let cfg = config::load_file_with(&args.config, None, &env).map_err(anyhow::Error::msg)?;
+    let cfg = match &args.config {
+        Some(path) => config::load_file_with(path, None, &env).map_err(anyhow::Error::msg)?,
+        None => config::Config::empty(),
+    };
+    let xds = match args.xds {
+        None => None,
+        Some(addr) => Some((addr, announce(args)?)),
+    };
     let opts = options(args, &cfg)?;
     let admin_addr = parse_addr_opt(&args.admin)?;
     let ready_addr = parse_addr_opt(&args.readiness)?;
@@ -247,7 +318,7 @@ fn run(args: &Args, set_level: admin::SetLogLevel) -> anyhow::Result<()> {
             quit: Arc::clone(&quit),
             ready: Arc::clone(&ready),
         });
-        spawn_control_thread(ctx, admin_addr, ready_addr, args.config.clone(), env)?;
+        spawn_control_thread(ctx, admin_addr, ready_addr, args.config.clone(), xds, env)?;
 
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
@@ -270,7 +341,8 @@ fn spawn_control_thread(
     ctx: Arc<AdminContext>,
     admin_addr: Option<SocketAddr>,
     ready_addr: Option<SocketAddr>,
-    config_path: PathBuf,
+    config_path: Option<PathBuf>,
+    xds: Option<(SocketAddr, trellis_xds::ads::Announce)>,
     env: config::LoadEnv,
 ) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -304,7 +376,14 @@ fn spawn_control_thread(
                     Arc::clone(&ctx.shared),
                     env.clone(),
                 ));
-                watch_config(&ctx.shared, &config_path, &env).await;
+                match (config_path, xds) {
+                    (Some(path), _) => watch_config(&ctx.shared, &path, &env).await,
+                    (None, Some((addr, announce))) => {
+                        trellis_proxy::xds::follow(addr, announce, Arc::clone(&ctx.shared), env)
+                            .await
+                    }
+                    (None, None) => std::future::pending().await,
+                }
             });
         })
         .context("starting the admin thread")?;

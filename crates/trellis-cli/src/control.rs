@@ -1,0 +1,152 @@
+//! `trellis control-plane` and `trellis proxy-status`.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use trellis_control::server::{ControlPlane, Debounce};
+use trellis_control::{ConfigStore, DirectorySource};
+
+#[derive(Debug, clap::Args)]
+pub struct ControlPlaneArgs {
+    /// Directory of configuration (YAML or JSON), watched for changes.
+    #[arg(long, value_name = "DIR")]
+    config_dir: PathBuf,
+    /// Where proxies connect (Delta ADS over gRPC; cleartext until the CA exists, so
+    /// loopback by default).
+    #[arg(long, default_value = "127.0.0.1:15012")]
+    listen: SocketAddr,
+    /// Debug and monitoring HTTP (`/debug/proxy-status`, `/metrics`).
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    debug_listen: SocketAddr,
+    /// Push after the configuration has been quiet this long…
+    #[arg(long, default_value = "100ms")]
+    debounce: trellis_api::common::Duration,
+    /// …or at the latest this long after the first change.
+    #[arg(long, default_value = "1s")]
+    debounce_max: trellis_api::common::Duration,
+}
+
+pub fn run_control_plane(args: &ControlPlaneArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async {
+        let store = Arc::new(ConfigStore::new());
+        let source = Arc::new(DirectorySource::new(&args.config_dir, Arc::clone(&store)));
+        let watch = Arc::clone(&source)
+            .watch()
+            .with_context(|| format!("watching {}", args.config_dir.display()))?;
+        for d in watch.diagnostics() {
+            eprintln!("{d}");
+        }
+        let cp = ControlPlane::new(
+            Arc::clone(&store),
+            Debounce {
+                quiet: args.debounce.0,
+                max: args.debounce_max.0,
+            },
+        );
+        tokio::spawn(Arc::clone(&cp).run());
+        let xds = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let debug = tokio::net::TcpListener::bind(args.debug_listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.debug_listen))?;
+        eprintln!(
+            "control plane: {} objects from {}; proxies connect to {}, status on http://{}/debug/proxy-status",
+            store.len(),
+            args.config_dir.display(),
+            args.listen,
+            args.debug_listen
+        );
+        tokio::spawn(trellis_control::debug::serve(debug, Arc::clone(&cp)));
+        tokio::select! {
+            _ = trellis_control::ads::serve(xds, cp) => {}
+            _ = tokio::signal::ctrl_c() => eprintln!("stopping"),
+        }
+        drop(watch);
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ProxyStatusArgs {
+    /// The control plane's debug address.
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    control_plane: SocketAddr,
+    /// Print the JSON the control plane answers.
+    #[arg(short = 'o', long, value_enum, default_value_t = StatusFormat::Table)]
+    output: StatusFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum StatusFormat {
+    Table,
+    Json,
+}
+
+/// A plain HTTP/1.0 GET (the CLI needs nothing more).
+fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("cannot reach the control plane at {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("malformed answer from the control plane")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        anyhow::bail!(
+            "control plane answered: {}",
+            head.lines().next().unwrap_or("")
+        );
+    }
+    Ok(body.to_string())
+}
+
+pub fn run_proxy_status(args: &ProxyStatusArgs) -> anyhow::Result<ExitCode> {
+    let body = get(args.control_plane, "/debug/proxy-status")?;
+    let list: serde_json::Value = serde_json::from_str(&body).context("parsing the status")?;
+    let mut out = std::io::stdout().lock();
+    if matches!(args.output, StatusFormat::Json) {
+        writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let s = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or("-").to_string();
+    writeln!(
+        out,
+        "{:<32} {:<16} {:<16} {:<8} NACK",
+        "PROXY", "SENT", "ACKED", "SYNCED"
+    )?;
+    for p in list.as_array().map(Vec::as_slice).unwrap_or_default() {
+        let synced = if p["sentVersion"] == p["ackedVersion"] {
+            "SYNCED"
+        } else if !p["nackedVersion"].is_null() && p["nackedVersion"] == p["sentVersion"] {
+            "NACKED"
+        } else {
+            "STALE"
+        };
+        let nack = match (p["nackedVersion"].as_str(), p["nackError"].as_str()) {
+            (Some(v), Some(e)) => format!("{v}: {e}"),
+            _ => String::new(),
+        };
+        writeln!(
+            out,
+            "{:<32} {:<16} {:<16} {:<8} {nack}",
+            format!("{}.{}", s(p, "instance"), s(p, "namespace")),
+            s(p, "sentVersion"),
+            s(p, "ackedVersion"),
+            synced
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

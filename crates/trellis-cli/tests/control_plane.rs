@@ -1,0 +1,213 @@
+//! `trellis control-plane` as a process, proxies following it over Delta ADS, and
+//! `trellis proxy-status` showing them in sync, then showing the NACK when they refuse a
+//! snapshot (with their reason) while they keep serving the previous one.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use trellis_proxy::{Config, LoadEnv, ProxyOptions};
+use trellis_testkit::{HttpServer, http_client};
+use trellis_xds::ads::Announce;
+
+const SERVICES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec:
+  selector: {app: reviews}
+  ports: [{name: http, port: 9080, targetPort: http}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+"#;
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+fn announce(name: &str, ns: &str, labels: &[(&str, &str)], port: u16) -> Announce {
+    Announce {
+        name: name.into(),
+        namespace: ns.into(),
+        service_account: name.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        addresses: vec!["127.0.0.1".into()],
+        ports: vec![(Some("http".into()), port)],
+        locality: None,
+    }
+}
+
+fn proxy_status(debug: SocketAddr) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(["proxy-status", "--control-plane", &debug.to_string()])
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_follow_the_control_plane_and_proxy_status_shows_a_nack() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("services.yaml"), SERVICES).expect("write");
+    let (xds, debug) = (free_addr(), free_addr());
+    let _cp = Running(
+        Command::new(env!("CARGO_BIN_EXE_trellis"))
+            .args(["control-plane", "--config-dir"])
+            .arg(dir.path())
+            .args([
+                "--listen",
+                &xds.to_string(),
+                "--debug-listen",
+                &debug.to_string(),
+            ])
+            .args(["--debounce", "20ms", "--debounce-max", "200ms"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("control plane starts"),
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || std::net::TcpStream::connect(
+            debug
+        )
+        .is_ok())
+        .await,
+        "the control plane listens"
+    );
+
+    // The app behind reviews (its proxy announces it), and a client's sidecar.
+    let app = HttpServer::start().await.expect("app");
+    let mut proxies = Vec::new();
+    for (a, listen) in [
+        (
+            announce(
+                "reviews-v1",
+                "shop",
+                &[("app", "reviews"), ("version", "v1")],
+                app.addr.port(),
+            ),
+            None,
+        ),
+        (
+            announce("web-0", "web", &[("app", "web")], 8080),
+            Some(("reviews.shop", 9080u16)),
+        ),
+    ] {
+        let p = trellis_proxy::start(
+            Config::empty(),
+            ProxyOptions {
+                outbound_listen: listen
+                    .map(|(h, port)| {
+                        vec![("127.0.0.1:0".parse().expect("addr"), h.to_string(), port)]
+                    })
+                    .unwrap_or_default(),
+                ..ProxyOptions::default()
+            },
+        )
+        .await
+        .expect("proxy");
+        tokio::spawn(trellis_proxy::xds::follow(
+            xds,
+            a,
+            Arc::clone(&p.shared),
+            LoadEnv::default(),
+        ));
+        proxies.push(p);
+    }
+    let web = &proxies[1];
+    assert!(
+        eventually(Duration::from_secs(10), || web
+            .config()
+            .clusters
+            .iter()
+            .any(
+                |c| c.name.starts_with("outbound|9080|v1|") && !c.endpoints.is_empty()
+            ))
+        .await,
+        "web-0 learned reviews' endpoint"
+    );
+    let get = || async {
+        http_client::get(web.outbound_addrs[0], "reviews.shop:9080", "/bytes/1")
+            .await
+            .expect("response")
+            .status
+            .as_u16()
+    };
+    assert_eq!(get().await, 200);
+    let status = {
+        let mut last = String::new();
+        let synced = eventually(Duration::from_secs(5), || {
+            last = proxy_status(debug);
+            last.lines()
+                .skip(1)
+                .filter(|l| l.contains("SYNCED"))
+                .count()
+                == 2
+        })
+        .await;
+        assert!(synced, "{last}");
+        last
+    };
+    assert!(
+        status.contains("web-0.web") && status.contains("reviews-v1.shop"),
+        "{status}"
+    );
+
+    // A DestinationRule the proxies cannot take: both NACK with their reason, and keep
+    // serving what they had.
+    std::fs::write(
+        dir.path().join("services.yaml"),
+        SERVICES.replace(
+            "  host: reviews\n",
+            "  host: reviews\n  trafficPolicy:\n    loadBalancer: {consistentHash: {httpHeaderName: \"bad header\"}}\n",
+        ),
+    )
+    .expect("write");
+    let mut last = String::new();
+    let nacked = eventually(Duration::from_secs(10), || {
+        last = proxy_status(debug);
+        last.lines()
+            .filter(|l| l.contains("NACKED") && l.contains("invalid header"))
+            .count()
+            == 2
+    })
+    .await;
+    assert!(nacked, "{last}");
+    assert_eq!(get().await, 200, "the refused snapshot changed nothing");
+}

@@ -1,0 +1,99 @@
+//! The control plane's debug and monitoring HTTP endpoint (Istio's 15014):
+//! `GET /debug/proxy-status` (every connected proxy as JSON, what `trellis proxy-status`
+//! shows) and `GET /metrics` (Prometheus text).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::server::ControlPlane;
+
+/// The proxies' status as JSON.
+pub fn status_json(cp: &ControlPlane) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = cp
+        .status()
+        .into_iter()
+        .map(|s| {
+            serde_json::json!({
+                "id": s.id,
+                "instance": s.instance,
+                "namespace": s.namespace,
+                "sentVersion": s.sent.as_ref().map(|(v, _)| v.clone()),
+                "sentAtUnix": s.sent.as_ref().and_then(|(_, t)| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
+                "ackedVersion": s.acked,
+                "nackedVersion": s.nacked.as_ref().map(|(v, _)| v.clone()),
+                "nackError": s.nacked.as_ref().map(|(_, e)| e.clone()),
+            })
+        })
+        .collect();
+    serde_json::Value::Array(list)
+}
+
+fn reply(status: StatusCode, ctype: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(http::header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r
+}
+
+async fn handle(
+    cp: Arc<ControlPlane>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(match (req.method(), req.uri().path()) {
+        (&Method::GET, "/debug/proxy-status") => reply(
+            StatusCode::OK,
+            "application/json",
+            status_json(&cp).to_string(),
+        ),
+        (&Method::GET, "/metrics") => {
+            let st = cp.status();
+            let nacking = st.iter().filter(|s| {
+                s.nacked
+                    .as_ref()
+                    .is_some_and(|(v, _)| Some(v) == s.sent.as_ref().map(|(sv, _)| sv))
+            });
+            reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                format!(
+                    "# HELP trellis_control_connected_proxies Proxies connected now.\n# TYPE trellis_control_connected_proxies gauge\ntrellis_control_connected_proxies {}\n# HELP trellis_control_pushes_total Snapshots sent.\n# TYPE trellis_control_pushes_total counter\ntrellis_control_pushes_total {}\n# HELP trellis_control_nacking_proxies Proxies that refused the latest snapshot sent to them.\n# TYPE trellis_control_nacking_proxies gauge\ntrellis_control_nacking_proxies {}\n",
+                    st.len(),
+                    cp.pushes(),
+                    nacking.count()
+                ),
+            )
+        }
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_string(),
+        ),
+    })
+}
+
+/// Serves the debug endpoint on `listener` until this future is dropped.
+pub async fn serve(listener: TcpListener, cp: Arc<ControlPlane>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let cp = Arc::clone(&cp);
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(Arc::clone(&cp), req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
