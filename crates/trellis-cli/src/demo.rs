@@ -84,10 +84,13 @@ pub fn run() -> anyhow::Result<ExitCode> {
     println!(
         "\nTry a mistake: change a subset to v4 in examples/bookinfo/routing.yaml and run\n  \
          target/release/trellis analyze examples/bookinfo\n\n\
-         Built so far: the sidecar proxy (`trellis-proxy`, docs/proxy.md) and the\n\
-         translation of VirtualServices into its routes. Not yet: `trellis up` (pods in\n\
-         network namespaces with transparent sidecars) and the control plane that feeds\n\
-         the proxies. See README.md, Status."
+         Where would jason's request to reviews go?\n  \
+         target/release/trellis explain examples/bookinfo --host reviews -n bookinfo -H 'end-user: jason'\n\n\
+         Built so far: the sidecar and gateway proxy (`trellis-proxy`, docs/proxy.md,\n\
+         docs/gateways.md) and the control plane that feeds it (`trellis control-plane`,\n\
+         docs/control-plane.md). Not yet: `trellis up` (pods in network namespaces with\n\
+         transparent sidecars, started by this demo), mutual TLS and telemetry.\n\
+         See README.md, Status."
     );
     Ok(if messages.iter().any(|m| m.level == Level::Error) {
         ExitCode::from(2)
