@@ -1,0 +1,445 @@
+//! The mesh's identities: a certificate authority that signs SPIFFE certificates
+//! (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`) for workloads' proxies, and the bootstrap
+//! tokens that prove which identity a proxy may ask for.
+//!
+//! - [`Ca`]: a root generated on first start (ECDSA P-256, key file mode 0600) in the data
+//!   directory, or a user's own ("plug-in CA", Istio's file names: `ca-cert.pem`,
+//!   `ca-key.pem`, `root-cert.pem`, `cert-chain.pem`).
+//! - [`Tokens`]: short-lived JWTs (ES256, audience `trellis-ca`) signed by the control
+//!   plane and handed to a proxy by whoever starts it.
+//! - [`Ca::create_certificate`]: Istio's `CreateCertificate`: a CSR and a token in, a
+//!   certificate chain out, never for an identity the token does not prove.
+
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use ring::rand::SystemRandom;
+use ring::signature::{
+    ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _,
+    UnparsedPublicKey,
+};
+
+/// The audience of bootstrap tokens.
+pub const TOKEN_AUDIENCE: &str = "trellis-ca";
+/// Default and largest certificate lifetimes.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+pub const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// A workload identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub trust_domain: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl Identity {
+    pub fn spiffe(&self) -> String {
+        format!(
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("{path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("certificate: {0}")]
+    Cert(String),
+    #[error("token refused: {0}")]
+    Token(#[from] TokenError),
+    #[error("the CSR asks for {asked}, the token proves {proven}")]
+    IdentityMismatch { asked: String, proven: String },
+    #[error("the CSR: {0}")]
+    Csr(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("malformed token")]
+    Malformed,
+    #[error("signature does not verify (signed by another key?)")]
+    Signature,
+    #[error("expired")]
+    Expired,
+    #[error("audience is not {TOKEN_AUDIENCE}")]
+    Audience,
+}
+
+fn file_err(path: &Path, e: impl std::fmt::Display) -> CaError {
+    CaError::File {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+fn cert_err(e: impl std::fmt::Display) -> CaError {
+    CaError::Cert(e.to_string())
+}
+
+/// Writes a secret: created with mode 0600 (never readable by others, even for a moment).
+fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| file_err(path, e))?;
+    f.write_all(bytes).map_err(|e| file_err(path, e))
+}
+
+fn read(path: &Path) -> Result<String, CaError> {
+    std::fs::read_to_string(path).map_err(|e| file_err(path, e))
+}
+
+/// The certificate authority.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    /// The signing certificate, then any intermediates, then the root.
+    chain: Vec<String>,
+    root: String,
+    trust_domain: String,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ca {
+    /// The CA in `dir`: loaded when `ca-cert.pem` and `ca-key.pem` are there, else a new
+    /// self-signed root (ECDSA P-256, ten years) written there, the key with mode 0600.
+    pub fn load_or_create(dir: &Path, trust_domain: &str) -> Result<Ca, CaError> {
+        let (cert_path, key_path) = (dir.join("ca-cert.pem"), dir.join("ca-key.pem"));
+        if !cert_path.exists() {
+            std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
+            let key = KeyPair::generate().map_err(cert_err)?;
+            let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::CrlSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::OrganizationName, trust_domain);
+            dn.push(DnType::CommonName, "Trellis root CA");
+            params.distinguished_name = dn;
+            let now = time::OffsetDateTime::now_utc();
+            params.not_before = now - time::Duration::minutes(1);
+            params.not_after = now + time::Duration::days(3650);
+            let cert = params.self_signed(&key).map_err(cert_err)?;
+            write_secret(&key_path, key.serialize_pem().as_bytes())?;
+            std::fs::write(&cert_path, cert.pem()).map_err(|e| file_err(&cert_path, e))?;
+        }
+        let cert = read(&cert_path)?;
+        Ca::from_pems(
+            &read(&key_path)?,
+            &cert,
+            vec![cert.clone()],
+            &cert,
+            trust_domain,
+        )
+    }
+
+    /// A user's CA ("plug-in CA") from Istio's files in `dir`: `ca-cert.pem` and
+    /// `ca-key.pem` (the signing certificate and key), `root-cert.pem`, and
+    /// `cert-chain.pem` (from the signing certificate up to the root).
+    pub fn plugin(dir: &Path, trust_domain: &str) -> Result<Ca, CaError> {
+        let cert = read(&dir.join("ca-cert.pem"))?;
+        let root = read(&dir.join("root-cert.pem"))?;
+        let chain_path = dir.join("cert-chain.pem");
+        let chain = if chain_path.exists() {
+            vec![read(&chain_path)?]
+        } else {
+            vec![cert.clone(), root.clone()]
+        };
+        Ca::from_pems(
+            &read(&dir.join("ca-key.pem"))?,
+            &cert,
+            chain,
+            &root,
+            trust_domain,
+        )
+    }
+
+    fn from_pems(
+        key: &str,
+        cert: &str,
+        chain: Vec<String>,
+        root: &str,
+        trust_domain: &str,
+    ) -> Result<Ca, CaError> {
+        let key = KeyPair::from_pem(key).map_err(cert_err)?;
+        let issuer = Issuer::from_ca_cert_pem(cert, key).map_err(cert_err)?;
+        Ok(Ca {
+            issuer,
+            chain,
+            root: root.to_string(),
+            trust_domain: trust_domain.to_string(),
+        })
+    }
+
+    /// The root certificate (the trust bundle proxies verify peers with).
+    pub fn root_pem(&self) -> &str {
+        &self.root
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// Istio's `CreateCertificate`: checks `token`, then signs the CSR's key for the
+    /// identity the token proves, for `ttl` (capped at [`MAX_TTL`]). The certificate has
+    /// exactly one SAN, the SPIFFE URI. A CSR that names another identity is refused.
+    /// Returns the chain: the workload certificate, then the CA's chain.
+    pub fn create_certificate(
+        &self,
+        tokens: &Tokens,
+        token: &str,
+        csr_pem: &str,
+        ttl: Duration,
+    ) -> Result<Vec<String>, CaError> {
+        let (namespace, service_account) = tokens.verify(token, SystemTime::now())?;
+        let id = Identity {
+            trust_domain: self.trust_domain.clone(),
+            namespace,
+            service_account,
+        };
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| CaError::Csr(e.to_string()))?;
+        let proven = id.spiffe();
+        for san in &csr.params.subject_alt_names {
+            let asked = match san {
+                SanType::URI(u) => u.as_str().to_string(),
+                other => format!("{other:?}"),
+            };
+            if asked != proven {
+                return Err(CaError::IdentityMismatch { asked, proven });
+            }
+        }
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
+        params.subject_alt_names = vec![SanType::URI(
+            proven
+                .clone()
+                .try_into()
+                .map_err(|e: rcgen::Error| cert_err(e))?,
+        )];
+        params.distinguished_name = DistinguishedName::new();
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let ttl = ttl.min(MAX_TTL);
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now;
+        params.not_after = now + time::Duration::try_from(ttl).map_err(cert_err)?;
+        csr.params = params;
+        let cert = csr.signed_by(&self.issuer).map_err(cert_err)?;
+        let mut out = vec![cert.pem()];
+        out.extend(self.chain.iter().cloned());
+        Ok(out)
+    }
+}
+
+/// base64url without padding (JWT's encoding).
+fn b64url(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+fn b64url_decode(s: &str) -> Option<Vec<u8>> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'-' => 62,
+            b'_' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let bytes = s.as_bytes();
+    if bytes.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let mut n = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            n |= val(*c)? << (18 - 6 * i);
+        }
+        for i in 0..chunk.len() - 1 {
+            out.push((n >> (16 - 8 * i)) as u8);
+        }
+    }
+    Some(out)
+}
+
+/// Bootstrap tokens: ES256 JWTs the control plane signs and checks.
+pub struct Tokens {
+    key: EcdsaKeyPair,
+    rng: SystemRandom,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokens").finish_non_exhaustive()
+    }
+}
+
+impl Tokens {
+    /// The signing key in `dir/token-key.pk8` (created with mode 0600 when absent).
+    pub fn load_or_create(dir: &Path) -> Result<Tokens, CaError> {
+        let path = dir.join("token-key.pk8");
+        let rng = SystemRandom::new();
+        if !path.exists() {
+            std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
+            let pk8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+                .map_err(|e| file_err(&path, e))?;
+            write_secret(&path, pk8.as_ref())?;
+        }
+        let bytes = std::fs::read(&path).map_err(|e| file_err(&path, e))?;
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &bytes, &rng)
+            .map_err(|e| file_err(&path, e))?;
+        Ok(Tokens { key, rng })
+    }
+
+    /// A token for `namespace`/`service_account`, valid for `ttl`.
+    pub fn issue(&self, namespace: &str, service_account: &str, ttl: Duration) -> String {
+        self.issue_at(namespace, service_account, SystemTime::now() + ttl)
+    }
+
+    fn issue_at(&self, namespace: &str, service_account: &str, exp: SystemTime) -> String {
+        let exp = exp.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let header = b64url(br#"{"alg":"ES256","typ":"JWT"}"#);
+        let claims = serde_json::json!({
+            "iss": "trellis",
+            "aud": TOKEN_AUDIENCE,
+            "ns": namespace,
+            "sa": service_account,
+            "exp": exp,
+        });
+        let payload = b64url(claims.to_string().as_bytes());
+        let signing_input = format!("{header}.{payload}");
+        let sig = self
+            .key
+            .sign(&self.rng, signing_input.as_bytes())
+            .map(|s| b64url(s.as_ref()))
+            .unwrap_or_default();
+        format!("{signing_input}.{sig}")
+    }
+
+    /// The namespace and service account a token proves at `now`.
+    pub fn verify(&self, token: &str, now: SystemTime) -> Result<(String, String), TokenError> {
+        let mut parts = token.split('.');
+        let (Some(h), Some(p), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(TokenError::Malformed);
+        };
+        let sig = b64url_decode(s).ok_or(TokenError::Malformed)?;
+        UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, self.key.public_key().as_ref())
+            .verify(format!("{h}.{p}").as_bytes(), &sig)
+            .map_err(|_| TokenError::Signature)?;
+        let claims: serde_json::Value = b64url_decode(p)
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or(TokenError::Malformed)?;
+        if claims["aud"] != TOKEN_AUDIENCE {
+            return Err(TokenError::Audience);
+        }
+        let exp = claims["exp"].as_u64().ok_or(TokenError::Malformed)?;
+        let now = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if now >= exp {
+            return Err(TokenError::Expired);
+        }
+        match (claims["ns"].as_str(), claims["sa"].as_str()) {
+            (Some(ns), Some(sa)) if !ns.is_empty() && !sa.is_empty() => {
+                Ok((ns.to_string(), sa.to_string()))
+            }
+            _ => Err(TokenError::Malformed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64url_round_trips() {
+        for n in 0..40 {
+            let bytes: Vec<u8> = (0..n).map(|i| (i * 37 + 11) as u8).collect();
+            assert_eq!(b64url_decode(&b64url(&bytes)), Some(bytes));
+        }
+        assert_eq!(b64url(b"hi?"), "aGk_");
+    }
+
+    #[test]
+    fn tokens_prove_an_identity_until_they_expire() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = Tokens::load_or_create(dir.path()).expect("tokens");
+        let tok = t.issue("shop", "reviews", Duration::from_secs(60));
+        assert_eq!(
+            t.verify(&tok, SystemTime::now()),
+            Ok(("shop".into(), "reviews".into()))
+        );
+        let old = t.issue_at(
+            "shop",
+            "reviews",
+            SystemTime::now() - Duration::from_secs(1),
+        );
+        assert_eq!(t.verify(&old, SystemTime::now()), Err(TokenError::Expired));
+        let other_dir = tempfile::tempdir().expect("tempdir");
+        let other = Tokens::load_or_create(other_dir.path()).expect("tokens");
+        let forged = other.issue("shop", "reviews", Duration::from_secs(60));
+        assert_eq!(
+            t.verify(&forged, SystemTime::now()),
+            Err(TokenError::Signature)
+        );
+        // Tampering with the claims breaks the signature.
+        let mut parts: Vec<&str> = tok.split('.').collect();
+        let evil =
+            b64url(br#"{"aud":"trellis-ca","ns":"kube-system","sa":"admin","exp":99999999999}"#);
+        parts[1] = &evil;
+        assert_eq!(
+            t.verify(&parts.join("."), SystemTime::now()),
+            Err(TokenError::Signature)
+        );
+        assert_eq!(
+            t.verify("nope", SystemTime::now()),
+            Err(TokenError::Malformed)
+        );
+        // The key survives a restart.
+        let again = Tokens::load_or_create(dir.path()).expect("tokens");
+        assert!(again.verify(&tok, SystemTime::now()).is_ok());
+    }
+}
