@@ -29,6 +29,51 @@ pub struct ControlPlaneArgs {
     /// …or at the latest this long after the first change.
     #[arg(long, default_value = "1s")]
     debounce_max: trellis_api::common::Duration,
+    /// Where the CA's root and the token key live (created on first start).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Trust what proxies announce without a bootstrap token (local experiments only).
+    #[arg(long)]
+    no_auth: bool,
+}
+
+/// `--data-dir`, else `~/.local/share/trellis`.
+fn data_dir(given: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
+    match given {
+        Some(d) => Ok(d.clone()),
+        None => {
+            let home = std::env::var_os("HOME").context("no HOME: give --data-dir")?;
+            Ok(PathBuf::from(home).join(".local/share/trellis"))
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TokenArgs {
+    /// The namespace the token proves.
+    #[arg(short, long)]
+    namespace: String,
+    /// The service account the token proves.
+    #[arg(long)]
+    service_account: String,
+    /// How long it is valid.
+    #[arg(long, default_value = "1h")]
+    ttl: trellis_api::common::Duration,
+    /// The control plane's data directory (its token key).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+pub fn run_token(args: &TokenArgs) -> anyhow::Result<ExitCode> {
+    let dir = data_dir(args.data_dir.as_ref())?;
+    let tokens = trellis_identity::Tokens::load_or_create(&dir)?;
+    println!(
+        "{}",
+        tokens.issue(&args.namespace, &args.service_account, args.ttl.0)
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn run_control_plane(args: &ControlPlaneArgs) -> anyhow::Result<ExitCode> {
@@ -54,6 +99,20 @@ pub fn run_control_plane(args: &ControlPlaneArgs) -> anyhow::Result<ExitCode> {
             },
         );
         tokio::spawn(Arc::clone(&cp).run());
+        let auth = if args.no_auth {
+            eprintln!("warning: --no-auth: proxies' announcements are not checked against tokens");
+            None
+        } else {
+            let dir = data_dir(args.data_dir.as_ref())?;
+            let ca = trellis_identity::Ca::load_or_create(&dir, &args.trust_domain)?;
+            let tokens = trellis_identity::Tokens::load_or_create(&dir)?;
+            eprintln!(
+                "CA and token key in {} (trust domain {}); proxies need a token: trellis token -n NS --service-account SA",
+                dir.display(),
+                args.trust_domain
+            );
+            Some(Arc::new(trellis_control::ads::Auth { ca, tokens }))
+        };
         let xds = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -69,7 +128,7 @@ pub fn run_control_plane(args: &ControlPlaneArgs) -> anyhow::Result<ExitCode> {
         );
         tokio::spawn(trellis_control::debug::serve(debug, Arc::clone(&cp)));
         tokio::select! {
-            _ = trellis_control::ads::serve(xds, cp) => {}
+            _ = trellis_control::ads::serve_with(xds, cp, auth) => {}
             _ = tokio::signal::ctrl_c() => eprintln!("stopping"),
         }
         drop(watch);

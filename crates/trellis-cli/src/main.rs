@@ -56,6 +56,9 @@ enum Command {
     /// Every proxy connected to the control plane: the version sent, the version ACKed,
     /// and the reason of a NACK.
     ProxyStatus(control::ProxyStatusArgs),
+    /// A bootstrap token for a proxy (namespace and service account), signed with the
+    /// control plane's key.
+    Token(control::TokenArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -97,6 +100,7 @@ fn main() -> ExitCode {
         Command::SidecarSnapshot(args) => sidecar::run(&args),
         Command::ControlPlane(args) => control::run_control_plane(&args),
         Command::ProxyStatus(args) => control::run_proxy_status(&args),
+        Command::Token(args) => control::run_token(&args),
     };
     match result {
         Ok(code) => code,

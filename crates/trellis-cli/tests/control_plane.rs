@@ -86,6 +86,7 @@ async fn proxies_follow_the_control_plane_and_proxy_status_shows_a_nack() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("services.yaml"), SERVICES).expect("write");
     let (xds, debug) = (free_addr(), free_addr());
+    let data = tempfile::tempdir().expect("tempdir");
     let _cp = Running(
         Command::new(env!("CARGO_BIN_EXE_trellis"))
             .args(["control-plane", "--config-dir"])
@@ -96,7 +97,14 @@ async fn proxies_follow_the_control_plane_and_proxy_status_shows_a_nack() {
                 "--debug-listen",
                 &debug.to_string(),
             ])
-            .args(["--debounce", "20ms", "--debounce-max", "200ms"])
+            .args([
+                "--debounce",
+                "20ms",
+                "--debounce-max",
+                "200ms",
+                "--data-dir",
+            ])
+            .arg(data.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -142,9 +150,29 @@ async fn proxies_follow_the_control_plane_and_proxy_status_shows_a_nack() {
         )
         .await
         .expect("proxy");
-        tokio::spawn(trellis_proxy::xds::follow(
+        // Each proxy shows a token for its identity, made by `trellis token`.
+        let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
+            .args([
+                "token",
+                "-n",
+                &a.namespace,
+                "--service-account",
+                &a.service_account,
+                "--data-dir",
+            ])
+            .arg(data.path())
+            .output()
+            .expect("trellis token");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        tokio::spawn(trellis_proxy::xds::follow_with_token(
             xds,
             a,
+            Some(token),
             Arc::clone(&p.shared),
             LoadEnv::default(),
         ));

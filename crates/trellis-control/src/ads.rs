@@ -20,8 +20,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use trellis_xds::ads::{
-    Announce, DELTA_ADS_PATH, Deframer, DeltaDiscoveryRequest, DeltaDiscoveryResponse,
-    SNAPSHOT_TYPE_URL, frame, snapshot_resource,
+    Announce, CREATE_CERTIFICATE_PATH, DELTA_ADS_PATH, Deframer, DeltaDiscoveryRequest,
+    DeltaDiscoveryResponse, IstioCertificateRequest, IstioCertificateResponse, SNAPSHOT_TYPE_URL,
+    frame, snapshot_resource,
 };
 
 use crate::registry::{Instance, InstancePort};
@@ -78,9 +79,28 @@ fn grpc_trailers(code: u32, message: &str) -> Frame<Bytes> {
     Frame::trailers(t)
 }
 
+/// The mesh's identities, when the control plane checks them: every stream and
+/// certificate request must carry a bootstrap token (`authorization: Bearer …`), and a
+/// proxy may only announce the namespace and service account its token proves.
+pub struct Auth {
+    pub ca: trellis_identity::Ca,
+    pub tokens: trellis_identity::Tokens,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth").finish_non_exhaustive()
+    }
+}
+
 /// Serves Delta ADS on `listener` until this future is dropped (which closes every
-/// connection it accepted).
+/// connection it accepted). No tokens are asked for.
 pub async fn serve(listener: TcpListener, cp: Arc<ControlPlane>) {
+    serve_with(listener, cp, None).await;
+}
+
+/// As [`serve`]; with `auth`, tokens are checked and the CA's `CreateCertificate` is served.
+pub async fn serve_with(listener: TcpListener, cp: Arc<ControlPlane>, auth: Option<Arc<Auth>>) {
     let mut conns = tokio::task::JoinSet::new();
     loop {
         while conns.try_join_next().is_some() {}
@@ -93,8 +113,9 @@ pub async fn serve(listener: TcpListener, cp: Arc<ControlPlane>) {
             }
         };
         let cp = Arc::clone(&cp);
+        let auth = auth.clone();
         conns.spawn(async move {
-            let service = service_fn(move |req| handle(Arc::clone(&cp), req));
+            let service = service_fn(move |req| handle(Arc::clone(&cp), auth.clone(), req));
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service);
             if let Err(e) = conn.await {
@@ -104,8 +125,23 @@ pub async fn serve(listener: TcpListener, cp: Arc<ControlPlane>) {
     }
 }
 
+/// The token of a request (`authorization: Bearer …`), checked: the namespace and
+/// service account it proves.
+fn token_identity(auth: &Auth, req: &Request<Incoming>) -> Result<(String, String), String> {
+    let token = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or("no bootstrap token (authorization: Bearer)")?;
+    auth.tokens
+        .verify(token, std::time::SystemTime::now())
+        .map_err(|e| format!("bootstrap token refused: {e}"))
+}
+
 async fn handle(
     cp: Arc<ControlPlane>,
+    auth: Option<Arc<Auth>>,
     req: Request<Incoming>,
 ) -> Result<Response<ChannelBody>, Infallible> {
     let (tx, rx) = mpsc::channel(8);
@@ -114,17 +150,95 @@ async fn handle(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
-    if req.uri().path() != DELTA_ADS_PATH {
-        let _ = tx.try_send(grpc_trailers(12, "unknown method"));
-        return Ok(resp);
+    let proven = match &auth {
+        None => None,
+        Some(a) => match token_identity(a, &req) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                tracing::warn!("{}: {e}", req.uri().path());
+                let _ = tx.try_send(grpc_trailers(16, &e));
+                return Ok(resp);
+            }
+        },
+    };
+    match (req.uri().path(), &auth) {
+        (DELTA_ADS_PATH, _) => {
+            tokio::spawn(stream(cp, proven, req.into_body(), tx));
+        }
+        (CREATE_CERTIFICATE_PATH, Some(a)) => {
+            tokio::spawn(create_certificate(Arc::clone(a), req, tx));
+        }
+        _ => {
+            let _ = tx.try_send(grpc_trailers(12, "unknown method"));
+        }
     }
-    tokio::spawn(stream(cp, req.into_body(), tx));
     *resp.status_mut() = StatusCode::OK;
     Ok(resp)
 }
 
+/// Istio's `CreateCertificate` (unary).
+async fn create_certificate(
+    auth: Arc<Auth>,
+    req: Request<Incoming>,
+    tx: mpsc::Sender<Frame<Bytes>>,
+) {
+    let token = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+        .to_string();
+    let mut body = req.into_body();
+    let mut deframer = Deframer::default();
+    let request = loop {
+        match deframer.next_message::<IstioCertificateRequest>() {
+            Ok(Some(r)) => break r,
+            Ok(None) => {}
+            Err(e) => {
+                let _ = tx.send(grpc_trailers(3, &e.to_string())).await;
+                return;
+            }
+        }
+        match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+            Some(Ok(f)) => {
+                if let Ok(d) = f.into_data() {
+                    deframer.push(&d);
+                }
+            }
+            _ => {
+                let _ = tx.send(grpc_trailers(3, "no request")).await;
+                return;
+            }
+        }
+    };
+    let ttl = match u64::try_from(request.validity_duration) {
+        Ok(0) | Err(_) => trellis_identity::DEFAULT_TTL,
+        Ok(s) => std::time::Duration::from_secs(s),
+    };
+    match auth
+        .ca
+        .create_certificate(&auth.tokens, &token, &request.csr, ttl)
+    {
+        Ok(cert_chain) => {
+            let resp = IstioCertificateResponse { cert_chain };
+            let _ = tx.send(Frame::data(Bytes::from(frame(&resp)))).await;
+            let _ = tx.send(grpc_trailers(0, "")).await;
+        }
+        Err(e) => {
+            tracing::warn!("certificate refused: {e}");
+            let _ = tx.send(grpc_trailers(7, &e.to_string())).await;
+        }
+    }
+}
+
 /// One proxy's stream.
-async fn stream(cp: Arc<ControlPlane>, mut body: Incoming, tx: mpsc::Sender<Frame<Bytes>>) {
+async fn stream(
+    cp: Arc<ControlPlane>,
+    proven: Option<(String, String)>,
+    mut body: Incoming,
+    tx: mpsc::Sender<Frame<Bytes>>,
+) {
     let mut deframer = Deframer::default();
     // The first request: who this is.
     let first = loop {
@@ -154,6 +268,17 @@ async fn stream(cp: Arc<ControlPlane>, mut body: Incoming, tx: mpsc::Sender<Fram
             .await;
         return;
     };
+    if let Some((ns, sa)) = &proven {
+        if *ns != announce.namespace || *sa != announce.service_account {
+            let why = format!(
+                "the token proves {ns}/{sa}; the proxy announced {}/{}",
+                announce.namespace, announce.service_account
+            );
+            tracing::warn!("{why}");
+            let _ = tx.send(grpc_trailers(7, &why)).await;
+            return;
+        }
+    }
     let name = format!("{}.{}", announce.name, announce.namespace);
     tracing::info!(proxy = %name, "proxy connected");
     let mut session = cp.connect(instance(announce));

@@ -325,7 +325,12 @@ impl Tokens {
             std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
             let pk8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
                 .map_err(|e| file_err(&path, e))?;
-            write_secret(&path, pk8.as_ref())?;
+            // Another process may have created it meanwhile: then that key is the one.
+            match write_secret(&path, pk8.as_ref()) {
+                Ok(()) => {}
+                Err(_) if path.exists() => {}
+                Err(e) => return Err(e),
+            }
         }
         let bytes = std::fs::read(&path).map_err(|e| file_err(&path, e))?;
         let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &bytes, &rng)

@@ -50,6 +50,9 @@ struct Args {
     /// --service-account, --address and --port.
     #[arg(long, value_name = "ADDR")]
     xds: Option<SocketAddr>,
+    /// A file holding the bootstrap token to show the control plane (with --xds).
+    #[arg(long, value_name = "FILE", requires = "xds")]
+    xds_token_file: Option<PathBuf>,
     /// This instance's name (with --xds).
     #[arg(long, requires = "xds")]
     name: Option<String>,
@@ -289,7 +292,18 @@ fn run(args: &Args, set_level: admin::SetLogLevel) -> anyhow::Result<()> {
     };
     let xds = match args.xds {
         None => None,
-        Some(addr) => Some((addr, announce(args)?)),
+        Some(addr) => {
+            let token = match &args.xds_token_file {
+                None => None,
+                Some(p) => Some(
+                    std::fs::read_to_string(p)
+                        .with_context(|| format!("reading the token {}", p.display()))?
+                        .trim()
+                        .to_string(),
+                ),
+            };
+            Some((addr, announce(args)?, token))
+        }
     };
     let opts = options(args, &cfg)?;
     let admin_addr = parse_addr_opt(&args.admin)?;
@@ -342,7 +356,7 @@ fn spawn_control_thread(
     admin_addr: Option<SocketAddr>,
     ready_addr: Option<SocketAddr>,
     config_path: Option<PathBuf>,
-    xds: Option<(SocketAddr, trellis_xds::ads::Announce)>,
+    xds: Option<(SocketAddr, trellis_xds::ads::Announce, Option<String>)>,
     env: config::LoadEnv,
 ) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -378,9 +392,15 @@ fn spawn_control_thread(
                 ));
                 match (config_path, xds) {
                     (Some(path), _) => watch_config(&ctx.shared, &path, &env).await,
-                    (None, Some((addr, announce))) => {
-                        trellis_proxy::xds::follow(addr, announce, Arc::clone(&ctx.shared), env)
-                            .await
+                    (None, Some((addr, announce, token))) => {
+                        trellis_proxy::xds::follow_with_token(
+                            addr,
+                            announce,
+                            token,
+                            Arc::clone(&ctx.shared),
+                            env,
+                        )
+                        .await
                     }
                     (None, None) => std::future::pending().await,
                 }

@@ -42,9 +42,20 @@ impl Body for ChannelBody {
 
 /// Follows the control plane at `addr` until the runtime stops.
 pub async fn follow(addr: SocketAddr, announce: Announce, shared: Arc<Shared>, env: LoadEnv) {
+    follow_with_token(addr, announce, None, shared, env).await;
+}
+
+/// As [`follow`], presenting a bootstrap token (`authorization: Bearer`).
+pub async fn follow_with_token(
+    addr: SocketAddr,
+    announce: Announce,
+    token: Option<String>,
+    shared: Arc<Shared>,
+    env: LoadEnv,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match session(addr, &announce, &shared, &env).await {
+        match session(addr, &announce, token.as_deref(), &shared, &env).await {
             Ok(()) => {
                 tracing::info!("control plane {addr} closed the stream; reconnecting");
                 backoff = Duration::from_millis(100);
@@ -64,6 +75,7 @@ pub async fn follow(addr: SocketAddr, announce: Announce, shared: Arc<Shared>, e
 async fn session(
     addr: SocketAddr,
     announce: &Announce,
+    token: Option<&str>,
     shared: &Arc<Shared>,
     env: &LoadEnv,
 ) -> Result<(), String> {
@@ -94,6 +106,12 @@ async fn session(
         HeaderValue::from_static("application/grpc"),
     );
     h.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    if let Some(t) = token {
+        h.insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {t}")).map_err(|e| e.to_string())?,
+        );
+    }
     let current = shared.config.load();
     let first = DeltaDiscoveryRequest {
         node: Some(announce.to_node()),

@@ -84,6 +84,29 @@ pub struct DeltaDiscoveryResponse {
     pub removed_resources: Vec<String>,
 }
 
+/// The CA's gRPC method (Istio's).
+pub const CREATE_CERTIFICATE_PATH: &str =
+    "/istio.v1.auth.IstioCertificateService/CreateCertificate";
+
+/// `istio.v1.auth.IstioCertificateRequest`: a PEM CSR and the validity asked for (seconds).
+/// The bootstrap token travels in the `authorization: Bearer` header.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct IstioCertificateRequest {
+    #[prost(string, tag = "1")]
+    pub csr: String,
+    #[prost(int64, tag = "3")]
+    pub validity_duration: i64,
+    #[prost(message, optional, tag = "4")]
+    pub metadata: Option<prost_types::Struct>,
+}
+
+/// `istio.v1.auth.IstioCertificateResponse`: the certificate, then the CA's chain (PEM).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct IstioCertificateResponse {
+    #[prost(string, repeated, tag = "1")]
+    pub cert_chain: Vec<String>,
+}
+
 /// One gRPC message frame.
 pub fn frame<M: Message>(msg: &M) -> Vec<u8> {
     let len = msg.encoded_len();

@@ -1,0 +1,221 @@
+//! The control plane with identities on: a proxy must show a bootstrap token, may only
+//! announce the namespace and service account the token proves, and gets a certificate for
+//! exactly that identity from `CreateCertificate` over gRPC.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::Body;
+use tokio::net::TcpListener;
+use trellis_api::{LoadOptions, parse_text};
+use trellis_control::ConfigStore;
+use trellis_control::ads::Auth;
+use trellis_control::server::{ControlPlane, Debounce};
+use trellis_identity::{Ca, Tokens};
+use trellis_proxy::{Config, LoadEnv, ProxyHandle, ProxyOptions};
+use trellis_xds::ads::{
+    Announce, CREATE_CERTIFICATE_PATH, Deframer, IstioCertificateRequest, IstioCertificateResponse,
+    frame,
+};
+
+fn announce(ns: &str, sa: &str) -> Announce {
+    Announce {
+        name: "web-0".into(),
+        namespace: ns.into(),
+        service_account: sa.into(),
+        addresses: vec!["127.0.0.1".into()],
+        ..Default::default()
+    }
+}
+
+async fn follower(xds: SocketAddr, a: Announce, token: Option<String>) -> ProxyHandle {
+    let p = trellis_proxy::start(Config::empty(), ProxyOptions::default())
+        .await
+        .expect("proxy");
+    tokio::spawn(trellis_proxy::xds::follow_with_token(
+        xds,
+        a,
+        token,
+        Arc::clone(&p.shared),
+        LoadEnv::default(),
+    ));
+    p
+}
+
+async fn got_snapshot(p: &ProxyHandle, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if !p.config().version.is_empty() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// A unary gRPC call over HTTP/2 cleartext: the response message, or the grpc-status.
+async fn create_certificate(
+    addr: SocketAddr,
+    token: &str,
+    csr: &str,
+    seconds: i64,
+) -> Result<IstioCertificateResponse, String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let body = http_body_util::Full::new(Bytes::from(frame(&IstioCertificateRequest {
+        csr: csr.to_string(),
+        validity_duration: seconds,
+        metadata: None,
+    })));
+    let req = http::Request::post(format!("http://{addr}{CREATE_CERTIFICATE_PATH}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", format!("Bearer {token}"))
+        .body(body)
+        .map_err(|e| e.to_string())?;
+    let mut body = sender
+        .send_request(req)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_body();
+    let mut deframer = Deframer::default();
+    let mut message = None;
+    while let Some(f) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        let f = f.map_err(|e| e.to_string())?;
+        match f.into_data() {
+            Ok(d) => {
+                deframer.push(&d);
+                if let Some(m) = deframer
+                    .next_message::<IstioCertificateResponse>()
+                    .map_err(|e| e.to_string())?
+                {
+                    message = Some(m);
+                }
+            }
+            Err(f) => {
+                if let Some(t) = f.trailers_ref() {
+                    let status = t
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    if status != "0" {
+                        let msg = t
+                            .get("grpc-message")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("");
+                        return Err(format!("grpc-status {status}: {msg}"));
+                    }
+                }
+            }
+        }
+    }
+    message.ok_or_else(|| "no response message".to_string())
+}
+
+fn csr(san: &str) -> String {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        san.to_string().try_into().expect("ia5"),
+    )];
+    params
+        .serialize_request(&key)
+        .expect("csr")
+        .pem()
+        .expect("pem")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_gate_the_stream_and_the_certificates() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let auth = Arc::new(Auth {
+        ca: Ca::load_or_create(data.path(), "cluster.local").expect("ca"),
+        tokens: Tokens::load_or_create(data.path()).expect("tokens"),
+    });
+    let store = Arc::new(ConfigStore::new());
+    for p in parse_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: shop}\nspec:\n  selector: {app: reviews}\n  ports: [{name: http, port: 9080}]\n",
+        "svc.yaml",
+        &LoadOptions::default(),
+    ) {
+        store.apply(p.resource().cloned().expect("parses"));
+    }
+    let cp = ControlPlane::new(Arc::clone(&store), Debounce::default());
+    tokio::spawn(Arc::clone(&cp).run());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(trellis_control::ads::serve_with(
+        listener,
+        Arc::clone(&cp),
+        Some(Arc::clone(&auth)),
+    ));
+
+    // No token: no snapshot. A token for another identity than the one announced: none.
+    let anonymous = follower(addr, announce("web", "web"), None).await;
+    let other = auth.tokens.issue("web", "admin", Duration::from_secs(60));
+    let impostor = follower(addr, announce("web", "web"), Some(other)).await;
+    // The right token: served.
+    let token = auth.tokens.issue("web", "web", Duration::from_secs(60));
+    let good = follower(addr, announce("web", "web"), Some(token.clone())).await;
+    assert!(
+        got_snapshot(&good, Duration::from_secs(5)).await,
+        "the proxy with its token is served"
+    );
+    assert!(
+        !got_snapshot(&anonymous, Duration::from_millis(300)).await,
+        "no token, no snapshot"
+    );
+    assert!(
+        !got_snapshot(&impostor, Duration::from_millis(100)).await,
+        "a token for another identity"
+    );
+    assert_eq!(cp.status().len(), 1, "{:#?}", cp.status());
+
+    // A certificate for the token's identity; none for another.
+    let chain = create_certificate(
+        addr,
+        &token,
+        &csr("spiffe://cluster.local/ns/web/sa/web"),
+        3600,
+    )
+    .await
+    .expect("certificate")
+    .cert_chain;
+    assert_eq!(chain.len(), 2);
+    assert_eq!(chain[1], auth.ca.root_pem());
+    let e = create_certificate(
+        addr,
+        &token,
+        &csr("spiffe://cluster.local/ns/shop/sa/reviews"),
+        3600,
+    )
+    .await
+    .expect_err("another identity");
+    assert!(
+        e.contains("grpc-status 7") && e.contains("ns/shop/sa/reviews"),
+        "{e}"
+    );
+    let forged = Tokens::load_or_create(tempfile::tempdir().expect("tempdir").path())
+        .expect("tokens")
+        .issue("web", "web", Duration::from_secs(60));
+    let e = create_certificate(
+        addr,
+        &forged,
+        &csr("spiffe://cluster.local/ns/web/sa/web"),
+        3600,
+    )
+    .await
+    .expect_err("forged token");
+    assert!(e.contains("grpc-status 16"), "{e}");
+}
