@@ -66,10 +66,17 @@ pub struct Session {
     pub snapshots: watch::Receiver<Option<Arc<wire::Snapshot>>>,
 }
 
+/// How long a disconnected proxy's instance stays in the registry by default (a proxy that
+/// reconnects meanwhile, after a control-plane restart say, causes no endpoint churn).
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
+
 /// The control plane: configuration store, connected proxies, push loop.
 pub struct ControlPlane {
     store: Arc<ConfigStore>,
     conns: Mutex<BTreeMap<u64, Conn>>,
+    /// Instances whose proxy disconnected, kept until the instant given.
+    departed: Mutex<Vec<(Instance, Instant)>>,
+    grace: Duration,
     next_id: AtomicU64,
     /// Bumped by connects and disconnects (the registry changes with them).
     membership: Notify,
@@ -86,9 +93,20 @@ impl std::fmt::Debug for ControlPlane {
 
 impl ControlPlane {
     pub fn new(store: Arc<ConfigStore>, debounce: Debounce) -> Arc<ControlPlane> {
+        ControlPlane::with_grace(store, debounce, DEFAULT_GRACE)
+    }
+
+    /// As [`ControlPlane::new`], keeping a disconnected proxy's instance for `grace`.
+    pub fn with_grace(
+        store: Arc<ConfigStore>,
+        debounce: Debounce,
+        grace: Duration,
+    ) -> Arc<ControlPlane> {
         Arc::new(ControlPlane {
             store,
             conns: Mutex::new(BTreeMap::new()),
+            departed: Mutex::new(Vec::new()),
+            grace,
             next_id: AtomicU64::new(1),
             membership: Notify::new(),
             pushes: AtomicU64::new(0),
@@ -105,6 +123,10 @@ impl ControlPlane {
     /// it, and gets its first snapshot at once.
     pub fn connect(&self, instance: Instance) -> Session {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.departed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|(i, _)| !(i.name == instance.name && i.namespace == instance.namespace));
         let (tx, rx) = watch::channel(None);
         let status = ProxyStatus {
             id,
@@ -128,10 +150,31 @@ impl ControlPlane {
         Session { id, snapshots: rx }
     }
 
-    /// The proxy is gone: its instance leaves the registry.
+    /// The proxy is gone: its instance leaves the registry once the grace period has
+    /// passed without it reconnecting.
     pub fn disconnect(&self, id: u64) {
-        self.conns().remove(&id);
+        let Some(c) = self.conns().remove(&id) else {
+            return;
+        };
+        if !self.grace.is_zero() {
+            self.departed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((c.instance, Instant::now() + self.grace));
+        }
         self.membership.notify_one();
+    }
+
+    /// Departed instances still within their grace period (expired ones dropped), and
+    /// when the next one expires.
+    fn lingering(&self) -> (Vec<Instance>, Option<Instant>) {
+        let now = Instant::now();
+        let mut d = self.departed.lock().unwrap_or_else(PoisonError::into_inner);
+        d.retain(|(_, until)| *until > now);
+        (
+            d.iter().map(|(i, _)| i.clone()).collect(),
+            d.iter().map(|(_, until)| *until).min(),
+        )
     }
 
     pub fn ack(&self, id: u64, version: &str) {
@@ -162,8 +205,9 @@ impl ControlPlane {
     pub fn push_all(&self) {
         let snap = self.store.snapshot();
         let resources: Vec<&Resource> = snap.objects.iter().map(|r| r.as_ref()).collect();
+        let (mut instances, _) = self.lingering();
         let mut conns = self.conns();
-        let instances: Vec<Instance> = conns.values().map(|c| c.instance.clone()).collect();
+        instances.extend(conns.values().map(|c| c.instance.clone()));
         let registry = Registry::build(&resources, instances);
         let cfg = MeshConfig {
             resources: &resources,
@@ -198,9 +242,18 @@ impl ControlPlane {
     pub async fn run(self: Arc<Self>) {
         let mut revisions = self.store.subscribe();
         loop {
+            // A departed instance's grace ending is a change too.
+            let expiry = self.lingering().1;
+            let grace_over = async {
+                match expiry {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 r = revisions.changed() => if r.is_err() { return },
                 _ = self.membership.notified() => {}
+                _ = grace_over => {}
             }
             // Debounce: wait for `quiet` without a change, at most `max` in all.
             let start = Instant::now();
@@ -225,5 +278,72 @@ impl ControlPlane {
                 tracing::error!("push failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::InstancePort;
+
+    fn instance(name: &str, ns: &str, app: &str) -> Instance {
+        Instance {
+            name: name.into(),
+            workload: name.into(),
+            namespace: ns.into(),
+            labels: [("app".to_string(), app.to_string())].into_iter().collect(),
+            service_account: name.into(),
+            addresses: vec!["10.0.0.1".parse().expect("ip")],
+            ports: vec![InstancePort {
+                name: Some("http".into()),
+                port: 9080,
+                protocol: None,
+            }],
+            locality: None,
+        }
+    }
+
+    fn endpoints(s: &Session) -> usize {
+        s.snapshots
+            .borrow()
+            .as_ref()
+            .and_then(|snap| {
+                snap.clusters
+                    .iter()
+                    .find(|c| c.name == "outbound|9080||reviews.shop.svc.cluster.local")
+                    .map(|c| c.endpoints.len())
+            })
+            .unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn a_departed_instance_stays_for_the_grace_period() {
+        let store = Arc::new(ConfigStore::new());
+        for p in trellis_api::parse_text(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: shop}\nspec:\n  selector: {app: reviews}\n  ports: [{name: http, port: 9080}]\n",
+            "svc.yaml",
+            &trellis_api::LoadOptions::default(),
+        ) {
+            if let Some(r) = p.resource() {
+                store.apply(r.clone());
+            }
+        }
+        let quick = Debounce {
+            quiet: Duration::from_millis(10),
+            max: Duration::from_millis(50),
+        };
+        let cp = ControlPlane::with_grace(store, quick, Duration::from_millis(300));
+        tokio::spawn(Arc::clone(&cp).run());
+        let client = cp.connect(instance("web-0", "web", "web"));
+        let r = cp.connect(instance("reviews-v1", "shop", "reviews"));
+        assert_eq!(endpoints(&client), 1);
+        cp.disconnect(r.id);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(endpoints(&client), 1, "still there within the grace period");
+        // Reconnecting within the grace period: no churn at all.
+        let r = cp.connect(instance("reviews-v1", "shop", "reviews"));
+        cp.disconnect(r.id);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(endpoints(&client), 0, "gone after the grace period");
     }
 }
