@@ -176,6 +176,27 @@ async fn handle(
     Ok(resp)
 }
 
+/// Reads from `body` until `deframer` yields a whole message; `None` when the body ends
+/// first.
+async fn first_message<M: prost::Message + Default>(
+    body: &mut Incoming,
+    deframer: &mut Deframer,
+) -> Result<Option<M>, trellis_xds::ads::FrameError> {
+    loop {
+        if let Some(m) = deframer.next_message::<M>()? {
+            return Ok(Some(m));
+        }
+        match std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await {
+            Some(Ok(f)) => {
+                if let Ok(d) = f.into_data() {
+                    deframer.push(&d);
+                }
+            }
+            _ => return Ok(None),
+        }
+    }
+}
+
 /// Istio's `CreateCertificate` (unary).
 async fn create_certificate(
     auth: Arc<Auth>,
@@ -190,28 +211,18 @@ async fn create_certificate(
         .unwrap_or("")
         .to_string();
     let mut body = req.into_body();
-    let mut deframer = Deframer::default();
-    let request = loop {
-        match deframer.next_message::<IstioCertificateRequest>() {
-            Ok(Some(r)) => break r,
-            Ok(None) => {}
+    let request =
+        match first_message::<IstioCertificateRequest>(&mut body, &mut Deframer::default()).await {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                let _ = tx.send(grpc_trailers(3, "no request")).await;
+                return;
+            }
             Err(e) => {
                 let _ = tx.send(grpc_trailers(3, &e.to_string())).await;
                 return;
             }
-        }
-        match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-            Some(Ok(f)) => {
-                if let Ok(d) = f.into_data() {
-                    deframer.push(&d);
-                }
-            }
-            _ => {
-                let _ = tx.send(grpc_trailers(3, "no request")).await;
-                return;
-            }
-        }
-    };
+        };
     let ttl = match u64::try_from(request.validity_duration) {
         Ok(0) | Err(_) => trellis_identity::DEFAULT_TTL,
         Ok(s) => std::time::Duration::from_secs(s),
@@ -241,22 +252,12 @@ async fn stream(
 ) {
     let mut deframer = Deframer::default();
     // The first request: who this is.
-    let first = loop {
-        match deframer.next_message::<DeltaDiscoveryRequest>() {
-            Ok(Some(r)) => break r,
-            Ok(None) => {}
-            Err(e) => {
-                let _ = tx.send(grpc_trailers(3, &e.to_string())).await;
-                return;
-            }
-        }
-        match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-            Some(Ok(f)) => {
-                if let Ok(d) = f.into_data() {
-                    deframer.push(&d);
-                }
-            }
-            _ => return,
+    let first = match first_message::<DeltaDiscoveryRequest>(&mut body, &mut deframer).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return,
+        Err(e) => {
+            let _ = tx.send(grpc_trailers(3, &e.to_string())).await;
+            return;
         }
     };
     let Some(announce) = first.node.as_ref().and_then(Announce::from_node) else {

@@ -359,21 +359,14 @@ impl Config {
                 } else {
                     Some(compile_routes(&res, port, &p.http_routes, &clusters)?)
                 };
-                let mut route_policies = p
-                    .http_routes
-                    .iter()
-                    .enumerate()
-                    .map(|(i, r)| {
-                        route_policy(&res, &format!("port {port} httpRoutes[{i}]"), r, &clusters)
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                keep_route_counters(
-                    &mut route_policies,
-                    &p.http_routes,
-                    &s.hostname,
+                let route_policies = route_policies(
+                    &res,
                     port,
+                    &p.http_routes,
+                    &clusters,
+                    &s.hostname,
                     &old_route_counters,
-                );
+                )?;
                 let tcp_routes = compile_l4(
                     &res,
                     &format!("port {port} tcpRoutes"),
@@ -493,21 +486,14 @@ impl Config {
         let gateway_ports = gateway_ports(&raw.gateway_ports, env, |res, port, v, gateway| {
             let res = format!("{res} virtualHosts {:?}", v.name);
             let hostname = v.domains.first().cloned().unwrap_or_else(|| v.name.clone());
-            let mut route_policies = v
-                .http_routes
-                .iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    route_policy(&res, &format!("port {port} httpRoutes[{i}]"), r, &clusters)
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            keep_route_counters(
-                &mut route_policies,
-                &v.http_routes,
-                &hostname,
+            let route_policies = route_policies(
+                &res,
                 port,
+                &v.http_routes,
+                &clusters,
+                &hostname,
                 &old_route_counters,
-            );
+            )?;
             Ok(Target {
                 routes: Some(compile_routes(&res, port, &v.http_routes, &clusters)?),
                 route_policies,
@@ -641,14 +627,21 @@ impl Config {
     }
 }
 
-/// Gives each rule the counter its namesake had in the previous snapshot.
-fn keep_route_counters(
-    policies: &mut [RoutePolicy],
-    routes: &[wire::HttpRoute],
-    hostname: &str,
+/// The policies of a port's (or virtual host's) HTTP rules, each with the request counter
+/// its namesake had in the previous snapshot.
+fn route_policies(
+    res: &str,
     port: u16,
+    routes: &[wire::HttpRoute],
+    clusters: &HashMap<&str, Arc<Cluster>>,
+    hostname: &str,
     old: &HashMap<(&str, u16, &str), &Arc<AtomicU64>>,
-) {
+) -> Result<Vec<RoutePolicy>, ConfigError> {
+    let mut policies = routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| route_policy(res, &format!("port {port} httpRoutes[{i}]"), r, clusters))
+        .collect::<Result<Vec<_>, _>>()?;
     for (i, (p, r)) in policies.iter_mut().zip(routes).enumerate() {
         let name = if r.name.is_empty() {
             format!("#{i}")
@@ -659,6 +652,7 @@ fn keep_route_counters(
             p.requests = Arc::clone(c);
         }
     }
+    Ok(policies)
 }
 
 /// The `host:port` names of the snapshot's STRICT_DNS endpoints.
