@@ -217,7 +217,7 @@ async fn dispatch(
             (
                 Route::Gateway {
                     port: *port,
-                    tls: false,
+                    tls: None,
                 },
                 PortProtocol::Http,
             )
@@ -266,12 +266,15 @@ async fn serve_tls(
             tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
                 .await?;
         let sni = start.client_hello().server_name().map(str::to_string);
-        let Some(config) = gp.tls_for(sni.as_deref()) else {
+        let Some((config, key)) = gp.https_server(sni.as_deref()).and_then(|s| match &s.kind {
+            crate::config::ServerKind::Https(c) => Some((Arc::clone(c), s.key())),
+            _ => None,
+        }) else {
             return Err(std::io::Error::other("no TLS server on this port"));
         };
-        start.into_stream(config).await
+        start.into_stream(config).await.map(|s| (s, key))
     };
-    let tls = match tokio::time::timeout(cfg.header_timeout, handshake).await {
+    let (tls, key) = match tokio::time::timeout(cfg.header_timeout, handshake).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             Stats::inc(&shared.stats.tls_handshake_errors_total);
@@ -289,7 +292,10 @@ async fn serve_tls(
     } else {
         Detected::Http1
     };
-    let route = Route::Gateway { port, tls: true };
+    let route = Route::Gateway {
+        port,
+        tls: Some(Arc::new(key)),
+    };
     serve_http(tls, peer, Some(version), route, shared, cfg, stop).await;
 }
 

@@ -157,6 +157,15 @@ impl ServerKind {
     }
 }
 
+/// Which server a TLS connection was accepted for: a request on it may only go to a host of
+/// that same server (else a client could hand-shake for a server without client
+/// certificates and then name a host of one that requires them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerKey {
+    pub gateway: Arc<str>,
+    pub hosts: Vec<HostPattern>,
+}
+
 #[derive(Debug)]
 pub struct GatewayServer {
     /// "namespace/name" of the Gateway.
@@ -168,6 +177,13 @@ pub struct GatewayServer {
 }
 
 impl GatewayServer {
+    pub fn key(&self) -> ServerKey {
+        ServerKey {
+            gateway: Arc::clone(&self.gateway),
+            hosts: self.hosts.clone(),
+        }
+    }
+
     /// The virtual host for a request's host, the most specific domain winning.
     pub fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
         most_specific(self.virtual_hosts.iter(), host, |v| &v.domains)
@@ -218,6 +234,20 @@ impl GatewayPort {
     /// the port's first server that terminates TLS.
     pub fn tls_server(&self, sni: Option<&str>) -> Option<&GatewayServer> {
         let by_sni = sni.and_then(|name| self.best(&name.to_ascii_lowercase(), ServerKind::is_tls));
+        by_sni.or_else(|| {
+            self.servers
+                .iter()
+                .find(|s| matches!(s.kind, ServerKind::Https(_)))
+        })
+    }
+
+    /// The TLS-terminating server for a handshake, by SNI (the first one without SNI).
+    pub fn https_server(&self, sni: Option<&str>) -> Option<&GatewayServer> {
+        let by_sni = sni.and_then(|name| {
+            self.best(&name.to_ascii_lowercase(), |k| {
+                matches!(k, ServerKind::Https(_))
+            })
+        });
         by_sni.or_else(|| {
             self.servers
                 .iter()

@@ -54,8 +54,11 @@ pub enum Route {
     Named(Arc<str>, u16),
     /// Inbound traffic for the workload's port.
     Inbound(u16),
-    /// A gateway port; `tls` says whether the connection was a TLS one (HTTPS servers).
-    Gateway { port: u16, tls: bool },
+    /// A gateway port; `tls`: the server a TLS connection was accepted for (HTTPS).
+    Gateway {
+        port: u16,
+        tls: Option<Arc<crate::config::ServerKey>>,
+    },
 }
 
 /// Where an intercepted request was going (for ORIGINAL_DST clusters).
@@ -131,7 +134,7 @@ pub async fn handle(
     let cfg = shared.config.load_full();
     let resp = match &route {
         Route::Inbound(port) => inbound(&shared, &cfg, *port, req).await,
-        Route::Gateway { port, tls } => gateway(&shared, &cfg, *port, *tls, req).await,
+        Route::Gateway { port, tls } => gateway(&shared, &cfg, *port, tls.as_deref(), req).await,
         Route::Outbound(dst) => match cfg.outbound_target(*dst) {
             Some(t) => outbound(&shared, &cfg, t, req).await,
             None => local_reply(
@@ -548,9 +551,10 @@ async fn gateway(
     shared: &Arc<Shared>,
     cfg: &Config,
     port: u16,
-    tls: bool,
+    handshake: Option<&crate::config::ServerKey>,
     mut req: Request<ReqBody>,
 ) -> Response<ProxyBody> {
+    let tls = handshake.is_some();
     let Some(gp) = cfg.gateway_ports.get(&port) else {
         return local_reply(
             StatusCode::NOT_FOUND,
@@ -581,6 +585,18 @@ async fn gateway(
             format!("no gateway server for host {host:?} on port {port}"),
         );
     };
+    // On TLS, the host must be one of the server the handshake was for: its certificate
+    // and its client-certificate policy are the ones that were checked (RFC 9110 §7.4).
+    if let Some(k) = handshake {
+        if server.key() != *k {
+            tracing::info!(flags = "NR", "gateway port {port}: host {host:?} is not served by the TLS server the connection was accepted for");
+            return local_reply(
+                StatusCode::MISDIRECTED_REQUEST,
+                "NR",
+                format!("host {host:?} is not served on this TLS connection"),
+            );
+        }
+    }
     if matches!(
         server.kind,
         crate::config::ServerKind::Http {
