@@ -12,6 +12,16 @@ use trellis_testkit::{HttpServer, http_client};
 use trellis_xds::ads::Announce;
 
 const SERVICES: &str = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: {name: reviews-v1, namespace: shop, labels: {app: reviews, version: v1}}
+spec: {serviceAccount: reviews-v1, command: [sleep, "1"]}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: {name: web-0, namespace: web, labels: {app: web}}
+spec: {serviceAccount: web-0, command: [sleep, "1"]}
+---
 apiVersion: v1
 kind: Service
 metadata: {name: reviews, namespace: shop}

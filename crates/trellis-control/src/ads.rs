@@ -269,6 +269,7 @@ async fn stream(
             .await;
         return;
     };
+    let mut announce = announce;
     if let Some((ns, sa)) = &proven {
         if *ns != announce.namespace || *sa != announce.service_account {
             let why = format!(
@@ -278,6 +279,27 @@ async fn stream(
             tracing::warn!("{why}");
             let _ = tx.send(grpc_trailers(7, &why)).await;
             return;
+        }
+        // Labels decide which services an instance serves: they come from the declared
+        // Workload, which must run under the token's service account, never from what the
+        // proxy says.
+        match cp.declared_workload(ns, &announce.name) {
+            Some((labels, workload_sa)) if workload_sa == *sa => announce.labels = labels,
+            Some((_, workload_sa)) => {
+                let why = format!(
+                    "workload {ns}/{} runs as {workload_sa}, not {sa}",
+                    announce.name
+                );
+                tracing::warn!("{why}");
+                let _ = tx.send(grpc_trailers(7, &why)).await;
+                return;
+            }
+            None => {
+                let why = format!("no Workload {ns}/{} in the configuration", announce.name);
+                tracing::warn!("{why}");
+                let _ = tx.send(grpc_trailers(7, &why)).await;
+                return;
+            }
         }
     }
     let name = format!("{}.{}", announce.name, announce.namespace);

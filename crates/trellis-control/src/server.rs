@@ -191,6 +191,30 @@ impl ControlPlane {
         }
     }
 
+    /// The declared `Workload` an instance belongs to (`name` is the workload's, or a
+    /// replica's `<workload>-<n>`): its labels and service account.
+    pub fn declared_workload(
+        &self,
+        namespace: &str,
+        instance: &str,
+    ) -> Option<(std::collections::BTreeMap<String, String>, String)> {
+        self.store
+            .list(trellis_api::Kind::Workload)
+            .iter()
+            .find_map(|r| match &r.spec {
+                trellis_api::Spec::Workload(w)
+                    if r.namespace() == namespace
+                        && (instance == r.name()
+                            || instance
+                                .strip_prefix(r.name())
+                                .is_some_and(|rest| rest.starts_with('-'))) =>
+                {
+                    Some((r.meta.labels.clone(), w.service_account().to_string()))
+                }
+                _ => None,
+            })
+    }
+
     pub fn status(&self) -> Vec<ProxyStatus> {
         self.conns().values().map(|c| c.status.clone()).collect()
     }

@@ -145,7 +145,7 @@ async fn tokens_gate_the_stream_and_the_certificates() {
     });
     let store = Arc::new(ConfigStore::new());
     for p in parse_text(
-        "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: shop}\nspec:\n  selector: {app: reviews}\n  ports: [{name: http, port: 9080}]\n",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: shop}\nspec:\n  selector: {app: reviews}\n  ports: [{name: http, port: 9080}]\n---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {name: web, namespace: web, labels: {app: web}}\nspec:\n  serviceAccount: web\n  command: [sleep, \"1\"]\n---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {name: intruder, namespace: web, labels: {app: reviews}}\nspec:\n  serviceAccount: intruder\n  command: [sleep, \"1\"]\n",
         "svc.yaml",
         &LoadOptions::default(),
     ) {
@@ -161,6 +161,14 @@ async fn tokens_gate_the_stream_and_the_certificates() {
         Some(Arc::clone(&auth)),
     ));
 
+    // An undeclared workload, or a declared one under another service account: refused.
+    let t = auth.tokens.issue("web", "web", Duration::from_secs(60));
+    let mut undeclared = announce("web", "web");
+    undeclared.name = "ghost-0".into();
+    let ghost = follower(addr, undeclared, Some(t.clone())).await;
+    let mut wrong_sa = announce("web", "web");
+    wrong_sa.name = "intruder-0".into();
+    let intruder = follower(addr, wrong_sa, Some(t)).await;
     // No token: no snapshot. A token for another identity than the one announced: none.
     let anonymous = follower(addr, announce("web", "web"), None).await;
     let other = auth.tokens.issue("web", "admin", Duration::from_secs(60));
@@ -179,6 +187,14 @@ async fn tokens_gate_the_stream_and_the_certificates() {
     assert!(
         !got_snapshot(&impostor, Duration::from_millis(100)).await,
         "a token for another identity"
+    );
+    assert!(
+        !got_snapshot(&ghost, Duration::from_millis(100)).await,
+        "an undeclared workload"
+    );
+    assert!(
+        !got_snapshot(&intruder, Duration::from_millis(100)).await,
+        "a workload of another account"
     );
     assert_eq!(cp.status().len(), 1, "{:#?}", cp.status());
 

@@ -162,8 +162,13 @@ async fn certificates_by_sni_and_mutual_tls() {
     assert_eq!(app.stats().requests(), 2);
     // A handshake for b.example.com (no client certificate) cannot carry a request for
     // a.example.com (MUTUAL): 421 Misdirected Request.
-    let (code, err) =
-        https("b.example.com", addr, &ca_file, &["-H", "Host: a.example.com"]).expect("curl");
+    let (code, err) = https(
+        "b.example.com",
+        addr,
+        &ca_file,
+        &["-H", "Host: a.example.com"],
+    )
+    .expect("curl");
     assert_eq!(code, 421, "{err}");
     assert_eq!(app.stats().requests(), 2, "never reached the app");
     let failed = proxy

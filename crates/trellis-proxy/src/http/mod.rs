@@ -589,7 +589,10 @@ async fn gateway(
     // and its client-certificate policy are the ones that were checked (RFC 9110 §7.4).
     if let Some(k) = handshake {
         if server.key() != *k {
-            tracing::info!(flags = "NR", "gateway port {port}: host {host:?} is not served by the TLS server the connection was accepted for");
+            tracing::info!(
+                flags = "NR",
+                "gateway port {port}: host {host:?} is not served by the TLS server the connection was accepted for"
+            );
             return local_reply(
                 StatusCode::MISDIRECTED_REQUEST,
                 "NR",
