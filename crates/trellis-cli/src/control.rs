@@ -91,12 +91,14 @@ pub fn run_control_plane(args: &ControlPlaneArgs) -> anyhow::Result<ExitCode> {
         for d in watch.diagnostics() {
             eprintln!("{d}");
         }
-        let cp = ControlPlane::new(
+        let cp = ControlPlane::with_options(
             Arc::clone(&store),
             Debounce {
                 quiet: args.debounce.0,
                 max: args.debounce_max.0,
             },
+            trellis_control::server::DEFAULT_GRACE,
+            &args.trust_domain,
         );
         tokio::spawn(Arc::clone(&cp).run());
         let auth = if args.no_auth {

@@ -4,7 +4,6 @@
 //! snapshot whenever it changes; each following request ACKs or NACKs a response by nonce.
 //! A stream that ends disconnects the proxy.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -116,7 +115,12 @@ pub async fn serve_with(listener: TcpListener, cp: Arc<ControlPlane>, auth: Opti
         let auth = auth.clone();
         conns.spawn(async move {
             let service = service_fn(move |req| handle(Arc::clone(&cp), auth.clone(), req));
+            // Keepalive pings: a proxy that vanished without closing its connection ends
+            // its stream (and leaves the registry) within about 30 s.
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(std::time::Duration::from_secs(20))
+                .keep_alive_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), service);
             if let Err(e) = conn.await {
                 tracing::debug!("xDS connection from {peer}: {e}");
@@ -252,11 +256,20 @@ async fn stream(
 ) {
     let mut deframer = Deframer::default();
     // The first request: who this is.
-    let first = match first_message::<DeltaDiscoveryRequest>(&mut body, &mut deframer).await {
-        Ok(Some(r)) => r,
-        Ok(None) => return,
-        Err(e) => {
+    let first = match tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        first_message::<DeltaDiscoveryRequest>(&mut body, &mut deframer),
+    )
+    .await
+    {
+        Ok(Ok(Some(r))) => r,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
             let _ = tx.send(grpc_trailers(3, &e.to_string())).await;
+            return;
+        }
+        Err(_) => {
+            let _ = tx.send(grpc_trailers(4, "no request within 10 s")).await;
             return;
         }
     };
@@ -305,7 +318,8 @@ async fn stream(
     let name = format!("{}.{}", announce.name, announce.namespace);
     tracing::info!(proxy = %name, "proxy connected");
     let mut session = cp.connect(instance(announce));
-    let mut sent: HashMap<String, String> = HashMap::new();
+    // Only the latest response is awaited (an older one's answer no longer matters).
+    let mut sent: Option<(String, String)> = None;
     let mut nonce = 0u64;
     loop {
         tokio::select! {
@@ -323,7 +337,7 @@ async fn stream(
                     nonce: nonce.to_string(),
                     removed_resources: Vec::new(),
                 };
-                sent.insert(nonce.to_string(), snap.version.clone());
+                sent = Some((nonce.to_string(), snap.version.clone()));
                 if tx.send(Frame::data(Bytes::from(frame(&resp)))).await.is_err() {
                     break;
                 }
@@ -335,11 +349,15 @@ async fn stream(
                 loop {
                     match deframer.next_message::<DeltaDiscoveryRequest>() {
                         Ok(Some(r)) => {
-                            let version = sent.remove(&r.response_nonce).unwrap_or_default();
-                            match r.error_detail {
-                                Some(e) => cp.nack(session.id, &version, &e.message),
-                                None if !r.response_nonce.is_empty() => cp.ack(session.id, &version),
-                                None => {}
+                            let latest = sent
+                                .as_ref()
+                                .filter(|(n, _)| *n == r.response_nonce)
+                                .map(|(_, v)| v.clone());
+                            match (latest, r.error_detail) {
+                                (Some(version), Some(e)) => cp.nack(session.id, &version, &e.message),
+                                (Some(version), None) => cp.ack(session.id, &version),
+                                // An answer to an older response, or no answer at all.
+                                (None, _) => {}
                             }
                         }
                         Ok(None) => break,

@@ -271,10 +271,9 @@ pub fn sidecar_snapshot(
                         clusters.push(c);
                     }
                 }
-                services.extend(
-                    svcs.into_iter()
-                        .filter(|s| !services_has(&services_names(&reg.services), &s.hostname)),
-                );
+                // A Kubernetes service of the same name this proxy sees wins.
+                let seen: BTreeSet<String> = services.iter().map(|s| s.hostname.clone()).collect();
+                services.extend(svcs.into_iter().filter(|s| !seen.contains(&s.hostname)));
             }
             Err(e) => problems.push(e),
         }
@@ -316,12 +315,4 @@ pub fn sidecar_snapshot(
         },
         problems,
     }
-}
-
-fn services_names(s: &[crate::registry::Service]) -> Vec<&str> {
-    s.iter().map(|s| s.fqdn.as_str()).collect()
-}
-
-fn services_has(names: &[&str], host: &str) -> bool {
-    names.contains(&host)
 }

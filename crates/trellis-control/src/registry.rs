@@ -68,6 +68,8 @@ pub struct Registry {
     /// By FQDN, sorted.
     pub services: Vec<Service>,
     pub instances: Vec<Instance>,
+    /// The SPIFFE trust domain of endpoint identities (`cluster.local` by default).
+    pub trust_domain: String,
 }
 
 /// The first address of Istio's auto-allocation range, 240.240.0.0/16.
@@ -180,6 +182,7 @@ impl Registry {
         Registry {
             services,
             instances,
+            trust_domain: "cluster.local".to_string(),
         }
     }
 
@@ -222,8 +225,8 @@ impl Registry {
                     // Every instance the runtime reports runs beside a Trellis proxy.
                     proxied: true,
                     identity: Some(format!(
-                        "spiffe://cluster.local/ns/{}/sa/{}",
-                        i.namespace, i.service_account
+                        "spiffe://{}/ns/{}/sa/{}",
+                        self.trust_domain, i.namespace, i.service_account
                     )),
                     locality: i.locality.clone(),
                 });

@@ -83,6 +83,7 @@ pub struct ControlPlane {
     pushes: AtomicU64,
     debounce: Debounce,
     root_namespace: String,
+    trust_domain: String,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -102,6 +103,17 @@ impl ControlPlane {
         debounce: Debounce,
         grace: Duration,
     ) -> Arc<ControlPlane> {
+        ControlPlane::with_options(store, debounce, grace, "cluster.local")
+    }
+
+    /// All the settings: debounce, grace period, and the SPIFFE trust domain of endpoint
+    /// identities.
+    pub fn with_options(
+        store: Arc<ConfigStore>,
+        debounce: Debounce,
+        grace: Duration,
+        trust_domain: &str,
+    ) -> Arc<ControlPlane> {
         Arc::new(ControlPlane {
             store,
             conns: Mutex::new(BTreeMap::new()),
@@ -112,6 +124,7 @@ impl ControlPlane {
             pushes: AtomicU64::new(0),
             debounce,
             root_namespace: ROOT_NAMESPACE.to_string(),
+            trust_domain: trust_domain.to_string(),
         })
     }
 
@@ -232,7 +245,8 @@ impl ControlPlane {
         let (mut instances, _) = self.lingering();
         let mut conns = self.conns();
         instances.extend(conns.values().map(|c| c.instance.clone()));
-        let registry = Registry::build(&resources, instances);
+        let mut registry = Registry::build(&resources, instances);
+        registry.trust_domain = self.trust_domain.clone();
         let cfg = MeshConfig {
             resources: &resources,
             root_namespace: &self.root_namespace,

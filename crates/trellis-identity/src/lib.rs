@@ -30,6 +30,9 @@ pub const TOKEN_AUDIENCE: &str = "trellis-ca";
 /// Default and largest certificate lifetimes.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Bootstrap tokens live at most this long (they only have to last until the proxy has
+/// connected and its certificate).
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// A workload identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,17 +88,29 @@ fn cert_err(e: impl std::fmt::Display) -> CaError {
     CaError::Cert(e.to_string())
 }
 
-/// Writes a secret: created with mode 0600 (never readable by others, even for a moment).
+/// Writes a secret: created with mode 0600 (never readable by others, even for a moment)
+/// under a temporary name, then linked into place, so another process never reads it
+/// half-written; if `path` appeared meanwhile, that one stays.
 fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
-        .map_err(|e| file_err(path, e))?;
-    f.write_all(bytes).map_err(|e| file_err(path, e))
+        .open(&tmp)
+        .map_err(|e| file_err(&tmp, e))?;
+    f.write_all(bytes).map_err(|e| file_err(&tmp, e))?;
+    f.sync_all().map_err(|e| file_err(&tmp, e))?;
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(file_err(path, e)),
+    }
 }
 
 fn read(path: &Path) -> Result<String, CaError> {
@@ -124,6 +139,14 @@ impl Ca {
     /// self-signed root (ECDSA P-256, ten years) written there, the key with mode 0600.
     pub fn load_or_create(dir: &Path, trust_domain: &str) -> Result<Ca, CaError> {
         let (cert_path, key_path) = (dir.join("ca-cert.pem"), dir.join("ca-key.pem"));
+        // A user's CA in Istio's plug-in layout.
+        if dir.join("root-cert.pem").exists() {
+            return Ca::plugin(dir, trust_domain);
+        }
+        // A key without its certificate: a first start that stopped half-way; start over.
+        if !cert_path.exists() && key_path.exists() {
+            std::fs::remove_file(&key_path).map_err(|e| file_err(&key_path, e))?;
+        }
         if !cert_path.exists() {
             std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
             let key = KeyPair::generate().map_err(cert_err)?;
@@ -248,6 +271,11 @@ impl Ca {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.use_authority_key_identifier_extension = true;
+        // A random serial (RFC 5280: unique per issuer, also for renewals of the same key).
+        let mut serial = [0u8; 16];
+        ring::rand::SecureRandom::fill(&SystemRandom::new(), &mut serial).map_err(cert_err)?;
+        serial[0] &= 0x7f;
+        params.serial_number = Some(rcgen::SerialNumber::from(serial.to_vec()));
         let ttl = ttl.min(MAX_TTL);
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now;
@@ -338,9 +366,14 @@ impl Tokens {
         Ok(Tokens { key, rng })
     }
 
-    /// A token for `namespace`/`service_account`, valid for `ttl`.
+    /// A token for `namespace`/`service_account`, valid for `ttl` (at most
+    /// [`MAX_TOKEN_TTL`]).
     pub fn issue(&self, namespace: &str, service_account: &str, ttl: Duration) -> String {
-        self.issue_at(namespace, service_account, SystemTime::now() + ttl)
+        self.issue_at(
+            namespace,
+            service_account,
+            SystemTime::now() + ttl.min(MAX_TOKEN_TTL),
+        )
     }
 
     fn issue_at(&self, namespace: &str, service_account: &str, exp: SystemTime) -> String {

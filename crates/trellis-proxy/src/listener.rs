@@ -183,7 +183,7 @@ async fn dispatch(
                 return;
             };
             if gp.is_tcp() {
-                tcp::gateway(stream, peer, &gp.servers[0], None, shared, &cfg, *port).await;
+                tcp::gateway_tcp(stream, peer, &gp, shared, &cfg).await;
                 return;
             }
             if gp.is_tls() {

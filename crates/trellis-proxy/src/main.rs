@@ -293,16 +293,12 @@ fn run(args: &Args, set_level: admin::SetLogLevel) -> anyhow::Result<()> {
     let xds = match args.xds {
         None => None,
         Some(addr) => {
-            let token = match &args.xds_token_file {
-                None => None,
-                Some(p) => Some(
-                    std::fs::read_to_string(p)
-                        .with_context(|| format!("reading the token {}", p.display()))?
-                        .trim()
-                        .to_string(),
-                ),
-            };
-            Some((addr, announce(args)?, token))
+            if let Some(p) = &args.xds_token_file {
+                // Read at every (re)connection; checked once here for a clear error.
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("reading the token {}", p.display()))?;
+            }
+            Some((addr, announce(args)?, args.xds_token_file.clone()))
         }
     };
     let opts = options(args, &cfg)?;
@@ -356,7 +352,7 @@ fn spawn_control_thread(
     admin_addr: Option<SocketAddr>,
     ready_addr: Option<SocketAddr>,
     config_path: Option<PathBuf>,
-    xds: Option<(SocketAddr, trellis_xds::ads::Announce, Option<String>)>,
+    xds: Option<(SocketAddr, trellis_xds::ads::Announce, Option<PathBuf>)>,
     env: config::LoadEnv,
 ) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -392,15 +388,19 @@ fn spawn_control_thread(
                 ));
                 match (config_path, xds) {
                     (Some(path), _) => watch_config(&ctx.shared, &path, &env).await,
-                    (None, Some((addr, announce, token))) => {
-                        trellis_proxy::xds::follow_with_token(
+                    (None, Some((addr, announce, Some(token_file)))) => {
+                        trellis_proxy::xds::follow_with_token_file(
                             addr,
                             announce,
-                            token,
+                            token_file,
                             Arc::clone(&ctx.shared),
                             env,
                         )
                         .await
+                    }
+                    (None, Some((addr, announce, None))) => {
+                        trellis_proxy::xds::follow(addr, announce, Arc::clone(&ctx.shared), env)
+                            .await
                     }
                     (None, None) => std::future::pending().await,
                 }

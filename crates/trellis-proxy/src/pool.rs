@@ -87,6 +87,14 @@ fn with_room(
     max_streams: Option<u32>,
 ) -> Option<(http2::SendRequest<ReqBody>, StreamGuard)> {
     conns.retain(|c| !c.sender.is_closed());
+    // Connections opened for a burst (maxConcurrentStreams) close when idle again: keep
+    // the first one and any with streams open.
+    let mut first = true;
+    conns.retain(|c| {
+        let keep = first || c.streams.load(Ordering::Acquire) > 0;
+        first = false;
+        keep
+    });
     let c = conns
         .iter()
         .find(|c| max_streams.is_none_or(|m| c.streams.load(Ordering::Acquire) < m as usize))?;

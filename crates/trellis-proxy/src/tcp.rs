@@ -167,6 +167,37 @@ pub async fn gateway(
     forward(stream, ep.addr, cluster.dial(), shared, Some(ep)).await;
 }
 
+/// A connection to a gateway's TCP port: the first route that matches among the virtual
+/// hosts of every TCP server on the port (several Gateways may share it).
+pub async fn gateway_tcp(
+    stream: TcpStream,
+    peer: SocketAddr,
+    gp: &crate::config::GatewayPort,
+    shared: &Arc<Shared>,
+    cfg: &Config,
+) {
+    let req = crate::config::L4Request {
+        dst: None,
+        port: gp.port,
+        sni: None,
+        source_labels: &cfg.own_labels,
+        source_namespace: &cfg.own_namespace,
+    };
+    let server = gp.servers.iter().find(|s| {
+        s.virtual_hosts
+            .iter()
+            .any(|v| crate::config::pick_l4(&v.target.tcp_routes, &req).is_some())
+    });
+    match server {
+        Some(s) => gateway(stream, peer, s, None, shared, cfg, gp.port).await,
+        None => tracing::info!(
+            flags = "NR",
+            "{peer}: no TCP route on gateway port {}; closing",
+            gp.port
+        ),
+    }
+}
+
 /// Connects to `to` and copies both ways until both sides are done.
 pub async fn forward(
     mut down: TcpStream,

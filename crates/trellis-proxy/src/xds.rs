@@ -53,9 +53,40 @@ pub async fn follow_with_token(
     shared: Arc<Shared>,
     env: LoadEnv,
 ) {
+    follow_inner(addr, announce, move || Ok(token.clone()), shared, env).await;
+}
+
+/// As [`follow`], reading the bootstrap token from `path` before every connection (a
+/// renewed token is picked up without a restart).
+pub async fn follow_with_token_file(
+    addr: SocketAddr,
+    announce: Announce,
+    path: std::path::PathBuf,
+    shared: Arc<Shared>,
+    env: LoadEnv,
+) {
+    let read = move || {
+        std::fs::read_to_string(&path)
+            .map(|t| Some(t.trim().to_string()))
+            .map_err(|e| format!("reading the token {}: {e}", path.display()))
+    };
+    follow_inner(addr, announce, read, shared, env).await;
+}
+
+async fn follow_inner(
+    addr: SocketAddr,
+    announce: Announce,
+    token: impl Fn() -> Result<Option<String>, String>,
+    shared: Arc<Shared>,
+    env: LoadEnv,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match session(addr, &announce, token.as_deref(), &shared, &env).await {
+        let result = match token() {
+            Ok(t) => session(addr, &announce, t.as_deref(), &shared, &env).await,
+            Err(e) => Err(e),
+        };
+        match result {
             Ok(()) => {
                 tracing::info!("control plane {addr} closed the stream; reconnecting");
                 backoff = Duration::from_millis(100);
