@@ -77,6 +77,8 @@ pub struct ControlPlane {
     /// Instances whose proxy disconnected, kept until the instant given.
     departed: Mutex<Vec<(Instance, Instant)>>,
     grace: Duration,
+    /// Held for the whole of a push.
+    pushing: Mutex<()>,
     next_id: AtomicU64,
     /// Bumped by connects and disconnects (the registry changes with them).
     membership: Notify,
@@ -119,6 +121,7 @@ impl ControlPlane {
             conns: Mutex::new(BTreeMap::new()),
             departed: Mutex::new(Vec::new()),
             grace,
+            pushing: Mutex::new(()),
             next_id: AtomicU64::new(1),
             membership: Notify::new(),
             pushes: AtomicU64::new(0),
@@ -133,13 +136,9 @@ impl ControlPlane {
     }
 
     /// A proxy connects for `instance`: it becomes an endpoint of the services that select
-    /// it, and gets its first snapshot at once.
+    /// it, and gets its first snapshot from the push loop.
     pub fn connect(&self, instance: Instance) -> Session {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.departed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|(i, _)| !(i.name == instance.name && i.namespace == instance.namespace));
         let (tx, rx) = watch::channel(None);
         let status = ProxyStatus {
             id,
@@ -149,16 +148,26 @@ impl ControlPlane {
             acked: None,
             nacked: None,
         };
-        self.conns().insert(
-            id,
-            Conn {
-                instance,
-                tx,
-                last: None,
-                status,
-            },
-        );
-        self.push_all();
+        {
+            // Lock order: connections, then departed instances (as in push_all), so a
+            // returning instance is never missing from a push.
+            let mut conns = self.conns();
+            self.departed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|(i, _)| !(i.name == instance.name && i.namespace == instance.namespace));
+            conns.insert(
+                id,
+                Conn {
+                    instance,
+                    tx,
+                    last: None,
+                    status,
+                },
+            );
+        }
+        // The push loop sends the first snapshot (off the async threads, debounced with
+        // the other arrivals: a thousand reconnecting proxies cost one round).
         self.membership.notify_one();
         Session { id, snapshots: rx }
     }
@@ -166,14 +175,17 @@ impl ControlPlane {
     /// The proxy is gone: its instance leaves the registry once the grace period has
     /// passed without it reconnecting.
     pub fn disconnect(&self, id: u64) {
-        let Some(c) = self.conns().remove(&id) else {
-            return;
-        };
-        if !self.grace.is_zero() {
-            self.departed
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push((c.instance, Instant::now() + self.grace));
+        {
+            let mut conns = self.conns();
+            let Some(c) = conns.remove(&id) else {
+                return;
+            };
+            if !self.grace.is_zero() {
+                self.departed
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push((c.instance, Instant::now() + self.grace));
+            }
         }
         self.membership.notify_one();
     }
@@ -240,10 +252,13 @@ impl ControlPlane {
     /// Recomputes every proxy's snapshot from the store as it is now and sends the ones
     /// that changed.
     pub fn push_all(&self) {
+        // One push at a time, each from the store as it is when it starts: a proxy never
+        // receives an older configuration after a newer one.
+        let _one = self.pushing.lock().unwrap_or_else(PoisonError::into_inner);
         let snap = self.store.snapshot();
         let resources: Vec<&Resource> = snap.objects.iter().map(|r| r.as_ref()).collect();
-        let (mut instances, _) = self.lingering();
         let mut conns = self.conns();
+        let (mut instances, _) = self.lingering();
         instances.extend(conns.values().map(|c| c.instance.clone()));
         let mut registry = Registry::build(&resources, instances);
         registry.trust_domain = self.trust_domain.clone();
@@ -374,6 +389,7 @@ mod tests {
         tokio::spawn(Arc::clone(&cp).run());
         let client = cp.connect(instance("web-0", "web", "web"));
         let r = cp.connect(instance("reviews-v1", "shop", "reviews"));
+        tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(endpoints(&client), 1);
         cp.disconnect(r.id);
         tokio::time::sleep(Duration::from_millis(150)).await;
