@@ -37,6 +37,10 @@ pub struct ControlPlaneArgs {
     /// Trust what proxies announce without a bootstrap token (local experiments only).
     #[arg(long)]
     no_auth: bool,
+    /// Allow a non-loopback --listen although the transport has no TLS yet (tokens and
+    /// certificates would cross the network in clear).
+    #[arg(long)]
+    allow_cleartext: bool,
 }
 
 /// `--data-dir`, else `~/.local/share/trellis`.
@@ -77,6 +81,12 @@ pub fn run_token(args: &TokenArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn run_control_plane(args: &ControlPlaneArgs) -> anyhow::Result<ExitCode> {
+    if !args.listen.ip().is_loopback() && !args.allow_cleartext {
+        anyhow::bail!(
+            "--listen {} is not a loopback address, and the xDS transport has no TLS yet: bootstrap tokens and certificates would cross the network in clear (--allow-cleartext to do it anyway)",
+            args.listen
+        );
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -206,9 +206,19 @@ async fn continue_with(
         let mut error = None;
         for r in &resp.resources {
             let current = shared.config.load_full();
-            let result = snapshot_of(r).and_then(|raw| {
-                Config::from_wire_with(raw, Some(&current), env).map_err(|e| e.to_string())
-            });
+            // Converting may resolve DNS names and read certificate files: off this thread,
+            // which also keeps the stream's keepalive answered.
+            let result = match snapshot_of(r) {
+                Err(e) => Err(e),
+                Ok(raw) => {
+                    let (prev, env) = (Arc::clone(&current), env.clone());
+                    tokio::task::spawn_blocking(move || {
+                        Config::from_wire_with(raw, Some(&prev), &env).map_err(|e| e.to_string())
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()))
+                }
+            };
             match result {
                 Ok(cfg) => shared.update(cfg),
                 Err(e) => {
