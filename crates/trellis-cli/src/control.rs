@@ -158,7 +158,7 @@ pub struct ProxyStatusArgs {
     output: StatusFormat,
 }
 
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum StatusFormat {
     Table,
     Json,
@@ -177,8 +177,12 @@ fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
         .context("malformed answer from the control plane")?;
     if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
         anyhow::bail!(
-            "control plane answered: {}",
-            head.lines().next().unwrap_or("")
+            "control plane answered {}: {}",
+            head.lines()
+                .next()
+                .unwrap_or("")
+                .trim_start_matches("HTTP/1.1 "),
+            body.trim()
         );
     }
     Ok(body.to_string())
@@ -218,6 +222,136 @@ pub fn run_proxy_status(args: &ProxyStatusArgs) -> anyhow::Result<ExitCode> {
             s(p, "ackedVersion"),
             synced
         )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ProxyConfigArgs {
+    /// The proxy, as INSTANCE.NAMESPACE (as `trellis proxy-status` lists it).
+    proxy: String,
+    /// What to show.
+    #[arg(value_enum, default_value_t = Section::All)]
+    section: Section,
+    /// The control plane's debug address.
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    control_plane: SocketAddr,
+    #[arg(short = 'o', long, value_enum, default_value_t = StatusFormat::Table)]
+    output: StatusFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Section {
+    Routes,
+    Clusters,
+    Endpoints,
+    Listeners,
+    All,
+}
+
+/// `trellis proxy-config`: a proxy's current snapshot, as the control plane last sent it.
+pub fn run_proxy_config(args: &ProxyConfigArgs) -> anyhow::Result<ExitCode> {
+    let body = get(
+        args.control_plane,
+        &format!("/debug/config_dump?proxy={}", args.proxy),
+    )?;
+    let snap: serde_json::Value = serde_json::from_str(&body).context("parsing the snapshot")?;
+    let mut out = std::io::stdout().lock();
+    let empty = Vec::new();
+    let list = |k: &str| snap[k].as_array().unwrap_or(&empty).clone();
+    if args.output == StatusFormat::Json {
+        let v = match args.section {
+            Section::All => snap.clone(),
+            Section::Clusters | Section::Endpoints => serde_json::Value::Array(list("clusters")),
+            Section::Routes | Section::Listeners => serde_json::Value::Array(list("services")),
+        };
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let all = args.section == Section::All;
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+    if all || args.section == Section::Listeners {
+        writeln!(
+            out,
+            "{:<48} {:<18} {:<6} PROTOCOL",
+            "SERVICE", "ADDRESS", "PORT"
+        )?;
+        for svc in list("services") {
+            for p in svc["ports"].as_array().unwrap_or(&empty) {
+                writeln!(
+                    out,
+                    "{:<48} {:<18} {:<6} {}",
+                    s(&svc["hostname"]),
+                    svc["addresses"][0].as_str().unwrap_or("-"),
+                    p["port"],
+                    p["protocol"].as_str().or(p["name"].as_str()).unwrap_or("-")
+                )?;
+            }
+        }
+        writeln!(out)?;
+    }
+    if all || args.section == Section::Routes {
+        writeln!(
+            out,
+            "{:<48} {:<6} {:<20} DESTINATIONS",
+            "SERVICE", "PORT", "ROUTE"
+        )?;
+        for svc in list("services") {
+            for p in svc["ports"].as_array().unwrap_or(&empty) {
+                for r in p["httpRoutes"].as_array().unwrap_or(&empty) {
+                    let dests: Vec<String> = r["clusters"]
+                        .as_array()
+                        .unwrap_or(&empty)
+                        .iter()
+                        .map(|c| match c["weight"].as_u64() {
+                            Some(w) if w > 0 => format!("{} ({w})", s(&c["cluster"])),
+                            _ => s(&c["cluster"]),
+                        })
+                        .collect();
+                    writeln!(
+                        out,
+                        "{:<48} {:<6} {:<20} {}",
+                        s(&svc["hostname"]),
+                        p["port"],
+                        s(&r["name"]),
+                        dests.join(", ")
+                    )?;
+                }
+            }
+        }
+        writeln!(out)?;
+    }
+    if all || args.section == Section::Clusters {
+        writeln!(out, "{:<64} {:<14} ENDPOINTS", "CLUSTER", "LB")?;
+        for c in list("clusters") {
+            writeln!(
+                out,
+                "{:<64} {:<14} {}",
+                s(&c["name"]),
+                c["loadBalancer"].as_str().unwrap_or("ROUND_ROBIN"),
+                c["endpoints"].as_array().map_or(0, Vec::len)
+            )?;
+        }
+        writeln!(out)?;
+    }
+    if all || args.section == Section::Endpoints {
+        writeln!(
+            out,
+            "{:<24} {:<8} {:<12} CLUSTER",
+            "ENDPOINT", "PROXIED", "LOCALITY"
+        )?;
+        for c in list("clusters") {
+            for e in c["endpoints"].as_array().unwrap_or(&empty) {
+                writeln!(
+                    out,
+                    "{:<24} {:<8} {:<12} {}",
+                    s(&e["address"]),
+                    e["proxied"].as_bool().unwrap_or(false),
+                    e["locality"].as_str().unwrap_or("-"),
+                    s(&c["name"])
+                )?;
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -56,6 +56,9 @@ enum Command {
     /// Every proxy connected to the control plane: the version sent, the version ACKed,
     /// and the reason of a NACK.
     ProxyStatus(control::ProxyStatusArgs),
+    /// A connected proxy's configuration as the control plane last sent it: listeners,
+    /// routes, clusters, endpoints.
+    ProxyConfig(control::ProxyConfigArgs),
     /// A bootstrap token for a proxy (namespace and service account), signed with the
     /// control plane's key.
     Token(control::TokenArgs),
@@ -101,6 +104,7 @@ fn main() -> ExitCode {
         Command::ControlPlane(args) => control::run_control_plane(&args),
         Command::ProxyStatus(args) => control::run_proxy_status(&args),
         Command::Token(args) => control::run_token(&args),
+        Command::ProxyConfig(args) => control::run_proxy_config(&args),
     };
     match result {
         Ok(code) => code,

@@ -226,6 +226,36 @@ async fn proxies_follow_the_control_plane_and_proxy_status_shows_a_nack() {
         status.contains("web-0.web") && status.contains("reviews-v1.shop"),
         "{status}"
     );
+    // What web-0 was sent, through the control plane.
+    let config = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_trellis"))
+            .args(["proxy-config"])
+            .args(args)
+            .args(["--control-plane", &debug.to_string()])
+            .output()
+            .expect("runs")
+    };
+    let out = config(&["web-0.web", "endpoints"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("127.0.0.1:{}", app.addr.port()))
+            && text.contains("outbound|9080|v1|reviews.shop.svc.cluster.local"),
+        "{text}"
+    );
+    let out = config(&["web-0.web", "listeners"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("reviews.shop.svc.cluster.local"));
+    let out = config(&["nobody.web"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no connected proxy"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A DestinationRule the proxies cannot take: both NACK with their reason, and keep
     // serving what they had.

@@ -55,6 +55,35 @@ async fn handle(
             "application/json",
             status_json(&cp).to_string(),
         ),
+        (&Method::GET, "/debug/config_dump") => {
+            // ?proxy=<instance>.<namespace>
+            let proxy = req.uri().query().and_then(|q| {
+                q.split('&')
+                    .find_map(|kv| kv.strip_prefix("proxy="))
+                    .map(str::to_string)
+            });
+            let found = proxy
+                .as_deref()
+                .and_then(|p| p.rsplit_once('.'))
+                .and_then(|(name, ns)| cp.last_snapshot(name, ns));
+            match (proxy, found) {
+                (Some(_), Some(snap)) => reply(
+                    StatusCode::OK,
+                    "application/json",
+                    snap.to_json().to_string(),
+                ),
+                (Some(p), None) => reply(
+                    StatusCode::NOT_FOUND,
+                    "text/plain",
+                    format!("no connected proxy {p:?} (trellis proxy-status lists them)\n"),
+                ),
+                (None, _) => reply(
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    "give ?proxy=<instance>.<namespace>\n".to_string(),
+                ),
+            }
+        }
         (&Method::GET, "/metrics") => {
             let st = cp.status();
             let nacking = st.iter().filter(|s| {

@@ -240,6 +240,14 @@ impl ControlPlane {
             })
     }
 
+    /// The snapshot last sent to the proxy of `instance` in `namespace`.
+    pub fn last_snapshot(&self, instance: &str, namespace: &str) -> Option<Arc<wire::Snapshot>> {
+        self.conns()
+            .values()
+            .find(|c| c.status.instance == instance && c.status.namespace == namespace)
+            .and_then(|c| c.last.clone())
+    }
+
     pub fn status(&self) -> Vec<ProxyStatus> {
         self.conns().values().map(|c| c.status.clone()).collect()
     }
