@@ -147,6 +147,49 @@ impl<'a> MeshConfig<'a> {
     }
 }
 
+/// The snapshot's own-workload section for an instance.
+pub fn workload_of(me: &Instance) -> wire::Workload {
+    wire::Workload {
+        name: me.name.clone(),
+        namespace: me.namespace.clone(),
+        labels: me.labels.clone(),
+        service_account: me.service_account.clone(),
+        addresses: me.addresses.iter().map(ToString::to_string).collect(),
+        inbound_ports: me
+            .ports
+            .iter()
+            .map(|p| wire::InboundPort {
+                port: u32::from(p.port),
+                name: p.name.clone(),
+                protocol: p.protocol.map(|pr| wire::Protocol::from_api(pr) as i32),
+                ..Default::default()
+            })
+            .collect(),
+        locality: me.locality.clone(),
+    }
+}
+
+/// What decides everything in a sidecar's snapshot but its own workload section: its
+/// namespace, the Sidecar that applies, and its labels when a DestinationRule in its
+/// namespace selects workloads (two proxies with the same key get the same services,
+/// routes and clusters).
+pub fn scope_key(cfg: &MeshConfig<'_>, me: &Instance) -> String {
+    let sidecar = cfg
+        .sidecar_for(me)
+        .map(|(r, _)| format!("{}/{}", r.namespace(), r.name()))
+        .unwrap_or_default();
+    let selective = cfg.resources.iter().any(|r| {
+        matches!(&r.spec, Spec::DestinationRule(d) if d.workload_selector.is_some())
+            && r.namespace() == me.namespace
+    });
+    let labels = if selective {
+        format!("{:?}", me.labels)
+    } else {
+        String::new()
+    };
+    format!("{}|{sidecar}|{labels}", me.namespace)
+}
+
 /// Whether a Sidecar's egress hosts (`ns/host`) let the proxy see `fqdn` in `ns`.
 fn egress_allows(sidecar: Option<&Sidecar>, me_ns: &str, ns: &str, fqdn: &str) -> bool {
     let Some(s) = sidecar else { return true };
@@ -278,24 +321,7 @@ pub fn sidecar_snapshot(
             Err(e) => problems.push(e),
         }
     }
-    let workload = wire::Workload {
-        name: me.name.clone(),
-        namespace: me.namespace.clone(),
-        labels: me.labels.clone(),
-        service_account: me.service_account.clone(),
-        addresses: me.addresses.iter().map(ToString::to_string).collect(),
-        inbound_ports: me
-            .ports
-            .iter()
-            .map(|p| wire::InboundPort {
-                port: u32::from(p.port),
-                name: p.name.clone(),
-                protocol: p.protocol.map(|pr| wire::Protocol::from_api(pr) as i32),
-                ..Default::default()
-            })
-            .collect(),
-        locality: me.locality.clone(),
-    };
+    let workload = workload_of(me);
     let registry_only = sidecar
         .and_then(|s| s.outbound_traffic_policy.as_ref())
         .and_then(|o| o.mode)

@@ -274,20 +274,29 @@ impl ControlPlane {
             resources: &resources,
             root_namespace: &self.root_namespace,
         };
+        // Proxies of the same scope (namespace, Sidecar, and labels where a selector could
+        // tell them apart) see the same services, routes and clusters: translated once.
+        let version = format!("r{}", snap.revision);
+        let mut by_scope: std::collections::HashMap<String, wire::Snapshot> =
+            std::collections::HashMap::new();
         for c in conns.values_mut() {
-            let version = format!("r{}", snap.revision);
-            let built = sidecar_snapshot(&cfg, &registry, &c.instance, &version);
-            for p in &built.problems {
-                tracing::warn!(proxy = %c.status.instance, "{p}");
-            }
-            let mut fresh = built.snapshot;
+            let key = crate::mesh::scope_key(&cfg, &c.instance);
+            let shared = by_scope.entry(key).or_insert_with(|| {
+                let built = sidecar_snapshot(&cfg, &registry, &c.instance, &version);
+                for p in &built.problems {
+                    tracing::warn!(proxy = %c.status.instance, "{p}");
+                }
+                built.snapshot
+            });
+            let mut fresh = shared.clone();
+            fresh.workload = Some(crate::mesh::workload_of(&c.instance));
             // Same content as last time: nothing to send (the version alone moved).
             if let Some(last) = &c.last {
-                let mut cmp = fresh.clone();
-                cmp.version = last.version.clone();
-                if cmp == **last {
+                let v = std::mem::replace(&mut fresh.version, last.version.clone());
+                if fresh == **last {
                     continue;
                 }
+                fresh.version = v;
             }
             fresh.version = format!("{version}-{}", self.pushes.load(Ordering::Relaxed) + 1);
             let fresh = Arc::new(fresh);
