@@ -417,4 +417,35 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(endpoints(&client), 0, "gone after the grace period");
     }
+
+    #[tokio::test]
+    async fn proxies_of_one_scope_share_the_translation_but_not_their_workload() {
+        let store = Arc::new(ConfigStore::new());
+        for p in trellis_api::parse_text(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: shop}\nspec:\n  selector: {app: reviews}\n  ports: [{name: http, port: 9080}]\n",
+            "svc.yaml",
+            &trellis_api::LoadOptions::default(),
+        ) {
+            if let Some(r) = p.resource() {
+                store.apply(r.clone());
+            }
+        }
+        let quick = Debounce {
+            quiet: Duration::from_millis(10),
+            max: Duration::from_millis(50),
+        };
+        let cp = ControlPlane::new(store, quick);
+        tokio::spawn(Arc::clone(&cp).run());
+        let mut a = cp.connect(instance("web-0", "web", "web"));
+        let mut b = cp.connect(instance("web-1", "web", "web"));
+        let _r = cp.connect(instance("reviews-v1", "shop", "reviews"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let sa = a.snapshots.borrow_and_update().clone().expect("a");
+        let sb = b.snapshots.borrow_and_update().clone().expect("b");
+        assert_eq!(sa.services, sb.services);
+        assert_eq!(sa.clusters, sb.clusters);
+        assert_eq!(sa.workload.as_ref().map(|w| w.name.as_str()), Some("web-0"));
+        assert_eq!(sb.workload.as_ref().map(|w| w.name.as_str()), Some("web-1"));
+        assert_eq!(endpoints(&a), 1);
+    }
 }
