@@ -120,6 +120,8 @@ fn read(path: &Path) -> Result<String, CaError> {
 /// The certificate authority.
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
+    /// When the signing certificate expires: no workload certificate outlives it.
+    not_after: time::OffsetDateTime,
     /// The signing certificate, then any intermediates, then the root.
     chain: Vec<String>,
     root: String,
@@ -207,9 +209,13 @@ impl Ca {
         trust_domain: &str,
     ) -> Result<Ca, CaError> {
         let key = KeyPair::from_pem(key).map_err(cert_err)?;
+        let (_, pem) = x509_parser::pem::parse_x509_pem(cert.as_bytes()).map_err(cert_err)?;
+        let x509 = pem.parse_x509().map_err(cert_err)?;
+        let not_after = x509.validity().not_after.to_datetime();
         let issuer = Issuer::from_ca_cert_pem(cert, key).map_err(cert_err)?;
         Ok(Ca {
             issuer,
+            not_after,
             chain,
             root: root.to_string(),
             trust_domain: trust_domain.to_string(),
@@ -279,7 +285,8 @@ impl Ca {
         let ttl = ttl.min(MAX_TTL);
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now;
-        params.not_after = now + time::Duration::try_from(ttl).map_err(cert_err)?;
+        params.not_after =
+            (now + time::Duration::try_from(ttl).map_err(cert_err)?).min(self.not_after);
         csr.params = params;
         let cert = csr.signed_by(&self.issuer).map_err(cert_err)?;
         let mut out = vec![cert.pem()];

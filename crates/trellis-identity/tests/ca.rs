@@ -135,6 +135,10 @@ fn a_plugin_ca_signs_with_its_intermediate() {
     p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     p.distinguished_name
         .push(rcgen::DnType::CommonName, "intermediate");
+    // An intermediate that expires in an hour: no certificate it signs may outlive it.
+    let now = ::time::OffsetDateTime::now_utc();
+    p.not_before = now - ::time::Duration::minutes(1);
+    p.not_after = now + ::time::Duration::hours(1);
     let root_key = KeyPair::from_pem(
         &std::fs::read_to_string(root_dir.path().join("ca-key.pem")).expect("root key"),
     )
@@ -157,7 +161,7 @@ fn a_plugin_ca_signs_with_its_intermediate() {
             &tokens,
             &tokens.issue("web", "frontend", Duration::from_secs(60)),
             &csr(Some("spiffe://example.org/ns/web/sa/frontend")),
-            Duration::from_secs(600),
+            Duration::from_secs(24 * 3600),
         )
         .expect("signed");
     let leaf_der = der(&chain[0]);
@@ -167,6 +171,10 @@ fn a_plugin_ca_signs_with_its_intermediate() {
     assert!(
         leaf.verify_signature(Some(inter_x.public_key())).is_ok(),
         "signed by the intermediate"
+    );
+    assert!(
+        leaf.validity().not_after.timestamp() <= inter_x.validity().not_after.timestamp(),
+        "capped at the intermediate's expiry"
     );
     assert_eq!(ca.root_pem(), root.root_pem());
     assert!(
