@@ -1167,117 +1167,66 @@ mod protocol_req {
     }
 }
 
-/// Server TLS mode names in files (`SIMPLE`, `MUTUAL`…).
-mod server_tls_mode {
-    use serde::de::Error;
-    use serde::{Deserialize, Deserializer, Serializer};
+/// An enum written by its name in files (`SIMPLE`, `ROUND_ROBIN`…).
+trait Named: Copy + Into<i32> + TryFrom<i32> + 'static {
+    const NAMES: &'static [Self];
+    fn name(self) -> &'static str;
+}
 
-    use super::ServerTlsMode;
-
-    pub fn serialize<S: Serializer>(p: &i32, s: S) -> Result<S::Ok, S::Error> {
-        match ServerTlsMode::try_from(*p) {
-            Ok(p) => s.serialize_str(p.name()),
-            Err(_) => s.serialize_i32(*p),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
-        let name = String::deserialize(d)?;
-        ServerTlsMode::ALL
-            .into_iter()
-            .find(|p| p.name() == name)
-            .map(|p| p as i32)
-            .ok_or_else(|| {
-                D::Error::custom(format!(
-                    "unknown value {name:?}, expected one of PASSTHROUGH, SIMPLE, MUTUAL, AUTO_PASSTHROUGH, ISTIO_MUTUAL, OPTIONAL_MUTUAL"
-                ))
-            })
+fn serialize_named<E: Named, S: serde::Serializer>(p: &i32, s: S) -> Result<S::Ok, S::Error> {
+    match E::try_from(*p) {
+        Ok(e) => s.serialize_str(e.name()),
+        Err(_) => s.serialize_i32(*p),
     }
 }
 
-/// Discovery names in files.
-mod discovery {
-    use serde::de::Error;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    use super::Discovery;
-
-    pub fn serialize<S: Serializer>(p: &i32, s: S) -> Result<S::Ok, S::Error> {
-        match Discovery::try_from(*p) {
-            Ok(p) => s.serialize_str(p.name()),
-            Err(_) => s.serialize_i32(*p),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
-        let name = String::deserialize(d)?;
-        Discovery::ALL
-            .into_iter()
-            .find(|p| p.name() == name)
-            .map(|p| p as i32)
-            .ok_or_else(|| {
-                D::Error::custom(format!(
-                    "unknown value {name:?}, expected one of STATIC, STRICT_DNS, ORIGINAL_DST"
-                ))
-            })
-    }
+fn deserialize_named<'de, E: Named, D: serde::Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+    let name = String::deserialize(d)?;
+    E::NAMES
+        .iter()
+        .find(|e| e.name() == name)
+        .map(|e| (*e).into())
+        .ok_or_else(|| {
+            let all: Vec<&str> = E::NAMES.iter().map(|e| e.name()).collect();
+            serde::de::Error::custom(format!(
+                "unknown value {name:?}, expected one of {}",
+                all.join(", ")
+            ))
+        })
 }
 
-/// Load balancer names in files.
-mod load_balancer {
-    use serde::de::Error;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    use super::LoadBalancer;
-
-    pub fn serialize<S: Serializer>(p: &i32, s: S) -> Result<S::Ok, S::Error> {
-        match LoadBalancer::try_from(*p) {
-            Ok(p) => s.serialize_str(p.name()),
-            Err(_) => s.serialize_i32(*p),
+/// A `#[serde(with = …)]` module for a [`Named`] enum stored as `i32`.
+macro_rules! named_module {
+    ($module:ident, $enum:ident, $all:expr) => {
+        impl Named for $enum {
+            const NAMES: &'static [Self] = &$all;
+            fn name(self) -> &'static str {
+                <$enum>::name(self)
+            }
         }
-    }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
-        let name = String::deserialize(d)?;
-        LoadBalancer::ALL
-            .into_iter()
-            .find(|p| p.name() == name)
-            .map(|p| p as i32)
-            .ok_or_else(|| {
-                D::Error::custom(format!(
-                    "unknown value {name:?}, expected one of ROUND_ROBIN, LEAST_REQUEST, RANDOM"
-                ))
-            })
-    }
+        mod $module {
+            use serde::{Deserializer, Serializer};
+
+            pub fn serialize<S: Serializer>(p: &i32, s: S) -> Result<S::Ok, S::Error> {
+                super::serialize_named::<super::$enum, S>(p, s)
+            }
+
+            pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+                super::deserialize_named::<super::$enum, D>(d)
+            }
+        }
+    };
 }
 
-/// `ALLOW_ANY` or `REGISTRY_ONLY` in files.
-mod outbound_policy {
-    use serde::de::Error;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    use super::OutboundPolicy;
-
-    pub fn serialize<S: Serializer>(p: &i32, s: S) -> Result<S::Ok, S::Error> {
-        match OutboundPolicy::try_from(*p) {
-            Ok(p) => s.serialize_str(p.name()),
-            Err(_) => s.serialize_i32(*p),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
-        let name = String::deserialize(d)?;
-        [OutboundPolicy::AllowAny, OutboundPolicy::RegistryOnly]
-            .into_iter()
-            .find(|p| p.name() == name)
-            .map(|p| p as i32)
-            .ok_or_else(|| {
-                D::Error::custom(format!(
-                    "unknown value {name:?}, expected one of ALLOW_ANY, REGISTRY_ONLY"
-                ))
-            })
-    }
-}
+named_module!(server_tls_mode, ServerTlsMode, ServerTlsMode::ALL);
+named_module!(discovery, Discovery, Discovery::ALL);
+named_module!(load_balancer, LoadBalancer, LoadBalancer::ALL);
+named_module!(
+    outbound_policy,
+    OutboundPolicy,
+    [OutboundPolicy::AllowAny, OutboundPolicy::RegistryOnly]
+);
 
 #[cfg(test)]
 mod tests {
