@@ -342,39 +342,49 @@ pub fn l4_routes_for(
     port: u16,
     gateway: &str,
 ) -> Result<(Vec<wire::L4Route>, Vec<wire::L4Route>), TranslateError> {
-    let mut tcp = Vec::new();
-    for (i, r) in vs.tcp.iter().enumerate() {
-        let kept: Vec<&L4MatchAttributes> = r
-            .matches
-            .iter()
-            .filter(|m| match_applies(&m.gateways, vs, namespace, gateway))
-            .collect();
-        if !r.matches.is_empty() && kept.is_empty() {
-            continue;
-        }
-        tcp.push(wire::L4Route {
-            name: format!("#{i}"),
-            matches: kept.into_iter().map(l4_match).collect(),
-            clusters: l4_clusters(&r.route, namespace, port, &format!("spec.tcp[{i}]"))?,
-        });
-    }
-    let mut tls = Vec::new();
-    for (i, r) in vs.tls.iter().enumerate() {
-        let kept: Vec<&TlsMatchAttributes> = r
-            .matches
-            .iter()
-            .filter(|m| match_applies(&m.gateways, vs, namespace, gateway))
-            .collect();
-        if !r.matches.is_empty() && kept.is_empty() {
-            continue;
-        }
-        tls.push(wire::L4Route {
-            name: format!("#{i}"),
-            matches: kept.into_iter().map(tls_match).collect(),
-            clusters: l4_clusters(&r.route, namespace, port, &format!("spec.tls[{i}]"))?,
-        });
-    }
+    let applies = |g: &[String]| match_applies(g, vs, namespace, gateway);
+    let tcp = l4_rules(
+        vs.tcp.iter().map(|r| (&r.matches[..], &r.route[..])),
+        "tcp",
+        |m: &L4MatchAttributes| applies(&m.gateways),
+        l4_match,
+        namespace,
+        port,
+    )?;
+    let tls = l4_rules(
+        vs.tls.iter().map(|r| (&r.matches[..], &r.route[..])),
+        "tls",
+        |m: &TlsMatchAttributes| applies(&m.gateways),
+        tls_match,
+        namespace,
+        port,
+    )?;
     Ok((tcp, tls))
+}
+
+/// The `tcp[]` or `tls[]` rules (`field`) whose match entries `keep` leaves any of (a rule
+/// without matches always stays).
+fn l4_rules<'a, M: 'a>(
+    rules: impl Iterator<Item = (&'a [M], &'a [RouteDestination])>,
+    field: &str,
+    keep: impl Fn(&M) -> bool,
+    convert: impl Fn(&M) -> wire::L4Match,
+    namespace: &str,
+    port: u16,
+) -> Result<Vec<wire::L4Route>, TranslateError> {
+    let mut out = Vec::new();
+    for (i, (matches, route)) in rules.enumerate() {
+        let kept: Vec<&M> = matches.iter().filter(|m| keep(m)).collect();
+        if !matches.is_empty() && kept.is_empty() {
+            continue;
+        }
+        out.push(wire::L4Route {
+            name: format!("#{i}"),
+            matches: kept.into_iter().map(&convert).collect(),
+            clusters: l4_clusters(route, namespace, port, &format!("spec.{field}[{i}]"))?,
+        });
+    }
+    Ok(out)
 }
 
 /// The reserved gateway name of sidecars.
