@@ -5,17 +5,15 @@
 //! with the proxy's reason.
 
 use std::collections::BTreeMap;
-use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpStream;
 use trellis_control::registry::{Instance, InstancePort};
 use trellis_control::server::{ControlPlane, Debounce};
 use trellis_control::{ConfigStore, DirectorySource};
-use trellis_proxy::sockets::OriginalDst;
+use trellis_proxy::sockets::FixedOriginalDst;
 use trellis_proxy::{Config, LoadEnv, ProxyHandle, ProxyOptions};
 use trellis_testkit::{HttpServer, http_client};
 
@@ -46,14 +44,6 @@ spec:
   http:
   - route: [{destination: {host: reviews, subset: v2}}]
 "#;
-
-struct FakeDst(SocketAddr);
-
-impl OriginalDst for FakeDst {
-    fn original_dst(&self, _: &TcpStream) -> io::Result<SocketAddr> {
-        Ok(self.0)
-    }
-}
 
 fn instance(name: &str, ns: &str, labels: &[(&str, &str)], port: u16) -> Instance {
     Instance {
@@ -178,7 +168,7 @@ async fn config_changes_reach_three_proxies() {
                 Config::empty(),
                 ProxyOptions {
                     outbound_capture: Some("127.0.0.1:0".parse().expect("addr")),
-                    original_dst: Arc::new(FakeDst(SocketAddr::new(vip, 9080))),
+                    original_dst: Arc::new(FixedOriginalDst(SocketAddr::new(vip, 9080))),
                     ..ProxyOptions::default()
                 },
             )

@@ -3,15 +3,13 @@
 //! virtual IP, intercepted).
 
 use std::collections::BTreeMap;
-use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use tokio::net::TcpStream;
 use trellis_api::{LoadOptions, Resource, parse_text};
 use trellis_control::mesh::{MeshConfig, ROOT_NAMESPACE, sidecar_snapshot};
 use trellis_control::registry::{Instance, InstancePort, Registry};
-use trellis_proxy::sockets::OriginalDst;
+use trellis_proxy::sockets::FixedOriginalDst;
 use trellis_proxy::{Config, ProxyOptions};
 use trellis_testkit::{HttpServer, http_client};
 use trellis_xds::snapshot as wire;
@@ -220,15 +218,6 @@ fn what_a_sidecar_sees_and_which_rules_apply() {
     );
 }
 
-/// Answers every lookup with a fixed address, as iptables REDIRECT would report it.
-struct FakeDst(SocketAddr);
-
-impl OriginalDst for FakeDst {
-    fn original_dst(&self, _: &TcpStream) -> io::Result<SocketAddr> {
-        Ok(self.0)
-    }
-}
-
 #[tokio::test]
 async fn the_snapshot_routes_an_intercepted_request() {
     let (v1, v2) = (
@@ -269,7 +258,7 @@ async fn the_snapshot_routes_an_intercepted_request() {
         Config::from_wire(snapshot, None).expect("converts"),
         ProxyOptions {
             outbound_capture: Some("127.0.0.1:0".parse().expect("addr")),
-            original_dst: Arc::new(FakeDst(SocketAddr::new(vip, 9080))),
+            original_dst: Arc::new(FixedOriginalDst(SocketAddr::new(vip, 9080))),
             ..ProxyOptions::default()
         },
     )

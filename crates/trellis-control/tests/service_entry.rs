@@ -9,10 +9,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use trellis_api::{LoadOptions, Spec, parse_text};
 use trellis_control::translate;
-use trellis_proxy::sockets::OriginalDst;
+use trellis_proxy::sockets::FixedOriginalDst;
 use trellis_proxy::{Config, LoadEnv, ProxyOptions};
 use trellis_testkit::{HttpServer, http_client};
 use trellis_xds::snapshot as wire;
@@ -237,7 +236,7 @@ spec:
         .expect("converts"),
         ProxyOptions {
             outbound_capture: Some("127.0.0.1:0".parse().expect("addr")),
-            original_dst: Arc::new(FakeDst(app.addr)),
+            original_dst: Arc::new(FixedOriginalDst(app.addr)),
             ..ProxyOptions::default()
         },
     )
@@ -245,15 +244,6 @@ spec:
     .expect("proxy");
     assert_eq!(get(proxy.outbound_addrs[0], "db.internal").await.0, 200);
     assert_eq!(app.stats().requests(), 2);
-}
-
-/// Answers every lookup with a fixed address, as iptables REDIRECT would report it.
-struct FakeDst(SocketAddr);
-
-impl OriginalDst for FakeDst {
-    fn original_dst(&self, _: &TcpStream) -> io::Result<SocketAddr> {
-        Ok(self.0)
-    }
 }
 
 #[test]

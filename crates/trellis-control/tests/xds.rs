@@ -4,17 +4,16 @@
 //! proxy reconnects, and a new change arrives.
 
 use std::collections::BTreeMap;
-use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use trellis_api::{LoadOptions, Resource, parse_text};
 use trellis_control::ConfigStore;
 use trellis_control::registry::{Instance, InstancePort, Registry};
 use trellis_control::server::{ControlPlane, Debounce};
-use trellis_proxy::sockets::OriginalDst;
+use trellis_proxy::sockets::FixedOriginalDst;
 use trellis_proxy::{Config, LoadEnv, ProxyOptions};
 use trellis_testkit::{HttpServer, http_client};
 use trellis_xds::ads::Announce;
@@ -56,14 +55,6 @@ fn parse(yaml: &str) -> Vec<Resource> {
                 .unwrap_or_else(|| panic!("{:?}", p.diagnostics))
         })
         .collect()
-}
-
-struct FakeDst(SocketAddr);
-
-impl OriginalDst for FakeDst {
-    fn original_dst(&self, _: &TcpStream) -> io::Result<SocketAddr> {
-        Ok(self.0)
-    }
 }
 
 fn reviews(version: &str, port: u16) -> Instance {
@@ -133,7 +124,7 @@ async fn a_proxy_follows_the_control_plane_and_survives_its_restart() {
         Config::empty(),
         ProxyOptions {
             outbound_capture: Some("127.0.0.1:0".parse().expect("addr")),
-            original_dst: Arc::new(FakeDst(SocketAddr::new(vip, 9080))),
+            original_dst: Arc::new(FixedOriginalDst(SocketAddr::new(vip, 9080))),
             ..ProxyOptions::default()
         },
     )

@@ -63,6 +63,18 @@ impl OriginalDst for LocalAddrAsOriginal {
     }
 }
 
+/// A lookup that answers every connection with one fixed address, as iptables REDIRECT
+/// would report it for traffic to that address: for tests and for listeners that forward
+/// everything to one place.
+#[derive(Debug, Clone, Copy)]
+pub struct FixedOriginalDst(pub SocketAddr);
+
+impl OriginalDst for FixedOriginalDst {
+    fn original_dst(&self, _: &TcpStream) -> io::Result<SocketAddr> {
+        Ok(self.0)
+    }
+}
+
 static MARK_WARNED: AtomicBool = AtomicBool::new(false);
 
 /// TCP keepalive on upstream sockets (a DestinationRule's `tcpKeepalive`); unset

@@ -1,7 +1,6 @@
 //! Bad input, dead upstreams, interception (with a fake original-destination lookup),
 //! the admin server, drain, and curl as a real client.
 
-use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use trellis_proxy::admin::{self, AdminContext};
-use trellis_proxy::sockets::OriginalDst;
+use trellis_proxy::sockets::FixedOriginalDst;
 use trellis_proxy::{Config, ProxyHandle, ProxyOptions};
 use trellis_testkit::{HttpServer, TcpEchoServer, http_client, tcp_echo_half_close};
 use trellis_xds::snapshot::Snapshot;
@@ -228,21 +227,12 @@ async fn pooled_connection_closed_by_the_app_is_never_a_503() {
     }
 }
 
-/// Answers every lookup with a fixed address, as iptables REDIRECT would report it.
-struct FakeDst(SocketAddr);
-
-impl OriginalDst for FakeDst {
-    fn original_dst(&self, _: &TcpStream) -> io::Result<SocketAddr> {
-        Ok(self.0)
-    }
-}
-
 async fn capture(dst: SocketAddr, yaml: &str) -> ProxyHandle {
     trellis_proxy::start(
         config(yaml),
         ProxyOptions {
             outbound_capture: Some(any_addr()),
-            original_dst: Arc::new(FakeDst(dst)),
+            original_dst: Arc::new(FixedOriginalDst(dst)),
             ..ProxyOptions::default()
         },
     )
@@ -310,7 +300,7 @@ async fn a_connection_to_the_proxy_itself_is_not_looped() {
         Config::empty(),
         ProxyOptions {
             outbound_capture: Some(own),
-            original_dst: Arc::new(FakeDst(own)),
+            original_dst: Arc::new(FixedOriginalDst(own)),
             ..ProxyOptions::default()
         },
     )
