@@ -32,8 +32,13 @@ clusters:
         eps.join(", ")
     );
     let raw = Snapshot::from_text(&yaml, "policy.yaml").expect("snapshot");
+    serve_app(Config::from_wire(raw, None).expect("converts")).await
+}
+
+/// Starts a proxy on `config` with one outbound listener for the `app` service, port 80.
+async fn serve_app(config: Config) -> ProxyHandle {
     trellis_proxy::start(
-        Config::from_wire(raw, None).expect("converts"),
+        config,
         ProxyOptions {
             outbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), "app".to_string(), 80)],
             ..ProxyOptions::default()
@@ -298,15 +303,7 @@ clusters:
         eps.join(", ")
     );
     let raw = Snapshot::from_text(&yaml, "locality.yaml").expect("snapshot");
-    trellis_proxy::start(
-        Config::from_wire(raw, None).expect("converts"),
-        ProxyOptions {
-            outbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), "app".to_string(), 80)],
-            ..ProxyOptions::default()
-        },
-    )
-    .await
-    .expect("proxy")
+    serve_app(Config::from_wire(raw, None).expect("converts")).await
 }
 
 async fn send_n(addr: SocketAddr, n: usize) {
@@ -418,15 +415,7 @@ clusters:
     let both = format!("{{address: \"{}\"}}, {{address: \"{}\"}}", a.addr, b.addr);
     // A long window: however slowly this machine sends the requests, b is still near
     // the start of its ramp (10 %, plus under 2 % per second).
-    let p = trellis_proxy::start(
-        convert(yaml("60s", &only_a), None),
-        ProxyOptions {
-            outbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), "app".to_string(), 80)],
-            ..ProxyOptions::default()
-        },
-    )
-    .await
-    .expect("proxy");
+    let p = serve_app(convert(yaml("60s", &only_a), None)).await;
     p.update(convert(yaml("60s", &both), Some(&p.config())));
     send_n(p.outbound_addrs[0], 400).await;
     let early = b.stats().requests();
@@ -435,15 +424,7 @@ clusters:
         "b is warming: {early} of 400 (50 % would be 200)"
     );
     // A short window, over: b takes its full share.
-    let p2 = trellis_proxy::start(
-        convert(yaml("200ms", &only_a), None),
-        ProxyOptions {
-            outbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), "app".to_string(), 80)],
-            ..ProxyOptions::default()
-        },
-    )
-    .await
-    .expect("proxy");
+    let p2 = serve_app(convert(yaml("200ms", &only_a), None)).await;
     p2.update(convert(yaml("200ms", &both), Some(&p2.config())));
     tokio::time::sleep(Duration::from_millis(300)).await;
     send_n(p2.outbound_addrs[0], 400).await;
@@ -655,19 +636,14 @@ clusters:
 ",
         inbound.inbound_addrs[0]
     );
-    let outbound = trellis_proxy::start(
+    let outbound = serve_app(
         Config::from_wire(
             Snapshot::from_text(&yaml, "out.yaml").expect("snapshot"),
             None,
         )
         .expect("converts"),
-        ProxyOptions {
-            outbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), "app".to_string(), 80)],
-            ..ProxyOptions::default()
-        },
     )
-    .await
-    .expect("outbound proxy");
+    .await;
     let addr = outbound.outbound_addrs[0];
     let slow = || tokio::spawn(async move { http_client::get(addr, "app", "/slow/300").await });
     let tasks = [slow(), slow(), slow()];

@@ -55,6 +55,19 @@ clusters:
     .expect("proxy")
 }
 
+/// Starts a proxy on `config` with one outbound listener for the `app` service, port 80.
+async fn serve_app(config: Config) -> ProxyHandle {
+    trellis_proxy::start(
+        config,
+        ProxyOptions {
+            outbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), "app".to_string(), 80)],
+            ..ProxyOptions::default()
+        },
+    )
+    .await
+    .expect("proxy")
+}
+
 #[tokio::test]
 async fn jason_goes_to_v2_and_the_rest_split_50_50() {
     let (v1, v2, v3) = (
@@ -175,15 +188,7 @@ clusters:
 - {{name: app, endpoints: [{{address: \"{app}\"}}]}}
 "
     );
-    trellis_proxy::start(
-        config(&yaml).expect("snapshot"),
-        ProxyOptions {
-            outbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), "app".to_string(), 80)],
-            ..ProxyOptions::default()
-        },
-    )
-    .await
-    .expect("proxy")
+    serve_app(config(&yaml).expect("snapshot")).await
 }
 
 #[tokio::test]
@@ -313,15 +318,7 @@ clusters:
 - {{name: app, endpoints: [{{address: \"{app}\"}}]}}
 "
     );
-    trellis_proxy::start(
-        config(&yaml).expect("snapshot"),
-        ProxyOptions {
-            outbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), "app".to_string(), 80)],
-            ..ProxyOptions::default()
-        },
-    )
-    .await
-    .expect("proxy")
+    serve_app(config(&yaml).expect("snapshot")).await
 }
 
 #[tokio::test]
@@ -647,15 +644,7 @@ clusters:
 - {{name: mirror, endpoints: [{{address: \"{mirror}\"}}]}}
 "
     );
-    trellis_proxy::start(
-        config(&yaml).expect("snapshot"),
-        ProxyOptions {
-            outbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), "app".to_string(), 80)],
-            ..ProxyOptions::default()
-        },
-    )
-    .await
-    .expect("proxy")
+    serve_app(config(&yaml).expect("snapshot")).await
 }
 
 #[tokio::test]
