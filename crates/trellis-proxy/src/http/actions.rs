@@ -4,17 +4,16 @@
 
 use super::*;
 
-/// The downstream address, carried in the request's extensions (consistent hashing on
-/// the source IP).
-#[derive(Debug, Clone, Copy)]
-pub struct Peer(pub SocketAddr);
-
 /// The ring hash of a request under `key`, when the request has the key.
-pub(super) fn request_hash(key: &crate::config::HashKey, req: &Request<ReqBody>) -> Option<u64> {
+pub(super) fn request_hash(
+    key: &crate::config::HashKey,
+    ds: Downstream,
+    req: &Request<ReqBody>,
+) -> Option<u64> {
     use crate::config::{HashKey, stable_hash};
     match key {
         HashKey::Header(h) => req.headers().get(h).map(|v| stable_hash(v.as_bytes())),
-        HashKey::SourceIp => req.extensions().get::<Peer>().map(|p| match p.0.ip() {
+        HashKey::SourceIp => Some(match ds.peer.ip() {
             IpAddr::V4(a) => stable_hash(&a.octets()),
             IpAddr::V6(a) => stable_hash(&a.octets()),
         }),
@@ -193,6 +192,7 @@ pub(super) fn roll(percentage: f64) -> bool {
 /// Injected delay and abort (flags DI, FI), then the request itself.
 pub(super) async fn with_faults(
     shared: &Arc<Shared>,
+    ds: Downstream,
     target: &crate::config::Target,
     cluster: &Arc<crate::config::Cluster>,
     policy: &crate::config::RoutePolicy,
@@ -230,7 +230,7 @@ pub(super) async fn with_faults(
         }
     }
     let retry = policy.retry.as_ref().unwrap_or(&shared.default_retry);
-    to_cluster(shared, target, cluster, retry, &policy.mirrors, req).await
+    to_cluster(shared, ds, target, cluster, retry, &policy.mirrors, req).await
 }
 
 /// Most mirrored requests in flight at once: mirroring has its own budget and never

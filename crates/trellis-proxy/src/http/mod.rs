@@ -32,7 +32,6 @@ mod deadline;
 
 use deadline::Deadline;
 
-pub use actions::Peer;
 use actions::*;
 
 /// Tells the peer proxy which HTTP version the client app spoke ("1.1" or "2").
@@ -61,9 +60,15 @@ pub enum Route {
     },
 }
 
-/// Where an intercepted request was going (for ORIGINAL_DST clusters).
+/// The downstream connection a request came on: passed along with the request rather
+/// than in its extensions (which would cost a map allocation per request).
 #[derive(Debug, Clone, Copy)]
-struct OriginalDst(SocketAddr);
+struct Downstream {
+    /// The client's address (consistent hashing on the source IP).
+    peer: SocketAddr,
+    /// Where an intercepted connection was going (for ORIGINAL_DST clusters).
+    original_dst: Option<SocketAddr>,
+}
 
 /// Where one request goes.
 struct Upstream<'a> {
@@ -125,18 +130,23 @@ pub async fn handle(
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    let mut req = req.map(ReqBody::Streaming);
-    req.extensions_mut().insert(Peer(peer));
-    if let Route::Outbound(dst) = &route {
-        req.extensions_mut().insert(OriginalDst(*dst));
-    }
+    let req = req.map(ReqBody::Streaming);
+    let ds = Downstream {
+        peer,
+        original_dst: match &route {
+            Route::Outbound(dst) => Some(*dst),
+            _ => None,
+        },
+    };
     Stats::inc(&shared.stats.requests_total);
     let cfg = shared.config.load_full();
     let resp = match &route {
         Route::Inbound(port) => inbound(&shared, &cfg, *port, req).await,
-        Route::Gateway { port, tls } => gateway(&shared, &cfg, *port, tls.as_deref(), req).await,
+        Route::Gateway { port, tls } => {
+            gateway(&shared, &cfg, ds, *port, tls.as_deref(), req).await
+        }
         Route::Outbound(dst) => match cfg.outbound_target(*dst) {
-            Some(t) => outbound(&shared, &cfg, t, req).await,
+            Some(t) => outbound(&shared, &cfg, ds, t, req).await,
             None => local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "NR",
@@ -144,7 +154,7 @@ pub async fn handle(
             ),
         },
         Route::Named(host, port) => match cfg.target_by_name(host, *port) {
-            Some(t) => outbound(&shared, &cfg, t, req).await,
+            Some(t) => outbound(&shared, &cfg, ds, t, req).await,
             None => local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "NR",
@@ -161,6 +171,7 @@ pub async fn handle(
 async fn outbound(
     shared: &Arc<Shared>,
     cfg: &Config,
+    ds: Downstream,
     target: &crate::config::Target,
     req: Request<ReqBody>,
 ) -> Response<ProxyBody> {
@@ -251,11 +262,11 @@ async fn outbound(
             }
         }
     };
-    let set_cookie = sticky_cookie(cluster, &mut req);
+    let set_cookie = sticky_cookie(cluster, ds, &mut req);
     let mut resp = match policy {
-        None => to_cluster(shared, target, cluster, &shared.default_retry, &[], req).await,
+        None => to_cluster(shared, ds, target, cluster, &shared.default_retry, &[], req).await,
         Some(p) => {
-            match Deadline::new(p.timeout, with_faults(shared, target, cluster, p, req)).await {
+            match Deadline::new(p.timeout, with_faults(shared, ds, target, cluster, p, req)).await {
                 Some(r) => r,
                 None => local_reply(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -297,6 +308,7 @@ async fn outbound(
 /// the way the client's next requests will, and the `Set-Cookie` to return.
 fn sticky_cookie(
     cluster: &crate::config::Cluster,
+    ds: Downstream,
     req: &mut Request<ReqBody>,
 ) -> Option<HeaderValue> {
     let ring = cluster.ring.as_ref()?;
@@ -307,7 +319,7 @@ fn sticky_cookie(
     else {
         return None;
     };
-    if request_hash(&ring.key, req).is_some() {
+    if request_hash(&ring.key, ds, req).is_some() {
         return None;
     }
     let value = format!("{:016x}", random_u64());
@@ -347,6 +359,7 @@ const ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count
 /// upgrades go out once.
 async fn to_cluster(
     shared: &Arc<Shared>,
+    ds: Downstream,
     target: &crate::config::Target,
     cluster: &Arc<crate::config::Cluster>,
     retry: &RetryPolicy,
@@ -368,7 +381,7 @@ async fn to_cluster(
     let port_h2 = target.protocol == PortProtocol::Http2;
     if cluster.discovery == trellis_xds::snapshot::Discovery::OriginalDst {
         // Resolution NONE: the request goes where the app sent it.
-        let Some(OriginalDst(dst)) = req.extensions().get::<OriginalDst>().copied() else {
+        let Some(dst) = ds.original_dst else {
             return local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "NR",
@@ -397,7 +410,7 @@ async fn to_cluster(
     let hashed = cluster
         .ring
         .as_ref()
-        .and_then(|r| request_hash(&r.key, &req))
+        .and_then(|r| request_hash(&r.key, ds, &req))
         .and_then(|h| cluster.pick_hashed(h));
     let buffer = retry.attempts > 0 || !mirrors.is_empty();
     if !buffer || is_upgrade(&req) {
@@ -550,6 +563,7 @@ async fn to_cluster(
 async fn gateway(
     shared: &Arc<Shared>,
     cfg: &Config,
+    ds: Downstream,
     port: u16,
     handshake: Option<&crate::config::ServerKey>,
     mut req: Request<ReqBody>,
@@ -641,7 +655,7 @@ async fn gateway(
         X_FORWARDED_PROTO,
         HeaderValue::from_static(if tls { "https" } else { "http" }),
     );
-    outbound(shared, cfg, &vh.target, req).await
+    outbound(shared, cfg, ds, &vh.target, req).await
 }
 
 /// `host:port` → `host` (IPv6 literals keep their brackets).
@@ -704,6 +718,19 @@ fn header_has_token(h: &HeaderMap, name: &HeaderName, token: &str) -> bool {
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those the Connection header
 /// names. `TE: trailers` stays (gRPC needs it).
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the names (standard names compare
+    // as enum values) instead of a hashed lookup per name.
+    let found = h.keys().any(|n| {
+        n == header::CONNECTION
+            || n == header::TRANSFER_ENCODING
+            || n == header::UPGRADE
+            || n == header::TE
+            || n == KEEP_ALIVE
+            || n == PROXY_CONNECTION
+    });
+    if !found {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -758,20 +785,19 @@ fn request_id() -> HeaderValue {
     let b = random_u64();
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = [b'-'; 36];
-    let mut nibbles = (0..16)
-        .rev()
-        .map(|i| (a >> (i * 4)) & 0xf)
-        .chain((0..16).rev().map(|i| (b >> (i * 4)) & 0xf));
-    for (i, slot) in out.iter_mut().enumerate() {
-        if matches!(i, 8 | 13 | 18 | 23) {
-            continue;
+    let mut bits = (a, b);
+    let mut i = 0;
+    while i < 36 {
+        if !matches!(i, 8 | 13 | 18 | 23) {
+            let n = (bits.0 >> 60) as usize;
+            bits = (bits.0 << 4 | bits.1 >> 60, bits.1 << 4);
+            out[i] = match i {
+                14 => b'4',               // version 4
+                19 => HEX[8 | (n & 0x3)], // variant 10xx
+                _ => HEX[n],
+            };
         }
-        let n = nibbles.next().unwrap_or(0) as usize;
-        *slot = match i {
-            14 => b'4',               // version 4
-            19 => HEX[8 | (n & 0x3)], // variant 10xx
-            _ => HEX[n],
-        };
+        i += 1;
     }
     HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
 }
@@ -801,8 +827,15 @@ async fn forward_once(
     if !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
-    if !headers.contains_key(&X_REQUEST_ID) {
-        headers.insert(X_REQUEST_ID, request_id());
+    match headers.get_mut(&X_REQUEST_ID) {
+        // A value unique to each request: HPACK indexing it would only churn the dynamic
+        // table (evicting the headers that repeat), so it is sent as never-indexed.
+        Some(v) => v.set_sensitive(true),
+        None => {
+            let mut v = request_id();
+            v.set_sensitive(true);
+            headers.insert(X_REQUEST_ID, v);
+        }
     }
     if let Some(v) = up.peer_version {
         headers.insert(DOWNSTREAM_VERSION, HeaderValue::from_static(v));
