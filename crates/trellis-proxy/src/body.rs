@@ -8,7 +8,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::pool::{H2Body, PooledBody};
+use crate::h1::H1Body;
+use crate::pool::{BoxError, H2Body, PooledBody};
 
 #[derive(Debug)]
 pub enum ProxyBody {
@@ -16,8 +17,10 @@ pub enum ProxyBody {
     Full(Option<Bytes>),
     /// Streamed from an HTTP/2 upstream (or an upgrade response).
     Upstream(Incoming),
-    /// Streamed from a pooled HTTP/1.1 upstream connection.
+    /// Streamed from a pooled HTTP/1.1 upstream connection (hyper's client).
     Pooled(PooledBody),
+    /// Streamed from a pooled HTTP/1.1 upstream connection (the lean client).
+    Fast(H1Body),
     /// Streamed from an HTTP/2 upstream connection.
     H2(H2Body),
 }
@@ -33,19 +36,26 @@ impl ProxyBody {
     }
 }
 
+fn boxed<E: Into<BoxError>>(
+    p: Poll<Option<Result<Frame<Bytes>, E>>>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    p.map(|o| o.map(|r| r.map_err(Into::into)))
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
-            ProxyBody::Pooled(b) => Pin::new(b).poll_frame(cx),
-            ProxyBody::H2(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Upstream(b) => boxed(Pin::new(b).poll_frame(cx)),
+            ProxyBody::Pooled(b) => boxed(Pin::new(b).poll_frame(cx)),
+            ProxyBody::Fast(b) => boxed(Pin::new(b).poll_frame(cx)),
+            ProxyBody::H2(b) => boxed(Pin::new(b).poll_frame(cx)),
         }
     }
 
@@ -54,6 +64,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => b.is_none(),
             ProxyBody::Upstream(b) => b.is_end_stream(),
             ProxyBody::Pooled(b) => b.is_end_stream(),
+            ProxyBody::Fast(b) => b.is_end_stream(),
             ProxyBody::H2(b) => b.is_end_stream(),
         }
     }
@@ -63,6 +74,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             ProxyBody::Upstream(b) => b.size_hint(),
             ProxyBody::Pooled(b) => b.size_hint(),
+            ProxyBody::Fast(b) => b.size_hint(),
             ProxyBody::H2(b) => b.size_hint(),
         }
     }

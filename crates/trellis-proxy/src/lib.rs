@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod body;
 pub mod config;
+pub mod h1;
 pub mod http;
 pub mod listener;
 pub mod pool;

@@ -23,7 +23,11 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::body::ReqBody;
+use crate::h1;
 use crate::sockets::{self, Dial};
+
+/// Any error, boxed (hyper's, the lean client's).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Most idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 256;
@@ -36,10 +40,7 @@ pub enum UpstreamError {
     Connect { addr: SocketAddr, source: io::Error },
     /// The connection failed during the exchange (response flag UC).
     #[error("upstream {addr}: {source}")]
-    Request {
-        addr: SocketAddr,
-        source: hyper::Error,
-    },
+    Request { addr: SocketAddr, source: BoxError },
     /// No response headers within the per-try timeout (response flag UT).
     #[error("upstream {addr}: no response within the per-try timeout")]
     Timeout { addr: SocketAddr },
@@ -105,6 +106,9 @@ fn with_room(
 /// All upstream connections of a proxy. Lives across snapshot swaps.
 #[derive(Default)]
 pub struct Pools {
+    /// Connections of the lean client (requests whose body the proxy holds in full).
+    fast: Mutex<HashMap<SocketAddr, Vec<h1::Conn>>>,
+    /// hyper's HTTP/1.1 connections (streaming request bodies).
     h1: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
     h2: Mutex<HashMap<SocketAddr, H2Slot>>,
 }
@@ -112,7 +116,9 @@ pub struct Pools {
 impl std::fmt::Debug for Pools {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let h1 = self.h1.lock().unwrap_or_else(PoisonError::into_inner);
-        let idle: usize = h1.values().map(Vec::len).sum();
+        let fast = self.fast.lock().unwrap_or_else(PoisonError::into_inner);
+        let idle: usize =
+            h1.values().map(Vec::len).sum::<usize>() + fast.values().map(Vec::len).sum::<usize>();
         write!(f, "Pools {{ idle_http1: {idle} }}")
     }
 }
@@ -160,6 +166,64 @@ impl Pools {
         }
     }
 
+    /// An idle connection of the lean client, still open and not past the idle timeout.
+    fn take_fast(&self, addr: SocketAddr, idle_timeout: Duration) -> Option<h1::Conn> {
+        let mut map = self.fast.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = map.get_mut(&addr)?;
+        while let Some(conn) = list.pop() {
+            if conn.since.elapsed() < idle_timeout && conn.is_reusable() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Sends a request whose body is in hand over a pooled connection to `addr`, with the
+    /// lean client. A request that a dead pooled connection could not have served (the
+    /// write failed, or nothing came back and the method is idempotent) goes again: on
+    /// another pooled connection once, then on a fresh one.
+    pub async fn send_fast(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        dial: Dial,
+        idle_timeout: Duration,
+        max_uses: Option<u32>,
+        req: h1::Encoded,
+    ) -> Result<Response<h1::H1Body>, UpstreamError> {
+        let mut pooled_tries = 0;
+        loop {
+            let idle = if pooled_tries < 2 {
+                pooled_tries += 1;
+                self.take_fast(addr, idle_timeout)
+            } else {
+                None
+            };
+            let reused = idle.is_some();
+            let mut conn = match idle {
+                Some(c) => c,
+                None => h1::Conn::new(
+                    Box::pin(sockets::connect_with(addr, dial))
+                        .await
+                        .map_err(|source| UpstreamError::Connect { addr, source })?,
+                ),
+            };
+            conn.max_uses = max_uses;
+            let recycle: Arc<dyn h1::Recycle> = Arc::clone(self) as Arc<dyn h1::Recycle>;
+            match h1::exchange(conn, &req, addr, recycle).await {
+                Ok(resp) => return Ok(resp),
+                Err((e, again)) if reused && again => {
+                    tracing::debug!("pooled connection to {addr} was closed ({e}); sending again");
+                }
+                Err((e, _)) => {
+                    return Err(UpstreamError::Request {
+                        addr,
+                        source: e.into(),
+                    });
+                }
+            }
+        }
+    }
+
     /// Opens a new HTTP/1.1 connection (with upgrades enabled).
     pub async fn connect_h1(
         addr: SocketAddr,
@@ -171,7 +235,10 @@ impl Pools {
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|source| UpstreamError::Request { addr, source })?;
+            .map_err(|source| UpstreamError::Request {
+                addr,
+                source: source.into(),
+            })?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!("upstream connection {addr}: {e}");
@@ -211,7 +278,10 @@ impl Pools {
                 if reused {
                     continue;
                 }
-                return Err(UpstreamError::Request { addr, source });
+                return Err(UpstreamError::Request {
+                    addr,
+                    source: source.into(),
+                });
             }
             match sender.try_send_request(req).await {
                 Ok(resp) => {
@@ -236,7 +306,7 @@ impl Pools {
                     _ => {
                         return Err(UpstreamError::Request {
                             addr,
-                            source: e.into_error(),
+                            source: e.into_error().into(),
                         });
                     }
                 },
@@ -258,7 +328,10 @@ impl Pools {
             .keep_alive_interval(Duration::from_secs(30))
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|source| UpstreamError::Request { addr, source })?;
+            .map_err(|source| UpstreamError::Request {
+                addr,
+                source: source.into(),
+            })?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!("upstream HTTP/2 connection {addr}: {e}");
@@ -331,7 +404,7 @@ impl Pools {
                     None => {
                         return Err(UpstreamError::Request {
                             addr,
-                            source: e.into_error(),
+                            source: e.into_error().into(),
                         });
                     }
                 },
@@ -345,11 +418,18 @@ impl Pools {
             sender
                 .ready()
                 .await
-                .map_err(|source| UpstreamError::Request { addr, source })?;
-            let resp = sender
-                .send_request(retry)
-                .await
-                .map_err(|source| UpstreamError::Request { addr, source })?;
+                .map_err(|source| UpstreamError::Request {
+                    addr,
+                    source: source.into(),
+                })?;
+            let resp =
+                sender
+                    .send_request(retry)
+                    .await
+                    .map_err(|source| UpstreamError::Request {
+                        addr,
+                        source: source.into(),
+                    })?;
             Ok(resp.map(|inner| H2Body {
                 inner,
                 _guard: guard,
@@ -361,9 +441,26 @@ impl Pools {
     /// Idle HTTP/1.1 connections and HTTP/2 peers, per endpoint (for `/clusters`).
     pub fn snapshot(&self) -> (HashMap<SocketAddr, usize>, Vec<SocketAddr>) {
         let h1 = self.h1.lock().unwrap_or_else(PoisonError::into_inner);
-        let idle = h1.iter().map(|(a, v)| (*a, v.len())).collect();
+        let mut idle: HashMap<SocketAddr, usize> = h1.iter().map(|(a, v)| (*a, v.len())).collect();
+        let fast = self.fast.lock().unwrap_or_else(PoisonError::into_inner);
+        for (a, v) in fast.iter() {
+            *idle.entry(*a).or_default() += v.len();
+        }
         let h2 = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
         (idle, h2.keys().copied().collect())
+    }
+}
+
+impl h1::Recycle for Pools {
+    fn recycle(&self, addr: SocketAddr, conn: h1::Conn) {
+        if conn.max_uses.is_some_and(|m| conn.uses >= m) {
+            return;
+        }
+        let mut map = self.fast.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = map.entry(addr).or_default();
+        if list.len() < MAX_IDLE_PER_ENDPOINT {
+            list.push(conn);
+        }
     }
 }
 

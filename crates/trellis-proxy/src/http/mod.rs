@@ -942,18 +942,38 @@ async fn send(
             .await
             .map(|r| r.map(ProxyBody::H2));
     }
-    if up.fallbacks.is_empty() {
-        return pools
-            .send_h1(up.addr, up.dial, up.idle_timeout, up.max_uses, req)
+    let addr = if up.fallbacks.is_empty() {
+        up.addr
+    } else {
+        // Inbound with pod addresses: the app may listen on one of them instead of localhost.
+        Box::pin(shared.app_addr(up.addr, up.fallbacks, up.dial.timeout)).await
+    };
+    // A body the proxy holds in full goes with the lean client; a streaming one needs
+    // both directions at once and goes with hyper's.
+    let in_hand = match req.body() {
+        ReqBody::Buffered(_) => true,
+        ReqBody::Streaming(b) => http_body::Body::is_end_stream(b),
+    };
+    let r = if in_hand {
+        let (parts, body) = req.into_parts();
+        let body = match body {
+            ReqBody::Buffered(b) => b,
+            ReqBody::Streaming(_) => None,
+        };
+        let encoded = crate::h1::encode(&Request::from_parts(parts, ()), body);
+        pools
+            .send_fast(addr, up.dial, up.idle_timeout, up.max_uses, encoded)
             .await
-            .map(|r| r.map(ProxyBody::Pooled));
+            .map(|r| r.map(ProxyBody::Fast))
+    } else {
+        pools
+            .send_h1(addr, up.dial, up.idle_timeout, up.max_uses, req)
+            .await
+            .map(|r| r.map(ProxyBody::Pooled))
+    };
+    if up.fallbacks.is_empty() {
+        return r;
     }
-    // Inbound with pod addresses: the app may listen on one of them instead of localhost.
-    let addr = Box::pin(shared.app_addr(up.addr, up.fallbacks, up.dial.timeout)).await;
-    let r = pools
-        .send_h1(addr, up.dial, up.idle_timeout, up.max_uses, req)
-        .await
-        .map(|r| r.map(ProxyBody::Pooled));
     if matches!(r, Err(UpstreamError::Connect { .. })) {
         shared.forget_app_addr(up.addr.port());
     }
