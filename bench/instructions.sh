@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# User-space instructions per request of each proxy, counted by callgrind: exact and
+# repeatable whatever else the machine is doing (wall-clock CPU on a shared host is not).
+#
+#   bench/instructions.sh [one|pair|pair-h1] [requests]
+#
+# one:     load -> proxy (h1 in, h1 out) -> fixture
+# pair:    load -> outbound (h1 in, h2 out) -> inbound (h2 in, h1 out) -> fixture
+# pair-h1: the same pair with HTTP/1.1 between the proxies
+#
+# Each proxy runs under valgrind on one worker; 300 warm-up requests, then counters are
+# zeroed and `requests` (default 3000) are sent at 300 rps over 16 connections with oha.
+# Needs valgrind, oha and a release build (built here).
+set -euo pipefail
+mode=${1:-one}
+n=${2:-3000}
+root=$(cd "$(dirname "$0")/.." && pwd)
+command -v valgrind >/dev/null || { echo "valgrind not found (apt-get install valgrind)" >&2; exit 1; }
+command -v oha >/dev/null || { echo "oha not found (cargo install oha --locked)" >&2; exit 1; }
+(cd "$root" && cargo build --release -q -p trellis-proxy -p trellis-testkit)
+bin=$root/target/release
+tmp=$(mktemp -d /tmp/trellis-instr-XXXXXX)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "port $1 did not open" >&2
+    exit 1
+}
+service() { # endpoint proxied
+    printf 'version: bench\nservices:\n- hostname: app.default.svc.cluster.local\n  ports: [{port: 80, name: http, cluster: app}]\nclusters:\n- name: app\n  endpoints: [{address: "127.0.0.1:%s", proxied: %s}]\n' "$1" "$2"
+}
+common=(--workers 1 --admin off --readiness off --log-level warn)
+under_cg() { # name args...
+    local name=$1
+    shift
+    valgrind --tool=callgrind --callgrind-out-file="$tmp/$name.out" "$bin/trellis-proxy" "$@" "${common[@]}" \
+        >/dev/null 2>"$tmp/$name.err" &
+    pids+=($!)
+    names+=("$name")
+    cgpids+=($!)
+}
+
+app=$(port)
+"$bin/trellis-fixture" --http "127.0.0.1:$app" >/dev/null &
+pids+=($!)
+names=()
+cgpids=()
+front=$(port)
+case $mode in
+one)
+    service "$app" false >"$tmp/one.yaml"
+    under_cg one --config "$tmp/one.yaml" --outbound-listen "127.0.0.1:$front=app:80"
+    ;;
+pair | pair-h1)
+    in=$(port)
+    printf 'version: bench\nworkload:\n  name: app\n  inboundPorts: [{port: %s, name: http}]\n' "$app" >"$tmp/in.yaml"
+    service "$in" "$([ "$mode" = pair ] && echo true || echo false)" >"$tmp/out.yaml"
+    under_cg inbound --config "$tmp/in.yaml" --inbound-listen "127.0.0.1:$in=$app"
+    under_cg outbound --config "$tmp/out.yaml" --outbound-listen "127.0.0.1:$front=app:80"
+    ;;
+*)
+    echo "usage: $0 [one|pair|pair-h1] [requests]" >&2
+    exit 2
+    ;;
+esac
+wait_port "$app"
+wait_port "$front"
+url=http://127.0.0.1:$front/bytes/1024
+oha --no-tui -n 300 -q 100 -c 16 -H 'Host: app' "$url" >/dev/null
+for p in "${cgpids[@]}"; do callgrind_control -z "$p" >/dev/null 2>&1; done
+oha --no-tui -n "$n" -q 300 -c 16 -H 'Host: app' "$url" | grep -E "Success rate"
+for p in "${cgpids[@]}"; do callgrind_control -d "$p" >/dev/null 2>&1; done
+sleep 1
+for name in "${names[@]}"; do
+    total=$(callgrind_annotate "$tmp/$name.out.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+    echo "$mode $name: $((total / n)) instructions per request"
+done
