@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker, ready};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -53,6 +53,8 @@ pub struct Conn {
     pub uses: u32,
     /// DestinationRule `maxRequestsPerConnection`: retired once `uses` reaches it.
     pub max_uses: Option<u32>,
+    /// The cluster's idle timeout: not reused once idle this long.
+    pub idle_timeout: Duration,
     /// When it went idle.
     pub since: Instant,
 }
@@ -64,6 +66,7 @@ impl Conn {
             buf: BytesMut::new(),
             uses: 0,
             max_uses: None,
+            idle_timeout: crate::config::DEFAULT_IDLE_TIMEOUT,
             since: Instant::now(),
         }
     }

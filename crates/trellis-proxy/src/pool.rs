@@ -167,11 +167,11 @@ impl Pools {
     }
 
     /// An idle connection of the lean client, still open and not past the idle timeout.
-    fn take_fast(&self, addr: SocketAddr, idle_timeout: Duration) -> Option<h1::Conn> {
+    fn take_fast(&self, addr: SocketAddr) -> Option<h1::Conn> {
         let mut map = self.fast.lock().unwrap_or_else(PoisonError::into_inner);
         let list = map.get_mut(&addr)?;
         while let Some(conn) = list.pop() {
-            if conn.since.elapsed() < idle_timeout && conn.is_reusable() {
+            if conn.since.elapsed() < conn.idle_timeout && conn.is_reusable() {
                 return Some(conn);
             }
         }
@@ -194,7 +194,7 @@ impl Pools {
         loop {
             let idle = if pooled_tries < 2 {
                 pooled_tries += 1;
-                self.take_fast(addr, idle_timeout)
+                self.take_fast(addr)
             } else {
                 None
             };
@@ -208,6 +208,7 @@ impl Pools {
                 ),
             };
             conn.max_uses = max_uses;
+            conn.idle_timeout = idle_timeout;
             let recycle: Arc<dyn h1::Recycle> = Arc::clone(self) as Arc<dyn h1::Recycle>;
             match h1::exchange(conn, &req, addr, recycle).await {
                 Ok(resp) => return Ok(resp),
@@ -458,6 +459,14 @@ impl h1::Recycle for Pools {
         }
         let mut map = self.fast.lock().unwrap_or_else(PoisonError::into_inner);
         let list = map.entry(addr).or_default();
+        // Connections are taken newest first: under steady traffic the oldest would never
+        // be looked at again, so each return drops it once it has idled out.
+        if list
+            .first()
+            .is_some_and(|c| c.since.elapsed() >= c.idle_timeout)
+        {
+            list.remove(0);
+        }
         if list.len() < MAX_IDLE_PER_ENDPOINT {
             list.push(conn);
         }

@@ -129,9 +129,14 @@ async fn inbound(app: &App, extra: &str) -> ProxyHandle {
 /// An outbound proxy for `app:80` whose one endpoint is the app (no proxy in front of it).
 /// Its default retry policy makes it hold small request bodies in full.
 async fn outbound(app: &App) -> ProxyHandle {
+    outbound_with(app, "").await
+}
+
+/// `outbound`, with more settings for the app's cluster (YAML lines, indented by two).
+async fn outbound_with(app: &App, cluster: &str) -> ProxyHandle {
     let raw = Snapshot::from_text(
         &format!(
-            "services:\n- hostname: app.default.svc.cluster.local\n  ports: [{{port: 80, name: http, cluster: app}}]\nclusters:\n- name: app\n  endpoints: [{{address: \"{}\"}}]\n",
+            "services:\n- hostname: app.default.svc.cluster.local\n  ports: [{{port: 80, name: http, cluster: app}}]\nclusters:\n- name: app\n  endpoints: [{{address: \"{}\"}}]\n{cluster}",
             app.addr
         ),
         "h1-out.yaml",
@@ -416,4 +421,22 @@ async fn a_body_cut_short_ends_the_downstream_response_in_error() {
         .expect("in time");
     // The status went out before the body failed: the client sees a broken body.
     assert!(r.is_err(), "{r:?}");
+}
+
+#[tokio::test]
+async fn connections_idle_past_the_cluster_timeout_are_not_reused() {
+    let app = app(|_, _| reply("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")).await;
+    let p = outbound_with(&app, "  idleTimeout: 150ms\n").await;
+    let mut c = HttpClient::http1(p.outbound_addrs[0])
+        .await
+        .expect("connect");
+    let run = async {
+        assert_eq!(c.get("app", "/1").await.expect("1").status.as_u16(), 200);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(c.get("app", "/2").await.expect("2").status.as_u16(), 200);
+        assert_eq!(c.get("app", "/3").await.expect("3").status.as_u16(), 200);
+    };
+    timeout(LIMIT, run).await.expect("in time");
+    // The first connection idled out; the second carried requests 2 and 3.
+    assert_eq!(app.conns.load(Ordering::SeqCst), 2);
 }
