@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -19,8 +19,8 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 
 use crate::body::ReqBody;
 use crate::h1;
@@ -66,9 +66,16 @@ struct Idle {
 
 /// One HTTP/2 connection to a peer and the streams open on it.
 struct H2Conn {
-    sender: http2::SendRequest<ReqBody>,
+    sender: h2::client::SendRequest<Bytes>,
     streams: Arc<AtomicUsize>,
+    /// Set by the connection's task when the connection has ended.
+    closed: Arc<AtomicBool>,
 }
+
+/// An idle HTTP/2 connection is pinged this often; a peer that does not answer within
+/// `H2_KEEPALIVE_TIMEOUT` is taken for dead and the connection closed.
+const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 type H2Slot = Arc<tokio::sync::Mutex<Vec<H2Conn>>>;
 
@@ -86,8 +93,8 @@ impl Drop for StreamGuard {
 fn with_room(
     conns: &mut Vec<H2Conn>,
     max_streams: Option<u32>,
-) -> Option<(http2::SendRequest<ReqBody>, StreamGuard)> {
-    conns.retain(|c| !c.sender.is_closed());
+) -> Option<(h2::client::SendRequest<Bytes>, StreamGuard)> {
+    conns.retain(|c| !c.closed.load(Ordering::Acquire));
     // Connections opened for a burst (maxConcurrentStreams) close when idle again: keep
     // the first one and any with streams open.
     let mut first = true;
@@ -315,30 +322,43 @@ impl Pools {
         }
     }
 
+    /// Opens an HTTP/2 connection (h2 directly: the request's own task sends on it and
+    /// awaits the response, with no channel or task per request in between). The
+    /// connection is driven by a task of its own, which also pings it while idle.
     async fn connect_h2(
         addr: SocketAddr,
         dial: Dial,
-    ) -> Result<http2::SendRequest<ReqBody>, UpstreamError> {
+    ) -> Result<(h2::client::SendRequest<Bytes>, Arc<AtomicBool>), UpstreamError> {
         let stream = sockets::connect_with(addr, dial)
             .await
             .map_err(|source| UpstreamError::Connect { addr, source })?;
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(1 << 20)
+        let (sender, mut conn) = h2::client::Builder::new()
+            .enable_push(false)
+            .initial_window_size(1 << 20)
             .initial_connection_window_size(4 << 20)
-            .keep_alive_interval(Duration::from_secs(30))
-            .handshake(TokioIo::new(stream))
+            .handshake::<_, Bytes>(stream)
             .await
             .map_err(|source| UpstreamError::Request {
                 addr,
                 source: source.into(),
             })?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&closed);
+        let pings = conn.ping_pong();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!("upstream HTTP/2 connection {addr}: {e}");
+            tokio::select! {
+                r = &mut conn => {
+                    if let Err(e) = r {
+                        tracing::debug!("upstream HTTP/2 connection {addr}: {e}");
+                    }
+                }
+                () = keep_alive(pings) => {
+                    tracing::info!("upstream HTTP/2 connection {addr} did not answer a ping within {H2_KEEPALIVE_TIMEOUT:?}; closing it");
+                }
             }
+            flag.store(true, Ordering::Release);
         });
-        Ok(sender)
+        Ok((sender, closed))
     }
 
     /// An HTTP/2 connection to `addr` with room for one more stream (all streams share
@@ -352,7 +372,7 @@ impl Pools {
         dial: Dial,
         max_streams: Option<u32>,
         fresh: bool,
-    ) -> Result<(http2::SendRequest<ReqBody>, StreamGuard), UpstreamError> {
+    ) -> Result<(h2::client::SendRequest<Bytes>, StreamGuard), UpstreamError> {
         let slot = {
             let mut map = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
             Arc::clone(map.entry(addr).or_default())
@@ -371,19 +391,22 @@ impl Pools {
                     return Ok(found);
                 }
             }
-            conns.retain(|c| !c.sender.is_closed());
-            let sender = Self::connect_h2(addr, dial).await?;
+            conns.retain(|c| !c.closed.load(Ordering::Acquire));
+            let (sender, closed) = Self::connect_h2(addr, dial).await?;
             let streams = Arc::new(AtomicUsize::new(1));
             conns.push(H2Conn {
                 sender: sender.clone(),
                 streams: Arc::clone(&streams),
+                closed,
             });
             Ok((sender, StreamGuard(streams)))
         })
         .await
     }
 
-    /// Sends a request over a multiplexed HTTP/2 connection to `addr`.
+    /// Sends a request over a multiplexed HTTP/2 connection to `addr`. When the pooled
+    /// connection turns out to be gone before anything was sent, the request goes on a new
+    /// connection (once).
     pub async fn send_h2(
         &self,
         addr: SocketAddr,
@@ -391,52 +414,68 @@ impl Pools {
         max_streams: Option<u32>,
         req: Request<ReqBody>,
     ) -> Result<Response<H2Body>, UpstreamError> {
-        let (mut sender, guard) = self.h2_sender(addr, dial, max_streams, false).await?;
-        let retry = match sender.ready().await {
-            Ok(()) => match sender.try_send_request(req).await {
-                Ok(resp) => {
-                    return Ok(resp.map(|inner| H2Body {
-                        inner,
-                        _guard: guard,
-                    }));
-                }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => unsent,
-                    None => {
-                        return Err(UpstreamError::Request {
-                            addr,
-                            source: e.into_error().into(),
-                        });
-                    }
-                },
-            },
-            // The connection died (peer restarted, GOAWAY): nothing was sent yet.
-            Err(_) => req,
+        let (parts, body) = req.into_parts();
+        let head = Request::from_parts(parts, ());
+        let end = match &body {
+            ReqBody::Buffered(b) => b.as_ref().is_none_or(Bytes::is_empty),
+            ReqBody::Streaming(b) => b.is_end_stream(),
         };
-        drop(guard);
-        Box::pin(async move {
-            let (mut sender, guard) = self.h2_sender(addr, dial, max_streams, true).await?;
+        let mut fresh = false;
+        let (mut sender, guard) = loop {
+            let (sender, guard) = self.h2_sender(addr, dial, max_streams, fresh).await?;
+            match sender.ready().await {
+                Ok(sender) => break (sender, guard),
+                Err(e) if !fresh => {
+                    tracing::debug!("HTTP/2 connection to {addr} is gone ({e}); opening another");
+                    fresh = true;
+                }
+                Err(e) => {
+                    return Err(UpstreamError::Request {
+                        addr,
+                        source: e.into(),
+                    });
+                }
+            }
+        };
+        let (response, mut tx) =
             sender
-                .ready()
-                .await
+                .send_request(head, end)
                 .map_err(|source| UpstreamError::Request {
                     addr,
                     source: source.into(),
                 })?;
-            let resp =
-                sender
-                    .send_request(retry)
-                    .await
-                    .map_err(|source| UpstreamError::Request {
-                        addr,
-                        source: source.into(),
-                    })?;
-            Ok(resp.map(|inner| H2Body {
-                inner,
+        if !end {
+            match body {
+                ReqBody::Buffered(Some(bytes)) => {
+                    // Flow control permitting, h2 sends it at once; beyond the window it
+                    // is queued. A failure shows on the response.
+                    let _ = tx.send_data(bytes, true);
+                }
+                body => {
+                    tokio::spawn(pipe_h2(body, tx));
+                }
+            }
+        }
+        let resp = response.await.map_err(|source| UpstreamError::Request {
+            addr,
+            source: source.into(),
+        })?;
+        let (parts, recv) = resp.into_parts();
+        let length = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        Ok(Response::from_parts(
+            parts,
+            H2Body {
+                inner: recv,
+                remaining: length,
+                data_done: false,
+                done: false,
                 _guard: guard,
-            }))
-        })
-        .await
+            },
+        ))
     }
 
     /// Idle HTTP/1.1 connections and HTTP/2 peers, per endpoint (for `/clusters`).
@@ -553,10 +592,86 @@ impl Body for PooledBody {
     }
 }
 
+/// Pings the connection every `H2_KEEPALIVE_INTERVAL`; returns when a ping goes
+/// unanswered for `H2_KEEPALIVE_TIMEOUT` (or the connection can no longer ping).
+async fn keep_alive(pings: Option<h2::PingPong>) {
+    let Some(mut pings) = pings else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(H2_KEEPALIVE_INTERVAL).await;
+        match tokio::time::timeout(H2_KEEPALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return std::future::pending().await, // the connection is ending anyway
+            Err(_) => return,
+        }
+    }
+}
+
+/// A streaming request body, sent on an HTTP/2 stream as the peer's flow control
+/// allows. Stops when the peer resets the stream; resets it when the body fails.
+async fn pipe_h2(mut body: ReqBody, mut tx: h2::SendStream<Bytes>) {
+    loop {
+        let frame = std::future::poll_fn(|cx| {
+            if let Poll::Ready(reason) = tx.poll_reset(cx) {
+                return Poll::Ready(Err(reason));
+            }
+            Pin::new(&mut body).poll_frame(cx).map(Ok)
+        })
+        .await;
+        let frame = match frame {
+            Err(_) => return, // the peer reset the stream; nobody wants the rest
+            Ok(None) => {
+                let _ = tx.send_data(Bytes::new(), true);
+                return;
+            }
+            Ok(Some(Err(e))) => {
+                tracing::debug!("request body failed: {e}");
+                tx.send_reset(h2::Reason::CANCEL);
+                return;
+            }
+            Ok(Some(Ok(f))) => f,
+        };
+        let mut data = match frame.into_data() {
+            Ok(d) => d,
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let _ = tx.send_trailers(trailers);
+                    return;
+                }
+                continue;
+            }
+        };
+        while !data.is_empty() {
+            tx.reserve_capacity(data.len());
+            let room = std::future::poll_fn(|cx| tx.poll_capacity(cx)).await;
+            match room {
+                Some(Ok(n)) if n > 0 => {
+                    let chunk = data.split_to(n.min(data.len()));
+                    let last = data.is_empty() && body.is_end_stream();
+                    if tx.send_data(chunk, last).is_err() {
+                        return;
+                    }
+                    if last {
+                        return;
+                    }
+                }
+                Some(Ok(_)) => {}
+                None | Some(Err(_)) => return,
+            }
+        }
+    }
+}
+
 /// A response body from an HTTP/2 upstream; its stream counts against the connection's
-/// `maxConcurrentStreams` until the body is dropped.
+/// `maxConcurrentStreams` until the body is dropped. Received data is released to the
+/// peer's flow-control window as it is passed on.
 pub struct H2Body {
-    inner: Incoming,
+    inner: h2::RecvStream,
+    /// What is left of the response's Content-Length, if it had one.
+    remaining: Option<u64>,
+    data_done: bool,
+    done: bool,
     _guard: StreamGuard,
 }
 
@@ -568,20 +683,50 @@ impl std::fmt::Debug for H2Body {
 
 impl Body for H2Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = h2::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if !this.data_done {
+            match this.inner.poll_data(cx) {
+                Poll::Ready(Some(Ok(data))) => {
+                    let _ = this.inner.flow_control().release_capacity(data.len());
+                    if let Some(r) = &mut this.remaining {
+                        *r = r.saturating_sub(data.len() as u64);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) => this.data_done = true,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        match this.inner.poll_trailers(cx) {
+            Poll::Ready(r) => {
+                this.done = true;
+                Poll::Ready(r.transpose().map(|r| r.map(Frame::trailers)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.done || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match self.remaining {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
     }
 }

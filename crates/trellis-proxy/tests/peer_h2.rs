@@ -1,0 +1,130 @@
+//! The HTTP/2 connection between two proxies: large streamed bodies both ways under flow
+//! control, and a peer that goes away and comes back on the same address.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::time::timeout;
+use trellis_proxy::{Config, ProxyHandle, ProxyOptions};
+use trellis_testkit::{HttpServer, http_client};
+use trellis_xds::snapshot::Snapshot;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn config(yaml: &str) -> Config {
+    let raw = Snapshot::from_text(yaml, "peer.yaml").expect("snapshot parses");
+    Config::from_wire(raw, None).expect("snapshot converts")
+}
+
+async fn inbound(listen: SocketAddr, app: SocketAddr) -> ProxyHandle {
+    let port = app.port();
+    trellis_proxy::start(
+        config(&format!(
+            "workload:\n  name: app\n  inboundPorts: [{{port: {port}, name: http}}]\n"
+        )),
+        ProxyOptions {
+            inbound_listen: vec![(listen, port)],
+            ..ProxyOptions::default()
+        },
+    )
+    .await
+    .expect("inbound proxy starts")
+}
+
+async fn outbound(peer: SocketAddr) -> ProxyHandle {
+    trellis_proxy::start(
+        config(&format!(
+            "services:\n- hostname: app.default.svc.cluster.local\n  ports: [{{port: 80, name: http, cluster: app}}]\nclusters:\n- name: app\n  endpoints: [{{address: \"{peer}\", proxied: true}}]\n"
+        )),
+        ProxyOptions {
+            outbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), "app".to_string(), 80)],
+            ..ProxyOptions::default()
+        },
+    )
+    .await
+    .expect("outbound proxy starts")
+}
+
+#[tokio::test]
+async fn large_bodies_stream_both_ways_between_the_proxies() {
+    let app = HttpServer::start().await.expect("app");
+    let inb = inbound("127.0.0.1:0".parse().expect("addr"), app.addr).await;
+    let out = outbound(inb.inbound_addrs[0]).await;
+    // Larger than what is buffered for retries (so it streams) and than the HTTP/2
+    // windows (so the sender waits for window updates).
+    let body: Vec<u8> = (0..6 * 1024 * 1024).map(|i: u32| (i % 251) as u8).collect();
+    let r = timeout(
+        LIMIT,
+        http_client::post(out.outbound_addrs[0], "app", "/echo", body.clone()),
+    )
+    .await
+    .expect("in time")
+    .expect("response");
+    assert_eq!(r.status.as_u16(), 200);
+    assert_eq!(r.body.len(), body.len());
+    assert!(r.body[..] == body[..], "the echoed body differs");
+    assert_eq!(
+        app.stats().http1_requests(),
+        1,
+        "the app got HTTP/1.1, as the client spoke"
+    );
+}
+
+#[tokio::test]
+async fn a_peer_that_restarts_is_reached_on_a_new_connection() {
+    let app = HttpServer::start().await.expect("app");
+    let first = inbound("127.0.0.1:0".parse().expect("addr"), app.addr).await;
+    let peer = first.inbound_addrs[0];
+    let out = outbound(peer).await;
+    let r = timeout(
+        LIMIT,
+        http_client::get(out.outbound_addrs[0], "app", "/bytes/3"),
+    )
+    .await
+    .expect("in time")
+    .expect("response");
+    assert_eq!(r.status.as_u16(), 200);
+    // The peer goes away (its HTTP/2 connection is closed) and comes back on the same
+    // address.
+    first.drain(Duration::from_secs(2)).await;
+    drop(first);
+    let mut second = None;
+    for _ in 0..50 {
+        let opts = ProxyOptions {
+            inbound_listen: vec![(peer, app.addr.port())],
+            ..ProxyOptions::default()
+        };
+        let port = app.addr.port();
+        match trellis_proxy::start(
+            config(&format!(
+                "workload:\n  name: app\n  inboundPorts: [{{port: {port}, name: http}}]\n"
+            )),
+            opts,
+        )
+        .await
+        {
+            Ok(p) => {
+                second = Some(p);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let _second = second.expect("the peer restarts on its address");
+    for i in 0..3 {
+        let r = timeout(
+            LIMIT,
+            http_client::get(out.outbound_addrs[0], "app", "/bytes/3"),
+        )
+        .await
+        .expect("in time")
+        .expect("response");
+        assert_eq!(
+            r.status.as_u16(),
+            200,
+            "request {i} after the restart: {:?}",
+            r.body
+        );
+    }
+    assert_eq!(app.stats().requests(), 4);
+}
