@@ -10,7 +10,8 @@
 #
 # Each proxy runs under valgrind on one worker; 300 warm-up requests, then counters are
 # zeroed and `requests` (default 3000) are sent at 300 rps over 16 connections with oha.
-# Needs valgrind, oha and a release build (built here).
+# Needs valgrind, oha and a release build (built here). With KEEP=DIR, the callgrind
+# profiles are copied there (callgrind_annotate DIR/NAME.out.1 reads them).
 set -euo pipefail
 mode=${1:-one}
 n=${2:-3000}
@@ -85,4 +86,8 @@ sleep 1
 for name in "${names[@]}"; do
     total=$(callgrind_annotate "$tmp/$name.out.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
     echo "$mode $name: $((total / n)) instructions per request"
+    if [ -n "${KEEP:-}" ]; then
+        mkdir -p "$KEEP"
+        cp "$tmp/$name.out.1" "$KEEP/$name.out.1"
+    fi
 done
