@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -97,15 +97,15 @@ pub struct Encoded {
     pub idempotent: bool,
 }
 
-/// Encodes a request (already in origin form with a Host header) for HTTP/1.1.
-pub fn encode(req: &Request<()>, body: Option<Bytes>) -> Encoded {
-    let method = req.method();
+/// Encodes a request head (already in origin form with a Host header) for HTTP/1.1.
+pub fn encode(req: &http::request::Parts, body: Option<Bytes>) -> Encoded {
+    let method = &req.method;
     let path = req
-        .uri()
+        .uri
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .as_bytes();
-    let headers = req.headers();
+    let headers = &req.headers;
     let mut size = method.as_str().len() + path.len() + 64;
     for (n, v) in headers {
         size += n.as_str().len() + v.len() + 4;
@@ -138,7 +138,7 @@ pub fn encode(req: &Request<()>, body: Option<Bytes>) -> Encoded {
     Encoded {
         head,
         body: body.filter(|b| !b.is_empty()),
-        head_request: method == Method::HEAD,
+        head_request: *method == Method::HEAD,
         idempotent: matches!(
             *method,
             Method::GET
@@ -625,6 +625,7 @@ impl Body for H1Body {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Request;
 
     #[test]
     fn request_heads_are_framed_by_the_proxy() {
@@ -634,7 +635,7 @@ mod tests {
         let h = req.headers_mut();
         h.insert(header::HOST, HeaderValue::from_static("app"));
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("999"));
-        let e = encode(&req, Some(Bytes::from_static(b"hello")));
+        let e = encode(&req.into_parts().0, Some(Bytes::from_static(b"hello")));
         assert_eq!(
             std::str::from_utf8(&e.head).expect("ascii"),
             "POST /submit?x=1 HTTP/1.1\r\nhost: app\r\ncontent-length: 5\r\n\r\n"
@@ -643,7 +644,7 @@ mod tests {
         let mut get = Request::new(());
         get.headers_mut()
             .insert(header::HOST, HeaderValue::from_static("app"));
-        let e = encode(&get, None);
+        let e = encode(&get.into_parts().0, None);
         assert_eq!(
             std::str::from_utf8(&e.head).expect("ascii"),
             "GET / HTTP/1.1\r\nhost: app\r\n\r\n"

@@ -412,10 +412,9 @@ impl Pools {
         addr: SocketAddr,
         dial: Dial,
         max_streams: Option<u32>,
-        req: Request<ReqBody>,
+        head: Request<()>,
+        body: ReqBody,
     ) -> Result<Response<H2Body>, UpstreamError> {
-        let (parts, body) = req.into_parts();
-        let head = Request::from_parts(parts, ());
         let end = match &body {
             ReqBody::Buffered(b) => b.as_ref().is_none_or(Bytes::is_empty),
             ReqBody::Streaming(b) => b.is_end_stream(),

@@ -253,10 +253,10 @@ pub(super) fn mirror(
         Stats::inc(&shared.stats.mirror_skipped_total);
         return;
     }
-    let mut req = rebuild(parts, ReqBody::Buffered(body));
+    let mut req = clone_parts(parts);
     // Istio's convention: the mirror sees the host with a "-shadow" suffix.
     let host = req
-        .headers()
+        .headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .map(str::to_string)
@@ -267,12 +267,12 @@ pub(super) fn mirror(
             _ => format!("{host}-shadow"),
         };
         if let Ok(v) = HeaderValue::from_str(&shadow) {
-            req.headers_mut().insert(header::HOST, v);
+            req.headers.insert(header::HOST, v);
             if parts.uri.authority().is_some() {
-                let mut p = std::mem::take(req.uri_mut()).into_parts();
+                let mut p = std::mem::take(&mut req.uri).into_parts();
                 p.authority = http::uri::Authority::try_from(shadow.as_str()).ok();
                 if let Ok(u) = Uri::from_parts(p) {
-                    *req.uri_mut() = u;
+                    req.uri = u;
                 }
             }
         }
@@ -281,8 +281,9 @@ pub(super) fn mirror(
     let shared = Arc::clone(shared);
     tokio::spawn(async move {
         if let Some(ep) = cluster.pick() {
-            let up = Upstream::endpoint(ep, &cluster, req.version() == Version::HTTP_2, false);
-            match forward_once(&shared, req, &up).await {
+            let version = req.version;
+            let up = Upstream::endpoint(ep, &cluster, version == Version::HTTP_2, false);
+            match forward_once(&shared, &mut req, version, ReqBody::Buffered(body), &up).await {
                 // Read the answer to the end so that the connection can be reused.
                 Ok(resp) => {
                     let _ = http_body_util::BodyExt::collect(resp.into_body()).await;

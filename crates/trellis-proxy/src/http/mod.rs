@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -113,14 +114,14 @@ impl<'a> Upstream<'a> {
     }
 }
 
-/// A fresh copy of a request whose head was kept apart from its body (retries, mirrors).
-fn rebuild(parts: &http::request::Parts, body: ReqBody) -> Request<ReqBody> {
-    let mut req = Request::new(body);
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = parts.uri.clone();
-    *req.version_mut() = parts.version;
-    *req.headers_mut() = parts.headers.clone();
-    req
+/// A copy of a request head (without its extensions).
+fn clone_parts(p: &Parts) -> Parts {
+    let (mut c, ()) = Request::new(()).into_parts();
+    c.method = p.method.clone();
+    c.uri = p.uri.clone();
+    c.version = p.version;
+    c.headers = p.headers.clone();
+    c
 }
 
 /// Serves one request.
@@ -426,7 +427,8 @@ async fn to_cluster(
         return resp;
     }
 
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    let downstream_version = parts.version;
     // A body that can be sent again: empty, or small with a known length.
     let (buffered, mut streaming) = match body {
         ReqBody::Buffered(b) => (Some(b), None),
@@ -489,18 +491,21 @@ async fn to_cluster(
             Some(b) => ReqBody::Buffered(b.clone()),
             None => streaming.take().unwrap_or(ReqBody::Buffered(None)),
         };
-        let mut req = rebuild(&parts, body);
         if attempt > 1 {
-            req.headers_mut()
+            parts
+                .headers
                 .insert(ATTEMPT_COUNT, HeaderValue::from(attempt));
         }
         let up = Upstream::endpoint(ep, cluster, downstream_h2, port_h2);
         let Some(_admitted) = cluster.admit().await else {
             return overflow(cluster);
         };
-        let result = Deadline::new(retry.per_try_timeout, forward_once(shared, req, &up))
-            .await
-            .unwrap_or(Err(UpstreamError::Timeout { addr: ep.addr }));
+        let result = Deadline::new(
+            retry.per_try_timeout,
+            forward_once(shared, &mut parts, downstream_version, body, &up),
+        )
+        .await
+        .unwrap_or(Err(UpstreamError::Timeout { addr: ep.addr }));
         if let Err(e) = &result {
             count_failure(shared, Some(ep), e);
         }
@@ -806,7 +811,9 @@ async fn forward(shared: &Shared, req: Request<ReqBody>, up: Upstream<'_>) -> Re
     if is_upgrade(&req) {
         return Box::pin(forward_upgrade(req, up)).await;
     }
-    match forward_once(shared, req, &up).await {
+    let downstream_version = req.version();
+    let (mut parts, body) = req.into_parts();
+    match forward_once(shared, &mut parts, downstream_version, body, &up).await {
         Ok(resp) => resp,
         Err(e) => {
             count_failure(shared, up.endpoint, &e);
@@ -815,14 +822,17 @@ async fn forward(shared: &Shared, req: Request<ReqBody>, up: Upstream<'_>) -> Re
     }
 }
 
-/// One try: prepares the request for the upstream, sends it, and tidies the response.
+/// One try: prepares the request head for the upstream (in place: every edit can be made
+/// again for the next try, to another endpoint), sends it, and tidies the response, which
+/// goes back in the client's HTTP version.
 async fn forward_once(
     shared: &Shared,
-    mut req: Request<ReqBody>,
+    parts: &mut Parts,
+    downstream_version: Version,
+    body: ReqBody,
     up: &Upstream<'_>,
 ) -> Result<Response<ProxyBody>, UpstreamError> {
-    let downstream_version = req.version();
-    let headers = req.headers_mut();
+    let headers = &mut parts.headers;
     strip_hop_by_hop(headers);
     if !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
@@ -837,17 +847,22 @@ async fn forward_once(
             headers.insert(X_REQUEST_ID, v);
         }
     }
-    if let Some(v) = up.peer_version {
-        headers.insert(DOWNSTREAM_VERSION, HeaderValue::from_static(v));
+    match up.peer_version {
+        Some(v) => {
+            headers.insert(DOWNSTREAM_VERSION, HeaderValue::from_static(v));
+        }
+        None => {
+            headers.remove(DOWNSTREAM_VERSION);
+        }
     }
-    if let Err(why) = set_upstream_target(&mut req, up.h2) {
+    if let Err(why) = set_upstream_target(parts, up.h2) {
         return Ok(local_reply(StatusCode::BAD_REQUEST, "DPE", why.to_string()));
     }
     if let Some(ep) = up.endpoint {
         ep.stats.requests.fetch_add(1, Ordering::Relaxed);
         ep.stats.active.fetch_add(1, Ordering::Relaxed);
     }
-    let result = send(shared, req, up).await;
+    let result = send(shared, parts, body, up).await;
     if let Some(ep) = up.endpoint {
         ep.stats.active.fetch_sub(1, Ordering::Relaxed);
     }
@@ -891,11 +906,11 @@ fn upstream_error_reply(e: UpstreamError) -> Response<ProxyBody> {
 /// Rewrites the request line for the upstream's version without re-parsing anything:
 /// HTTP/2 wants an absolute URI (the authority travels as `:authority`), HTTP/1.1 an
 /// origin-form path and a Host header.
-fn set_upstream_target(req: &mut Request<ReqBody>, h2: bool) -> Result<(), &'static str> {
-    let uri = std::mem::take(req.uri_mut());
+fn set_upstream_target(req: &mut Parts, h2: bool) -> Result<(), &'static str> {
+    let uri = std::mem::take(&mut req.uri);
     let mut parts = uri.into_parts();
     if h2 {
-        let host = req.headers_mut().remove(header::HOST);
+        let host = req.headers.remove(header::HOST);
         if parts.authority.is_none() {
             match host
                 .as_ref()
@@ -909,36 +924,40 @@ fn set_upstream_target(req: &mut Request<ReqBody>, h2: bool) -> Result<(), &'sta
         if parts.path_and_query.is_none() {
             parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
         }
-        *req.version_mut() = Version::HTTP_2;
+        req.version = Version::HTTP_2;
     } else {
         if let Some(a) = parts.authority.take() {
-            if !req.headers().contains_key(header::HOST) {
+            if !req.headers.contains_key(header::HOST) {
                 if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                    req.headers_mut().insert(header::HOST, v);
+                    req.headers.insert(header::HOST, v);
                 }
             }
         }
         parts.scheme = None;
-        *req.version_mut() = Version::HTTP_11;
+        req.version = Version::HTTP_11;
     }
     match Uri::from_parts(parts) {
         Ok(u) => {
-            *req.uri_mut() = u;
+            req.uri = u;
             Ok(())
         }
         Err(_) => Err("invalid request target"),
     }
 }
 
+/// Sends a prepared request head and its body. The lean HTTP/1.1 client encodes straight
+/// from the borrowed head; the others take a copy of it.
 async fn send(
     shared: &Shared,
-    req: Request<ReqBody>,
+    parts: &Parts,
+    body: ReqBody,
     up: &Upstream<'_>,
 ) -> Result<Response<ProxyBody>, UpstreamError> {
     let pools = &shared.pools;
     if up.h2 {
+        let head = Request::from_parts(clone_parts(parts), ());
         return pools
-            .send_h2(up.addr, up.dial, up.max_streams, req)
+            .send_h2(up.addr, up.dial, up.max_streams, head, body)
             .await
             .map(|r| r.map(ProxyBody::H2));
     }
@@ -950,22 +969,22 @@ async fn send(
     };
     // A body the proxy holds in full goes with the lean client; a streaming one needs
     // both directions at once and goes with hyper's.
-    let in_hand = match req.body() {
+    let in_hand = match &body {
         ReqBody::Buffered(_) => true,
         ReqBody::Streaming(b) => http_body::Body::is_end_stream(b),
     };
     let r = if in_hand {
-        let (parts, body) = req.into_parts();
         let body = match body {
             ReqBody::Buffered(b) => b,
             ReqBody::Streaming(_) => None,
         };
-        let encoded = crate::h1::encode(&Request::from_parts(parts, ()), body);
+        let encoded = crate::h1::encode(parts, body);
         pools
             .send_fast(addr, up.dial, up.idle_timeout, up.max_uses, encoded)
             .await
             .map(|r| r.map(ProxyBody::Fast))
     } else {
+        let req = Request::from_parts(clone_parts(parts), body);
         pools
             .send_h1(addr, up.dial, up.idle_timeout, up.max_uses, req)
             .await
