@@ -9,7 +9,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::h1::H1Body;
-use crate::pool::{BoxError, H2Body, PooledBody};
+use crate::pool::{BoxError, H2Body, H2Recv, PooledBody};
 
 #[derive(Debug)]
 pub enum ProxyBody {
@@ -84,18 +84,55 @@ impl Body for ProxyBody {
 /// (so that a retry can send it again).
 #[derive(Debug)]
 pub enum ReqBody {
-    Streaming(Incoming),
+    Streaming(Streaming),
     Buffered(Option<Bytes>),
 }
 
-impl Body for ReqBody {
+/// A request body as it arrives from the client: from hyper's HTTP/1 server, or from an
+/// HTTP/2 stream.
+#[derive(Debug)]
+pub enum Streaming {
+    Hyper(Incoming),
+    H2(H2Recv),
+}
+
+impl Body for Streaming {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Streaming::Hyper(b) => boxed(Pin::new(b).poll_frame(cx)),
+            Streaming::H2(b) => boxed(Pin::new(b).poll_frame(cx)),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Streaming::Hyper(b) => b.is_end_stream(),
+            Streaming::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Streaming::Hyper(b) => b.size_hint(),
+            Streaming::H2(b) => b.size_hint(),
+        }
+    }
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ReqBody::Streaming(b) => Pin::new(b).poll_frame(cx),
             ReqBody::Buffered(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),

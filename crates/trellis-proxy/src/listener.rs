@@ -336,6 +336,7 @@ async fn serve_http<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let svc_shared = Arc::clone(shared);
+    let route_h2 = route.clone();
     // Boxed once here: the request's future is several KiB, and hyper moves it (into its
     // dispatcher, into a spawned task per HTTP/2 stream); a box moves as a pointer.
     let service = service_fn(move |req| {
@@ -359,12 +360,16 @@ async fn serve_http<S>(
             drive!(b.serve_connection(io, service).with_upgrades(), stop, peer);
         }
         Some(Detected::Http2) => {
-            let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            b.timer(TokioTimer::new())
-                .initial_stream_window_size(1 << 20)
-                .initial_connection_window_size(4 << 20)
-                .max_header_list_size(max_header_list);
-            drive!(b.serve_connection(io, service), stop, peer);
+            drop(service);
+            serve_h2(
+                io.into_inner(),
+                peer,
+                route_h2,
+                shared,
+                max_header_list,
+                stop,
+            )
+            .await;
         }
         _ => {
             let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -386,5 +391,94 @@ async fn serve_http<S>(
                 peer
             );
         }
+    }
+}
+
+/// Serves HTTP/2 on a connection with the h2 crate directly: each stream runs in a task of
+/// its own (so that a peer's one connection can use every worker), and its response goes
+/// back as the client's flow control allows. A client that resets a stream cancels the
+/// request upstream. `stop` sends GOAWAY; the streams in flight finish.
+async fn serve_h2<S>(
+    io: S,
+    peer: SocketAddr,
+    route: Route,
+    shared: &Arc<Shared>,
+    max_header_list: u32,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut conn = match h2::server::Builder::new()
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .max_header_list_size(max_header_list)
+        .handshake::<_, bytes::Bytes>(io)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::info!("HTTP/2 handshake from {peer} failed: {e}");
+            return;
+        }
+    };
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            next = conn.accept() => match next {
+                Some(Ok((req, respond))) => {
+                    let shared = Arc::clone(shared);
+                    let route = route.clone();
+                    tokio::spawn(Box::pin(serve_h2_stream(shared, route, peer, req, respond)));
+                }
+                Some(Err(e)) => {
+                    tracing::info!("HTTP/2 connection from {peer} ended with an error: {e}");
+                    return;
+                }
+                None => return,
+            },
+            _ = stop.changed(), if !stopping => {
+                stopping = true;
+                conn.graceful_shutdown();
+            }
+        }
+    }
+}
+
+async fn serve_h2_stream(
+    shared: Arc<Shared>,
+    route: Route,
+    peer: SocketAddr,
+    req: ::http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<bytes::Bytes>,
+) {
+    if req.method() == ::http::Method::CONNECT {
+        // A tunnel needs the stream as a byte pipe; the proxy tunnels over HTTP/1.1 only.
+        tracing::info!("CONNECT over HTTP/2 from {peer} refused (501); use HTTP/1.1");
+        let mut resp = ::http::Response::new(());
+        *resp.status_mut() = ::http::StatusCode::NOT_IMPLEMENTED;
+        let _ = respond.send_response(resp, true);
+        return;
+    }
+    let (parts, recv) = req.into_parts();
+    let body = crate::pool::H2Recv::new(recv, &parts.headers);
+    let req = ::http::Request::from_parts(
+        parts,
+        crate::body::ReqBody::Streaming(crate::body::Streaming::H2(body)),
+    );
+    let handled = crate::http::handle_request(shared, route, peer, req);
+    let reset = std::future::poll_fn(|cx| respond.poll_reset(cx));
+    let resp = tokio::select! {
+        r = handled => match r {
+            Ok(r) => r,
+            Err(never) => match never {},
+        },
+        _ = reset => return, // the client gave up: dropping the request cancels it upstream
+    };
+    let (parts, body) = resp.into_parts();
+    let end = http_body::Body::is_end_stream(&body);
+    match respond.send_response(::http::Response::from_parts(parts, ()), end) {
+        Ok(tx) if !end => crate::pool::pipe_h2(body, tx).await,
+        Ok(_) => {}
+        Err(e) => tracing::debug!("response to {peer} on HTTP/2: {e}"),
     }
 }

@@ -460,18 +460,11 @@ impl Pools {
             source: source.into(),
         })?;
         let (parts, recv) = resp.into_parts();
-        let length = parts
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let recv = H2Recv::new(recv, &parts.headers);
         Ok(Response::from_parts(
             parts,
             H2Body {
-                inner: recv,
-                remaining: length,
-                data_done: false,
-                done: false,
+                recv,
                 _guard: guard,
             },
         ))
@@ -607,9 +600,14 @@ async fn keep_alive(pings: Option<h2::PingPong>) {
     }
 }
 
-/// A streaming request body, sent on an HTTP/2 stream as the peer's flow control
-/// allows. Stops when the peer resets the stream; resets it when the body fails.
-async fn pipe_h2(mut body: ReqBody, mut tx: h2::SendStream<Bytes>) {
+/// A streaming body (a request to an upstream, a response to a client), sent on an
+/// HTTP/2 stream as the peer's flow control allows. Stops when the peer resets the
+/// stream; resets it when the body fails.
+pub async fn pipe_h2<B>(mut body: B, mut tx: h2::SendStream<Bytes>)
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     loop {
         let frame = std::future::poll_fn(|cx| {
             if let Poll::Ready(reason) = tx.poll_reset(cx) {
@@ -625,7 +623,7 @@ async fn pipe_h2(mut body: ReqBody, mut tx: h2::SendStream<Bytes>) {
                 return;
             }
             Ok(Some(Err(e))) => {
-                tracing::debug!("request body failed: {e}");
+                tracing::debug!("body sent on HTTP/2 failed: {e}");
                 tx.send_reset(h2::Reason::CANCEL);
                 return;
             }
@@ -662,25 +660,39 @@ async fn pipe_h2(mut body: ReqBody, mut tx: h2::SendStream<Bytes>) {
     }
 }
 
-/// A response body from an HTTP/2 upstream; its stream counts against the connection's
-/// `maxConcurrentStreams` until the body is dropped. Received data is released to the
-/// peer's flow-control window as it is passed on.
-pub struct H2Body {
+/// A body arriving on an HTTP/2 stream (a response from an upstream, or a request from a
+/// client): received data is released to the peer's flow-control window as it is passed
+/// on, and a Content-Length becomes the body's exact size.
+pub struct H2Recv {
     inner: h2::RecvStream,
-    /// What is left of the response's Content-Length, if it had one.
+    /// What is left of the message's Content-Length, if it had one.
     remaining: Option<u64>,
     data_done: bool,
     done: bool,
-    _guard: StreamGuard,
 }
 
-impl std::fmt::Debug for H2Body {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("H2Body").finish_non_exhaustive()
+impl H2Recv {
+    pub fn new(inner: h2::RecvStream, headers: &http::HeaderMap) -> H2Recv {
+        let remaining = headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        H2Recv {
+            inner,
+            remaining,
+            data_done: false,
+            done: false,
+        }
     }
 }
 
-impl Body for H2Body {
+impl std::fmt::Debug for H2Recv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Recv").finish_non_exhaustive()
+    }
+}
+
+impl Body for H2Recv {
     type Data = Bytes;
     type Error = h2::Error;
 
@@ -727,5 +739,38 @@ impl Body for H2Body {
             Some(n) => SizeHint::with_exact(n),
             None => SizeHint::default(),
         }
+    }
+}
+
+/// A response body from an HTTP/2 upstream; its stream counts against the connection's
+/// `maxConcurrentStreams` until the body is dropped.
+pub struct H2Body {
+    recv: H2Recv,
+    _guard: StreamGuard,
+}
+
+impl std::fmt::Debug for H2Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Body").finish_non_exhaustive()
+    }
+}
+
+impl Body for H2Body {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        Pin::new(&mut self.recv).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.recv.size_hint()
     }
 }

@@ -107,6 +107,25 @@ async fn oversized_headers_get_431_and_the_limit_is_configurable() {
     );
     let resp = raw_exchange(p.outbound_addrs[0], big.as_bytes(), Duration::from_secs(5)).await;
     assert!(resp.starts_with("HTTP/1.1 431"), "{resp:?}");
+
+    // The same limit over HTTP/2.
+    let p = outbound(&[app.addr], "settings: {maxRequestHeaderBytes: 16384}\n").await;
+    let mut c = http_client::HttpClient::h2c(p.outbound_addrs[0])
+        .await
+        .expect("h2c");
+    let req = c
+        .request(http::Method::GET, "app", "/echo")
+        .header("x-big", "a".repeat(20_000))
+        .body(http_body_util::BodyExt::boxed_unsync(
+            http_body_util::Empty::new(),
+        ))
+        .expect("request");
+    let r = timeout(LIMIT, c.send(req)).await.expect("in time");
+    assert_eq!(r.expect("a response").status.as_u16(), 431);
+    let r = timeout(LIMIT, c.get("app", "/echo"))
+        .await
+        .expect("in time");
+    assert_eq!(r.expect("the connection goes on").status.as_u16(), 200);
 }
 
 #[tokio::test]

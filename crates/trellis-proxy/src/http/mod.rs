@@ -124,14 +124,25 @@ fn clone_parts(p: &Parts) -> Parts {
     c
 }
 
-/// Serves one request.
-pub async fn handle(
+/// Serves one request from hyper's server (not an `async fn`: the request's future is
+/// `handle_request`'s own, not one more layer around it).
+pub fn handle(
     shared: Arc<Shared>,
     route: Route,
     peer: SocketAddr,
     req: Request<Incoming>,
+) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> {
+    let req = req.map(|b| ReqBody::Streaming(crate::body::Streaming::Hyper(b)));
+    handle_request(shared, route, peer, req)
+}
+
+/// Serves one request whose body is already in the proxy's form.
+pub async fn handle_request(
+    shared: Arc<Shared>,
+    route: Route,
+    peer: SocketAddr,
+    req: Request<ReqBody>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    let req = req.map(ReqBody::Streaming);
     let ds = Downstream {
         peer,
         original_dst: match &route {
