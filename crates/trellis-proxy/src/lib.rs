@@ -9,6 +9,7 @@ pub mod admin;
 pub mod body;
 pub mod config;
 pub mod h1;
+pub mod h1_server;
 pub mod http;
 pub mod listener;
 pub mod pool;

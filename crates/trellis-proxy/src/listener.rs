@@ -351,6 +351,24 @@ async fn serve_http<S>(
     let max_header_list = u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX);
     match version {
         Some(Detected::Http1) => {
+            // The lean server takes the common requests; the first one it cannot serve
+            // hands the connection (and the bytes read) to hyper's.
+            let mut stream = io.into_inner();
+            let prefix = match crate::h1_server::serve(
+                &mut stream,
+                peer,
+                &route_h2,
+                shared,
+                cfg.max_header_bytes,
+                cfg.header_timeout,
+                &mut stop,
+            )
+            .await
+            {
+                crate::h1_server::Outcome::Done => return,
+                crate::h1_server::Outcome::HandOff(prefix) => prefix,
+            };
+            let io = TokioIo::new(crate::h1_server::Rewind::new(prefix, stream));
             let mut b = hyper::server::conn::http1::Builder::new();
             b.timer(TokioTimer::new())
                 .header_read_timeout(cfg.header_timeout)
