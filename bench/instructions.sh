@@ -6,7 +6,7 @@
 #
 # one:     load -> proxy (h1 in, h1 out) -> fixture
 # pair:    load -> outbound (h1 in, h2 out) -> inbound (h2 in, h1 out) -> fixture
-# pair-h1: the same pair with HTTP/1.1 between the proxies
+# pair-h1: the same pair with HTTP/1.1 between the proxies (keepClientProtocol)
 #
 # Each proxy runs under valgrind on one worker; 300 warm-up requests, then counters are
 # zeroed and `requests` (default 3000) are sent at 300 rps over 16 connections with oha.
@@ -38,8 +38,8 @@ wait_port() {
     echo "port $1 did not open" >&2
     exit 1
 }
-service() { # endpoint proxied
-    printf 'version: bench\nservices:\n- hostname: app.default.svc.cluster.local\n  ports: [{port: 80, name: http, cluster: app}]\nclusters:\n- name: app\n  endpoints: [{address: "127.0.0.1:%s", proxied: %s}]\n' "$1" "$2"
+service() { # endpoint proxied keepClientProtocol
+    printf 'version: bench\nservices:\n- hostname: app.default.svc.cluster.local\n  ports: [{port: 80, name: http, cluster: app}]\nclusters:\n- name: app\n  keepClientProtocol: %s\n  endpoints: [{address: "127.0.0.1:%s", proxied: %s}]\n' "${3:-false}" "$1" "$2"
 }
 common=(--workers 1 --admin off --readiness off --log-level warn)
 under_cg() { # name args...
@@ -66,7 +66,7 @@ one)
 pair | pair-h1)
     in=$(port)
     printf 'version: bench\nworkload:\n  name: app\n  inboundPorts: [{port: %s, name: http}]\n' "$app" >"$tmp/in.yaml"
-    service "$in" "$([ "$mode" = pair ] && echo true || echo false)" >"$tmp/out.yaml"
+    service "$in" true "$([ "$mode" = pair ] && echo false || echo true)" >"$tmp/out.yaml"
     under_cg inbound --config "$tmp/in.yaml" --inbound-listen "127.0.0.1:$in=$app"
     under_cg outbound --config "$tmp/out.yaml" --outbound-listen "127.0.0.1:$front=app:80"
     ;;

@@ -132,7 +132,9 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--between", choices=["h2", "h1"], default="h2",
-                    help="protocol between the proxies (h2: Trellis's default, one multiplexed connection)")
+                    help="protocol between the proxies (h2: Trellis's default, one multiplexed "
+                         "connection; h1: the cluster's keepClientProtocol, as DestinationRule "
+                         "h2UpgradePolicy DO_NOT_UPGRADE sets it)")
     ap.add_argument("--no-peers", action="store_true",
                     help="skip the same-run references (one Trellis hop, one nginx hop)")
     ap.add_argument("--write-docs", action="store_true", help="rewrite the results section of docs/benchmarks.md")
@@ -157,11 +159,12 @@ def main():
         f.write(f"version: bench\nworkload:\n  name: app\n  inboundPorts: [{{port: {app_port}, name: http}}]\n")
     service = ("version: bench\nservices:\n- hostname: app.default.svc.cluster.local\n"
                "  ports: [{port: 80, name: http, cluster: app}]\n"
-               "clusters:\n- name: app\n  endpoints: [{address: \"127.0.0.1:%d\", proxied: %s}]\n")
+               "clusters:\n- name: app\n  keepClientProtocol: %s\n"
+               "  endpoints: [{address: \"127.0.0.1:%d\", proxied: %s}]\n")
     with open(outbound_snap, "w") as f:
-        f.write(service % (in_port, "true" if args.between == "h2" else "false"))
+        f.write(service % ("false" if args.between == "h2" else "true", in_port, "true"))
     with open(one_snap, "w") as f:
-        f.write(service % (app_port, "false"))
+        f.write(service % ("false", app_port, "false"))
     common = ["--workers", "1", "--admin", "off", "--readiness", "off", "--log-level", "warn"]
     proxy = os.path.join(target, "trellis-proxy")
     procs = []
@@ -276,13 +279,16 @@ def main():
 def render(r, args):
     machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.platform()}"
     cmd = f"bench/proxy_pair.py --rate {args.rate} --duration {args.duration} --reps {args.reps}"
+    if args.between != "h2":
+        cmd += f" --between {args.between}"
     lines = [
         f"### Proxy pair vs direct, HTTP/1.1, {args.rate} rps ({datetime.now(timezone.utc):%Y-%m-%d})",
         "",
         f"Command: `{cmd}`. Machine: {machine}. Load: oha, open loop at {args.rate} rps with latency",
         f"correction, {args.connections} keep-alive connections, 1 KiB responses, {args.duration} s per run,",
         f"{args.reps} interleaved repetitions (medians; spread is min..max of the per-repetition",
-        "difference). Plaintext between the proxies (mTLS arrives with the security work).",
+        f"difference). Plaintext between the proxies (mTLS arrives with the security work), "
+        f"{'HTTP/2' if args.between == 'h2' else 'HTTP/1.1 (keepClientProtocol)'} between them.",
         "",
         "| | direct | through the pair | added by two proxies | target |",
         "|---|---|---|---|---|",

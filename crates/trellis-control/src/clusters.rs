@@ -180,6 +180,12 @@ fn apply(c: &mut wire::Cluster, e: &Effective<'_>) {
         if breakers != wire::CircuitBreakers::default() {
             c.circuit_breakers = Some(breakers);
         }
+        // Trellis upgrades HTTP between proxies to HTTP/2 unless told not to (Istio's mesh
+        // default is the other way round; see docs/compatibility.md).
+        c.keep_client_protocol = http.is_some_and(|h| {
+            h.h2_upgrade_policy == Some(trellis_api::networking::H2UpgradePolicy::DoNotUpgrade)
+                || h.use_client_protocol == Some(true)
+        });
         if let Some(k) = tcp.and_then(|t| t.tcp_keepalive.as_ref()) {
             c.tcp_keepalive = Some(wire::TcpKeepalive {
                 probes: k.probes,
@@ -527,5 +533,35 @@ spec:
         assert_eq!(cs.len(), 1);
         assert_eq!(cs[0].endpoints[0].address, "10.0.0.1:9080");
         assert!(cs[0].circuit_breakers.is_none() && cs[0].outlier_detection.is_none());
+    }
+
+    #[test]
+    fn h2_upgrade_policy_and_use_client_protocol_keep_the_clients_protocol() {
+        let eps = [ep(1, "v1")];
+        for (http, keep) in [
+            ("{h2UpgradePolicy: DO_NOT_UPGRADE}", true),
+            ("{useClientProtocol: true}", true),
+            ("{h2UpgradePolicy: UPGRADE}", false),
+            ("{h2UpgradePolicy: DEFAULT}", false),
+            ("{maxRetries: 3}", false),
+        ] {
+            let d = dr(&format!(
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews, namespace: shop}}\nspec:\n  host: reviews\n  trafficPolicy:\n    connectionPool:\n      http: {http}\n"
+            ));
+            let cs = clusters_for_port(
+                "reviews.shop.svc.cluster.local",
+                9080,
+                &eps,
+                Some((&d, "shop/reviews")),
+            )
+            .expect("translates");
+            assert_eq!(cs[0].keep_client_protocol, keep, "{http}");
+        }
+        let cs = clusters_for_port("reviews.shop.svc.cluster.local", 9080, &eps, None)
+            .expect("translates");
+        assert!(
+            !cs[0].keep_client_protocol,
+            "HTTP/2 between proxies by default"
+        );
     }
 }

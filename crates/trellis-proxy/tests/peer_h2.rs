@@ -1,5 +1,6 @@
-//! The HTTP/2 connection between two proxies: large streamed bodies both ways under flow
-//! control, and a peer that goes away and comes back on the same address.
+//! The connection between two proxies: HTTP/2 by default (large streamed bodies both ways
+//! under flow control, a peer that goes away and comes back on the same address), or the
+//! client's own protocol when the cluster says so.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -127,4 +128,58 @@ async fn a_peer_that_restarts_is_reached_on_a_new_connection() {
         );
     }
     assert_eq!(app.stats().requests(), 4);
+}
+
+#[tokio::test]
+async fn keep_client_protocol_sends_http1_to_the_peer_without_the_marker() {
+    // The "peer" records the request it gets and answers in HTTP/1.1: with HTTP/2 between
+    // the proxies it would see the HTTP/2 preface instead.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let peer = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::oneshot::channel::<String>();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        let mut head = Vec::new();
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65536 {
+            let mut chunk = [0u8; 1024];
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await;
+    });
+    let out = trellis_proxy::start(
+        config(&format!(
+            "services:\n- hostname: app.default.svc.cluster.local\n  ports: [{{port: 80, name: http, cluster: app}}]\nclusters:\n- name: app\n  keepClientProtocol: true\n  endpoints: [{{address: \"{peer}\", proxied: true}}]\n"
+        )),
+        ProxyOptions {
+            outbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), "app".to_string(), 80)],
+            ..ProxyOptions::default()
+        },
+    )
+    .await
+    .expect("outbound proxy starts");
+    let r = timeout(LIMIT, http_client::get(out.outbound_addrs[0], "app", "/x"))
+        .await
+        .expect("in time")
+        .expect("response");
+    assert_eq!((r.status.as_u16(), &r.body[..]), (200, &b"ok"[..]));
+    let head = timeout(LIMIT, rx)
+        .await
+        .expect("in time")
+        .expect("the peer saw a request");
+    assert!(head.starts_with("GET /x HTTP/1.1\r\n"), "{head:?}");
+    assert!(
+        !head.to_lowercase().contains("x-trellis-downstream-version"),
+        "{head:?}"
+    );
 }

@@ -759,6 +759,12 @@ pub struct Cluster {
     #[prost(message, optional, tag = "13")]
     #[serde(default)]
     pub tcp_keepalive: Option<TcpKeepalive>,
+    /// To endpoints fronted by a Trellis proxy, HTTP goes in the client's own protocol
+    /// instead of one multiplexed HTTP/2 connection per peer (DestinationRule
+    /// `h2UpgradePolicy: DO_NOT_UPGRADE`, or `useClientProtocol`).
+    #[prost(bool, tag = "14")]
+    #[serde(default)]
+    pub keep_client_protocol: bool,
 }
 
 #[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]

@@ -217,6 +217,7 @@ fn full() -> Snapshot {
                 minimum_percent: Some(10.0),
                 aggression: Some(1.0),
             }),
+            keep_client_protocol: true,
             tcp_keepalive: Some(TcpKeepalive {
                 probes: Some(3),
                 time: d(7_200_000),

@@ -136,6 +136,8 @@ pub struct Cluster {
     pub max_requests_per_connection: Option<u32>,
     /// Streams per upstream HTTP/2 connection; more open another connection.
     pub max_concurrent_streams: Option<u32>,
+    /// To peer proxies, HTTP in the client's own protocol instead of HTTP/2.
+    pub keep_client_protocol: bool,
     next: AtomicUsize,
 }
 
@@ -829,6 +831,7 @@ impl Cluster {
                 .as_ref()
                 .and_then(|cb| cb.max_requests_per_connection)
                 .filter(|n| *n > 0),
+            keep_client_protocol: c.keep_client_protocol,
             max_concurrent_streams: c
                 .circuit_breakers
                 .as_ref()

@@ -98,12 +98,13 @@ impl<'a> Upstream<'a> {
         downstream_h2: bool,
         port_h2: bool,
     ) -> Self {
+        // To a peer proxy: one multiplexed HTTP/2 connection, unless the cluster keeps the
+        // client's protocol (then the peer sees what the client sent, and needs no marker).
+        let to_peer_h2 = ep.proxied && !cluster.keep_client_protocol;
         Upstream {
             addr: ep.addr,
-            h2: ep.proxied || downstream_h2 || port_h2,
-            peer_version: ep
-                .proxied
-                .then_some(if downstream_h2 { "2" } else { "1.1" }),
+            h2: to_peer_h2 || downstream_h2 || port_h2,
+            peer_version: to_peer_h2.then_some(if downstream_h2 { "2" } else { "1.1" }),
             dial: cluster.dial(),
             idle_timeout: cluster.idle_timeout,
             max_uses: cluster.max_requests_per_connection,
