@@ -106,15 +106,13 @@ where
                         tracing::info!(
                             "malformed HTTP/1.1 request from {peer}: {why}; answering 400"
                         );
-                        let _ = io.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
-                        return Outcome::Done;
+                        return refuse(io, "400 Bad Request").await;
                     }
                     Parsed::TooLarge => {
                         tracing::info!(
                             "request head from {peer} over {max_head} bytes; answering 431"
                         );
-                        let _ = io.write_all(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
-                        return Outcome::Done;
+                        return refuse(io, "431 Request Header Fields Too Large").await;
                     }
                 }
             }
@@ -127,8 +125,7 @@ where
                 },
                 () = timer.as_mut(), if armed => {
                     tracing::info!("request head from {peer} not complete within {header_timeout:?}; closing");
-                    let _ = io.write_all(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
-                    return Outcome::Done;
+                    return refuse(io, "408 Request Timeout").await;
                 }
                 _ = stop.changed(), if idle => return Outcome::Done,
             }
@@ -145,8 +142,7 @@ where
             Ok(p) => p,
             Err(why) => {
                 tracing::info!("malformed HTTP/1.1 request from {peer}: {why}; answering 400");
-                let _ = io.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
-                return Outcome::Done;
+                return refuse(io, "400 Bad Request").await;
             }
         };
         let (body_len, close, trailers) = (head.body_len, head.close, head.trailers);
@@ -167,6 +163,14 @@ where
             }
         }
     }
+}
+
+/// Answers with an empty response of this status and ends the connection.
+async fn refuse<S: AsyncWrite + Unpin>(io: &mut S, status: &str) -> Outcome {
+    let resp = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+    let _ = io.write_all(resp.as_bytes()).await;
+    let _ = io.shutdown().await;
+    Outcome::Done
 }
 
 fn fill<S: AsyncRead + Unpin>(
