@@ -53,7 +53,7 @@ fn apply(store: &ConfigStore, yaml: &str) {
 fn has_change(s: &Session, version: usize) -> bool {
     let want = format!("change-{version}");
     s.snapshots.borrow().as_ref().is_some_and(|snap| {
-        snap.services.iter().any(|svc| {
+        snap.scope.services.iter().any(|svc| {
             svc.ports
                 .iter()
                 .any(|p| p.http_routes.iter().any(|r| r.name == want))
@@ -98,7 +98,7 @@ fn run(n: usize) {
             .snapshots
             .borrow()
             .as_ref()
-            .map_or(0, |s| prost::Message::encoded_len(s.as_ref()));
+            .map_or(0, |s| s.encode().len());
         let mut times = Vec::new();
         for round in 1..=5 {
             let start = Instant::now();

@@ -20,8 +20,8 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use trellis_xds::ads::{
     Announce, CREATE_CERTIFICATE_PATH, DELTA_ADS_PATH, Deframer, DeltaDiscoveryRequest,
-    DeltaDiscoveryResponse, IstioCertificateRequest, IstioCertificateResponse, SNAPSHOT_TYPE_URL,
-    frame, snapshot_resource,
+    DeltaDiscoveryResponse, IstioCertificateRequest, IstioCertificateResponse, Resource,
+    SNAPSHOT_TYPE_URL, frame,
 };
 
 use crate::registry::{Instance, InstancePort};
@@ -332,7 +332,14 @@ async fn stream(
                 nonce += 1;
                 let resp = DeltaDiscoveryResponse {
                     system_version_info: snap.version.clone(),
-                    resources: vec![snapshot_resource(&name, &snap)],
+                    resources: vec![Resource {
+                        version: snap.version.clone(),
+                        name: name.clone(),
+                        resource: Some(prost_types::Any {
+                            type_url: SNAPSHOT_TYPE_URL.to_string(),
+                            value: snap.encode(),
+                        }),
+                    }],
                     type_url: SNAPSHOT_TYPE_URL.to_string(),
                     nonce: nonce.to_string(),
                     removed_resources: Vec::new(),

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use tokio::sync::{Notify, watch};
 use trellis_api::Resource;
 use trellis_xds::snapshot as wire;
@@ -50,10 +51,48 @@ pub struct ProxyStatus {
     pub nacked: Option<(String, String)>,
 }
 
+/// What one proxy is sent: the translation of its scope, shared by every proxy of that
+/// scope (and its encoding, made once), and its own workload. The control plane holds one
+/// copy of a scope's snapshot however many proxies it serves.
+#[derive(Debug)]
+pub struct Pushed {
+    pub version: String,
+    /// The scope's snapshot, without version or workload.
+    pub scope: Arc<wire::Snapshot>,
+    /// `scope`, encoded.
+    scope_encoded: Bytes,
+    pub workload: Option<wire::Workload>,
+}
+
+impl Pushed {
+    /// The whole snapshot (a copy: for inspection and in-process proxies).
+    pub fn snapshot(&self) -> wire::Snapshot {
+        let mut s = (*self.scope).clone();
+        s.version = self.version.clone();
+        s.workload = self.workload.clone();
+        s
+    }
+
+    /// The whole snapshot's protobuf encoding, without assembling it: the scope's encoding
+    /// followed by that of the version and workload (fields the scope leaves unset; in
+    /// protobuf, concatenated messages merge).
+    pub fn encode(&self) -> Vec<u8> {
+        let own = wire::Snapshot {
+            version: self.version.clone(),
+            workload: self.workload.clone(),
+            ..Default::default()
+        };
+        let mut out = Vec::with_capacity(self.scope_encoded.len() + 256);
+        out.extend_from_slice(&self.scope_encoded);
+        prost::Message::encode(&own, &mut out).unwrap_or_default();
+        out
+    }
+}
+
 struct Conn {
     instance: Instance,
-    tx: watch::Sender<Option<Arc<wire::Snapshot>>>,
-    last: Option<Arc<wire::Snapshot>>,
+    tx: watch::Sender<Option<Arc<Pushed>>>,
+    last: Option<Arc<Pushed>>,
     status: ProxyStatus,
 }
 
@@ -63,7 +102,7 @@ struct Conn {
 #[derive(Debug)]
 pub struct Session {
     pub id: u64,
-    pub snapshots: watch::Receiver<Option<Arc<wire::Snapshot>>>,
+    pub snapshots: watch::Receiver<Option<Arc<Pushed>>>,
 }
 
 /// How long a disconnected proxy's instance stays in the registry by default (a proxy that
@@ -79,6 +118,8 @@ pub struct ControlPlane {
     grace: Duration,
     /// Held for the whole of a push.
     pushing: Mutex<()>,
+    /// Each scope's translation at the last push, and its encoding.
+    scopes: Mutex<std::collections::HashMap<String, (Arc<wire::Snapshot>, Bytes)>>,
     next_id: AtomicU64,
     /// Bumped by connects and disconnects (the registry changes with them).
     membership: Notify,
@@ -122,6 +163,7 @@ impl ControlPlane {
             departed: Mutex::new(Vec::new()),
             grace,
             pushing: Mutex::new(()),
+            scopes: Mutex::new(std::collections::HashMap::new()),
             next_id: AtomicU64::new(1),
             membership: Notify::new(),
             pushes: AtomicU64::new(0),
@@ -241,11 +283,11 @@ impl ControlPlane {
     }
 
     /// The snapshot last sent to the proxy of `instance` in `namespace`.
-    pub fn last_snapshot(&self, instance: &str, namespace: &str) -> Option<Arc<wire::Snapshot>> {
+    pub fn last_snapshot(&self, instance: &str, namespace: &str) -> Option<wire::Snapshot> {
         self.conns()
             .values()
             .find(|c| c.status.instance == instance && c.status.namespace == namespace)
-            .and_then(|c| c.last.clone())
+            .and_then(|c| c.last.as_ref().map(|p| p.snapshot()))
     }
 
     pub fn status(&self) -> Vec<ProxyStatus> {
@@ -277,34 +319,52 @@ impl ControlPlane {
         // Proxies of the same scope (namespace, Sidecar, and labels where a selector could
         // tell them apart) see the same services, routes and clusters: translated once.
         let version = format!("r{}", snap.revision);
-        let mut by_scope: std::collections::HashMap<String, wire::Snapshot> =
+        // A scope whose translation did not change keeps its previous copy, so that the
+        // proxies of that scope see the very same `Arc` and are skipped cheaply.
+        let mut previous =
+            std::mem::take(&mut *self.scopes.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut by_scope: std::collections::HashMap<String, (Arc<wire::Snapshot>, Bytes)> =
             std::collections::HashMap::new();
         for c in conns.values_mut() {
             let key = crate::mesh::scope_key(&cfg, &c.instance);
-            let shared = by_scope.entry(key).or_insert_with(|| {
-                let built = sidecar_snapshot(&cfg, &registry, &c.instance, &version);
-                for p in &built.problems {
-                    tracing::warn!(proxy = %c.status.instance, "{p}");
-                }
-                built.snapshot
-            });
-            let mut fresh = shared.clone();
-            fresh.workload = Some(crate::mesh::workload_of(&c.instance));
+            let (scope, encoded) = by_scope
+                .entry(key)
+                .or_insert_with_key(|key| {
+                    let built = sidecar_snapshot(&cfg, &registry, &c.instance, &version);
+                    for p in &built.problems {
+                        tracing::warn!(proxy = %c.status.instance, "{p}");
+                    }
+                    let mut scope = built.snapshot;
+                    scope.version.clear();
+                    scope.workload = None;
+                    match previous.remove(key) {
+                        Some(prev) if *prev.0 == scope => prev,
+                        _ => {
+                            let encoded = Bytes::from(prost::Message::encode_to_vec(&scope));
+                            (Arc::new(scope), encoded)
+                        }
+                    }
+                })
+                .clone();
+            let workload = Some(crate::mesh::workload_of(&c.instance));
             // Same content as last time: nothing to send (the version alone moved).
             if let Some(last) = &c.last {
-                let v = std::mem::replace(&mut fresh.version, last.version.clone());
-                if fresh == **last {
+                if Arc::ptr_eq(&last.scope, &scope) && last.workload == workload {
                     continue;
                 }
-                fresh.version = v;
             }
-            fresh.version = format!("{version}-{}", self.pushes.load(Ordering::Relaxed) + 1);
-            let fresh = Arc::new(fresh);
+            let fresh = Arc::new(Pushed {
+                version: format!("{version}-{}", self.pushes.load(Ordering::Relaxed) + 1),
+                scope,
+                scope_encoded: encoded,
+                workload,
+            });
             c.last = Some(Arc::clone(&fresh));
             c.status.sent = Some((fresh.version.clone(), SystemTime::now()));
             self.pushes.fetch_add(1, Ordering::Relaxed);
             let _ = c.tx.send(Some(fresh));
         }
+        *self.scopes.lock().unwrap_or_else(PoisonError::into_inner) = by_scope;
     }
 
     /// Pushes after every configuration change or change of membership, debounced, until
@@ -378,7 +438,8 @@ mod tests {
             .borrow()
             .as_ref()
             .and_then(|snap| {
-                snap.clusters
+                snap.scope
+                    .clusters
                     .iter()
                     .find(|c| c.name == "outbound|9080||reviews.shop.svc.cluster.local")
                     .map(|c| c.endpoints.len())
@@ -440,10 +501,17 @@ mod tests {
         let mut b = cp.connect(instance("web-1", "web", "web"));
         let _r = cp.connect(instance("reviews-v1", "shop", "reviews"));
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let sa = a.snapshots.borrow_and_update().clone().expect("a");
-        let sb = b.snapshots.borrow_and_update().clone().expect("b");
+        let pa = a.snapshots.borrow_and_update().clone().expect("a");
+        let pb = b.snapshots.borrow_and_update().clone().expect("b");
+        // One copy of the scope's translation for both.
+        assert!(Arc::ptr_eq(&pa.scope, &pb.scope));
+        let (sa, sb) = (pa.snapshot(), pb.snapshot());
         assert_eq!(sa.services, sb.services);
         assert_eq!(sa.clusters, sb.clusters);
+        // The encoding made from the shared parts decodes to the whole snapshot.
+        let decoded: wire::Snapshot =
+            prost::Message::decode(pa.encode().as_slice()).expect("decodes");
+        assert_eq!(decoded, sa);
         assert_eq!(sa.workload.as_ref().map(|w| w.name.as_str()), Some("web-0"));
         assert_eq!(sb.workload.as_ref().map(|w| w.name.as_str()), Some("web-1"));
         assert_eq!(endpoints(&a), 1);

@@ -157,6 +157,7 @@ async fn config_changes_reach_three_proxies() {
             .clone()
             .expect("snapshot");
         let vip = first
+            .scope
             .services
             .iter()
             .find(|s| s.hostname == "reviews.shop.svc.cluster.local")
@@ -182,7 +183,7 @@ async fn config_changes_reach_three_proxies() {
                 let snap = session.snapshots.borrow_and_update().clone();
                 if let Some(snap) = snap {
                     let version = snap.version.clone();
-                    match follower.apply((*snap).clone(), &env) {
+                    match follower.apply(snap.snapshot(), &env) {
                         Ok(()) => cp2.ack(id, &version),
                         Err(e) => cp2.nack(id, &version, &e),
                     }
