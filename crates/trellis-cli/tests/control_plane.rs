@@ -226,6 +226,24 @@ async fn proxies_follow_the_control_plane_and_proxy_status_shows_a_nack() {
         status.contains("web-0.web") && status.contains("reviews-v1.shop"),
         "{status}"
     );
+    // Both proxies acknowledged what they were sent: two convergence times, and the
+    // pushes were timed.
+    let metrics = http_client::get(debug, "control-plane", "/metrics")
+        .await
+        .expect("metrics");
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("trellis_control_proxy_convergence_seconds_count ")
+                && l.split(' ').nth(1).and_then(|n| n.parse::<u64>().ok()) >= Some(2)
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE trellis_control_push_seconds histogram")
+            && !text.contains("trellis_control_push_seconds_count 0\n"),
+        "{text}"
+    );
     // What web-0 was sent, through the control plane.
     let config = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_trellis"))

@@ -91,16 +91,23 @@ async fn handle(
                     .as_ref()
                     .is_some_and(|(v, _)| Some(v) == s.sent.as_ref().map(|(sv, _)| sv))
             });
-            reply(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                format!(
-                    "# HELP trellis_control_connected_proxies Proxies connected now.\n# TYPE trellis_control_connected_proxies gauge\ntrellis_control_connected_proxies {}\n# HELP trellis_control_pushes_total Snapshots sent.\n# TYPE trellis_control_pushes_total counter\ntrellis_control_pushes_total {}\n# HELP trellis_control_nacking_proxies Proxies that refused the latest snapshot sent to them.\n# TYPE trellis_control_nacking_proxies gauge\ntrellis_control_nacking_proxies {}\n",
-                    st.len(),
-                    cp.pushes(),
-                    nacking.count()
-                ),
-            )
+            let mut text = format!(
+                "# HELP trellis_control_connected_proxies Proxies connected now.\n# TYPE trellis_control_connected_proxies gauge\ntrellis_control_connected_proxies {}\n# HELP trellis_control_pushes_total Snapshots sent.\n# TYPE trellis_control_pushes_total counter\ntrellis_control_pushes_total {}\n# HELP trellis_control_nacking_proxies Proxies that refused the latest snapshot sent to them.\n# TYPE trellis_control_nacking_proxies gauge\ntrellis_control_nacking_proxies {}\n",
+                st.len(),
+                cp.pushes(),
+                nacking.count()
+            );
+            cp.push_seconds.render(
+                "trellis_control_push_seconds",
+                "Time to translate a configuration change for every connected proxy and hand each its snapshot.",
+                &mut text,
+            );
+            cp.convergence_seconds.render(
+                "trellis_control_proxy_convergence_seconds",
+                "Time from sending a proxy a snapshot to its acknowledgement of that snapshot.",
+                &mut text,
+            );
+            reply(StatusCode::OK, "text/plain; version=0.0.4", text)
         }
         _ => reply(
             StatusCode::NOT_FOUND,

@@ -105,6 +105,59 @@ pub struct Session {
     pub snapshots: watch::Receiver<Option<Arc<Pushed>>>,
 }
 
+/// A Prometheus histogram with fixed buckets, in seconds.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// Observations at or under each bound (not cumulative; summed when rendered).
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = self.bounds.iter().position(|b| secs <= *b) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// The histogram in Prometheus' text format.
+    pub fn render(&self, name: &str, help: &str, out: &mut String) {
+        use std::fmt::Write;
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            cumulative += c.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.count();
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
+}
+
+/// Buckets for push and convergence times (seconds).
+const LATENCY_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0];
+
 /// How long a disconnected proxy's instance stays in the registry by default (a proxy that
 /// reconnects meanwhile, after a control-plane restart say, causes no endpoint churn).
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
@@ -124,6 +177,10 @@ pub struct ControlPlane {
     /// Bumped by connects and disconnects (the registry changes with them).
     membership: Notify,
     pushes: AtomicU64,
+    /// How long each push took (translation and handing the snapshots to the sessions).
+    pub push_seconds: Histogram,
+    /// From sending a proxy a version to its ACK of that version.
+    pub convergence_seconds: Histogram,
     debounce: Debounce,
     root_namespace: String,
     trust_domain: String,
@@ -167,6 +224,8 @@ impl ControlPlane {
             next_id: AtomicU64::new(1),
             membership: Notify::new(),
             pushes: AtomicU64::new(0),
+            push_seconds: Histogram::new(LATENCY_BUCKETS),
+            convergence_seconds: Histogram::new(LATENCY_BUCKETS),
             debounce,
             root_namespace: ROOT_NAMESPACE.to_string(),
             trust_domain: trust_domain.to_string(),
@@ -246,6 +305,13 @@ impl ControlPlane {
 
     pub fn ack(&self, id: u64, version: &str) {
         if let Some(c) = self.conns().get_mut(&id) {
+            if let Some((sent, at)) = &c.status.sent {
+                if sent == version && c.status.acked.as_deref() != Some(version) {
+                    if let Ok(took) = at.elapsed() {
+                        self.convergence_seconds.observe(took);
+                    }
+                }
+            }
             c.status.acked = Some(version.to_string());
         }
     }
@@ -305,6 +371,7 @@ impl ControlPlane {
         // One push at a time, each from the store as it is when it starts: a proxy never
         // receives an older configuration after a newer one.
         let _one = self.pushing.lock().unwrap_or_else(PoisonError::into_inner);
+        let started = Instant::now();
         let snap = self.store.snapshot();
         let resources: Vec<&Resource> = snap.objects.iter().map(|r| r.as_ref()).collect();
         let mut conns = self.conns();
@@ -365,6 +432,7 @@ impl ControlPlane {
             let _ = c.tx.send(Some(fresh));
         }
         *self.scopes.lock().unwrap_or_else(PoisonError::into_inner) = by_scope;
+        self.push_seconds.observe(started.elapsed());
     }
 
     /// Pushes after every configuration change or change of membership, debounced, until
@@ -512,6 +580,24 @@ mod tests {
         let decoded: wire::Snapshot =
             prost::Message::decode(pa.encode().as_slice()).expect("decodes");
         assert_eq!(decoded, sa);
+        // Pushes are timed, and an ACK of the version sent counts toward convergence
+        // (once: a repeated ACK does not).
+        assert!(cp.push_seconds.count() >= 1);
+        cp.ack(a.id, &pa.version);
+        cp.ack(a.id, &pa.version);
+        cp.ack(b.id, "not-the-version-sent");
+        assert_eq!(cp.convergence_seconds.count(), 1);
+        let mut text = String::new();
+        cp.convergence_seconds
+            .render("trellis_control_proxy_convergence_seconds", "h", &mut text);
+        assert!(
+            text.contains("trellis_control_proxy_convergence_seconds_bucket{le=\"+Inf\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("trellis_control_proxy_convergence_seconds_count 1\n"),
+            "{text}"
+        );
         assert_eq!(sa.workload.as_ref().map(|w| w.name.as_str()), Some("web-0"));
         assert_eq!(sb.workload.as_ref().map(|w| w.name.as_str()), Some("web-1"));
         assert_eq!(endpoints(&a), 1);
