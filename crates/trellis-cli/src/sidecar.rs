@@ -54,6 +54,7 @@ fn instance_of(
             })
             .collect(),
         locality: None,
+        entry: false,
     }
 }
 

@@ -85,6 +85,7 @@ fn run(n: usize) {
                     addresses: vec![IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i as u32))],
                     ports: vec![InstancePort { name: Some("http".into()), port: 80, protocol: None }],
                     locality: None,
+                    entry: false,
                 })
             })
             .collect();

@@ -64,6 +64,7 @@ fn instance(a: Announce) -> Instance {
             })
             .collect(),
         locality: a.locality,
+        entry: false,
     }
 }
 

@@ -28,6 +28,68 @@ pub struct Instance {
     pub ports: Vec<InstancePort>,
     /// "region/zone/subzone".
     pub locality: Option<String>,
+    /// Declared by a WorkloadEntry (a VM or other host outside the runtime) rather than
+    /// announced by a connected proxy: its `ports` map service port names to the ports it
+    /// listens on, and it has a Trellis proxy only when labelled
+    /// `security.istio.io/tlsMode: istio`.
+    pub entry: bool,
+}
+
+/// Istio's label that says an endpoint has a mesh proxy in front of it.
+const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+
+impl Instance {
+    /// The WorkloadEntries of the configuration, as instances (an address that is not an
+    /// IP is skipped with a warning: a Service's endpoints are addresses).
+    pub fn from_entries(resources: &[&Resource]) -> Vec<Instance> {
+        resources
+            .iter()
+            .filter_map(|r| match &r.spec {
+                Spec::WorkloadEntry(we) => Some((*r, we)),
+                _ => None,
+            })
+            .filter_map(|(r, we)| {
+                let address = we.address.as_deref().unwrap_or_default();
+                let Ok(ip) = address.parse::<IpAddr>() else {
+                    tracing::warn!(
+                        "WorkloadEntry {}/{}: address {address:?} is not an IP address; it is left out of Services' endpoints",
+                        r.namespace(),
+                        r.name()
+                    );
+                    return None;
+                };
+                Some(Instance {
+                    name: r.name().to_string(),
+                    workload: r.name().to_string(),
+                    namespace: r.namespace().to_string(),
+                    labels: we.labels.clone(),
+                    service_account: we
+                        .service_account
+                        .clone()
+                        .unwrap_or_else(|| "default".to_string()),
+                    addresses: vec![ip],
+                    ports: we
+                        .ports
+                        .iter()
+                        .filter_map(|(name, port)| {
+                            Some(InstancePort {
+                                name: Some(name.clone()),
+                                port: u16::try_from(*port).ok()?,
+                                protocol: None,
+                            })
+                        })
+                        .collect(),
+                    locality: we.locality.clone(),
+                    entry: true,
+                })
+            })
+            .collect()
+    }
+
+    /// Whether a Trellis proxy fronts this instance.
+    pub fn proxied(&self) -> bool {
+        !self.entry || self.labels.get(TLS_MODE_LABEL).map(String::as_str) == Some("istio")
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -116,8 +178,10 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 impl Registry {
-    /// Services from the configuration's Kubernetes `Service` objects, and `instances`.
-    pub fn build(resources: &[&Resource], instances: Vec<Instance>) -> Registry {
+    /// Services from the configuration's Kubernetes `Service` objects, and `instances`
+    /// together with the configuration's WorkloadEntries.
+    pub fn build(resources: &[&Resource], mut instances: Vec<Instance>) -> Registry {
+        instances.extend(Instance::from_entries(resources));
         let specs: Vec<(&Resource, &ServiceSpec)> = resources
             .iter()
             .filter_map(|r| match &r.spec {
@@ -207,7 +271,18 @@ impl Registry {
     pub fn endpoints(&self, s: &Service, port: &ServicePort) -> Vec<EndpointRef> {
         let mut out = Vec::new();
         for i in self.selected(s) {
+            // A WorkloadEntry's port map names service ports (Istio), before targetPort.
+            let mapped = i
+                .entry
+                .then(|| {
+                    i.ports
+                        .iter()
+                        .find(|p| p.name.is_some() && p.name == port.name)
+                        .map(|p| p.port)
+                })
+                .flatten();
             let target = match &port.target {
+                _ if mapped.is_some() => mapped,
                 Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
                 Some(IntOrString::String(name)) => i
                     .ports
@@ -222,8 +297,9 @@ impl Registry {
                     ip: *ip,
                     port: target,
                     labels: i.labels.clone(),
-                    // Every instance the runtime reports runs beside a Trellis proxy.
-                    proxied: true,
+                    // Every instance the runtime reports runs beside a Trellis proxy; a
+                    // WorkloadEntry says so with its tlsMode label.
+                    proxied: i.proxied(),
                     identity: Some(format!(
                         "spiffe://{}/ns/{}/sa/{}",
                         self.trust_domain, i.namespace, i.service_account

@@ -498,6 +498,7 @@ mod tests {
                 protocol: None,
             }],
             locality: None,
+            entry: false,
         }
     }
 

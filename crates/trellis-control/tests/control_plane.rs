@@ -62,6 +62,7 @@ fn instance(name: &str, ns: &str, labels: &[(&str, &str)], port: u16) -> Instanc
             protocol: None,
         }],
         locality: None,
+        entry: false,
     }
 }
 

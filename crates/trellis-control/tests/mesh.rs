@@ -116,6 +116,7 @@ fn instance(name: &str, ns: &str, labels: &[(&str, &str)], ip: [u8; 4], port: u1
             protocol: None,
         }],
         locality: None,
+        entry: false,
     }
 }
 
@@ -283,4 +284,89 @@ async fn the_snapshot_routes_an_intercepted_request() {
     }
     assert_eq!(v2.stats().requests(), 5, "jason's requests");
     assert_eq!(v1.stats().requests(), 5, "everyone else's");
+}
+
+#[test]
+fn workload_entries_are_endpoints_of_the_services_that_select_them() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: legacy, namespace: shop}
+spec:
+  selector: {app: legacy}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm-1, namespace: shop}
+spec:
+  address: 10.1.2.3
+  labels: {app: legacy}
+  ports: {http: 9090}
+  serviceAccount: vm
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm-2, namespace: shop}
+spec:
+  address: 10.1.2.4
+  labels: {app: legacy, security.istio.io/tlsMode: istio}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm-3, namespace: shop}
+spec:
+  address: vm-3.example.internal
+  labels: {app: legacy}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: elsewhere, namespace: other}
+spec:
+  address: 10.9.9.9
+  labels: {app: legacy}
+"#;
+    let res: Vec<Resource> = parse_text(yaml, "we.yaml", &LoadOptions::default())
+        .into_iter()
+        .map(|p| {
+            p.resource()
+                .cloned()
+                .unwrap_or_else(|| panic!("{:?}", p.diagnostics))
+        })
+        .collect();
+    let refs: Vec<&Resource> = res.iter().collect();
+    let cfg = MeshConfig {
+        resources: &refs,
+        root_namespace: ROOT_NAMESPACE,
+    };
+    let client = instance("web", "shop", &[("app", "web")], [10, 0, 1, 1], 8080);
+    let reg = Registry::build(&refs, vec![client.clone()]);
+    let built = sidecar_snapshot(&cfg, &reg, &client, "v1");
+    let c = cluster(
+        &built.snapshot,
+        "outbound|80||legacy.shop.svc.cluster.local",
+    );
+    let mut eps: Vec<(String, bool, Option<String>)> = c
+        .endpoints
+        .iter()
+        .map(|e| (e.address.clone(), e.proxied, e.identity.clone()))
+        .collect();
+    eps.sort();
+    assert_eq!(
+        eps,
+        [
+            // The entry's port map names the service port; no tlsMode label: no proxy.
+            (
+                "10.1.2.3:9090".to_string(),
+                false,
+                Some("spiffe://cluster.local/ns/shop/sa/vm".to_string())
+            ),
+            // No port map: the Service's targetPort; labelled as having a proxy.
+            (
+                "10.1.2.4:8080".to_string(),
+                true,
+                Some("spiffe://cluster.local/ns/shop/sa/default".to_string())
+            ),
+        ]
+    );
 }

@@ -74,6 +74,7 @@ fn reviews(version: &str, port: u16) -> Instance {
             protocol: None,
         }],
         locality: None,
+        entry: false,
     }
 }
 
