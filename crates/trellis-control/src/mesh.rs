@@ -308,7 +308,10 @@ pub fn sidecar_snapshot(
             continue;
         }
         match translate::service_entry(se, r.namespace(), r.name()) {
-            Ok((svcs, cs)) => {
+            Ok((svcs, mut cs)) => {
+                if let Some(sel) = &se.workload_selector {
+                    select_endpoints(&mut cs, se, r.namespace(), &sel.labels, reg);
+                }
                 for c in cs {
                     if names.insert(c.name.clone()) {
                         clusters.push(c);
@@ -340,5 +343,56 @@ pub fn sidecar_snapshot(
             ..Default::default()
         },
         problems,
+    }
+}
+
+/// A ServiceEntry with a `workloadSelector` (resolution STATIC): its endpoints are the
+/// instances of its namespace whose labels match, WorkloadEntries and proxies alike, on
+/// the port their port map names for the entry's port, else the entry's target port.
+fn select_endpoints(
+    clusters: &mut [wire::Cluster],
+    se: &trellis_api::networking::ServiceEntry,
+    namespace: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+    reg: &Registry,
+) {
+    let selected: Vec<&Instance> = reg
+        .instances
+        .iter()
+        .filter(|i| {
+            i.namespace == namespace && labels.iter().all(|(k, v)| i.labels.get(k) == Some(v))
+        })
+        .collect();
+    for host in &se.hosts {
+        for p in &se.ports {
+            let Ok(number) = u16::try_from(p.number) else {
+                continue;
+            };
+            let name = cluster_name(number, None, host);
+            let Some(c) = clusters.iter_mut().find(|c| c.name == name) else {
+                continue;
+            };
+            if c.discovery != wire::Discovery::Static as i32 {
+                continue;
+            }
+            let target = u16::try_from(p.target_port.unwrap_or(p.number)).unwrap_or(number);
+            for i in &selected {
+                let port = i
+                    .ports
+                    .iter()
+                    .find(|ip| ip.name.as_deref() == Some(p.name.as_str()))
+                    .map_or(target, |ip| ip.port);
+                for ip in &i.addresses {
+                    c.endpoints.push(wire::Endpoint {
+                        address: std::net::SocketAddr::new(*ip, port).to_string(),
+                        proxied: i.proxied(),
+                        identity: Some(reg.identity(i)),
+                        labels: i.labels.clone(),
+                        locality: i.locality.clone(),
+                        ..Default::default()
+                    });
+                }
+            }
+        }
     }
 }

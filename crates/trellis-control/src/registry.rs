@@ -300,15 +300,20 @@ impl Registry {
                     // Every instance the runtime reports runs beside a Trellis proxy; a
                     // WorkloadEntry says so with its tlsMode label.
                     proxied: i.proxied(),
-                    identity: Some(format!(
-                        "spiffe://{}/ns/{}/sa/{}",
-                        self.trust_domain, i.namespace, i.service_account
-                    )),
+                    identity: Some(self.identity(i)),
                     locality: i.locality.clone(),
                 });
             }
         }
         out
+    }
+
+    /// An instance's SPIFFE identity in this registry's trust domain.
+    pub fn identity(&self, i: &Instance) -> String {
+        format!(
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, i.namespace, i.service_account
+        )
     }
 
     /// Whether `s` may be seen from `namespace` (exportTo: `*`, `.`, or namespaces).

@@ -370,3 +370,81 @@ spec:
         ]
     );
 }
+
+#[test]
+fn a_service_entry_with_a_workload_selector_gets_the_selected_entries() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: shop}
+spec:
+  hosts: [db.vms.internal]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 5432, name: tcp-pg, protocol: TCP}]
+  workloadSelector:
+    labels: {app: db}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: db-1, namespace: shop}
+spec:
+  address: 10.5.0.1
+  labels: {app: db}
+  ports: {tcp-pg: 6543}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: db-2, namespace: shop}
+spec:
+  address: 10.5.0.2
+  labels: {app: db, security.istio.io/tlsMode: istio}
+  serviceAccount: db
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: db-other, namespace: other}
+spec:
+  address: 10.5.0.3
+  labels: {app: db}
+"#;
+    let res: Vec<Resource> = parse_text(yaml, "se.yaml", &LoadOptions::default())
+        .into_iter()
+        .map(|p| {
+            p.resource()
+                .cloned()
+                .unwrap_or_else(|| panic!("{:?}", p.diagnostics))
+        })
+        .collect();
+    let refs: Vec<&Resource> = res.iter().collect();
+    let cfg = MeshConfig {
+        resources: &refs,
+        root_namespace: ROOT_NAMESPACE,
+    };
+    let client = instance("web", "shop", &[("app", "web")], [10, 0, 1, 1], 8080);
+    let reg = Registry::build(&refs, vec![client.clone()]);
+    let built = sidecar_snapshot(&cfg, &reg, &client, "v1");
+    assert!(built.problems.is_empty(), "{:?}", built.problems);
+    let c = cluster(&built.snapshot, "outbound|5432||db.vms.internal");
+    let mut eps: Vec<(String, bool, Option<String>)> = c
+        .endpoints
+        .iter()
+        .map(|e| (e.address.clone(), e.proxied, e.identity.clone()))
+        .collect();
+    eps.sort();
+    assert_eq!(
+        eps,
+        [
+            (
+                "10.5.0.1:6543".to_string(),
+                false,
+                Some("spiffe://cluster.local/ns/shop/sa/default".to_string())
+            ),
+            (
+                "10.5.0.2:5432".to_string(),
+                true,
+                Some("spiffe://cluster.local/ns/shop/sa/db".to_string())
+            ),
+        ]
+    );
+}
