@@ -187,7 +187,32 @@ pub fn scope_key(cfg: &MeshConfig<'_>, me: &Instance) -> String {
     } else {
         String::new()
     };
-    format!("{}|{sidecar}|{labels}", me.namespace)
+    let gateways: Vec<String> = selecting_gateways(cfg, me)
+        .iter()
+        .map(|g| format!("{}/{}", g.namespace, g.name))
+        .collect();
+    format!("{}|{sidecar}|{labels}|{}", me.namespace, gateways.join(","))
+}
+
+/// The Gateways whose selector matches the instance's labels (in any namespace, as Istio
+/// does by default): their servers make this proxy a gateway.
+fn selecting_gateways<'a>(cfg: &MeshConfig<'a>, me: &Instance) -> Vec<translate::GatewayRef<'a>> {
+    cfg.resources
+        .iter()
+        .filter_map(|r| match &r.spec {
+            Spec::Gateway(g)
+                if !g.selector.is_empty()
+                    && g.selector.iter().all(|(k, v)| me.labels.get(k) == Some(v)) =>
+            {
+                Some(translate::GatewayRef {
+                    namespace: r.namespace(),
+                    name: r.name(),
+                    gateway: g,
+                })
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// Whether a Sidecar's egress hosts (`ns/host`) let the proxy see `fqdn` in `ns`.
@@ -324,6 +349,53 @@ pub fn sidecar_snapshot(
             Err(e) => problems.push(e),
         }
     }
+    // A proxy that Gateways select serves their servers too (in gateway mode); the routes'
+    // clusters are the mesh's, with a placeholder (no endpoints: 503 UH) for a host this
+    // proxy does not see.
+    let gateways = selecting_gateways(cfg, me);
+    let mut gateway_ports = Vec::new();
+    if !gateways.is_empty() {
+        let vss: Vec<translate::VirtualServiceRef<'_>> = cfg
+            .resources
+            .iter()
+            .filter_map(|r| match &r.spec {
+                Spec::VirtualService(vs) => Some(translate::VirtualServiceRef {
+                    namespace: r.namespace(),
+                    name: r.name(),
+                    vs,
+                }),
+                _ => None,
+            })
+            .collect();
+        let (ports, probs) = translate::gateway_ports(&gateways, &vss);
+        problems.extend(probs);
+        for p in &ports {
+            for server in &p.servers {
+                for vh in &server.virtual_hosts {
+                    let http = vh.http_routes.iter().flat_map(|r| {
+                        r.clusters
+                            .iter()
+                            .map(|c| &c.cluster)
+                            .chain(r.mirrors.iter().map(|m| &m.cluster))
+                    });
+                    let l4 = vh
+                        .tcp_routes
+                        .iter()
+                        .chain(&vh.tls_routes)
+                        .flat_map(|r| r.clusters.iter().map(|c| &c.cluster));
+                    for name in http.chain(l4) {
+                        if names.insert(name.clone()) {
+                            clusters.push(wire::Cluster {
+                                name: name.clone(),
+                                ..Default::default()
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        gateway_ports = ports;
+    }
     let workload = workload_of(me);
     let registry_only = sidecar
         .and_then(|s| s.outbound_traffic_policy.as_ref())
@@ -340,6 +412,7 @@ pub fn sidecar_snapshot(
             },
             services,
             clusters,
+            gateway_ports,
             ..Default::default()
         },
         problems,

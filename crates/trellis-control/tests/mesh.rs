@@ -448,3 +448,88 @@ spec:
         ]
     );
 }
+
+#[test]
+fn a_proxy_that_gateways_select_gets_their_servers_with_the_mesh_clusters() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: ingress, namespace: shop}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 8080, name: http, protocol: HTTP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: ["*"]
+  gateways: [ingress]
+  http:
+  - route: [{destination: {host: web, port: {number: 80}}}]
+  - route: [{destination: {host: nowhere.example.com, port: {number: 80}}}]
+"#;
+    let res: Vec<Resource> = parse_text(yaml, "gw.yaml", &LoadOptions::default())
+        .into_iter()
+        .map(|p| {
+            p.resource()
+                .cloned()
+                .unwrap_or_else(|| panic!("{:?}", p.diagnostics))
+        })
+        .collect();
+    let refs: Vec<&Resource> = res.iter().collect();
+    let cfg = MeshConfig {
+        resources: &refs,
+        root_namespace: ROOT_NAMESPACE,
+    };
+    let web = instance("web", "shop", &[("app", "web")], [10, 0, 0, 9], 8080);
+    let gw = instance(
+        "ingressgateway",
+        "gateways",
+        &[("istio", "ingressgateway")],
+        [10, 0, 2, 1],
+        8080,
+    );
+    let reg = Registry::build(&refs, vec![web.clone(), gw.clone()]);
+    let built = sidecar_snapshot(&cfg, &reg, &gw, "v1");
+    assert!(built.problems.is_empty(), "{:?}", built.problems);
+    let ports: Vec<u32> = built
+        .snapshot
+        .gateway_ports
+        .iter()
+        .map(|p| p.port)
+        .collect();
+    assert_eq!(ports, [8080]);
+    // A gateway-mode proxy takes it as it is.
+    Config::from_wire(built.snapshot.clone(), None).expect("the proxy accepts the snapshot");
+    // The route's cluster is the mesh's own, with the service's endpoint; a host nobody
+    // declares gets an empty placeholder (503 UH), not a missing cluster.
+    let c = cluster(&built.snapshot, "outbound|80||web.shop.svc.cluster.local");
+    let addrs: Vec<&str> = c.endpoints.iter().map(|e| e.address.as_str()).collect();
+    assert_eq!(addrs, ["10.0.0.9:8080"]);
+    assert!(
+        cluster(&built.snapshot, "outbound|80||nowhere.example.com")
+            .endpoints
+            .is_empty()
+    );
+    // A plain sidecar gets no gateway servers, and its scope differs from the gateway's.
+    let plain = sidecar_snapshot(&cfg, &reg, &web, "v1");
+    assert!(plain.snapshot.gateway_ports.is_empty());
+    let gw_here = Instance {
+        namespace: "shop".into(),
+        ..gw.clone()
+    };
+    assert_ne!(
+        trellis_control::mesh::scope_key(&cfg, &gw_here),
+        trellis_control::mesh::scope_key(&cfg, &web)
+    );
+}
