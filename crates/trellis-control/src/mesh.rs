@@ -367,8 +367,9 @@ pub fn sidecar_snapshot(
                 _ => None,
             })
             .collect();
-        let (ports, probs) = translate::gateway_ports(&gateways, &vss);
+        let (mut ports, probs) = translate::gateway_ports(&gateways, &vss);
         problems.extend(probs);
+        single_port_destinations(&mut ports, &services, &names);
         for p in &ports {
             for server in &p.servers {
                 for vh in &server.virtual_hosts {
@@ -464,6 +465,54 @@ fn select_endpoints(
                         locality: i.locality.clone(),
                         ..Default::default()
                     });
+                }
+            }
+        }
+    }
+}
+
+/// A gateway route's destination without a port names the gateway's port (the port the
+/// request arrived on); as in Istio, a destination service with a single port means that
+/// port. Renames such clusters when the proxy knows no cluster by the first name.
+fn single_port_destinations(
+    ports: &mut [wire::GatewayPort],
+    services: &[wire::Service],
+    known: &BTreeSet<String>,
+) {
+    let fix = |name: &mut String| {
+        if known.contains(name.as_str()) {
+            return;
+        }
+        let mut parts = name.splitn(4, '|');
+        let (Some("outbound"), Some(_), Some(subset), Some(fqdn)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return;
+        };
+        if let Some(svc) = services.iter().find(|s| s.hostname == fqdn) {
+            if let [only] = svc.ports.as_slice() {
+                if let Ok(port) = u16::try_from(only.port) {
+                    let subset = (!subset.is_empty()).then_some(subset);
+                    *name = cluster_name(port, subset, fqdn);
+                }
+            }
+        }
+    };
+    for p in ports {
+        for server in &mut p.servers {
+            for vh in &mut server.virtual_hosts {
+                for r in &mut vh.http_routes {
+                    for c in &mut r.clusters {
+                        fix(&mut c.cluster);
+                    }
+                    for m in &mut r.mirrors {
+                        fix(&mut m.cluster);
+                    }
+                }
+                for r in vh.tcp_routes.iter_mut().chain(vh.tls_routes.iter_mut()) {
+                    for c in &mut r.clusters {
+                        fix(&mut c.cluster);
+                    }
                 }
             }
         }

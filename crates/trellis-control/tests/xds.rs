@@ -218,3 +218,96 @@ async fn a_proxy_follows_the_control_plane_and_survives_its_restart() {
     }
     assert_eq!(v1.stats().requests(), before, "all to v2 now");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_follows_the_control_plane() {
+    let store = Arc::new(ConfigStore::new());
+    let gateway = r#"
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: ingress, namespace: shop}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 8080, name: http, protocol: HTTP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: front, namespace: shop}
+spec:
+  hosts: ["*"]
+  gateways: [ingress]
+  http:
+  - route: [{destination: {host: reviews, subset: v2}}]
+"#;
+    for r in parse(SERVICES).into_iter().chain(parse(gateway)) {
+        store.apply(r);
+    }
+    let cp = ControlPlane::new(
+        Arc::clone(&store),
+        Debounce {
+            quiet: Duration::from_millis(30),
+            max: Duration::from_millis(200),
+        },
+    );
+    tokio::spawn(Arc::clone(&cp).run());
+    let (v1, v2) = (
+        HttpServer::start().await.expect("v1"),
+        HttpServer::start().await.expect("v2"),
+    );
+    let _r1 = cp.connect(reviews("v1", v1.addr.port()));
+    let _r2 = cp.connect(reviews("v2", v2.addr.port()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let xds_addr = listener.local_addr().expect("addr");
+    tokio::spawn(trellis_control::ads::serve(listener, Arc::clone(&cp)));
+
+    // A gateway-mode proxy: its listener is given up front, its servers come over xDS.
+    let proxy = trellis_proxy::start(
+        Config::empty(),
+        ProxyOptions {
+            gateway_listen: vec![("127.0.0.1:0".parse().expect("addr"), 8080)],
+            ..ProxyOptions::default()
+        },
+    )
+    .await
+    .expect("gateway");
+    let announce = Announce {
+        name: "ingressgateway-0".into(),
+        namespace: "gateways".into(),
+        service_account: "ingressgateway".into(),
+        labels: [("istio".to_string(), "ingressgateway".to_string())]
+            .into_iter()
+            .collect(),
+        addresses: vec!["127.0.0.1".into()],
+        ports: vec![],
+        locality: None,
+    };
+    tokio::spawn(trellis_proxy::xds::follow(
+        xds_addr,
+        announce,
+        Arc::clone(&proxy.shared),
+        LoadEnv::default(),
+    ));
+    assert!(
+        eventually(Duration::from_secs(5), || !proxy
+            .config()
+            .gateway_ports
+            .is_empty())
+        .await,
+        "the gateway's servers arrived over the network"
+    );
+    let addr = proxy.inbound_addrs[0]; // gateway listeners count as inbound
+    for _ in 0..5 {
+        let r = http_client::get(addr, "shop.example.com", "/bytes/2")
+            .await
+            .expect("response");
+        assert_eq!(r.status.as_u16(), 200, "{:?}", r.body);
+    }
+    assert_eq!(
+        v2.stats().requests(),
+        5,
+        "the VirtualService sends everything to v2"
+    );
+    assert_eq!(v1.stats().requests(), 0);
+}
