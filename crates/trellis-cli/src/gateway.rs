@@ -81,7 +81,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             _ => None,
         })
         .collect();
-    let (ports, problems) = translate::gateway_ports(&gateways, &services);
+    let (mut ports, problems) = translate::gateway_ports(&gateways, &services);
     for p in &problems {
         eprintln!("warning: {p}");
     }
@@ -89,16 +89,36 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     // destinations): resolved by the proxy for DNS, listed for STATIC, the original
     // destination for NONE.
     let mut known: std::collections::BTreeMap<String, wire::Cluster> = Default::default();
+    let mut hosts: Vec<wire::Service> = Vec::new();
     for r in &resources {
         if let Spec::ServiceEntry(se) = &r.spec {
             match translate::service_entry(se, r.namespace(), r.name()) {
-                Ok((_, clusters)) => {
+                Ok((svcs, clusters)) => {
                     known.extend(clusters.into_iter().map(|c| (c.name.clone(), c)));
+                    hosts.extend(svcs);
                 }
                 Err(e) => eprintln!("warning: {e}"),
             }
         }
     }
+    // A destination without a port means a single-port service's port (Istio).
+    let registry = trellis_control::registry::Registry::build(&resources, Vec::new());
+    hosts.extend(registry.services.iter().map(|s| {
+        wire::Service {
+            hostname: s.fqdn.clone(),
+            ports: s
+                .ports
+                .iter()
+                .map(|p| wire::ServicePort {
+                    port: u32::from(p.port),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }));
+    let names: BTreeSet<String> = known.keys().cloned().collect();
+    trellis_control::mesh::single_port_destinations(&mut ports, &hosts, &names);
     let mut clusters = BTreeSet::new();
     for p in &ports {
         for s in &p.servers {

@@ -418,3 +418,54 @@ fn sidecar_snapshot_builds_a_workloads_snapshot() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no Workload default/nope"));
 }
+
+#[test]
+fn gateway_snapshot_gives_a_portless_destination_its_single_service_port() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gw.yaml");
+    std::fs::write(
+        &path,
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: ingress, namespace: shop}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 8080, name: http, protocol: HTTP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: ["*"]
+  gateways: [ingress]
+  http:
+  - route: [{destination: {host: web}}]
+"#,
+    )
+    .expect("write");
+    let out = trellis(&[
+        "gateway-snapshot",
+        path.to_str().expect("utf-8 path"),
+        "--label",
+        "istio=ingressgateway",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let snap = trellis_xds::snapshot::Snapshot::from_text(&stdout(&out), "gw.json").expect("loads");
+    let names: Vec<&str> = snap.clusters.iter().map(|c| c.name.as_str()).collect();
+    // The Service's one port, not the gateway's 8080.
+    assert_eq!(names, ["outbound|80||web.shop.svc.cluster.local"]);
+}

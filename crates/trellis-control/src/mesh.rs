@@ -474,7 +474,7 @@ fn select_endpoints(
 /// A gateway route's destination without a port names the gateway's port (the port the
 /// request arrived on); as in Istio, a destination service with a single port means that
 /// port. Renames such clusters when the proxy knows no cluster by the first name.
-fn single_port_destinations(
+pub fn single_port_destinations(
     ports: &mut [wire::GatewayPort],
     services: &[wire::Service],
     known: &BTreeSet<String>,
