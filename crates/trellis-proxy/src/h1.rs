@@ -20,7 +20,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Largest response head (status line and headers) accepted from an upstream.
@@ -191,24 +191,51 @@ pub async fn exchange(
 }
 
 async fn write_request(io: &mut TcpStream, req: &Encoded) -> io::Result<()> {
-    let head = &req.head[..];
-    let body = req.body.as_deref().unwrap_or_default();
-    let (mut h, mut b) = (0, 0);
-    while h < head.len() || b < body.len() {
-        let bufs = [IoSlice::new(&head[h..]), IoSlice::new(&body[b..])];
-        let n = io.write_vectored(&bufs).await?;
+    write_all(io, &[&req.head, req.body.as_deref().unwrap_or_default()]).await
+}
+
+/// Writes every slice, with as few `writev`s as the socket allows (both HTTP/1.1 sides).
+pub(crate) async fn write_all<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    parts: &[&[u8]],
+) -> io::Result<()> {
+    let mut idx = 0;
+    let mut off = 0;
+    while idx < parts.len() {
+        if parts[idx].len() == off {
+            idx += 1;
+            off = 0;
+            continue;
+        }
+        let mut slices = [IoSlice::new(&[]); 4];
+        let mut count = 0;
+        for (i, p) in parts[idx..].iter().enumerate().take(4) {
+            slices[i] = IoSlice::new(if i == 0 { &p[off..] } else { p });
+            count = i + 1;
+        }
+        let mut n = io.write_vectored(&slices[..count]).await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        let from_head = n.min(head.len() - h);
-        h += from_head;
-        b += n - from_head;
+        while n > 0 && idx < parts.len() {
+            let left = parts[idx].len() - off;
+            if n >= left {
+                n -= left;
+                idx += 1;
+                off = 0;
+            } else {
+                off += n;
+                n = 0;
+            }
+        }
     }
     Ok(())
 }
 
-fn poll_fill(
-    io: &mut TcpStream,
+/// Reads what the socket has into `buf`, growing it a chunk at a time (both HTTP/1.1
+/// sides).
+pub(crate) fn poll_fill<S: AsyncRead + Unpin>(
+    io: &mut S,
     buf: &mut BytesMut,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {

@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 
 use crate::body::{ProxyBody, ReqBody};
+use crate::h1::{poll_fill, write_all};
 use crate::http::Route;
 use crate::proxy::Shared;
 
@@ -117,7 +118,7 @@ where
                 }
             }
             let idle = buf.is_empty();
-            let read = std::future::poll_fn(|cx| fill(io, &mut buf, cx));
+            let read = std::future::poll_fn(|cx| poll_fill(io, &mut buf, cx));
             tokio::select! {
                 r = read => match r {
                     Ok(0) | Err(_) => return Outcome::Done,
@@ -132,7 +133,7 @@ where
         };
         // The body, when there is one, is read whole before the request runs.
         while buf.len() < head.len + head.body_len {
-            match std::future::poll_fn(|cx| fill(io, &mut buf, cx)).await {
+            match std::future::poll_fn(|cx| poll_fill(io, &mut buf, cx)).await {
                 Ok(0) | Err(_) => return Outcome::Done,
                 Ok(_) => {}
             }
@@ -171,17 +172,6 @@ async fn refuse<S: AsyncWrite + Unpin>(io: &mut S, status: &str) -> Outcome {
     let _ = io.write_all(resp.as_bytes()).await;
     let _ = io.shutdown().await;
     Outcome::Done
-}
-
-fn fill<S: AsyncRead + Unpin>(
-    io: &mut S,
-    buf: &mut BytesMut,
-    cx: &mut Context<'_>,
-) -> Poll<io::Result<usize>> {
-    if buf.capacity() - buf.len() < 2048 {
-        buf.reserve(8 * 1024);
-    }
-    tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
 }
 
 /// Parses a request head at the start of `buf` without consuming it. Header names are
@@ -443,41 +433,6 @@ where
             },
         }
     }
-}
-
-/// Writes every slice, with as few `writev`s as the socket allows.
-async fn write_all<S: AsyncWrite + Unpin>(io: &mut S, parts: &[&[u8]]) -> io::Result<()> {
-    let mut idx = 0;
-    let mut off = 0;
-    while idx < parts.len() {
-        if parts[idx].len() == off {
-            idx += 1;
-            off = 0;
-            continue;
-        }
-        let mut slices = [IoSlice::new(&[]); 4];
-        let mut count = 0;
-        for (i, p) in parts[idx..].iter().enumerate().take(4) {
-            slices[i] = IoSlice::new(if i == 0 { &p[off..] } else { p });
-            count = i + 1;
-        }
-        let mut n = io.write_vectored(&slices[..count]).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        while n > 0 && idx < parts.len() {
-            let left = parts[idx].len() - off;
-            if n >= left {
-                n -= left;
-                idx += 1;
-                off = 0;
-            } else {
-                off += n;
-                n = 0;
-            }
-        }
-    }
-    Ok(())
 }
 
 /// A stream that first yields bytes already read from it (handing a connection to hyper's
