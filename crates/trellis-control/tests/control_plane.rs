@@ -17,33 +17,8 @@ use trellis_proxy::sockets::FixedOriginalDst;
 use trellis_proxy::{Config, LoadEnv, ProxyHandle, ProxyOptions};
 use trellis_testkit::{HttpServer, http_client};
 
-const SERVICES: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: reviews, namespace: shop}
-spec:
-  selector: {app: reviews}
-  ports: [{name: http, port: 9080, targetPort: http}]
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews, namespace: shop}
-spec:
-  host: reviews
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
-"#;
-
-const ALL_TO_V2: &str = r#"
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews, namespace: shop}
-spec:
-  hosts: [reviews]
-  http:
-  - route: [{destination: {host: reviews, subset: v2}}]
-"#;
+mod common;
+use common::{ALL_TO_V2, SERVICES};
 
 fn instance(name: &str, ns: &str, labels: &[(&str, &str)], port: u16) -> Instance {
     Instance {

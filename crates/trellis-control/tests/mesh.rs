@@ -6,13 +6,16 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use trellis_api::{LoadOptions, Resource, parse_text};
+use trellis_api::Resource;
 use trellis_control::mesh::{MeshConfig, ROOT_NAMESPACE, sidecar_snapshot};
 use trellis_control::registry::{Instance, InstancePort, Registry};
 use trellis_proxy::sockets::FixedOriginalDst;
 use trellis_proxy::{Config, ProxyOptions};
 use trellis_testkit::{HttpServer, http_client};
 use trellis_xds::snapshot as wire;
+
+mod common;
+use common::parse;
 
 const CONFIG: &str = r#"
 apiVersion: v1
@@ -89,14 +92,20 @@ spec:
 "#;
 
 fn resources() -> Vec<Resource> {
-    parse_text(CONFIG, "mesh.yaml", &LoadOptions::default())
-        .into_iter()
-        .map(|p| {
-            p.resource()
-                .cloned()
-                .unwrap_or_else(|| panic!("{:?}", p.diagnostics))
-        })
-        .collect()
+    parse(CONFIG)
+}
+
+/// The snapshot of a `web` sidecar in `shop` (10.0.1.1) under the configuration `yaml`.
+fn web_client_snapshot(yaml: &str) -> trellis_control::mesh::Built {
+    let res = parse(yaml);
+    let refs: Vec<&Resource> = res.iter().collect();
+    let cfg = MeshConfig {
+        resources: &refs,
+        root_namespace: ROOT_NAMESPACE,
+    };
+    let client = instance("web", "shop", &[("app", "web")], [10, 0, 1, 1], 8080);
+    let reg = Registry::build(&refs, vec![client.clone()]);
+    sidecar_snapshot(&cfg, &reg, &client, "v1")
 }
 
 fn instance(name: &str, ns: &str, labels: &[(&str, &str)], ip: [u8; 4], port: u16) -> Instance {
@@ -326,22 +335,7 @@ spec:
   address: 10.9.9.9
   labels: {app: legacy}
 "#;
-    let res: Vec<Resource> = parse_text(yaml, "we.yaml", &LoadOptions::default())
-        .into_iter()
-        .map(|p| {
-            p.resource()
-                .cloned()
-                .unwrap_or_else(|| panic!("{:?}", p.diagnostics))
-        })
-        .collect();
-    let refs: Vec<&Resource> = res.iter().collect();
-    let cfg = MeshConfig {
-        resources: &refs,
-        root_namespace: ROOT_NAMESPACE,
-    };
-    let client = instance("web", "shop", &[("app", "web")], [10, 0, 1, 1], 8080);
-    let reg = Registry::build(&refs, vec![client.clone()]);
-    let built = sidecar_snapshot(&cfg, &reg, &client, "v1");
+    let built = web_client_snapshot(yaml);
     let c = cluster(
         &built.snapshot,
         "outbound|80||legacy.shop.svc.cluster.local",
@@ -408,22 +402,7 @@ spec:
   address: 10.5.0.3
   labels: {app: db}
 "#;
-    let res: Vec<Resource> = parse_text(yaml, "se.yaml", &LoadOptions::default())
-        .into_iter()
-        .map(|p| {
-            p.resource()
-                .cloned()
-                .unwrap_or_else(|| panic!("{:?}", p.diagnostics))
-        })
-        .collect();
-    let refs: Vec<&Resource> = res.iter().collect();
-    let cfg = MeshConfig {
-        resources: &refs,
-        root_namespace: ROOT_NAMESPACE,
-    };
-    let client = instance("web", "shop", &[("app", "web")], [10, 0, 1, 1], 8080);
-    let reg = Registry::build(&refs, vec![client.clone()]);
-    let built = sidecar_snapshot(&cfg, &reg, &client, "v1");
+    let built = web_client_snapshot(yaml);
     assert!(built.problems.is_empty(), "{:?}", built.problems);
     let c = cluster(&built.snapshot, "outbound|5432||db.vms.internal");
     let mut eps: Vec<(String, bool, Option<String>)> = c
@@ -478,14 +457,7 @@ spec:
   - route: [{destination: {host: web, port: {number: 80}}}]
   - route: [{destination: {host: nowhere.example.com, port: {number: 80}}}]
 "#;
-    let res: Vec<Resource> = parse_text(yaml, "gw.yaml", &LoadOptions::default())
-        .into_iter()
-        .map(|p| {
-            p.resource()
-                .cloned()
-                .unwrap_or_else(|| panic!("{:?}", p.diagnostics))
-        })
-        .collect();
+    let res = parse(yaml);
     let refs: Vec<&Resource> = res.iter().collect();
     let cfg = MeshConfig {
         resources: &refs,

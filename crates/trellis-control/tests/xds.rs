@@ -6,10 +6,10 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
-use trellis_api::{LoadOptions, Resource, parse_text};
+use trellis_api::Resource;
 use trellis_control::ConfigStore;
 use trellis_control::registry::{Instance, InstancePort, Registry};
 use trellis_control::server::{ControlPlane, Debounce};
@@ -18,44 +18,8 @@ use trellis_proxy::{Config, LoadEnv, ProxyOptions};
 use trellis_testkit::{HttpServer, http_client};
 use trellis_xds::ads::Announce;
 
-const SERVICES: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: reviews, namespace: shop}
-spec:
-  selector: {app: reviews}
-  ports: [{name: http, port: 9080, targetPort: http}]
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews, namespace: shop}
-spec:
-  host: reviews
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
-"#;
-
-const ALL_TO_V2: &str = r#"
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews, namespace: shop}
-spec:
-  hosts: [reviews]
-  http:
-  - route: [{destination: {host: reviews, subset: v2}}]
-"#;
-
-fn parse(yaml: &str) -> Vec<Resource> {
-    parse_text(yaml, "cfg.yaml", &LoadOptions::default())
-        .into_iter()
-        .map(|p| {
-            p.resource()
-                .cloned()
-                .unwrap_or_else(|| panic!("{:?}", p.diagnostics))
-        })
-        .collect()
-}
+mod common;
+use common::{ALL_TO_V2, SERVICES, eventually, parse};
 
 fn reviews(version: &str, port: u16) -> Instance {
     Instance {
@@ -78,21 +42,20 @@ fn reviews(version: &str, port: u16) -> Instance {
     }
 }
 
-async fn eventually<F: FnMut() -> bool>(within: Duration, mut f: F) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
+/// A running control plane with `yaml` applied, reviews v1 and v2 connected (each an
+/// app), and its Delta ADS server on loopback.
+struct Mesh {
+    store: Arc<ConfigStore>,
+    cp: Arc<ControlPlane>,
+    v1: HttpServer,
+    v2: HttpServer,
+    xds_addr: SocketAddr,
+    server: tokio::task::JoinHandle<()>,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_proxy_follows_the_control_plane_and_survives_its_restart() {
+async fn mesh(yaml: &str) -> Mesh {
     let store = Arc::new(ConfigStore::new());
-    for r in parse(SERVICES) {
+    for r in parse(yaml) {
         store.apply(r);
     }
     let cp = ControlPlane::new(
@@ -107,12 +70,32 @@ async fn a_proxy_follows_the_control_plane_and_survives_its_restart() {
         HttpServer::start().await.expect("v1"),
         HttpServer::start().await.expect("v2"),
     );
-    let _r1 = cp.connect(reviews("v1", v1.addr.port()));
-    let _r2 = cp.connect(reviews("v2", v2.addr.port()));
-
+    // Held by the control plane until disconnected.
+    let _ = cp.connect(reviews("v1", v1.addr.port()));
+    let _ = cp.connect(reviews("v2", v2.addr.port()));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let xds_addr = listener.local_addr().expect("addr");
     let server = tokio::spawn(trellis_control::ads::serve(listener, Arc::clone(&cp)));
+    Mesh {
+        store,
+        cp,
+        v1,
+        v2,
+        xds_addr,
+        server,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_follows_the_control_plane_and_survives_its_restart() {
+    let Mesh {
+        store,
+        cp,
+        v1,
+        v2,
+        xds_addr,
+        server,
+    } = mesh(SERVICES).await;
 
     // The virtual IP the app dials (stable: the registry hashes the name).
     let snap = store.snapshot();
@@ -221,7 +204,6 @@ async fn a_proxy_follows_the_control_plane_and_survives_its_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_follows_the_control_plane() {
-    let store = Arc::new(ConfigStore::new());
     let gateway = r#"
 apiVersion: networking.istio.io/v1
 kind: Gateway
@@ -241,26 +223,9 @@ spec:
   http:
   - route: [{destination: {host: reviews, subset: v2}}]
 "#;
-    for r in parse(SERVICES).into_iter().chain(parse(gateway)) {
-        store.apply(r);
-    }
-    let cp = ControlPlane::new(
-        Arc::clone(&store),
-        Debounce {
-            quiet: Duration::from_millis(30),
-            max: Duration::from_millis(200),
-        },
-    );
-    tokio::spawn(Arc::clone(&cp).run());
-    let (v1, v2) = (
-        HttpServer::start().await.expect("v1"),
-        HttpServer::start().await.expect("v2"),
-    );
-    let _r1 = cp.connect(reviews("v1", v1.addr.port()));
-    let _r2 = cp.connect(reviews("v2", v2.addr.port()));
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let xds_addr = listener.local_addr().expect("addr");
-    tokio::spawn(trellis_control::ads::serve(listener, Arc::clone(&cp)));
+    let Mesh {
+        v1, v2, xds_addr, ..
+    } = mesh(&format!("{SERVICES}\n---\n{gateway}")).await;
 
     // A gateway-mode proxy: its listener is given up front, its servers come over xDS.
     let proxy = trellis_proxy::start(
