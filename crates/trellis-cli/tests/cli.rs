@@ -186,20 +186,22 @@ fn analyze_reads_stdin() {
     );
 }
 
+/// `trellis gateway-snapshot PATH --label LABEL`, which must succeed: the snapshot it
+/// prints (loaded as the gateway proxy would) and what it said on stderr.
+fn gateway_snapshot(path: &str, label: &str) -> (trellis_xds::snapshot::Snapshot, String) {
+    let out = trellis(&["gateway-snapshot", path, "--label", label]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let snap = trellis_xds::snapshot::Snapshot::from_text(&stdout(&out), "gw.json").expect("loads");
+    (snap, stderr)
+}
+
 #[test]
 fn gateway_snapshot_translates_bookinfo_for_the_ingress_gateway() {
     let bookinfo = examples().join("bookinfo");
     let path = bookinfo.to_str().expect("utf-8 path");
-    let out = trellis(&["gateway-snapshot", path, "--label", "istio=ingressgateway"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = stdout(&out);
     // What the gateway proxy loads.
-    let snap = trellis_xds::snapshot::Snapshot::from_text(&text, "gw.json").expect("loads");
+    let (snap, stderr) = gateway_snapshot(path, "istio=ingressgateway");
     assert_eq!(snap.gateway_ports.len(), 1);
     let port = &snap.gateway_ports[0];
     assert_eq!(port.port, 8080);
@@ -211,7 +213,7 @@ fn gateway_snapshot_translates_bookinfo_for_the_ingress_gateway() {
         names,
         ["outbound|9080||productpage.bookinfo.svc.cluster.local"]
     );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no endpoints yet"));
+    assert!(stderr.contains("no endpoints yet"), "{stderr}");
 
     // Labels no Gateway selects: a clear error.
     let out = trellis(&["gateway-snapshot", path, "--label", "istio=egressgateway"]);
@@ -254,19 +256,8 @@ spec:
 "#,
     )
     .expect("write");
-    let out = trellis(&[
-        "gateway-snapshot",
-        file.to_str().expect("utf-8 path"),
-        "--label",
-        "istio=egressgateway",
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let snap = trellis_xds::snapshot::Snapshot::from_text(&stdout(&out), "gw.json").expect("loads");
+    let (snap, stderr) =
+        gateway_snapshot(file.to_str().expect("utf-8 path"), "istio=egressgateway");
     assert_eq!(snap.clusters.len(), 1);
     let c = &snap.clusters[0];
     assert_eq!(c.name, "outbound|80||httpbin.example.org");
@@ -275,7 +266,7 @@ spec:
         trellis_xds::snapshot::Discovery::StrictDns as i32
     );
     assert_eq!(c.endpoints[0].address, "httpbin.example.org:80");
-    assert!(!String::from_utf8_lossy(&out.stderr).contains("no endpoints yet"));
+    assert!(!stderr.contains("no endpoints yet"), "{stderr}");
 }
 
 #[test]
@@ -452,19 +443,7 @@ spec:
 "#,
     )
     .expect("write");
-    let out = trellis(&[
-        "gateway-snapshot",
-        path.to_str().expect("utf-8 path"),
-        "--label",
-        "istio=ingressgateway",
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let snap = trellis_xds::snapshot::Snapshot::from_text(&stdout(&out), "gw.json").expect("loads");
+    let (snap, _) = gateway_snapshot(path.to_str().expect("utf-8 path"), "istio=ingressgateway");
     let names: Vec<&str> = snap.clusters.iter().map(|c| c.name.as_str()).collect();
     // The Service's one port, not the gateway's 8080.
     assert_eq!(names, ["outbound|80||web.shop.svc.cluster.local"]);
