@@ -733,7 +733,7 @@ fn header_has_token(h: &HeaderMap, name: &HeaderName, token: &str) -> bool {
 }
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those the Connection header
-/// names. `TE: trailers` stays (gRPC needs it).
+/// names, and the proxies' own version marker. `TE: trailers` stays (gRPC needs it).
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     // Most messages carry none of them: one pass over the names (standard names compare
     // as enum values) instead of a hashed lookup per name.
@@ -744,6 +744,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
             || n == header::TE
             || n == KEEP_ALIVE
             || n == PROXY_CONNECTION
+            || n == DOWNSTREAM_VERSION
     });
     if !found {
         return;
@@ -766,6 +767,8 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
         PROXY_CONNECTION,
         header::TRANSFER_ENCODING,
         header::UPGRADE,
+        // Between two proxies only: set again by `forward_once` for a peer.
+        DOWNSTREAM_VERSION,
     ] {
         h.remove(n);
     }
@@ -859,13 +862,9 @@ async fn forward_once(
             headers.insert(X_REQUEST_ID, v);
         }
     }
-    match up.peer_version {
-        Some(v) => {
-            headers.insert(DOWNSTREAM_VERSION, HeaderValue::from_static(v));
-        }
-        None => {
-            headers.remove(DOWNSTREAM_VERSION);
-        }
+    // (strip_hop_by_hop took away any marker: from a client, or from a try to a peer.)
+    if let Some(v) = up.peer_version {
+        headers.insert(DOWNSTREAM_VERSION, HeaderValue::from_static(v));
     }
     if let Err(why) = set_upstream_target(parts, up.h2) {
         return Ok(local_reply(StatusCode::BAD_REQUEST, "DPE", why.to_string()));
@@ -1104,6 +1103,11 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["te", "x-kept"]);
+        // The marker alone is enough to be taken away (a client cannot forge it onward).
+        let mut m = HeaderMap::new();
+        m.insert(DOWNSTREAM_VERSION, HeaderValue::from_static("2"));
+        strip_hop_by_hop(&mut m);
+        assert!(m.is_empty());
         h.insert(header::TE, HeaderValue::from_static("gzip"));
         strip_hop_by_hop(&mut h);
         assert!(!h.contains_key(header::TE));
