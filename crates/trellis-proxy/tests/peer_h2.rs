@@ -183,3 +183,25 @@ async fn keep_client_protocol_sends_http1_to_the_peer_without_the_marker() {
         "{head:?}"
     );
 }
+
+#[tokio::test]
+async fn connect_over_http2_is_answered_501() {
+    let app = HttpServer::start().await.expect("app");
+    let inb = inbound("127.0.0.1:0".parse().expect("addr"), app.addr).await;
+    let io = tokio::net::TcpStream::connect(inb.inbound_addrs[0])
+        .await
+        .expect("connect");
+    let (client, conn) = h2::client::handshake(io).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    let mut req = http::Request::new(());
+    *req.method_mut() = http::Method::CONNECT;
+    *req.uri_mut() = "db.example:5432".parse().expect("authority");
+    let (resp, _stream) = client.send_request(req, false).expect("sent");
+    let resp = timeout(LIMIT, resp)
+        .await
+        .expect("in time")
+        .expect("a response");
+    assert_eq!(resp.status().as_u16(), 501);
+    assert_eq!(app.stats().requests(), 0);
+}
