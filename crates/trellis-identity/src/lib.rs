@@ -12,6 +12,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod tls;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -260,22 +262,42 @@ impl Ca {
                 return Err(CaError::IdentityMismatch { asked, proven });
             }
         }
-        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
-        params.subject_alt_names = vec![SanType::URI(
+        let uri = SanType::URI(
             proven
                 .clone()
                 .try_into()
                 .map_err(|e: rcgen::Error| cert_err(e))?,
-        )];
+        );
+        csr.params = self.leaf_params(
+            vec![uri],
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            ttl,
+        )?;
+        let cert = csr.signed_by(&self.issuer).map_err(cert_err)?;
+        let mut out = vec![cert.pem()];
+        out.extend(self.chain.iter().cloned());
+        Ok(out)
+    }
+
+    /// The parameters of a certificate this CA signs: the given SANs and uses, a random
+    /// serial, valid from now for `ttl` (capped at [`MAX_TTL`] and at the CA's own expiry).
+    fn leaf_params(
+        &self,
+        sans: Vec<SanType>,
+        uses: Vec<ExtendedKeyUsagePurpose>,
+        ttl: Duration,
+    ) -> Result<CertificateParams, CaError> {
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
+        params.subject_alt_names = sans;
         params.distinguished_name = DistinguishedName::new();
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = uses;
         params.use_authority_key_identifier_extension = true;
         // A random serial (RFC 5280: unique per issuer, also for renewals of the same key).
         let mut serial = [0u8; 16];
@@ -287,12 +309,54 @@ impl Ca {
         params.not_before = now;
         params.not_after =
             (now + time::Duration::try_from(ttl).map_err(cert_err)?).min(self.not_after);
-        csr.params = params;
-        let cert = csr.signed_by(&self.issuer).map_err(cert_err)?;
-        let mut out = vec![cert.pem()];
-        out.extend(self.chain.iter().cloned());
-        Ok(out)
+        Ok(params)
     }
+
+    /// A server certificate for the control plane itself, for these DNS names and
+    /// addresses, with a key made here (it never leaves this process). Proxies verify it
+    /// against the CA's root, by name.
+    pub fn serving_certificate(
+        &self,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+        ttl: Duration,
+    ) -> Result<tls::Certified, CaError> {
+        let mut sans = Vec::new();
+        for d in dns_names {
+            sans.push(SanType::DnsName(
+                d.clone()
+                    .try_into()
+                    .map_err(|e: rcgen::Error| cert_err(e))?,
+            ));
+        }
+        sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        let params = self.leaf_params(sans, vec![ExtendedKeyUsagePurpose::ServerAuth], ttl)?;
+        let key = KeyPair::generate().map_err(cert_err)?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(cert_err)?;
+        let mut chain = vec![cert.pem()];
+        chain.extend(self.chain.iter().cloned());
+        tls::Certified::from_pem(&chain, key.serialize_der())
+    }
+}
+
+/// A new private key (ECDSA P-256, PKCS#8 DER, to be kept in memory) and a certificate
+/// signing request for `id` made with it (PEM, its one SAN the SPIFFE id): what a proxy
+/// sends to `CreateCertificate`.
+pub fn workload_key_and_csr(id: &Identity) -> Result<(Vec<u8>, String), CaError> {
+    let key = KeyPair::generate().map_err(cert_err)?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(
+        id.spiffe()
+            .try_into()
+            .map_err(|e: rcgen::Error| cert_err(e))?,
+    )];
+    let csr = params
+        .serialize_request(&key)
+        .map_err(cert_err)?
+        .pem()
+        .map_err(cert_err)?;
+    Ok((key.serialize_der(), csr))
 }
 
 /// base64url without padding (JWT's encoding).
@@ -486,5 +550,117 @@ mod tests {
         // The key survives a restart.
         let again = Tokens::load_or_create(dir.path()).expect("tokens");
         assert!(again.verify(&tok, SystemTime::now()).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod tls_tests {
+    use super::*;
+    use rustls::pki_types::ServerName;
+    use std::sync::Arc;
+
+    /// Runs a handshake in memory: Ok(server's view of the negotiated ALPN) or the error.
+    fn handshake(
+        client: rustls::ClientConfig,
+        server: rustls::ServerConfig,
+        name: &str,
+    ) -> Result<Option<Vec<u8>>, rustls::Error> {
+        let name = ServerName::try_from(name.to_string()).expect("name");
+        let mut c = rustls::ClientConnection::new(Arc::new(client), name)?;
+        let mut s = rustls::ServerConnection::new(Arc::new(server))?;
+        for _ in 0..20 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).expect("write");
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                s.read_tls(&mut rd).expect("read");
+            }
+            s.process_new_packets()?;
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).expect("write");
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                c.read_tls(&mut rd).expect("read");
+            }
+            c.process_new_packets()?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(s.alpn_protocol().map(<[u8]>::to_vec));
+            }
+        }
+        panic!("the handshake did not finish");
+    }
+
+    #[test]
+    fn workload_csrs_are_signed_for_the_tokens_identity() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Ca::load_or_create(dir.path(), "example.org").expect("ca");
+        let tokens = Tokens::load_or_create(dir.path()).expect("tokens");
+        let id = Identity {
+            trust_domain: "example.org".into(),
+            namespace: "shop".into(),
+            service_account: "reviews".into(),
+        };
+        let (key, csr) = workload_key_and_csr(&id).expect("csr");
+        let token = tokens.issue("shop", "reviews", Duration::from_secs(60));
+        let chain = ca
+            .create_certificate(&tokens, &token, &csr, Duration::from_secs(3600))
+            .expect("signed");
+        let c = tls::Certified::from_pem(&chain, key.clone()).expect("certified");
+        assert_eq!(
+            c.spiffe.as_deref(),
+            Some("spiffe://example.org/ns/shop/sa/reviews")
+        );
+        assert!(c.valid_at(SystemTime::now()));
+        let life = c.not_after.duration_since(c.not_before).expect("order");
+        assert_eq!(life, Duration::from_secs(3600));
+        assert_eq!(c.renew_at(), c.not_before + Duration::from_secs(1800));
+        // Another key than the one the CSR was made with does not match the certificate.
+        let (other_key, _) = workload_key_and_csr(&id).expect("csr");
+        let e = tls::Certified::from_pem(&chain, other_key).expect_err("mismatch");
+        assert!(e.to_string().contains("does not match"), "{e}");
+        // Renewals of the same identity get distinct serials.
+        let again = ca
+            .create_certificate(&tokens, &token, &csr, Duration::from_secs(3600))
+            .expect("signed");
+        let c2 = tls::Certified::from_pem(&again, key).expect("certified");
+        assert_ne!(c.serial, c2.serial);
+    }
+
+    #[test]
+    fn the_control_planes_certificate_verifies_by_name_against_the_root_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Ca::load_or_create(dir.path(), "cluster.local").expect("ca");
+        let serving = ca
+            .serving_certificate(
+                &["trellis-control".to_string()],
+                &["127.0.0.1".parse().expect("ip")],
+                Duration::from_secs(3600),
+            )
+            .expect("serving");
+        assert_eq!(serving.names, ["trellis-control", "127.0.0.1"]);
+        let creds = Arc::new(tls::Credentials::new(serving));
+        let server = || tls::server_config(Arc::clone(&creds), &[b"h2"]).expect("server");
+        let client = |root: &str| tls::client_config(root, &[b"h2"]).expect("client");
+        assert_eq!(
+            handshake(client(ca.root_pem()), server(), "trellis-control").expect("handshake"),
+            Some(b"h2".to_vec())
+        );
+        assert!(handshake(client(ca.root_pem()), server(), "127.0.0.1").is_ok());
+        let e = handshake(client(ca.root_pem()), server(), "evil.example").expect_err("name");
+        assert!(e.to_string().contains("certificate"), "{e}");
+        // A root of another mesh does not vouch for it.
+        let other_dir = tempfile::tempdir().expect("tempdir");
+        let other = Ca::load_or_create(other_dir.path(), "cluster.local").expect("ca");
+        let e = handshake(client(other.root_pem()), server(), "trellis-control")
+            .expect_err("other root");
+        assert!(e.to_string().contains("invalid peer certificate"), "{e}");
+        // A bundle of both roots (a rotation) trusts it.
+        let bundle = format!("{}{}", other.root_pem(), ca.root_pem());
+        assert!(handshake(client(&bundle), server(), "trellis-control").is_ok());
+        assert!(tls::client_config("not a pem", &[]).is_err());
     }
 }
