@@ -16,10 +16,13 @@ pub struct ControlPlaneArgs {
     /// Directory of configuration (YAML or JSON), watched for changes.
     #[arg(long, value_name = "DIR")]
     config_dir: PathBuf,
-    /// Where proxies connect (Delta ADS over gRPC; cleartext until the CA exists, so
-    /// loopback by default).
+    /// Where proxies connect (Delta ADS and the CA over gRPC, on TLS).
     #[arg(long, default_value = "127.0.0.1:15012")]
     listen: SocketAddr,
+    /// More names (DNS names or IP addresses) for the control plane's TLS certificate,
+    /// which always has `trellis-control`, `localhost` and the --listen address (repeatable).
+    #[arg(long = "tls-san", value_name = "NAME")]
+    tls_sans: Vec<String>,
     /// Debug and monitoring HTTP (`/debug/proxy-status`, `/metrics`).
     #[arg(long, default_value = "127.0.0.1:15014")]
     debug_listen: SocketAddr,
@@ -34,11 +37,11 @@ pub struct ControlPlaneArgs {
     data_dir: Option<PathBuf>,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
-    /// Trust what proxies announce without a bootstrap token (local experiments only).
+    /// Trust what proxies announce without a bootstrap token, in cleartext and without a
+    /// CA (local experiments only).
     #[arg(long)]
     no_auth: bool,
-    /// Allow a non-loopback --listen although the transport has no TLS yet (tokens and
-    /// certificates would cross the network in clear).
+    /// With --no-auth, allow a non-loopback --listen (the transport is then cleartext).
     #[arg(long)]
     allow_cleartext: bool,
 }
@@ -81,9 +84,9 @@ pub fn run_token(args: &TokenArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn run_control_plane(args: &ControlPlaneArgs) -> anyhow::Result<ExitCode> {
-    if !args.listen.ip().is_loopback() && !args.allow_cleartext {
+    if args.no_auth && !args.listen.ip().is_loopback() && !args.allow_cleartext {
         anyhow::bail!(
-            "--listen {} is not a loopback address, and the xDS transport has no TLS yet: bootstrap tokens and certificates would cross the network in clear (--allow-cleartext to do it anyway)",
+            "--listen {} is not a loopback address, and with --no-auth the transport has no TLS: configuration would cross the network in clear (--allow-cleartext to do it anyway)",
             args.listen
         );
     }
@@ -123,7 +126,24 @@ pub fn run_control_plane(args: &ControlPlaneArgs) -> anyhow::Result<ExitCode> {
                 dir.display(),
                 args.trust_domain
             );
+            eprintln!(
+                "proxies verify the control plane with the root in {} (trellis-proxy --xds-root)",
+                ca.root_file().display()
+            );
             Some(Arc::new(trellis_control::ads::Auth { ca, tokens }))
+        };
+        let tls = match &auth {
+            None => None,
+            Some(auth) => {
+                let (dns, ips) = serving_names(args.listen, &args.tls_sans);
+                let (creds, renew) =
+                    trellis_control::ads::serving_credentials(Arc::clone(auth), dns, ips)?;
+                tokio::spawn(renew);
+                Some(Arc::new(trellis_identity::tls::server_config(
+                    creds,
+                    &[b"h2"],
+                )?))
+            }
         };
         let xds = tokio::net::TcpListener::bind(args.listen)
             .await
@@ -140,12 +160,34 @@ pub fn run_control_plane(args: &ControlPlaneArgs) -> anyhow::Result<ExitCode> {
         );
         tokio::spawn(trellis_control::debug::serve(debug, Arc::clone(&cp)));
         tokio::select! {
-            _ = trellis_control::ads::serve_with(xds, cp, auth) => {}
+            _ = trellis_control::ads::serve_with(xds, cp, auth, tls) => {}
             _ = tokio::signal::ctrl_c() => eprintln!("stopping"),
         }
         drop(watch);
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// The names in the control plane's certificate: `trellis-control`, `localhost`, the
+/// listen address (loopback addresses when it listens on all of them), and the user's.
+fn serving_names(listen: SocketAddr, extra: &[String]) -> (Vec<String>, Vec<std::net::IpAddr>) {
+    let mut dns = vec!["trellis-control".to_string(), "localhost".to_string()];
+    let mut ips = Vec::new();
+    if listen.ip().is_unspecified() {
+        ips.push(std::net::IpAddr::from([127, 0, 0, 1]));
+        ips.push(std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST));
+    } else {
+        ips.push(listen.ip());
+    }
+    for name in extra {
+        match name.parse::<std::net::IpAddr>() {
+            Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+            Ok(_) => {}
+            Err(_) if !dns.contains(name) => dns.push(name.clone()),
+            Err(_) => {}
+        }
+    }
+    (dns, ips)
 }
 
 #[derive(Debug, clap::Args)]

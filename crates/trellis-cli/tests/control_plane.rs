@@ -179,8 +179,12 @@ async fn proxies_follow_the_control_plane_and_proxy_status_shows_a_nack() {
             String::from_utf8_lossy(&out.stderr)
         );
         let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        // Over TLS: the control plane's certificate chains to the root it made on first
+        // start, and has the name `trellis-control`.
+        let root = std::fs::read_to_string(data.path().join("ca-cert.pem")).expect("root");
+        let ep = trellis_proxy::xds::Endpoint::tls(xds, &root, "trellis-control").expect("ep");
         tokio::spawn(trellis_proxy::xds::follow_with_token(
-            xds,
+            ep,
             a,
             Some(token),
             Arc::clone(&p.shared),

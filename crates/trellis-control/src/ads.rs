@@ -1,5 +1,5 @@
-//! The control plane's Delta ADS server: gRPC over HTTP/2 (cleartext for now; TLS with the
-//! mesh CA comes with the CA). Each stream is one proxy: its first request announces the
+//! The control plane's Delta ADS server: gRPC over HTTP/2, on TLS with a certificate from
+//! the mesh CA (cleartext only for local experiments without identities). Each stream is one proxy: its first request announces the
 //! instance it runs beside (`Node.metadata`), which joins the registry; responses carry its
 //! snapshot whenever it changes; each following request ACKs or NACKs a response by nonce.
 //! A stream that ends disconnects the proxy.
@@ -93,14 +93,22 @@ impl std::fmt::Debug for Auth {
     }
 }
 
-/// Serves Delta ADS on `listener` until this future is dropped (which closes every
-/// connection it accepted). No tokens are asked for.
+/// Serves Delta ADS on `listener` in cleartext until this future is dropped (which closes
+/// every connection it accepted). No tokens are asked for.
 pub async fn serve(listener: TcpListener, cp: Arc<ControlPlane>) {
-    serve_with(listener, cp, None).await;
+    serve_with(listener, cp, None, None).await;
 }
 
-/// As [`serve`]; with `auth`, tokens are checked and the CA's `CreateCertificate` is served.
-pub async fn serve_with(listener: TcpListener, cp: Arc<ControlPlane>, auth: Option<Arc<Auth>>) {
+/// As [`serve`]; with `auth`, tokens are checked and the CA's `CreateCertificate` is served;
+/// with `tls`, every connection is TLS (ALPN `h2`) and a failed handshake is logged and
+/// closed.
+pub async fn serve_with(
+    listener: TcpListener,
+    cp: Arc<ControlPlane>,
+    auth: Option<Arc<Auth>>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let mut conns = tokio::task::JoinSet::new();
     loop {
         while conns.try_join_next().is_some() {}
@@ -114,20 +122,84 @@ pub async fn serve_with(listener: TcpListener, cp: Arc<ControlPlane>, auth: Opti
         };
         let cp = Arc::clone(&cp);
         let auth = auth.clone();
+        let acceptor = acceptor.clone();
         conns.spawn(async move {
-            let service = service_fn(move |req| handle(Arc::clone(&cp), auth.clone(), req));
-            // Keepalive pings: a proxy that vanished without closing its connection ends
-            // its stream (and leaves the registry) within about 30 s.
-            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(hyper_util::rt::TokioTimer::new())
-                .keep_alive_interval(std::time::Duration::from_secs(20))
-                .keep_alive_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!("xDS connection from {peer}: {e}");
+            let Some(acceptor) = acceptor else {
+                return serve_connection(stream, peer, cp, auth).await;
+            };
+            let handshake =
+                tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream));
+            match handshake.await {
+                Ok(Ok(tls)) => serve_connection(tls, peer, cp, auth).await,
+                Ok(Err(e)) => tracing::warn!("xDS TLS handshake from {peer} failed: {e}"),
+                Err(_) => tracing::warn!("xDS TLS handshake from {peer}: no handshake in 10 s"),
             }
         });
     }
+}
+
+async fn serve_connection<S>(
+    stream: S,
+    peer: std::net::SocketAddr,
+    cp: Arc<ControlPlane>,
+    auth: Option<Arc<Auth>>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| handle(Arc::clone(&cp), auth.clone(), req));
+    // Keepalive pings: a proxy that vanished without closing its connection ends its
+    // stream (and leaves the registry) within about 30 s.
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(std::time::Duration::from_secs(20))
+        .keep_alive_timeout(std::time::Duration::from_secs(10))
+        .serve_connection(TokioIo::new(stream), service);
+    if let Err(e) = conn.await {
+        tracing::debug!("xDS connection from {peer}: {e}");
+    }
+}
+
+/// The control plane's own TLS certificate, from the mesh CA for `dns_names` and `ips`,
+/// and the task that renews it at half-life (a renewal that fails is retried every
+/// minute; the current certificate stays until then). Connections made before a renewal
+/// keep their certificate.
+pub fn serving_credentials(
+    auth: Arc<Auth>,
+    dns_names: Vec<String>,
+    ips: Vec<IpAddr>,
+) -> Result<
+    (
+        Arc<trellis_identity::tls::Credentials>,
+        impl std::future::Future<Output = ()>,
+    ),
+    trellis_identity::CaError,
+> {
+    let ttl = trellis_identity::MAX_TTL;
+    let first = auth.ca.serving_certificate(&dns_names, &ips, ttl)?;
+    let creds = Arc::new(trellis_identity::tls::Credentials::new(first));
+    let held = Arc::clone(&creds);
+    let renew = async move {
+        loop {
+            let at = held
+                .current()
+                .map_or(std::time::SystemTime::now(), |c| c.renew_at());
+            let wait = at
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            tokio::time::sleep(wait).await;
+            match auth.ca.serving_certificate(&dns_names, &ips, ttl) {
+                Ok(c) => {
+                    tracing::info!("control plane certificate renewed (serial {})", c.serial);
+                    held.set(c);
+                }
+                Err(e) => {
+                    tracing::error!("renewing the control plane's certificate: {e}");
+                    tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                }
+            }
+        }
+    };
+    Ok((creds, renew))
 }
 
 /// The token of a request (`authorization: Bearer …`), checked: the namespace and

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -159,6 +160,7 @@ async fn tokens_gate_the_stream_and_the_certificates() {
         listener,
         Arc::clone(&cp),
         Some(Arc::clone(&auth)),
+        None,
     ));
 
     // An undeclared workload, or a declared one under another service account: refused.
@@ -234,4 +236,159 @@ async fn tokens_gate_the_stream_and_the_certificates() {
     .await
     .expect_err("forged token");
     assert!(e.contains("grpc-status 16"), "{e}");
+}
+
+async fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{what}: not within {within:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_proxies_get_their_config_and_a_certificate_renewed_at_half_life() {
+    use trellis_proxy::xds::{Endpoint, Token};
+    let data = tempfile::tempdir().expect("tempdir");
+    let auth = Arc::new(Auth {
+        ca: Ca::load_or_create(data.path(), "cluster.local").expect("ca"),
+        tokens: Tokens::load_or_create(data.path()).expect("tokens"),
+    });
+    let store = Arc::new(ConfigStore::new());
+    for p in parse_text(
+        "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {name: web, namespace: web, labels: {app: web}}\nspec:\n  serviceAccount: web\n  command: [sleep, \"1\"]\n",
+        "w.yaml",
+        &LoadOptions::default(),
+    ) {
+        store.apply(p.resource().cloned().expect("parses"));
+    }
+    let cp = ControlPlane::new(Arc::clone(&store), Debounce::default());
+    tokio::spawn(Arc::clone(&cp).run());
+    let (creds, renew) = trellis_control::ads::serving_credentials(
+        Arc::clone(&auth),
+        vec!["trellis-control".into()],
+        vec!["127.0.0.1".parse().expect("ip")],
+    )
+    .expect("serving certificate");
+    tokio::spawn(renew);
+    let tls = trellis_identity::tls::server_config(creds, &[b"h2"]).expect("tls");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = tokio::spawn(trellis_control::ads::serve_with(
+        listener,
+        Arc::clone(&cp),
+        Some(Arc::clone(&auth)),
+        Some(Arc::new(tls)),
+    ));
+    let token = auth.tokens.issue("web", "web", Duration::from_secs(60));
+    let start = |ep: Endpoint| {
+        let token = Token::Fixed(token.clone());
+        async move {
+            let p = trellis_proxy::start(Config::empty(), ProxyOptions::default())
+                .await
+                .expect("proxy");
+            tokio::spawn(trellis_proxy::xds::follow_with(
+                ep,
+                announce("web", "web"),
+                token,
+                Arc::clone(&p.shared),
+                LoadEnv::default(),
+            ));
+            p
+        }
+    };
+    let root = auth.ca.root_pem();
+    let good = start(Endpoint::tls(addr, root, "trellis-control").expect("endpoint")).await;
+    let by_ip = start(Endpoint::tls(addr, root, "127.0.0.1").expect("endpoint")).await;
+    // Another mesh's root, a name the certificate does not have, or cleartext: nothing.
+    let other = Ca::load_or_create(
+        tempfile::tempdir().expect("tempdir").path(),
+        "cluster.local",
+    )
+    .expect("other ca");
+    let foreign =
+        start(Endpoint::tls(addr, other.root_pem(), "trellis-control").expect("ep")).await;
+    let misnamed = start(Endpoint::tls(addr, root, "istiod.example").expect("endpoint")).await;
+    let cleartext = start(Endpoint::from(addr)).await;
+    assert!(
+        got_snapshot(&good, Duration::from_secs(5)).await,
+        "over TLS"
+    );
+    assert!(
+        got_snapshot(&by_ip, Duration::from_secs(5)).await,
+        "by address"
+    );
+    for (p, what) in [
+        (&foreign, "another root"),
+        (&misnamed, "another name"),
+        (&cleartext, "cleartext"),
+    ] {
+        assert!(
+            !got_snapshot(p, Duration::from_millis(200)).await,
+            "{what} must get no configuration"
+        );
+    }
+
+    // The certificate: for the instance's SPIFFE id, from the mesh CA, renewed at half of
+    // its 4 s life.
+    let ep = Endpoint::tls(addr, root, "trellis-control").expect("endpoint");
+    let id = trellis_identity::Identity {
+        trust_domain: "cluster.local".into(),
+        namespace: "web".into(),
+        service_account: "web".into(),
+    };
+    tokio::spawn(trellis_proxy::identity::maintain(
+        ep,
+        Token::Fixed(token.clone()),
+        id,
+        Duration::from_secs(4),
+        Arc::clone(&good.shared),
+    ));
+    let creds = Arc::clone(&good.shared.credentials);
+    eventually("a first certificate", Duration::from_secs(5), || {
+        creds.current().is_some()
+    })
+    .await;
+    let first = creds.current().expect("certificate");
+    assert_eq!(
+        first.spiffe.as_deref(),
+        Some("spiffe://cluster.local/ns/web/sa/web")
+    );
+    assert_eq!(
+        first.not_after.duration_since(first.not_before).ok(),
+        Some(Duration::from_secs(4))
+    );
+    assert_eq!(
+        first.key.cert.last().map(|c| c.as_ref().to_vec()),
+        <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::from_pem_slice(
+            root.as_bytes()
+        )
+        .ok()
+        .map(|c| c.as_ref().to_vec()),
+        "the chain ends at the mesh root"
+    );
+    eventually("a renewal at half-life", Duration::from_secs(4), || {
+        creds.current().is_some_and(|c| c.serial != first.serial)
+    })
+    .await;
+    let renewed = creds.current().expect("certificate");
+    assert!(renewed.not_before >= first.renew_at() - Duration::from_secs(1));
+    let stats = &good.shared.stats;
+    assert!(stats.certificates_issued_total.load(Ordering::Relaxed) >= 2);
+
+    // The control plane goes away: renewals fail, and the certificate in hand stays.
+    server.abort();
+    let failures = || stats.certificate_failures_total.load(Ordering::Relaxed);
+    eventually("a failed renewal", Duration::from_secs(4), || {
+        failures() > 0
+    })
+    .await;
+    let held = creds.current().expect("still a certificate");
+    assert!(
+        held.serial == renewed.serial || held.not_before > renewed.not_before,
+        "never replaced by nothing"
+    );
 }

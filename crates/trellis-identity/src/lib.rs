@@ -127,6 +127,8 @@ pub struct Ca {
     /// The signing certificate, then any intermediates, then the root.
     chain: Vec<String>,
     root: String,
+    /// The file the root was read from (what proxies are given to verify the control plane).
+    root_file: PathBuf,
     trust_domain: String,
 }
 
@@ -177,7 +179,7 @@ impl Ca {
             &read(&key_path)?,
             &cert,
             vec![cert.clone()],
-            &cert,
+            (&cert, &cert_path),
             trust_domain,
         )
     }
@@ -187,7 +189,8 @@ impl Ca {
     /// `cert-chain.pem` (from the signing certificate up to the root).
     pub fn plugin(dir: &Path, trust_domain: &str) -> Result<Ca, CaError> {
         let cert = read(&dir.join("ca-cert.pem"))?;
-        let root = read(&dir.join("root-cert.pem"))?;
+        let root_file = dir.join("root-cert.pem");
+        let root = read(&root_file)?;
         let chain_path = dir.join("cert-chain.pem");
         let chain = if chain_path.exists() {
             vec![read(&chain_path)?]
@@ -198,7 +201,7 @@ impl Ca {
             &read(&dir.join("ca-key.pem"))?,
             &cert,
             chain,
-            &root,
+            (&root, &root_file),
             trust_domain,
         )
     }
@@ -207,7 +210,7 @@ impl Ca {
         key: &str,
         cert: &str,
         chain: Vec<String>,
-        root: &str,
+        (root, root_file): (&str, &Path),
         trust_domain: &str,
     ) -> Result<Ca, CaError> {
         let key = KeyPair::from_pem(key).map_err(cert_err)?;
@@ -220,6 +223,7 @@ impl Ca {
             not_after,
             chain,
             root: root.to_string(),
+            root_file: root_file.to_path_buf(),
             trust_domain: trust_domain.to_string(),
         })
     }
@@ -227,6 +231,11 @@ impl Ca {
     /// The root certificate (the trust bundle proxies verify peers with).
     pub fn root_pem(&self) -> &str {
         &self.root
+    }
+
+    /// The file holding [`Ca::root_pem`].
+    pub fn root_file(&self) -> &Path {
+        &self.root_file
     }
 
     pub fn trust_domain(&self) -> &str {

@@ -100,6 +100,7 @@ fn route(ctx: &AdminContext, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (&Method::GET, "/config_dump") => json_reply(&json!({
             "version": cfg.version,
             "snapshot": cfg.raw.to_json(),
+            "certificates": certificates(&ctx.shared),
         })),
         (&Method::GET, "/clusters") => {
             let (idle, h2) = ctx.shared.pools.snapshot();
@@ -130,7 +131,9 @@ fn route(ctx: &AdminContext, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (&Method::GET, "/stats/prometheus" | "/stats") => reply(
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            ctx.shared.stats.render(&cfg),
+            ctx.shared
+                .stats
+                .render(&cfg, ctx.shared.credentials.current().as_deref()),
         ),
         (&Method::POST, "/logging") => {
             let level = req.uri().query().and_then(|q| {
@@ -169,5 +172,24 @@ fn route(ctx: &AdminContext, req: Request<Incoming>) -> Response<Full<Bytes>> {
             "text/plain",
             "admin: /ready /healthz /healthz/ready /config_dump /clusters /stats/prometheus POST /logging?level= POST /quitquitquit\n",
         ),
+    }
+}
+
+/// The workload certificate in use, as an operator wants to see it: never the key.
+fn certificates(shared: &Shared) -> serde_json::Value {
+    let unix = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    };
+    match shared.credentials.current() {
+        None => json!([]),
+        Some(c) => json!([{
+            "identity": c.spiffe,
+            "serial": c.serial,
+            "notBefore": unix(c.not_before),
+            "notAfter": unix(c.not_after),
+            "renewAt": unix(c.renew_at()),
+            "chainLength": c.key.cert.len(),
+        }]),
     }
 }

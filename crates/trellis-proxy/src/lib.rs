@@ -11,6 +11,7 @@ pub mod config;
 pub mod h1;
 pub mod h1_server;
 pub mod http;
+pub mod identity;
 pub mod listener;
 pub mod pool;
 pub mod proxy;

@@ -50,9 +50,26 @@ struct Args {
     /// --service-account, --address and --port.
     #[arg(long, value_name = "ADDR")]
     xds: Option<SocketAddr>,
-    /// A file holding the bootstrap token to show the control plane (with --xds).
+    /// A file holding the bootstrap token to show the control plane (with --xds). With a
+    /// token, the proxy also gets its workload certificate from the control plane's CA and
+    /// renews it at half-life.
     #[arg(long, value_name = "FILE", requires = "xds")]
     xds_token_file: Option<PathBuf>,
+    /// The mesh's root certificate(s), PEM (with --xds): the control plane is reached over
+    /// TLS and its certificate must chain to one of them. Without it, cleartext (loopback
+    /// only when a token is given).
+    #[arg(long, value_name = "FILE", requires = "xds")]
+    xds_root: Option<PathBuf>,
+    /// The name the control plane's certificate must have (with --xds-root).
+    #[arg(long, value_name = "NAME", default_value = "trellis-control")]
+    xds_server_name: String,
+    /// The mesh's trust domain, for this instance's SPIFFE identity
+    /// (spiffe://DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT).
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// The lifetime to ask for the workload certificate (the CA may cap it).
+    #[arg(long, default_value = "24h")]
+    cert_ttl: trellis_api::common::Duration,
     /// This instance's name (with --xds).
     #[arg(long, requires = "xds")]
     name: Option<String>,
@@ -292,14 +309,7 @@ fn run(args: &Args, set_level: admin::SetLogLevel) -> anyhow::Result<()> {
     };
     let xds = match args.xds {
         None => None,
-        Some(addr) => {
-            if let Some(p) = &args.xds_token_file {
-                // Read at every (re)connection; checked once here for a clear error.
-                std::fs::read_to_string(p)
-                    .with_context(|| format!("reading the token {}", p.display()))?;
-            }
-            Some((addr, announce(args)?, args.xds_token_file.clone()))
-        }
+        Some(addr) => Some(xds_boot(args, addr)?),
     };
     let opts = options(args, &cfg)?;
     let admin_addr = parse_addr_opt(&args.admin)?;
@@ -345,6 +355,58 @@ fn run(args: &Args, set_level: admin::SetLogLevel) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How to follow the control plane.
+struct XdsBoot {
+    endpoint: trellis_proxy::xds::Endpoint,
+    announce: trellis_xds::ads::Announce,
+    token: trellis_proxy::xds::Token,
+    /// The identity to get a workload certificate for, and its lifetime (with a token).
+    certificate: Option<(trellis_identity::Identity, Duration)>,
+}
+
+fn xds_boot(args: &Args, addr: SocketAddr) -> anyhow::Result<XdsBoot> {
+    use trellis_proxy::xds::{Endpoint, Token};
+    let token = match &args.xds_token_file {
+        Some(p) => {
+            // Read at every (re)connection; checked once here for a clear error.
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading the token {}", p.display()))?;
+            Token::File(p.clone())
+        }
+        None => Token::None,
+    };
+    let endpoint = match &args.xds_root {
+        Some(root) => {
+            let pem = std::fs::read_to_string(root)
+                .with_context(|| format!("reading --xds-root {}", root.display()))?;
+            Endpoint::tls(addr, &pem, &args.xds_server_name)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("--xds-root {}", root.display()))?
+        }
+        None if matches!(token, Token::File(_)) && !addr.ip().is_loopback() => anyhow::bail!(
+            "--xds {addr} is not a loopback address: give --xds-root (the mesh's root certificate) so that the token and the certificate travel over TLS"
+        ),
+        None => Endpoint::from(addr),
+    };
+    let announce = announce(args)?;
+    let certificate = matches!(token, Token::File(_)).then(|| {
+        (
+            trellis_identity::Identity {
+                trust_domain: args.trust_domain.clone(),
+                namespace: announce.namespace.clone(),
+                service_account: announce.service_account.clone(),
+            },
+            args.cert_ttl.0,
+        )
+    });
+    Ok(XdsBoot {
+        endpoint,
+        announce,
+        token,
+        certificate,
+    })
+}
+
 /// Admin, readiness and config reloads run on their own thread and runtime, off the data
 /// path.
 fn spawn_control_thread(
@@ -352,7 +414,7 @@ fn spawn_control_thread(
     admin_addr: Option<SocketAddr>,
     ready_addr: Option<SocketAddr>,
     config_path: Option<PathBuf>,
-    xds: Option<(SocketAddr, trellis_xds::ads::Announce, Option<PathBuf>)>,
+    xds: Option<XdsBoot>,
     env: config::LoadEnv,
 ) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -388,19 +450,24 @@ fn spawn_control_thread(
                 ));
                 match (config_path, xds) {
                     (Some(path), _) => watch_config(&ctx.shared, &path, &env).await,
-                    (None, Some((addr, announce, Some(token_file)))) => {
-                        trellis_proxy::xds::follow_with_token_file(
-                            addr,
-                            announce,
-                            token_file,
+                    (None, Some(boot)) => {
+                        if let Some((id, ttl)) = boot.certificate {
+                            tokio::spawn(trellis_proxy::identity::maintain(
+                                boot.endpoint.clone(),
+                                boot.token.clone(),
+                                id,
+                                ttl,
+                                Arc::clone(&ctx.shared),
+                            ));
+                        }
+                        trellis_proxy::xds::follow_with(
+                            boot.endpoint,
+                            boot.announce,
+                            boot.token,
                             Arc::clone(&ctx.shared),
                             env,
                         )
                         .await
-                    }
-                    (None, Some((addr, announce, None))) => {
-                        trellis_proxy::xds::follow(addr, announce, Arc::clone(&ctx.shared), env)
-                            .await
                     }
                     (None, None) => std::future::pending().await,
                 }

@@ -35,6 +35,8 @@ pub struct Shared {
     pub default_retry: crate::config::RetryPolicy,
     /// Mirrored requests in flight.
     pub mirrors_in_flight: std::sync::atomic::AtomicUsize,
+    /// The workload certificate, once the CA has issued one (see `identity`).
+    pub credentials: Arc<trellis_identity::tls::Credentials>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -58,6 +60,7 @@ impl Shared {
             outbound_conns: Arc::default(),
             default_retry: crate::config::RetryPolicy::istio_default(),
             mirrors_in_flight: std::sync::atomic::AtomicUsize::new(0),
+            credentials: Arc::default(),
         })
     }
 

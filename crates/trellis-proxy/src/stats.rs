@@ -4,6 +4,8 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use trellis_identity::tls::Certified;
+
 use crate::config::Config;
 
 macro_rules! counters {
@@ -43,6 +45,8 @@ counters! {
     dns_updates_total => "trellis_proxy_dns_updates_total", "counter", "Endpoint updates after a STRICT_DNS name resolved differently.";
     retry_overflow_total => "trellis_proxy_retry_overflow_total", "counter", "Retries not made because the cluster's maxRetries were in flight.";
     config_rejections_total => "trellis_proxy_config_rejections_total", "counter", "Snapshots refused (the last good one stays).";
+    certificates_issued_total => "trellis_proxy_certificates_issued_total", "counter", "Workload certificates received from the CA (first and renewals).";
+    certificate_failures_total => "trellis_proxy_certificate_failures_total", "counter", "Certificate requests that failed (the current certificate stays).";
 }
 
 impl Stats {
@@ -51,9 +55,27 @@ impl Stats {
     }
 
     /// Prometheus text exposition.
-    pub fn render(&self, cfg: &Config) -> String {
+    pub fn render(&self, cfg: &Config, cert: Option<&Certified>) -> String {
         let mut out = String::with_capacity(4096);
         self.write_counters(&mut out);
+        if let Some(c) = cert {
+            let _ = writeln!(
+                out,
+                "# HELP trellis_proxy_certificate_expiration_timestamp_seconds When the workload certificate in use expires (Unix time)."
+            );
+            let _ = writeln!(
+                out,
+                "# TYPE trellis_proxy_certificate_expiration_timestamp_seconds gauge"
+            );
+            let _ = writeln!(
+                out,
+                "trellis_proxy_certificate_expiration_timestamp_seconds{{identity=\"{}\"}} {}",
+                escape(c.spiffe.as_deref().unwrap_or("")),
+                c.not_after
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+            );
+        }
         let _ = writeln!(out, "# HELP trellis_proxy_config_info The snapshot in use.");
         let _ = writeln!(out, "# TYPE trellis_proxy_config_info gauge");
         let _ = writeln!(

@@ -16,6 +16,7 @@ use http::{HeaderValue, Method, Request};
 use http_body::{Body, Frame};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
 use tokio::sync::mpsc;
 use trellis_xds::ads::{
     Announce, DELTA_ADS_PATH, Deframer, DeltaDiscoveryRequest, DeltaDiscoveryResponse,
@@ -40,50 +41,234 @@ impl Body for ChannelBody {
     }
 }
 
-/// Follows the control plane at `addr` until the runtime stops.
-pub async fn follow(addr: SocketAddr, announce: Announce, shared: Arc<Shared>, env: LoadEnv) {
-    follow_with_token(addr, announce, None, shared, env).await;
+/// Where the control plane is, and how to reach it: cleartext, or TLS verified against
+/// the mesh's trust bundle and a name in the control plane's certificate.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("addr", &self.addr)
+            .field("tls", &self.tls.as_ref().map(|(_, n)| n))
+            .finish()
+    }
+}
+
+impl From<SocketAddr> for Endpoint {
+    fn from(addr: SocketAddr) -> Endpoint {
+        Endpoint { addr, tls: None }
+    }
+}
+
+impl Endpoint {
+    /// TLS to `addr`: the control plane's certificate must chain to a root of `roots_pem`
+    /// and name `server_name` (a DNS name or an IP address).
+    pub fn tls(addr: SocketAddr, roots_pem: &str, server_name: &str) -> Result<Endpoint, String> {
+        let config =
+            trellis_identity::tls::client_config(roots_pem, &[b"h2"]).map_err(|e| e.to_string())?;
+        let name = ServerName::try_from(server_name.to_string())
+            .map_err(|_| format!("{server_name:?} is not a DNS name or an IP address"))?;
+        Ok(Endpoint {
+            addr,
+            tls: Some((Arc::new(config), name)),
+        })
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// A new HTTP/2 connection; its driver runs on a task of its own.
+    async fn connect(&self) -> Result<http2::SendRequest<ChannelBody>, String> {
+        let stream = crate::sockets::connect(self.addr, Duration::from_secs(5))
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some((config, name)) = &self.tls else {
+            return handshake(stream).await;
+        };
+        let connector = tokio_rustls::TlsConnector::from(Arc::clone(config));
+        let tls = tokio::time::timeout(
+            Duration::from_secs(10),
+            connector.connect(name.clone(), stream),
+        )
+        .await
+        .map_err(|_| "no TLS handshake within 10 s".to_string())?
+        .map_err(|e| format!("TLS: {e}"))?;
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Err("TLS: the server did not agree on HTTP/2 (ALPN h2)".into());
+        }
+        handshake(tls).await
+    }
+}
+
+async fn handshake<S>(stream: S) -> Result<http2::SendRequest<ChannelBody>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(15))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("xDS connection: {e}");
+        }
+    });
+    Ok(sender)
+}
+
+/// The bootstrap token a proxy shows the control plane.
+#[derive(Debug, Clone, Default)]
+pub enum Token {
+    #[default]
+    None,
+    Fixed(String),
+    /// Read before every connection, so a renewed token is picked up without a restart.
+    File(std::path::PathBuf),
+}
+
+impl Token {
+    pub fn read(&self) -> Result<Option<String>, String> {
+        match self {
+            Token::None => Ok(None),
+            Token::Fixed(t) => Ok(Some(t.clone())),
+            Token::File(path) => std::fs::read_to_string(path)
+                .map(|t| Some(t.trim().to_string()))
+                .map_err(|e| format!("reading the token {}: {e}", path.display())),
+        }
+    }
+}
+
+/// A gRPC request on `path` with the token: its head, and the channel its body is fed from.
+fn grpc_request(
+    ep: &Endpoint,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(Request<ChannelBody>, mpsc::Sender<Bytes>), String> {
+    let (tx, rx) = mpsc::channel::<Bytes>(8);
+    let mut req = Request::new(ChannelBody(rx));
+    *req.method_mut() = Method::POST;
+    let scheme = if ep.is_tls() { "https" } else { "http" };
+    *req.uri_mut() = format!("{scheme}://{}{path}", ep.addr)
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let h = req.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    if let Some(t) = token {
+        h.insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {t}")).map_err(|e| e.to_string())?,
+        );
+    }
+    Ok((req, tx))
+}
+
+/// The error a gRPC response's trailers carry, if any.
+fn grpc_error(trailers: &http::HeaderMap) -> Option<String> {
+    let status = trailers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("0");
+    if status == "0" {
+        return None;
+    }
+    let msg = trailers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    Some(format!("grpc-status {status}: {msg}"))
+}
+
+/// A unary gRPC call on a connection of its own (certificate requests: rare).
+pub async fn unary<Req: prost::Message, Resp: prost::Message + Default>(
+    ep: &Endpoint,
+    path: &str,
+    token: Option<&str>,
+    message: &Req,
+) -> Result<Resp, String> {
+    let mut sender = ep.connect().await?;
+    let (req, tx) = grpc_request(ep, path, token)?;
+    tx.send(Bytes::from(frame(message)))
+        .await
+        .map_err(|_| "request stream closed".to_string())?;
+    drop(tx);
+    let call = async {
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        if let Some(e) = grpc_error(resp.headers()) {
+            return Err(e);
+        }
+        let mut body = resp.into_body();
+        let mut deframer = Deframer::default();
+        let mut message = None;
+        while let Some(f) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+            match f.map_err(|e| e.to_string())?.into_data() {
+                Ok(d) => {
+                    deframer.push(&d);
+                    if let Some(m) = deframer.next_message::<Resp>().map_err(|e| e.to_string())? {
+                        message = Some(m);
+                    }
+                }
+                Err(f) => {
+                    if let Some(e) = f.trailers_ref().and_then(grpc_error) {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        message.ok_or_else(|| "no response message".to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(30), call)
+        .await
+        .map_err(|_| "no answer within 30 s".to_string())?
+}
+
+/// Follows the control plane at `ep` until the runtime stops.
+pub async fn follow(
+    ep: impl Into<Endpoint>,
+    announce: Announce,
+    shared: Arc<Shared>,
+    env: LoadEnv,
+) {
+    follow_with(ep, announce, Token::None, shared, env).await;
 }
 
 /// As [`follow`], presenting a bootstrap token (`authorization: Bearer`).
 pub async fn follow_with_token(
-    addr: SocketAddr,
+    ep: impl Into<Endpoint>,
     announce: Announce,
     token: Option<String>,
     shared: Arc<Shared>,
     env: LoadEnv,
 ) {
-    follow_inner(addr, announce, move || Ok(token.clone()), shared, env).await;
+    let token = token.map_or(Token::None, Token::Fixed);
+    follow_with(ep, announce, token, shared, env).await;
 }
 
-/// As [`follow`], reading the bootstrap token from `path` before every connection (a
-/// renewed token is picked up without a restart).
-pub async fn follow_with_token_file(
-    addr: SocketAddr,
+/// As [`follow`], presenting `token` (read again before every connection).
+pub async fn follow_with(
+    ep: impl Into<Endpoint>,
     announce: Announce,
-    path: std::path::PathBuf,
+    token: Token,
     shared: Arc<Shared>,
     env: LoadEnv,
 ) {
-    let read = move || {
-        std::fs::read_to_string(&path)
-            .map(|t| Some(t.trim().to_string()))
-            .map_err(|e| format!("reading the token {}: {e}", path.display()))
-    };
-    follow_inner(addr, announce, read, shared, env).await;
-}
-
-async fn follow_inner(
-    addr: SocketAddr,
-    announce: Announce,
-    token: impl Fn() -> Result<Option<String>, String>,
-    shared: Arc<Shared>,
-    env: LoadEnv,
-) {
+    let ep = ep.into();
+    let addr = ep.addr;
     let mut backoff = Duration::from_millis(100);
     loop {
-        let result = match token() {
-            Ok(t) => session(addr, &announce, t.as_deref(), &shared, &env).await,
+        let result = match token.read() {
+            Ok(t) => session(&ep, &announce, t.as_deref(), &shared, &env).await,
             Err(e) => Err(e),
         };
         match result {
@@ -104,45 +289,14 @@ async fn follow_inner(
 
 /// One stream; returns when it ends.
 async fn session(
-    addr: SocketAddr,
+    ep: &Endpoint,
     announce: &Announce,
     token: Option<&str>,
     shared: &Arc<Shared>,
     env: &LoadEnv,
 ) -> Result<(), String> {
-    let stream = crate::sockets::connect(addr, Duration::from_secs(5))
-        .await
-        .map_err(|e| e.to_string())?;
-    let (mut sender, conn) = http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(15))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!("xDS connection: {e}");
-        }
-    });
-    let (tx, rx) = mpsc::channel::<Bytes>(8);
-    let mut req = Request::new(ChannelBody(rx));
-    *req.method_mut() = Method::POST;
-    *req.uri_mut() = format!("http://{addr}{DELTA_ADS_PATH}")
-        .parse()
-        .map_err(|e| format!("{e}"))?;
-    let h = req.headers_mut();
-    h.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
-    h.insert(http::header::TE, HeaderValue::from_static("trailers"));
-    if let Some(t) = token {
-        h.insert(
-            http::header::AUTHORIZATION,
-            HeaderValue::from_str(&format!("Bearer {t}")).map_err(|e| e.to_string())?,
-        );
-    }
+    let mut sender = ep.connect().await?;
+    let (req, tx) = grpc_request(ep, DELTA_ADS_PATH, token)?;
     let current = shared.config.load();
     let first = DeltaDiscoveryRequest {
         node: Some(announce.to_node()),
@@ -164,7 +318,7 @@ async fn session(
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     let mut body = resp.into_body();
     let mut deframer = Deframer::default();
-    tracing::info!("connected to the control plane at {addr}");
+    tracing::info!("connected to the control plane at {}", ep.addr);
     while let Some(f) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
         let f = f.map_err(|e| e.to_string())?;
         let f = match f.into_data() {
@@ -175,18 +329,8 @@ async fn session(
             }
             Err(f) => f,
         };
-        if let Some(t) = f.trailers_ref() {
-            let status = t
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("0");
-            if status != "0" {
-                let msg = t
-                    .get("grpc-message")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
-                return Err(format!("grpc-status {status}: {msg}"));
-            }
+        if let Some(e) = f.trailers_ref().and_then(grpc_error) {
+            return Err(e);
         }
     }
     Ok(())

@@ -114,7 +114,7 @@ async fn jason_goes_to_v2_and_the_rest_split_50_50() {
     // Each rule's requests, by its name, in the proxy's metrics; a snapshot swap that
     // keeps the rule keeps its count.
     let metric = |p: &ProxyHandle, route: &str| {
-        let text = p.shared.stats.render(&p.config());
+        let text = p.shared.stats.render(&p.config(), None);
         let key = format!(
             "trellis_proxy_route_requests_total{{host=\"reviews.default.svc.cluster.local\",port=\"9080\",route=\"{route}\"}} "
         );

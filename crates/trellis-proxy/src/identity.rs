@@ -1,0 +1,121 @@
+//! The proxy's workload certificate: a key made here (it never leaves the process), a CSR
+//! for the instance's SPIFFE identity sent with the bootstrap token to the control plane's
+//! CA (Istio's `CreateCertificate`), and the chain it returns, published in
+//! [`Shared::credentials`] for new handshakes. Renewed at half-life; when a renewal fails
+//! the current certificate stays, and the request is retried with backoff.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use trellis_identity::Identity;
+use trellis_identity::tls::Certified;
+use trellis_xds::ads::{
+    CREATE_CERTIFICATE_PATH, IstioCertificateRequest, IstioCertificateResponse,
+};
+
+use crate::proxy::Shared;
+use crate::stats::Stats;
+use crate::xds::{Endpoint, Token};
+
+/// Istio's default workload certificate lifetime.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// One certificate for `id`, valid for `ttl` (the CA may shorten it).
+pub async fn request(
+    ep: &Endpoint,
+    token: Option<&str>,
+    id: &Identity,
+    ttl: Duration,
+) -> Result<Certified, String> {
+    let (key, csr) = trellis_identity::workload_key_and_csr(id).map_err(|e| e.to_string())?;
+    let resp: IstioCertificateResponse = crate::xds::unary(
+        ep,
+        CREATE_CERTIFICATE_PATH,
+        token,
+        &IstioCertificateRequest {
+            csr,
+            validity_duration: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
+            metadata: None,
+        },
+    )
+    .await?;
+    let cert = Certified::from_pem(&resp.cert_chain, key).map_err(|e| e.to_string())?;
+    let want = id.spiffe();
+    if cert.spiffe.as_deref() != Some(want.as_str()) {
+        return Err(format!(
+            "the CA answered with a certificate for {:?}, not {want}",
+            cert.spiffe
+        ));
+    }
+    Ok(cert)
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Keeps `shared.credentials` holding a valid certificate for `id`, until the runtime stops.
+pub async fn maintain(
+    ep: Endpoint,
+    token: Token,
+    id: Identity,
+    ttl: Duration,
+    shared: Arc<Shared>,
+) {
+    let spiffe = id.spiffe();
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let result = match token.read() {
+            Ok(t) => request(&ep, t.as_deref(), &id, ttl).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(cert) => {
+                let renew = cert.renew_at();
+                tracing::info!(
+                    identity = %spiffe,
+                    serial = %cert.serial,
+                    expires = unix(cert.not_after),
+                    "workload certificate issued; renewing in {:?}",
+                    renew.duration_since(SystemTime::now()).unwrap_or_default()
+                );
+                Stats::inc(&shared.stats.certificates_issued_total);
+                shared.credentials.set(cert);
+                backoff = Duration::from_secs(1);
+                let wait = renew
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default()
+                    .max(Duration::from_millis(100));
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => {
+                Stats::inc(&shared.stats.certificate_failures_total);
+                let held = shared.credentials.current();
+                let now = SystemTime::now();
+                let valid = held.as_ref().filter(|c| c.valid_at(now));
+                match valid {
+                    Some(c) => tracing::warn!(
+                        identity = %spiffe,
+                        "certificate renewal failed: {e}; the current one stays (expires in {:?}); retrying in about {backoff:?}",
+                        c.not_after.duration_since(now).unwrap_or_default()
+                    ),
+                    None => tracing::error!(
+                        identity = %spiffe,
+                        "no valid workload certificate: {e}; retrying in about {backoff:?}"
+                    ),
+                }
+                // Full jitter over [backoff/2, backoff], doubling up to a minute, and never
+                // more than a quarter of what is left of the current certificate.
+                let jitter = crate::http::random_u64() % (backoff.as_millis() as u64 / 2 + 1);
+                let mut wait = backoff / 2 + Duration::from_millis(jitter);
+                if let Some(c) = valid {
+                    let left = c.not_after.duration_since(now).unwrap_or_default();
+                    wait = wait.min(left / 4).max(Duration::from_millis(100));
+                }
+                tokio::time::sleep(wait).await;
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
+}
