@@ -230,6 +230,27 @@ fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     Ok(body.to_string())
 }
 
+/// `90061` → `1d1h`, `3599` → `59m59s`: the two largest units.
+fn human_duration(secs: u64) -> String {
+    let units = [(86_400, "d"), (3_600, "h"), (60, "m"), (1, "s")];
+    let mut out = String::new();
+    let mut left = secs;
+    let mut shown = 0;
+    for (size, name) in units {
+        if left >= size || (shown == 0 && size == 1) {
+            out.push_str(&format!("{}{name}", left / size));
+            left %= size;
+            shown += 1;
+        } else if shown > 0 {
+            shown += 1;
+        }
+        if shown == 2 {
+            break;
+        }
+    }
+    out
+}
+
 pub fn run_proxy_status(args: &ProxyStatusArgs) -> anyhow::Result<ExitCode> {
     let body = get(args.control_plane, "/debug/proxy-status")?;
     let list: serde_json::Value = serde_json::from_str(&body).context("parsing the status")?;
@@ -241,9 +262,12 @@ pub fn run_proxy_status(args: &ProxyStatusArgs) -> anyhow::Result<ExitCode> {
     let s = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or("-").to_string();
     writeln!(
         out,
-        "{:<32} {:<16} {:<16} {:<8} NACK",
-        "PROXY", "SENT", "ACKED", "SYNCED"
+        "{:<32} {:<16} {:<16} {:<8} {:<12} NACK",
+        "PROXY", "SENT", "ACKED", "SYNCED", "CERT EXPIRY"
     )?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     for p in list.as_array().map(Vec::as_slice).unwrap_or_default() {
         let synced = if p["sentVersion"] == p["ackedVersion"] {
             "SYNCED"
@@ -256,13 +280,19 @@ pub fn run_proxy_status(args: &ProxyStatusArgs) -> anyhow::Result<ExitCode> {
             (Some(v), Some(e)) => format!("{v}: {e}"),
             _ => String::new(),
         };
+        let cert = match p["certificateExpiryUnix"].as_u64() {
+            None => "-".to_string(),
+            Some(t) if t <= now => "EXPIRED".to_string(),
+            Some(t) => format!("in {}", human_duration(t - now)),
+        };
         writeln!(
             out,
-            "{:<32} {:<16} {:<16} {:<8} {nack}",
+            "{:<32} {:<16} {:<16} {:<8} {:<12} {nack}",
             format!("{}.{}", s(p, "instance"), s(p, "namespace")),
             s(p, "sentVersion"),
             s(p, "ackedVersion"),
-            synced
+            synced,
+            cert
         )?;
     }
     Ok(ExitCode::SUCCESS)
@@ -396,4 +426,19 @@ pub fn run_proxy_config(args: &ProxyConfigArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn durations_read_in_their_two_largest_units() {
+        let h = super::human_duration;
+        assert_eq!(h(0), "0s");
+        assert_eq!(h(59), "59s");
+        assert_eq!(h(3_599), "59m59s");
+        assert_eq!(h(3_600), "1h");
+        assert_eq!(h(86_399), "23h59m");
+        assert_eq!(h(90_061), "1d1h");
+        assert_eq!(h(86_400 + 59), "1d");
+    }
 }

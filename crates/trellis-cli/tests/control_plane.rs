@@ -183,6 +183,23 @@ async fn proxies_follow_the_control_plane_and_proxy_status_shows_a_nack() {
         // start, and has the name `trellis-control`.
         let root = std::fs::read_to_string(data.path().join("ca-cert.pem")).expect("root");
         let ep = trellis_proxy::xds::Endpoint::tls(xds, &root, "trellis-control").expect("ep");
+        // web-0 also keeps a workload certificate (reviews-v1 does not ask for one).
+        if a.name == "web-0" {
+            tokio::spawn(trellis_proxy::identity::maintain(
+                ep.clone(),
+                trellis_proxy::xds::Token::Fixed(token.clone()),
+                trellis_proxy::identity::CertRequest {
+                    identity: trellis_identity::Identity {
+                        trust_domain: "cluster.local".into(),
+                        namespace: a.namespace.clone(),
+                        service_account: a.service_account.clone(),
+                    },
+                    instance: a.name.clone(),
+                    ttl: Duration::from_secs(3 * 3600),
+                },
+                Arc::clone(&p.shared),
+            ));
+        }
         tokio::spawn(trellis_proxy::xds::follow_with_token(
             ep,
             a,
@@ -214,6 +231,8 @@ async fn proxies_follow_the_control_plane_and_proxy_status_shows_a_nack() {
     assert_eq!(get().await, 200);
     let status = {
         let mut last = String::new();
+        // Both synced, and web-0's certificate shows when it expires (3 h, less the
+        // seconds the test has taken).
         let synced = eventually(Duration::from_secs(5), || {
             last = proxy_status(debug);
             last.lines()
@@ -221,6 +240,13 @@ async fn proxies_follow_the_control_plane_and_proxy_status_shows_a_nack() {
                 .filter(|l| l.contains("SYNCED"))
                 .count()
                 == 2
+                && last.lines().any(|l| {
+                    l.starts_with("web-0.web ")
+                        && (l.contains(" in 2h59m") || l.contains(" in 3h "))
+                })
+                && last
+                    .lines()
+                    .any(|l| l.starts_with("reviews-v1.shop ") && l.contains(" - "))
         })
         .await;
         assert!(synced, "{last}");
@@ -241,6 +267,10 @@ async fn proxies_follow_the_control_plane_and_proxy_status_shows_a_nack() {
             |l| l.starts_with("trellis_control_proxy_convergence_seconds_count ")
                 && l.split(' ').nth(1).and_then(|n| n.parse::<u64>().ok()) >= Some(2)
         ),
+        "{text}"
+    );
+    assert!(
+        text.contains("trellis_control_certificates_issued_total 1\n"),
         "{text}"
     );
     assert!(

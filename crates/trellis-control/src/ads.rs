@@ -20,8 +20,8 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use trellis_xds::ads::{
     Announce, CREATE_CERTIFICATE_PATH, DELTA_ADS_PATH, Deframer, DeltaDiscoveryRequest,
-    DeltaDiscoveryResponse, IstioCertificateRequest, IstioCertificateResponse, Resource,
-    SNAPSHOT_TYPE_URL, frame,
+    DeltaDiscoveryResponse, INSTANCE_NAME_KEY, IstioCertificateRequest, IstioCertificateResponse,
+    Resource, SNAPSHOT_TYPE_URL, frame,
 };
 
 use crate::registry::{Instance, InstancePort};
@@ -243,7 +243,7 @@ async fn handle(
             tokio::spawn(stream(cp, proven, req.into_body(), tx));
         }
         (CREATE_CERTIFICATE_PATH, Some(a)) => {
-            tokio::spawn(create_certificate(Arc::clone(a), req, tx));
+            tokio::spawn(create_certificate(cp, Arc::clone(a), req, tx));
         }
         _ => {
             let _ = tx.try_send(grpc_trailers(12, "unknown method"));
@@ -276,6 +276,7 @@ async fn first_message<M: prost::Message + Default>(
 
 /// Istio's `CreateCertificate` (unary).
 async fn create_certificate(
+    cp: Arc<ControlPlane>,
     auth: Arc<Auth>,
     req: Request<Incoming>,
     tx: mpsc::Sender<Frame<Bytes>>,
@@ -309,6 +310,24 @@ async fn create_certificate(
         .create_certificate(&auth.tokens, &token, &request.csr, ttl)
     {
         Ok(cert_chain) => {
+            // The instance the proxy says it is (Istio's agents send their pod's name):
+            // only for `trellis proxy-status`; the identity is what the token proved.
+            let instance = request
+                .metadata
+                .as_ref()
+                .and_then(|m| m.fields.get(INSTANCE_NAME_KEY))
+                .and_then(|v| match &v.kind {
+                    Some(prost_types::value::Kind::StringValue(s)) => Some(s.as_str()),
+                    _ => None,
+                });
+            if let (Some(not_after), Ok((ns, _))) = (
+                cert_chain
+                    .first()
+                    .and_then(|c| trellis_identity::not_after(c)),
+                auth.tokens.verify(&token, std::time::SystemTime::now()),
+            ) {
+                cp.certificate_issued(&ns, instance, not_after);
+            }
             let resp = IstioCertificateResponse { cert_chain };
             let _ = tx.send(Frame::data(Bytes::from(frame(&resp)))).await;
             let _ = tx.send(grpc_trailers(0, "")).await;

@@ -31,6 +31,7 @@ pub fn status_json(cp: &ControlPlane) -> serde_json::Value {
                 "ackedVersion": s.acked,
                 "nackedVersion": s.nacked.as_ref().map(|(v, _)| v.clone()),
                 "nackError": s.nacked.as_ref().map(|(_, e)| e.clone()),
+                "certificateExpiryUnix": s.certificate_expiry.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
             })
         })
         .collect();
@@ -92,10 +93,11 @@ async fn handle(
                     .is_some_and(|(v, _)| Some(v) == s.sent.as_ref().map(|(sv, _)| sv))
             });
             let mut text = format!(
-                "# HELP trellis_control_connected_proxies Proxies connected now.\n# TYPE trellis_control_connected_proxies gauge\ntrellis_control_connected_proxies {}\n# HELP trellis_control_pushes_total Snapshots sent.\n# TYPE trellis_control_pushes_total counter\ntrellis_control_pushes_total {}\n# HELP trellis_control_nacking_proxies Proxies that refused the latest snapshot sent to them.\n# TYPE trellis_control_nacking_proxies gauge\ntrellis_control_nacking_proxies {}\n",
+                "# HELP trellis_control_connected_proxies Proxies connected now.\n# TYPE trellis_control_connected_proxies gauge\ntrellis_control_connected_proxies {}\n# HELP trellis_control_pushes_total Snapshots sent.\n# TYPE trellis_control_pushes_total counter\ntrellis_control_pushes_total {}\n# HELP trellis_control_nacking_proxies Proxies that refused the latest snapshot sent to them.\n# TYPE trellis_control_nacking_proxies gauge\ntrellis_control_nacking_proxies {}\n# HELP trellis_control_certificates_issued_total Workload certificates the CA signed.\n# TYPE trellis_control_certificates_issued_total counter\ntrellis_control_certificates_issued_total {}\n",
                 st.len(),
                 cp.pushes(),
-                nacking.count()
+                nacking.count(),
+                cp.certificates_issued()
             );
             cp.push_seconds.render(
                 "trellis_control_push_seconds",

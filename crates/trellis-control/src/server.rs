@@ -49,6 +49,8 @@ pub struct ProxyStatus {
     pub acked: Option<String>,
     /// The version the proxy last refused, with its reason.
     pub nacked: Option<(String, String)>,
+    /// When the last certificate issued to this instance expires.
+    pub certificate_expiry: Option<SystemTime>,
 }
 
 /// What one proxy is sent: the translation of its scope, shared by every proxy of that
@@ -184,6 +186,9 @@ pub struct ControlPlane {
     debounce: Debounce,
     root_namespace: String,
     trust_domain: String,
+    /// (namespace, instance) → when the last certificate issued to it expires.
+    certificates: Mutex<std::collections::HashMap<(String, String), SystemTime>>,
+    certificates_issued: AtomicU64,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -229,6 +234,8 @@ impl ControlPlane {
             debounce,
             root_namespace: ROOT_NAMESPACE.to_string(),
             trust_domain: trust_domain.to_string(),
+            certificates: Mutex::new(std::collections::HashMap::new()),
+            certificates_issued: AtomicU64::new(0),
         })
     }
 
@@ -248,6 +255,7 @@ impl ControlPlane {
             sent: None,
             acked: None,
             nacked: None,
+            certificate_expiry: None,
         };
         {
             // Lock order: connections, then departed instances (as in push_all), so a
@@ -357,7 +365,45 @@ impl ControlPlane {
     }
 
     pub fn status(&self) -> Vec<ProxyStatus> {
-        self.conns().values().map(|c| c.status.clone()).collect()
+        let certs = self
+            .certificates
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.conns()
+            .values()
+            .map(|c| {
+                let mut s = c.status.clone();
+                let key = (s.namespace.clone(), s.instance.clone());
+                s.certificate_expiry = certs.get(&key).copied();
+                s
+            })
+            .collect()
+    }
+
+    /// The CA issued a certificate, valid until `not_after`, to `instance` (a name the
+    /// proxy gave in its request) of `namespace` (what its token proved).
+    pub fn certificate_issued(
+        &self,
+        namespace: &str,
+        instance: Option<&str>,
+        not_after: SystemTime,
+    ) {
+        self.certificates_issued.fetch_add(1, Ordering::Relaxed);
+        if let Some(name) = instance {
+            let mut certs = self
+                .certificates
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            // Bounded by the instances that ever asked; forget the long expired.
+            let now = SystemTime::now();
+            certs.retain(|_, t| *t > now);
+            certs.insert((namespace.to_string(), name.to_string()), not_after);
+        }
+    }
+
+    /// Certificates issued so far.
+    pub fn certificates_issued(&self) -> u64 {
+        self.certificates_issued.load(Ordering::Relaxed)
     }
 
     /// Snapshots sent so far (all proxies).

@@ -343,8 +343,11 @@ async fn over_tls_proxies_get_their_config_and_a_certificate_renewed_at_half_lif
     tokio::spawn(trellis_proxy::identity::maintain(
         ep,
         Token::Fixed(token.clone()),
-        id,
-        Duration::from_secs(4),
+        trellis_proxy::identity::CertRequest {
+            identity: id,
+            instance: "web-0".into(),
+            ttl: Duration::from_secs(4),
+        },
         Arc::clone(&good.shared),
     ));
     let creds = Arc::clone(&good.shared.credentials);
@@ -375,6 +378,13 @@ async fn over_tls_proxies_get_their_config_and_a_certificate_renewed_at_half_lif
     })
     .await;
     let renewed = creds.current().expect("certificate");
+    // The control plane's status shows when the instance's certificate expires.
+    eventually("the expiry in the status", Duration::from_secs(2), || {
+        cp.status()
+            .iter()
+            .any(|s| s.instance == "web-0" && s.certificate_expiry >= Some(first.not_after))
+    })
+    .await;
     assert!(renewed.not_before >= first.renew_at() - Duration::from_secs(1));
     let stats = &good.shared.stats;
     assert!(stats.certificates_issued_total.load(Ordering::Relaxed) >= 2);

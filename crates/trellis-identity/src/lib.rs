@@ -348,6 +348,14 @@ impl Ca {
     }
 }
 
+/// When the first certificate of a PEM string expires (None if it does not parse).
+pub fn not_after(pem: &str) -> Option<SystemTime> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+    let x509 = pem.parse_x509().ok()?;
+    let secs = u64::try_from(x509.validity().not_after.timestamp()).ok()?;
+    Some(UNIX_EPOCH + Duration::from_secs(secs))
+}
+
 /// A new private key (ECDSA P-256, PKCS#8 DER, to be kept in memory) and a certificate
 /// signing request for `id` made with it (PEM, its one SAN the SPIFFE id): what a proxy
 /// sends to `CreateCertificate`.

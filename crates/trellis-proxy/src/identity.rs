@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use trellis_identity::Identity;
 use trellis_identity::tls::Certified;
 use trellis_xds::ads::{
-    CREATE_CERTIFICATE_PATH, IstioCertificateRequest, IstioCertificateResponse,
+    CREATE_CERTIFICATE_PATH, INSTANCE_NAME_KEY, IstioCertificateRequest, IstioCertificateResponse,
 };
 
 use crate::proxy::Shared;
@@ -20,14 +20,32 @@ use crate::xds::{Endpoint, Token};
 /// Istio's default workload certificate lifetime.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 
-/// One certificate for `id`, valid for `ttl` (the CA may shorten it).
+/// What to ask the CA for.
+#[derive(Debug, Clone)]
+pub struct CertRequest {
+    pub identity: Identity,
+    /// The instance's name, for the control plane's status page.
+    pub instance: String,
+    /// The lifetime to ask for (the CA may shorten it).
+    pub ttl: Duration,
+}
+
+/// One certificate.
 pub async fn request(
     ep: &Endpoint,
     token: Option<&str>,
-    id: &Identity,
-    ttl: Duration,
+    want: &CertRequest,
 ) -> Result<Certified, String> {
+    let (id, ttl) = (&want.identity, want.ttl);
     let (key, csr) = trellis_identity::workload_key_and_csr(id).map_err(|e| e.to_string())?;
+    let name = prost_types::Value {
+        kind: Some(prost_types::value::Kind::StringValue(want.instance.clone())),
+    };
+    let metadata = prost_types::Struct {
+        fields: [(INSTANCE_NAME_KEY.to_string(), name)]
+            .into_iter()
+            .collect(),
+    };
     let resp: IstioCertificateResponse = crate::xds::unary(
         ep,
         CREATE_CERTIFICATE_PATH,
@@ -35,7 +53,7 @@ pub async fn request(
         &IstioCertificateRequest {
             csr,
             validity_duration: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
-            metadata: None,
+            metadata: Some(metadata),
         },
     )
     .await?;
@@ -55,19 +73,13 @@ fn unix(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Keeps `shared.credentials` holding a valid certificate for `id`, until the runtime stops.
-pub async fn maintain(
-    ep: Endpoint,
-    token: Token,
-    id: Identity,
-    ttl: Duration,
-    shared: Arc<Shared>,
-) {
-    let spiffe = id.spiffe();
+/// Keeps `shared.credentials` holding a valid certificate, until the runtime stops.
+pub async fn maintain(ep: Endpoint, token: Token, want: CertRequest, shared: Arc<Shared>) {
+    let spiffe = want.identity.spiffe();
     let mut backoff = Duration::from_secs(1);
     loop {
         let result = match token.read() {
-            Ok(t) => request(&ep, t.as_deref(), &id, ttl).await,
+            Ok(t) => request(&ep, t.as_deref(), &want).await,
             Err(e) => Err(e),
         };
         match result {
@@ -77,8 +89,11 @@ pub async fn maintain(
                     identity = %spiffe,
                     serial = %cert.serial,
                     expires = unix(cert.not_after),
-                    "workload certificate issued; renewing in {:?}",
-                    renew.duration_since(SystemTime::now()).unwrap_or_default()
+                    "workload certificate issued; renewing in {} s",
+                    renew
+                        .duration_since(SystemTime::now())
+                        .unwrap_or_default()
+                        .as_secs()
                 );
                 Stats::inc(&shared.stats.certificates_issued_total);
                 shared.credentials.set(cert);

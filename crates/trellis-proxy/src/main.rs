@@ -360,8 +360,8 @@ struct XdsBoot {
     endpoint: trellis_proxy::xds::Endpoint,
     announce: trellis_xds::ads::Announce,
     token: trellis_proxy::xds::Token,
-    /// The identity to get a workload certificate for, and its lifetime (with a token).
-    certificate: Option<(trellis_identity::Identity, Duration)>,
+    /// The workload certificate to keep (with a token).
+    certificate: Option<trellis_proxy::identity::CertRequest>,
 }
 
 fn xds_boot(args: &Args, addr: SocketAddr) -> anyhow::Result<XdsBoot> {
@@ -389,16 +389,16 @@ fn xds_boot(args: &Args, addr: SocketAddr) -> anyhow::Result<XdsBoot> {
         None => Endpoint::from(addr),
     };
     let announce = announce(args)?;
-    let certificate = matches!(token, Token::File(_)).then(|| {
-        (
-            trellis_identity::Identity {
+    let certificate =
+        matches!(token, Token::File(_)).then(|| trellis_proxy::identity::CertRequest {
+            identity: trellis_identity::Identity {
                 trust_domain: args.trust_domain.clone(),
                 namespace: announce.namespace.clone(),
                 service_account: announce.service_account.clone(),
             },
-            args.cert_ttl.0,
-        )
-    });
+            instance: announce.name.clone(),
+            ttl: args.cert_ttl.0,
+        });
     Ok(XdsBoot {
         endpoint,
         announce,
@@ -451,12 +451,11 @@ fn spawn_control_thread(
                 match (config_path, xds) {
                     (Some(path), _) => watch_config(&ctx.shared, &path, &env).await,
                     (None, Some(boot)) => {
-                        if let Some((id, ttl)) = boot.certificate {
+                        if let Some(want) = boot.certificate {
                             tokio::spawn(trellis_proxy::identity::maintain(
                                 boot.endpoint.clone(),
                                 boot.token.clone(),
-                                id,
-                                ttl,
+                                want,
                                 Arc::clone(&ctx.shared),
                             ));
                         }

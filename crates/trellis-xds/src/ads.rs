@@ -88,6 +88,10 @@ pub struct DeltaDiscoveryResponse {
 pub const CREATE_CERTIFICATE_PATH: &str =
     "/istio.v1.auth.IstioCertificateService/CreateCertificate";
 
+/// The key of `IstioCertificateRequest.metadata` naming the proxy's instance (for status
+/// pages; the identity comes from the token).
+pub const INSTANCE_NAME_KEY: &str = "NAME";
+
 /// `istio.v1.auth.IstioCertificateRequest`: a PEM CSR and the validity asked for (seconds).
 /// The bootstrap token travels in the `authorization: Bearer` header.
 #[derive(Clone, PartialEq, prost::Message)]
