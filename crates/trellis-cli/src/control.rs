@@ -139,6 +139,11 @@ pub fn run_control_plane(args: &ControlPlaneArgs) -> anyhow::Result<ExitCode> {
                 let (creds, renew) =
                     trellis_control::ads::serving_credentials(Arc::clone(auth), dns, ips)?;
                 tokio::spawn(renew);
+                tokio::spawn(trellis_control::ads::publish_trust_roots(
+                    Arc::clone(auth),
+                    Arc::clone(&cp),
+                    Duration::from_secs(5),
+                ));
                 Some(Arc::new(trellis_identity::tls::server_config(
                     creds,
                     &[b"h2"],

@@ -202,6 +202,36 @@ pub fn serving_credentials(
     Ok((creds, renew))
 }
 
+/// Sends the CA's trust bundle ([`trellis_identity::Ca::trust_roots`]) to every proxy, and
+/// again whenever it changes (`extra-roots.pem` is read every `every`). A file that does
+/// not parse is logged once, and the bundle already sent stays.
+pub async fn publish_trust_roots(
+    auth: Arc<Auth>,
+    cp: Arc<ControlPlane>,
+    every: std::time::Duration,
+) {
+    let mut last_error = None;
+    loop {
+        match auth.ca.trust_roots() {
+            Ok(roots) => {
+                let n = roots.len();
+                if cp.set_trust_roots(roots) {
+                    tracing::info!("trust bundle: the CA's root and {} more", n - 1);
+                }
+                last_error = None;
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if last_error.as_ref() != Some(&e) {
+                    tracing::error!("trust bundle unchanged: {e}");
+                    last_error = Some(e);
+                }
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// The token of a request (`authorization: Bearer …`), checked: the namespace and
 /// service account it proves.
 fn token_identity(auth: &Auth, req: &Request<Incoming>) -> Result<(String, String), String> {

@@ -64,6 +64,8 @@ pub struct Pushed {
     /// `scope`, encoded.
     scope_encoded: Bytes,
     pub workload: Option<wire::Workload>,
+    /// The mesh's trust bundle (the same `Arc` for every proxy).
+    pub trust_roots: Arc<Vec<String>>,
 }
 
 impl Pushed {
@@ -72,6 +74,7 @@ impl Pushed {
         let mut s = (*self.scope).clone();
         s.version = self.version.clone();
         s.workload = self.workload.clone();
+        s.trust_roots = (*self.trust_roots).clone();
         s
     }
 
@@ -82,6 +85,7 @@ impl Pushed {
         let own = wire::Snapshot {
             version: self.version.clone(),
             workload: self.workload.clone(),
+            trust_roots: (*self.trust_roots).clone(),
             ..Default::default()
         };
         let mut out = Vec::with_capacity(self.scope_encoded.len() + 256);
@@ -189,6 +193,8 @@ pub struct ControlPlane {
     /// (namespace, instance) → when the last certificate issued to it expires.
     certificates: Mutex<std::collections::HashMap<(String, String), SystemTime>>,
     certificates_issued: AtomicU64,
+    /// The trust bundle sent to every proxy.
+    trust_roots: Mutex<Arc<Vec<String>>>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -236,6 +242,7 @@ impl ControlPlane {
             trust_domain: trust_domain.to_string(),
             certificates: Mutex::new(std::collections::HashMap::new()),
             certificates_issued: AtomicU64::new(0),
+            trust_roots: Mutex::new(Arc::new(Vec::new())),
         })
     }
 
@@ -401,6 +408,23 @@ impl ControlPlane {
         }
     }
 
+    /// Sets the trust bundle every proxy is sent (root certificates, PEM); a change is
+    /// pushed to every proxy. Whether it changed.
+    pub fn set_trust_roots(&self, roots: Vec<String>) -> bool {
+        {
+            let mut held = self
+                .trust_roots
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if **held == roots {
+                return false;
+            }
+            *held = Arc::new(roots);
+        }
+        self.membership.notify_one();
+        true
+    }
+
     /// Certificates issued so far.
     pub fn certificates_issued(&self) -> u64 {
         self.certificates_issued.load(Ordering::Relaxed)
@@ -436,6 +460,12 @@ impl ControlPlane {
         // proxies of that scope see the very same `Arc` and are skipped cheaply.
         let mut previous =
             std::mem::take(&mut *self.scopes.lock().unwrap_or_else(PoisonError::into_inner));
+        let trust_roots = Arc::clone(
+            &self
+                .trust_roots
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
         let mut by_scope: std::collections::HashMap<String, (Arc<wire::Snapshot>, Bytes)> =
             std::collections::HashMap::new();
         for c in conns.values_mut() {
@@ -462,7 +492,10 @@ impl ControlPlane {
             let workload = Some(crate::mesh::workload_of(&c.instance));
             // Same content as last time: nothing to send (the version alone moved).
             if let Some(last) = &c.last {
-                if Arc::ptr_eq(&last.scope, &scope) && last.workload == workload {
+                if Arc::ptr_eq(&last.scope, &scope)
+                    && last.workload == workload
+                    && Arc::ptr_eq(&last.trust_roots, &trust_roots)
+                {
                     continue;
                 }
             }
@@ -471,6 +504,7 @@ impl ControlPlane {
                 scope,
                 scope_encoded: encoded,
                 workload,
+                trust_roots: Arc::clone(&trust_roots),
             });
             c.last = Some(Arc::clone(&fresh));
             c.status.sent = Some((fresh.version.clone(), SystemTime::now()));

@@ -402,3 +402,160 @@ async fn over_tls_proxies_get_their_config_and_a_certificate_renewed_at_half_lif
         "never replaced by nothing"
     );
 }
+
+const WEB_WORKLOAD: &str = "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {name: web, namespace: web, labels: {app: web}}\nspec:\n  serviceAccount: web\n  command: [sleep, \"1\"]\n";
+
+/// A control plane on TLS with the CA of `ca_dir` (tokens signed with the key of
+/// `tokens_dir`), on `addr` (a free port when None); its tasks, to abort it.
+async fn tls_control_plane(
+    ca_dir: &std::path::Path,
+    tokens_dir: &std::path::Path,
+    addr: Option<SocketAddr>,
+) -> (
+    SocketAddr,
+    Arc<ControlPlane>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
+    let auth = Arc::new(Auth {
+        ca: Ca::load_or_create(ca_dir, "cluster.local").expect("ca"),
+        tokens: Tokens::load_or_create(tokens_dir).expect("tokens"),
+    });
+    let store = Arc::new(ConfigStore::new());
+    for p in parse_text(WEB_WORKLOAD, "w.yaml", &LoadOptions::default()) {
+        store.apply(p.resource().cloned().expect("parses"));
+    }
+    let cp = ControlPlane::new(Arc::clone(&store), Debounce::default());
+    let (creds, renew) = trellis_control::ads::serving_credentials(
+        Arc::clone(&auth),
+        vec!["trellis-control".into()],
+        vec![],
+    )
+    .expect("serving certificate");
+    let tls = trellis_identity::tls::server_config(creds, &[b"h2"]).expect("tls");
+    let listener = TcpListener::bind(addr.unwrap_or_else(|| "127.0.0.1:0".parse().expect("addr")))
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let tasks = vec![
+        tokio::spawn(Arc::clone(&cp).run()),
+        tokio::spawn(renew),
+        tokio::spawn(trellis_control::ads::publish_trust_roots(
+            Arc::clone(&auth),
+            Arc::clone(&cp),
+            Duration::from_millis(50),
+        )),
+        tokio::spawn(trellis_control::ads::serve_with(
+            listener,
+            Arc::clone(&cp),
+            Some(auth),
+            Some(Arc::new(tls)),
+        )),
+    ];
+    (addr, cp, tasks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_root_reaches_the_proxies_before_it_signs_and_they_follow_the_rotation() {
+    use trellis_proxy::xds::{Endpoint, Token};
+    let (old_dir, new_dir) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let old_root = Ca::load_or_create(old_dir.path(), "cluster.local")
+        .expect("old")
+        .root_pem()
+        .to_string();
+    let new_root = Ca::load_or_create(new_dir.path(), "cluster.local")
+        .expect("new")
+        .root_pem()
+        .to_string();
+    let token = Tokens::load_or_create(old_dir.path())
+        .expect("tokens")
+        .issue("web", "web", Duration::from_secs(600));
+    let (addr, _, old_cp) = tls_control_plane(old_dir.path(), old_dir.path(), None).await;
+
+    // The proxy knows the old root only (its --xds-root).
+    let follow = |ep: Endpoint| {
+        let token = Token::Fixed(token.clone());
+        async move {
+            let p = trellis_proxy::start(Config::empty(), ProxyOptions::default())
+                .await
+                .expect("proxy");
+            tokio::spawn(trellis_proxy::xds::follow_with(
+                ep,
+                announce("web", "web"),
+                token,
+                Arc::clone(&p.shared),
+                LoadEnv::default(),
+            ));
+            p
+        }
+    };
+    let ep = Endpoint::tls(addr, &old_root, "trellis-control").expect("endpoint");
+    let proxy = follow(ep.clone()).await;
+    let roots = |p: &ProxyHandle| p.config().raw.trust_roots.clone();
+    eventually("the bundle: the old root", Duration::from_secs(5), || {
+        roots(&proxy) == [old_root.clone()]
+    })
+    .await;
+    assert_eq!(
+        proxy.config().trust_roots.as_ref().map(|r| r.len()),
+        Some(1)
+    );
+
+    // Step 1: the new root joins the bundle, before it signs anything.
+    std::fs::write(old_dir.path().join("extra-roots.pem"), &new_root).expect("write");
+    eventually("the bundle: both roots", Duration::from_secs(5), || {
+        roots(&proxy) == [old_root.clone(), new_root.clone()]
+    })
+    .await;
+
+    // Step 2: the control plane comes back signing with the new root, trusting the old
+    // one still. The proxy reconnects: it trusts the new root from the bundle it was sent.
+    for t in old_cp {
+        t.abort();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    std::fs::write(new_dir.path().join("extra-roots.pem"), &old_root).expect("write");
+    let (_, new_cp, _tasks) = tls_control_plane(new_dir.path(), old_dir.path(), Some(addr)).await;
+    eventually("the proxy reconnects", Duration::from_secs(10), || {
+        new_cp
+            .status()
+            .iter()
+            .any(|s| s.acked.is_some() && s.acked == s.sent.as_ref().map(|(v, _)| v.clone()))
+    })
+    .await;
+    assert_eq!(roots(&proxy), [new_root.clone(), old_root.clone()]);
+    // Its workload certificate now comes from the new root.
+    let cert = trellis_proxy::identity::request(
+        &ep.trusting_snapshot(&proxy.shared),
+        Some(&token),
+        &trellis_proxy::identity::CertRequest {
+            identity: trellis_identity::Identity {
+                trust_domain: "cluster.local".into(),
+                namespace: "web".into(),
+                service_account: "web".into(),
+            },
+            instance: "web-0".into(),
+            ttl: Duration::from_secs(60),
+        },
+    )
+    .await
+    .expect("certificate from the new CA");
+    let new_der =
+        <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::from_pem_slice(
+            new_root.as_bytes(),
+        )
+        .expect("der");
+    assert_eq!(
+        cert.key.cert.last().map(|c| c.as_ref()),
+        Some(new_der.as_ref())
+    );
+
+    // A proxy that never received the bundle knows only the old root: refused.
+    let newcomer = follow(ep).await;
+    assert!(
+        !got_snapshot(&newcomer, Duration::from_millis(500)).await,
+        "the old root alone does not vouch for the new control plane"
+    );
+}

@@ -27,6 +27,9 @@ use ring::signature::{
     UnparsedPublicKey,
 };
 
+/// Roots trusted besides the CA's own, in the CA's directory (see [`Ca::trust_roots`]).
+pub const EXTRA_ROOTS_FILE: &str = "extra-roots.pem";
+
 /// The audience of bootstrap tokens.
 pub const TOKEN_AUDIENCE: &str = "trellis-ca";
 /// Default and largest certificate lifetimes.
@@ -129,6 +132,8 @@ pub struct Ca {
     root: String,
     /// The file the root was read from (what proxies are given to verify the control plane).
     root_file: PathBuf,
+    /// `extra-roots.pem` beside it: roots trusted besides this CA's (a root rotation).
+    extra_roots_file: PathBuf,
     trust_domain: String,
 }
 
@@ -224,6 +229,7 @@ impl Ca {
             chain,
             root: root.to_string(),
             root_file: root_file.to_path_buf(),
+            extra_roots_file: root_file.with_file_name(EXTRA_ROOTS_FILE),
             trust_domain: trust_domain.to_string(),
         })
     }
@@ -231,6 +237,25 @@ impl Ca {
     /// The root certificate (the trust bundle proxies verify peers with).
     pub fn root_pem(&self) -> &str {
         &self.root
+    }
+
+    /// The mesh's trust bundle: this CA's root, then the roots of `extra-roots.pem` in the
+    /// CA's directory if there is one (read again at each call). A root rotation adds the
+    /// new root there before it signs anything, and leaves the old one there until every
+    /// certificate it signed has expired. A file that holds no certificate is an error.
+    pub fn trust_roots(&self) -> Result<Vec<String>, CaError> {
+        let mut out = vec![self.root.clone()];
+        match std::fs::read_to_string(&self.extra_roots_file) {
+            Ok(extra) => {
+                tls::roots(&extra).map_err(|e| file_err(&self.extra_roots_file, e))?;
+                if extra.trim() != self.root.trim() {
+                    out.push(extra);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(file_err(&self.extra_roots_file, e)),
+        }
+        Ok(out)
     }
 
     /// The file holding [`Ca::root_pem`].

@@ -201,10 +201,15 @@ pub fn server_config(creds: Arc<Credentials>, alpn: &[&[u8]]) -> Result<ServerCo
 /// A TLS 1.3 client that verifies servers against the roots in `roots_pem` (and the name
 /// it connects to), presenting no certificate.
 pub fn client_config(roots_pem: &str, alpn: &[&[u8]]) -> Result<ClientConfig, CaError> {
+    client_config_with(roots(roots_pem)?, alpn)
+}
+
+/// As [`client_config`], with roots already parsed.
+pub fn client_config_with(roots: RootCertStore, alpn: &[&[u8]]) -> Result<ClientConfig, CaError> {
     let mut c = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(cert_err)?
-        .with_root_certificates(roots(roots_pem)?)
+        .with_root_certificates(roots)
         .with_no_client_auth();
     c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(c)

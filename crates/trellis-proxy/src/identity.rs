@@ -79,7 +79,7 @@ pub async fn maintain(ep: Endpoint, token: Token, want: CertRequest, shared: Arc
     let mut backoff = Duration::from_secs(1);
     loop {
         let result = match token.read() {
-            Ok(t) => request(&ep, t.as_deref(), &want).await,
+            Ok(t) => request(&ep.trusting_snapshot(&shared), t.as_deref(), &want).await,
             Err(e) => Err(e),
         };
         match result {

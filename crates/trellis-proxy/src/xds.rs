@@ -47,6 +47,8 @@ impl Body for ChannelBody {
 pub struct Endpoint {
     pub addr: SocketAddr,
     tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    /// The roots the endpoint was made with (`--xds-root`).
+    roots: Option<Arc<rustls::RootCertStore>>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -60,7 +62,11 @@ impl std::fmt::Debug for Endpoint {
 
 impl From<SocketAddr> for Endpoint {
     fn from(addr: SocketAddr) -> Endpoint {
-        Endpoint { addr, tls: None }
+        Endpoint {
+            addr,
+            tls: None,
+            roots: None,
+        }
     }
 }
 
@@ -68,14 +74,43 @@ impl Endpoint {
     /// TLS to `addr`: the control plane's certificate must chain to a root of `roots_pem`
     /// and name `server_name` (a DNS name or an IP address).
     pub fn tls(addr: SocketAddr, roots_pem: &str, server_name: &str) -> Result<Endpoint, String> {
-        let config =
-            trellis_identity::tls::client_config(roots_pem, &[b"h2"]).map_err(|e| e.to_string())?;
+        let roots = trellis_identity::tls::roots(roots_pem).map_err(|e| e.to_string())?;
+        let config = trellis_identity::tls::client_config_with(roots.clone(), &[b"h2"])
+            .map_err(|e| e.to_string())?;
         let name = ServerName::try_from(server_name.to_string())
             .map_err(|_| format!("{server_name:?} is not a DNS name or an IP address"))?;
         Ok(Endpoint {
             addr,
             tls: Some((Arc::new(config), name)),
+            roots: Some(Arc::new(roots)),
         })
+    }
+
+    /// The same endpoint, also trusting the mesh's current trust bundle (from the last
+    /// snapshot): after a root rotation the proxy still reaches a control plane whose
+    /// certificate comes from the new root, though `--xds-root` names only the old one.
+    fn trusting(&self, bundle: Option<&rustls::RootCertStore>) -> Endpoint {
+        let (Some((_, name)), Some(base), Some(bundle)) = (&self.tls, &self.roots, bundle) else {
+            return self.clone();
+        };
+        let mut roots = (**base).clone();
+        roots.roots.extend(bundle.roots.iter().cloned());
+        match trellis_identity::tls::client_config_with(roots, &[b"h2"]) {
+            Ok(config) => Endpoint {
+                addr: self.addr,
+                tls: Some((Arc::new(config), name.clone())),
+                roots: self.roots.clone(),
+            },
+            Err(e) => {
+                tracing::warn!("the mesh's trust bundle: {e}; using --xds-root alone");
+                self.clone()
+            }
+        }
+    }
+
+    /// [`Endpoint::trusting`] the bundle of `shared`'s snapshot.
+    pub fn trusting_snapshot(&self, shared: &Shared) -> Endpoint {
+        self.trusting(shared.config.load().trust_roots.as_deref())
     }
 
     pub fn is_tls(&self) -> bool {
@@ -267,6 +302,7 @@ pub async fn follow_with(
     let addr = ep.addr;
     let mut backoff = Duration::from_millis(100);
     loop {
+        let ep = ep.trusting_snapshot(&shared);
         let result = match token.read() {
             Ok(t) => session(&ep, &announce, t.as_deref(), &shared, &env).await,
             Err(e) => Err(e),

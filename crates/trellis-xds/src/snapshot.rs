@@ -57,6 +57,11 @@ pub struct Snapshot {
     #[prost(message, repeated, tag = "7")]
     #[serde(default)]
     pub gateway_ports: Vec<GatewayPort>,
+    /// The mesh's trust bundle: the root certificates (PEM) peers' certificates must chain
+    /// to. More than one while a root is being rotated.
+    #[prost(string, repeated, tag = "8")]
+    #[serde(default)]
+    pub trust_roots: Vec<String>,
 }
 
 /// One port of a gateway: the Istio Gateway servers that share it.

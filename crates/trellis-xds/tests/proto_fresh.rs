@@ -68,6 +68,7 @@ fn full() -> Snapshot {
     let labels = BTreeMap::from([("app".to_string(), "x".to_string())]);
     let mut s = Snapshot {
         version: "v1".into(),
+        trust_roots: vec!["-----BEGIN CERTIFICATE-----\n...".into()],
         workload: Some(Workload {
             name: "w".into(),
             namespace: "ns".into(),

@@ -158,6 +158,9 @@ pub struct Config {
     pub dns: HashMap<String, Vec<SocketAddr>>,
     /// The shortest refresh interval of the STRICT_DNS clusters, when there are any.
     pub dns_refresh: Option<Duration>,
+    /// The mesh's trust bundle (`trustRoots`), when the snapshot has one: what peers'
+    /// certificates must chain to.
+    pub trust_roots: Option<Arc<rustls::RootCertStore>>,
     /// The wire form, for `/config_dump`.
     pub raw: wire::Snapshot,
 }
@@ -530,6 +533,13 @@ impl Config {
             .min();
         let mut cluster_list: Vec<Arc<Cluster>> = clusters.into_values().collect();
         cluster_list.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut trust = rustls::RootCertStore::empty();
+        for (i, pem) in raw.trust_roots.iter().enumerate() {
+            let roots = trellis_identity::tls::roots(pem)
+                .map_err(|e| bad(format!("trustRoots[{i}]"), e.to_string()))?;
+            trust.roots.extend(roots.roots);
+        }
+        let trust_roots = (!trust.is_empty()).then(|| Arc::new(trust));
         Ok(Config {
             version: raw.version.clone(),
             outbound_policy,
@@ -567,6 +577,7 @@ impl Config {
             targets,
             dns,
             dns_refresh,
+            trust_roots,
             raw,
         })
     }
@@ -622,6 +633,7 @@ impl Config {
             targets: Vec::new(),
             dns: HashMap::new(),
             dns_refresh: None,
+            trust_roots: None,
             raw: wire::Snapshot::default(),
         }
     }
@@ -780,6 +792,18 @@ clusters: [{name: a}]
             Some("reviews"),
             "a service whose name is the short name itself"
         );
+    }
+
+    #[test]
+    fn trust_roots_must_be_certificates() {
+        assert!(snap(GOOD).expect("good").trust_roots.is_none());
+        let e = snap(
+            "trustRoots: [\"-----BEGIN CERTIFICATE-----\\nAAAA\\n-----END CERTIFICATE-----\\n\"]\n",
+        )
+        .expect_err("not a certificate");
+        assert!(e.starts_with("trustRoots[0]: "), "{e}");
+        let e = snap("trustRoots: [\"hello\"]\n").expect_err("no certificate");
+        assert!(e.to_string().contains("no certificate"), "{e}");
     }
 
     #[test]
