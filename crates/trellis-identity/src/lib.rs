@@ -705,4 +705,103 @@ mod tls_tests {
         assert!(handshake(client(&bundle), server(), "trellis-control").is_ok());
         assert!(tls::client_config("not a pem", &[]).is_err());
     }
+
+    fn workload(ca: &Ca, tokens: &Tokens, ns: &str, sa: &str) -> Arc<tls::Credentials> {
+        let id = Identity {
+            trust_domain: "cluster.local".into(),
+            namespace: ns.into(),
+            service_account: sa.into(),
+        };
+        let (key, csr) = workload_key_and_csr(&id).expect("csr");
+        let token = tokens.issue(ns, sa, Duration::from_secs(60));
+        let chain = ca
+            .create_certificate(tokens, &token, &csr, Duration::from_secs(3600))
+            .expect("signed");
+        Arc::new(tls::Credentials::new(
+            tls::Certified::from_pem(&chain, key).expect("certified"),
+        ))
+    }
+
+    #[test]
+    fn mesh_mtls_checks_both_sides_spiffe_identities() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Ca::load_or_create(dir.path(), "cluster.local").expect("ca");
+        let tokens = Tokens::load_or_create(dir.path()).expect("tokens");
+        let roots = Arc::new(tls::roots(ca.root_pem()).expect("roots"));
+        let web = workload(&ca, &tokens, "web", "web");
+        let reviews = workload(&ca, &tokens, "shop", "reviews");
+        let server =
+            || tls::mesh_server_config(Arc::clone(&reviews), Arc::clone(&roots)).expect("server");
+        let client = |creds: &Arc<tls::Credentials>, expected: &[&str]| {
+            tls::mesh_client_config(
+                Arc::clone(creds),
+                Arc::clone(&roots),
+                expected.iter().map(|s| s.to_string()).collect(),
+                tls::ALPN_MESH_H2,
+            )
+            .expect("client")
+        };
+        // The expected identity (or any, when none is expected): agreed on trellis-h2.
+        let alpn = handshake(
+            client(&web, &["spiffe://cluster.local/ns/shop/sa/reviews"]),
+            server(),
+            "10.0.0.1",
+        )
+        .expect("handshake");
+        assert_eq!(alpn.as_deref(), Some(tls::ALPN_MESH_H2));
+        assert!(handshake(client(&web, &[]), server(), "10.0.0.1").is_ok());
+        // Another identity than expected: refused, and the error says who it was.
+        let e = handshake(
+            client(&web, &["spiffe://cluster.local/ns/shop/sa/ratings"]),
+            server(),
+            "10.0.0.1",
+        )
+        .expect_err("wrong identity");
+        assert!(
+            e.to_string()
+                .contains("the peer is spiffe://cluster.local/ns/shop/sa/reviews"),
+            "{e}"
+        );
+        // A client without a certificate, or with one from another mesh: refused.
+        let anonymous = Arc::new(tls::Credentials::default());
+        let e = handshake(client(&anonymous, &[]), server(), "10.0.0.1").expect_err("no cert");
+        assert!(e.to_string().contains("certificate"), "{e}");
+        let other_dir = tempfile::tempdir().expect("tempdir");
+        let other = Ca::load_or_create(other_dir.path(), "cluster.local").expect("ca");
+        let other_tokens = Tokens::load_or_create(other_dir.path()).expect("tokens");
+        let stranger = workload(&other, &other_tokens, "web", "web");
+        assert!(handshake(client(&stranger, &[]), server(), "10.0.0.1").is_err());
+        // The server's view of the client.
+        let name = ServerName::try_from("10.0.0.1").expect("name");
+        let mut c = rustls::ClientConnection::new(Arc::new(client(&web, &[])), name).expect("c");
+        let mut s = rustls::ServerConnection::new(Arc::new(server())).expect("s");
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).expect("write");
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                s.read_tls(&mut rd).expect("read");
+            }
+            s.process_new_packets().expect("server");
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).expect("write");
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                c.read_tls(&mut rd).expect("read");
+            }
+            c.process_new_packets().expect("client");
+        }
+        let peer = s
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(tls::spiffe_id);
+        assert_eq!(
+            peer.as_deref(),
+            Some("spiffe://cluster.local/ns/web/sa/web")
+        );
+    }
 }
