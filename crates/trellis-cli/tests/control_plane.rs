@@ -183,8 +183,9 @@ async fn proxies_follow_the_control_plane_and_proxy_status_shows_a_nack() {
         // start, and has the name `trellis-control`.
         let root = std::fs::read_to_string(data.path().join("ca-cert.pem")).expect("root");
         let ep = trellis_proxy::xds::Endpoint::tls(xds, &root, "trellis-control").expect("ep");
-        // web-0 also keeps a workload certificate (reviews-v1 does not ask for one).
-        if a.name == "web-0" {
+        // reviews-v1 also keeps a workload certificate (web-0 does not ask for one: with
+        // one it would speak mTLS to reviews' endpoint, which here is the app itself).
+        if a.name == "reviews-v1" {
             tokio::spawn(trellis_proxy::identity::maintain(
                 ep.clone(),
                 trellis_proxy::xds::Token::Fixed(token.clone()),
@@ -231,7 +232,7 @@ async fn proxies_follow_the_control_plane_and_proxy_status_shows_a_nack() {
     assert_eq!(get().await, 200);
     let status = {
         let mut last = String::new();
-        // Both synced, and web-0's certificate shows when it expires (3 h, less the
+        // Both synced, and reviews-v1's certificate shows when it expires (3 h, less the
         // seconds the test has taken).
         let synced = eventually(Duration::from_secs(5), || {
             last = proxy_status(debug);
@@ -241,12 +242,12 @@ async fn proxies_follow_the_control_plane_and_proxy_status_shows_a_nack() {
                 .count()
                 == 2
                 && last.lines().any(|l| {
-                    l.starts_with("web-0.web ")
+                    l.starts_with("reviews-v1.shop ")
                         && (l.contains(" in 2h59m") || l.contains(" in 3h "))
                 })
                 && last
                     .lines()
-                    .any(|l| l.starts_with("reviews-v1.shop ") && l.contains(" - "))
+                    .any(|l| l.starts_with("web-0.web ") && l.contains(" - "))
         })
         .await;
         assert!(synced, "{last}");

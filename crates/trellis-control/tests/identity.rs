@@ -2,6 +2,8 @@
 //! announce the namespace and service account the token proves, and gets a certificate for
 //! exactly that identity from `CreateCertificate` over gRPC.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -405,55 +407,6 @@ async fn over_tls_proxies_get_their_config_and_a_certificate_renewed_at_half_lif
 
 const WEB_WORKLOAD: &str = "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {name: web, namespace: web, labels: {app: web}}\nspec:\n  serviceAccount: web\n  command: [sleep, \"1\"]\n";
 
-/// A control plane on TLS with the CA of `ca_dir` (tokens signed with the key of
-/// `tokens_dir`), on `addr` (a free port when None); its tasks, to abort it.
-async fn tls_control_plane(
-    ca_dir: &std::path::Path,
-    tokens_dir: &std::path::Path,
-    addr: Option<SocketAddr>,
-) -> (
-    SocketAddr,
-    Arc<ControlPlane>,
-    Vec<tokio::task::JoinHandle<()>>,
-) {
-    let auth = Arc::new(Auth {
-        ca: Ca::load_or_create(ca_dir, "cluster.local").expect("ca"),
-        tokens: Tokens::load_or_create(tokens_dir).expect("tokens"),
-    });
-    let store = Arc::new(ConfigStore::new());
-    for p in parse_text(WEB_WORKLOAD, "w.yaml", &LoadOptions::default()) {
-        store.apply(p.resource().cloned().expect("parses"));
-    }
-    let cp = ControlPlane::new(Arc::clone(&store), Debounce::default());
-    let (creds, renew) = trellis_control::ads::serving_credentials(
-        Arc::clone(&auth),
-        vec!["trellis-control".into()],
-        vec![],
-    )
-    .expect("serving certificate");
-    let tls = trellis_identity::tls::server_config(creds, &[b"h2"]).expect("tls");
-    let listener = TcpListener::bind(addr.unwrap_or_else(|| "127.0.0.1:0".parse().expect("addr")))
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let tasks = vec![
-        tokio::spawn(Arc::clone(&cp).run()),
-        tokio::spawn(renew),
-        tokio::spawn(trellis_control::ads::publish_trust_roots(
-            Arc::clone(&auth),
-            Arc::clone(&cp),
-            Duration::from_millis(50),
-        )),
-        tokio::spawn(trellis_control::ads::serve_with(
-            listener,
-            Arc::clone(&cp),
-            Some(auth),
-            Some(Arc::new(tls)),
-        )),
-    ];
-    (addr, cp, tasks)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_root_reaches_the_proxies_before_it_signs_and_they_follow_the_rotation() {
     use trellis_proxy::xds::{Endpoint, Token};
@@ -472,7 +425,8 @@ async fn a_new_root_reaches_the_proxies_before_it_signs_and_they_follow_the_rota
     let token = Tokens::load_or_create(old_dir.path())
         .expect("tokens")
         .issue("web", "web", Duration::from_secs(600));
-    let (addr, _, old_cp) = tls_control_plane(old_dir.path(), old_dir.path(), None).await;
+    let (addr, _, old_cp) =
+        common::tls_control_plane(WEB_WORKLOAD, old_dir.path(), old_dir.path(), None).await;
 
     // The proxy knows the old root only (its --xds-root).
     let follow = |ep: Endpoint| {
@@ -517,7 +471,8 @@ async fn a_new_root_reaches_the_proxies_before_it_signs_and_they_follow_the_rota
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     std::fs::write(new_dir.path().join("extra-roots.pem"), &old_root).expect("write");
-    let (_, new_cp, _tasks) = tls_control_plane(new_dir.path(), old_dir.path(), Some(addr)).await;
+    let (_, new_cp, _tasks) =
+        common::tls_control_plane(WEB_WORKLOAD, new_dir.path(), old_dir.path(), Some(addr)).await;
     eventually("the proxy reconnects", Duration::from_secs(10), || {
         new_cp
             .status()

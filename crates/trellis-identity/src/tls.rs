@@ -136,6 +136,11 @@ impl Credentials {
         Credentials(ArcSwapOption::from_pointee(c))
     }
 
+    /// Whether a certificate is there (cheaper than [`Credentials::current`]).
+    pub fn is_set(&self) -> bool {
+        self.0.load().is_some()
+    }
+
     pub fn current(&self) -> Option<Arc<Certified>> {
         self.0.load_full()
     }

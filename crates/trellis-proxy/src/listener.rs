@@ -172,9 +172,9 @@ async fn dispatch(
                 return;
             }
             let p = dst.port();
-            (Route::Inbound(p), cfg.inbound_port(p).protocol)
+            (Route::Inbound(p, None), cfg.inbound_port(p).protocol)
         }
-        ListenerKind::InboundPort(p) => (Route::Inbound(*p), cfg.inbound_port(*p).protocol),
+        ListenerKind::InboundPort(p) => (Route::Inbound(*p, None), cfg.inbound_port(*p).protocol),
         ListenerKind::Gateway(port) => {
             let Some(gp) = cfg.gateway_ports.get(port).cloned() else {
                 tracing::warn!(
@@ -236,6 +236,19 @@ async fn dispatch(
             return;
         }
     };
+    if let (Detected::Tls, Route::Inbound(port, None)) = (detection.protocol, &route) {
+        // Mesh mutual TLS from a peer proxy, told from an app's own TLS by its ALPN.
+        let hello = sniff::peek_client_hello(&stream, cfg.header_timeout).await;
+        let mesh = hello.as_ref().is_some_and(|h| {
+            h.alpn
+                .iter()
+                .any(|p| trellis_identity::tls::MESH_ALPNS.contains(&p.as_slice()))
+        });
+        if mesh {
+            serve_mesh_tls(stream, peer, *port, shared, &cfg, stop).await;
+            return;
+        }
+    }
     let is_http = matches!(detection.protocol, Detected::Http1 | Detected::Http2);
     if declared == PortProtocol::Detect && !is_http {
         if detection.timed_out {
@@ -246,6 +259,63 @@ async fn dispatch(
     }
     let version = is_http.then_some(detection.protocol);
     serve_http(stream, peer, version, route, shared, &cfg, stop).await;
+}
+
+/// Terminates mesh mutual TLS on an inbound port: the peer must present a certificate
+/// from the mesh's roots, and its SPIFFE id goes with each request. The ALPN it agreed on
+/// says what follows.
+async fn serve_mesh_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    port: u16,
+    shared: &Arc<Shared>,
+    cfg: &crate::config::Config,
+    stop: watch::Receiver<bool>,
+) {
+    use trellis_identity::tls::{ALPN_MESH_H2, ALPN_MESH_HTTP1};
+    let config = match shared.mesh_server_config(cfg) {
+        Ok(c) => c,
+        Err(e) => {
+            Stats::inc(&shared.stats.tls_handshake_errors_total);
+            tracing::warn!("mTLS from {peer} on port {port} refused: {e}");
+            return;
+        }
+    };
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+    let tls = match tokio::time::timeout(cfg.header_timeout, accept).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            Stats::inc(&shared.stats.tls_handshake_errors_total);
+            tracing::warn!("mTLS handshake from {peer} on port {port} failed: {e}");
+            return;
+        }
+        Err(_) => {
+            Stats::inc(&shared.stats.tls_handshake_errors_total);
+            tracing::warn!("mTLS handshake from {peer} on port {port} timed out");
+            return;
+        }
+    };
+    let conn = tls.get_ref().1;
+    let peer_id: Option<Arc<str>> = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(trellis_identity::tls::spiffe_id)
+        .map(Arc::from);
+    let version = match conn.alpn_protocol() {
+        Some(p) if p == ALPN_MESH_H2 => Detected::Http2,
+        Some(p) if p == ALPN_MESH_HTTP1 => Detected::Http1,
+        other => {
+            tracing::warn!(
+                "mTLS from {peer} on port {port}: {:?} is not served over mTLS yet; closing",
+                other.map(String::from_utf8_lossy)
+            );
+            return;
+        }
+    };
+    Stats::inc(&shared.stats.inbound_mtls_connections_total);
+    tracing::debug!("mTLS from {peer} ({peer_id:?}) on port {port}");
+    let route = Route::Inbound(port, peer_id);
+    serve_http(tls, peer, Some(version), route, shared, cfg, stop).await;
 }
 
 /// Terminates TLS for an HTTPS gateway port: the certificate is chosen by SNI among the

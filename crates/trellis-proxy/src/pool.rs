@@ -117,7 +117,19 @@ pub struct Pools {
     fast: Mutex<HashMap<SocketAddr, Vec<h1::Conn>>>,
     /// hyper's HTTP/1.1 connections (streaming request bodies).
     h1: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
-    h2: Mutex<HashMap<SocketAddr, H2Slot>>,
+    /// By address, and whether over mutual TLS (a peer's connections made before this
+    /// proxy had its certificate are not mixed with those made after).
+    h2: Mutex<HashMap<(SocketAddr, bool), H2Slot>>,
+}
+
+/// Mutual TLS to a peer proxy, borrowed from the request's snapshot and the proxy's
+/// credentials: nothing is cloned unless a connection is opened.
+#[derive(Debug, Clone, Copy)]
+pub struct MeshTls<'a> {
+    pub creds: &'a Arc<trellis_identity::tls::Credentials>,
+    pub roots: &'a Arc<rustls::RootCertStore>,
+    /// The peer's SPIFFE id, when the snapshot says it (any id the roots vouch for, else).
+    pub expected: Option<&'a str>,
 }
 
 impl std::fmt::Debug for Pools {
@@ -323,20 +335,55 @@ impl Pools {
     }
 
     /// Opens an HTTP/2 connection (h2 directly: the request's own task sends on it and
-    /// awaits the response, with no channel or task per request in between). The
-    /// connection is driven by a task of its own, which also pings it while idle.
+    /// awaits the response, with no channel or task per request in between), over mutual
+    /// TLS when `tls` says so. The connection is driven by a task of its own, which also
+    /// pings it while idle.
     async fn connect_h2(
         addr: SocketAddr,
         dial: Dial,
+        tls: Option<MeshTls<'_>>,
     ) -> Result<(h2::client::SendRequest<Bytes>, Arc<AtomicBool>), UpstreamError> {
         let stream = sockets::connect_with(addr, dial)
             .await
             .map_err(|source| UpstreamError::Connect { addr, source })?;
+        let Some(tls) = tls else {
+            return Self::handshake_h2(addr, stream).await;
+        };
+        let tls_err = |e: String| UpstreamError::Connect {
+            addr,
+            source: io::Error::other(format!("mTLS: {e}")),
+        };
+        let config = trellis_identity::tls::mesh_client_config(
+            Arc::clone(tls.creds),
+            Arc::clone(tls.roots),
+            tls.expected.map(str::to_string).into_iter().collect(),
+            trellis_identity::tls::ALPN_MESH_H2,
+        )
+        .map_err(|e| tls_err(e.to_string()))?;
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let connect = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, stream);
+        let stream = tokio::time::timeout(dial.timeout, connect)
+            .await
+            .map_err(|_| tls_err(format!("no handshake within {:?}", dial.timeout)))?
+            .map_err(|e| tls_err(e.to_string()))?;
+        if stream.get_ref().1.alpn_protocol() != Some(trellis_identity::tls::ALPN_MESH_H2) {
+            return Err(tls_err("the peer did not agree on trellis-h2".into()));
+        }
+        Self::handshake_h2(addr, stream).await
+    }
+
+    async fn handshake_h2<T>(
+        addr: SocketAddr,
+        io: T,
+    ) -> Result<(h2::client::SendRequest<Bytes>, Arc<AtomicBool>), UpstreamError>
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, mut conn) = h2::client::Builder::new()
             .enable_push(false)
             .initial_window_size(1 << 20)
             .initial_connection_window_size(4 << 20)
-            .handshake::<_, Bytes>(stream)
+            .handshake::<_, Bytes>(io)
             .await
             .map_err(|source| UpstreamError::Request {
                 addr,
@@ -371,11 +418,12 @@ impl Pools {
         addr: SocketAddr,
         dial: Dial,
         max_streams: Option<u32>,
+        tls: Option<MeshTls<'_>>,
         fresh: bool,
     ) -> Result<(h2::client::SendRequest<Bytes>, StreamGuard), UpstreamError> {
         let slot = {
             let mut map = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
-            Arc::clone(map.entry(addr).or_default())
+            Arc::clone(map.entry((addr, tls.is_some())).or_default())
         };
         if !fresh {
             if let Ok(mut conns) = slot.try_lock() {
@@ -392,7 +440,7 @@ impl Pools {
                 }
             }
             conns.retain(|c| !c.closed.load(Ordering::Acquire));
-            let (sender, closed) = Self::connect_h2(addr, dial).await?;
+            let (sender, closed) = Self::connect_h2(addr, dial, tls).await?;
             let streams = Arc::new(AtomicUsize::new(1));
             conns.push(H2Conn {
                 sender: sender.clone(),
@@ -412,6 +460,7 @@ impl Pools {
         addr: SocketAddr,
         dial: Dial,
         max_streams: Option<u32>,
+        tls: Option<MeshTls<'_>>,
         head: Request<()>,
         body: ReqBody,
     ) -> Result<Response<H2Body>, UpstreamError> {
@@ -421,7 +470,7 @@ impl Pools {
         };
         let mut fresh = false;
         let (mut sender, guard) = loop {
-            let (sender, guard) = self.h2_sender(addr, dial, max_streams, fresh).await?;
+            let (sender, guard) = self.h2_sender(addr, dial, max_streams, tls, fresh).await?;
             match sender.ready().await {
                 Ok(sender) => break (sender, guard),
                 Err(e) if !fresh => {
@@ -479,7 +528,10 @@ impl Pools {
             *idle.entry(*a).or_default() += v.len();
         }
         let h2 = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
-        (idle, h2.keys().copied().collect())
+        let mut peers: Vec<SocketAddr> = h2.keys().map(|(a, _)| *a).collect();
+        peers.sort();
+        peers.dedup();
+        (idle, peers)
     }
 }
 

@@ -37,6 +37,8 @@ pub struct Shared {
     pub mirrors_in_flight: std::sync::atomic::AtomicUsize,
     /// The workload certificate, once the CA has issued one (see `identity`).
     pub credentials: Arc<trellis_identity::tls::Credentials>,
+    /// The mesh mTLS server configuration, and the trust bundle it was made for.
+    mesh_server: Mutex<Option<(Arc<rustls::RootCertStore>, Arc<rustls::ServerConfig>)>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -47,7 +49,53 @@ impl std::fmt::Debug for Shared {
     }
 }
 
+/// What mutual TLS to a peer needs: this proxy's credentials and the mesh's roots.
+pub type MeshMaterial<'a> = (
+    &'a Arc<trellis_identity::tls::Credentials>,
+    &'a Arc<rustls::RootCertStore>,
+);
+
 impl Shared {
+    /// Mutual TLS material for requests on `cfg`, once this proxy has a certificate and
+    /// the snapshot a trust bundle; before that, peers are reached in plaintext (and take
+    /// it while PERMISSIVE).
+    pub fn mesh_tls<'a>(&'a self, cfg: &'a Config) -> Option<MeshMaterial<'a>> {
+        let roots = cfg.trust_roots.as_ref()?;
+        self.credentials
+            .is_set()
+            .then_some((&self.credentials, roots))
+    }
+
+    /// The server side of mesh mutual TLS for `cfg`'s trust bundle (made once per bundle),
+    /// or why there is none.
+    pub fn mesh_server_config(&self, cfg: &Config) -> Result<Arc<rustls::ServerConfig>, String> {
+        let roots = cfg
+            .trust_roots
+            .as_ref()
+            .ok_or("the snapshot has no trust bundle")?;
+        if !self.credentials.is_set() {
+            return Err("this proxy has no workload certificate yet".into());
+        }
+        let mut cache = self
+            .mesh_server
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((r, c)) = &*cache {
+            if Arc::ptr_eq(r, roots) {
+                return Ok(Arc::clone(c));
+            }
+        }
+        let c = Arc::new(
+            trellis_identity::tls::mesh_server_config(
+                Arc::clone(&self.credentials),
+                Arc::clone(roots),
+            )
+            .map_err(|e| e.to_string())?,
+        );
+        *cache = Some((Arc::clone(roots), Arc::clone(&c)));
+        Ok(c)
+    }
+
     pub fn new(config: Config, original_dst: Arc<dyn OriginalDst>) -> Arc<Shared> {
         Arc::new(Shared {
             config: ArcSwap::from_pointee(config),
@@ -61,6 +109,7 @@ impl Shared {
             default_retry: crate::config::RetryPolicy::istio_default(),
             mirrors_in_flight: std::sync::atomic::AtomicUsize::new(0),
             credentials: Arc::default(),
+            mesh_server: Mutex::new(None),
         })
     }
 

@@ -144,10 +144,18 @@ mod tests {
     }
 }
 
-/// The server name (SNI) of a TLS ClientHello at the start of `buf`, if `buf` holds the
-/// whole first record and it carries one. Parsing is bounds-checked throughout: malformed
-/// input gives `None`.
-pub fn sni(buf: &[u8]) -> Option<String> {
+/// What a TLS ClientHello says about where the client wants to go.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientHello {
+    /// The server name (SNI), lowercased.
+    pub sni: Option<String>,
+    /// The ALPN protocols offered, in the client's order.
+    pub alpn: Vec<Vec<u8>>,
+}
+
+/// The ClientHello at the start of `buf`, if `buf` holds the whole first record. Parsing is
+/// bounds-checked throughout: malformed input gives `None`.
+pub fn client_hello(buf: &[u8]) -> Option<ClientHello> {
     fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
         if b.len() < n {
             return None;
@@ -177,31 +185,50 @@ pub fn sni(buf: &[u8]) -> Option<String> {
     take(&mut hs, suites)?;
     let comp = usize::from(*take(&mut hs, 1)?.first()?);
     take(&mut hs, comp)?;
+    let mut hello = ClientHello::default();
+    if hs.is_empty() {
+        return Some(hello); // no extensions at all
+    }
     let ext_len = u16_at(&mut hs)?;
     let mut exts = take(&mut hs, ext_len)?;
     while !exts.is_empty() {
         let ty = u16_at(&mut exts)?;
         let len = u16_at(&mut exts)?;
         let mut data = take(&mut exts, len)?;
-        if ty != 0 {
-            continue;
-        }
-        let _list = u16_at(&mut data)?;
-        while !data.is_empty() {
-            let name_type = *take(&mut data, 1)?.first()?;
-            let n = u16_at(&mut data)?;
-            let name = take(&mut data, n)?;
-            if name_type == 0 {
-                return std::str::from_utf8(name).ok().map(str::to_ascii_lowercase);
+        match ty {
+            0 => {
+                let _list = u16_at(&mut data)?;
+                while !data.is_empty() {
+                    let name_type = *take(&mut data, 1)?.first()?;
+                    let n = u16_at(&mut data)?;
+                    let name = take(&mut data, n)?;
+                    if name_type == 0 && hello.sni.is_none() {
+                        hello.sni = std::str::from_utf8(name).ok().map(str::to_ascii_lowercase);
+                    }
+                }
             }
+            16 => {
+                let list = u16_at(&mut data)?;
+                let mut list = take(&mut data, list)?;
+                while !list.is_empty() {
+                    let n = usize::from(*take(&mut list, 1)?.first()?);
+                    hello.alpn.push(take(&mut list, n)?.to_vec());
+                }
+            }
+            _ => {}
         }
     }
-    None
+    Some(hello)
 }
 
-/// Peeks at a TLS client's first record (at most 16 KiB, for at most `wait`) and returns
-/// its SNI.
-pub async fn peek_sni(stream: &TcpStream, wait: Duration) -> Option<String> {
+/// The server name (SNI) of a TLS ClientHello at the start of `buf` (see [`client_hello`]).
+pub fn sni(buf: &[u8]) -> Option<String> {
+    client_hello(buf)?.sni
+}
+
+/// Peeks at a TLS client's first record (at most 16 KiB, for at most `wait`) and parses
+/// its ClientHello, leaving every byte unread.
+pub async fn peek_client_hello(stream: &TcpStream, wait: Duration) -> Option<ClientHello> {
     let deadline = Instant::now() + wait;
     let mut buf = vec![0u8; 16 * 1024 + 5];
     loop {
@@ -215,7 +242,7 @@ pub async fn peek_sni(stream: &TcpStream, wait: Duration) -> Option<String> {
         if n >= 5 {
             let need = 5 + (usize::from(buf[3]) << 8 | usize::from(buf[4]));
             if n >= need || n == buf.len() {
-                return sni(&buf[..n]);
+                return client_hello(&buf[..n]);
             }
         }
         if Instant::now() >= deadline {
@@ -223,6 +250,11 @@ pub async fn peek_sni(stream: &TcpStream, wait: Duration) -> Option<String> {
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+}
+
+/// Peeks at a TLS client's first record and returns its SNI.
+pub async fn peek_sni(stream: &TcpStream, wait: Duration) -> Option<String> {
+    peek_client_hello(stream, wait).await?.sni
 }
 
 #[cfg(test)]
@@ -256,6 +288,30 @@ mod sni_tests {
         rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
         rec.extend_from_slice(&hs);
         rec
+    }
+
+    #[test]
+    fn reads_a_real_client_hello() {
+        // rustls's own first flight, with SNI and two ALPN protocols.
+        let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"trellis-h2".to_vec(), b"h2".to_vec()];
+        let name = rustls::pki_types::ServerName::try_from("DB.example.com").expect("name");
+        let mut conn =
+            rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("client");
+        let mut buf = Vec::new();
+        conn.write_tls(&mut buf).expect("hello");
+        let hello = super::client_hello(&buf).expect("parses");
+        assert_eq!(hello.sni.as_deref(), Some("db.example.com"));
+        assert_eq!(hello.alpn, vec![b"trellis-h2".to_vec(), b"h2".to_vec()]);
+        for cut in 0..buf.len() {
+            assert_eq!(super::client_hello(&buf[..cut]), None, "cut at {cut}");
+        }
     }
 
     #[test]

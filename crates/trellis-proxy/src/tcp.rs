@@ -24,7 +24,7 @@ pub async fn forward_route(
     let target = match route {
         Route::Outbound(dst) => cfg.outbound_target(*dst),
         Route::Named(host, port) => cfg.target_by_name(host, *port),
-        Route::Inbound(port) => {
+        Route::Inbound(port, _) => {
             let mut app = cfg.app_addr(*port);
             if !cfg.pod_ips.is_empty() {
                 app = shared

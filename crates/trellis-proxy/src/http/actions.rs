@@ -192,6 +192,7 @@ pub(super) fn roll(percentage: f64) -> bool {
 /// Injected delay and abort (flags DI, FI), then the request itself.
 pub(super) async fn with_faults(
     shared: &Arc<Shared>,
+    cfg: &crate::config::Config,
     ds: Downstream,
     target: &crate::config::Target,
     cluster: &Arc<crate::config::Cluster>,
@@ -230,7 +231,17 @@ pub(super) async fn with_faults(
         }
     }
     let retry = policy.retry.as_ref().unwrap_or(&shared.default_retry);
-    to_cluster(shared, ds, target, cluster, retry, &policy.mirrors, req).await
+    to_cluster(
+        shared,
+        cfg,
+        ds,
+        target,
+        cluster,
+        retry,
+        &policy.mirrors,
+        req,
+    )
+    .await
 }
 
 /// Most mirrored requests in flight at once: mirroring has its own budget and never
@@ -282,7 +293,9 @@ pub(super) fn mirror(
     tokio::spawn(async move {
         if let Some(ep) = cluster.pick() {
             let version = req.version;
-            let up = Upstream::endpoint(ep, &cluster, version == Version::HTTP_2, false);
+            let cfg = shared.config.load_full();
+            let mesh = shared.mesh_tls(&cfg);
+            let up = Upstream::endpoint(ep, &cluster, version == Version::HTTP_2, false, mesh);
             match forward_once(&shared, &mut req, version, ReqBody::Buffered(body), &up).await {
                 // Read the answer to the end so that the connection can be reused.
                 Ok(resp) => {

@@ -42,6 +42,8 @@ pub const RESPONSE_FLAGS: HeaderName = HeaderName::from_static("x-trellis-respon
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+/// Envoy's and Istio's header naming the mTLS peer of an inbound request.
+const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// How a connection's requests find where they go; resolved again for every request so
@@ -52,8 +54,9 @@ pub enum Route {
     Outbound(SocketAddr),
     /// Explicit outbound listener for a service name and port.
     Named(Arc<str>, u16),
-    /// Inbound traffic for the workload's port.
-    Inbound(u16),
+    /// Inbound traffic for the workload's port; with the peer proxy's SPIFFE id when it
+    /// came over mesh mutual TLS.
+    Inbound(u16, Option<Arc<str>>),
     /// A gateway port; `tls`: the server a TLS connection was accepted for (HTTPS).
     Gateway {
         port: u16,
@@ -84,6 +87,8 @@ struct Upstream<'a> {
     /// DestinationRule `maxConcurrentStreams` (HTTP/2 connections).
     max_streams: Option<u32>,
     endpoint: Option<&'a Endpoint>,
+    /// Mutual TLS to a peer proxy.
+    tls: Option<crate::pool::MeshTls<'a>>,
     /// Other addresses to try when the first refuses (the pod address for apps that do
     /// not listen on localhost).
     fallbacks: &'a [IpAddr],
@@ -97,10 +102,19 @@ impl<'a> Upstream<'a> {
         cluster: &crate::config::Cluster,
         downstream_h2: bool,
         port_h2: bool,
+        mesh: Option<crate::proxy::MeshMaterial<'a>>,
     ) -> Self {
         // To a peer proxy: one multiplexed HTTP/2 connection, unless the cluster keeps the
         // client's protocol (then the peer sees what the client sent, and needs no marker).
+        // Over mutual TLS once this proxy has its certificate and the mesh's roots.
         let to_peer_h2 = ep.proxied && !cluster.keep_client_protocol;
+        let tls = mesh
+            .filter(|_| to_peer_h2)
+            .map(|(creds, roots)| crate::pool::MeshTls {
+                creds,
+                roots,
+                expected: ep.identity.as_deref(),
+            });
         Upstream {
             addr: ep.addr,
             h2: to_peer_h2 || downstream_h2 || port_h2,
@@ -110,6 +124,7 @@ impl<'a> Upstream<'a> {
             max_uses: cluster.max_requests_per_connection,
             max_streams: cluster.max_concurrent_streams,
             endpoint: Some(ep),
+            tls,
             fallbacks: &[],
         }
     }
@@ -154,7 +169,9 @@ pub async fn handle_request(
     Stats::inc(&shared.stats.requests_total);
     let cfg = shared.config.load_full();
     let resp = match &route {
-        Route::Inbound(port) => inbound(&shared, &cfg, *port, req).await,
+        Route::Inbound(port, peer_id) => {
+            inbound(&shared, &cfg, *port, peer_id.as_deref(), req).await
+        }
         Route::Gateway { port, tls } => {
             gateway(&shared, &cfg, ds, *port, tls.as_deref(), req).await
         }
@@ -277,9 +294,17 @@ async fn outbound(
     };
     let set_cookie = sticky_cookie(cluster, ds, &mut req);
     let mut resp = match policy {
-        None => to_cluster(shared, ds, target, cluster, &shared.default_retry, &[], req).await,
+        None => {
+            let retry = &shared.default_retry;
+            to_cluster(shared, cfg, ds, target, cluster, retry, &[], req).await
+        }
         Some(p) => {
-            match Deadline::new(p.timeout, with_faults(shared, ds, target, cluster, p, req)).await {
+            match Deadline::new(
+                p.timeout,
+                with_faults(shared, cfg, ds, target, cluster, p, req),
+            )
+            .await
+            {
                 Some(r) => r,
                 None => local_reply(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -370,8 +395,10 @@ const ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count
 /// on another endpoint when there is one, after an exponential backoff with jitter, with
 /// the body buffered (up to 64 KiB) so that it can be sent again. Streaming bodies and
 /// upgrades go out once.
+#[allow(clippy::too_many_arguments)]
 async fn to_cluster(
     shared: &Arc<Shared>,
+    cfg: &Config,
     ds: Downstream,
     target: &crate::config::Target,
     cluster: &Arc<crate::config::Cluster>,
@@ -413,6 +440,7 @@ async fn to_cluster(
             max_uses: cluster.max_requests_per_connection,
             max_streams: cluster.max_concurrent_streams,
             endpoint: None,
+            tls: None,
             fallbacks: &[],
         };
         let Some(_admitted) = cluster.admit().await else {
@@ -430,7 +458,7 @@ async fn to_cluster(
         let Some(ep) = hashed.or_else(|| cluster.pick()) else {
             return no_endpoint();
         };
-        let up = Upstream::endpoint(ep, cluster, downstream_h2, port_h2);
+        let up = Upstream::endpoint(ep, cluster, downstream_h2, port_h2, shared.mesh_tls(cfg));
         let Some(_admitted) = cluster.admit().await else {
             return overflow(cluster);
         };
@@ -508,7 +536,7 @@ async fn to_cluster(
                 .headers
                 .insert(ATTEMPT_COUNT, HeaderValue::from(attempt));
         }
-        let up = Upstream::endpoint(ep, cluster, downstream_h2, port_h2);
+        let up = Upstream::endpoint(ep, cluster, downstream_h2, port_h2, shared.mesh_tls(cfg));
         let Some(_admitted) = cluster.admit().await else {
             return overflow(cluster);
         };
@@ -689,6 +717,7 @@ async fn inbound(
     shared: &Shared,
     cfg: &Config,
     port: u16,
+    peer_id: Option<&str>,
     mut req: Request<ReqBody>,
 ) -> Response<ProxyBody> {
     let declared = cfg.inbound_port(port);
@@ -696,6 +725,17 @@ async fn inbound(
         if let Err(retry_in) = bucket.try_take() {
             Stats::inc(&shared.stats.rate_limited_total);
             return bucket.limited(retry_in);
+        }
+    }
+    // The caller's identity, for the app, as Istio's sidecars give it: set from the mTLS
+    // handshake, and never taken from the request (which the caller could forge).
+    let headers = req.headers_mut();
+    headers.remove(&XFCC);
+    if let Some(id) = peer_id {
+        let own = shared.credentials.current();
+        let by = own.as_ref().and_then(|c| c.spiffe.as_deref()).unwrap_or("");
+        if let Ok(v) = HeaderValue::from_str(&format!("By={by};URI={id}")) {
+            headers.insert(XFCC, v);
         }
     }
     let marker = req.headers_mut().remove(DOWNSTREAM_VERSION);
@@ -714,6 +754,7 @@ async fn inbound(
         max_uses: None,
         max_streams: None,
         endpoint: None,
+        tls: None,
         fallbacks: &cfg.pod_ips,
     };
     forward(shared, req, up).await
@@ -968,7 +1009,7 @@ async fn send(
     if up.h2 {
         let head = Request::from_parts(clone_parts(parts), ());
         return pools
-            .send_h2(up.addr, up.dial, up.max_streams, head, body)
+            .send_h2(up.addr, up.dial, up.max_streams, up.tls, head, body)
             .await
             .map(|r| r.map(ProxyBody::H2));
     }
