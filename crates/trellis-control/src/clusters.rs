@@ -27,6 +27,8 @@ pub struct EndpointRef {
     pub labels: BTreeMap<String, String>,
     /// A Trellis proxy fronts it (HTTP travels as HTTP/2 between the proxies).
     pub proxied: bool,
+    /// That proxy takes plaintext only on this port (PeerAuthentication DISABLE).
+    pub plaintext: bool,
     pub identity: Option<String>,
     pub locality: Option<String>,
 }
@@ -218,6 +220,7 @@ fn endpoint(e: &EndpointRef) -> wire::Endpoint {
     wire::Endpoint {
         address,
         proxied: e.proxied,
+        plaintext: e.plaintext,
         labels: e.labels.clone(),
         identity: e.identity.clone(),
         locality: e.locality.clone(),
@@ -292,6 +295,7 @@ mod tests {
                 ("version".to_string(), version.to_string()),
             ]),
             proxied: true,
+            plaintext: false,
             identity: None,
             locality: None,
         }

@@ -11,6 +11,7 @@ pub mod clusters;
 pub mod debug;
 pub mod dirsource;
 pub mod mesh;
+pub mod peerauth;
 pub mod registry;
 pub mod server;
 pub mod store;

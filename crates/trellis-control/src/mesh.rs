@@ -148,8 +148,12 @@ impl<'a> MeshConfig<'a> {
 }
 
 /// The snapshot's own-workload section for an instance.
-pub fn workload_of(me: &Instance) -> wire::Workload {
+pub fn workload_of(cfg: &MeshConfig<'_>, me: &Instance) -> wire::Workload {
+    let mtls = crate::peerauth::PeerAuthPolicies::from_resources(cfg.resources, cfg.root_namespace)
+        .resolve(&me.namespace, &me.labels);
     wire::Workload {
+        mtls: mtls.mode as i32,
+        port_mtls: mtls.ports.into_iter().map(|(p, m)| (p, m as i32)).collect(),
         name: me.name.clone(),
         namespace: me.namespace.clone(),
         labels: me.labels.clone(),
@@ -397,7 +401,7 @@ pub fn sidecar_snapshot(
         }
         gateway_ports = ports;
     }
-    let workload = workload_of(me);
+    let workload = workload_of(cfg, me);
     let registry_only = sidecar
         .and_then(|s| s.outbound_traffic_policy.as_ref())
         .and_then(|o| o.mode)
@@ -460,6 +464,7 @@ fn select_endpoints(
                     c.endpoints.push(wire::Endpoint {
                         address: std::net::SocketAddr::new(*ip, port).to_string(),
                         proxied: i.proxied(),
+                        plaintext: reg.takes_plaintext_only(i, port),
                         identity: Some(reg.identity(i)),
                         labels: i.labels.clone(),
                         locality: i.locality.clone(),

@@ -132,6 +132,8 @@ pub struct Registry {
     pub instances: Vec<Instance>,
     /// The SPIFFE trust domain of endpoint identities (`cluster.local` by default).
     pub trust_domain: String,
+    /// PeerAuthentications: an endpoint whose proxy takes plaintext only is marked so.
+    pub peer_auth: crate::peerauth::PeerAuthPolicies,
 }
 
 /// The first address of Istio's auto-allocation range, 240.240.0.0/16.
@@ -247,6 +249,10 @@ impl Registry {
             services,
             instances,
             trust_domain: "cluster.local".to_string(),
+            peer_auth: crate::peerauth::PeerAuthPolicies::from_resources(
+                resources,
+                crate::mesh::ROOT_NAMESPACE,
+            ),
         }
     }
 
@@ -300,12 +306,24 @@ impl Registry {
                     // Every instance the runtime reports runs beside a Trellis proxy; a
                     // WorkloadEntry says so with its tlsMode label.
                     proxied: i.proxied(),
+                    plaintext: self.takes_plaintext_only(i, target),
                     identity: Some(self.identity(i)),
                     locality: i.locality.clone(),
                 });
             }
         }
         out
+    }
+
+    /// Whether `i`'s proxy takes only plaintext on `port` (PeerAuthentication DISABLE), so
+    /// that clients must not originate mutual TLS to it.
+    pub fn takes_plaintext_only(&self, i: &Instance, port: u16) -> bool {
+        i.proxied()
+            && self
+                .peer_auth
+                .resolve(&i.namespace, &i.labels)
+                .at(u32::from(port))
+                == trellis_xds::snapshot::PeerMtls::Disable
     }
 
     /// An instance's SPIFFE identity in this registry's trust domain.

@@ -489,7 +489,7 @@ impl ControlPlane {
                     }
                 })
                 .clone();
-            let workload = Some(crate::mesh::workload_of(&c.instance));
+            let workload = Some(crate::mesh::workload_of(&cfg, &c.instance));
             // Same content as last time: nothing to send (the version alone moved).
             if let Some(last) = &c.last {
                 if Arc::ptr_eq(&last.scope, &scope)

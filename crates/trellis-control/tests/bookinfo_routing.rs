@@ -22,6 +22,7 @@ fn endpoint(addr: SocketAddr, version: &str) -> EndpointRef {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         proxied: false,
+        plaintext: false,
         identity: None,
         locality: None,
     }

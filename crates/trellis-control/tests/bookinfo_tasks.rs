@@ -94,6 +94,7 @@ impl Bookinfo {
                         ("version".to_string(), v.clone()),
                     ]),
                     proxied: false,
+                    plaintext: false,
                     identity: None,
                     locality: None,
                 })

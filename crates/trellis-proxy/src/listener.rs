@@ -16,7 +16,7 @@ use crate::proxy::Shared;
 use crate::sniff::{self, Detected};
 use crate::stats::Stats;
 use crate::tcp;
-use trellis_xds::snapshot::OutboundPolicy;
+use trellis_xds::snapshot::{OutboundPolicy, PeerMtls};
 
 /// What a listener receives.
 #[derive(Debug, Clone)]
@@ -223,7 +223,41 @@ async fn dispatch(
             )
         }
     };
+    let inbound_mtls = match &route {
+        Route::Inbound(port, _) => Some((*port, cfg.inbound_mtls(*port))),
+        _ => None,
+    };
+    if let Some((port, PeerMtls::Strict)) = inbound_mtls {
+        // PeerAuthentication STRICT: mesh mutual TLS only, whatever the port carries.
+        let hello = sniff::peek_client_hello(&stream, cfg.header_timeout).await;
+        if hello.as_ref().is_some_and(is_mesh_hello) {
+            serve_mesh_tls(stream, peer, port, shared, &cfg, stop).await;
+        } else {
+            Stats::inc(&shared.stats.inbound_plaintext_refused_total);
+            tracing::warn!(
+                "connection from {peer} to port {port} refused: PeerAuthentication is STRICT and it is not mesh mTLS"
+            );
+        }
+        return;
+    }
     if declared == PortProtocol::Tcp {
+        if let Some((port, PeerMtls::Permissive)) = inbound_mtls {
+            // Mesh mTLS from a peer proxy, or the app's own bytes: the first bytes tell,
+            // within the detection timeout (a server-first protocol's silent client then
+            // goes on as plain TCP).
+            let tls = sniff::detect(&stream, cfg.detection_timeout)
+                .await
+                .is_ok_and(|d| d.protocol == Detected::Tls);
+            if tls
+                && sniff::peek_client_hello(&stream, cfg.header_timeout)
+                    .await
+                    .as_ref()
+                    .is_some_and(is_mesh_hello)
+            {
+                serve_mesh_tls(stream, peer, port, shared, &cfg, stop).await;
+                return;
+            }
+        }
         tcp::forward_route(stream, peer, &route, shared, &cfg).await;
         return;
     }
@@ -236,16 +270,13 @@ async fn dispatch(
             return;
         }
     };
-    if let (Detected::Tls, Route::Inbound(port, None)) = (detection.protocol, &route) {
-        // Mesh mutual TLS from a peer proxy, told from an app's own TLS by its ALPN.
+    if let (Detected::Tls, Some((port, PeerMtls::Permissive))) = (detection.protocol, inbound_mtls)
+    {
+        // Mesh mutual TLS from a peer proxy, told from an app's own TLS by its ALPN (with
+        // DISABLE, TLS of any kind goes to the app as it is).
         let hello = sniff::peek_client_hello(&stream, cfg.header_timeout).await;
-        let mesh = hello.as_ref().is_some_and(|h| {
-            h.alpn
-                .iter()
-                .any(|p| trellis_identity::tls::MESH_ALPNS.contains(&p.as_slice()))
-        });
-        if mesh {
-            serve_mesh_tls(stream, peer, *port, shared, &cfg, stop).await;
+        if hello.as_ref().is_some_and(is_mesh_hello) {
+            serve_mesh_tls(stream, peer, port, shared, &cfg, stop).await;
             return;
         }
     }
@@ -261,6 +292,13 @@ async fn dispatch(
     serve_http(stream, peer, version, route, shared, &cfg, stop).await;
 }
 
+/// A ClientHello offering one of the mesh's ALPN protocols: a peer proxy's.
+fn is_mesh_hello(h: &sniff::ClientHello) -> bool {
+    h.alpn
+        .iter()
+        .any(|p| trellis_identity::tls::MESH_ALPNS.contains(&p.as_slice()))
+}
+
 /// Terminates mesh mutual TLS on an inbound port: the peer must present a certificate
 /// from the mesh's roots, and its SPIFFE id goes with each request. The ALPN it agreed on
 /// says what follows.
@@ -272,7 +310,7 @@ async fn serve_mesh_tls(
     cfg: &crate::config::Config,
     stop: watch::Receiver<bool>,
 ) {
-    use trellis_identity::tls::{ALPN_MESH_H2, ALPN_MESH_HTTP1};
+    use trellis_identity::tls::{ALPN_MESH_H2, ALPN_MESH_HTTP1, ALPN_MESH_TCP};
     let config = match shared.mesh_server_config(cfg) {
         Ok(c) => c,
         Err(e) => {
@@ -301,19 +339,24 @@ async fn serve_mesh_tls(
         .and_then(|c| c.first())
         .and_then(trellis_identity::tls::spiffe_id)
         .map(Arc::from);
+    Stats::inc(&shared.stats.inbound_mtls_connections_total);
+    tracing::debug!("mTLS from {peer} ({peer_id:?}) on port {port}");
     let version = match conn.alpn_protocol() {
         Some(p) if p == ALPN_MESH_H2 => Detected::Http2,
         Some(p) if p == ALPN_MESH_HTTP1 => Detected::Http1,
+        Some(p) if p == ALPN_MESH_TCP => {
+            tcp::forward_inbound(tls, port, shared, cfg).await;
+            return;
+        }
         other => {
+            // (The server offers only the mesh's protocols: not reached.)
             tracing::warn!(
-                "mTLS from {peer} on port {port}: {:?} is not served over mTLS yet; closing",
+                "mTLS from {peer} on port {port}: no protocol agreed ({:?}); closing",
                 other.map(String::from_utf8_lossy)
             );
             return;
         }
     };
-    Stats::inc(&shared.stats.inbound_mtls_connections_total);
-    tracing::debug!("mTLS from {peer} ({peer_id:?}) on port {port}");
     let route = Route::Inbound(port, peer_id);
     serve_http(tls, peer, Some(version), route, shared, cfg, stop).await;
 }

@@ -110,6 +110,36 @@ fn with_room(
     Some((c.sender.clone(), StreamGuard(Arc::clone(&c.streams))))
 }
 
+/// Mutual TLS over `stream` to the peer proxy at `addr`, agreeing on `alpn` (what follows).
+pub async fn mesh_connect(
+    stream: tokio::net::TcpStream,
+    addr: SocketAddr,
+    dial: Dial,
+    tls: MeshTls<'_>,
+    alpn: &[u8],
+) -> io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let config = trellis_identity::tls::mesh_client_config(
+        Arc::clone(tls.creds),
+        Arc::clone(tls.roots),
+        tls.expected.map(str::to_string).into_iter().collect(),
+        alpn,
+    )
+    .map_err(|e| io::Error::other(format!("mTLS: {e}")))?;
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let connect = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, stream);
+    let stream = tokio::time::timeout(dial.timeout, connect)
+        .await
+        .map_err(|_| io::Error::other(format!("mTLS: no handshake within {:?}", dial.timeout)))?
+        .map_err(|e| io::Error::other(format!("mTLS: {e}")))?;
+    if stream.get_ref().1.alpn_protocol() != Some(alpn) {
+        return Err(io::Error::other(format!(
+            "mTLS: the peer did not agree on {}",
+            String::from_utf8_lossy(alpn)
+        )));
+    }
+    Ok(stream)
+}
+
 /// All upstream connections of a proxy. Lives across snapshot swaps.
 #[derive(Default)]
 pub struct Pools {
@@ -349,26 +379,9 @@ impl Pools {
         let Some(tls) = tls else {
             return Self::handshake_h2(addr, stream).await;
         };
-        let tls_err = |e: String| UpstreamError::Connect {
-            addr,
-            source: io::Error::other(format!("mTLS: {e}")),
-        };
-        let config = trellis_identity::tls::mesh_client_config(
-            Arc::clone(tls.creds),
-            Arc::clone(tls.roots),
-            tls.expected.map(str::to_string).into_iter().collect(),
-            trellis_identity::tls::ALPN_MESH_H2,
-        )
-        .map_err(|e| tls_err(e.to_string()))?;
-        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-        let connect = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, stream);
-        let stream = tokio::time::timeout(dial.timeout, connect)
+        let stream = mesh_connect(stream, addr, dial, tls, trellis_identity::tls::ALPN_MESH_H2)
             .await
-            .map_err(|_| tls_err(format!("no handshake within {:?}", dial.timeout)))?
-            .map_err(|e| tls_err(e.to_string()))?;
-        if stream.get_ref().1.alpn_protocol() != Some(trellis_identity::tls::ALPN_MESH_H2) {
-            return Err(tls_err("the peer did not agree on trellis-h2".into()));
-        }
+            .map_err(|source| UpstreamError::Connect { addr, source })?;
         Self::handshake_h2(addr, stream).await
     }
 

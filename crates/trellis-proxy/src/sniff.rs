@@ -236,8 +236,8 @@ pub async fn peek_client_hello(stream: &TcpStream, wait: Duration) -> Option<Cli
             .await
             .ok()?
             .ok()?;
-        if n == 0 {
-            return None;
+        if n == 0 || buf[0] != 0x16 {
+            return None; // closed, or not TLS at all
         }
         if n >= 5 {
             let need = 5 + (usize::from(buf[3]) << 8 | usize::from(buf[4]));

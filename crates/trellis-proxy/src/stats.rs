@@ -42,6 +42,7 @@ counters! {
     rate_limited_total => "trellis_proxy_rate_limited_requests_total", "counter", "Requests refused by a local rate limit (429, RL).";
     config_updates_total => "trellis_proxy_config_updates_total", "counter", "Snapshots applied.";
     tls_handshake_errors_total => "trellis_proxy_tls_handshake_errors_total", "counter", "TLS handshakes (gateway and mesh mTLS) that failed or timed out.";
+    inbound_plaintext_refused_total => "trellis_proxy_inbound_plaintext_refused_total", "counter", "Inbound connections refused because PeerAuthentication is STRICT and they were not mesh mTLS.";
     inbound_mtls_connections_total => "trellis_proxy_inbound_mtls_connections_total", "counter", "Inbound connections from peer proxies over mesh mutual TLS.";
     dns_updates_total => "trellis_proxy_dns_updates_total", "counter", "Endpoint updates after a STRICT_DNS name resolved differently.";
     retry_overflow_total => "trellis_proxy_retry_overflow_total", "counter", "Retries not made because the cluster's maxRetries were in flight.";

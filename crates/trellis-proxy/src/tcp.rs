@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use trellis_identity::tls::ALPN_MESH_TCP;
+
 use tokio::net::TcpStream;
 
 use crate::config::{Config, Endpoint};
@@ -25,13 +27,7 @@ pub async fn forward_route(
         Route::Outbound(dst) => cfg.outbound_target(*dst),
         Route::Named(host, port) => cfg.target_by_name(host, *port),
         Route::Inbound(port, _) => {
-            let mut app = cfg.app_addr(*port);
-            if !cfg.pod_ips.is_empty() {
-                app = shared
-                    .app_addr(app, &cfg.pod_ips, Duration::from_secs(1))
-                    .await;
-            }
-            forward(stream, app, Duration::from_secs(1), shared, None).await;
+            forward_inbound(stream, *port, shared, cfg).await;
             return;
         }
         Route::Gateway { port, .. } => {
@@ -109,7 +105,32 @@ pub async fn forward_route(
         );
         return;
     };
-    forward(stream, ep.addr, cluster.dial(), shared, Some(ep)).await;
+    // To a peer proxy: over mutual TLS once this proxy has its certificate (unless the
+    // peer takes plaintext only).
+    let tls = shared
+        .mesh_tls(cfg)
+        .filter(|_| ep.proxied && !ep.plaintext)
+        .map(|(creds, roots)| crate::pool::MeshTls {
+            creds,
+            roots,
+            expected: ep.identity.as_deref(),
+        });
+    forward_tls(stream, ep.addr, cluster.dial(), shared, Some(ep), tls).await;
+}
+
+/// An inbound connection (plaintext, or mesh mTLS already terminated) to the app behind
+/// workload port `port`.
+pub async fn forward_inbound<D>(stream: D, port: u16, shared: &Shared, cfg: &Config)
+where
+    D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut app = cfg.app_addr(port);
+    if !cfg.pod_ips.is_empty() {
+        app = shared
+            .app_addr(app, &cfg.pod_ips, Duration::from_secs(1))
+            .await;
+    }
+    forward(stream, app, Duration::from_secs(1), shared, None).await;
 }
 
 /// A connection to a gateway's TLS passthrough (`sni` set) or TCP server: the first of
@@ -199,32 +220,60 @@ pub async fn gateway_tcp(
 }
 
 /// Connects to `to` and copies both ways until both sides are done.
-pub async fn forward(
-    mut down: TcpStream,
+pub async fn forward<D>(
+    down: D,
     to: SocketAddr,
     dial: impl Into<sockets::Dial>,
     shared: &Shared,
     ep: Option<&Endpoint>,
-) {
-    let mut up = match sockets::connect_with(to, dial.into()).await {
-        Ok(s) => s,
-        Err(e) => {
-            Stats::inc(&shared.stats.upstream_connect_failures_total);
-            if let Some(ep) = ep {
-                ep.stats
-                    .connect_failures
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            tracing::warn!(flags = "UF", "TCP connect to {to} failed: {e}");
-            return;
+) where
+    D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    forward_tls(down, to, dial, shared, ep, None).await;
+}
+
+/// As [`forward`], over mesh mutual TLS (ALPN `trellis-tcp`) when `tls` is given. Each
+/// side's end of stream is passed on (half-close; over TLS, as a close_notify).
+pub async fn forward_tls<D>(
+    mut down: D,
+    to: SocketAddr,
+    dial: impl Into<sockets::Dial>,
+    shared: &Shared,
+    ep: Option<&Endpoint>,
+    tls: Option<crate::pool::MeshTls<'_>>,
+) where
+    D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let dial = dial.into();
+    let failed = |e: &dyn std::fmt::Display| {
+        Stats::inc(&shared.stats.upstream_connect_failures_total);
+        if let Some(ep) = ep {
+            ep.stats
+                .connect_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+        tracing::warn!(flags = "UF", "TCP connect to {to} failed: {e}");
+    };
+    let mut up = match sockets::connect_with(to, dial).await {
+        Ok(s) => s,
+        Err(e) => return failed(&e),
     };
     if let Some(ep) = ep {
         ep.stats
             .requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
-    match tokio::io::copy_bidirectional(&mut down, &mut up).await {
+    let copied = match tls {
+        None => tokio::io::copy_bidirectional(&mut down, &mut up).await,
+        Some(t) => {
+            let mut up = match crate::pool::mesh_connect(up, to, dial, t, ALPN_MESH_TCP).await {
+                Ok(s) => s,
+                Err(e) => return failed(&e),
+            };
+            tokio::io::copy_bidirectional(&mut down, &mut up).await
+        }
+    };
+    match copied {
         Ok((sent, received)) => tracing::debug!("TCP {to}: sent {sent} received {received}"),
         Err(e) => tracing::debug!("TCP {to}: {e}"),
     }

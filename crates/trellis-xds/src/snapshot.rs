@@ -295,6 +295,70 @@ pub struct Workload {
     #[prost(string, optional, tag = "7")]
     #[serde(default)]
     pub locality: Option<String>,
+    /// PeerAuthentication, resolved by the control plane: what inbound connections must be.
+    #[prost(enumeration = "PeerMtls", tag = "8")]
+    #[serde(default, with = "peer_mtls")]
+    pub mtls: i32,
+    /// Per workload port, where a PeerAuthentication's portLevelMtls says otherwise.
+    #[prost(btree_map = "uint32, enumeration(PeerMtls)", tag = "9")]
+    #[serde(default, with = "peer_mtls_map")]
+    pub port_mtls: BTreeMap<u32, i32>,
+}
+
+/// Inbound mutual TLS (PeerAuthentication's modes; UNSET is resolved before it gets here).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum PeerMtls {
+    Permissive = 0,
+    Strict = 1,
+    Disable = 2,
+}
+
+impl PeerMtls {
+    pub const ALL: [PeerMtls; 3] = [PeerMtls::Permissive, PeerMtls::Strict, PeerMtls::Disable];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PeerMtls::Permissive => "PERMISSIVE",
+            PeerMtls::Strict => "STRICT",
+            PeerMtls::Disable => "DISABLE",
+        }
+    }
+}
+
+mod peer_mtls_map {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(m: &BTreeMap<u32, i32>, s: S) -> Result<S::Ok, S::Error> {
+        let named: BTreeMap<u32, &str> = m
+            .iter()
+            .map(|(k, v)| {
+                let mode = super::PeerMtls::try_from(*v).unwrap_or(super::PeerMtls::Permissive);
+                (*k, mode.name())
+            })
+            .collect();
+        named.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<u32, i32>, D::Error> {
+        let named = BTreeMap::<u32, String>::deserialize(d)?;
+        named
+            .into_iter()
+            .map(|(k, v)| {
+                super::PeerMtls::ALL
+                    .iter()
+                    .find(|m| m.name() == v)
+                    .map(|m| (k, *m as i32))
+                    .ok_or_else(|| {
+                        serde::de::Error::custom(format!(
+                            "unknown mTLS mode {v:?} (PERMISSIVE, STRICT or DISABLE)"
+                        ))
+                    })
+            })
+            .collect()
+    }
 }
 
 /// A port the app listens on; inbound traffic to it is intercepted.
@@ -1018,6 +1082,11 @@ pub struct Endpoint {
     #[prost(uint32, optional, tag = "7")]
     #[serde(default)]
     pub weight: Option<u32>,
+    /// The peer proxy takes plaintext only on this port (its PeerAuthentication is
+    /// DISABLE): auto mTLS sends plaintext.
+    #[prost(bool, tag = "8")]
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub plaintext: bool,
 }
 
 /// Proxy-wide settings.
@@ -1232,6 +1301,7 @@ macro_rules! named_module {
 
 named_module!(server_tls_mode, ServerTlsMode, ServerTlsMode::ALL);
 named_module!(discovery, Discovery, Discovery::ALL);
+named_module!(peer_mtls, PeerMtls, PeerMtls::ALL);
 named_module!(load_balancer, LoadBalancer, LoadBalancer::ALL);
 named_module!(
     outbound_policy,
@@ -1282,4 +1352,8 @@ mod tests {
             .expect_err("bad");
         assert!(e.to_string().contains("clusters[0].idleTimeout"), "{e}");
     }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }

@@ -70,6 +70,8 @@ fn full() -> Snapshot {
         version: "v1".into(),
         trust_roots: vec!["-----BEGIN CERTIFICATE-----\n...".into()],
         workload: Some(Workload {
+            mtls: PeerMtls::Strict as i32,
+            port_mtls: BTreeMap::from([(8080, PeerMtls::Disable as i32)]),
             name: "w".into(),
             namespace: "ns".into(),
             labels: labels.clone(),
@@ -175,6 +177,7 @@ fn full() -> Snapshot {
         clusters: vec![Cluster {
             name: "c".into(),
             endpoints: vec![Endpoint {
+                plaintext: true,
                 address: "10.0.0.2:80".into(),
                 proxied: true,
                 labels,
@@ -359,6 +362,10 @@ fn enums_match_the_proto_file() {
         (
             "Discovery",
             Discovery::ALL.map(|d| (d as i32, d.name())).to_vec(),
+        ),
+        (
+            "PeerMtls",
+            PeerMtls::ALL.map(|d| (d as i32, d.name())).to_vec(),
         ),
         (
             "ServerTlsMode",

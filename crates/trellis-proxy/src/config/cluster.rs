@@ -96,6 +96,8 @@ pub struct Outlier {
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub proxied: bool,
+    /// Its proxy takes plaintext only here (PeerAuthentication DISABLE): no mTLS to it.
+    pub plaintext: bool,
     pub identity: Option<String>,
     pub healthy: bool,
     pub locality: Option<String>,
@@ -681,6 +683,7 @@ impl Cluster {
                 endpoints.push(Arc::new(Endpoint {
                     addr,
                     proxied: e.proxied,
+                    plaintext: e.plaintext,
                     identity: e.identity.clone(),
                     healthy: e.healthy.unwrap_or(true),
                     locality: e.locality.clone(),

@@ -158,6 +158,10 @@ pub struct Config {
     pub dns: HashMap<String, Vec<SocketAddr>>,
     /// The shortest refresh interval of the STRICT_DNS clusters, when there are any.
     pub dns_refresh: Option<Duration>,
+    /// Inbound mutual TLS (the workload's resolved PeerAuthentication), and the workload
+    /// ports where it differs.
+    pub inbound_mtls: wire::PeerMtls,
+    pub port_mtls: HashMap<u16, wire::PeerMtls>,
     /// The mesh's trust bundle (`trustRoots`), when the snapshot has one: what peers'
     /// certificates must chain to.
     pub trust_roots: Option<Arc<rustls::RootCertStore>>,
@@ -540,6 +544,21 @@ impl Config {
             trust.roots.extend(roots.roots);
         }
         let trust_roots = (!trust.is_empty()).then(|| Arc::new(trust));
+        let mtls_mode = |res: String, v: i32| {
+            wire::PeerMtls::try_from(v).map_err(|_| bad(res, format!("unknown mTLS mode {v}")))
+        };
+        let (inbound_mtls, port_mtls) = match &raw.workload {
+            None => (wire::PeerMtls::Permissive, HashMap::new()),
+            Some(w) => {
+                let mut ports = HashMap::new();
+                for (p, m) in &w.port_mtls {
+                    let res = format!("workload.portMtls[{p}]");
+                    let port = u16::try_from(*p).map_err(|_| bad(res.clone(), "not a port"))?;
+                    ports.insert(port, mtls_mode(res, *m)?);
+                }
+                (mtls_mode("workload.mtls".into(), w.mtls)?, ports)
+            }
+        };
         Ok(Config {
             version: raw.version.clone(),
             outbound_policy,
@@ -577,6 +596,8 @@ impl Config {
             targets,
             dns,
             dns_refresh,
+            inbound_mtls,
+            port_mtls,
             trust_roots,
             raw,
         })
@@ -602,6 +623,14 @@ impl Config {
             protocol: PortProtocol::Detect,
             rate_limit: None,
         })
+    }
+
+    /// What inbound connections to workload port `port` must be (PeerAuthentication).
+    pub fn inbound_mtls(&self, port: u16) -> wire::PeerMtls {
+        self.port_mtls
+            .get(&port)
+            .copied()
+            .unwrap_or(self.inbound_mtls)
     }
 
     /// Where the app behind inbound `port` is first tried.
@@ -633,6 +662,8 @@ impl Config {
             targets: Vec::new(),
             dns: HashMap::new(),
             dns_refresh: None,
+            inbound_mtls: wire::PeerMtls::Permissive,
+            port_mtls: HashMap::new(),
             trust_roots: None,
             raw: wire::Snapshot::default(),
         }

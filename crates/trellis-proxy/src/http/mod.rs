@@ -109,7 +109,7 @@ impl<'a> Upstream<'a> {
         // Over mutual TLS once this proxy has its certificate and the mesh's roots.
         let to_peer_h2 = ep.proxied && !cluster.keep_client_protocol;
         let tls = mesh
-            .filter(|_| to_peer_h2)
+            .filter(|_| to_peer_h2 && !ep.plaintext)
             .map(|(creds, roots)| crate::pool::MeshTls {
                 creds,
                 roots,
