@@ -425,7 +425,7 @@ async fn a_new_root_reaches_the_proxies_before_it_signs_and_they_follow_the_rota
     let token = Tokens::load_or_create(old_dir.path())
         .expect("tokens")
         .issue("web", "web", Duration::from_secs(600));
-    let (addr, _, old_cp) =
+    let (addr, _, _, old_cp) =
         common::tls_control_plane(WEB_WORKLOAD, old_dir.path(), old_dir.path(), None).await;
 
     // The proxy knows the old root only (its --xds-root).
@@ -471,7 +471,7 @@ async fn a_new_root_reaches_the_proxies_before_it_signs_and_they_follow_the_rota
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     std::fs::write(new_dir.path().join("extra-roots.pem"), &old_root).expect("write");
-    let (_, new_cp, _tasks) =
+    let (_, new_cp, _, _tasks) =
         common::tls_control_plane(WEB_WORKLOAD, new_dir.path(), old_dir.path(), Some(addr)).await;
     eventually("the proxy reconnects", Duration::from_secs(10), || {
         new_cp

@@ -16,6 +16,7 @@ use trellis_proxy::xds::{Endpoint, Token};
 use trellis_proxy::{Config, LoadEnv, ProxyHandle, ProxyOptions};
 use trellis_testkit::HttpServer;
 use trellis_testkit::http_client::{HttpClient, HttpResponse};
+use trellis_testkit::tcp::{TcpEchoServer, tcp_echo_half_close};
 use trellis_xds::ads::Announce;
 
 const MESH: &str = r#"
@@ -35,6 +36,13 @@ metadata: {name: reviews, namespace: shop}
 spec:
   selector: {app: reviews}
   ports: [{name: http, port: 9080, targetPort: http}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: shop}
+spec:
+  selector: {app: reviews}
+  ports: [{name: tcp-echo, port: 9000, targetPort: tcp}]
 "#;
 
 const WEB_ID: &str = "spiffe://cluster.local/ns/web/sa/web";
@@ -43,9 +51,13 @@ const REVIEWS_ID: &str = "spiffe://cluster.local/ns/shop/sa/reviews";
 struct Mesh {
     web: ProxyHandle,
     reviews: ProxyHandle,
-    /// Where reviews' inbound proxy listens (the endpoint web's proxy sends to).
+    /// Where reviews' inbound proxy listens for HTTP and for TCP (the endpoints web's
+    /// proxy sends to).
     inbound: SocketAddr,
+    inbound_tcp: SocketAddr,
+    store: Arc<trellis_control::ConfigStore>,
     _app: HttpServer,
+    _echo: TcpEchoServer,
     xds: Endpoint,
     token: String,
     _data: tempfile::TempDir,
@@ -92,7 +104,8 @@ async fn proxy(
 /// hold a certificate.
 async fn mesh(ttl: Duration) -> Mesh {
     let data = tempfile::tempdir().expect("tempdir");
-    let (addr, _cp, tasks) = common::tls_control_plane(MESH, data.path(), data.path(), None).await;
+    let (addr, _cp, store, tasks) =
+        common::tls_control_plane(MESH, data.path(), data.path(), None).await;
     let root = std::fs::read_to_string(data.path().join("ca-cert.pem")).expect("root");
     let xds = Endpoint::tls(addr, &root, "trellis-control").expect("endpoint");
     let tokens = trellis_identity::Tokens::load_or_create(data.path()).expect("tokens");
@@ -101,6 +114,9 @@ async fn mesh(ttl: Duration) -> Mesh {
     let app = HttpServer::start().await.expect("app");
     let port = app.addr.port();
     let inbound: SocketAddr = format!("127.0.0.2:{port}").parse().expect("addr");
+    let echo = TcpEchoServer::start().await.expect("echo");
+    let tcp_port = echo.addr.port();
+    let inbound_tcp: SocketAddr = format!("127.0.0.2:{tcp_port}").parse().expect("addr");
     let reviews = proxy(
         &xds,
         &tokens.issue("shop", "reviews", Duration::from_secs(600)),
@@ -109,11 +125,14 @@ async fn mesh(ttl: Duration) -> Mesh {
             namespace: "shop".into(),
             service_account: "reviews".into(),
             addresses: vec!["127.0.0.2".into()],
-            ports: vec![(Some("http".to_string()), port)],
+            ports: vec![
+                (Some("http".to_string()), port),
+                (Some("tcp".to_string()), tcp_port),
+            ],
             ..Default::default()
         },
         ProxyOptions {
-            inbound_listen: vec![(inbound, port)],
+            inbound_listen: vec![(inbound, port), (inbound_tcp, tcp_port)],
             ..ProxyOptions::default()
         },
         ttl,
@@ -131,11 +150,18 @@ async fn mesh(ttl: Duration) -> Mesh {
             ..Default::default()
         },
         ProxyOptions {
-            outbound_listen: vec![(
-                "127.0.0.1:0".parse().expect("addr"),
-                "reviews.shop".into(),
-                9080,
-            )],
+            outbound_listen: vec![
+                (
+                    "127.0.0.1:0".parse().expect("addr"),
+                    "reviews.shop".into(),
+                    9080,
+                ),
+                (
+                    "127.0.0.1:0".parse().expect("addr"),
+                    "echo.shop".into(),
+                    9000,
+                ),
+            ],
             ..ProxyOptions::default()
         },
         ttl,
@@ -157,7 +183,10 @@ async fn mesh(ttl: Duration) -> Mesh {
         web,
         reviews,
         inbound,
+        inbound_tcp,
+        store,
         _app: app,
+        _echo: echo,
         xds,
         token,
         _data: data,
@@ -333,4 +362,115 @@ async fn certificates_rotate_under_load_without_a_failed_request() {
         xfcc(&r).as_deref(),
         Some(format!("By={REVIEWS_ID};URI={WEB_ID}").as_str())
     );
+}
+
+/// Echoes `data` through `to` (half-closing), or fails; bounded by 5 s.
+async fn tcp_echo(to: SocketAddr, data: &[u8]) -> Result<Vec<u8>, String> {
+    tokio::time::timeout(Duration::from_secs(5), tcp_echo_half_close(to, data))
+        .await
+        .map_err(|_| "no end within 5 s".to_string())?
+        .map_err(|e| e.to_string())
+}
+
+fn apply(store: &trellis_control::ConfigStore, yaml: &str) {
+    for r in common::parse(yaml) {
+        store.apply(r);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_authentication_strict_refuses_plaintext_and_disable_turns_mtls_off() {
+    use trellis_xds::snapshot::PeerMtls;
+    let m = mesh(Duration::from_secs(3600)).await;
+    let stats = &m.reviews.shared.stats;
+    let mtls = || stats.inbound_mtls_connections_total.load(Ordering::Relaxed);
+    // TCP goes over mTLS between the proxies too, with half-close passed on.
+    let echoed = tcp_echo(m.web.outbound_addrs[1], b"over mtls")
+        .await
+        .expect("echo");
+    assert_eq!(echoed, b"over mtls");
+    assert_eq!(mtls(), 1, "the TCP connection came over mTLS");
+
+    // STRICT for the namespace.
+    apply(
+        &m.store,
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: shop}\nspec:\n  mtls: {mode: STRICT}\n",
+    );
+    assert!(
+        common::eventually(Duration::from_secs(5), || {
+            m.reviews.config().inbound_mtls == PeerMtls::Strict
+        })
+        .await
+    );
+    // Plaintext, from curl or raw TCP: refused and counted; nothing reaches the app.
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg(format!("http://{}/echo", m.inbound))
+        .output()
+        .expect("curl runs");
+    assert!(!out.status.success(), "curl must fail: {out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "000");
+    assert!(
+        tcp_echo(m.inbound_tcp, b"plain")
+            .await
+            .unwrap_or_default()
+            .is_empty()
+    );
+    assert!(
+        common::eventually(Duration::from_secs(2), || {
+            stats
+                .inbound_plaintext_refused_total
+                .load(Ordering::Relaxed)
+                >= 2
+        })
+        .await
+    );
+    // Through web-0's proxy: mTLS, for HTTP and TCP alike.
+    let r = echo(m.web.outbound_addrs[0], &[]).await.expect("response");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        xfcc(&r).as_deref(),
+        Some(format!("By={REVIEWS_ID};URI={WEB_ID}").as_str())
+    );
+    let echoed = tcp_echo(m.web.outbound_addrs[1], b"strict")
+        .await
+        .expect("echo");
+    assert_eq!(echoed, b"strict");
+
+    // DISABLE for reviews' workload (beats the namespace's STRICT): web-0's proxy is told
+    // to send plaintext, and does.
+    apply(
+        &m.store,
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: reviews, namespace: shop}\nspec:\n  selector: {matchLabels: {app: reviews}}\n  mtls: {mode: DISABLE}\n",
+    );
+    assert!(
+        common::eventually(Duration::from_secs(5), || {
+            m.reviews.config().inbound_mtls == PeerMtls::Disable
+                && m.web.config().clusters.iter().any(|c| {
+                    c.endpoints
+                        .iter()
+                        .any(|e| e.addr == m.inbound && e.plaintext)
+                })
+        })
+        .await
+    );
+    let before = mtls();
+    let r = echo(m.web.outbound_addrs[0], &[]).await.expect("response");
+    assert_eq!(r.status, 200);
+    assert_eq!(xfcc(&r), None, "plaintext: no peer identity");
+    let echoed = tcp_echo(m.web.outbound_addrs[1], b"plain")
+        .await
+        .expect("echo");
+    assert_eq!(echoed, b"plain");
+    assert_eq!(mtls(), before, "no new mTLS connection");
+    // And plaintext from anyone is taken again.
+    assert_eq!(echo(m.inbound, &[]).await.expect("response").status, 200);
 }

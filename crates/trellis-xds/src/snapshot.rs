@@ -1309,6 +1309,10 @@ named_module!(
     [OutboundPolicy::AllowAny, OutboundPolicy::RegistryOnly]
 );
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 #[cfg(test)]
 mod tests {
     use prost::Message;
@@ -1352,8 +1356,4 @@ mod tests {
             .expect_err("bad");
         assert!(e.to_string().contains("clusters[0].idleTimeout"), "{e}");
     }
-}
-
-fn is_false(b: &bool) -> bool {
-    !*b
 }

@@ -66,7 +66,8 @@ pub async fn eventually<F: FnMut() -> bool>(within: Duration, mut f: F) -> bool 
 }
 
 /// A control plane serving `config` on TLS with the CA of `ca_dir` (tokens signed with the key of
-/// `tokens_dir`), on `addr` (a free port when None); its tasks, to abort it.
+/// `tokens_dir`), on `addr` (a free port when None); its store, and its tasks (to abort
+/// it).
 pub async fn tls_control_plane(
     config: &str,
     ca_dir: &std::path::Path,
@@ -75,6 +76,7 @@ pub async fn tls_control_plane(
 ) -> (
     SocketAddr,
     Arc<ControlPlane>,
+    Arc<ConfigStore>,
     Vec<tokio::task::JoinHandle<()>>,
 ) {
     let auth = Arc::new(Auth {
@@ -112,5 +114,5 @@ pub async fn tls_control_plane(
             Some(Arc::new(tls)),
         )),
     ];
-    (addr, cp, tasks)
+    (addr, cp, store, tasks)
 }
