@@ -15,8 +15,10 @@ use trellis_proxy::identity::CertRequest;
 use trellis_proxy::xds::{Endpoint, Token};
 use trellis_proxy::{Config, LoadEnv, ProxyHandle, ProxyOptions};
 use trellis_testkit::HttpServer;
+use trellis_testkit::WsMessage;
 use trellis_testkit::http_client::{HttpClient, HttpResponse};
 use trellis_testkit::tcp::{TcpEchoServer, tcp_echo_half_close};
+use trellis_testkit::ws::{WsEchoServer, ws_echo};
 use trellis_xds::ads::Announce;
 
 const MESH: &str = r#"
@@ -43,6 +45,13 @@ metadata: {name: echo, namespace: shop}
 spec:
   selector: {app: reviews}
   ports: [{name: tcp-echo, port: 9000, targetPort: tcp}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ws, namespace: shop}
+spec:
+  selector: {app: reviews}
+  ports: [{name: http-ws, port: 8080, targetPort: ws}]
 "#;
 
 const WEB_ID: &str = "spiffe://cluster.local/ns/web/sa/web";
@@ -58,6 +67,7 @@ struct Mesh {
     store: Arc<trellis_control::ConfigStore>,
     _app: HttpServer,
     _echo: TcpEchoServer,
+    _ws: WsEchoServer,
     xds: Endpoint,
     token: String,
     _data: tempfile::TempDir,
@@ -117,6 +127,9 @@ async fn mesh(ttl: Duration) -> Mesh {
     let echo = TcpEchoServer::start().await.expect("echo");
     let tcp_port = echo.addr.port();
     let inbound_tcp: SocketAddr = format!("127.0.0.2:{tcp_port}").parse().expect("addr");
+    let ws = WsEchoServer::start().await.expect("ws");
+    let ws_port = ws.addr.port();
+    let inbound_ws: SocketAddr = format!("127.0.0.2:{ws_port}").parse().expect("addr");
     let reviews = proxy(
         &xds,
         &tokens.issue("shop", "reviews", Duration::from_secs(600)),
@@ -128,11 +141,16 @@ async fn mesh(ttl: Duration) -> Mesh {
             ports: vec![
                 (Some("http".to_string()), port),
                 (Some("tcp".to_string()), tcp_port),
+                (Some("ws".to_string()), ws_port),
             ],
             ..Default::default()
         },
         ProxyOptions {
-            inbound_listen: vec![(inbound, port), (inbound_tcp, tcp_port)],
+            inbound_listen: vec![
+                (inbound, port),
+                (inbound_tcp, tcp_port),
+                (inbound_ws, ws_port),
+            ],
             ..ProxyOptions::default()
         },
         ttl,
@@ -161,6 +179,7 @@ async fn mesh(ttl: Duration) -> Mesh {
                     "echo.shop".into(),
                     9000,
                 ),
+                ("127.0.0.1:0".parse().expect("addr"), "ws.shop".into(), 8080),
             ],
             ..ProxyOptions::default()
         },
@@ -187,6 +206,7 @@ async fn mesh(ttl: Duration) -> Mesh {
         store,
         _app: app,
         _echo: echo,
+        _ws: ws,
         xds,
         token,
         _data: data,
@@ -444,6 +464,34 @@ async fn peer_authentication_strict_refuses_plaintext_and_disable_turns_mtls_off
         .await
         .expect("echo");
     assert_eq!(echoed, b"strict");
+    // A WebSocket upgrade (HTTP/1.1 between the proxies) goes over mTLS as well.
+    let msgs = vec![WsMessage::text("one"), WsMessage::binary(vec![1u8, 2, 3])];
+    let echoed = ws_echo(m.web.outbound_addrs[2], "ws.shop:8080", msgs.clone())
+        .await
+        .expect("websocket echo");
+    assert_eq!(echoed, msgs);
+    // So does HTTP/1.1 kept as the client sent it (DestinationRule DO_NOT_UPGRADE).
+    apply(
+        &m.store,
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: shop}\nspec:\n  host: reviews\n  trafficPolicy: {connectionPool: {http: {h2UpgradePolicy: DO_NOT_UPGRADE}}}\n",
+    );
+    assert!(
+        common::eventually(Duration::from_secs(5), || {
+            m.web
+                .config()
+                .clusters
+                .iter()
+                .any(|c| c.name.contains("reviews") && c.keep_client_protocol)
+        })
+        .await
+    );
+    let r = echo(m.web.outbound_addrs[0], &[]).await.expect("response");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-echo-version"), Some("HTTP/1.1"));
+    assert_eq!(
+        xfcc(&r).as_deref(),
+        Some(format!("By={REVIEWS_ID};URI={WEB_ID}").as_str())
+    );
 
     // DISABLE for reviews' workload (beats the namespace's STRICT): web-0's proxy is told
     // to send plaintext, and does.

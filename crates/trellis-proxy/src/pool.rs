@@ -145,8 +145,9 @@ pub async fn mesh_connect(
 pub struct Pools {
     /// Connections of the lean client (requests whose body the proxy holds in full).
     fast: Mutex<HashMap<SocketAddr, Vec<h1::Conn>>>,
-    /// hyper's HTTP/1.1 connections (streaming request bodies).
-    h1: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+    /// hyper's HTTP/1.1 connections (streaming request bodies; anything to a peer proxy
+    /// over mutual TLS), by address and whether over mTLS.
+    h1: Mutex<HashMap<(SocketAddr, bool), Vec<Idle>>>,
     /// By address, and whether over mutual TLS (a peer's connections made before this
     /// proxy had its certificate are not mixed with those made after).
     h2: Mutex<HashMap<(SocketAddr, bool), H2Slot>>,
@@ -179,11 +180,11 @@ impl Pools {
 
     fn take_idle(
         &self,
-        addr: SocketAddr,
+        key: (SocketAddr, bool),
         idle_timeout: Duration,
     ) -> Option<(http1::SendRequest<ReqBody>, u32)> {
         let mut map = self.h1.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = map.get_mut(&addr)?;
+        let list = map.get_mut(&key)?;
         while let Some(idle) = list.pop() {
             if idle.since.elapsed() < idle_timeout && !idle.sender.is_closed() {
                 return Some((idle.sender, idle.uses));
@@ -196,7 +197,7 @@ impl Pools {
     /// `max_uses` requests (DestinationRule `maxRequestsPerConnection`).
     fn give_back(
         &self,
-        addr: SocketAddr,
+        key: (SocketAddr, bool),
         sender: http1::SendRequest<ReqBody>,
         uses: u32,
         max_uses: Option<u32>,
@@ -205,7 +206,7 @@ impl Pools {
             return;
         }
         let mut map = self.h1.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = map.entry(addr).or_default();
+        let list = map.entry(key).or_default();
         if list.len() < MAX_IDLE_PER_ENDPOINT {
             list.push(Idle {
                 sender,
@@ -274,16 +275,37 @@ impl Pools {
         }
     }
 
-    /// Opens a new HTTP/1.1 connection (with upgrades enabled).
+    /// Opens a new HTTP/1.1 connection (with upgrades enabled), over mutual TLS to a peer
+    /// proxy when `tls` says so.
     pub async fn connect_h1(
         addr: SocketAddr,
         dial: Dial,
+        tls: Option<MeshTls<'_>>,
     ) -> Result<http1::SendRequest<ReqBody>, UpstreamError> {
         let stream = sockets::connect_with(addr, dial)
             .await
             .map_err(|source| UpstreamError::Connect { addr, source })?;
+        match tls {
+            None => Self::handshake_h1(addr, stream).await,
+            Some(t) => {
+                let alpn = trellis_identity::tls::ALPN_MESH_HTTP1;
+                let stream = mesh_connect(stream, addr, dial, t, alpn)
+                    .await
+                    .map_err(|source| UpstreamError::Connect { addr, source })?;
+                Self::handshake_h1(addr, stream).await
+            }
+        }
+    }
+
+    async fn handshake_h1<T>(
+        addr: SocketAddr,
+        io: T,
+    ) -> Result<http1::SendRequest<ReqBody>, UpstreamError>
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|source| UpstreamError::Request {
                 addr,
@@ -302,27 +324,30 @@ impl Pools {
     /// Connecting is boxed: it is the rare path, and a request's future is copied each
     /// time it moves (into hyper's dispatcher, into a spawned HTTP/2 stream task), so
     /// keeping the connect state out of it keeps every request cheaper.
+    #[allow(clippy::too_many_arguments)]
     pub async fn send_h1(
         self: &Arc<Self>,
         addr: SocketAddr,
         dial: Dial,
         idle_timeout: Duration,
         max_uses: Option<u32>,
+        tls: Option<MeshTls<'_>>,
         mut req: Request<ReqBody>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
+        let key = (addr, tls.is_some());
         // A request that was never written goes again: on another pooled connection once,
         // then on a fresh one, which ends the loop whatever happens.
         let mut pooled_tries = 0;
         loop {
             let idle = if pooled_tries < 2 {
                 pooled_tries += 1;
-                self.take_idle(addr, idle_timeout)
+                self.take_idle(key, idle_timeout)
             } else {
                 None
             };
             let (mut sender, reused, uses) = match idle {
                 Some((s, uses)) => (s, true, uses),
-                None => (Box::pin(Self::connect_h1(addr, dial)).await?, false, 0),
+                None => (Box::pin(Self::connect_h1(addr, dial, tls)).await?, false, 0),
             };
             if let Err(source) = sender.ready().await {
                 if reused {
@@ -338,7 +363,7 @@ impl Pools {
                     let (parts, body) = resp.into_parts();
                     let ret = Return {
                         pools: Arc::clone(self),
-                        addr,
+                        key,
                         sender,
                         uses: uses + 1,
                         max_uses,
@@ -535,7 +560,10 @@ impl Pools {
     /// Idle HTTP/1.1 connections and HTTP/2 peers, per endpoint (for `/clusters`).
     pub fn snapshot(&self) -> (HashMap<SocketAddr, usize>, Vec<SocketAddr>) {
         let h1 = self.h1.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut idle: HashMap<SocketAddr, usize> = h1.iter().map(|(a, v)| (*a, v.len())).collect();
+        let mut idle: HashMap<SocketAddr, usize> = HashMap::new();
+        for ((a, _), v) in h1.iter() {
+            *idle.entry(*a).or_default() += v.len();
+        }
         let fast = self.fast.lock().unwrap_or_else(PoisonError::into_inner);
         for (a, v) in fast.iter() {
             *idle.entry(*a).or_default() += v.len();
@@ -571,7 +599,7 @@ impl h1::Recycle for Pools {
 
 struct Return {
     pools: Arc<Pools>,
-    addr: SocketAddr,
+    key: (SocketAddr, bool),
     sender: http1::SendRequest<ReqBody>,
     /// Requests the connection has carried, this one included.
     uses: u32,
@@ -581,7 +609,7 @@ struct Return {
 impl Return {
     fn give_back(self) {
         self.pools
-            .give_back(self.addr, self.sender, self.uses, self.max_uses);
+            .give_back(self.key, self.sender, self.uses, self.max_uses);
     }
 }
 

@@ -106,10 +106,11 @@ impl<'a> Upstream<'a> {
     ) -> Self {
         // To a peer proxy: one multiplexed HTTP/2 connection, unless the cluster keeps the
         // client's protocol (then the peer sees what the client sent, and needs no marker).
-        // Over mutual TLS once this proxy has its certificate and the mesh's roots.
+        // Anything to a peer proxy goes over mutual TLS once this proxy has its certificate
+        // and the mesh's roots (unless the peer takes plaintext only).
         let to_peer_h2 = ep.proxied && !cluster.keep_client_protocol;
         let tls = mesh
-            .filter(|_| to_peer_h2 && !ep.plaintext)
+            .filter(|_| ep.proxied && !ep.plaintext)
             .map(|(creds, roots)| crate::pool::MeshTls {
                 creds,
                 roots,
@@ -1021,10 +1022,12 @@ async fn send(
     };
     // A body the proxy holds in full goes with the lean client; a streaming one needs
     // both directions at once and goes with hyper's.
-    let in_hand = match &body {
-        ReqBody::Buffered(_) => true,
-        ReqBody::Streaming(b) => http_body::Body::is_end_stream(b),
-    };
+    // (The lean client speaks plain TCP only: to a peer over mTLS, hyper's.)
+    let in_hand = up.tls.is_none()
+        && match &body {
+            ReqBody::Buffered(_) => true,
+            ReqBody::Streaming(b) => http_body::Body::is_end_stream(b),
+        };
     let r = if in_hand {
         let body = match body {
             ReqBody::Buffered(b) => b,
@@ -1038,7 +1041,7 @@ async fn send(
     } else {
         let req = Request::from_parts(clone_parts(parts), body);
         pools
-            .send_h1(addr, up.dial, up.idle_timeout, up.max_uses, req)
+            .send_h1(addr, up.dial, up.idle_timeout, up.max_uses, up.tls, req)
             .await
             .map(|r| r.map(ProxyBody::Pooled))
     };
@@ -1065,7 +1068,7 @@ async fn forward_upgrade(mut req: Request<ReqBody>, up: Upstream<'_>) -> Respons
     }
     *req.version_mut() = Version::HTTP_11;
     let is_connect = req.method() == Method::CONNECT;
-    let mut sender = match Pools::connect_h1(up.addr, up.dial).await {
+    let mut sender = match Pools::connect_h1(up.addr, up.dial, up.tls).await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(flags = e.flag(), "{e}");
