@@ -58,6 +58,58 @@ fn data_dir(given: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct CertArgs {
+    /// The workload's namespace.
+    #[arg(short, long)]
+    namespace: String,
+    /// The workload's service account.
+    #[arg(long)]
+    service_account: String,
+    /// Where to write cert-chain.pem, key.pem (mode 0600) and root-cert.pem.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// How long the certificate is valid (at most 7 days).
+    #[arg(long, default_value = "24h")]
+    ttl: trellis_api::common::Duration,
+    /// The control plane's data directory (its CA).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+}
+
+/// `trellis cert`: a workload certificate from the mesh CA, to files.
+pub fn run_cert(args: &CertArgs) -> anyhow::Result<ExitCode> {
+    let dir = data_dir(args.data_dir.as_ref())?;
+    let ca = trellis_identity::Ca::load_or_create(&dir, &args.trust_domain)?;
+    let tokens = trellis_identity::Tokens::load_or_create(&dir)?;
+    let id = trellis_identity::Identity {
+        trust_domain: args.trust_domain.clone(),
+        namespace: args.namespace.clone(),
+        service_account: args.service_account.clone(),
+    };
+    let (key, csr) = trellis_identity::workload_key_and_csr(&id)?;
+    let token = tokens.issue(
+        &args.namespace,
+        &args.service_account,
+        Duration::from_secs(60),
+    );
+    let chain = ca.create_certificate(&tokens, &token, &csr, args.ttl.0)?;
+    trellis_identity::write_workload_files(&args.out, &chain, &key, &ca.trust_roots()?)?;
+    eprintln!(
+        "{} for {}, in {} (cert-chain.pem, key.pem, root-cert.pem)",
+        if args.ttl.0 > trellis_identity::MAX_TTL {
+            "a certificate (capped at 7 days)"
+        } else {
+            "a certificate"
+        },
+        id.spiffe(),
+        args.out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, clap::Args)]
 pub struct TokenArgs {
     /// The namespace the token proves.
     #[arg(short, long)]

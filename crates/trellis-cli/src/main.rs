@@ -62,6 +62,9 @@ enum Command {
     /// A bootstrap token for a proxy (namespace and service account), signed with the
     /// control plane's key.
     Token(control::TokenArgs),
+    /// A workload certificate from the mesh CA, written to files (for proxies and hosts
+    /// that take their identity from files).
+    Cert(control::CertArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -104,6 +107,7 @@ fn main() -> ExitCode {
         Command::ControlPlane(args) => control::run_control_plane(&args),
         Command::ProxyStatus(args) => control::run_proxy_status(&args),
         Command::Token(args) => control::run_token(&args),
+        Command::Cert(args) => control::run_cert(&args),
         Command::ProxyConfig(args) => control::run_proxy_config(&args),
     };
     match result {

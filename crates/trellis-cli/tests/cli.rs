@@ -448,3 +448,70 @@ spec:
     // The Service's one port, not the gateway's 8080.
     assert_eq!(names, ["outbound|80||web.shop.svc.cluster.local"]);
 }
+
+#[test]
+fn cert_writes_a_workload_certificate_from_the_mesh_ca() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (data, out) = (dir.path().join("data"), dir.path().join("web"));
+    let o = trellis(&[
+        "cert",
+        "-n",
+        "web",
+        "--service-account",
+        "web",
+        "--ttl",
+        "2h",
+        "--out",
+        out.to_str().expect("utf-8"),
+        "--data-dir",
+        data.to_str().expect("utf-8"),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mode = std::fs::metadata(out.join("key.pem"))
+        .expect("key.pem")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // The chain is for the identity asked, signed by the data directory's CA (whose root
+    // is root-cert.pem), and its key is key.pem's.
+    let chain = std::fs::read_to_string(out.join("cert-chain.pem")).expect("chain");
+    let root = std::fs::read_to_string(out.join("root-cert.pem")).expect("root");
+    assert_eq!(
+        root,
+        std::fs::read_to_string(data.join("ca-cert.pem")).expect("ca")
+    );
+    assert!(chain.ends_with(&root), "the chain ends with the root");
+    let key = std::fs::read_to_string(out.join("key.pem")).expect("key");
+    use rustls::pki_types::pem::PemObject;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("pem");
+    let rustls::pki_types::PrivateKeyDer::Pkcs8(key) = key else {
+        panic!("PKCS#8 expected")
+    };
+    let c = trellis_identity::tls::Certified::from_pem(&[chain], key.secret_pkcs8_der().to_vec())
+        .expect("the key matches the certificate");
+    assert_eq!(
+        c.spiffe.as_deref(),
+        Some("spiffe://cluster.local/ns/web/sa/web")
+    );
+    assert_eq!(
+        c.not_after.duration_since(c.not_before).ok(),
+        Some(std::time::Duration::from_secs(7200))
+    );
+    // A lifetime past the CA's maximum is capped, and the command says so.
+    let o = trellis(&[
+        "cert",
+        "-n",
+        "web",
+        "--service-account",
+        "web",
+        "--ttl",
+        "720h",
+        "--out",
+        out.to_str().expect("utf-8"),
+        "--data-dir",
+        data.to_str().expect("utf-8"),
+    ]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("capped at 7 days"));
+}

@@ -373,6 +373,40 @@ impl Ca {
     }
 }
 
+/// Writes a workload's files to `dir` (created if needed): `cert-chain.pem` (the
+/// certificate, then the CA's chain), `key.pem` (PKCS#8, mode 0600, replaced atomically)
+/// and `root-cert.pem` (the trust bundle). For proxies and hosts that take their identity
+/// from files (`trellis-proxy --workload-cert DIR`).
+pub fn write_workload_files(
+    dir: &Path,
+    chain: &[String],
+    key_pkcs8: &[u8],
+    roots: &[String],
+) -> Result<(), CaError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
+    let key = KeyPair::try_from(key_pkcs8).map_err(cert_err)?;
+    let key_path = dir.join("key.pem");
+    let tmp = dir.join(format!(".key.pem.tmp{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| file_err(&tmp, e))?;
+    f.write_all(key.serialize_pem().as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| file_err(&tmp, e))?;
+    std::fs::rename(&tmp, &key_path).map_err(|e| file_err(&key_path, e))?;
+    let chain_path = dir.join("cert-chain.pem");
+    std::fs::write(&chain_path, chain.concat()).map_err(|e| file_err(&chain_path, e))?;
+    let root_path = dir.join("root-cert.pem");
+    std::fs::write(&root_path, roots.concat()).map_err(|e| file_err(&root_path, e))?;
+    Ok(())
+}
+
 /// When the first certificate of a PEM string expires (None if it does not parse).
 pub fn not_after(pem: &str) -> Option<SystemTime> {
     let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;

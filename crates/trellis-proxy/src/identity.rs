@@ -134,3 +134,51 @@ pub async fn maintain(ep: Endpoint, token: Token, want: CertRequest, shared: Arc
         }
     }
 }
+
+/// A workload certificate from files in `dir` (what `trellis cert` writes):
+/// `cert-chain.pem` and `key.pem` (PKCS#8).
+pub fn load_files(dir: &std::path::Path) -> Result<Certified, String> {
+    use rustls::pki_types::PrivateKeyDer;
+    use rustls::pki_types::pem::PemObject;
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let chain = read("cert-chain.pem")?;
+    let key = read("key.pem")?;
+    let key = match PrivateKeyDer::from_pem_slice(key.as_bytes()) {
+        Ok(PrivateKeyDer::Pkcs8(k)) => k.secret_pkcs8_der().to_vec(),
+        Ok(_) => return Err(format!("{}/key.pem: not a PKCS#8 key", dir.display())),
+        Err(e) => return Err(format!("{}/key.pem: {e}", dir.display())),
+    };
+    Certified::from_pem(&[chain], key).map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+/// Reloads the certificate files in `dir` when they change (checked every 5 s); a pair
+/// that does not load is logged and the certificate in use stays.
+pub async fn watch_files(dir: std::path::PathBuf, shared: Arc<Shared>) {
+    let stamp = |d: &std::path::Path| {
+        ["cert-chain.pem", "key.pem"]
+            .map(|f| std::fs::metadata(d.join(f)).and_then(|m| m.modified()).ok())
+    };
+    let mut last = stamp(&dir);
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let now = stamp(&dir);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match load_files(&dir) {
+            Ok(c) => {
+                tracing::info!(identity = ?c.spiffe, serial = %c.serial, "workload certificate reloaded from {}", dir.display());
+                Stats::inc(&shared.stats.certificates_issued_total);
+                shared.credentials.set(c);
+            }
+            Err(e) => {
+                Stats::inc(&shared.stats.certificate_failures_total);
+                tracing::error!("workload certificate not reloaded, the current one stays: {e}");
+            }
+        }
+    }
+}

@@ -63,6 +63,10 @@ struct Args {
     /// The name the control plane's certificate must have (with --xds-root).
     #[arg(long, value_name = "NAME", default_value = "trellis-control")]
     xds_server_name: String,
+    /// Take the workload certificate from files in DIR (`cert-chain.pem`, `key.pem`, as
+    /// `trellis cert` writes them) instead of the CA; reloaded when they change.
+    #[arg(long, value_name = "DIR", conflicts_with = "xds_token_file")]
+    workload_cert: Option<PathBuf>,
     /// The mesh's trust domain, for this instance's SPIFFE identity
     /// (spiffe://DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT).
     #[arg(long, default_value = "cluster.local")]
@@ -311,6 +315,13 @@ fn run(args: &Args, set_level: admin::SetLogLevel) -> anyhow::Result<()> {
         None => None,
         Some(addr) => Some(xds_boot(args, addr)?),
     };
+    let workload_cert = match &args.workload_cert {
+        None => None,
+        Some(dir) => Some((
+            dir.clone(),
+            trellis_proxy::identity::load_files(dir).map_err(anyhow::Error::msg)?,
+        )),
+    };
     let opts = options(args, &cfg)?;
     let admin_addr = parse_addr_opt(&args.admin)?;
     let ready_addr = parse_addr_opt(&args.readiness)?;
@@ -330,6 +341,14 @@ fn run(args: &Args, set_level: admin::SetLogLevel) -> anyhow::Result<()> {
     .context("starting the runtime")?;
     runtime.block_on(async {
         let handle = trellis_proxy::start(cfg, opts).await?;
+        if let Some((dir, cert)) = workload_cert {
+            tracing::info!(identity = ?cert.spiffe, "workload certificate from {}", dir.display());
+            handle.shared.credentials.set(cert);
+            tokio::spawn(trellis_proxy::identity::watch_files(
+                dir,
+                Arc::clone(&handle.shared),
+            ));
+        }
         let quit = Arc::new(Notify::new());
         let ready = Arc::new(AtomicBool::new(true));
         let ctx = Arc::new(AdminContext {

@@ -1,0 +1,169 @@
+//! Two `trellis-proxy` binaries in static mode, each with a workload certificate from files
+//! (`--workload-cert`, as `trellis cert` writes them) and the mesh's root in the snapshot:
+//! curl through the pair reaches the app over mutual TLS; curl straight to the STRICT
+//! inbound proxy is refused; a client that expects another identity refuses the peer.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use trellis_identity::{Ca, Identity, Tokens};
+use trellis_testkit::HttpServer;
+
+const BIN: &str = env!("CARGO_BIN_EXE_trellis-proxy");
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+fn wait_port(port: u16) {
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("port {port} did not open");
+}
+
+/// A certificate for ns/sa from `ca`, written to `dir`.
+fn certify(ca: &Ca, tokens: &Tokens, ns: &str, sa: &str, dir: &Path) {
+    let id = Identity {
+        trust_domain: "cluster.local".into(),
+        namespace: ns.into(),
+        service_account: sa.into(),
+    };
+    let (key, csr) = trellis_identity::workload_key_and_csr(&id).expect("csr");
+    let token = tokens.issue(ns, sa, Duration::from_secs(60));
+    let chain = ca
+        .create_certificate(tokens, &token, &csr, Duration::from_secs(3600))
+        .expect("certificate");
+    trellis_identity::write_workload_files(dir, &chain, &key, &[ca.root_pem().to_string()])
+        .expect("files");
+}
+
+fn proxy(config: &Path, listen: &[&str], certs: &Path) -> Running {
+    Running(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(config)
+            .args(listen)
+            .arg("--workload-cert")
+            .arg(certs)
+            .args([
+                "--admin",
+                "off",
+                "--readiness",
+                "off",
+                "--log-level",
+                "warn",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("proxy starts"),
+    )
+}
+
+/// curl's status code and the x-forwarded-client-cert the app saw (echoed back).
+fn curl(url: &str) -> (String, Option<String>) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "5", "-D", "-", "-o", "/dev/null"])
+        .args(["-H", "Host: app", url])
+        .output()
+        .expect("curl runs");
+    let head = String::from_utf8_lossy(&out.stdout).into_owned();
+    let status = head
+        .lines()
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .unwrap_or("000")
+        .to_string();
+    let xfcc = head.lines().find_map(|l| {
+        l.strip_prefix("x-echo-h-x-forwarded-client-cert: ")
+            .map(|v| v.trim().to_string())
+    });
+    (status, xfcc)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_binaries_speak_mtls_with_certificates_from_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::load_or_create(&dir.path().join("ca"), "cluster.local").expect("ca");
+    let tokens = Tokens::load_or_create(&dir.path().join("ca")).expect("tokens");
+    let (web, reviews) = (dir.path().join("web"), dir.path().join("reviews"));
+    certify(&ca, &tokens, "web", "web", &web);
+    certify(&ca, &tokens, "shop", "reviews", &reviews);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(reviews.join("key.pem"))
+        .expect("key")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the key is readable by its owner only");
+
+    let app = HttpServer::start().await.expect("app");
+    let (inbound, outbound, wrong) = (free_port(), free_port(), free_port());
+    let root = serde_json::to_string(ca.root_pem()).expect("json");
+    let in_yaml = dir.path().join("in.yaml");
+    std::fs::write(
+        &in_yaml,
+        format!(
+            "version: t\nworkload:\n  name: reviews\n  namespace: shop\n  serviceAccount: reviews\n  inboundPorts: [{{port: {}, name: http}}]\n  mtls: STRICT\ntrustRoots: [{root}]\n",
+            app.addr.port()
+        ),
+    )
+    .expect("write");
+    let out_yaml = |file: &str, identity: &str| {
+        let path = dir.path().join(file);
+        std::fs::write(
+            &path,
+            format!(
+                "version: t\nservices:\n- hostname: app.shop.svc.cluster.local\n  ports: [{{port: 80, name: http, cluster: app}}]\nclusters:\n- name: app\n  endpoints: [{{address: \"127.0.0.1:{inbound}\", proxied: true, identity: \"{identity}\"}}]\ntrustRoots: [{root}]\n"
+            ),
+        )
+        .expect("write");
+        path
+    };
+    let good = out_yaml("out.yaml", "spiffe://cluster.local/ns/shop/sa/reviews");
+    let bad = out_yaml("wrong.yaml", "spiffe://cluster.local/ns/shop/sa/ratings");
+    let in_listen = format!("127.0.0.1:{inbound}={}", app.addr.port());
+    let _in = proxy(&in_yaml, &["--inbound-listen", &in_listen], &reviews);
+    let out_listen = format!("127.0.0.1:{outbound}=app.shop:80");
+    let _out = proxy(&good, &["--outbound-listen", &out_listen], &web);
+    let wrong_listen = format!("127.0.0.1:{wrong}=app.shop:80");
+    let _wrong = proxy(&bad, &["--outbound-listen", &wrong_listen], &web);
+    for p in [inbound, outbound, wrong] {
+        wait_port(p);
+    }
+    let curl = |url: String| tokio::task::spawn_blocking(move || curl(&url));
+
+    let (status, xfcc) = curl(format!("http://127.0.0.1:{outbound}/echo"))
+        .await
+        .expect("curl");
+    assert_eq!(status, "200");
+    assert_eq!(
+        xfcc.as_deref(),
+        Some(
+            "By=spiffe://cluster.local/ns/shop/sa/reviews;URI=spiffe://cluster.local/ns/web/sa/web"
+        )
+    );
+    // Plaintext straight to the STRICT inbound proxy: no HTTP response at all.
+    let (status, _) = curl(format!("http://127.0.0.1:{inbound}/echo"))
+        .await
+        .expect("curl");
+    assert_eq!(status, "000");
+    // A client expecting ratings refuses reviews' certificate: 503, upstream failure.
+    let (status, _) = curl(format!("http://127.0.0.1:{wrong}/echo"))
+        .await
+        .expect("curl");
+    assert_eq!(status, "503");
+}
