@@ -152,6 +152,7 @@ pub fn workload_of(cfg: &MeshConfig<'_>, me: &Instance) -> wire::Workload {
     let mtls = crate::peerauth::PeerAuthPolicies::from_resources(cfg.resources, cfg.root_namespace)
         .resolve(&me.namespace, &me.labels);
     wire::Workload {
+        authorization: authorization_for(cfg, me),
         mtls: mtls.mode as i32,
         port_mtls: mtls.ports.into_iter().map(|(p, m)| (p, m as i32)).collect(),
         name: me.name.clone(),
@@ -171,6 +172,95 @@ pub fn workload_of(cfg: &MeshConfig<'_>, me: &Instance) -> wire::Workload {
             .collect(),
         locality: me.locality.clone(),
     }
+}
+
+/// The AuthorizationPolicies that apply to `me`, as Istio selects them: the root
+/// namespace's (mesh-wide; a selector there picks workloads in every namespace), and those
+/// of its own namespace (all its workloads, or those the selector picks). A policy attached
+/// with `targetRef(s)` is for gateways and waypoints, not sidecars. In namespace and name
+/// order (the decision does not depend on it; logs and dumps read better).
+pub fn authorization_for(cfg: &MeshConfig<'_>, me: &Instance) -> Vec<wire::AuthzPolicy> {
+    use trellis_api::security::AuthorizationAction as A;
+    let mut picked: Vec<(&Resource, &trellis_api::security::AuthorizationPolicy)> = cfg
+        .each(|s| match s {
+            Spec::AuthorizationPolicy(p) => Some(p),
+            _ => None,
+        })
+        .into_iter()
+        .filter(|(r, p)| {
+            (r.namespace() == cfg.root_namespace || r.namespace() == me.namespace)
+                && p.target_ref.is_none()
+                && p.target_refs.is_empty()
+                && p.selector
+                    .as_ref()
+                    .is_none_or(|s| matches_labels(&s.match_labels, &me.labels))
+        })
+        .collect();
+    picked.sort_by(|a, b| (a.0.namespace(), a.0.name()).cmp(&(b.0.namespace(), b.0.name())));
+    picked
+        .into_iter()
+        .map(|(r, p)| wire::AuthzPolicy {
+            name: format!("{}/{}", r.namespace(), r.name()),
+            action: match p.action {
+                A::Allow => wire::AuthzAction::Allow,
+                A::Deny => wire::AuthzAction::Deny,
+                A::Audit => wire::AuthzAction::Audit,
+                A::Custom => wire::AuthzAction::Custom,
+            } as i32,
+            provider: p.provider.as_ref().and_then(|x| x.name.clone()),
+            rules: p
+                .rules
+                .iter()
+                .map(|rule| wire::AuthzRule {
+                    from: rule
+                        .from
+                        .iter()
+                        .filter_map(|f| f.source.as_ref())
+                        .map(|x| wire::AuthzSource {
+                            principals: x.principals.clone(),
+                            not_principals: x.not_principals.clone(),
+                            request_principals: x.request_principals.clone(),
+                            not_request_principals: x.not_request_principals.clone(),
+                            namespaces: x.namespaces.clone(),
+                            not_namespaces: x.not_namespaces.clone(),
+                            service_accounts: x.service_accounts.clone(),
+                            not_service_accounts: x.not_service_accounts.clone(),
+                            ip_blocks: x.ip_blocks.clone(),
+                            not_ip_blocks: x.not_ip_blocks.clone(),
+                            remote_ip_blocks: x.remote_ip_blocks.clone(),
+                            not_remote_ip_blocks: x.not_remote_ip_blocks.clone(),
+                            trust_domains: x.trust_domains.clone(),
+                            not_trust_domains: x.not_trust_domains.clone(),
+                        })
+                        .collect(),
+                    to: rule
+                        .to
+                        .iter()
+                        .filter_map(|t| t.operation.as_ref())
+                        .map(|o| wire::AuthzOperation {
+                            hosts: o.hosts.clone(),
+                            not_hosts: o.not_hosts.clone(),
+                            ports: o.ports.clone(),
+                            not_ports: o.not_ports.clone(),
+                            methods: o.methods.clone(),
+                            not_methods: o.not_methods.clone(),
+                            paths: o.paths.clone(),
+                            not_paths: o.not_paths.clone(),
+                        })
+                        .collect(),
+                    when: rule
+                        .when
+                        .iter()
+                        .map(|c| wire::AuthzCondition {
+                            key: c.key.clone(),
+                            values: c.values.clone(),
+                            not_values: c.not_values.clone(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        })
+        .collect()
 }
 
 /// What decides everything in a sidecar's snapshot but its own workload section: its

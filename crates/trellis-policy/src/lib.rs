@@ -4,5 +4,7 @@
 //!
 //! - [`route`]: VirtualService HTTP routing — first-match over `http[]`, every match
 //!   condition Istio has, weighted destinations.
+//! - [`authz`]: AuthorizationPolicy — CUSTOM, DENY, ALLOW, AUDIT with Istio's matching.
 
+pub mod authz;
 pub mod route;

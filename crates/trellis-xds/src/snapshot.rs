@@ -303,6 +303,164 @@ pub struct Workload {
     #[prost(btree_map = "uint32, enumeration(PeerMtls)", tag = "9")]
     #[serde(default, with = "peer_mtls_map")]
     pub port_mtls: BTreeMap<u32, i32>,
+    /// The AuthorizationPolicies that apply to this workload (mesh-wide, namespace,
+    /// selected).
+    #[prost(message, repeated, tag = "10")]
+    #[serde(default)]
+    pub authorization: Vec<AuthzPolicy>,
+}
+
+/// An AuthorizationPolicy that applies to this workload (selected by the control plane), in
+/// Istio's shape.
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzPolicy {
+    /// "namespace/name", for logs and metrics.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(enumeration = "AuthzAction", tag = "2")]
+    #[serde(default, with = "authz_action")]
+    pub action: i32,
+    #[prost(message, repeated, tag = "3")]
+    #[serde(default)]
+    pub rules: Vec<AuthzRule>,
+    /// CUSTOM: the extension provider named.
+    #[prost(string, optional, tag = "4")]
+    #[serde(default)]
+    pub provider: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum AuthzAction {
+    Allow = 0,
+    Deny = 1,
+    Audit = 2,
+    Custom = 3,
+}
+
+impl AuthzAction {
+    pub const ALL: [AuthzAction; 4] = [
+        AuthzAction::Allow,
+        AuthzAction::Deny,
+        AuthzAction::Audit,
+        AuthzAction::Custom,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthzAction::Allow => "ALLOW",
+            AuthzAction::Deny => "DENY",
+            AuthzAction::Audit => "AUDIT",
+            AuthzAction::Custom => "CUSTOM",
+        }
+    }
+}
+
+/// A rule: it matches when a `from`, a `to` and every `when` do (an empty list matches).
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzRule {
+    #[prost(message, repeated, tag = "1")]
+    #[serde(default)]
+    pub from: Vec<AuthzSource>,
+    #[prost(message, repeated, tag = "2")]
+    #[serde(default)]
+    pub to: Vec<AuthzOperation>,
+    #[prost(message, repeated, tag = "3")]
+    #[serde(default)]
+    pub when: Vec<AuthzCondition>,
+}
+
+/// Who sends: every field given must match (one of its values), no `not` value may.
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzSource {
+    #[prost(string, repeated, tag = "1")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub principals: Vec<String>,
+    #[prost(string, repeated, tag = "2")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_principals: Vec<String>,
+    #[prost(string, repeated, tag = "3")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_principals: Vec<String>,
+    #[prost(string, repeated, tag = "4")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_request_principals: Vec<String>,
+    #[prost(string, repeated, tag = "5")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    #[prost(string, repeated, tag = "6")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_namespaces: Vec<String>,
+    #[prost(string, repeated, tag = "7")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<String>,
+    #[prost(string, repeated, tag = "8")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_service_accounts: Vec<String>,
+    #[prost(string, repeated, tag = "9")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_blocks: Vec<String>,
+    #[prost(string, repeated, tag = "10")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_ip_blocks: Vec<String>,
+    #[prost(string, repeated, tag = "11")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remote_ip_blocks: Vec<String>,
+    #[prost(string, repeated, tag = "12")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_remote_ip_blocks: Vec<String>,
+    #[prost(string, repeated, tag = "13")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trust_domains: Vec<String>,
+    #[prost(string, repeated, tag = "14")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_trust_domains: Vec<String>,
+}
+
+/// What is asked for, as `AuthzSource`.
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzOperation {
+    #[prost(string, repeated, tag = "1")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    #[prost(string, repeated, tag = "2")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_hosts: Vec<String>,
+    #[prost(string, repeated, tag = "3")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<String>,
+    #[prost(string, repeated, tag = "4")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_ports: Vec<String>,
+    #[prost(string, repeated, tag = "5")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    #[prost(string, repeated, tag = "6")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_methods: Vec<String>,
+    #[prost(string, repeated, tag = "7")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    #[prost(string, repeated, tag = "8")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_paths: Vec<String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzCondition {
+    #[prost(string, tag = "1")]
+    pub key: String,
+    #[prost(string, repeated, tag = "2")]
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[prost(string, repeated, tag = "3")]
+    #[serde(default)]
+    pub not_values: Vec<String>,
 }
 
 /// Inbound mutual TLS (PeerAuthentication's modes; UNSET is resolved before it gets here).
@@ -1302,6 +1460,7 @@ macro_rules! named_module {
 named_module!(server_tls_mode, ServerTlsMode, ServerTlsMode::ALL);
 named_module!(discovery, Discovery, Discovery::ALL);
 named_module!(peer_mtls, PeerMtls, PeerMtls::ALL);
+named_module!(authz_action, AuthzAction, AuthzAction::ALL);
 named_module!(load_balancer, LoadBalancer, LoadBalancer::ALL);
 named_module!(
     outbound_policy,

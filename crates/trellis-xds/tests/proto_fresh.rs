@@ -72,6 +72,44 @@ fn full() -> Snapshot {
         workload: Some(Workload {
             mtls: PeerMtls::Strict as i32,
             port_mtls: BTreeMap::from([(8080, PeerMtls::Disable as i32)]),
+            authorization: vec![AuthzPolicy {
+                name: "shop/policy".into(),
+                action: AuthzAction::Deny as i32,
+                provider: Some("ext".into()),
+                rules: vec![AuthzRule {
+                    from: vec![AuthzSource {
+                        principals: vec!["principals".into()],
+                        not_principals: vec!["not_principals".into()],
+                        request_principals: vec!["request_principals".into()],
+                        not_request_principals: vec!["not_request_principals".into()],
+                        namespaces: vec!["namespaces".into()],
+                        not_namespaces: vec!["not_namespaces".into()],
+                        service_accounts: vec!["service_accounts".into()],
+                        not_service_accounts: vec!["not_service_accounts".into()],
+                        ip_blocks: vec!["ip_blocks".into()],
+                        not_ip_blocks: vec!["not_ip_blocks".into()],
+                        remote_ip_blocks: vec!["remote_ip_blocks".into()],
+                        not_remote_ip_blocks: vec!["not_remote_ip_blocks".into()],
+                        trust_domains: vec!["trust_domains".into()],
+                        not_trust_domains: vec!["not_trust_domains".into()],
+                    }],
+                    to: vec![AuthzOperation {
+                        hosts: vec!["hosts".into()],
+                        not_hosts: vec!["not_hosts".into()],
+                        ports: vec!["ports".into()],
+                        not_ports: vec!["not_ports".into()],
+                        methods: vec!["methods".into()],
+                        not_methods: vec!["not_methods".into()],
+                        paths: vec!["paths".into()],
+                        not_paths: vec!["not_paths".into()],
+                    }],
+                    when: vec![AuthzCondition {
+                        key: "request.headers[x]".into(),
+                        values: vec!["a".into()],
+                        not_values: vec!["b".into()],
+                    }],
+                }],
+            }],
             name: "w".into(),
             namespace: "ns".into(),
             labels: labels.clone(),
@@ -362,6 +400,10 @@ fn enums_match_the_proto_file() {
         (
             "Discovery",
             Discovery::ALL.map(|d| (d as i32, d.name())).to_vec(),
+        ),
+        (
+            "AuthzAction",
+            AuthzAction::ALL.map(|d| (d as i32, d.name())).to_vec(),
         ),
         (
             "PeerMtls",
