@@ -345,7 +345,7 @@ async fn serve_mesh_tls(
         Some(p) if p == ALPN_MESH_H2 => Detected::Http2,
         Some(p) if p == ALPN_MESH_HTTP1 => Detected::Http1,
         Some(p) if p == ALPN_MESH_TCP => {
-            tcp::forward_inbound(tls, port, shared, cfg).await;
+            tcp::forward_inbound(tls, peer, port, peer_id.as_deref(), shared, cfg).await;
             return;
         }
         other => {

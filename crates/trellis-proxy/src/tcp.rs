@@ -26,8 +26,8 @@ pub async fn forward_route(
     let target = match route {
         Route::Outbound(dst) => cfg.outbound_target(*dst),
         Route::Named(host, port) => cfg.target_by_name(host, *port),
-        Route::Inbound(port, _) => {
-            forward_inbound(stream, *port, shared, cfg).await;
+        Route::Inbound(port, peer_id) => {
+            forward_inbound(stream, peer, *port, peer_id.as_deref(), shared, cfg).await;
             return;
         }
         Route::Gateway { port, .. } => {
@@ -118,12 +118,22 @@ pub async fn forward_route(
     forward_tls(stream, ep.addr, cluster.dial(), shared, Some(ep), tls).await;
 }
 
-/// An inbound connection (plaintext, or mesh mTLS already terminated) to the app behind
-/// workload port `port`.
-pub async fn forward_inbound<D>(stream: D, port: u16, shared: &Shared, cfg: &Config)
-where
+/// An inbound connection (plaintext, or mesh mTLS already terminated: `peer_id`) to the
+/// app behind workload port `port`, once the workload's AuthorizationPolicies allow it (a
+/// denied connection is closed).
+pub async fn forward_inbound<D>(
+    stream: D,
+    peer: SocketAddr,
+    port: u16,
+    peer_id: Option<&str>,
+    shared: &Shared,
+    cfg: &Config,
+) where
     D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    if !cfg.authz.is_empty() && !crate::http::authorized(shared, cfg, peer, port, peer_id, None) {
+        return;
+    }
     let mut app = cfg.app_addr(port);
     if !cfg.pod_ips.is_empty() {
         app = shared

@@ -1,7 +1,8 @@
 //! Two `trellis-proxy` binaries in static mode, each with a workload certificate from files
 //! (`--workload-cert`, as `trellis cert` writes them) and the mesh's root in the snapshot:
 //! curl through the pair reaches the app over mutual TLS; curl straight to the STRICT
-//! inbound proxy is refused; a client that expects another identity refuses the peer.
+//! inbound proxy is refused; a client that expects another identity refuses the peer; an
+//! AuthorizationPolicy denial is answered 403 and logged with the policy and rule.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -52,7 +53,7 @@ fn certify(ca: &Ca, tokens: &Tokens, ns: &str, sa: &str, dir: &Path) {
         .expect("files");
 }
 
-fn proxy(config: &Path, listen: &[&str], certs: &Path) -> Running {
+fn proxy(config: &Path, listen: &[&str], certs: &Path, log: &Path) -> Running {
     Running(
         Command::new(BIN)
             .arg("--config")
@@ -60,15 +61,10 @@ fn proxy(config: &Path, listen: &[&str], certs: &Path) -> Running {
             .args(listen)
             .arg("--workload-cert")
             .arg(certs)
-            .args([
-                "--admin",
-                "off",
-                "--readiness",
-                "off",
-                "--log-level",
-                "warn",
-            ])
+            .args(["--admin", "off", "--readiness", "off"])
+            .args(["--log-level", "info", "--log-format", "json"])
             .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).expect("log file"))
             .spawn()
             .expect("proxy starts"),
     )
@@ -117,7 +113,7 @@ async fn two_binaries_speak_mtls_with_certificates_from_files() {
     std::fs::write(
         &in_yaml,
         format!(
-            "version: t\nworkload:\n  name: reviews\n  namespace: shop\n  serviceAccount: reviews\n  inboundPorts: [{{port: {}, name: http}}]\n  mtls: STRICT\ntrustRoots: [{root}]\n",
+            "version: t\nworkload:\n  name: reviews\n  namespace: shop\n  serviceAccount: reviews\n  inboundPorts: [{{port: {}, name: http}}]\n  mtls: STRICT\n  authorization:\n  - name: shop/no-admin\n    action: DENY\n    rules:\n    - to: [{{paths: [\"/admin/*\"]}}]\n    - to: [{{paths: [\"/status/*\"]}}]\ntrustRoots: [{root}]\n",
             app.addr.port()
         ),
     )
@@ -136,11 +132,27 @@ async fn two_binaries_speak_mtls_with_certificates_from_files() {
     let good = out_yaml("out.yaml", "spiffe://cluster.local/ns/shop/sa/reviews");
     let bad = out_yaml("wrong.yaml", "spiffe://cluster.local/ns/shop/sa/ratings");
     let in_listen = format!("127.0.0.1:{inbound}={}", app.addr.port());
-    let _in = proxy(&in_yaml, &["--inbound-listen", &in_listen], &reviews);
+    let in_log = dir.path().join("inbound.log");
+    let mut in_proxy = proxy(
+        &in_yaml,
+        &["--inbound-listen", &in_listen],
+        &reviews,
+        &in_log,
+    );
     let out_listen = format!("127.0.0.1:{outbound}=app.shop:80");
-    let _out = proxy(&good, &["--outbound-listen", &out_listen], &web);
+    let _out = proxy(
+        &good,
+        &["--outbound-listen", &out_listen],
+        &web,
+        &dir.path().join("out.log"),
+    );
     let wrong_listen = format!("127.0.0.1:{wrong}=app.shop:80");
-    let _wrong = proxy(&bad, &["--outbound-listen", &wrong_listen], &web);
+    let _wrong = proxy(
+        &bad,
+        &["--outbound-listen", &wrong_listen],
+        &web,
+        &dir.path().join("w.log"),
+    );
     for p in [inbound, outbound, wrong] {
         wait_port(p);
     }
@@ -166,4 +178,25 @@ async fn two_binaries_speak_mtls_with_certificates_from_files() {
         .await
         .expect("curl");
     assert_eq!(status, "503");
+    // The snapshot's DENY policy: its second rule matches; 403, and a log line that names
+    // the policy and the rule.
+    let (status, _) = curl(format!("http://127.0.0.1:{outbound}/status/201"))
+        .await
+        .expect("curl");
+    assert_eq!(status, "403");
+    let _ = in_proxy.0.kill();
+    let _ = in_proxy.0.wait();
+    let log = std::fs::read_to_string(&in_log).expect("log");
+    let line = log
+        .lines()
+        .find(|l| l.contains("RBAC: access denied"))
+        .unwrap_or_else(|| panic!("no denial logged:\n{log}"));
+    let v: serde_json::Value = serde_json::from_str(line).expect("json log line");
+    assert_eq!(v["fields"]["policy"], "shop/no-admin", "{line}");
+    assert_eq!(v["fields"]["rule"], 1, "{line}");
+    assert_eq!(v["fields"]["action"], "DENY", "{line}");
+    assert_eq!(
+        v["fields"]["principal"], "cluster.local/ns/web/sa/web",
+        "{line}"
+    );
 }

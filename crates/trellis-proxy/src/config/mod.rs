@@ -158,6 +158,8 @@ pub struct Config {
     pub dns: HashMap<String, Vec<SocketAddr>>,
     /// The shortest refresh interval of the STRICT_DNS clusters, when there are any.
     pub dns_refresh: Option<Duration>,
+    /// The AuthorizationPolicies that apply to this workload, compiled.
+    pub authz: trellis_policy::authz::Policies,
     /// Inbound mutual TLS (the workload's resolved PeerAuthentication), and the workload
     /// ports where it differs.
     pub inbound_mtls: wire::PeerMtls,
@@ -176,6 +178,63 @@ pub struct ConfigError {
     /// Which resource, e.g. `clusters[2] "outbound|9080||reviews"`.
     pub resource: String,
     pub reason: String,
+}
+
+/// The workload's AuthorizationPolicies, compiled; a bad one refuses the snapshot, naming it.
+fn authz_policies(
+    list: &[wire::AuthzPolicy],
+) -> Result<trellis_policy::authz::Policies, ConfigError> {
+    use trellis_policy::authz::{Action, OperationSpec, Policy, PolicySpec, RuleSpec, SourceSpec};
+    let mut out = Vec::with_capacity(list.len());
+    for (i, p) in list.iter().enumerate() {
+        let res = format!("workload.authorization[{i}] {:?}", p.name);
+        let action = match wire::AuthzAction::try_from(p.action) {
+            Ok(wire::AuthzAction::Allow) => Action::Allow,
+            Ok(wire::AuthzAction::Deny) => Action::Deny,
+            Ok(wire::AuthzAction::Audit) => Action::Audit,
+            Ok(wire::AuthzAction::Custom) => Action::Custom,
+            Err(_) => return Err(bad(res, format!("unknown action {}", p.action))),
+        };
+        let spec = PolicySpec {
+            name: &p.name,
+            rules: p
+                .rules
+                .iter()
+                .map(|r| RuleSpec {
+                    from: r
+                        .from
+                        .iter()
+                        .map(|s| SourceSpec {
+                            principals: (&s.principals, &s.not_principals),
+                            request_principals: (&s.request_principals, &s.not_request_principals),
+                            namespaces: (&s.namespaces, &s.not_namespaces),
+                            service_accounts: (&s.service_accounts, &s.not_service_accounts),
+                            ip_blocks: (&s.ip_blocks, &s.not_ip_blocks),
+                            remote_ip_blocks: (&s.remote_ip_blocks, &s.not_remote_ip_blocks),
+                            trust_domains: (&s.trust_domains, &s.not_trust_domains),
+                        })
+                        .collect(),
+                    to: r
+                        .to
+                        .iter()
+                        .map(|o| OperationSpec {
+                            hosts: (&o.hosts, &o.not_hosts),
+                            ports: (&o.ports, &o.not_ports),
+                            methods: (&o.methods, &o.not_methods),
+                            paths: (&o.paths, &o.not_paths),
+                        })
+                        .collect(),
+                    when: r
+                        .when
+                        .iter()
+                        .map(|c| (c.key.as_str(), &c.values[..], &c.not_values[..]))
+                        .collect(),
+                })
+                .collect(),
+        };
+        out.push(Policy::compile(&spec, action).map_err(|e| bad(res, e))?);
+    }
+    Ok(trellis_policy::authz::Policies::new(out))
 }
 
 fn bad(resource: impl Into<String>, reason: impl Into<String>) -> ConfigError {
@@ -547,6 +606,10 @@ impl Config {
         let mtls_mode = |res: String, v: i32| {
             wire::PeerMtls::try_from(v).map_err(|_| bad(res, format!("unknown mTLS mode {v}")))
         };
+        let authz = match &raw.workload {
+            None => trellis_policy::authz::Policies::default(),
+            Some(w) => authz_policies(&w.authorization)?,
+        };
         let (inbound_mtls, port_mtls) = match &raw.workload {
             None => (wire::PeerMtls::Permissive, HashMap::new()),
             Some(w) => {
@@ -596,6 +659,7 @@ impl Config {
             targets,
             dns,
             dns_refresh,
+            authz,
             inbound_mtls,
             port_mtls,
             trust_roots,
@@ -662,6 +726,7 @@ impl Config {
             targets: Vec::new(),
             dns: HashMap::new(),
             dns_refresh: None,
+            authz: trellis_policy::authz::Policies::default(),
             inbound_mtls: wire::PeerMtls::Permissive,
             port_mtls: HashMap::new(),
             trust_roots: None,

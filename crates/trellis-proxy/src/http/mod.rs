@@ -171,7 +171,7 @@ pub async fn handle_request(
     let cfg = shared.config.load_full();
     let resp = match &route {
         Route::Inbound(port, peer_id) => {
-            inbound(&shared, &cfg, *port, peer_id.as_deref(), req).await
+            inbound(&shared, &cfg, ds, *port, peer_id.as_deref(), req).await
         }
         Route::Gateway { port, tls } => {
             gateway(&shared, &cfg, ds, *port, tls.as_deref(), req).await
@@ -717,10 +717,37 @@ fn authority_without_port(a: &str) -> &str {
 async fn inbound(
     shared: &Shared,
     cfg: &Config,
+    ds: Downstream,
     port: u16,
     peer_id: Option<&str>,
     mut req: Request<ReqBody>,
 ) -> Response<ProxyBody> {
+    if !cfg.authz.is_empty() {
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            })
+            .unwrap_or("");
+        let http = trellis_policy::authz::Http {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            host,
+            headers: Some(req.headers()),
+            request_principal: None,
+        };
+        if !authorized(shared, cfg, ds.peer, port, peer_id, Some(http)) {
+            return local_reply(
+                StatusCode::FORBIDDEN,
+                "RBAC",
+                "RBAC: access denied".to_string(),
+            );
+        }
+    }
     let declared = cfg.inbound_port(port);
     if let Some(bucket) = &declared.rate_limit {
         if let Err(retry_in) = bucket.try_take() {
@@ -759,6 +786,71 @@ async fn inbound(
         fallbacks: &cfg.pod_ips,
     };
     forward(shared, req, up).await
+}
+
+/// Judges an inbound request (or, with `http` None, a TCP connection) by the workload's
+/// AuthorizationPolicies: a denial is logged with the policy and rule, and counted; AUDIT
+/// matches are logged.
+pub fn authorized(
+    shared: &Shared,
+    cfg: &Config,
+    peer: SocketAddr,
+    port: u16,
+    peer_id: Option<&str>,
+    http: Option<trellis_policy::authz::Http<'_>>,
+) -> bool {
+    use trellis_policy::authz::{Decision, Request as AuthzRequest};
+    let principal = peer_id.map(|id| id.strip_prefix("spiffe://").unwrap_or(id));
+    let r = AuthzRequest {
+        principal,
+        source_ip: Some(peer.ip()),
+        remote_ip: Some(peer.ip()),
+        destination_ip: None,
+        destination_port: Some(port),
+        sni: None,
+        http,
+    };
+    let (decision, audited) = cfg.authz.evaluate(&r);
+    let who = principal.unwrap_or("");
+    for policy in audited {
+        tracing::info!(policy, source = %peer, principal = who, port, "AUDIT: the request matches an AUDIT policy");
+    }
+    match decision {
+        Decision::Allow => true,
+        Decision::Deny {
+            policy,
+            rule,
+            action,
+        } => {
+            Stats::inc(&shared.stats.authorization_denials_total);
+            let (method, path) = r.http.as_ref().map_or(("", ""), |h| (h.method, h.path));
+            match rule {
+                Some(rule) => tracing::info!(
+                    policy = %policy,
+                    rule,
+                    action = action.as_str(),
+                    source = %peer,
+                    principal = who,
+                    port,
+                    method,
+                    path,
+                    "RBAC: access denied by {} policy {policy}, rule {rule}",
+                    action.as_str()
+                ),
+                None => tracing::info!(
+                    policy = %policy,
+                    action = "ALLOW",
+                    source = %peer,
+                    principal = who,
+                    port,
+                    method,
+                    path,
+                    "RBAC: access denied: no rule of the ALLOW policies {policy} matches"
+                ),
+            }
+            false
+        }
+    }
 }
 
 fn is_upgrade(req: &Request<ReqBody>) -> bool {
