@@ -406,6 +406,10 @@ fn condition(key: &str, values: &[String], not_values: &[String]) -> Result<Cond
     })
 }
 
+/// A principal's parts (trust domain, namespace, service account), worked out once per
+/// request.
+type Id<'a> = Option<(&'a str, &'a str, &'a str)>;
+
 /// `cluster.local/ns/web/sa/web` → (`cluster.local`, `web`, `web`).
 fn parts(principal: &str) -> Option<(&str, &str, &str)> {
     let mut it = principal.split('/');
@@ -457,8 +461,7 @@ impl Source {
         !self.request_principals.is_empty()
     }
 
-    fn matches(&self, r: &Request<'_>) -> bool {
-        let id = r.principal.and_then(parts);
+    fn matches(&self, r: &Request<'_>, id: Id<'_>) -> bool {
         str_field(&self.principals, r.principal)
             && (r.http.is_none()
                 || str_field(
@@ -466,12 +469,11 @@ impl Source {
                     r.http.as_ref().and_then(|h| h.request_principal),
                 ))
             && str_field(&self.namespaces, id.map(|(_, ns, _)| ns))
-            && str_field(
-                &self.service_accounts,
-                id.map(|(_, ns, sa)| (ns, sa))
-                    .map(|(ns, sa)| format!("{ns}/{sa}"))
-                    .as_deref(),
-            )
+            && (self.service_accounts.is_empty()
+                || str_field(
+                    &self.service_accounts,
+                    id.map(|(_, ns, sa)| format!("{ns}/{sa}")).as_deref(),
+                ))
             && ip_field(&self.ip_blocks, r.source_ip)
             && ip_field(&self.remote_ip_blocks, r.remote_ip)
             && str_field(&self.trust_domains, id.map(|(td, _, _)| td))
@@ -490,19 +492,18 @@ impl Operation {
         let Some(h) = &r.http else {
             return true; // TCP: the HTTP fields were dealt with by the caller
         };
-        let host = h.host.to_ascii_lowercase();
-        // A host with a port matches its name too (Istio's hosts compare without port).
-        let bare = host.rsplit_once(':').map_or(host.as_str(), |(n, _)| n);
-        let host_ok = self.hosts.is_empty()
-            || str_field(&self.hosts, Some(&host))
-            || str_field(&self.hosts, Some(bare));
+        let host_ok = self.hosts.is_empty() || {
+            let host = h.host.to_ascii_lowercase();
+            // A host with a port matches its name too (Istio's hosts compare without port).
+            let bare = host.rsplit_once(':').map_or(host.as_str(), |(n, _)| n);
+            str_field(&self.hosts, Some(&host)) || str_field(&self.hosts, Some(bare))
+        };
         host_ok && str_field(&self.methods, Some(h.method)) && str_field(&self.paths, Some(h.path))
     }
 }
 
 impl Condition {
-    fn matches(&self, r: &Request<'_>) -> bool {
-        let id = r.principal.and_then(parts);
+    fn matches(&self, r: &Request<'_>, id: Id<'_>) -> bool {
         match self {
             Condition::Header(name, f) => {
                 let v = r
@@ -529,7 +530,7 @@ impl Condition {
 }
 
 impl Rule {
-    fn matches(&self, r: &Request<'_>, tcp: Tcp) -> bool {
+    fn matches(&self, r: &Request<'_>, id: Id<'_>, tcp: Tcp) -> bool {
         let is_tcp = r.http.is_none();
         if is_tcp && tcp == Tcp::NeverMatch {
             let http_only = self.from.iter().any(Source::http_only)
@@ -539,83 +540,89 @@ impl Rule {
                 return false;
             }
         }
-        (self.from.is_empty() || self.from.iter().any(|s| s.matches(r)))
+        (self.from.is_empty() || self.from.iter().any(|s| s.matches(r, id)))
             && (self.to.is_empty() || self.to.iter().any(|o| o.matches(r)))
             && self
                 .when
                 .iter()
-                .all(|c| (is_tcp && c.http_only()) || c.matches(r))
+                .all(|c| (is_tcp && c.http_only()) || c.matches(r, id))
     }
 }
 
 impl Policy {
     /// The index of the first rule that matches.
-    fn first_match(&self, r: &Request<'_>, tcp: Tcp) -> Option<usize> {
-        self.rules.iter().position(|rule| rule.matches(r, tcp))
+    fn first_match(&self, r: &Request<'_>, id: Id<'_>, tcp: Tcp) -> Option<usize> {
+        self.rules.iter().position(|rule| rule.matches(r, id, tcp))
     }
 }
 
-/// A workload's policies, ready to judge requests.
+/// A workload's policies, ready to judge requests (grouped by action, each group in the
+/// order given).
 #[derive(Debug, Clone, Default)]
 pub struct Policies {
-    policies: Vec<Policy>,
+    custom: Vec<Policy>,
+    deny: Vec<Policy>,
+    allow: Vec<Policy>,
+    audit: Vec<Policy>,
 }
 
 impl Policies {
     pub fn new(policies: Vec<Policy>) -> Policies {
-        Policies { policies }
+        let mut out = Policies::default();
+        for p in policies {
+            match p.action {
+                Action::Custom => out.custom.push(p),
+                Action::Deny => out.deny.push(p),
+                Action::Allow => out.allow.push(p),
+                Action::Audit => out.audit.push(p),
+            }
+        }
+        out
     }
 
     pub fn is_empty(&self) -> bool {
-        self.policies.is_empty()
+        self.custom.is_empty()
+            && self.deny.is_empty()
+            && self.allow.is_empty()
+            && self.audit.is_empty()
     }
 
     /// The decision for `r`, and the AUDIT policies whose rules matched (to be logged).
     pub fn evaluate(&self, r: &Request<'_>) -> (Decision, Vec<&str>) {
+        let id = r.principal.and_then(parts);
         let audited: Vec<&str> = self
-            .policies
+            .audit
             .iter()
-            .filter(|p| p.action == Action::Audit)
-            .filter(|p| p.first_match(r, Tcp::NeverMatch).is_some())
+            .filter(|p| p.first_match(r, id, Tcp::NeverMatch).is_some())
             .map(|p| p.name.as_str())
             .collect();
-        for action in [Action::Custom, Action::Deny] {
-            for p in self.policies.iter().filter(|p| p.action == action) {
-                if let Some(rule) = p.first_match(r, Tcp::Ignore) {
-                    return (
-                        Decision::Deny {
-                            policy: p.name.clone(),
-                            rule: Some(rule),
-                            action,
-                        },
-                        audited,
-                    );
+        for group in [&self.custom, &self.deny] {
+            for p in group {
+                if let Some(rule) = p.first_match(r, id, Tcp::Ignore) {
+                    let decision = Decision::Deny {
+                        policy: p.name.clone(),
+                        rule: Some(rule),
+                        action: p.action,
+                    };
+                    return (decision, audited);
                 }
             }
         }
-        let mut allows = self
-            .policies
-            .iter()
-            .filter(|p| p.action == Action::Allow)
-            .peekable();
-        if allows.peek().is_none() {
+        if self.allow.is_empty()
+            || self
+                .allow
+                .iter()
+                .any(|p| p.first_match(r, id, Tcp::NeverMatch).is_some())
+        {
             return (Decision::Allow, audited);
         }
-        let mut names = Vec::new();
-        for p in allows {
-            if p.first_match(r, Tcp::NeverMatch).is_some() {
-                return (Decision::Allow, audited);
-            }
-            names.push(p.name.as_str());
-        }
-        (
-            Decision::Deny {
-                policy: names.join(","),
-                rule: None,
-                action: Action::Allow,
-            },
-            audited,
-        )
+        let names: Vec<&str> = self.allow.iter().map(|p| p.name.as_str()).collect();
+        let decision = Decision::Deny {
+            policy: names.join(","),
+            rule: None,
+            action: Action::Allow,
+        };
+        (decision, audited)
     }
 }
 
