@@ -265,6 +265,10 @@ enum Condition {
     DestinationIp(Field<Cidr>),
     DestinationPort(Field<u16>),
     Sni(Field<Pattern>),
+    /// A key Trellis cannot evaluate (`experimental.envoy.filters.*`): read
+    /// conservatively, so that it never widens access. In an ALLOW policy its rule never
+    /// matches; in a DENY policy the condition counts as met.
+    Unsupported(String),
 }
 
 impl Condition {
@@ -397,11 +401,7 @@ fn condition(key: &str, values: &[String], not_values: &[String]) -> Result<Cond
         "destination.ip" => Condition::DestinationIp(cidrs(values, not_values)?),
         "destination.port" => Condition::DestinationPort(ports(values, not_values)?),
         "connection.sni" => Condition::Sni(p()),
-        k if k.starts_with("experimental.envoy.filters.") => {
-            return Err(format!(
-                "{k:?} is Envoy-specific and not supported by Trellis"
-            ));
-        }
+        k if k.starts_with("experimental.envoy.filters.") => Condition::Unsupported(k.to_string()),
         k => return Err(format!("unknown condition key {k:?}")),
     })
 }
@@ -525,6 +525,7 @@ impl Condition {
             Condition::DestinationIp(f) => ip_field(f, r.destination_ip),
             Condition::DestinationPort(f) => port_field(f, r.destination_port),
             Condition::Sni(f) => str_field(f, r.sni),
+            Condition::Unsupported(_) => false, // (see Rule::matches)
         }
     }
 }
@@ -532,6 +533,7 @@ impl Condition {
 impl Rule {
     fn matches(&self, r: &Request<'_>, id: Id<'_>, tcp: Tcp) -> bool {
         let is_tcp = r.http.is_none();
+        let unsupported = |c: &Condition| matches!(c, Condition::Unsupported(_));
         if is_tcp && tcp == Tcp::NeverMatch {
             let http_only = self.from.iter().any(Source::http_only)
                 || self.to.iter().any(Operation::http_only)
@@ -542,14 +544,28 @@ impl Rule {
         }
         (self.from.is_empty() || self.from.iter().any(|s| s.matches(r, id)))
             && (self.to.is_empty() || self.to.iter().any(|o| o.matches(r)))
-            && self
-                .when
-                .iter()
-                .all(|c| (is_tcp && c.http_only()) || c.matches(r, id))
+            && self.when.iter().all(|c| {
+                (is_tcp && c.http_only())
+                    || (unsupported(c) && tcp == Tcp::Ignore)
+                    || c.matches(r, id)
+            })
     }
 }
 
 impl Policy {
+    /// The condition keys of this policy that Trellis cannot evaluate (read
+    /// conservatively; worth a warning).
+    pub fn unsupported(&self) -> Vec<&str> {
+        self.rules
+            .iter()
+            .flat_map(|r| r.when.iter())
+            .filter_map(|c| match c {
+                Condition::Unsupported(k) => Some(k.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The index of the first rule that matches.
     fn first_match(&self, r: &Request<'_>, id: Id<'_>, tcp: Tcp) -> Option<usize> {
         self.rules.iter().position(|rule| rule.matches(r, id, tcp))
@@ -877,19 +893,53 @@ mod tests {
     }
 
     #[test]
+    fn envoy_specific_conditions_never_widen_access() {
+        use trellis_api::security::AuthorizationAction as A;
+        let rule = |action| {
+            let mut api = trellis_api::security::AuthorizationPolicy {
+                action,
+                ..Default::default()
+            };
+            api.rules.push(trellis_api::security::Rule {
+                when: vec![trellis_api::security::Condition {
+                    key: "experimental.envoy.filters.network.mysql_proxy[db.table]".into(),
+                    values: vec!["[update]".into()],
+                    not_values: vec![],
+                }],
+                ..Default::default()
+            });
+            compile_api("shop/p", &api).expect("compiles")
+        };
+        let r = req(Some(SLEEP), "GET", "/", None);
+        let allow = rule(A::Allow);
+        assert_eq!(
+            allow.unsupported(),
+            ["experimental.envoy.filters.network.mysql_proxy[db.table]"]
+        );
+        assert!(
+            !allowed(&Policies::new(vec![allow]), &r),
+            "ALLOW: never matches"
+        );
+        assert!(
+            !allowed(&Policies::new(vec![rule(A::Deny)]), &r),
+            "DENY: counts as met"
+        );
+    }
+
+    #[test]
     fn bad_values_are_refused_with_their_place() {
         let mut api = trellis_api::security::AuthorizationPolicy::default();
         api.rules.push(trellis_api::security::Rule {
             when: vec![trellis_api::security::Condition {
-                key: "experimental.envoy.filters.network.mysql_proxy[db]".into(),
-                values: vec!["x".into()],
+                key: "source.ip".into(),
+                values: vec!["10.0.0.0/40".into()],
                 not_values: vec![],
             }],
             ..Default::default()
         });
-        let e = compile_api("shop/p", &api).expect_err("unsupported");
+        let e = compile_api("shop/p", &api).expect_err("bad CIDR");
         assert!(
-            e.starts_with("rules[0].when[0]") && e.contains("not supported"),
+            e.starts_with("rules[0].when[0]") && e.contains("prefix length"),
             "{e}"
         );
         assert!(Cidr::parse("10.0.0.0/33").is_err());

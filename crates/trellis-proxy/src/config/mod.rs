@@ -232,7 +232,14 @@ fn authz_policies(
                 })
                 .collect(),
         };
-        out.push(Policy::compile(&spec, action).map_err(|e| bad(res, e))?);
+        let policy = Policy::compile(&spec, action).map_err(|e| bad(res, e))?;
+        for key in policy.unsupported() {
+            tracing::warn!(
+                policy = %p.name,
+                "condition {key:?} is Envoy-specific and not evaluated by Trellis: an ALLOW rule with it never matches, a DENY rule counts it as met"
+            );
+        }
+        out.push(policy);
     }
     Ok(trellis_policy::authz::Policies::new(out))
 }
