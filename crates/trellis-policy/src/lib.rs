@@ -4,7 +4,9 @@
 //!
 //! - [`route`]: VirtualService HTTP routing — first-match over `http[]`, every match
 //!   condition Istio has, weighted destinations.
+//! - [`jwt`]: JWT signature and claim checks for RequestAuthentication.
 //! - [`authz`]: AuthorizationPolicy — CUSTOM, DENY, ALLOW, AUDIT with Istio's matching.
 
 pub mod authz;
+pub mod jwt;
 pub mod route;
