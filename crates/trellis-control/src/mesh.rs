@@ -153,6 +153,7 @@ pub fn workload_of(cfg: &MeshConfig<'_>, me: &Instance) -> wire::Workload {
         .resolve(&me.namespace, &me.labels);
     wire::Workload {
         authorization: authorization_for(cfg, me),
+        jwt_rules: jwt_rules_for(cfg, me),
         mtls: mtls.mode as i32,
         port_mtls: mtls.ports.into_iter().map(|(p, m)| (p, m as i32)).collect(),
         name: me.name.clone(),
@@ -259,6 +260,60 @@ pub fn authorization_for(cfg: &MeshConfig<'_>, me: &Instance) -> Vec<wire::Authz
                         .collect(),
                 })
                 .collect(),
+        })
+        .collect()
+}
+
+/// The RequestAuthentication jwtRules that apply to `me`, selected as AuthorizationPolicies
+/// are (root namespace, own namespace, selector; `targetRef` ones are for gateways).
+pub fn jwt_rules_for(cfg: &MeshConfig<'_>, me: &Instance) -> Vec<wire::JwtRule> {
+    let mut picked: Vec<(&Resource, &trellis_api::security::RequestAuthentication)> = cfg
+        .each(|s| match s {
+            Spec::RequestAuthentication(p) => Some(p),
+            _ => None,
+        })
+        .into_iter()
+        .filter(|(r, p)| {
+            (r.namespace() == cfg.root_namespace || r.namespace() == me.namespace)
+                && p.target_ref.is_none()
+                && p.target_refs.is_empty()
+                && p.selector
+                    .as_ref()
+                    .is_none_or(|s| matches_labels(&s.match_labels, &me.labels))
+        })
+        .collect();
+    picked.sort_by(|a, b| (a.0.namespace(), a.0.name()).cmp(&(b.0.namespace(), b.0.name())));
+    picked
+        .into_iter()
+        .flat_map(|(r, p)| {
+            let policy = format!("{}/{}", r.namespace(), r.name());
+            p.jwt_rules.iter().map(move |j| wire::JwtRule {
+                policy: policy.clone(),
+                issuer: j.issuer.clone().unwrap_or_default(),
+                audiences: j.audiences.clone(),
+                jwks: j.jwks.clone(),
+                jwks_uri: j.jwks_uri().map(str::to_string),
+                from_headers: j
+                    .from_headers
+                    .iter()
+                    .map(|h| wire::JwtHeader {
+                        name: h.name.clone(),
+                        prefix: h.prefix.clone(),
+                    })
+                    .collect(),
+                from_params: j.from_params.clone(),
+                from_cookies: j.from_cookies.clone(),
+                forward_original_token: j.forward_original_token.unwrap_or(false),
+                output_payload_to_header: j.output_payload_to_header.clone(),
+                output_claim_to_headers: j
+                    .output_claim_to_headers
+                    .iter()
+                    .map(|c| wire::ClaimToHeader {
+                        header: c.header.clone(),
+                        claim: c.claim.clone(),
+                    })
+                    .collect(),
+            })
         })
         .collect()
 }

@@ -626,3 +626,143 @@ async fn authorization_policies_decide_who_may_call_what() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(call(&m, http::Method::GET, "/echo").await.0, 200);
 }
+
+/// An ES256 key for JWTs, made here: its JWK and a signer.
+struct JwtKey(ring::signature::EcdsaKeyPair);
+
+impl JwtKey {
+    fn new() -> JwtKey {
+        let rng = ring::rand::SystemRandom::new();
+        let alg = &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING;
+        let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(alg, &rng).expect("key");
+        JwtKey(ring::signature::EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).expect("key"))
+    }
+
+    fn jwks(&self) -> String {
+        use ring::signature::KeyPair;
+        let p = self.0.public_key().as_ref();
+        let b = trellis_policy::jwt::b64url_encode;
+        serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1",
+            "x": b(&p[1..33]), "y": b(&p[33..65])}]})
+        .to_string()
+    }
+
+    fn token(&self, claims: serde_json::Value) -> String {
+        let b = trellis_policy::jwt::b64url_encode;
+        let header = serde_json::json!({"alg": "ES256", "kid": "k1"});
+        let signing = format!(
+            "{}.{}",
+            b(header.to_string().as_bytes()),
+            b(claims.to_string().as_bytes())
+        );
+        let sig = self
+            .0
+            .sign(&ring::rand::SystemRandom::new(), signing.as_bytes())
+            .expect("sign");
+        format!("{signing}.{}", b(sig.as_ref()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_authentication_checks_jwts_and_authorization_reads_their_claims() {
+    let m = mesh(Duration::from_secs(3600)).await;
+    let key = JwtKey::new();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let claims = |sub: &str, groups: &[&str], exp: u64| {
+        serde_json::json!({"iss": "https://issuer.example", "sub": sub, "aud": "shop",
+            "exp": exp, "groups": groups})
+    };
+    apply(
+        &m.store,
+        &format!(
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: reviews}}}}\n  jwtRules:\n  - issuer: https://issuer.example\n    audiences: [shop]\n    jwks: {}\n    outputPayloadToHeader: x-jwt-payload\n    outputClaimToHeaders: [{{header: x-jwt-sub, claim: sub}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: admins-only, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: reviews}}}}\n  rules:\n  - from: [{{source: {{requestPrincipals: [\"https://issuer.example/*\"]}}}}]\n    when: [{{key: \"request.auth.claims[groups]\", values: [admins]}}]\n",
+            serde_json::to_string(&key.jwks()).expect("json")
+        ),
+    );
+    assert!(
+        common::eventually(Duration::from_secs(5), || {
+            !m.reviews.config().jwt.is_empty() && !m.reviews.config().authz.is_empty()
+        })
+        .await
+    );
+    let bearer = |t: &str| format!("Bearer {t}");
+    let good = key.token(claims("alice", &["dev", "admins"], now + 600));
+    // A valid token with the claim: allowed; the app gets the claims, not the token.
+    let r = echo(
+        m.web.outbound_addrs[0],
+        &[("authorization", &bearer(&good))],
+    )
+    .await
+    .expect("response");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-echo-h-x-jwt-sub"), Some("alice"));
+    assert!(r.header("x-echo-h-x-jwt-payload").is_some());
+    assert_eq!(
+        r.header("x-echo-h-authorization"),
+        None,
+        "the token is not forwarded"
+    );
+    // No token: not authenticated, and the ALLOW policy needs a request principal (403).
+    assert_eq!(
+        echo(m.web.outbound_addrs[0], &[])
+            .await
+            .expect("response")
+            .status,
+        403
+    );
+    // A valid token without the claim: 403.
+    let dev = key.token(claims("bob", &["dev"], now + 600));
+    let r = echo(m.web.outbound_addrs[0], &[("authorization", &bearer(&dev))])
+        .await
+        .expect("response");
+    assert_eq!(r.status, 403);
+    // Expired, signed by another key, malformed, or for another audience: 401.
+    let expired = key.token(claims("alice", &["admins"], now - 3600));
+    let forged = JwtKey::new().token(claims("alice", &["admins"], now + 600));
+    let mut other_aud = claims("alice", &["admins"], now + 600);
+    other_aud["aud"] = "billing".into();
+    let other_aud = key.token(other_aud);
+    for (token, what) in [
+        (expired.as_str(), "Jwt is expired"),
+        (forged.as_str(), "Jwt verification fails"),
+        ("not.a.jwt", "Jwt is not in the form"),
+        (other_aud.as_str(), "Audiences in Jwt are not allowed"),
+    ] {
+        let r = echo(
+            m.web.outbound_addrs[0],
+            &[("authorization", &bearer(token))],
+        )
+        .await
+        .expect("response");
+        assert_eq!(r.status, 401, "{what}");
+        let body = String::from_utf8_lossy(&r.body).into_owned();
+        assert!(body.contains(what), "{what}: {body}");
+        assert!(r.header("www-authenticate").is_some());
+    }
+    assert!(
+        m.reviews
+            .shared
+            .stats
+            .jwt_rejections_total
+            .load(Ordering::Relaxed)
+            >= 4
+    );
+    // The token in the access_token query parameter (Istio's default places).
+    let mut c = HttpClient::http1(m.web.outbound_addrs[0])
+        .await
+        .expect("connect");
+    let req = c
+        .request(
+            http::Method::GET,
+            "reviews.shop:9080",
+            &format!("/echo?access_token={good}"),
+        )
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let r = c.send(req).await.expect("response");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-echo-h-x-jwt-sub"), Some("alice"));
+}

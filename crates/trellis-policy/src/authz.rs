@@ -31,6 +31,8 @@ pub struct Request<'a> {
     pub sni: Option<&'a str>,
     /// HTTP attributes; `None` on a TCP connection.
     pub http: Option<Http<'a>>,
+    /// The request's JWT, when RequestAuthentication validated one.
+    pub jwt: Option<&'a crate::jwt::Claims>,
 }
 
 /// The HTTP part of a request.
@@ -259,9 +261,10 @@ enum Condition {
     SourceNamespace(Field<Pattern>),
     SourcePrincipal(Field<Pattern>),
     RequestPrincipal(Field<Pattern>),
-    /// `request.auth.*` other than the principal: JWT claims, not available yet (no
-    /// RequestAuthentication): never matched by a value.
-    Jwt(Field<Pattern>),
+    /// `request.auth.audiences`, `request.auth.presenter`, `request.auth.claims[a][b]`.
+    Audiences(Field<Pattern>),
+    Presenter(Field<Pattern>),
+    Claim(Vec<String>, Field<Pattern>),
     DestinationIp(Field<Cidr>),
     DestinationPort(Field<u16>),
     Sni(Field<Pattern>),
@@ -275,7 +278,11 @@ impl Condition {
     fn http_only(&self) -> bool {
         matches!(
             self,
-            Condition::Header(..) | Condition::RequestPrincipal(_) | Condition::Jwt(_)
+            Condition::Header(..)
+                | Condition::RequestPrincipal(_)
+                | Condition::Audiences(_)
+                | Condition::Presenter(_)
+                | Condition::Claim(..)
         )
     }
 }
@@ -388,8 +395,16 @@ fn condition(key: &str, values: &[String], not_values: &[String]) -> Result<Cond
             .map_err(|_| format!("{key:?}: not a header name"))?;
         return Ok(Condition::Header(name, p()));
     }
-    if key.starts_with("request.auth.claims[") && key.ends_with(']') {
-        return Ok(Condition::Jwt(p()));
+    if let Some(inner) = key
+        .strip_prefix("request.auth.claims[")
+        .and_then(|k| k.strip_suffix(']'))
+    {
+        // `a][b` for nested claims.
+        let path: Vec<String> = inner.split("][").map(str::to_string).collect();
+        if path.iter().any(String::is_empty) {
+            return Err(format!("{key:?}: empty claim name"));
+        }
+        return Ok(Condition::Claim(path, p()));
     }
     Ok(match key {
         "source.ip" => Condition::SourceIp(cidrs(values, not_values)?),
@@ -397,7 +412,8 @@ fn condition(key: &str, values: &[String], not_values: &[String]) -> Result<Cond
         "source.namespace" => Condition::SourceNamespace(p()),
         "source.principal" => Condition::SourcePrincipal(p()),
         "request.auth.principal" => Condition::RequestPrincipal(p()),
-        "request.auth.audiences" | "request.auth.presenter" => Condition::Jwt(p()),
+        "request.auth.audiences" => Condition::Audiences(p()),
+        "request.auth.presenter" => Condition::Presenter(p()),
         "destination.ip" => Condition::DestinationIp(cidrs(values, not_values)?),
         "destination.port" => Condition::DestinationPort(ports(values, not_values)?),
         "connection.sni" => Condition::Sni(p()),
@@ -430,6 +446,18 @@ fn str_field(f: &Field<Pattern>, v: Option<&str>) -> bool {
     match v {
         Some(v) => f.check(Some(&|p: &Pattern| p.matches(v))),
         None => f.check(None),
+    }
+}
+
+/// A field against an attribute with several values (a claim array, audiences): one value
+/// must match, none may match a `not` value.
+fn values_field(f: &Field<Pattern>, v: Option<Vec<String>>) -> bool {
+    match v.filter(|v| !v.is_empty()) {
+        None => f.check(None),
+        Some(vals) => {
+            (f.any.is_empty() || vals.iter().any(|v| f.any.iter().any(|p| p.matches(v))))
+                && !vals.iter().any(|v| f.none.iter().any(|p| p.matches(v)))
+        }
     }
 }
 
@@ -521,7 +549,12 @@ impl Condition {
             Condition::RequestPrincipal(f) => {
                 str_field(f, r.http.as_ref().and_then(|h| h.request_principal))
             }
-            Condition::Jwt(f) => str_field(f, None),
+            Condition::Audiences(f) => values_field(f, r.jwt.map(|c| c.audiences.clone())),
+            Condition::Presenter(f) => str_field(f, r.jwt.and_then(|c| c.presenter.as_deref())),
+            Condition::Claim(path, f) => {
+                let path: Vec<&str> = path.iter().map(String::as_str).collect();
+                values_field(f, r.jwt.map(|c| c.claim(&path)))
+            }
             Condition::DestinationIp(f) => ip_field(f, r.destination_ip),
             Condition::DestinationPort(f) => port_field(f, r.destination_port),
             Condition::Sni(f) => str_field(f, r.sni),
@@ -738,6 +771,7 @@ mod tests {
                 headers,
                 request_principal: None,
             }),
+            jwt: None,
         }
     }
 
@@ -953,5 +987,48 @@ mod tests {
                 .expect("v4")
                 .contains("::ffff:10.1.2.3".parse().expect("ip"))
         );
+    }
+}
+
+#[cfg(test)]
+mod jwt_condition_tests {
+    use super::*;
+
+    #[test]
+    fn request_principals_and_claims_come_from_the_validated_jwt() {
+        let yaml = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: admins, namespace: shop}\nspec:\n  rules:\n  - from: [{source: {requestPrincipals: [\"https://issuer.example/*\"]}}]\n    when:\n    - {key: \"request.auth.claims[groups]\", values: [admins]}\n    - {key: \"request.auth.claims[nested][level]\", values: [\"3\"]}\n    - {key: request.auth.audiences, values: [shop]}\n    - {key: request.auth.presenter, notValues: [evil-app]}\n";
+        let parsed = trellis_api::parse_text(yaml, "a.yaml", &trellis_api::LoadOptions::default());
+        let r = parsed[0].resource().cloned().expect("parses");
+        let trellis_api::Spec::AuthorizationPolicy(a) = &r.spec else {
+            panic!("policy")
+        };
+        let p = Policies::new(vec![compile_api("shop/admins", a).expect("compiles")]);
+        let claims = |groups: &[&str], azp: &str| crate::jwt::Claims {
+            issuer: "https://issuer.example".into(),
+            subject: "alice".into(),
+            audiences: vec!["shop".into()],
+            presenter: Some(azp.into()),
+            payload: serde_json::json!({"groups": groups, "nested": {"level": 3}}),
+            payload_b64: String::new(),
+        };
+        let judge = |c: Option<&crate::jwt::Claims>| {
+            let principal = c.map(crate::jwt::Claims::principal);
+            let r = Request {
+                http: Some(Http {
+                    method: "GET",
+                    path: "/",
+                    host: "shop",
+                    headers: None,
+                    request_principal: principal.as_deref(),
+                }),
+                jwt: c,
+                ..Request::default()
+            };
+            p.evaluate(&r).0 == Decision::Allow
+        };
+        assert!(judge(Some(&claims(&["dev", "admins"], "web-app"))));
+        assert!(!judge(Some(&claims(&["dev"], "web-app"))), "not an admin");
+        assert!(!judge(Some(&claims(&["admins"], "evil-app"))), "presenter");
+        assert!(!judge(None), "no token");
     }
 }

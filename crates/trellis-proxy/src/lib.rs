@@ -6,6 +6,7 @@
 //! as opaque TCP. Configuration is a snapshot swapped atomically; see [`config`].
 
 pub mod admin;
+pub mod authn;
 pub mod body;
 pub mod config;
 pub mod h1;

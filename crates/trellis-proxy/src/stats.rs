@@ -43,6 +43,7 @@ counters! {
     config_updates_total => "trellis_proxy_config_updates_total", "counter", "Snapshots applied.";
     tls_handshake_errors_total => "trellis_proxy_tls_handshake_errors_total", "counter", "TLS handshakes (gateway and mesh mTLS) that failed or timed out.";
     inbound_plaintext_refused_total => "trellis_proxy_inbound_plaintext_refused_total", "counter", "Inbound connections refused because PeerAuthentication is STRICT and they were not mesh mTLS.";
+    jwt_rejections_total => "trellis_proxy_jwt_rejections_total", "counter", "Inbound requests refused (401) because their JWT did not verify.";
     authorization_denials_total => "trellis_proxy_authorization_denials_total", "counter", "Inbound requests and connections denied by an AuthorizationPolicy (403 RBAC, or closed).";
     inbound_mtls_connections_total => "trellis_proxy_inbound_mtls_connections_total", "counter", "Inbound connections from peer proxies over mesh mutual TLS.";
     dns_updates_total => "trellis_proxy_dns_updates_total", "counter", "Endpoint updates after a STRICT_DNS name resolved differently.";

@@ -131,7 +131,9 @@ pub async fn forward_inbound<D>(
 ) where
     D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    if !cfg.authz.is_empty() && !crate::http::authorized(shared, cfg, peer, port, peer_id, None) {
+    if !cfg.authz.is_empty()
+        && !crate::http::authorized(shared, cfg, peer, port, peer_id, None, None)
+    {
         return;
     }
     let mut app = cfg.app_addr(port);

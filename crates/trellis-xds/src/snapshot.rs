@@ -308,6 +308,68 @@ pub struct Workload {
     #[prost(message, repeated, tag = "10")]
     #[serde(default)]
     pub authorization: Vec<AuthzPolicy>,
+    /// The RequestAuthentication jwtRules that apply to this workload.
+    #[prost(message, repeated, tag = "11")]
+    #[serde(default)]
+    pub jwt_rules: Vec<JwtRule>,
+}
+/// A RequestAuthentication jwtRule that applies to this workload (selected like
+/// AuthorizationPolicies).
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JwtRule {
+    /// "namespace/name" of the RequestAuthentication.
+    #[prost(string, tag = "1")]
+    pub policy: String,
+    #[prost(string, tag = "2")]
+    pub issuer: String,
+    #[prost(string, repeated, tag = "3")]
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// The JWKS document itself, or where to fetch it.
+    #[prost(string, optional, tag = "4")]
+    #[serde(default)]
+    pub jwks: Option<String>,
+    #[prost(string, optional, tag = "5")]
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    #[prost(message, repeated, tag = "6")]
+    #[serde(default)]
+    pub from_headers: Vec<JwtHeader>,
+    #[prost(string, repeated, tag = "7")]
+    #[serde(default)]
+    pub from_params: Vec<String>,
+    #[prost(string, repeated, tag = "8")]
+    #[serde(default)]
+    pub from_cookies: Vec<String>,
+    #[prost(bool, tag = "9")]
+    #[serde(default)]
+    pub forward_original_token: bool,
+    #[prost(string, optional, tag = "10")]
+    #[serde(default)]
+    pub output_payload_to_header: Option<String>,
+    #[prost(message, repeated, tag = "11")]
+    #[serde(default)]
+    pub output_claim_to_headers: Vec<ClaimToHeader>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JwtHeader {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(string, optional, tag = "2")]
+    #[serde(default)]
+    pub prefix: Option<String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClaimToHeader {
+    #[prost(string, tag = "1")]
+    pub header: String,
+    #[prost(string, tag = "2")]
+    pub claim: String,
 }
 
 /// An AuthorizationPolicy that applies to this workload (selected by the control plane), in

@@ -72,6 +72,25 @@ fn full() -> Snapshot {
         workload: Some(Workload {
             mtls: PeerMtls::Strict as i32,
             port_mtls: BTreeMap::from([(8080, PeerMtls::Disable as i32)]),
+            jwt_rules: vec![JwtRule {
+                policy: "shop/jwt".into(),
+                issuer: "https://issuer".into(),
+                audiences: vec!["a".into()],
+                jwks: Some("{}".into()),
+                jwks_uri: Some("https://issuer/jwks".into()),
+                from_headers: vec![JwtHeader {
+                    name: "x-jwt".into(),
+                    prefix: Some("Bearer ".into()),
+                }],
+                from_params: vec!["token".into()],
+                from_cookies: vec!["session".into()],
+                forward_original_token: true,
+                output_payload_to_header: Some("x-payload".into()),
+                output_claim_to_headers: vec![ClaimToHeader {
+                    header: "x-sub".into(),
+                    claim: "sub".into(),
+                }],
+            }],
             authorization: vec![AuthzPolicy {
                 name: "shop/policy".into(),
                 action: AuthzAction::Deny as i32,

@@ -160,6 +160,8 @@ pub struct Config {
     pub dns_refresh: Option<Duration>,
     /// The AuthorizationPolicies that apply to this workload, compiled.
     pub authz: trellis_policy::authz::Policies,
+    /// Its RequestAuthentication jwtRules, compiled.
+    pub jwt: crate::authn::JwtRules,
     /// Inbound mutual TLS (the workload's resolved PeerAuthentication), and the workload
     /// ports where it differs.
     pub inbound_mtls: wire::PeerMtls,
@@ -617,6 +619,11 @@ impl Config {
             None => trellis_policy::authz::Policies::default(),
             Some(w) => authz_policies(&w.authorization)?,
         };
+        let jwt = match &raw.workload {
+            None => crate::authn::JwtRules::default(),
+            Some(w) => crate::authn::JwtRules::compile(&w.jwt_rules)
+                .map_err(|e| bad("workload.jwtRules", e))?,
+        };
         let (inbound_mtls, port_mtls) = match &raw.workload {
             None => (wire::PeerMtls::Permissive, HashMap::new()),
             Some(w) => {
@@ -667,6 +674,7 @@ impl Config {
             dns,
             dns_refresh,
             authz,
+            jwt,
             inbound_mtls,
             port_mtls,
             trust_roots,
@@ -734,6 +742,7 @@ impl Config {
             dns: HashMap::new(),
             dns_refresh: None,
             authz: trellis_policy::authz::Policies::default(),
+            jwt: crate::authn::JwtRules::default(),
             inbound_mtls: wire::PeerMtls::Permissive,
             port_mtls: HashMap::new(),
             trust_roots: None,

@@ -722,7 +722,36 @@ async fn inbound(
     peer_id: Option<&str>,
     mut req: Request<ReqBody>,
 ) -> Response<ProxyBody> {
+    let mut claims = None;
+    if !cfg.jwt.is_empty() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let query = req.uri().query().map(str::to_string);
+        match cfg
+            .jwt
+            .authenticate(req.headers_mut(), query.as_deref(), now)
+        {
+            Ok(c) => claims = c,
+            Err((e, policy)) => {
+                Stats::inc(&shared.stats.jwt_rejections_total);
+                tracing::info!(
+                    policy = policy.unwrap_or(""),
+                    source = %ds.peer,
+                    port,
+                    "request refused (401): {e}"
+                );
+                let mut resp = local_reply(StatusCode::UNAUTHORIZED, "UAEX", e.to_string());
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"trellis\", error=\"invalid_token\""),
+                );
+                return resp;
+            }
+        }
+    }
     if !cfg.authz.is_empty() {
+        let request_principal = claims.as_ref().map(trellis_policy::jwt::Claims::principal);
         let host = req
             .uri()
             .authority()
@@ -738,9 +767,17 @@ async fn inbound(
             path: req.uri().path(),
             host,
             headers: Some(req.headers()),
-            request_principal: None,
+            request_principal: request_principal.as_deref(),
         };
-        if !authorized(shared, cfg, ds.peer, port, peer_id, Some(http)) {
+        if !authorized(
+            shared,
+            cfg,
+            ds.peer,
+            port,
+            peer_id,
+            Some(http),
+            claims.as_ref(),
+        ) {
             return local_reply(
                 StatusCode::FORBIDDEN,
                 "RBAC",
@@ -798,6 +835,7 @@ pub fn authorized(
     port: u16,
     peer_id: Option<&str>,
     http: Option<trellis_policy::authz::Http<'_>>,
+    jwt: Option<&trellis_policy::jwt::Claims>,
 ) -> bool {
     use trellis_policy::authz::{Decision, Request as AuthzRequest};
     let principal = peer_id.map(|id| id.strip_prefix("spiffe://").unwrap_or(id));
@@ -809,6 +847,7 @@ pub fn authorized(
         destination_port: Some(port),
         sni: None,
         http,
+        jwt,
     };
     let (decision, audited) = cfg.authz.evaluate(&r);
     let who = principal.unwrap_or("");
