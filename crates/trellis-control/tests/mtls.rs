@@ -628,28 +628,33 @@ async fn authorization_policies_decide_who_may_call_what() {
 }
 
 /// An ES256 key for JWTs, made here: its JWK and a signer.
-struct JwtKey(ring::signature::EcdsaKeyPair);
+struct JwtKey(ring::signature::EcdsaKeyPair, &'static str);
 
 impl JwtKey {
     fn new() -> JwtKey {
+        JwtKey::with_kid("k1")
+    }
+
+    fn with_kid(kid: &'static str) -> JwtKey {
         let rng = ring::rand::SystemRandom::new();
         let alg = &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING;
         let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(alg, &rng).expect("key");
-        JwtKey(ring::signature::EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).expect("key"))
+        let key = ring::signature::EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng);
+        JwtKey(key.expect("key"), kid)
     }
 
     fn jwks(&self) -> String {
         use ring::signature::KeyPair;
         let p = self.0.public_key().as_ref();
         let b = trellis_policy::jwt::b64url_encode;
-        serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1",
+        serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": self.1,
             "x": b(&p[1..33]), "y": b(&p[33..65])}]})
         .to_string()
     }
 
     fn token(&self, claims: serde_json::Value) -> String {
         let b = trellis_policy::jwt::b64url_encode;
-        let header = serde_json::json!({"alg": "ES256", "kid": "k1"});
+        let header = serde_json::json!({"alg": "ES256", "kid": self.1});
         let signing = format!(
             "{}.{}",
             b(header.to_string().as_bytes()),
@@ -765,4 +770,88 @@ async fn request_authentication_checks_jwts_and_authorization_reads_their_claims
     let r = c.send(req).await.expect("response");
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-echo-h-x-jwt-sub"), Some("alice"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_are_fetched_from_their_uri_refetched_for_a_new_key_and_kept_when_it_fails() {
+    let m = mesh(Duration::from_secs(3600)).await;
+    // The issuer's JWKS, served by a real web server (python3 -m http.server).
+    let web_root = tempfile::tempdir().expect("tempdir");
+    let first = JwtKey::with_kid("k1");
+    std::fs::write(web_root.path().join("jwks.json"), first.jwks()).expect("write");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let mut server = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
+        .arg(web_root.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 runs");
+    assert!(
+        common::eventually(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+        .await
+    );
+    apply(
+        &m.store,
+        &format!(
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: shop}}\nspec:\n  jwtRules:\n  - issuer: https://issuer.example\n    jwksUri: http://127.0.0.1:{port}/jwks.json\n    outputClaimToHeaders: [{{header: x-jwt-sub, claim: sub}}]\n"
+        ),
+    );
+    assert!(
+        common::eventually(Duration::from_secs(5), || !m
+            .reviews
+            .config()
+            .jwt
+            .is_empty())
+        .await
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let claims =
+        serde_json::json!({"iss": "https://issuer.example", "sub": "alice", "exp": now + 600});
+    let out = m.web.outbound_addrs[0];
+    let status = |key: &JwtKey| {
+        let token = format!("Bearer {}", key.token(claims.clone()));
+        async move {
+            let r = echo(out, &[("authorization", &token)])
+                .await
+                .expect("response");
+            (
+                r.status.as_u16(),
+                r.header("x-echo-h-x-jwt-sub").map(str::to_string),
+            )
+        }
+    };
+    assert_eq!(status(&first).await, (200, Some("alice".to_string())));
+    // The issuer rotates its key: a token with the new kid makes the proxy fetch again.
+    let second = JwtKey::with_kid("k2");
+    std::fs::write(web_root.path().join("jwks.json"), second.jwks()).expect("write");
+    tokio::time::sleep(Duration::from_millis(1100)).await; // past the least refetch gap
+    assert_eq!(status(&second).await, (200, Some("alice".to_string())));
+    // The issuer goes away: the keys held stay in use; an unknown key is refused.
+    let _ = server.kill();
+    let _ = server.wait();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(status(&second).await.0, 200);
+    assert_eq!(status(&JwtKey::with_kid("k3")).await.0, 401);
+    assert_eq!(
+        status(&second).await.0,
+        200,
+        "the failed fetch kept the keys"
+    );
 }

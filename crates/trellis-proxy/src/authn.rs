@@ -22,7 +22,9 @@ pub struct JwtRule {
     pub policy: String,
     pub issuer: String,
     audiences: Vec<String>,
-    jwks: Jwks,
+    /// Inline keys, or (with `jwks_uri`) none: the cache holds those.
+    jwks: std::sync::Arc<Jwks>,
+    jwks_uri: Option<String>,
     locations: Vec<Location>,
     forward_original_token: bool,
     output_payload_to_header: Option<HeaderName>,
@@ -39,8 +41,8 @@ fn header_name(what: &str, name: &str) -> Result<HeaderName, String> {
 }
 
 impl JwtRules {
-    /// Compiles the snapshot's rules. `jwksUri` is not fetched yet: a rule with only a URI
-    /// has no keys, so its tokens are refused (never accepted unchecked).
+    /// Compiles the snapshot's rules (inline keys parsed here; `jwksUri` ones are fetched
+    /// into the proxy's [`JwksCache`]).
     pub fn compile(rules: &[wire::JwtRule]) -> Result<JwtRules, String> {
         let mut out = Vec::with_capacity(rules.len());
         for (i, r) in rules.iter().enumerate() {
@@ -48,12 +50,9 @@ impl JwtRules {
             if r.issuer.is_empty() {
                 return Err(at("no issuer".into()));
             }
-            let jwks = match (&r.jwks, &r.jwks_uri) {
-                (Some(doc), _) => Jwks::parse(doc).map_err(at)?,
-                (None, Some(uri)) => {
-                    tracing::warn!(policy = %r.policy, issuer = %r.issuer, "jwksUri {uri} is not fetched yet: tokens of this issuer are refused (401); give the keys inline (jwks)");
-                    Jwks::default()
-                }
+            let (jwks, jwks_uri) = match (&r.jwks, &r.jwks_uri) {
+                (Some(doc), _) => (Jwks::parse(doc).map_err(at)?, None),
+                (None, Some(uri)) => (Jwks::default(), Some(uri.clone())),
                 (None, None) => return Err(at("neither jwks nor jwksUri".into())),
             };
             let mut locations = Vec::new();
@@ -88,7 +87,8 @@ impl JwtRules {
                 policy: r.policy.clone(),
                 issuer: r.issuer.clone(),
                 audiences: r.audiences.clone(),
-                jwks,
+                jwks: std::sync::Arc::new(jwks),
+                jwks_uri,
                 locations,
                 forward_original_token: r.forward_original_token,
                 output_payload_to_header,
@@ -105,11 +105,12 @@ impl JwtRules {
     /// Authenticates a request: `Ok(None)` without a token, `Ok(Some(claims))` with a valid
     /// one (the token is then removed unless `forwardOriginalToken`, and the payload and
     /// claims are copied to headers as the rule says), `Err` with one that is not valid.
-    pub fn authenticate(
+    pub async fn authenticate(
         &self,
         headers: &mut HeaderMap,
         query: Option<&str>,
         now: u64,
+        cache: &JwksCache,
     ) -> Result<Option<Claims>, (JwtError, Option<&str>)> {
         let mut found = None;
         'rules: for r in &self.0 {
@@ -127,8 +128,25 @@ impl JwtRules {
         let Some(rule) = self.0.iter().find(|r| r.issuer == issuer) else {
             return Err((JwtError::UnknownIssuer, None));
         };
-        let claims = jwt::verify(&token, &rule.jwks, &rule.issuer, &rule.audiences, now)
-            .map_err(|e| (e, Some(rule.policy.as_str())))?;
+        let keys = match &rule.jwks_uri {
+            None => std::sync::Arc::clone(&rule.jwks),
+            Some(uri) => match cache.get(uri) {
+                Some(k) => k,
+                None => cache
+                    .refresh(uri, JWKS_MIN_REFETCH)
+                    .await
+                    .unwrap_or_default(),
+            },
+        };
+        let mut result = jwt::verify(&token, &keys, &rule.issuer, &rule.audiences, now);
+        if let (Err(JwtError::UnknownKey(_)), Some(uri)) = (&result, &rule.jwks_uri) {
+            // A key the cached set lacks: the issuer may have rotated. Fetch again (at
+            // most every few seconds) and try once more.
+            if let Some(keys) = cache.refresh(uri, JWKS_MIN_REFETCH).await {
+                result = jwt::verify(&token, &keys, &rule.issuer, &rule.audiences, now);
+            }
+        }
+        let claims = result.map_err(|e| (e, Some(rule.policy.as_str())))?;
         if !rule.forward_original_token {
             if let Location::Header(name, _) = &location {
                 headers.remove(name);
@@ -179,4 +197,199 @@ fn find(l: &Location, headers: &HeaderMap, query: Option<&str>) -> Option<String
                 (k == c && !v.is_empty()).then(|| v.to_string())
             }),
     }
+}
+
+/// JWKS fetched from `jwksUri`s: the last good document of each URI, refreshed every
+/// [`JWKS_REFRESH`], and at once (at most every [`JWKS_MIN_REFETCH`]) when a token names a
+/// key the cached set lacks. A fetch that fails keeps the keys already held.
+#[derive(Debug, Default)]
+pub struct JwksCache {
+    entries: std::sync::Mutex<std::collections::HashMap<String, Entry>>,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    jwks: std::sync::Arc<Jwks>,
+    fetched: std::time::Instant,
+    tried: std::time::Instant,
+}
+
+/// How often a JWKS is fetched again (Istio's default).
+pub const JWKS_REFRESH: std::time::Duration = std::time::Duration::from_secs(20 * 60);
+/// The least time between two fetches of one URI (a token with an unknown key cannot make
+/// the proxy hammer the issuer).
+pub const JWKS_MIN_REFETCH: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a fetch may take.
+pub const JWKS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl JwksCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Entry>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn get(&self, uri: &str) -> Option<std::sync::Arc<Jwks>> {
+        self.lock().get(uri).map(|e| std::sync::Arc::clone(&e.jwks))
+    }
+
+    /// Fetches `uri` unless it was tried within `min_gap`; the keys held afterwards.
+    pub async fn refresh(
+        &self,
+        uri: &str,
+        min_gap: std::time::Duration,
+    ) -> Option<std::sync::Arc<Jwks>> {
+        let now = std::time::Instant::now();
+        {
+            let mut map = self.lock();
+            if let Some(e) = map.get_mut(uri) {
+                if now.duration_since(e.tried) < min_gap {
+                    return Some(std::sync::Arc::clone(&e.jwks));
+                }
+                e.tried = now;
+            }
+        }
+        match fetch(uri).await {
+            Ok(jwks) => {
+                let jwks = std::sync::Arc::new(jwks);
+                tracing::info!(uri, keys = jwks.keys.len(), "JWKS fetched");
+                self.lock().insert(
+                    uri.to_string(),
+                    Entry {
+                        jwks: std::sync::Arc::clone(&jwks),
+                        fetched: now,
+                        tried: now,
+                    },
+                );
+                Some(jwks)
+            }
+            Err(e) => {
+                tracing::warn!(uri, "JWKS fetch failed, the keys held stay: {e}");
+                let mut map = self.lock();
+                // Remember the try (an empty set until one succeeds).
+                let entry = map.entry(uri.to_string()).or_insert_with(|| Entry {
+                    jwks: std::sync::Arc::new(Jwks::default()),
+                    fetched: now - JWKS_REFRESH,
+                    tried: now,
+                });
+                entry.tried = now;
+                Some(std::sync::Arc::clone(&entry.jwks))
+            }
+        }
+    }
+
+    /// URIs due for their periodic refresh, among `wanted`.
+    fn due(&self, wanted: &[String]) -> Vec<String> {
+        let map = self.lock();
+        wanted
+            .iter()
+            .filter(|u| {
+                map.get(*u)
+                    .is_none_or(|e| e.fetched.elapsed() >= JWKS_REFRESH)
+            })
+            .cloned()
+            .collect()
+    }
+}
+
+impl JwtRules {
+    /// The JWKS URIs of rules without inline keys.
+    pub fn jwks_uris(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.0.iter().filter_map(|r| r.jwks_uri.clone()).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+/// Keeps the JWKS of the current snapshot's rules fetched, until the runtime stops.
+pub async fn keep_jwks_fresh(shared: std::sync::Arc<crate::proxy::Shared>) {
+    loop {
+        let uris = shared.config.load().jwt.jwks_uris();
+        for uri in shared.jwks.due(&uris) {
+            shared.jwks.refresh(&uri, JWKS_MIN_REFETCH).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
+}
+
+/// GETs a JWKS document over HTTP or HTTPS (the system's roots), within [`JWKS_TIMEOUT`].
+pub async fn fetch(uri: &str) -> Result<Jwks, String> {
+    tokio::time::timeout(JWKS_TIMEOUT, fetch_inner(uri))
+        .await
+        .map_err(|_| format!("no answer within {JWKS_TIMEOUT:?}"))?
+}
+
+async fn fetch_inner(uri: &str) -> Result<Jwks, String> {
+    use http_body_util::BodyExt;
+    let parsed: http::Uri = uri.parse().map_err(|e| format!("{uri:?}: {e}"))?;
+    let tls = match parsed.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => return Err(format!("{uri:?}: not an http or https URI")),
+    };
+    let host = parsed.host().ok_or("no host")?.to_string();
+    let port = parsed.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let addr = tokio::net::lookup_host((host.trim_matches(['[', ']']), port))
+        .await
+        .map_err(|e| format!("resolving {host}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{host} resolves to nothing"))?;
+    let stream = crate::sockets::connect(addr, JWKS_TIMEOUT)
+        .await
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    let path = parsed
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let req = http::Request::get(path)
+        .header(
+            http::header::HOST,
+            parsed.authority().map_or(host.as_str(), |a| a.as_str()),
+        )
+        .header(http::header::ACCEPT, "application/json")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let resp = if tls {
+        let roots = std::fs::read_to_string("/etc/ssl/certs/ca-certificates.crt")
+            .map_err(|e| format!("the system's CA bundle: {e}"))?;
+        let config = trellis_identity::tls::client_config(&roots, &[b"http/1.1"])
+            .map_err(|e| e.to_string())?;
+        let name = rustls::pki_types::ServerName::try_from(host.clone())
+            .map_err(|_| format!("{host:?} is not a server name"))?;
+        let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(name, stream)
+            .await
+            .map_err(|e| format!("TLS to {host}: {e}"))?;
+        send(stream, req).await?
+    } else {
+        send(stream, req).await?
+    };
+    if !resp.status().is_success() {
+        return Err(format!("{uri}: HTTP {}", resp.status()));
+    }
+    let body = http_body_util::Limited::new(resp.into_body(), 1 << 20)
+        .collect()
+        .await
+        .map_err(|e| format!("reading the JWKS: {e}"))?
+        .to_bytes();
+    let text = std::str::from_utf8(&body).map_err(|_| "the JWKS is not UTF-8")?;
+    Jwks::parse(text)
+}
+
+async fn send<S>(
+    stream: S,
+    req: http::Request<http_body_util::Empty<bytes::Bytes>>,
+) -> Result<http::Response<hyper::body::Incoming>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    sender.send_request(req).await.map_err(|e| e.to_string())
 }

@@ -37,6 +37,8 @@ pub struct Shared {
     pub mirrors_in_flight: std::sync::atomic::AtomicUsize,
     /// The workload certificate, once the CA has issued one (see `identity`).
     pub credentials: Arc<trellis_identity::tls::Credentials>,
+    /// JWKS fetched from RequestAuthentication `jwksUri`s.
+    pub jwks: crate::authn::JwksCache,
     /// The mesh mTLS server configuration, and the trust bundle it was made for.
     mesh_server: Mutex<Option<(Arc<rustls::RootCertStore>, Arc<rustls::ServerConfig>)>>,
 }
@@ -110,6 +112,7 @@ impl Shared {
             mirrors_in_flight: std::sync::atomic::AtomicUsize::new(0),
             credentials: Arc::default(),
             mesh_server: Mutex::new(None),
+            jwks: crate::authn::JwksCache::default(),
         })
     }
 
@@ -368,6 +371,8 @@ pub async fn start(config: Config, opts: ProxyOptions) -> io::Result<ProxyHandle
         tracing::info!("listening on {addr} ({kind:?})");
         tokio::spawn(listener::accept_loop(l, kind, Arc::clone(&shared), stop));
     }
+    // RequestAuthentication keys from jwksUris: fetched before they are needed, refreshed.
+    tokio::spawn(crate::authn::keep_jwks_fresh(Arc::clone(&shared)));
     Ok(ProxyHandle {
         shared,
         outbound_addrs,

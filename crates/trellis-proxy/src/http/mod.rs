@@ -728,10 +728,11 @@ async fn inbound(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let query = req.uri().query().map(str::to_string);
-        match cfg
+        let authenticated = cfg
             .jwt
-            .authenticate(req.headers_mut(), query.as_deref(), now)
-        {
+            .authenticate(req.headers_mut(), query.as_deref(), now, &shared.jwks)
+            .await;
+        match authenticated {
             Ok(c) => claims = c,
             Err((e, policy)) => {
                 Stats::inc(&shared.stats.jwt_rejections_total);
