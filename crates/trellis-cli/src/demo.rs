@@ -87,10 +87,11 @@ pub fn run() -> anyhow::Result<ExitCode> {
          Where would jason's request to reviews go?\n  \
          target/release/trellis explain examples/bookinfo --host reviews -n bookinfo -H 'end-user: jason'\n\n\
          Built so far: the sidecar and gateway proxy (`trellis-proxy`, docs/proxy.md,\n\
-         docs/gateways.md) and the control plane that feeds it (`trellis control-plane`,\n\
-         docs/control-plane.md). Not yet: `trellis up` (pods in network namespaces with\n\
-         transparent sidecars, started by this demo), mutual TLS and telemetry.\n\
-         See README.md, Status."
+         docs/gateways.md), the control plane that feeds it (`trellis control-plane`,\n\
+         docs/control-plane.md), and mutual TLS, PeerAuthentication, AuthorizationPolicy\n\
+         and JWTs between proxies (docs/security.md). Not yet: `trellis up` (pods in\n\
+         network namespaces with transparent sidecars, started by this demo) and\n\
+         telemetry. See README.md, Status."
     );
     Ok(if messages.iter().any(|m| m.level == Level::Error) {
         ExitCode::from(2)
