@@ -704,7 +704,12 @@ async fn request_authentication_checks_jwts_and_authorization_reads_their_claims
     .expect("response");
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-echo-h-x-jwt-sub"), Some("alice"));
-    assert!(r.header("x-echo-h-x-jwt-payload").is_some());
+    // The payload, as the token carried it (base64url JSON).
+    let payload = r.header("x-echo-h-x-jwt-payload").expect("payload header");
+    let payload = trellis_policy::jwt::b64url_decode(payload).expect("base64url");
+    let payload: serde_json::Value = serde_json::from_slice(&payload).expect("json");
+    assert_eq!(payload["sub"], "alice");
+    assert_eq!(payload["groups"][1], "admins");
     assert_eq!(
         r.header("x-echo-h-authorization"),
         None,

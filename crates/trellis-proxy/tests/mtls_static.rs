@@ -108,6 +108,14 @@ async fn two_binaries_speak_mtls_with_certificates_from_files() {
 
     let app = HttpServer::start().await.expect("app");
     let (inbound, outbound, wrong) = (free_port(), free_port(), free_port());
+    // A client whose certificate comes from another CA (it trusts the mesh's root, so it
+    // would accept the server; the server must refuse it).
+    let stranger_port = free_port();
+    let other_ca_dir = dir.path().join("other-ca");
+    let other_ca = Ca::load_or_create(&other_ca_dir, "cluster.local").expect("other ca");
+    let other_tokens = Tokens::load_or_create(&other_ca_dir).expect("tokens");
+    let stranger = dir.path().join("stranger");
+    certify(&other_ca, &other_tokens, "web", "web", &stranger);
     let root = serde_json::to_string(ca.root_pem()).expect("json");
     let in_yaml = dir.path().join("in.yaml");
     std::fs::write(
@@ -153,7 +161,14 @@ async fn two_binaries_speak_mtls_with_certificates_from_files() {
         &web,
         &dir.path().join("w.log"),
     );
-    for p in [inbound, outbound, wrong] {
+    let stranger_listen = format!("127.0.0.1:{stranger_port}=app.shop:80");
+    let _stranger = proxy(
+        &good,
+        &["--outbound-listen", &stranger_listen],
+        &stranger,
+        &dir.path().join("s.log"),
+    );
+    for p in [inbound, outbound, wrong, stranger_port] {
         wait_port(p);
     }
     let curl = |url: String| tokio::task::spawn_blocking(move || curl(&url));
@@ -178,6 +193,11 @@ async fn two_binaries_speak_mtls_with_certificates_from_files() {
         .await
         .expect("curl");
     assert_eq!(status, "503");
+    // A client certificate from another CA: the inbound proxy refuses the handshake.
+    let (status, _) = curl(format!("http://127.0.0.1:{stranger_port}/echo"))
+        .await
+        .expect("curl");
+    assert_eq!(status, "503");
     // The snapshot's DENY policy: its second rule matches; 403, and a log line that names
     // the policy and the rule.
     let (status, _) = curl(format!("http://127.0.0.1:{outbound}/status/201"))
@@ -187,6 +207,12 @@ async fn two_binaries_speak_mtls_with_certificates_from_files() {
     let _ = in_proxy.0.kill();
     let _ = in_proxy.0.wait();
     let log = std::fs::read_to_string(&in_log).expect("log");
+    // The other CA's client was refused by the inbound proxy itself, and said why.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("mTLS handshake from") && l.contains("failed")),
+        "{log}"
+    );
     let line = log
         .lines()
         .find(|l| l.contains("RBAC: access denied"))
