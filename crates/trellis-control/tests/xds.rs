@@ -224,7 +224,11 @@ spec:
   - route: [{destination: {host: reviews, subset: v2}}]
 "#;
     let Mesh {
-        v1, v2, xds_addr, ..
+        v1,
+        v2,
+        xds_addr,
+        store,
+        ..
     } = mesh(&format!("{SERVICES}\n---\n{gateway}")).await;
 
     // A gateway-mode proxy: its listener is given up front, its servers come over xDS.
@@ -275,4 +279,38 @@ spec:
         "the VirtualService sends everything to v2"
     );
     assert_eq!(v1.stats().requests(), 0);
+
+    // Policies that select the gateway's workload apply at the gateway: a DENY on a path,
+    // and a RequestAuthentication whose tokens must verify (a bad one: 401).
+    for r in parse(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: gateways}\nspec:\n  selector: {matchLabels: {istio: ingressgateway}}\n  action: DENY\n  rules: [{to: [{operation: {paths: [\"/admin/*\"]}}]}]\n---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: gateways}\nspec:\n  selector: {matchLabels: {istio: ingressgateway}}\n  jwtRules:\n  - issuer: https://issuer.example\n    jwks: '{\"keys\": [{\"kty\": \"OKP\", \"crv\": \"Ed25519\", \"kid\": \"k\", \"x\": \"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo\"}]}'\n",
+    ) {
+        store.apply(r);
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || !proxy.config().authz.is_empty()
+            && !proxy.config().jwt.is_empty())
+        .await
+    );
+    let get = |path: &'static str, auth: Option<&'static str>| async move {
+        let mut c = trellis_testkit::http_client::HttpClient::http1(addr)
+            .await
+            .expect("connect");
+        let mut req = c.request(http::Method::GET, "shop.example.com", path);
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let req = req
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("request");
+        c.send(req).await.expect("response").status.as_u16()
+    };
+    assert_eq!(get("/admin/users", None).await, 403);
+    assert_eq!(get("/bytes/2", None).await, 200);
+    assert_eq!(get("/bytes/2", Some("Bearer not.a.token")).await, 401);
+    assert_eq!(
+        v2.stats().requests(),
+        6,
+        "refused requests never reach the service"
+    );
 }

@@ -622,6 +622,11 @@ async fn gateway(
             format!("no gateway server on port {port} in the current configuration"),
         );
     };
+    // The gateway's own RequestAuthentications and AuthorizationPolicies (those that
+    // select its workload), before any routing.
+    if let Some(refused) = admission(shared, cfg, ds, port, None, &mut req).await {
+        return refused;
+    }
     let authority = req
         .uri()
         .authority()
@@ -714,14 +719,17 @@ fn authority_without_port(a: &str) -> &str {
     }
 }
 
-async fn inbound(
+/// RequestAuthentication, then AuthorizationPolicy, for a request arriving on `port`
+/// (inbound to the workload, or at a gateway): `Some(response)` when it is refused (401
+/// for a JWT that does not verify, 403 for an authorization denial).
+async fn admission(
     shared: &Shared,
     cfg: &Config,
     ds: Downstream,
     port: u16,
     peer_id: Option<&str>,
-    mut req: Request<ReqBody>,
-) -> Response<ProxyBody> {
+    req: &mut Request<ReqBody>,
+) -> Option<Response<ProxyBody>> {
     let mut claims = None;
     if !cfg.jwt.is_empty() {
         let now = std::time::SystemTime::now()
@@ -747,7 +755,7 @@ async fn inbound(
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer realm=\"trellis\", error=\"invalid_token\""),
                 );
-                return resp;
+                return Some(resp);
             }
         }
     }
@@ -779,12 +787,26 @@ async fn inbound(
             Some(http),
             claims.as_ref(),
         ) {
-            return local_reply(
+            return Some(local_reply(
                 StatusCode::FORBIDDEN,
                 "RBAC",
                 "RBAC: access denied".to_string(),
-            );
+            ));
         }
+    }
+    None
+}
+
+async fn inbound(
+    shared: &Shared,
+    cfg: &Config,
+    ds: Downstream,
+    port: u16,
+    peer_id: Option<&str>,
+    mut req: Request<ReqBody>,
+) -> Response<ProxyBody> {
+    if let Some(refused) = admission(shared, cfg, ds, port, peer_id, &mut req).await {
+        return refused;
     }
     let declared = cfg.inbound_port(port);
     if let Some(bucket) = &declared.rate_limit {
