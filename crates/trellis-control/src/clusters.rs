@@ -39,6 +39,7 @@ struct Effective<'a> {
     load_balancer: Option<&'a LoadBalancerSettings>,
     connection_pool: Option<&'a ConnectionPoolSettings>,
     outlier_detection: Option<&'a OutlierDetection>,
+    tls: Option<&'a trellis_api::networking::ClientTlsSettings>,
 }
 
 impl<'a> Effective<'a> {
@@ -48,6 +49,7 @@ impl<'a> Effective<'a> {
         self.load_balancer = p.load_balancer.as_ref().or(self.load_balancer);
         self.connection_pool = p.connection_pool.as_ref().or(self.connection_pool);
         self.outlier_detection = p.outlier_detection.as_ref().or(self.outlier_detection);
+        self.tls = p.tls.as_ref().or(self.tls);
         if let Some(pl) = p
             .port_level_settings
             .iter()
@@ -56,6 +58,7 @@ impl<'a> Effective<'a> {
             self.load_balancer = pl.load_balancer.as_ref().or(self.load_balancer);
             self.connection_pool = pl.connection_pool.as_ref().or(self.connection_pool);
             self.outlier_detection = pl.outlier_detection.as_ref().or(self.outlier_detection);
+            self.tls = pl.tls.as_ref().or(self.tls);
         }
         self
     }
@@ -71,6 +74,24 @@ fn non_negative(v: Option<i32>) -> Option<u32> {
 
 /// Fills a cluster's policy fields from the merged policy.
 fn apply(c: &mut wire::Cluster, e: &Effective<'_>) {
+    if let Some(t) = e.tls {
+        use trellis_api::networking::ClientTlsMode as M;
+        c.tls = Some(wire::ClientTls {
+            mode: match t.mode.unwrap_or(M::Disable) {
+                M::Disable => wire::ClientTlsMode::TlsDisable,
+                M::Simple => wire::ClientTlsMode::TlsSimple,
+                M::Mutual => wire::ClientTlsMode::TlsMutual,
+                M::IstioMutual => wire::ClientTlsMode::TlsIstioMutual,
+            } as i32,
+            ca_certificates: t.ca_certificates.clone(),
+            client_certificate: t.client_certificate.clone(),
+            private_key: t.private_key.clone(),
+            credential_name: t.credential_name.clone(),
+            sni: t.sni.clone(),
+            subject_alt_names: t.subject_alt_names.clone(),
+            insecure_skip_verify: t.insecure_skip_verify.unwrap_or(false),
+        });
+    }
     if let Some(lb) = e.load_balancer {
         match lb.simple {
             Some(SimpleLb::LeastRequest | SimpleLb::LeastConn) => {

@@ -372,3 +372,178 @@ pub fn mesh_server_config(
     c.alpn_protocols = MESH_ALPNS.iter().map(|p| p.to_vec()).collect();
     Ok(c)
 }
+
+/// Accepts any server certificate (DestinationRule `insecureSkipVerify`); the handshake's
+/// signatures are still checked.
+#[derive(Debug)]
+struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Checks the chain against the roots, then that the certificate carries one of `names`
+/// (DestinationRule `subjectAltNames`) instead of the SNI.
+#[derive(Debug)]
+struct AltNames {
+    roots: Arc<RootCertStore>,
+    names: Vec<rustls::pki_types::ServerName<'static>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for AltNames {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        let mut last = None;
+        for n in &self.names {
+            match rustls::client::verify_server_name(&cert, n) {
+                Ok(()) => return Ok(rustls::client::danger::ServerCertVerified::assertion()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(rustls::Error::General("no subjectAltNames".into())))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A client for TLS origination to a service outside the mesh (DestinationRule SIMPLE or
+/// MUTUAL): TLS 1.2 or 1.3, the server checked against `roots_pem` by the SNI name, or by
+/// one of `alt_names` when given (or not at all with `insecure`), presenting `client`
+/// (chain PEM, PKCS#8 key PEM) for MUTUAL.
+pub fn origination_config(
+    roots_pem: &str,
+    client: Option<(&str, &str)>,
+    alt_names: &[String],
+    insecure: bool,
+    alpn: &[&[u8]],
+) -> Result<ClientConfig, CaError> {
+    let provider = provider();
+    let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(cert_err)?;
+    let builder = if insecure {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerification(Arc::clone(&provider))))
+    } else if alt_names.is_empty() {
+        builder.with_root_certificates(roots(roots_pem)?)
+    } else {
+        let names = alt_names
+            .iter()
+            .map(|n| {
+                rustls::pki_types::ServerName::try_from(n.clone())
+                    .map_err(|_| cert_err(format!("subjectAltNames: {n:?} is not a name")))
+            })
+            .collect::<Result<_, _>>()?;
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AltNames {
+                roots: Arc::new(roots(roots_pem)?),
+                names,
+                provider: Arc::clone(&provider),
+            }))
+    };
+    let mut c = match client {
+        None => builder.with_no_client_auth(),
+        Some((chain, key)) => {
+            let certs = CertificateDer::pem_slice_iter(chain.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| cert_err(format!("client certificate: {e}")))?;
+            let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
+                .map_err(|e| cert_err(format!("private key: {e}")))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| cert_err(format!("client certificate: {e}")))?
+        }
+    };
+    c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(c)
+}

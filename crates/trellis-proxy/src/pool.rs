@@ -140,6 +140,48 @@ pub async fn mesh_connect(
     Ok(stream)
 }
 
+/// TLS to an upstream: mesh mutual TLS to a peer proxy, or origination to a service
+/// outside the mesh (DestinationRule SIMPLE or MUTUAL).
+#[derive(Debug, Clone, Copy)]
+pub enum UpTls<'a> {
+    Mesh(MeshTls<'a>),
+    Origin(&'a crate::config::Origination),
+}
+
+impl UpTls<'_> {
+    /// Connections of different kinds never share a pool.
+    fn kind(tls: Option<&UpTls<'_>>) -> u8 {
+        match tls {
+            None => 0,
+            Some(UpTls::Mesh(_)) => 1,
+            Some(UpTls::Origin(_)) => 2,
+        }
+    }
+}
+
+/// TLS over `stream` to `addr`: mesh mTLS agreeing on `mesh_alpn`, or origination.
+pub async fn tls_connect(
+    stream: tokio::net::TcpStream,
+    addr: SocketAddr,
+    dial: Dial,
+    tls: UpTls<'_>,
+    mesh_alpn: &[u8],
+) -> io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    match tls {
+        UpTls::Mesh(m) => mesh_connect(stream, addr, dial, m, mesh_alpn).await,
+        UpTls::Origin(o) => {
+            let connect = tokio_rustls::TlsConnector::from(Arc::clone(&o.config))
+                .connect(o.sni.clone(), stream);
+            tokio::time::timeout(dial.timeout, connect)
+                .await
+                .map_err(|_| {
+                    io::Error::other(format!("TLS: no handshake within {:?}", dial.timeout))
+                })?
+                .map_err(|e| io::Error::other(format!("TLS to {:?}: {e}", o.sni)))
+        }
+    }
+}
+
 /// All upstream connections of a proxy. Lives across snapshot swaps.
 #[derive(Default)]
 pub struct Pools {
@@ -147,10 +189,10 @@ pub struct Pools {
     fast: Mutex<HashMap<SocketAddr, Vec<h1::Conn>>>,
     /// hyper's HTTP/1.1 connections (streaming request bodies; anything to a peer proxy
     /// over mutual TLS), by address and whether over mTLS.
-    h1: Mutex<HashMap<(SocketAddr, bool), Vec<Idle>>>,
+    h1: Mutex<HashMap<(SocketAddr, u8), Vec<Idle>>>,
     /// By address, and whether over mutual TLS (a peer's connections made before this
     /// proxy had its certificate are not mixed with those made after).
-    h2: Mutex<HashMap<(SocketAddr, bool), H2Slot>>,
+    h2: Mutex<HashMap<(SocketAddr, u8), H2Slot>>,
 }
 
 /// Mutual TLS to a peer proxy, borrowed from the request's snapshot and the proxy's
@@ -180,7 +222,7 @@ impl Pools {
 
     fn take_idle(
         &self,
-        key: (SocketAddr, bool),
+        key: (SocketAddr, u8),
         idle_timeout: Duration,
     ) -> Option<(http1::SendRequest<ReqBody>, u32)> {
         let mut map = self.h1.lock().unwrap_or_else(PoisonError::into_inner);
@@ -197,7 +239,7 @@ impl Pools {
     /// `max_uses` requests (DestinationRule `maxRequestsPerConnection`).
     fn give_back(
         &self,
-        key: (SocketAddr, bool),
+        key: (SocketAddr, u8),
         sender: http1::SendRequest<ReqBody>,
         uses: u32,
         max_uses: Option<u32>,
@@ -280,7 +322,7 @@ impl Pools {
     pub async fn connect_h1(
         addr: SocketAddr,
         dial: Dial,
-        tls: Option<MeshTls<'_>>,
+        tls: Option<UpTls<'_>>,
     ) -> Result<http1::SendRequest<ReqBody>, UpstreamError> {
         let stream = sockets::connect_with(addr, dial)
             .await
@@ -289,7 +331,7 @@ impl Pools {
             None => Self::handshake_h1(addr, stream).await,
             Some(t) => {
                 let alpn = trellis_identity::tls::ALPN_MESH_HTTP1;
-                let stream = mesh_connect(stream, addr, dial, t, alpn)
+                let stream = tls_connect(stream, addr, dial, t, alpn)
                     .await
                     .map_err(|source| UpstreamError::Connect { addr, source })?;
                 Self::handshake_h1(addr, stream).await
@@ -331,10 +373,10 @@ impl Pools {
         dial: Dial,
         idle_timeout: Duration,
         max_uses: Option<u32>,
-        tls: Option<MeshTls<'_>>,
+        tls: Option<UpTls<'_>>,
         mut req: Request<ReqBody>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        let key = (addr, tls.is_some());
+        let key = (addr, UpTls::kind(tls.as_ref()));
         // A request that was never written goes again: on another pooled connection once,
         // then on a fresh one, which ends the loop whatever happens.
         let mut pooled_tries = 0;
@@ -396,7 +438,7 @@ impl Pools {
     async fn connect_h2(
         addr: SocketAddr,
         dial: Dial,
-        tls: Option<MeshTls<'_>>,
+        tls: Option<UpTls<'_>>,
     ) -> Result<(h2::client::SendRequest<Bytes>, Arc<AtomicBool>), UpstreamError> {
         let stream = sockets::connect_with(addr, dial)
             .await
@@ -404,7 +446,7 @@ impl Pools {
         let Some(tls) = tls else {
             return Self::handshake_h2(addr, stream).await;
         };
-        let stream = mesh_connect(stream, addr, dial, tls, trellis_identity::tls::ALPN_MESH_H2)
+        let stream = tls_connect(stream, addr, dial, tls, trellis_identity::tls::ALPN_MESH_H2)
             .await
             .map_err(|source| UpstreamError::Connect { addr, source })?;
         Self::handshake_h2(addr, stream).await
@@ -456,12 +498,12 @@ impl Pools {
         addr: SocketAddr,
         dial: Dial,
         max_streams: Option<u32>,
-        tls: Option<MeshTls<'_>>,
+        tls: Option<UpTls<'_>>,
         fresh: bool,
     ) -> Result<(h2::client::SendRequest<Bytes>, StreamGuard), UpstreamError> {
         let slot = {
             let mut map = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
-            Arc::clone(map.entry((addr, tls.is_some())).or_default())
+            Arc::clone(map.entry((addr, UpTls::kind(tls.as_ref()))).or_default())
         };
         if !fresh {
             if let Ok(mut conns) = slot.try_lock() {
@@ -498,7 +540,7 @@ impl Pools {
         addr: SocketAddr,
         dial: Dial,
         max_streams: Option<u32>,
-        tls: Option<MeshTls<'_>>,
+        tls: Option<UpTls<'_>>,
         head: Request<()>,
         body: ReqBody,
     ) -> Result<Response<H2Body>, UpstreamError> {
@@ -599,7 +641,7 @@ impl h1::Recycle for Pools {
 
 struct Return {
     pools: Arc<Pools>,
-    key: (SocketAddr, bool),
+    key: (SocketAddr, u8),
     sender: http1::SendRequest<ReqBody>,
     /// Requests the connection has carried, this one included.
     uses: u32,

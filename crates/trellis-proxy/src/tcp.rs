@@ -106,15 +106,8 @@ pub async fn forward_route(
         return;
     };
     // To a peer proxy: over mutual TLS once this proxy has its certificate (unless the
-    // peer takes plaintext only).
-    let tls = shared
-        .mesh_tls(cfg)
-        .filter(|_| ep.proxied && !ep.plaintext)
-        .map(|(creds, roots)| crate::pool::MeshTls {
-            creds,
-            roots,
-            expected: ep.identity.as_deref(),
-        });
+    // peer takes plaintext only); or as the DestinationRule's tls says.
+    let tls = crate::http::upstream_tls(cluster, ep, shared.mesh_tls(cfg));
     forward_tls(stream, ep.addr, cluster.dial(), shared, Some(ep), tls).await;
 }
 
@@ -252,7 +245,7 @@ pub async fn forward_tls<D>(
     dial: impl Into<sockets::Dial>,
     shared: &Shared,
     ep: Option<&Endpoint>,
-    tls: Option<crate::pool::MeshTls<'_>>,
+    tls: Option<crate::pool::UpTls<'_>>,
 ) where
     D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -278,7 +271,7 @@ pub async fn forward_tls<D>(
     let copied = match tls {
         None => tokio::io::copy_bidirectional(&mut down, &mut up).await,
         Some(t) => {
-            let mut up = match crate::pool::mesh_connect(up, to, dial, t, ALPN_MESH_TCP).await {
+            let mut up = match crate::pool::tls_connect(up, to, dial, t, ALPN_MESH_TCP).await {
                 Ok(s) => s,
                 Err(e) => return failed(&e),
             };

@@ -525,6 +525,69 @@ pub struct AuthzCondition {
     pub not_values: Vec<String>,
 }
 
+/// DestinationRule `trafficPolicy.tls`, for a cluster.
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientTls {
+    #[prost(enumeration = "ClientTlsMode", tag = "1")]
+    #[serde(default, with = "client_tls_mode")]
+    pub mode: i32,
+    /// PEM files: the roots to verify the server with (SIMPLE, MUTUAL; unset: the
+    /// system's), and the client's certificate chain and key (MUTUAL).
+    #[prost(string, optional, tag = "2")]
+    #[serde(default)]
+    pub ca_certificates: Option<String>,
+    #[prost(string, optional, tag = "3")]
+    #[serde(default)]
+    pub client_certificate: Option<String>,
+    #[prost(string, optional, tag = "4")]
+    #[serde(default)]
+    pub private_key: Option<String>,
+    /// Or a credential in <credentials dir>/<name>/ (tls.crt, tls.key, ca.crt).
+    #[prost(string, optional, tag = "5")]
+    #[serde(default)]
+    pub credential_name: Option<String>,
+    /// The name sent as SNI and checked in the server's certificate (unset: the host).
+    #[prost(string, optional, tag = "6")]
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// Names the server's certificate may have instead (any of them).
+    #[prost(string, repeated, tag = "7")]
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+    #[prost(bool, tag = "8")]
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum ClientTlsMode {
+    TlsDisable = 0,
+    TlsSimple = 1,
+    TlsMutual = 2,
+    TlsIstioMutual = 3,
+}
+
+impl ClientTlsMode {
+    pub const ALL: [ClientTlsMode; 4] = [
+        ClientTlsMode::TlsDisable,
+        ClientTlsMode::TlsSimple,
+        ClientTlsMode::TlsMutual,
+        ClientTlsMode::TlsIstioMutual,
+    ];
+
+    /// The name in YAML (Istio's: DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL).
+    pub fn name(self) -> &'static str {
+        match self {
+            ClientTlsMode::TlsDisable => "DISABLE",
+            ClientTlsMode::TlsSimple => "SIMPLE",
+            ClientTlsMode::TlsMutual => "MUTUAL",
+            ClientTlsMode::TlsIstioMutual => "ISTIO_MUTUAL",
+        }
+    }
+}
+
 /// Inbound mutual TLS (PeerAuthentication's modes; UNSET is resolved before it gets here).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
 #[repr(i32)]
@@ -1054,6 +1117,11 @@ pub struct Cluster {
     #[prost(bool, tag = "14")]
     #[serde(default)]
     pub keep_client_protocol: bool,
+    /// DestinationRule trafficPolicy.tls: how to speak TLS to the endpoints (unset: auto
+    /// mTLS to peer proxies, plaintext to the rest).
+    #[prost(message, optional, tag = "15")]
+    #[serde(default)]
+    pub tls: Option<ClientTls>,
 }
 
 #[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
@@ -1523,6 +1591,7 @@ named_module!(server_tls_mode, ServerTlsMode, ServerTlsMode::ALL);
 named_module!(discovery, Discovery, Discovery::ALL);
 named_module!(peer_mtls, PeerMtls, PeerMtls::ALL);
 named_module!(authz_action, AuthzAction, AuthzAction::ALL);
+named_module!(client_tls_mode, ClientTlsMode, ClientTlsMode::ALL);
 named_module!(load_balancer, LoadBalancer, LoadBalancer::ALL);
 named_module!(
     outbound_policy,

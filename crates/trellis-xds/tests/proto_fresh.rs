@@ -233,6 +233,16 @@ fn full() -> Snapshot {
         }],
         clusters: vec![Cluster {
             name: "c".into(),
+            tls: Some(ClientTls {
+                mode: ClientTlsMode::TlsMutual as i32,
+                ca_certificates: Some("/ca.pem".into()),
+                client_certificate: Some("/c.pem".into()),
+                private_key: Some("/k.pem".into()),
+                credential_name: Some("cred".into()),
+                sni: Some("api.example.com".into()),
+                subject_alt_names: vec!["api.example.com".into()],
+                insecure_skip_verify: true,
+            }),
             endpoints: vec![Endpoint {
                 plaintext: true,
                 address: "10.0.0.2:80".into(),

@@ -140,6 +140,8 @@ pub struct Cluster {
     pub max_concurrent_streams: Option<u32>,
     /// To peer proxies, HTTP in the client's own protocol instead of HTTP/2.
     pub keep_client_protocol: bool,
+    /// DestinationRule `trafficPolicy.tls` (Auto without one).
+    pub upstream_tls: UpstreamTls,
     next: AtomicUsize,
 }
 
@@ -624,6 +626,35 @@ impl Cluster {
     }
 }
 
+/// How a cluster's endpoints are spoken to over TLS.
+#[derive(Debug, Clone, Default)]
+pub enum UpstreamTls {
+    /// Mesh mTLS to peer proxies that take it, plaintext to the rest.
+    #[default]
+    Auto,
+    /// DestinationRule DISABLE: never TLS.
+    Disable,
+    /// DestinationRule ISTIO_MUTUAL: mesh mTLS to every endpoint.
+    IstioMutual,
+    /// DestinationRule SIMPLE or MUTUAL: TLS origination.
+    Origin(Arc<Origination>),
+}
+
+/// TLS origination to a service outside the mesh.
+pub struct Origination {
+    pub config: Arc<rustls::ClientConfig>,
+    /// Sent as SNI (and checked in the certificate unless subjectAltNames say otherwise).
+    pub sni: rustls::pki_types::ServerName<'static>,
+}
+
+impl std::fmt::Debug for Origination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Origination")
+            .field("sni", &self.sni)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Cluster {
     /// Converts one wire cluster; `old_stats` lends counters to endpoints still there.
     pub(super) fn from_wire(
@@ -835,6 +866,7 @@ impl Cluster {
                 .and_then(|cb| cb.max_requests_per_connection)
                 .filter(|n| *n > 0),
             keep_client_protocol: c.keep_client_protocol,
+            upstream_tls: UpstreamTls::Auto,
             max_concurrent_streams: c
                 .circuit_breakers
                 .as_ref()

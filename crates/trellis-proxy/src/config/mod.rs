@@ -182,6 +182,79 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+/// The system's CA bundle (Debian's path), for TLS origination without `caCertificates`.
+const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// A cluster's DestinationRule `tls`: files read and the client configuration built here,
+/// so that a missing or bad file refuses the snapshot with the path.
+fn upstream_tls(
+    res: &str,
+    cluster: &str,
+    t: &wire::ClientTls,
+    env: &LoadEnv,
+) -> Result<UpstreamTls, ConfigError> {
+    let mode = wire::ClientTlsMode::try_from(t.mode)
+        .map_err(|_| bad(res, format!("unknown mode {}", t.mode)))?;
+    let mutual = match mode {
+        wire::ClientTlsMode::TlsDisable => return Ok(UpstreamTls::Disable),
+        wire::ClientTlsMode::TlsIstioMutual => return Ok(UpstreamTls::IstioMutual),
+        wire::ClientTlsMode::TlsSimple => false,
+        wire::ClientTlsMode::TlsMutual => true,
+    };
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path).map_err(|e| bad(res, format!("{}: {e}", path.display())))
+    };
+    let cred = t
+        .credential_name
+        .as_ref()
+        .map(|n| env.credentials_dir.join(n));
+    let roots = match (&t.ca_certificates, &cred) {
+        (Some(p), _) => read(std::path::Path::new(p))?,
+        (None, Some(dir)) if dir.join("ca.crt").exists() => read(&dir.join("ca.crt"))?,
+        _ if t.insecure_skip_verify => String::new(),
+        _ => read(std::path::Path::new(SYSTEM_ROOTS))?,
+    };
+    let client = if mutual {
+        let (chain, key) = match (&t.client_certificate, &t.private_key, &cred) {
+            (Some(c), Some(k), _) => (
+                read(std::path::Path::new(c))?,
+                read(std::path::Path::new(k))?,
+            ),
+            (_, _, Some(dir)) => (read(&dir.join("tls.crt"))?, read(&dir.join("tls.key"))?),
+            _ => {
+                return Err(bad(
+                    res,
+                    "MUTUAL needs clientCertificate and privateKey, or credentialName",
+                ));
+            }
+        };
+        Some((chain, key))
+    } else {
+        None
+    };
+    // SNI: as given, else the cluster's host (`outbound|443||api.example.com`).
+    let host = t
+        .sni
+        .clone()
+        .or_else(|| cluster.split('|').nth(3).map(str::to_string))
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| bad(res, "no sni, and the cluster name names no host"))?;
+    let sni = rustls::pki_types::ServerName::try_from(host.clone())
+        .map_err(|_| bad(res, format!("sni {host:?} is not a DNS name or IP address")))?;
+    let config = trellis_identity::tls::origination_config(
+        &roots,
+        client.as_ref().map(|(c, k)| (c.as_str(), k.as_str())),
+        &t.subject_alt_names,
+        t.insecure_skip_verify,
+        &[],
+    )
+    .map_err(|e| bad(res, e.to_string()))?;
+    Ok(UpstreamTls::Origin(Arc::new(Origination {
+        config: Arc::new(config),
+        sni,
+    })))
+}
+
 /// The workload's AuthorizationPolicies, compiled; a bad one refuses the snapshot, naming it.
 fn authz_policies(
     list: &[wire::AuthzPolicy],
@@ -372,14 +445,19 @@ impl Config {
 
         let mut clusters: HashMap<&str, Arc<Cluster>> = HashMap::new();
         for (i, c) in raw.clusters.iter().enumerate() {
-            let cluster = Arc::new(Cluster::from_wire(
+            let mut cluster = Cluster::from_wire(
                 i,
                 c,
                 default_connect,
                 &old_stats,
                 &dns,
                 raw.workload.as_ref().and_then(|w| w.locality.as_deref()),
-            )?);
+            )?;
+            if let Some(t) = &c.tls {
+                let res = format!("clusters[{i}] {:?} tls", c.name);
+                cluster.upstream_tls = upstream_tls(&res, &c.name, t, env)?;
+            }
+            let cluster = Arc::new(cluster);
             let res = format!("clusters[{i}] {:?}", c.name);
             if clusters.insert(c.name.as_str(), cluster).is_some() {
                 return Err(bad(res, "duplicate cluster name"));

@@ -87,8 +87,8 @@ struct Upstream<'a> {
     /// DestinationRule `maxConcurrentStreams` (HTTP/2 connections).
     max_streams: Option<u32>,
     endpoint: Option<&'a Endpoint>,
-    /// Mutual TLS to a peer proxy.
-    tls: Option<crate::pool::MeshTls<'a>>,
+    /// TLS: mutual TLS to a peer proxy, or origination (DestinationRule tls).
+    tls: Option<crate::pool::UpTls<'a>>,
     /// Other addresses to try when the first refuses (the pod address for apps that do
     /// not listen on localhost).
     fallbacks: &'a [IpAddr],
@@ -99,7 +99,7 @@ impl<'a> Upstream<'a> {
     /// spoke HTTP/2 or when the port declares it.
     fn endpoint(
         ep: &'a Endpoint,
-        cluster: &crate::config::Cluster,
+        cluster: &'a crate::config::Cluster,
         downstream_h2: bool,
         port_h2: bool,
         mesh: Option<crate::proxy::MeshMaterial<'a>>,
@@ -109,16 +109,12 @@ impl<'a> Upstream<'a> {
         // Anything to a peer proxy goes over mutual TLS once this proxy has its certificate
         // and the mesh's roots (unless the peer takes plaintext only).
         let to_peer_h2 = ep.proxied && !cluster.keep_client_protocol;
-        let tls = mesh
-            .filter(|_| ep.proxied && !ep.plaintext)
-            .map(|(creds, roots)| crate::pool::MeshTls {
-                creds,
-                roots,
-                expected: ep.identity.as_deref(),
-            });
+        let tls = upstream_tls(cluster, ep, mesh);
+        // TLS origination speaks HTTP/1.1 to the service.
+        let origin = matches!(tls, Some(crate::pool::UpTls::Origin(_)));
         Upstream {
             addr: ep.addr,
-            h2: to_peer_h2 || downstream_h2 || port_h2,
+            h2: !origin && (to_peer_h2 || downstream_h2 || port_h2),
             peer_version: to_peer_h2.then_some(if downstream_h2 { "2" } else { "1.1" }),
             dial: cluster.dial(),
             idle_timeout: cluster.idle_timeout,
@@ -128,6 +124,30 @@ impl<'a> Upstream<'a> {
             tls,
             fallbacks: &[],
         }
+    }
+}
+
+/// The TLS an endpoint of `cluster` gets: the DestinationRule's `tls` when it has one
+/// (DISABLE: none; ISTIO_MUTUAL: mesh mTLS; SIMPLE/MUTUAL: origination), else auto mTLS to
+/// a peer proxy that takes it.
+pub fn upstream_tls<'a>(
+    cluster: &'a crate::config::Cluster,
+    ep: &'a Endpoint,
+    mesh: Option<crate::proxy::MeshMaterial<'a>>,
+) -> Option<crate::pool::UpTls<'a>> {
+    use crate::config::UpstreamTls;
+    let mesh_tls = |(creds, roots)| crate::pool::MeshTls {
+        creds,
+        roots,
+        expected: ep.identity.as_deref(),
+    };
+    match &cluster.upstream_tls {
+        UpstreamTls::Auto => mesh
+            .filter(|_| ep.proxied && !ep.plaintext)
+            .map(|m| crate::pool::UpTls::Mesh(mesh_tls(m))),
+        UpstreamTls::Disable => None,
+        UpstreamTls::IstioMutual => mesh.map(|m| crate::pool::UpTls::Mesh(mesh_tls(m))),
+        UpstreamTls::Origin(o) => Some(crate::pool::UpTls::Origin(o)),
     }
 }
 
