@@ -589,4 +589,48 @@ spec:
             "HTTP/2 between proxies by default"
         );
     }
+
+    #[test]
+    fn tls_settings_follow_port_level_and_subset_precedence() {
+        // Istio's egress TLS origination task: TLS on port 443 only.
+        let d = dr(r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: edition-cnn-com}
+spec:
+  host: edition.cnn.com
+  trafficPolicy:
+    portLevelSettings:
+    - port: {number: 443}
+      tls: {mode: SIMPLE, sni: edition.cnn.com}
+  subsets:
+  - name: mutual
+    labels: {version: v1}
+    trafficPolicy:
+      tls: {mode: MUTUAL, clientCertificate: /c.pem, privateKey: /k.pem, subjectAltNames: [a.example]}
+"#);
+        let eps = [ep(1, "v1")];
+        let on = |port| {
+            clusters_for_port(
+                "edition.cnn.com",
+                port,
+                &eps,
+                Some((&d, "default/edition-cnn-com")),
+            )
+            .expect("translates")
+        };
+        let tls443 = on(443)[0].tls.clone().expect("port 443 has tls");
+        assert_eq!(tls443.mode, wire::ClientTlsMode::TlsSimple as i32);
+        assert_eq!(tls443.sni.as_deref(), Some("edition.cnn.com"));
+        assert!(on(80)[0].tls.is_none(), "port 80 stays plaintext");
+        // The subset's own policy wins over the port-level one.
+        let subset = on(443)
+            .into_iter()
+            .find(|c| c.name.contains("|mutual|"))
+            .expect("subset cluster");
+        let t = subset.tls.expect("subset tls");
+        assert_eq!(t.mode, wire::ClientTlsMode::TlsMutual as i32);
+        assert_eq!(t.client_certificate.as_deref(), Some("/c.pem"));
+        assert_eq!(t.subject_alt_names, ["a.example"]);
+    }
 }
