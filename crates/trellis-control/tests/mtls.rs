@@ -577,6 +577,13 @@ async fn authorization_policies_decide_who_may_call_what() {
             .is_empty()
     );
     assert_eq!(denials(), 3);
+    let by_policy = m.reviews.shared.stats.render(&m.reviews.config(), None);
+    assert!(
+        by_policy.contains(
+            "trellis_proxy_authorization_denials_by_policy_total{policy=\"shop/reviews-viewer\"} 3"
+        ),
+        "{by_policy}"
+    );
     // ...until a rule for it allows web by principal alone.
     apply(
         &m.store,

@@ -14,6 +14,9 @@ macro_rules! counters {
         #[derive(Debug, Default)]
         pub struct Stats {
             $(pub $field: AtomicU64,)*
+            /// Authorization denials by policy ("namespace/name", or the ALLOW policies
+            /// none of whose rules matched). Bounded by the policies a workload has.
+            pub denials_by_policy: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
         }
 
         impl Stats {
@@ -58,10 +61,45 @@ impl Stats {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a denial by `policy`.
+    pub fn denied_by(&self, policy: &str) {
+        Stats::inc(&self.authorization_denials_total);
+        let mut m = self
+            .denials_by_policy
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Policies come and go with snapshots; the map stays small (one entry per policy
+        // that ever denied), and a runaway count of names is capped.
+        if m.len() < 1024 || m.contains_key(policy) {
+            *m.entry(policy.to_string()).or_default() += 1;
+        }
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self, cfg: &Config, cert: Option<&Certified>) -> String {
         let mut out = String::with_capacity(4096);
         self.write_counters(&mut out);
+        {
+            let m = self
+                .denials_by_policy
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let _ = writeln!(
+                out,
+                "# HELP trellis_proxy_authorization_denials_by_policy_total Denials by AuthorizationPolicy."
+            );
+            let _ = writeln!(
+                out,
+                "# TYPE trellis_proxy_authorization_denials_by_policy_total counter"
+            );
+            for (policy, n) in m.iter() {
+                let _ = writeln!(
+                    out,
+                    "trellis_proxy_authorization_denials_by_policy_total{{policy=\"{}\"}} {n}",
+                    escape(policy)
+                );
+            }
+        }
         if let Some(c) = cert {
             let _ = writeln!(
                 out,

@@ -904,7 +904,7 @@ pub fn authorized(
             rule,
             action,
         } => {
-            Stats::inc(&shared.stats.authorization_denials_total);
+            shared.stats.denied_by(&policy);
             let (method, path) = r.http.as_ref().map_or(("", ""), |h| (h.method, h.path));
             match rule {
                 Some(rule) => tracing::info!(
