@@ -24,6 +24,10 @@ pub struct Args {
     /// Namespace of resources that do not name one.
     #[arg(short, long, default_value = "default")]
     namespace: String,
+    /// The gateway workload's namespace: with --label, the RequestAuthentications and
+    /// AuthorizationPolicies that select it (there, or mesh-wide) come with the snapshot.
+    #[arg(long, default_value = "istio-system")]
+    gateway_namespace: String,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
@@ -151,10 +155,39 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             empty.join(", ")
         );
     }
+    // The gateway's own policies, selected by its labels as the control plane would.
+    let workload = (!labels.is_empty())
+        .then(|| {
+            let me = trellis_control::registry::Instance {
+                name: "gateway".into(),
+                workload: "gateway".into(),
+                namespace: args.gateway_namespace.clone(),
+                labels: labels.clone(),
+                service_account: "default".into(),
+                addresses: Vec::new(),
+                ports: Vec::new(),
+                locality: None,
+                entry: false,
+            };
+            let cfg = trellis_control::mesh::MeshConfig {
+                resources: &resources,
+                root_namespace: trellis_control::mesh::ROOT_NAMESPACE,
+            };
+            wire::Workload {
+                name: "gateway".into(),
+                namespace: args.gateway_namespace.clone(),
+                labels: labels.clone(),
+                authorization: trellis_control::mesh::authorization_for(&cfg, &me),
+                jwt_rules: trellis_control::mesh::jwt_rules_for(&cfg, &me),
+                ..Default::default()
+            }
+        })
+        .filter(|w| !w.authorization.is_empty() || !w.jwt_rules.is_empty());
     let snapshot = wire::Snapshot {
         version: "static".into(),
         clusters,
         gateway_ports: ports,
+        workload,
         ..Default::default()
     };
     let mut out = std::io::stdout().lock();

@@ -515,3 +515,20 @@ fn cert_writes_a_workload_certificate_from_the_mesh_ca() {
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("capped at 7 days"));
 }
+
+#[test]
+fn gateway_snapshot_carries_the_policies_that_select_the_gateway() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gw = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw, namespace: shop}\nspec:\n  selector: {istio: ingressgateway}\n  servers: [{port: {number: 8080, name: http, protocol: HTTP}, hosts: [\"*\"]}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: istio-system}\nspec:\n  selector: {matchLabels: {istio: ingressgateway}}\n  action: DENY\n  rules: [{to: [{operation: {paths: [\"/admin/*\"]}}]}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: other, namespace: istio-system}\nspec:\n  selector: {matchLabels: {app: other}}\n  action: DENY\n  rules: [{to: [{operation: {paths: [\"/x\"]}}]}]\n---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: istio-system}\nspec:\n  selector: {matchLabels: {istio: ingressgateway}}\n  jwtRules: [{issuer: \"https://issuer.example\", jwksUri: \"https://issuer.example/jwks\"}]\n";
+    let path = write(dir.path(), "gw.yaml", gw);
+    let (snap, _) = gateway_snapshot(path.to_str().expect("utf-8"), "istio=ingressgateway");
+    let w = snap.workload.expect("the gateway's policies");
+    let names: Vec<&str> = w.authorization.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["istio-system/no-admin"],
+        "only the one selecting it"
+    );
+    assert_eq!(w.jwt_rules.len(), 1);
+    assert_eq!(w.jwt_rules[0].issuer, "https://issuer.example");
+}
