@@ -150,13 +150,26 @@ where
         .keep_alive_timeout(Duration::from_secs(10))
         .handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| error_chain(&e))?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!("xDS connection: {e}");
         }
     });
     Ok(sender)
+}
+
+/// An error and its sources, for a log line that says what happened
+/// ("connection error: frame with invalid size").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
 }
 
 /// The bootstrap token a proxy shows the control plane.
@@ -351,7 +364,13 @@ async fn session(
     tx.send(Bytes::from(frame(&first)))
         .await
         .map_err(|_| "request stream closed".to_string())?;
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| {
+        let mut why = error_chain(&e);
+        if !ep.is_tls() {
+            why.push_str(" (this proxy speaks cleartext to the control plane: if it serves TLS, as `trellis control-plane` does, give --xds-root)");
+        }
+        why
+    })?;
     let mut body = resp.into_body();
     let mut deframer = Deframer::default();
     tracing::info!("connected to the control plane at {}", ep.addr);
