@@ -375,6 +375,8 @@ enum Section {
     Clusters,
     Endpoints,
     Listeners,
+    /// The proxy's identity, its certificate's expiry and the trust bundle.
+    Secrets,
     All,
 }
 
@@ -388,9 +390,49 @@ pub fn run_proxy_config(args: &ProxyConfigArgs) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     let empty = Vec::new();
     let list = |k: &str| snap[k].as_array().unwrap_or(&empty).clone();
+    let secrets = || -> anyhow::Result<serde_json::Value> {
+        let status: serde_json::Value =
+            serde_json::from_str(&get(args.control_plane, "/debug/proxy-status")?)
+                .context("parsing the status")?;
+        let me = status
+            .as_array()
+            .and_then(|l| {
+                l.iter().find(|p| {
+                    format!(
+                        "{}.{}",
+                        p["instance"].as_str().unwrap_or(""),
+                        p["namespace"].as_str().unwrap_or("")
+                    ) == args.proxy
+                })
+            })
+            .cloned()
+            .unwrap_or_default();
+        let roots: Vec<serde_json::Value> = snap["trustRoots"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|r| r.as_str())
+            .map(|pem| match trellis_identity::describe(pem) {
+                Some((subject, not_after)) => serde_json::json!({
+                    "subject": subject,
+                    "notAfterUnix": not_after
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                }),
+                None => serde_json::json!({"subject": "(not a certificate)"}),
+            })
+            .collect();
+        Ok(serde_json::json!({
+            "identity": me["identity"],
+            "certificateExpiryUnix": me["certificateExpiryUnix"],
+            "trustRoots": roots,
+        }))
+    };
     if args.output == StatusFormat::Json {
         let v = match args.section {
             Section::All => snap.clone(),
+            Section::Secrets => secrets()?,
             Section::Clusters | Section::Endpoints => serde_json::Value::Array(list("clusters")),
             Section::Routes | Section::Listeners => serde_json::Value::Array(list("services")),
         };
@@ -459,6 +501,39 @@ pub fn run_proxy_config(args: &ProxyConfigArgs) -> anyhow::Result<ExitCode> {
                 s(&c["name"]),
                 c["loadBalancer"].as_str().unwrap_or("ROUND_ROBIN"),
                 c["endpoints"].as_array().map_or(0, Vec::len)
+            )?;
+        }
+        writeln!(out)?;
+    }
+    if all || args.section == Section::Secrets {
+        let v = secrets()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let expiry = |t: Option<u64>| match t {
+            None => "-".to_string(),
+            Some(t) if t <= now => "EXPIRED".to_string(),
+            Some(t) => format!("in {}", human_duration(t - now)),
+        };
+        writeln!(out, "{:<56} CERT EXPIRY", "IDENTITY")?;
+        writeln!(
+            out,
+            "{:<56} {}",
+            v["identity"].as_str().unwrap_or("-"),
+            expiry(v["certificateExpiryUnix"].as_u64())
+        )?;
+        writeln!(out)?;
+        writeln!(out, "{:<56} EXPIRY", "TRUST ROOT")?;
+        for r in v["trustRoots"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            writeln!(
+                out,
+                "{:<56} {}",
+                r["subject"].as_str().unwrap_or("-"),
+                expiry(r["notAfterUnix"].as_u64())
             )?;
         }
         writeln!(out)?;

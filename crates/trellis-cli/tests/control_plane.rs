@@ -302,6 +302,22 @@ async fn proxies_follow_the_control_plane_and_proxy_status_shows_a_nack() {
     );
     let out = config(&["web-0.web", "listeners"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("reviews.shop.svc.cluster.local"));
+    // reviews-v1's identity, its certificate's expiry and the mesh's trust bundle.
+    let out = config(&["reviews-v1.shop", "secrets"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("spiffe://cluster.local/ns/shop/sa/reviews-v1")
+            && (text.contains(" in 2h59m") || text.contains(" in 3h")),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l.contains("CN=Trellis root CA")
+            && (l.contains(" in 3649d") || l.contains(" in 3650d"))),
+        "{text}"
+    );
+    let out = config(&["reviews-v1.shop", "secrets", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json secrets");
+    assert_eq!(v["trustRoots"].as_array().map(Vec::len), Some(1));
     let out = config(&["nobody.web"]);
     assert!(!out.status.success());
     assert!(

@@ -26,6 +26,7 @@ pub fn status_json(cp: &ControlPlane) -> serde_json::Value {
                 "id": s.id,
                 "instance": s.instance,
                 "namespace": s.namespace,
+                "identity": s.identity,
                 "sentVersion": s.sent.as_ref().map(|(v, _)| v.clone()),
                 "sentAtUnix": s.sent.as_ref().and_then(|(_, t)| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
                 "ackedVersion": s.acked,

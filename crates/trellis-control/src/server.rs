@@ -43,6 +43,8 @@ pub struct ProxyStatus {
     pub id: u64,
     pub instance: String,
     pub namespace: String,
+    /// Its SPIFFE identity (what its certificate is issued for).
+    pub identity: String,
     /// The version last sent, and when.
     pub sent: Option<(String, SystemTime)>,
     /// The version the proxy last accepted.
@@ -259,6 +261,10 @@ impl ControlPlane {
             id,
             instance: instance.name.clone(),
             namespace: instance.namespace.clone(),
+            identity: format!(
+                "spiffe://{}/ns/{}/sa/{}",
+                self.trust_domain, instance.namespace, instance.service_account
+            ),
             sent: None,
             acked: None,
             nacked: None,

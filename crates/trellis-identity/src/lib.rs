@@ -407,6 +407,14 @@ pub fn write_workload_files(
     Ok(())
 }
 
+/// The subject of the first certificate of a PEM string, and when it expires (None if it
+/// does not parse).
+pub fn describe(pem: &str) -> Option<(String, SystemTime)> {
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+    let x509 = parsed.parse_x509().ok()?;
+    Some((x509.subject().to_string(), not_after(pem)?))
+}
+
 /// When the first certificate of a PEM string expires (None if it does not parse).
 pub fn not_after(pem: &str) -> Option<SystemTime> {
     let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
