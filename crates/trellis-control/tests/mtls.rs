@@ -632,6 +632,25 @@ async fn authorization_policies_decide_who_may_call_what() {
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(call(&m, http::Method::GET, "/echo").await.0, 200);
+
+    // destination.ip is the address the request was sent to (reviews' 127.0.0.2).
+    apply(
+        &m.store,
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: by-destination, namespace: shop}\nspec:\n  action: DENY\n  rules:\n  - to: [{operation: {paths: [/bytes/7]}}]\n    when: [{key: destination.ip, values: [127.0.0.2/32]}]\n  - to: [{operation: {paths: [/bytes/8]}}]\n    when: [{key: destination.ip, values: [10.9.9.9]}]\n",
+    );
+    assert!(
+        common::eventually(Duration::from_secs(5), || {
+            m.reviews
+                .config()
+                .raw
+                .workload
+                .as_ref()
+                .is_some_and(|w| w.authorization.len() == 4)
+        })
+        .await
+    );
+    assert_eq!(call(&m, http::Method::GET, "/bytes/7").await.0, 403);
+    assert_eq!(call(&m, http::Method::GET, "/bytes/8").await.0, 200);
 }
 
 /// An ES256 key for JWTs, made here: its JWK and a signer.

@@ -172,9 +172,15 @@ async fn dispatch(
                 return;
             }
             let p = dst.port();
-            (Route::Inbound(p, None), cfg.inbound_port(p).protocol)
+            (
+                Route::Inbound(p, None, Some(dst.ip())),
+                cfg.inbound_port(p).protocol,
+            )
         }
-        ListenerKind::InboundPort(p) => (Route::Inbound(*p, None), cfg.inbound_port(*p).protocol),
+        ListenerKind::InboundPort(p) => {
+            let dst = stream.local_addr().ok().map(|a| a.ip());
+            (Route::Inbound(*p, None, dst), cfg.inbound_port(*p).protocol)
+        }
         ListenerKind::Gateway(port) => {
             let Some(gp) = cfg.gateway_ports.get(port).cloned() else {
                 tracing::warn!(
@@ -224,14 +230,14 @@ async fn dispatch(
         }
     };
     let inbound_mtls = match &route {
-        Route::Inbound(port, _) => Some((*port, cfg.inbound_mtls(*port))),
+        Route::Inbound(port, _, dst) => Some((*port, cfg.inbound_mtls(*port), *dst)),
         _ => None,
     };
-    if let Some((port, PeerMtls::Strict)) = inbound_mtls {
+    if let Some((port, PeerMtls::Strict, dst)) = inbound_mtls {
         // PeerAuthentication STRICT: mesh mutual TLS only, whatever the port carries.
         let hello = sniff::peek_client_hello(&stream, cfg.header_timeout).await;
         if hello.as_ref().is_some_and(is_mesh_hello) {
-            serve_mesh_tls(stream, peer, port, shared, &cfg, stop).await;
+            serve_mesh_tls(stream, peer, (port, dst), shared, &cfg, stop).await;
         } else {
             Stats::inc(&shared.stats.inbound_plaintext_refused_total);
             tracing::warn!(
@@ -241,7 +247,7 @@ async fn dispatch(
         return;
     }
     if declared == PortProtocol::Tcp {
-        if let Some((port, PeerMtls::Permissive)) = inbound_mtls {
+        if let Some((port, PeerMtls::Permissive, dst)) = inbound_mtls {
             // Mesh mTLS from a peer proxy, or the app's own bytes: the first bytes tell,
             // within the detection timeout (a server-first protocol's silent client then
             // goes on as plain TCP).
@@ -254,7 +260,7 @@ async fn dispatch(
                     .as_ref()
                     .is_some_and(is_mesh_hello)
             {
-                serve_mesh_tls(stream, peer, port, shared, &cfg, stop).await;
+                serve_mesh_tls(stream, peer, (port, dst), shared, &cfg, stop).await;
                 return;
             }
         }
@@ -270,13 +276,14 @@ async fn dispatch(
             return;
         }
     };
-    if let (Detected::Tls, Some((port, PeerMtls::Permissive))) = (detection.protocol, inbound_mtls)
+    if let (Detected::Tls, Some((port, PeerMtls::Permissive, dst))) =
+        (detection.protocol, inbound_mtls)
     {
         // Mesh mutual TLS from a peer proxy, told from an app's own TLS by its ALPN (with
         // DISABLE, TLS of any kind goes to the app as it is).
         let hello = sniff::peek_client_hello(&stream, cfg.header_timeout).await;
         if hello.as_ref().is_some_and(is_mesh_hello) {
-            serve_mesh_tls(stream, peer, port, shared, &cfg, stop).await;
+            serve_mesh_tls(stream, peer, (port, dst), shared, &cfg, stop).await;
             return;
         }
     }
@@ -305,7 +312,7 @@ fn is_mesh_hello(h: &sniff::ClientHello) -> bool {
 async fn serve_mesh_tls(
     stream: TcpStream,
     peer: SocketAddr,
-    port: u16,
+    (port, dst): (u16, Option<std::net::IpAddr>),
     shared: &Arc<Shared>,
     cfg: &crate::config::Config,
     stop: watch::Receiver<bool>,
@@ -345,7 +352,13 @@ async fn serve_mesh_tls(
         Some(p) if p == ALPN_MESH_H2 => Detected::Http2,
         Some(p) if p == ALPN_MESH_HTTP1 => Detected::Http1,
         Some(p) if p == ALPN_MESH_TCP => {
-            tcp::forward_inbound(tls, peer, port, peer_id.as_deref(), shared, cfg).await;
+            let arrival = http::Arrival {
+                peer,
+                peer_id: peer_id.as_deref(),
+                dst_ip: dst,
+                port,
+            };
+            tcp::forward_inbound(tls, arrival, shared, cfg).await;
             return;
         }
         other => {
@@ -357,7 +370,7 @@ async fn serve_mesh_tls(
             return;
         }
     };
-    let route = Route::Inbound(port, peer_id);
+    let route = Route::Inbound(port, peer_id, dst);
     serve_http(tls, peer, Some(version), route, shared, cfg, stop).await;
 }
 

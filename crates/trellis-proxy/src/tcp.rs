@@ -26,8 +26,14 @@ pub async fn forward_route(
     let target = match route {
         Route::Outbound(dst) => cfg.outbound_target(*dst),
         Route::Named(host, port) => cfg.target_by_name(host, *port),
-        Route::Inbound(port, peer_id) => {
-            forward_inbound(stream, peer, *port, peer_id.as_deref(), shared, cfg).await;
+        Route::Inbound(port, peer_id, dst_ip) => {
+            let arrival = crate::http::Arrival {
+                peer,
+                peer_id: peer_id.as_deref(),
+                dst_ip: *dst_ip,
+                port: *port,
+            };
+            forward_inbound(stream, arrival, shared, cfg).await;
             return;
         }
         Route::Gateway { port, .. } => {
@@ -116,17 +122,14 @@ pub async fn forward_route(
 /// denied connection is closed).
 pub async fn forward_inbound<D>(
     stream: D,
-    peer: SocketAddr,
-    port: u16,
-    peer_id: Option<&str>,
+    arrival: crate::http::Arrival<'_>,
     shared: &Shared,
     cfg: &Config,
 ) where
     D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    if !cfg.authz.is_empty()
-        && !crate::http::authorized(shared, cfg, peer, port, peer_id, None, None)
-    {
+    let port = arrival.port;
+    if !cfg.authz.is_empty() && !crate::http::authorized(shared, cfg, arrival, None, None) {
         return;
     }
     let mut app = cfg.app_addr(port);

@@ -55,13 +55,26 @@ pub enum Route {
     /// Explicit outbound listener for a service name and port.
     Named(Arc<str>, u16),
     /// Inbound traffic for the workload's port; with the peer proxy's SPIFFE id when it
-    /// came over mesh mutual TLS.
-    Inbound(u16, Option<Arc<str>>),
+    /// came over mesh mutual TLS, and the address it was sent to (when known).
+    Inbound(u16, Option<Arc<str>>, Option<IpAddr>),
     /// A gateway port; `tls`: the server a TLS connection was accepted for (HTTPS).
     Gateway {
         port: u16,
         tls: Option<Arc<crate::config::ServerKey>>,
     },
+}
+
+/// Who an inbound request (or connection) comes from and where it was going: what
+/// RequestAuthentication and AuthorizationPolicy judge it by.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival<'a> {
+    pub peer: SocketAddr,
+    /// The peer proxy's SPIFFE id, over mesh mTLS.
+    pub peer_id: Option<&'a str>,
+    /// The address it was sent to (the pod's), when known.
+    pub dst_ip: Option<IpAddr>,
+    /// The workload (or gateway) port.
+    pub port: u16,
 }
 
 /// The downstream connection a request came on: passed along with the request rather
@@ -190,8 +203,14 @@ pub async fn handle_request(
     Stats::inc(&shared.stats.requests_total);
     let cfg = shared.config.load_full();
     let resp = match &route {
-        Route::Inbound(port, peer_id) => {
-            inbound(&shared, &cfg, ds, *port, peer_id.as_deref(), req).await
+        Route::Inbound(port, peer_id, dst_ip) => {
+            let arrival = Arrival {
+                peer: ds.peer,
+                peer_id: peer_id.as_deref(),
+                dst_ip: *dst_ip,
+                port: *port,
+            };
+            inbound(&shared, &cfg, arrival, req).await
         }
         Route::Gateway { port, tls } => {
             gateway(&shared, &cfg, ds, *port, tls.as_deref(), req).await
@@ -644,7 +663,13 @@ async fn gateway(
     };
     // The gateway's own RequestAuthentications and AuthorizationPolicies (those that
     // select its workload), before any routing.
-    if let Some(refused) = admission(shared, cfg, ds, port, None, &mut req).await {
+    let arrival = Arrival {
+        peer: ds.peer,
+        peer_id: None,
+        dst_ip: None,
+        port,
+    };
+    if let Some(refused) = admission(shared, cfg, arrival, &mut req).await {
         return refused;
     }
     let authority = req
@@ -745,11 +770,10 @@ fn authority_without_port(a: &str) -> &str {
 async fn admission(
     shared: &Shared,
     cfg: &Config,
-    ds: Downstream,
-    port: u16,
-    peer_id: Option<&str>,
+    arrival: Arrival<'_>,
     req: &mut Request<ReqBody>,
 ) -> Option<Response<ProxyBody>> {
+    let (ds_peer, port) = (arrival.peer, arrival.port);
     let mut claims = None;
     if !cfg.jwt.is_empty() {
         let now = std::time::SystemTime::now()
@@ -766,7 +790,7 @@ async fn admission(
                 Stats::inc(&shared.stats.jwt_rejections_total);
                 tracing::info!(
                     policy = policy.unwrap_or(""),
-                    source = %ds.peer,
+                    source = %ds_peer,
                     port,
                     "request refused (401): {e}"
                 );
@@ -798,15 +822,7 @@ async fn admission(
             headers: Some(req.headers()),
             request_principal: request_principal.as_deref(),
         };
-        if !authorized(
-            shared,
-            cfg,
-            ds.peer,
-            port,
-            peer_id,
-            Some(http),
-            claims.as_ref(),
-        ) {
+        if !authorized(shared, cfg, arrival, Some(http), claims.as_ref()) {
             return Some(local_reply(
                 StatusCode::FORBIDDEN,
                 "RBAC",
@@ -820,14 +836,13 @@ async fn admission(
 async fn inbound(
     shared: &Shared,
     cfg: &Config,
-    ds: Downstream,
-    port: u16,
-    peer_id: Option<&str>,
+    arrival: Arrival<'_>,
     mut req: Request<ReqBody>,
 ) -> Response<ProxyBody> {
-    if let Some(refused) = admission(shared, cfg, ds, port, peer_id, &mut req).await {
+    if let Some(refused) = admission(shared, cfg, arrival, &mut req).await {
         return refused;
     }
+    let (port, peer_id) = (arrival.port, arrival.peer_id);
     let declared = cfg.inbound_port(port);
     if let Some(bucket) = &declared.rate_limit {
         if let Err(retry_in) = bucket.try_take() {
@@ -874,19 +889,23 @@ async fn inbound(
 pub fn authorized(
     shared: &Shared,
     cfg: &Config,
-    peer: SocketAddr,
-    port: u16,
-    peer_id: Option<&str>,
+    arrival: Arrival<'_>,
     http: Option<trellis_policy::authz::Http<'_>>,
     jwt: Option<&trellis_policy::jwt::Claims>,
 ) -> bool {
     use trellis_policy::authz::{Decision, Request as AuthzRequest};
+    let Arrival {
+        peer,
+        peer_id,
+        dst_ip,
+        port,
+    } = arrival;
     let principal = peer_id.map(|id| id.strip_prefix("spiffe://").unwrap_or(id));
     let r = AuthzRequest {
         principal,
         source_ip: Some(peer.ip()),
         remote_ip: Some(peer.ip()),
-        destination_ip: None,
+        destination_ip: dst_ip,
         destination_port: Some(port),
         sni: None,
         http,
