@@ -219,6 +219,9 @@ pub const JWKS_REFRESH: std::time::Duration = std::time::Duration::from_secs(20 
 /// The least time between two fetches of one URI (a token with an unknown key cannot make
 /// the proxy hammer the issuer).
 pub const JWKS_MIN_REFETCH: std::time::Duration = std::time::Duration::from_secs(1);
+/// After a failed fetch, the periodic refresh tries again this much later (a token with an
+/// unknown key may still make it try sooner, at most every [`JWKS_MIN_REFETCH`]).
+pub const JWKS_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 /// How long a fetch may take.
 pub const JWKS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -266,13 +269,18 @@ impl JwksCache {
             Err(e) => {
                 tracing::warn!(uri, "JWKS fetch failed, the keys held stay: {e}");
                 let mut map = self.lock();
-                // Remember the try (an empty set until one succeeds).
+                // Remember the try (an empty set until one succeeds), and come back to it
+                // in JWKS_RETRY rather than at every turn of the refresh loop.
+                let retry_at = now
+                    .checked_sub(JWKS_REFRESH.saturating_sub(JWKS_RETRY))
+                    .unwrap_or(now);
                 let entry = map.entry(uri.to_string()).or_insert_with(|| Entry {
                     jwks: std::sync::Arc::new(Jwks::default()),
-                    fetched: now - JWKS_REFRESH,
+                    fetched: retry_at,
                     tried: now,
                 });
                 entry.tried = now;
+                entry.fetched = retry_at;
                 Some(std::sync::Arc::clone(&entry.jwks))
             }
         }
