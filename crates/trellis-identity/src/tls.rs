@@ -240,16 +240,34 @@ pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
     })
 }
 
-/// Checks a peer proxy's certificate: it chains to the mesh's roots, and its SPIFFE id is
-/// one of those expected (any, when none is). Host names play no part.
+/// A server-certificate check for the mesh's own connections and for TLS origination: the
+/// chain must lead to `roots` (except with `Check::Nothing`), and then `check` decides on the
+/// certificate's names. Handshake signatures are always checked.
 #[derive(Debug)]
-struct SpiffeServerVerifier {
+struct Verifier {
     roots: Arc<RootCertStore>,
-    expected: Vec<String>,
+    check: Check,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
-impl rustls::client::danger::ServerCertVerifier for SpiffeServerVerifier {
+#[derive(Debug)]
+enum Check {
+    /// A peer proxy: its SPIFFE id is one of these (any, when empty). Host names play no
+    /// part.
+    Spiffe(Vec<String>),
+    /// DestinationRule `subjectAltNames`: one of these names, instead of the SNI.
+    AltNames(Vec<rustls::pki_types::ServerName<'static>>),
+    /// DestinationRule `insecureSkipVerify`: no check of the certificate itself.
+    Nothing,
+}
+
+fn refused(why: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+        Arc::new(PeerIdentityError(why)),
+    )))
+}
+
+impl rustls::client::danger::ServerCertVerifier for Verifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -258,6 +276,10 @@ impl rustls::client::danger::ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let ok = rustls::client::danger::ServerCertVerified::assertion();
+        if matches!(self.check, Check::Nothing) {
+            return Ok(ok);
+        }
         let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &cert,
@@ -266,19 +288,29 @@ impl rustls::client::danger::ServerCertVerifier for SpiffeServerVerifier {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
-        let id = spiffe_id(end_entity).ok_or_else(|| {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
-                Arc::new(PeerIdentityError("no SPIFFE id".into())),
-            )))
-        })?;
-        if !self.expected.is_empty() && !self.expected.contains(&id) {
-            return Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::Other(rustls::OtherError(Arc::new(PeerIdentityError(
-                    format!("the peer is {id}, expected {}", self.expected.join(" or ")),
-                )))),
-            ));
+        match &self.check {
+            Check::Nothing => Ok(ok),
+            Check::Spiffe(expected) => {
+                let id = spiffe_id(end_entity).ok_or_else(|| refused("no SPIFFE id".into()))?;
+                if !expected.is_empty() && !expected.contains(&id) {
+                    return Err(refused(format!(
+                        "the peer is {id}, expected {}",
+                        expected.join(" or ")
+                    )));
+                }
+                Ok(ok)
+            }
+            Check::AltNames(names) => {
+                let mut last = rustls::Error::General("no subjectAltNames".into());
+                for n in names {
+                    match rustls::client::verify_server_name(&cert, n) {
+                        Ok(()) => return Ok(ok),
+                        Err(e) => last = e,
+                    }
+                }
+                Err(last)
+            }
         }
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -338,9 +370,9 @@ pub fn mesh_client_config(
     alpn: &[u8],
 ) -> Result<ClientConfig, CaError> {
     let provider = provider();
-    let verifier = SpiffeServerVerifier {
+    let verifier = Verifier {
         roots,
-        expected,
+        check: Check::Spiffe(expected),
         provider: Arc::clone(&provider),
     };
     let mut c = ClientConfig::builder_with_provider(provider)
@@ -373,127 +405,6 @@ pub fn mesh_server_config(
     Ok(c)
 }
 
-/// Accepts any server certificate (DestinationRule `insecureSkipVerify`); the handshake's
-/// signatures are still checked.
-#[derive(Debug)]
-struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for NoVerification {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// Checks the chain against the roots, then that the certificate carries one of `names`
-/// (DestinationRule `subjectAltNames`) instead of the SNI.
-#[derive(Debug)]
-struct AltNames {
-    roots: Arc<RootCertStore>,
-    names: Vec<rustls::pki_types::ServerName<'static>>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl rustls::client::danger::ServerCertVerifier for AltNames {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
-        let mut last = None;
-        for n in &self.names {
-            match rustls::client::verify_server_name(&cert, n) {
-                Ok(()) => return Ok(rustls::client::danger::ServerCertVerified::assertion()),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or(rustls::Error::General("no subjectAltNames".into())))
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 /// A client for TLS origination to a service outside the mesh (DestinationRule SIMPLE or
 /// MUTUAL): TLS 1.2 or 1.3, the server checked against `roots_pem` by the SNI name, or by
 /// one of `alt_names` when given (or not at all with `insecure`), presenting `client`
@@ -509,25 +420,32 @@ pub fn origination_config(
     let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .map_err(cert_err)?;
-    let builder = if insecure {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerification(Arc::clone(&provider))))
-    } else if alt_names.is_empty() {
+    let builder = if alt_names.is_empty() && !insecure {
         builder.with_root_certificates(roots(roots_pem)?)
     } else {
-        let names = alt_names
-            .iter()
-            .map(|n| {
-                rustls::pki_types::ServerName::try_from(n.clone())
-                    .map_err(|_| cert_err(format!("subjectAltNames: {n:?} is not a name")))
-            })
-            .collect::<Result<_, _>>()?;
+        let check = if insecure {
+            Check::Nothing
+        } else {
+            Check::AltNames(
+                alt_names
+                    .iter()
+                    .map(|n| {
+                        rustls::pki_types::ServerName::try_from(n.clone())
+                            .map_err(|_| cert_err(format!("subjectAltNames: {n:?} is not a name")))
+                    })
+                    .collect::<Result<_, _>>()?,
+            )
+        };
+        let roots = if insecure {
+            RootCertStore::empty()
+        } else {
+            roots(roots_pem)?
+        };
         builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AltNames {
-                roots: Arc::new(roots(roots_pem)?),
-                names,
+            .with_custom_certificate_verifier(Arc::new(Verifier {
+                roots: Arc::new(roots),
+                check,
                 provider: Arc::clone(&provider),
             }))
     };

@@ -136,6 +136,18 @@ async fn destination_rule_tls_originates_simple_and_mutual() {
         .await,
         503
     );
+    // insecureSkipVerify: even another CA's roots do (tests only).
+    assert_eq!(
+        status_through(
+            simple,
+            &format!(
+                "{{mode: SIMPLE, caCertificates: \"{}\", insecureSkipVerify: true}}",
+                other_file.display()
+            )
+        )
+        .await,
+        200
+    );
     // subjectAltNames decide instead of the SNI.
     assert_eq!(
         status_through(
