@@ -45,6 +45,33 @@ fn matches_labels(
 }
 
 impl<'a> MeshConfig<'a> {
+    /// The workload policies (of the kind `pick` takes) that apply to `me`, as Istio
+    /// selects AuthorizationPolicies and RequestAuthentications: the root namespace's
+    /// (mesh-wide; a selector there picks workloads in every namespace), and those of its
+    /// own namespace (all its workloads, or those the selector picks). A policy attached
+    /// with `targetRef(s)` (`scope` says so) is for gateways and waypoints, not sidecars.
+    /// In namespace and name order (decisions do not depend on it; logs and dumps read
+    /// better).
+    fn selecting<T>(
+        &self,
+        me: &Instance,
+        pick: impl Fn(&'a Spec) -> Option<&'a T>,
+        scope: impl Fn(&T) -> (Option<&trellis_api::common::MatchLabelsSelector>, bool),
+    ) -> Vec<(&'a Resource, &'a T)> {
+        let mut picked: Vec<(&Resource, &T)> = self
+            .each(pick)
+            .into_iter()
+            .filter(|(r, p)| {
+                let (selector, targeted) = scope(p);
+                (r.namespace() == self.root_namespace || r.namespace() == me.namespace)
+                    && !targeted
+                    && selector.is_none_or(|s| matches_labels(&s.match_labels, &me.labels))
+            })
+            .collect();
+        picked.sort_by(|a, b| (a.0.namespace(), a.0.name()).cmp(&(b.0.namespace(), b.0.name())));
+        picked
+    }
+
     fn each<T>(&self, pick: impl Fn(&'a Spec) -> Option<&'a T>) -> Vec<(&'a Resource, &'a T)> {
         self.resources
             .iter()
@@ -148,9 +175,8 @@ impl<'a> MeshConfig<'a> {
 }
 
 /// The snapshot's own-workload section for an instance.
-pub fn workload_of(cfg: &MeshConfig<'_>, me: &Instance) -> wire::Workload {
-    let mtls = crate::peerauth::PeerAuthPolicies::from_resources(cfg.resources, cfg.root_namespace)
-        .resolve(&me.namespace, &me.labels);
+pub fn workload_of(cfg: &MeshConfig<'_>, reg: &Registry, me: &Instance) -> wire::Workload {
+    let mtls = reg.peer_auth.resolve(&me.namespace, &me.labels);
     wire::Workload {
         authorization: authorization_for(cfg, me),
         jwt_rules: jwt_rules_for(cfg, me),
@@ -175,147 +201,131 @@ pub fn workload_of(cfg: &MeshConfig<'_>, me: &Instance) -> wire::Workload {
     }
 }
 
-/// The AuthorizationPolicies that apply to `me`, as Istio selects them: the root
-/// namespace's (mesh-wide; a selector there picks workloads in every namespace), and those
-/// of its own namespace (all its workloads, or those the selector picks). A policy attached
-/// with `targetRef(s)` is for gateways and waypoints, not sidecars. In namespace and name
-/// order (the decision does not depend on it; logs and dumps read better).
+/// The AuthorizationPolicies that apply to `me` (see `MeshConfig::selecting`).
 pub fn authorization_for(cfg: &MeshConfig<'_>, me: &Instance) -> Vec<wire::AuthzPolicy> {
     use trellis_api::security::AuthorizationAction as A;
-    let mut picked: Vec<(&Resource, &trellis_api::security::AuthorizationPolicy)> = cfg
-        .each(|s| match s {
+    cfg.selecting(
+        me,
+        |s| match s {
             Spec::AuthorizationPolicy(p) => Some(p),
             _ => None,
-        })
-        .into_iter()
-        .filter(|(r, p)| {
-            (r.namespace() == cfg.root_namespace || r.namespace() == me.namespace)
-                && p.target_ref.is_none()
-                && p.target_refs.is_empty()
-                && p.selector
-                    .as_ref()
-                    .is_none_or(|s| matches_labels(&s.match_labels, &me.labels))
-        })
-        .collect();
-    picked.sort_by(|a, b| (a.0.namespace(), a.0.name()).cmp(&(b.0.namespace(), b.0.name())));
-    picked
-        .into_iter()
-        .map(|(r, p)| wire::AuthzPolicy {
-            name: format!("{}/{}", r.namespace(), r.name()),
-            action: match p.action {
-                A::Allow => wire::AuthzAction::Allow,
-                A::Deny => wire::AuthzAction::Deny,
-                A::Audit => wire::AuthzAction::Audit,
-                A::Custom => wire::AuthzAction::Custom,
-            } as i32,
-            provider: p.provider.as_ref().and_then(|x| x.name.clone()),
-            rules: p
-                .rules
-                .iter()
-                .map(|rule| wire::AuthzRule {
-                    from: rule
-                        .from
-                        .iter()
-                        .filter_map(|f| f.source.as_ref())
-                        .map(|x| wire::AuthzSource {
-                            principals: x.principals.clone(),
-                            not_principals: x.not_principals.clone(),
-                            request_principals: x.request_principals.clone(),
-                            not_request_principals: x.not_request_principals.clone(),
-                            namespaces: x.namespaces.clone(),
-                            not_namespaces: x.not_namespaces.clone(),
-                            service_accounts: x.service_accounts.clone(),
-                            not_service_accounts: x.not_service_accounts.clone(),
-                            ip_blocks: x.ip_blocks.clone(),
-                            not_ip_blocks: x.not_ip_blocks.clone(),
-                            remote_ip_blocks: x.remote_ip_blocks.clone(),
-                            not_remote_ip_blocks: x.not_remote_ip_blocks.clone(),
-                            trust_domains: x.trust_domains.clone(),
-                            not_trust_domains: x.not_trust_domains.clone(),
-                        })
-                        .collect(),
-                    to: rule
-                        .to
-                        .iter()
-                        .filter_map(|t| t.operation.as_ref())
-                        .map(|o| wire::AuthzOperation {
-                            hosts: o.hosts.clone(),
-                            not_hosts: o.not_hosts.clone(),
-                            ports: o.ports.clone(),
-                            not_ports: o.not_ports.clone(),
-                            methods: o.methods.clone(),
-                            not_methods: o.not_methods.clone(),
-                            paths: o.paths.clone(),
-                            not_paths: o.not_paths.clone(),
-                        })
-                        .collect(),
-                    when: rule
-                        .when
-                        .iter()
-                        .map(|c| wire::AuthzCondition {
-                            key: c.key.clone(),
-                            values: c.values.clone(),
-                            not_values: c.not_values.clone(),
-                        })
-                        .collect(),
-                })
-                .collect(),
-        })
-        .collect()
-}
-
-/// The RequestAuthentication jwtRules that apply to `me`, selected as AuthorizationPolicies
-/// are (root namespace, own namespace, selector; `targetRef` ones are for gateways).
-pub fn jwt_rules_for(cfg: &MeshConfig<'_>, me: &Instance) -> Vec<wire::JwtRule> {
-    let mut picked: Vec<(&Resource, &trellis_api::security::RequestAuthentication)> = cfg
-        .each(|s| match s {
-            Spec::RequestAuthentication(p) => Some(p),
-            _ => None,
-        })
-        .into_iter()
-        .filter(|(r, p)| {
-            (r.namespace() == cfg.root_namespace || r.namespace() == me.namespace)
-                && p.target_ref.is_none()
-                && p.target_refs.is_empty()
-                && p.selector
-                    .as_ref()
-                    .is_none_or(|s| matches_labels(&s.match_labels, &me.labels))
-        })
-        .collect();
-    picked.sort_by(|a, b| (a.0.namespace(), a.0.name()).cmp(&(b.0.namespace(), b.0.name())));
-    picked
-        .into_iter()
-        .flat_map(|(r, p)| {
-            let policy = format!("{}/{}", r.namespace(), r.name());
-            p.jwt_rules.iter().map(move |j| wire::JwtRule {
-                policy: policy.clone(),
-                issuer: j.issuer.clone().unwrap_or_default(),
-                audiences: j.audiences.clone(),
-                jwks: j.jwks.clone(),
-                jwks_uri: j.jwks_uri().map(str::to_string),
-                from_headers: j
-                    .from_headers
+        },
+        |p| {
+            let targeted = p.target_ref.is_some() || !p.target_refs.is_empty();
+            (p.selector.as_ref(), targeted)
+        },
+    )
+    .into_iter()
+    .map(|(r, p)| wire::AuthzPolicy {
+        name: format!("{}/{}", r.namespace(), r.name()),
+        action: match p.action {
+            A::Allow => wire::AuthzAction::Allow,
+            A::Deny => wire::AuthzAction::Deny,
+            A::Audit => wire::AuthzAction::Audit,
+            A::Custom => wire::AuthzAction::Custom,
+        } as i32,
+        provider: p.provider.as_ref().and_then(|x| x.name.clone()),
+        rules: p
+            .rules
+            .iter()
+            .map(|rule| wire::AuthzRule {
+                from: rule
+                    .from
                     .iter()
-                    .map(|h| wire::JwtHeader {
-                        name: h.name.clone(),
-                        prefix: h.prefix.clone(),
+                    .filter_map(|f| f.source.as_ref())
+                    .map(|x| wire::AuthzSource {
+                        principals: x.principals.clone(),
+                        not_principals: x.not_principals.clone(),
+                        request_principals: x.request_principals.clone(),
+                        not_request_principals: x.not_request_principals.clone(),
+                        namespaces: x.namespaces.clone(),
+                        not_namespaces: x.not_namespaces.clone(),
+                        service_accounts: x.service_accounts.clone(),
+                        not_service_accounts: x.not_service_accounts.clone(),
+                        ip_blocks: x.ip_blocks.clone(),
+                        not_ip_blocks: x.not_ip_blocks.clone(),
+                        remote_ip_blocks: x.remote_ip_blocks.clone(),
+                        not_remote_ip_blocks: x.not_remote_ip_blocks.clone(),
+                        trust_domains: x.trust_domains.clone(),
+                        not_trust_domains: x.not_trust_domains.clone(),
                     })
                     .collect(),
-                from_params: j.from_params.clone(),
-                from_cookies: j.from_cookies.clone(),
-                forward_original_token: j.forward_original_token.unwrap_or(false),
-                output_payload_to_header: j.output_payload_to_header.clone(),
-                output_claim_to_headers: j
-                    .output_claim_to_headers
+                to: rule
+                    .to
                     .iter()
-                    .map(|c| wire::ClaimToHeader {
-                        header: c.header.clone(),
-                        claim: c.claim.clone(),
+                    .filter_map(|t| t.operation.as_ref())
+                    .map(|o| wire::AuthzOperation {
+                        hosts: o.hosts.clone(),
+                        not_hosts: o.not_hosts.clone(),
+                        ports: o.ports.clone(),
+                        not_ports: o.not_ports.clone(),
+                        methods: o.methods.clone(),
+                        not_methods: o.not_methods.clone(),
+                        paths: o.paths.clone(),
+                        not_paths: o.not_paths.clone(),
+                    })
+                    .collect(),
+                when: rule
+                    .when
+                    .iter()
+                    .map(|c| wire::AuthzCondition {
+                        key: c.key.clone(),
+                        values: c.values.clone(),
+                        not_values: c.not_values.clone(),
                     })
                     .collect(),
             })
+            .collect(),
+    })
+    .collect()
+}
+
+/// The RequestAuthentication jwtRules that apply to `me`, selected as AuthorizationPolicies
+/// are (see `MeshConfig::selecting`).
+pub fn jwt_rules_for(cfg: &MeshConfig<'_>, me: &Instance) -> Vec<wire::JwtRule> {
+    cfg.selecting(
+        me,
+        |s| match s {
+            Spec::RequestAuthentication(p) => Some(p),
+            _ => None,
+        },
+        |p| {
+            let targeted = p.target_ref.is_some() || !p.target_refs.is_empty();
+            (p.selector.as_ref(), targeted)
+        },
+    )
+    .into_iter()
+    .flat_map(|(r, p)| {
+        let policy = format!("{}/{}", r.namespace(), r.name());
+        p.jwt_rules.iter().map(move |j| wire::JwtRule {
+            policy: policy.clone(),
+            issuer: j.issuer.clone().unwrap_or_default(),
+            audiences: j.audiences.clone(),
+            jwks: j.jwks.clone(),
+            jwks_uri: j.jwks_uri().map(str::to_string),
+            from_headers: j
+                .from_headers
+                .iter()
+                .map(|h| wire::JwtHeader {
+                    name: h.name.clone(),
+                    prefix: h.prefix.clone(),
+                })
+                .collect(),
+            from_params: j.from_params.clone(),
+            from_cookies: j.from_cookies.clone(),
+            forward_original_token: j.forward_original_token.unwrap_or(false),
+            output_payload_to_header: j.output_payload_to_header.clone(),
+            output_claim_to_headers: j
+                .output_claim_to_headers
+                .iter()
+                .map(|c| wire::ClaimToHeader {
+                    header: c.header.clone(),
+                    claim: c.claim.clone(),
+                })
+                .collect(),
         })
-        .collect()
+    })
+    .collect()
 }
 
 /// What decides everything in a sidecar's snapshot but its own workload section: its
@@ -546,7 +556,7 @@ pub fn sidecar_snapshot(
         }
         gateway_ports = ports;
     }
-    let workload = workload_of(cfg, me);
+    let workload = workload_of(cfg, reg, me);
     let registry_only = sidecar
         .and_then(|s| s.outbound_traffic_policy.as_ref())
         .and_then(|o| o.mode)

@@ -495,7 +495,7 @@ impl ControlPlane {
                     }
                 })
                 .clone();
-            let workload = Some(crate::mesh::workload_of(&cfg, &c.instance));
+            let workload = Some(crate::mesh::workload_of(&cfg, &registry, &c.instance));
             // Same content as last time: nothing to send (the version alone moved).
             if let Some(last) = &c.last {
                 if Arc::ptr_eq(&last.scope, &scope)
