@@ -523,6 +523,19 @@ async fn peer_authentication_strict_refuses_plaintext_and_disable_turns_mtls_off
     assert_eq!(echo(m.inbound, &[]).await.expect("response").status, 200);
 }
 
+/// Waits (at most 5 s) until `p` holds `n` AuthorizationPolicies.
+async fn holds_policies(p: &ProxyHandle, n: usize) {
+    let holds = common::eventually(Duration::from_secs(5), || {
+        p.config()
+            .raw
+            .workload
+            .as_ref()
+            .is_some_and(|w| w.authorization.len() == n)
+    })
+    .await;
+    assert!(holds, "{n} policies expected");
+}
+
 /// `method path` through web-0's proxy on a new connection: the status and body.
 async fn call(m: &Mesh, method: http::Method, path: &str) -> (u16, String) {
     let mut c = HttpClient::http1(m.web.outbound_addrs[0])
@@ -589,17 +602,7 @@ async fn authorization_policies_decide_who_may_call_what() {
         &m.store,
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: echo-tcp, namespace: shop}\nspec:\n  selector: {matchLabels: {app: reviews}}\n  rules:\n  - from: [{source: {namespaces: [web]}}]\n    to: [{operation: {ports: [\"{TCP}\"]}}]\n".replace("{TCP}", &m.inbound_tcp.port().to_string()).as_str(),
     );
-    assert!(
-        common::eventually(Duration::from_secs(5), || {
-            m.reviews
-                .config()
-                .raw
-                .workload
-                .as_ref()
-                .is_some_and(|w| w.authorization.len() == 2)
-        })
-        .await
-    );
+    holds_policies(&m.reviews, 2).await;
     assert_eq!(
         tcp_echo(m.web.outbound_addrs[1], b"tcp")
             .await
@@ -612,17 +615,7 @@ async fn authorization_policies_decide_who_may_call_what() {
         &m.store,
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-errors, namespace: shop}\nspec:\n  action: DENY\n  rules:\n  - to: [{operation: {paths: [\"/status/*\"], notPaths: [\"/status/200\"]}}]\n",
     );
-    assert!(
-        common::eventually(Duration::from_secs(5), || {
-            m.reviews
-                .config()
-                .raw
-                .workload
-                .as_ref()
-                .is_some_and(|w| w.authorization.len() == 3)
-        })
-        .await
-    );
+    holds_policies(&m.reviews, 3).await;
     assert_eq!(call(&m, http::Method::GET, "/status/500").await.0, 403);
     assert_eq!(call(&m, http::Method::GET, "/status/200").await.0, 200);
     // A policy elsewhere (another namespace, not the root) does not apply here.
@@ -630,7 +623,9 @@ async fn authorization_policies_decide_who_may_call_what() {
         &m.store,
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-all, namespace: web}\nspec:\n  action: DENY\n  rules: [{}]\n",
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // (It reached web-0, whose namespace it is; reviews still has its three.)
+    holds_policies(&m.web, 1).await;
+    holds_policies(&m.reviews, 3).await;
     assert_eq!(call(&m, http::Method::GET, "/echo").await.0, 200);
 
     // destination.ip is the address the request was sent to (reviews' 127.0.0.2).
@@ -638,17 +633,7 @@ async fn authorization_policies_decide_who_may_call_what() {
         &m.store,
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: by-destination, namespace: shop}\nspec:\n  action: DENY\n  rules:\n  - to: [{operation: {paths: [/bytes/7]}}]\n    when: [{key: destination.ip, values: [127.0.0.2/32]}]\n  - to: [{operation: {paths: [/bytes/8]}}]\n    when: [{key: destination.ip, values: [10.9.9.9]}]\n",
     );
-    assert!(
-        common::eventually(Duration::from_secs(5), || {
-            m.reviews
-                .config()
-                .raw
-                .workload
-                .as_ref()
-                .is_some_and(|w| w.authorization.len() == 4)
-        })
-        .await
-    );
+    holds_policies(&m.reviews, 4).await;
     assert_eq!(call(&m, http::Method::GET, "/bytes/7").await.0, 403);
     assert_eq!(call(&m, http::Method::GET, "/bytes/8").await.0, 200);
 }
