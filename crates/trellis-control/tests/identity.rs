@@ -255,36 +255,13 @@ async fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
 async fn over_tls_proxies_get_their_config_and_a_certificate_renewed_at_half_life() {
     use trellis_proxy::xds::{Endpoint, Token};
     let data = tempfile::tempdir().expect("tempdir");
-    let auth = Arc::new(Auth {
+    let (addr, cp, _, server) =
+        common::tls_control_plane(WEB_WORKLOAD, data.path(), data.path(), None).await;
+    // The same CA and token key, read from the control plane's directory.
+    let auth = Auth {
         ca: Ca::load_or_create(data.path(), "cluster.local").expect("ca"),
         tokens: Tokens::load_or_create(data.path()).expect("tokens"),
-    });
-    let store = Arc::new(ConfigStore::new());
-    for p in parse_text(
-        "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {name: web, namespace: web, labels: {app: web}}\nspec:\n  serviceAccount: web\n  command: [sleep, \"1\"]\n",
-        "w.yaml",
-        &LoadOptions::default(),
-    ) {
-        store.apply(p.resource().cloned().expect("parses"));
-    }
-    let cp = ControlPlane::new(Arc::clone(&store), Debounce::default());
-    tokio::spawn(Arc::clone(&cp).run());
-    let (creds, renew) = trellis_control::ads::serving_credentials(
-        Arc::clone(&auth),
-        vec!["trellis-control".into()],
-        vec!["127.0.0.1".parse().expect("ip")],
-    )
-    .expect("serving certificate");
-    tokio::spawn(renew);
-    let tls = trellis_identity::tls::server_config(creds, &[b"h2"]).expect("tls");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let server = tokio::spawn(trellis_control::ads::serve_with(
-        listener,
-        Arc::clone(&cp),
-        Some(Arc::clone(&auth)),
-        Some(Arc::new(tls)),
-    ));
+    };
     let token = auth.tokens.issue("web", "web", Duration::from_secs(60));
     let start = |ep: Endpoint| {
         let token = Token::Fixed(token.clone());
@@ -392,7 +369,9 @@ async fn over_tls_proxies_get_their_config_and_a_certificate_renewed_at_half_lif
     assert!(stats.certificates_issued_total.load(Ordering::Relaxed) >= 2);
 
     // The control plane goes away: renewals fail, and the certificate in hand stays.
-    server.abort();
+    for t in server {
+        t.abort();
+    }
     let failures = || stats.certificate_failures_total.load(Ordering::Relaxed);
     eventually("a failed renewal", Duration::from_secs(4), || {
         failures() > 0

@@ -65,7 +65,8 @@ pub async fn eventually<F: FnMut() -> bool>(within: Duration, mut f: F) -> bool 
     false
 }
 
-/// A control plane serving `config` on TLS with the CA of `ca_dir` (tokens signed with the key of
+/// A control plane serving `config` on TLS (its certificate names `trellis-control` and
+/// 127.0.0.1) with the CA of `ca_dir` (tokens signed with the key of
 /// `tokens_dir`), on `addr` (a free port when None); its store, and its tasks (to abort
 /// it).
 pub async fn tls_control_plane(
@@ -91,7 +92,7 @@ pub async fn tls_control_plane(
     let (creds, renew) = trellis_control::ads::serving_credentials(
         Arc::clone(&auth),
         vec!["trellis-control".into()],
-        vec![],
+        vec!["127.0.0.1".parse().expect("ip")],
     )
     .expect("serving certificate");
     let tls = trellis_identity::tls::server_config(creds, &[b"h2"]).expect("tls");
