@@ -99,7 +99,10 @@ fn run(n: usize) {
             .snapshots
             .borrow()
             .as_ref()
-            .map_or(0, |s| s.encode().len());
+            .map_or(0, |s| {
+                s.parts.iter().map(|p| p.any.value.len()).sum::<usize>()
+                    + s.proxy_part().any.value.len()
+            });
         let mut times = Vec::new();
         for round in 1..=5 {
             let start = Instant::now();

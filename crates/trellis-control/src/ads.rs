@@ -369,6 +369,15 @@ async fn create_certificate(
     }
 }
 
+/// A response sent and not yet answered: what the proxy holds if it ACKs it.
+struct Pending {
+    nonce: String,
+    version: String,
+    /// The resources sent (names and versions; bodies dropped).
+    sent: Vec<Resource>,
+    removed: Vec<String>,
+}
+
 /// One proxy's stream.
 async fn stream(
     cp: Arc<ControlPlane>,
@@ -440,34 +449,39 @@ async fn stream(
     let name = format!("{}.{}", announce.name, announce.namespace);
     tracing::info!(proxy = %name, "proxy connected");
     let mut session = cp.connect(instance(announce));
-    // Only the latest response is awaited (an older one's answer no longer matters).
-    let mut sent: Option<(String, String)> = None;
+    // What the proxy holds (name → version): what it said it had, then each response it
+    // ACKed. One response is in flight at a time; the next is the difference between the
+    // latest snapshot and what the proxy holds once it answered, so a refused response
+    // is simply sent again, with whatever changed since, at the next push.
+    let mut held = first.initial_resource_versions;
+    let mut pending: Option<Pending> = None;
     let mut nonce = 0u64;
     loop {
         tokio::select! {
-            changed = session.snapshots.changed() => {
+            changed = session.snapshots.changed(), if pending.is_none() => {
                 if changed.is_err() {
                     break;
                 }
                 let snap = session.snapshots.borrow_and_update().clone();
                 let Some(snap) = snap else { continue };
                 nonce += 1;
+                let own = snap.proxy_part();
+                let (resources, removed) = trellis_xds::delta::diff(&held, &snap.parts, &[&own]);
                 let resp = DeltaDiscoveryResponse {
                     system_version_info: snap.version.clone(),
-                    resources: vec![Resource {
-                        version: snap.version.clone(),
-                        name: name.clone(),
-                        resource: Some(prost_types::Any {
-                            type_url: SNAPSHOT_TYPE_URL.to_string(),
-                            value: snap.encode(),
-                        }),
-                    }],
+                    resources,
                     type_url: SNAPSHOT_TYPE_URL.to_string(),
                     nonce: nonce.to_string(),
-                    removed_resources: Vec::new(),
+                    removed_resources: removed,
                 };
-                sent = Some((nonce.to_string(), snap.version.clone()));
-                if tx.send(Frame::data(Bytes::from(frame(&resp)))).await.is_err() {
+                let bytes = Bytes::from(frame(&resp));
+                pending = Some(Pending {
+                    nonce: resp.nonce,
+                    version: snap.version.clone(),
+                    sent: resp.resources.into_iter().map(|r| Resource { resource: None, ..r }).collect(),
+                    removed: resp.removed_resources,
+                });
+                if tx.send(Frame::data(bytes)).await.is_err() {
                     break;
                 }
             }
@@ -478,14 +492,14 @@ async fn stream(
                 loop {
                     match deframer.next_message::<DeltaDiscoveryRequest>() {
                         Ok(Some(r)) => {
-                            let latest = sent
-                                .as_ref()
-                                .filter(|(n, _)| *n == r.response_nonce)
-                                .map(|(_, v)| v.clone());
-                            match (latest, r.error_detail) {
-                                (Some(version), Some(e)) => cp.nack(session.id, &version, &e.message),
-                                (Some(version), None) => cp.ack(session.id, &version),
-                                // An answer to an older response, or no answer at all.
+                            let answered = pending.take_if(|p| p.nonce == r.response_nonce);
+                            match (answered, r.error_detail) {
+                                (Some(p), Some(e)) => cp.nack(session.id, &p.version, &e.message),
+                                (Some(p), None) => {
+                                    trellis_xds::delta::record(&mut held, &p.sent, &p.removed);
+                                    cp.ack(session.id, &p.version);
+                                }
+                                // An answer to no response of ours, or no answer at all.
                                 (None, _) => {}
                             }
                         }

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
 use tokio::sync::{Notify, watch};
 use trellis_api::Resource;
 use trellis_xds::snapshot as wire;
@@ -63,8 +62,10 @@ pub struct Pushed {
     pub version: String,
     /// The scope's snapshot, without version or workload.
     pub scope: Arc<wire::Snapshot>,
-    /// `scope`, encoded.
-    scope_encoded: Bytes,
+    /// `scope`'s services and clusters as Delta ADS resources (made once per scope).
+    pub parts: Arc<Vec<trellis_xds::delta::Part>>,
+    /// The rest of `scope` (settings, gateway ports…).
+    own: Arc<wire::Snapshot>,
     pub workload: Option<wire::Workload>,
     /// The mesh's trust bundle (the same `Arc` for every proxy).
     pub trust_roots: Arc<Vec<String>>,
@@ -80,20 +81,38 @@ impl Pushed {
         s
     }
 
-    /// The whole snapshot's protobuf encoding, without assembling it: the scope's encoding
-    /// followed by that of the version and workload (fields the scope leaves unset; in
-    /// protobuf, concatenated messages merge).
-    pub fn encode(&self) -> Vec<u8> {
-        let own = wire::Snapshot {
-            version: self.version.clone(),
+    /// The `proxy` resource: everything but the services and clusters.
+    pub fn proxy_part(&self) -> trellis_xds::delta::Part {
+        trellis_xds::delta::proxy_part(&wire::Snapshot {
             workload: self.workload.clone(),
             trust_roots: (*self.trust_roots).clone(),
-            ..Default::default()
-        };
-        let mut out = Vec::with_capacity(self.scope_encoded.len() + 256);
-        out.extend_from_slice(&self.scope_encoded);
-        prost::Message::encode(&own, &mut out).unwrap_or_default();
-        out
+            ..(*self.own).clone()
+        })
+    }
+}
+
+/// One scope's translation, and what it travels as.
+#[derive(Clone)]
+struct Scope {
+    snapshot: Arc<wire::Snapshot>,
+    parts: Arc<Vec<trellis_xds::delta::Part>>,
+    /// `snapshot` without its services and clusters.
+    own: Arc<wire::Snapshot>,
+}
+
+impl Scope {
+    fn new(snapshot: wire::Snapshot) -> Scope {
+        let parts = Arc::new(trellis_xds::delta::shared_parts(&snapshot));
+        let own = Arc::new(wire::Snapshot {
+            services: Vec::new(),
+            clusters: Vec::new(),
+            ..snapshot.clone()
+        });
+        Scope {
+            snapshot: Arc::new(snapshot),
+            parts,
+            own,
+        }
     }
 }
 
@@ -180,7 +199,7 @@ pub struct ControlPlane {
     /// Held for the whole of a push.
     pushing: Mutex<()>,
     /// Each scope's translation at the last push, and its encoding.
-    scopes: Mutex<std::collections::HashMap<String, (Arc<wire::Snapshot>, Bytes)>>,
+    scopes: Mutex<std::collections::HashMap<String, Scope>>,
     next_id: AtomicU64,
     /// Bumped by connects and disconnects (the registry changes with them).
     membership: Notify,
@@ -472,11 +491,15 @@ impl ControlPlane {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner),
         );
-        let mut by_scope: std::collections::HashMap<String, (Arc<wire::Snapshot>, Bytes)> =
+        let mut by_scope: std::collections::HashMap<String, Scope> =
             std::collections::HashMap::new();
         for c in conns.values_mut() {
             let key = crate::mesh::scope_key(&cfg, &c.instance);
-            let (scope, encoded) = by_scope
+            let Scope {
+                snapshot: scope,
+                parts,
+                own,
+            } = by_scope
                 .entry(key)
                 .or_insert_with_key(|key| {
                     let built = sidecar_snapshot(&cfg, &registry, &c.instance, &version);
@@ -487,11 +510,8 @@ impl ControlPlane {
                     scope.version.clear();
                     scope.workload = None;
                     match previous.remove(key) {
-                        Some(prev) if *prev.0 == scope => prev,
-                        _ => {
-                            let encoded = Bytes::from(prost::Message::encode_to_vec(&scope));
-                            (Arc::new(scope), encoded)
-                        }
+                        Some(prev) if *prev.snapshot == scope => prev,
+                        _ => Scope::new(scope),
                     }
                 })
                 .clone();
@@ -508,7 +528,8 @@ impl ControlPlane {
             let fresh = Arc::new(Pushed {
                 version: format!("{version}-{}", self.pushes.load(Ordering::Relaxed) + 1),
                 scope,
-                scope_encoded: encoded,
+                parts,
+                own,
                 workload,
                 trust_roots: Arc::clone(&trust_roots),
             });
@@ -663,10 +684,21 @@ mod tests {
         let (sa, sb) = (pa.snapshot(), pb.snapshot());
         assert_eq!(sa.services, sb.services);
         assert_eq!(sa.clusters, sb.clusters);
-        // The encoding made from the shared parts decodes to the whole snapshot.
-        let decoded: wire::Snapshot =
-            prost::Message::decode(pa.encode().as_slice()).expect("decodes");
-        assert_eq!(decoded, sa);
+        // The shared parts and the proxy's own part rebuild the whole snapshot.
+        assert!(Arc::ptr_eq(&pa.parts, &pb.parts));
+        let own = pa.proxy_part();
+        let (resources, removed_resources) =
+            trellis_xds::delta::diff(&Default::default(), &pa.parts, &[&own]);
+        let resp = trellis_xds::ads::DeltaDiscoveryResponse {
+            system_version_info: pa.version.clone(),
+            resources,
+            removed_resources,
+            ..Default::default()
+        };
+        let (_, rebuilt) = trellis_xds::delta::Held::default()
+            .apply(&resp)
+            .expect("applies");
+        assert_eq!(rebuilt, sa);
         // Pushes are timed, and an ACK of the version sent counts toward convergence
         // (once: a repeated ACK does not).
         assert!(cp.push_seconds.count() >= 1);

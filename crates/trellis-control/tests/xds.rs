@@ -314,3 +314,213 @@ spec:
         "refused requests never reach the service"
     );
 }
+
+/// A bare Delta ADS client: sends what the test says, shows every response as it is.
+struct RawAds {
+    tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    body: hyper::body::Incoming,
+    deframer: trellis_xds::ads::Deframer,
+    _conn: tokio::task::JoinHandle<()>,
+}
+
+struct ChannelBody(tokio::sync::mpsc::Receiver<bytes::Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|d| d.map(|d| Ok(http_body::Frame::data(d))))
+    }
+}
+
+impl RawAds {
+    async fn connect(addr: SocketAddr, name: &str, held: &BTreeMap<String, String>) -> RawAds {
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .expect("h2");
+        let conn = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let req = http::Request::post(format!("http://{addr}{}", trellis_xds::ads::DELTA_ADS_PATH))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(ChannelBody(rx))
+            .expect("request");
+        let announce = Announce {
+            name: name.into(),
+            namespace: "web".into(),
+            service_account: "web".into(),
+            labels: [("app".to_string(), "web".to_string())]
+                .into_iter()
+                .collect(),
+            addresses: vec!["127.0.0.1".into()],
+            ports: vec![],
+            locality: None,
+        };
+        let first = trellis_xds::ads::DeltaDiscoveryRequest {
+            node: Some(announce.to_node()),
+            type_url: trellis_xds::ads::SNAPSHOT_TYPE_URL.into(),
+            resource_names_subscribe: vec!["*".into()],
+            initial_resource_versions: held.clone(),
+            ..Default::default()
+        };
+        tx.send(trellis_xds::ads::frame(&first).into())
+            .await
+            .expect("send");
+        let resp = sender.send_request(req).await.expect("response");
+        RawAds {
+            tx,
+            body: resp.into_body(),
+            deframer: trellis_xds::ads::Deframer::default(),
+            _conn: conn,
+        }
+    }
+
+    async fn next(&mut self) -> trellis_xds::ads::DeltaDiscoveryResponse {
+        use http_body_util::BodyExt;
+        let read = async {
+            loop {
+                if let Some(m) = self.deframer.next_message().expect("decodes") {
+                    return m;
+                }
+                let f = self.body.frame().await.expect("open").expect("frame");
+                if let Ok(d) = f.into_data() {
+                    self.deframer.push(&d);
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .expect("a response within 5 s")
+    }
+
+    /// No response for `d`.
+    async fn quiet_for(&mut self, d: Duration) -> bool {
+        tokio::time::timeout(d, self.next()).await.is_err()
+    }
+
+    async fn answer(&self, nonce: &str, error: Option<&str>) {
+        let answer = trellis_xds::ads::DeltaDiscoveryRequest {
+            type_url: trellis_xds::ads::SNAPSHOT_TYPE_URL.into(),
+            response_nonce: nonce.into(),
+            error_detail: error.map(|m| trellis_xds::ads::Status {
+                code: 3,
+                message: m.into(),
+            }),
+            ..Default::default()
+        };
+        self.tx
+            .send(trellis_xds::ads::frame(&answer).into())
+            .await
+            .expect("send");
+    }
+}
+
+fn names(r: &trellis_xds::ads::DeltaDiscoveryResponse) -> Vec<&str> {
+    r.resources.iter().map(|r| r.name.as_str()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_carry_only_the_resources_that_changed() {
+    use trellis_xds::delta::record;
+    let Mesh {
+        store,
+        cp,
+        xds_addr,
+        ..
+    } = mesh(SERVICES).await;
+    let mut held = BTreeMap::new();
+    let mut ads = RawAds::connect(xds_addr, "web-0", &held).await;
+
+    // The first push: everything, as one resource per service and cluster.
+    let first = ads.next().await;
+    let n = names(&first);
+    assert!(n.contains(&"proxy"), "{n:?}");
+    assert!(
+        n.contains(&"service/reviews.shop.svc.cluster.local"),
+        "{n:?}"
+    );
+    assert!(
+        n.iter().filter(|n| n.starts_with("cluster/")).count() >= 3,
+        "{n:?}"
+    );
+    assert!(first.removed_resources.is_empty());
+    record(&mut held, &first.resources, &first.removed_resources);
+    ads.answer(&first.nonce, None).await;
+
+    // An endpoint joins: only clusters travel, never the routes or the proxy's own part.
+    let (v3, _v3_handle) = {
+        let s = HttpServer::start().await.expect("v3");
+        let port = s.addr.port();
+        (cp.connect(reviews("v3", port)), s)
+    };
+    let churn = ads.next().await;
+    let n = names(&churn);
+    assert!(!n.is_empty(), "the new endpoint arrives");
+    assert!(n.iter().all(|n| n.starts_with("cluster/")), "{n:?}");
+    assert!(churn.resources.len() < first.resources.len());
+    record(&mut held, &churn.resources, &churn.removed_resources);
+    ads.answer(&churn.nonce, None).await;
+
+    // A route change: the service, and nothing else.
+    for r in parse(ALL_TO_V2) {
+        store.apply(r);
+    }
+    let routed = ads.next().await;
+    assert_eq!(names(&routed), ["service/reviews.shop.svc.cluster.local"]);
+    // Refused: the control plane does not count it as held, so it comes again with the
+    // next change (here the endpoint leaving again).
+    ads.answer(&routed.nonce, Some("not today")).await;
+    assert!(
+        eventually(Duration::from_secs(2), || cp
+            .status()
+            .iter()
+            .any(|s| s.instance == "web-0" && s.nacked.is_some()))
+        .await
+    );
+    assert!(
+        ads.quiet_for(Duration::from_millis(300)).await,
+        "no resend without a change"
+    );
+    cp.disconnect(v3.id);
+    // (The grace period keeps the departed endpoint for a while; the push comes after.)
+    let again = ads.next().await;
+    let n = names(&again);
+    assert!(
+        n.contains(&"service/reviews.shop.svc.cluster.local"),
+        "{n:?}"
+    );
+    assert!(!n.contains(&"proxy"), "{n:?}");
+    record(&mut held, &again.resources, &again.removed_resources);
+    ads.answer(&again.nonce, None).await;
+    drop(ads);
+
+    // Reconnecting with what it holds: an empty response, which it ACKs.
+    let mut ads = RawAds::connect(xds_addr, "web-0", &held).await;
+    let resync = ads.next().await;
+    assert!(resync.resources.is_empty(), "{:?}", names(&resync));
+    assert!(resync.removed_resources.is_empty());
+    ads.answer(&resync.nonce, None).await;
+    drop(ads);
+
+    // Holding something the mesh no longer has: told to drop it, by name.
+    held.insert("service/gone.shop.svc.cluster.local".into(), "0".into());
+    let mut ads = RawAds::connect(xds_addr, "web-0", &held).await;
+    let resync = ads.next().await;
+    assert_eq!(
+        resync.removed_resources,
+        ["service/gone.shop.svc.cluster.local"]
+    );
+    assert!(resync.resources.is_empty(), "{:?}", names(&resync));
+}

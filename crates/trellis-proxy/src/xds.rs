@@ -20,8 +20,10 @@ use rustls::pki_types::ServerName;
 use tokio::sync::mpsc;
 use trellis_xds::ads::{
     Announce, DELTA_ADS_PATH, Deframer, DeltaDiscoveryRequest, DeltaDiscoveryResponse,
-    SNAPSHOT_TYPE_URL, Status, frame, snapshot_of,
+    SNAPSHOT_TYPE_URL, Status, frame,
 };
+
+use trellis_xds::delta::Held;
 
 use crate::config::{Config, LoadEnv};
 use crate::proxy::Shared;
@@ -314,10 +316,13 @@ pub async fn follow_with(
     let ep = ep.into();
     let addr = ep.addr;
     let mut backoff = Duration::from_millis(100);
+    // The resources the running snapshot was made of: kept across reconnects, so that
+    // the control plane sends only what changed meanwhile.
+    let mut held = Held::default();
     loop {
         let ep = ep.trusting_snapshot(&shared);
         let result = match token.read() {
-            Ok(t) => session(&ep, &announce, t.as_deref(), &shared, &env).await,
+            Ok(t) => session(&ep, &announce, t.as_deref(), &shared, &env, &mut held).await,
             Err(e) => Err(e),
         };
         match result {
@@ -343,24 +348,17 @@ async fn session(
     token: Option<&str>,
     shared: &Arc<Shared>,
     env: &LoadEnv,
+    held: &mut Held,
 ) -> Result<(), String> {
     let mut sender = ep.connect().await?;
     let (req, tx) = grpc_request(ep, DELTA_ADS_PATH, token)?;
-    let current = shared.config.load();
     let first = DeltaDiscoveryRequest {
         node: Some(announce.to_node()),
         type_url: SNAPSHOT_TYPE_URL.to_string(),
         resource_names_subscribe: vec!["*".to_string()],
-        initial_resource_versions: if current.version.is_empty() {
-            Default::default()
-        } else {
-            [(announce.name.clone(), current.version.clone())]
-                .into_iter()
-                .collect()
-        },
+        initial_resource_versions: held.versions(),
         ..Default::default()
     };
-    drop(current);
     tx.send(Bytes::from(frame(&first)))
         .await
         .map_err(|_| "request stream closed".to_string())?;
@@ -379,7 +377,7 @@ async fn session(
         let f = match f.into_data() {
             Ok(d) => {
                 deframer.push(&d);
-                continue_with(&mut deframer, shared, env, &tx).await?;
+                continue_with(&mut deframer, shared, env, &tx, held).await?;
                 continue;
             }
             Err(f) => f,
@@ -391,46 +389,63 @@ async fn session(
     Ok(())
 }
 
-/// Applies every complete response, answering each with an ACK or a NACK.
+/// Applies every complete response, answering each with an ACK or a NACK. A response
+/// is applied whole (its resources with those held make the new snapshot) or not at all.
 async fn continue_with(
     deframer: &mut Deframer,
     shared: &Arc<Shared>,
     env: &LoadEnv,
     tx: &mpsc::Sender<Bytes>,
+    held: &mut Held,
 ) -> Result<(), String> {
     while let Some(resp) = deframer
         .next_message::<DeltaDiscoveryResponse>()
         .map_err(|e| e.to_string())?
     {
-        let mut error = None;
-        for r in &resp.resources {
-            let current = shared.config.load_full();
-            // Converting may resolve DNS names and read certificate files: off this thread,
-            // which also keeps the stream's keepalive answered.
-            let result = match snapshot_of(r) {
-                Err(e) => Err(e),
-                Ok(raw) => {
-                    let (prev, env) = (Arc::clone(&current), env.clone());
-                    tokio::task::spawn_blocking(move || {
-                        Config::from_wire_with(raw, Some(&prev), &env).map_err(|e| e.to_string())
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(e.to_string()))
-                }
-            };
-            match result {
-                Ok(cfg) => shared.update(cfg),
-                Err(e) => {
-                    Stats::inc(&shared.stats.config_rejections_total);
-                    tracing::error!(
-                        "snapshot {:?} refused, keeping version {:?}: {e}",
-                        r.version,
-                        current.version
-                    );
-                    error = Some(e);
-                }
+        let current = shared.config.load_full();
+        let result = match held.apply(&resp) {
+            Err(e) => Err(e),
+            // Nothing changed (a reconnect to a control plane with the same
+            // configuration): the running snapshot stays as it is.
+            Ok((next, _))
+                if resp.resources.is_empty()
+                    && resp.removed_resources.is_empty()
+                    && !held.is_empty() =>
+            {
+                Ok(Some(next))
             }
-        }
+            Ok((next, raw)) => {
+                // Converting may resolve DNS names and read certificate files: off this
+                // thread, which also keeps the stream's keepalive answered.
+                let (prev, env) = (Arc::clone(&current), env.clone());
+                tokio::task::spawn_blocking(move || {
+                    Config::from_wire_with(raw, Some(&prev), &env).map_err(|e| e.to_string())
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()))
+                .map(|cfg| {
+                    shared.update(cfg);
+                    Some(next)
+                })
+            }
+        };
+        let error = match result {
+            Ok(next) => {
+                if let Some(next) = next {
+                    *held = next;
+                }
+                None
+            }
+            Err(e) => {
+                Stats::inc(&shared.stats.config_rejections_total);
+                tracing::error!(
+                    "snapshot {:?} refused, keeping version {:?}: {e}",
+                    resp.system_version_info,
+                    current.version
+                );
+                Some(e)
+            }
+        };
         let answer = DeltaDiscoveryRequest {
             type_url: SNAPSHOT_TYPE_URL.to_string(),
             response_nonce: resp.nonce.clone(),

@@ -7,4 +7,5 @@
 //! edge and rejects a bad resource with a clear reason.
 
 pub mod ads;
+pub mod delta;
 pub mod snapshot;

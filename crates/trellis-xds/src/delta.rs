@@ -1,0 +1,403 @@
+//! Per-resource incremental pushes over Delta ADS.
+//!
+//! A proxy's snapshot travels as named resources, each an `Any`:
+//!
+//! - `proxy`: a [`Snapshot`] holding everything but the services and clusters (the
+//!   proxy's own workload, its settings, gateway ports and the trust bundle);
+//! - `service/<hostname>`: one [`Service`] with its ports and routes;
+//! - `cluster/<name>`: one [`Cluster`] with its traffic policy and endpoints.
+//!
+//! A resource's version is a hash of its encoding, so the control plane sends a proxy only
+//! the resources whose content differs from what the proxy holds, and names the ones it
+//! must drop in `removed_resources`: an endpoint that comes or goes resends that one
+//! cluster, never the routes. One response carries every change of one push, and the
+//! proxy applies it whole or not at all ([`Held::apply`]), so it never runs a half-applied
+//! push (a route naming a cluster that has not arrived yet).
+//!
+//! A proxy that reconnects says what it holds (`initial_resource_versions`), and is sent
+//! only what changed meanwhile.
+
+use std::collections::BTreeMap;
+
+use prost::Message;
+
+use crate::ads::{DeltaDiscoveryResponse, Resource};
+use crate::snapshot::{Cluster, Service, Snapshot};
+
+/// The type URL of the `proxy` resource (and of a whole snapshot sent as one resource).
+pub const SNAPSHOT_TYPE_URL: &str = crate::ads::SNAPSHOT_TYPE_URL;
+pub const SERVICE_TYPE_URL: &str = "type.googleapis.com/trellis.snapshot.v1.Service";
+pub const CLUSTER_TYPE_URL: &str = "type.googleapis.com/trellis.snapshot.v1.Cluster";
+/// The name of the resource holding the proxy's own part of the snapshot.
+pub const PROXY_RESOURCE: &str = "proxy";
+
+/// One named resource, encoded, with its version (a hash of the encoding).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Part {
+    pub name: String,
+    pub version: String,
+    pub any: prost_types::Any,
+}
+
+impl Part {
+    fn new(name: String, type_url: &str, value: Vec<u8>) -> Part {
+        Part {
+            name,
+            version: version_of(&value),
+            any: prost_types::Any {
+                type_url: type_url.to_string(),
+                value,
+            },
+        }
+    }
+
+    fn resource(&self) -> Resource {
+        Resource {
+            version: self.version.clone(),
+            name: self.name.clone(),
+            resource: Some(self.any.clone()),
+        }
+    }
+}
+
+/// FNV-1a, 64 bits, in hex: stable across processes and releases, so that a proxy
+/// reconnecting to a restarted control plane is not sent what it already has.
+fn version_of(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Names `base`, or `base#2`, `base#3`… when an earlier resource took it.
+fn unique(base: String, taken: &mut BTreeMap<String, usize>) -> String {
+    let n = taken.entry(base.clone()).or_insert(0);
+    *n += 1;
+    if *n == 1 { base } else { format!("{base}#{n}") }
+}
+
+/// The services and clusters of `s` as resources, sorted by name (services by hostname,
+/// in the order a proxy puts them back: see [`Held::apply`]). The rest of `s` is left for
+/// [`proxy_part`].
+pub fn shared_parts(s: &Snapshot) -> Vec<Part> {
+    let mut services: Vec<&Service> = s.services.iter().collect();
+    services.sort_by(|a, b| a.hostname.cmp(&b.hostname));
+    let mut clusters: Vec<&Cluster> = s.clusters.iter().collect();
+    clusters.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut taken = BTreeMap::new();
+    let mut parts = Vec::with_capacity(services.len() + clusters.len());
+    for svc in services {
+        let name = unique(format!("service/{}", svc.hostname), &mut taken);
+        parts.push(Part::new(name, SERVICE_TYPE_URL, svc.encode_to_vec()));
+    }
+    for c in clusters {
+        let name = unique(format!("cluster/{}", c.name), &mut taken);
+        parts.push(Part::new(name, CLUSTER_TYPE_URL, c.encode_to_vec()));
+    }
+    parts.sort_by(|a, b| a.name.cmp(&b.name));
+    parts
+}
+
+/// The `proxy` resource: `s` without its services, clusters and version.
+pub fn proxy_part(s: &Snapshot) -> Part {
+    let own = Snapshot {
+        version: String::new(),
+        services: Vec::new(),
+        clusters: Vec::new(),
+        ..s.clone()
+    };
+    Part::new(
+        PROXY_RESOURCE.to_string(),
+        SNAPSHOT_TYPE_URL,
+        own.encode_to_vec(),
+    )
+}
+
+/// What to send a proxy that holds `held` (name → version) so that it ends up with
+/// exactly `want` (sorted by name, as [`shared_parts`] makes them, plus `extra`
+/// anywhere): the resources that are new or differ, and the names to drop.
+pub fn diff(
+    held: &BTreeMap<String, String>,
+    want: &[Part],
+    extra: &[&Part],
+) -> (Vec<Resource>, Vec<String>) {
+    let mut send = Vec::new();
+    let mut wanted = std::collections::HashSet::with_capacity(want.len() + extra.len());
+    for p in want.iter().chain(extra.iter().copied()) {
+        wanted.insert(p.name.as_str());
+        if held.get(&p.name) != Some(&p.version) {
+            send.push(p.resource());
+        }
+    }
+    let removed = held
+        .keys()
+        .filter(|k| !wanted.contains(k.as_str()))
+        .cloned()
+        .collect();
+    (send, removed)
+}
+
+/// Applies a response's changes to `held` (what the control plane knows the proxy has,
+/// once the proxy ACKs).
+pub fn record(held: &mut BTreeMap<String, String>, sent: &[Resource], removed: &[String]) {
+    for r in sent {
+        held.insert(r.name.clone(), r.version.clone());
+    }
+    for name in removed {
+        held.remove(name);
+    }
+}
+
+/// One resource a proxy holds, decoded.
+#[derive(Debug, Clone, PartialEq)]
+enum Piece {
+    Proxy(Box<Snapshot>),
+    Service(Service),
+    Cluster(Box<Cluster>),
+}
+
+/// The resources a proxy holds, from which its snapshot is put together.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Held {
+    pieces: BTreeMap<String, (String, Piece)>,
+}
+
+impl Held {
+    /// Name → version of every resource held (a reconnecting proxy's
+    /// `initial_resource_versions`).
+    pub fn versions(&self) -> BTreeMap<String, String> {
+        self.pieces
+            .iter()
+            .map(|(k, (v, _))| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+
+    /// What holding `resp`'s changes too would be, and the snapshot they make (version
+    /// `resp.system_version_info`); `self` is untouched, so a response the proxy refuses
+    /// leaves it as it was. A resource of an unknown type, or one that does not decode,
+    /// refuses the whole response.
+    pub fn apply(&self, resp: &DeltaDiscoveryResponse) -> Result<(Held, Snapshot), String> {
+        let mut next = self.clone();
+        for name in &resp.removed_resources {
+            next.pieces.remove(name);
+        }
+        for r in &resp.resources {
+            let any = r
+                .resource
+                .as_ref()
+                .ok_or_else(|| format!("resource {:?} has no body", r.name))?;
+            let bad = |e: prost::DecodeError| format!("resource {:?}: {e}", r.name);
+            let piece = match any.type_url.as_str() {
+                SNAPSHOT_TYPE_URL => Piece::Proxy(Box::new(
+                    Snapshot::decode(any.value.as_slice()).map_err(bad)?,
+                )),
+                SERVICE_TYPE_URL => {
+                    Piece::Service(Service::decode(any.value.as_slice()).map_err(bad)?)
+                }
+                CLUSTER_TYPE_URL => Piece::Cluster(Box::new(
+                    Cluster::decode(any.value.as_slice()).map_err(bad)?,
+                )),
+                other => {
+                    return Err(format!(
+                        "resource {:?} has an unexpected type {other:?}",
+                        r.name
+                    ));
+                }
+            };
+            next.pieces
+                .insert(r.name.clone(), (r.version.clone(), piece));
+        }
+        let snapshot = next.snapshot(&resp.system_version_info)?;
+        Ok((next, snapshot))
+    }
+
+    /// The snapshot the held resources make.
+    fn snapshot(&self, version: &str) -> Result<Snapshot, String> {
+        let mut proxies = self.pieces.values().filter_map(|(_, p)| match p {
+            Piece::Proxy(s) => Some(s),
+            _ => None,
+        });
+        let mut s = match (proxies.next(), proxies.next()) {
+            (Some(s), None) => (**s).clone(),
+            (None, _) => return Err("no proxy resource (the snapshot's own part)".into()),
+            (Some(_), Some(_)) => return Err("more than one proxy resource".into()),
+        };
+        s.version = version.to_string();
+        // In name order: services by hostname, as the control plane translated them.
+        for (_, p) in self.pieces.values() {
+            match p {
+                Piece::Service(svc) => s.services.push(svc.clone()),
+                Piece::Cluster(c) => s.clusters.push((**c).clone()),
+                Piece::Proxy(_) => {}
+            }
+        }
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::{Endpoint, Workload};
+
+    fn snap(endpoint: &str, route_hosts: usize) -> Snapshot {
+        let mut s = Snapshot {
+            version: "v".into(),
+            workload: Some(Workload {
+                name: "web-0".into(),
+                namespace: "default".into(),
+                ..Default::default()
+            }),
+            trust_roots: vec!["root".into()],
+            ..Default::default()
+        };
+        for h in ["b.default.svc.cluster.local", "a.default.svc.cluster.local"] {
+            s.services.push(Service {
+                hostname: h.into(),
+                addresses: vec!["240.240.0.1".into(); route_hosts],
+                ..Default::default()
+            });
+        }
+        s.clusters.push(Cluster {
+            name: "outbound|80||a.default.svc.cluster.local".into(),
+            endpoints: vec![Endpoint {
+                address: endpoint.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        s
+    }
+
+    fn respond(
+        held: &BTreeMap<String, String>,
+        s: &Snapshot,
+        version: &str,
+    ) -> DeltaDiscoveryResponse {
+        let shared = shared_parts(s);
+        let own = proxy_part(s);
+        let (resources, removed_resources) = diff(held, &shared, &[&own]);
+        DeltaDiscoveryResponse {
+            system_version_info: version.into(),
+            resources,
+            removed_resources,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_first_push_sends_everything_and_the_proxy_rebuilds_the_snapshot() {
+        let s = snap("10.0.0.1:80", 1);
+        let resp = respond(&BTreeMap::new(), &s, "r1");
+        let names: Vec<&str> = resp.resources.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "cluster/outbound|80||a.default.svc.cluster.local",
+                "service/a.default.svc.cluster.local",
+                "service/b.default.svc.cluster.local",
+                "proxy"
+            ]
+        );
+        let (held, rebuilt) = Held::default().apply(&resp).expect("applies");
+        let mut expected = s.clone();
+        expected.version = "r1".into();
+        expected
+            .services
+            .sort_by(|a, b| a.hostname.cmp(&b.hostname));
+        assert_eq!(rebuilt, expected);
+        assert_eq!(held.versions().len(), 4);
+    }
+
+    #[test]
+    fn endpoint_churn_resends_only_its_cluster_and_nothing_unchanged_is_resent() {
+        let s1 = snap("10.0.0.1:80", 1);
+        let (held, _) = Held::default()
+            .apply(&respond(&BTreeMap::new(), &s1, "r1"))
+            .expect("applies");
+        let s2 = snap("10.0.0.2:80", 1);
+        let resp = respond(&held.versions(), &s2, "r2");
+        let names: Vec<&str> = resp.resources.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["cluster/outbound|80||a.default.svc.cluster.local"]);
+        assert!(resp.removed_resources.is_empty());
+        let (held, rebuilt) = held.apply(&resp).expect("applies");
+        assert_eq!(rebuilt.clusters[0].endpoints[0].address, "10.0.0.2:80");
+        assert_eq!(rebuilt.services.len(), 2);
+        assert_eq!(rebuilt.version, "r2");
+        // The same content again: nothing at all.
+        let resp = respond(&held.versions(), &s2, "r3");
+        assert!(resp.resources.is_empty() && resp.removed_resources.is_empty());
+    }
+
+    #[test]
+    fn a_service_that_goes_is_removed_by_name() {
+        let s1 = snap("10.0.0.1:80", 1);
+        let (held, _) = Held::default()
+            .apply(&respond(&BTreeMap::new(), &s1, "r1"))
+            .expect("applies");
+        let mut s2 = s1.clone();
+        s2.services.retain(|s| s.hostname.starts_with('a'));
+        let resp = respond(&held.versions(), &s2, "r2");
+        assert!(resp.resources.is_empty());
+        assert_eq!(
+            resp.removed_resources,
+            ["service/b.default.svc.cluster.local"]
+        );
+        let (_, rebuilt) = held.apply(&resp).expect("applies");
+        assert_eq!(rebuilt.services.len(), 1);
+    }
+
+    #[test]
+    fn a_refused_response_leaves_what_is_held_and_duplicates_get_their_own_names() {
+        let s = snap("10.0.0.1:80", 1);
+        let (held, _) = Held::default()
+            .apply(&respond(&BTreeMap::new(), &s, "r1"))
+            .expect("applies");
+        let mut bad = respond(&BTreeMap::new(), &s, "r2");
+        bad.resources[0].resource = Some(prost_types::Any {
+            type_url: "type.googleapis.com/other".into(),
+            value: Vec::new(),
+        });
+        let e = held.apply(&bad).expect_err("refused");
+        assert!(e.contains("unexpected type"), "{e}");
+        let mut undecodable = respond(&BTreeMap::new(), &s, "r2");
+        if let Some(a) = undecodable.resources[0].resource.as_mut() {
+            a.value = vec![0xff, 0xff];
+        }
+        assert!(held.apply(&undecodable).is_err());
+        // Without the proxy resource there is no snapshot.
+        let mut headless = respond(&BTreeMap::new(), &s, "r2");
+        headless.resources.retain(|r| r.name != PROXY_RESOURCE);
+        assert!(Held::default().apply(&headless).is_err());
+
+        let mut twice = s.clone();
+        twice.services.push(twice.services[0].clone());
+        let names: Vec<String> = shared_parts(&twice).into_iter().map(|p| p.name).collect();
+        assert!(names.contains(&"service/b.default.svc.cluster.local#2".to_string()));
+    }
+
+    #[test]
+    fn a_whole_snapshot_as_one_resource_still_applies() {
+        let s = snap("10.0.0.1:80", 1);
+        let resp = DeltaDiscoveryResponse {
+            system_version_info: "r1".into(),
+            resources: vec![Resource {
+                version: "r1".into(),
+                name: "web-0.default".into(),
+                resource: Some(prost_types::Any {
+                    type_url: SNAPSHOT_TYPE_URL.into(),
+                    value: s.encode_to_vec(),
+                }),
+            }],
+            ..Default::default()
+        };
+        let (_, rebuilt) = Held::default().apply(&resp).expect("applies");
+        assert_eq!(rebuilt.services, s.services);
+    }
+}
