@@ -32,6 +32,10 @@ pub struct ControlPlaneArgs {
     /// …or at the latest this long after the first change.
     #[arg(long, default_value = "1s")]
     debounce_max: trellis_api::common::Duration,
+    /// At most this many proxies have a push in flight (sent, not yet acknowledged) at
+    /// once; the others wait their turn.
+    #[arg(long, default_value_t = trellis_control::server::DEFAULT_PUSH_CONCURRENCY)]
+    push_concurrency: usize,
     /// Where the CA's root and the token key live (created on first start).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
@@ -165,6 +169,7 @@ pub fn run_control_plane(args: &ControlPlaneArgs) -> anyhow::Result<ExitCode> {
             trellis_control::server::DEFAULT_GRACE,
             &args.trust_domain,
         );
+        cp.set_push_concurrency(args.push_concurrency);
         tokio::spawn(Arc::clone(&cp).run());
         let auth = if args.no_auth {
             eprintln!("warning: --no-auth: proxies' announcements are not checked against tokens");

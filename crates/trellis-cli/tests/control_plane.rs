@@ -279,6 +279,17 @@ async fn proxies_follow_the_control_plane_and_proxy_status_shows_a_nack() {
             && !text.contains("trellis_control_push_seconds_count 0\n"),
         "{text}"
     );
+    // Resources went out, and pushes in flight are reported.
+    assert!(
+        text.contains("# TYPE trellis_control_pushes_in_flight gauge"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("trellis_control_resources_sent_total ")
+                && l.split(' ').nth(1).and_then(|n| n.parse::<u64>().ok()) >= Some(2)),
+        "{text}"
+    );
     // What web-0 was sent, through the control plane.
     let config = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_trellis"))

@@ -25,7 +25,7 @@ use trellis_xds::ads::{
 };
 
 use crate::registry::{Instance, InstancePort};
-use crate::server::ControlPlane;
+use crate::server::{ControlPlane, PUSH_SLOT_HOLD};
 
 /// A response body fed by a channel (a gRPC server stream).
 struct ChannelBody(mpsc::Receiver<Frame<Bytes>>);
@@ -371,11 +371,20 @@ async fn create_certificate(
 
 /// A response sent and not yet answered: what the proxy holds if it ACKs it.
 struct Pending {
+    /// The push slot it holds, until the answer or the deadline.
+    slot: Option<(tokio::sync::OwnedSemaphorePermit, tokio::time::Instant)>,
     nonce: String,
     version: String,
     /// The resources sent (names and versions; bodies dropped).
     sent: Vec<Resource>,
     removed: Vec<String>,
+}
+
+async fn slot_deadline(pending: &Option<Pending>) {
+    match pending.as_ref().and_then(|p| p.slot.as_ref()) {
+        Some((_, at)) => tokio::time::sleep_until(*at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// One proxy's stream.
@@ -462,6 +471,12 @@ async fn stream(
                 if changed.is_err() {
                     break;
                 }
+                if session.snapshots.borrow().is_none() {
+                    session.snapshots.borrow_and_update();
+                    continue;
+                }
+                // Wait for a push slot first (the latest snapshot is taken once it is ours).
+                let slot = cp.push_slot().await;
                 let snap = session.snapshots.borrow_and_update().clone();
                 let Some(snap) = snap else { continue };
                 nonce += 1;
@@ -475,7 +490,9 @@ async fn stream(
                     removed_resources: removed,
                 };
                 let bytes = Bytes::from(frame(&resp));
+                cp.resources_sent(resp.resources.len());
                 pending = Some(Pending {
+                    slot: slot.map(|s| (s, tokio::time::Instant::now() + PUSH_SLOT_HOLD)),
                     nonce: resp.nonce,
                     version: snap.version.clone(),
                     sent: resp.resources.into_iter().map(|r| Resource { resource: None, ..r }).collect(),
@@ -483,6 +500,12 @@ async fn stream(
                 });
                 if tx.send(Frame::data(bytes)).await.is_err() {
                     break;
+                }
+            }
+            // A proxy slow to answer gives its slot back (its push stays in flight).
+            _ = slot_deadline(&pending), if pending.as_ref().is_some_and(|p| p.slot.is_some()) => {
+                if let Some(p) = pending.as_mut() {
+                    p.slot = None;
                 }
             }
             f = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)) => {

@@ -94,11 +94,13 @@ async fn handle(
                     .is_some_and(|(v, _)| Some(v) == s.sent.as_ref().map(|(sv, _)| sv))
             });
             let mut text = format!(
-                "# HELP trellis_control_connected_proxies Proxies connected now.\n# TYPE trellis_control_connected_proxies gauge\ntrellis_control_connected_proxies {}\n# HELP trellis_control_pushes_total Snapshots sent.\n# TYPE trellis_control_pushes_total counter\ntrellis_control_pushes_total {}\n# HELP trellis_control_nacking_proxies Proxies that refused the latest snapshot sent to them.\n# TYPE trellis_control_nacking_proxies gauge\ntrellis_control_nacking_proxies {}\n# HELP trellis_control_certificates_issued_total Workload certificates the CA signed.\n# TYPE trellis_control_certificates_issued_total counter\ntrellis_control_certificates_issued_total {}\n",
+                "# HELP trellis_control_connected_proxies Proxies connected now.\n# TYPE trellis_control_connected_proxies gauge\ntrellis_control_connected_proxies {}\n# HELP trellis_control_pushes_total Snapshots sent.\n# TYPE trellis_control_pushes_total counter\ntrellis_control_pushes_total {}\n# HELP trellis_control_nacking_proxies Proxies that refused the latest snapshot sent to them.\n# TYPE trellis_control_nacking_proxies gauge\ntrellis_control_nacking_proxies {}\n# HELP trellis_control_certificates_issued_total Workload certificates the CA signed.\n# TYPE trellis_control_certificates_issued_total counter\ntrellis_control_certificates_issued_total {}\n# HELP trellis_control_pushes_in_flight Pushes sent and not yet answered (bounded by --push-concurrency).\n# TYPE trellis_control_pushes_in_flight gauge\ntrellis_control_pushes_in_flight {}\n# HELP trellis_control_resources_sent_total Resources (services, clusters, proxy parts) sent to proxies: only those that changed.\n# TYPE trellis_control_resources_sent_total counter\ntrellis_control_resources_sent_total {}\n",
                 st.len(),
                 cp.pushes(),
                 nacking.count(),
-                cp.certificates_issued()
+                cp.certificates_issued(),
+                cp.pushes_in_flight(),
+                cp.resources_sent_total()
             );
             cp.push_seconds.render(
                 "trellis_control_push_seconds",

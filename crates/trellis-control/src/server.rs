@@ -216,7 +216,16 @@ pub struct ControlPlane {
     certificates_issued: AtomicU64,
     /// The trust bundle sent to every proxy.
     trust_roots: Mutex<Arc<Vec<String>>>,
+    /// Responses sent and not yet answered, across all proxies: at most this many.
+    push_slots: Mutex<(usize, Arc<tokio::sync::Semaphore>)>,
+    resources_sent: AtomicU64,
 }
+
+/// How many proxies may have a push in flight (sent, not yet answered) at once, by
+/// default (Istio's `PILOT_PUSH_THROTTLE` is 100 too).
+pub const DEFAULT_PUSH_CONCURRENCY: usize = 100;
+/// How long a push holds its slot waiting for the proxy's answer.
+pub const PUSH_SLOT_HOLD: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for ControlPlane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -264,7 +273,54 @@ impl ControlPlane {
             certificates: Mutex::new(std::collections::HashMap::new()),
             certificates_issued: AtomicU64::new(0),
             trust_roots: Mutex::new(Arc::new(Vec::new())),
+            push_slots: Mutex::new((
+                DEFAULT_PUSH_CONCURRENCY,
+                Arc::new(tokio::sync::Semaphore::new(DEFAULT_PUSH_CONCURRENCY)),
+            )),
+            resources_sent: AtomicU64::new(0),
         })
+    }
+
+    /// At most `n` (at least 1) proxies have a push in flight at once; the others wait
+    /// for a slot. Applies to pushes that start after the call.
+    pub fn set_push_concurrency(&self, n: usize) {
+        let n = n.max(1);
+        *self
+            .push_slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) =
+            (n, Arc::new(tokio::sync::Semaphore::new(n)));
+    }
+
+    /// A slot for one push, held until the proxy answers or [`PUSH_SLOT_HOLD`] passes.
+    pub async fn push_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let slots = Arc::clone(
+            &self
+                .push_slots
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .1,
+        );
+        slots.acquire_owned().await.ok()
+    }
+
+    /// Pushes sent and not yet answered (or given up on).
+    pub fn pushes_in_flight(&self) -> usize {
+        let slots = self
+            .push_slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        slots.0.saturating_sub(slots.1.available_permits())
+    }
+
+    /// `n` resources went to a proxy.
+    pub fn resources_sent(&self, n: usize) {
+        self.resources_sent.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Resources sent to proxies since the start.
+    pub fn resources_sent_total(&self) -> u64 {
+        self.resources_sent.load(Ordering::Relaxed)
     }
 
     fn conns(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Conn>> {

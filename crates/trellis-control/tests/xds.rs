@@ -524,3 +524,26 @@ async fn pushes_carry_only_the_resources_that_changed() {
     );
     assert!(resync.resources.is_empty(), "{:?}", names(&resync));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_in_flight_are_bounded() {
+    let Mesh { cp, xds_addr, .. } = mesh(SERVICES).await;
+    cp.set_push_concurrency(1);
+    let mut a = RawAds::connect(xds_addr, "web-0", &BTreeMap::new()).await;
+    let first_a = a.next().await;
+    assert_eq!(cp.pushes_in_flight(), 1);
+    // web-1 connects while web-0's push is unanswered: it waits for the slot.
+    let mut b = RawAds::connect(xds_addr, "web-1", &BTreeMap::new()).await;
+    assert!(
+        b.quiet_for(Duration::from_millis(400)).await,
+        "web-1 waits its turn"
+    );
+    a.answer(&first_a.nonce, None).await;
+    let first_b = b.next().await;
+    assert!(names(&first_b).contains(&"proxy"));
+    b.answer(&first_b.nonce, None).await;
+    assert!(eventually(Duration::from_secs(2), || cp.pushes_in_flight() == 0).await);
+    assert!(
+        cp.resources_sent_total() >= (first_a.resources.len() + first_b.resources.len()) as u64
+    );
+}
