@@ -21,8 +21,10 @@ use tokio::sync::mpsc;
 use trellis_xds::ads::{
     Announce, CREATE_CERTIFICATE_PATH, DELTA_ADS_PATH, Deframer, DeltaDiscoveryRequest,
     DeltaDiscoveryResponse, INSTANCE_NAME_KEY, IstioCertificateRequest, IstioCertificateResponse,
-    Resource, SNAPSHOT_TYPE_URL, frame,
+    SNAPSHOT_TYPE_URL, frame,
 };
+
+use trellis_xds::delta::Holding;
 
 use crate::registry::{Instance, InstancePort};
 use crate::server::{ControlPlane, PUSH_SLOT_HOLD};
@@ -375,9 +377,8 @@ struct Pending {
     slot: Option<(tokio::sync::OwnedSemaphorePermit, tokio::time::Instant)>,
     nonce: String,
     version: String,
-    /// The resources sent (names and versions; bodies dropped).
-    sent: Vec<Resource>,
-    removed: Vec<String>,
+    /// What the proxy holds once it applied it.
+    holds: Holding,
 }
 
 async fn slot_deadline(pending: &Option<Pending>) {
@@ -462,7 +463,7 @@ async fn stream(
     // ACKed. One response is in flight at a time; the next is the difference between the
     // latest snapshot and what the proxy holds once it answered, so a refused response
     // is simply sent again, with whatever changed since, at the next push.
-    let mut held = first.initial_resource_versions;
+    let mut held = Holding::Listed(first.initial_resource_versions);
     let mut pending: Option<Pending> = None;
     let mut nonce = 0u64;
     loop {
@@ -481,7 +482,7 @@ async fn stream(
                 let Some(snap) = snap else { continue };
                 nonce += 1;
                 let own = snap.proxy_part();
-                let (resources, removed) = trellis_xds::delta::diff(&held, &snap.parts, &[&own]);
+                let (resources, removed) = held.diff(&snap.parts, &own);
                 let resp = DeltaDiscoveryResponse {
                     system_version_info: snap.version.clone(),
                     resources,
@@ -495,8 +496,7 @@ async fn stream(
                     slot: slot.map(|s| (s, tokio::time::Instant::now() + PUSH_SLOT_HOLD)),
                     nonce: resp.nonce,
                     version: snap.version.clone(),
-                    sent: resp.resources.into_iter().map(|r| Resource { resource: None, ..r }).collect(),
-                    removed: resp.removed_resources,
+                    holds: Holding::Parts { shared: Arc::clone(&snap.parts), own: own.version },
                 });
                 if tx.send(Frame::data(bytes)).await.is_err() {
                     break;
@@ -519,7 +519,7 @@ async fn stream(
                             match (answered, r.error_detail) {
                                 (Some(p), Some(e)) => cp.nack(session.id, &p.version, &e.message),
                                 (Some(p), None) => {
-                                    trellis_xds::delta::record(&mut held, &p.sent, &p.removed);
+                                    held = p.holds;
                                     cp.ack(session.id, &p.version);
                                 }
                                 // An answer to no response of ours, or no answer at all.

@@ -51,7 +51,7 @@ impl Part {
         }
     }
 
-    fn resource(&self) -> Resource {
+    pub fn resource(&self) -> Resource {
         Resource {
             version: self.version.clone(),
             name: self.name.clone(),
@@ -137,6 +137,78 @@ pub fn diff(
         .cloned()
         .collect();
     (send, removed)
+}
+
+/// What the control plane knows a proxy holds.
+#[derive(Debug, Clone)]
+pub enum Holding {
+    /// Name → version, as a reconnecting proxy lists them (`initial_resource_versions`).
+    Listed(BTreeMap<String, String>),
+    /// Exactly the shared parts of one scope and its own part of this version: what
+    /// every response ACKed leaves a proxy with. Proxies of one scope share the parts.
+    Parts {
+        shared: std::sync::Arc<Vec<Part>>,
+        own: String,
+    },
+}
+
+impl Holding {
+    /// What to send a proxy holding `self` so that it holds `shared` and `own`: the
+    /// resources that are new or differ, and the names to drop. From [`Holding::Parts`]
+    /// this is a merge of two sorted lists, and nothing at all when the scope's parts
+    /// are the very same.
+    pub fn diff(
+        &self,
+        shared: &std::sync::Arc<Vec<Part>>,
+        own: &Part,
+    ) -> (Vec<Resource>, Vec<String>) {
+        let (old, old_own) = match self {
+            Holding::Listed(held) => return diff(held, shared, &[own]),
+            Holding::Parts {
+                shared: old,
+                own: old_own,
+            } => (old, old_own),
+        };
+        let mut send = Vec::new();
+        let mut removed = Vec::new();
+        if !std::sync::Arc::ptr_eq(old, shared) {
+            let (mut a, mut b) = (old.iter().peekable(), shared.iter().peekable());
+            loop {
+                match (a.peek(), b.peek()) {
+                    (None, None) => break,
+                    (Some(x), None) => {
+                        removed.push(x.name.clone());
+                        a.next();
+                    }
+                    (None, Some(y)) => {
+                        send.push(y.resource());
+                        b.next();
+                    }
+                    (Some(x), Some(y)) => match x.name.cmp(&y.name) {
+                        std::cmp::Ordering::Less => {
+                            removed.push(x.name.clone());
+                            a.next();
+                        }
+                        std::cmp::Ordering::Greater => {
+                            send.push(y.resource());
+                            b.next();
+                        }
+                        std::cmp::Ordering::Equal => {
+                            if x.version != y.version {
+                                send.push(y.resource());
+                            }
+                            a.next();
+                            b.next();
+                        }
+                    },
+                }
+            }
+        }
+        if *old_own != own.version {
+            send.push(own.resource());
+        }
+        (send, removed)
+    }
 }
 
 /// Applies a response's changes to `held` (what the control plane knows the proxy has,
@@ -333,6 +405,52 @@ mod tests {
         // The same content again: nothing at all.
         let resp = respond(&held.versions(), &s2, "r3");
         assert!(resp.resources.is_empty() && resp.removed_resources.is_empty());
+    }
+
+    #[test]
+    fn held_parts_diff_as_a_list_of_names_would() {
+        let mut s1 = snap("10.0.0.1:80", 1);
+        let mut s2 = snap("10.0.0.2:80", 1);
+        s1.services.push(Service {
+            hostname: "c.default.svc.cluster.local".into(),
+            ..Default::default()
+        });
+        s2.services.push(Service {
+            hostname: "0.default.svc.cluster.local".into(),
+            ..Default::default()
+        });
+        s2.trust_roots.push("another root".into());
+        let (p1, p2) = (
+            std::sync::Arc::new(shared_parts(&s1)),
+            std::sync::Arc::new(shared_parts(&s2)),
+        );
+        let (o1, o2) = (proxy_part(&s1), proxy_part(&s2));
+        let mut listed = BTreeMap::new();
+        let (r, _) = diff(&listed, &p1, &[&o1]);
+        record(&mut listed, &r, &[]);
+        let parts = Holding::Parts {
+            shared: std::sync::Arc::clone(&p1),
+            own: o1.version.clone(),
+        };
+        let by_list = Holding::Listed(listed).diff(&p2, &o2);
+        let by_parts = parts.diff(&p2, &o2);
+        assert_eq!(by_list, by_parts);
+        let names: Vec<&str> = by_parts.0.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "cluster/outbound|80||a.default.svc.cluster.local",
+                "service/0.default.svc.cluster.local",
+                "proxy"
+            ]
+        );
+        assert_eq!(by_parts.1, ["service/c.default.svc.cluster.local"]);
+        // The very same parts and own part: nothing.
+        let same = Holding::Parts {
+            shared: std::sync::Arc::clone(&p2),
+            own: o2.version.clone(),
+        };
+        assert_eq!(same.diff(&p2, &o2), (vec![], vec![]));
     }
 
     #[test]
