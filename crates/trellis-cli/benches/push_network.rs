@@ -122,6 +122,7 @@ async fn fake_proxy(addr: SocketAddr, i: usize, state: Arc<Fake>) -> Result<(), 
         )],
         ports: vec![(Some("http".into()), 80)],
         locality: None,
+        workload_group: None,
     };
     let first = DeltaDiscoveryRequest {
         node: Some(announce.to_node()),

@@ -64,6 +64,7 @@ fn announce(name: &str, ns: &str, labels: &[(&str, &str)], port: u16) -> Announc
         addresses: vec!["127.0.0.1".into()],
         ports: vec![(Some("http".into()), port)],
         locality: None,
+        workload_group: None,
     }
 }
 

@@ -424,20 +424,52 @@ async fn stream(
         return;
     };
     let mut announce = announce;
+    let instance_group = announce.workload_group.clone();
+    // A VM's proxy registering under a WorkloadGroup: who it is comes from the group
+    // (its labels decide which services it serves), never from what the proxy says.
+    let registered = if let Some(group) = announce.workload_group.clone() {
+        let Some(t) = cp.workload_group(&announce.namespace, &group) else {
+            let why = format!(
+                "no WorkloadGroup {}/{group} in the configuration",
+                announce.namespace
+            );
+            tracing::warn!("{why}");
+            let _ = tx.send(grpc_trailers(5, &why)).await;
+            return;
+        };
+        announce.labels = t.labels;
+        announce.service_account = t.service_account;
+        if !t.ports.is_empty() {
+            announce.ports = t.ports.into_iter().map(|(n, p)| (Some(n), p)).collect();
+        }
+        if t.locality.is_some() {
+            announce.locality = t.locality;
+        }
+        true
+    } else {
+        false
+    };
     if let Some((ns, sa)) = &proven {
         if *ns != announce.namespace || *sa != announce.service_account {
-            let why = format!(
-                "the token proves {ns}/{sa}; the proxy announced {}/{}",
-                announce.namespace, announce.service_account
-            );
+            let why = match &instance_group {
+                Some(g) => format!(
+                    "the token proves {ns}/{sa}; WorkloadGroup {}/{g} runs as {}",
+                    announce.namespace, announce.service_account
+                ),
+                None => format!(
+                    "the token proves {ns}/{sa}; the proxy announced {}/{}",
+                    announce.namespace, announce.service_account
+                ),
+            };
             tracing::warn!("{why}");
             let _ = tx.send(grpc_trailers(7, &why)).await;
             return;
         }
         // Labels decide which services an instance serves: they come from the declared
-        // Workload, which must run under the token's service account, never from what the
-        // proxy says.
+        // Workload (or the WorkloadGroup), which must run under the token's service
+        // account, never from what the proxy says.
         match cp.declared_workload(ns, &announce.name) {
+            _ if registered => {}
             Some((labels, workload_sa)) if workload_sa == *sa => announce.labels = labels,
             Some((_, workload_sa)) => {
                 let why = format!(
@@ -458,7 +490,11 @@ async fn stream(
     }
     let name = format!("{}.{}", announce.name, announce.namespace);
     tracing::info!(proxy = %name, "proxy connected");
-    let mut session = cp.connect(instance(announce));
+    let mut instance = instance(announce);
+    if let Some(group) = &instance_group {
+        instance.workload = group.clone();
+    }
+    let mut session = cp.connect(instance);
     // What the proxy holds (name → version): what it said it had, then each response it
     // ACKed. One response is in flight at a time; the next is the difference between the
     // latest snapshot and what the proxy holds once it answered, so a refused response

@@ -54,6 +54,15 @@ pub struct ProxyStatus {
     pub certificate_expiry: Option<SystemTime>,
 }
 
+/// What an instance registering under a WorkloadGroup takes from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupTemplate {
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub service_account: String,
+    pub ports: Vec<(String, u16)>,
+    pub locality: Option<String>,
+}
+
 /// What one proxy is sent: the translation of its scope, shared by every proxy of that
 /// scope (and its encoding, made once), and its own workload. The control plane holds one
 /// copy of a scope's snapshot however many proxies it serves.
@@ -439,6 +448,43 @@ impl ControlPlane {
                                 .is_some_and(|rest| rest.starts_with('-'))) =>
                 {
                     Some((r.meta.labels.clone(), w.service_account().to_string()))
+                }
+                _ => None,
+            })
+    }
+
+    /// The template of WorkloadGroup `name` in `namespace`, for an instance that
+    /// registers under it: the group's labels (`metadata.labels`, then the template's),
+    /// service account (`default` when unset), ports and locality.
+    pub fn workload_group(&self, namespace: &str, name: &str) -> Option<GroupTemplate> {
+        self.store
+            .list(trellis_api::Kind::WorkloadGroup)
+            .iter()
+            .find_map(|r| match &r.spec {
+                trellis_api::Spec::WorkloadGroup(g)
+                    if r.namespace() == namespace && r.name() == name =>
+                {
+                    let mut labels = g
+                        .metadata
+                        .as_ref()
+                        .map(|m| m.labels.clone())
+                        .unwrap_or_default();
+                    labels.extend(g.template.labels.clone());
+                    Some(GroupTemplate {
+                        labels,
+                        service_account: g
+                            .template
+                            .service_account
+                            .clone()
+                            .unwrap_or_else(|| "default".to_string()),
+                        ports: g
+                            .template
+                            .ports
+                            .iter()
+                            .filter_map(|(n, p)| Some((n.clone(), u16::try_from(*p).ok()?)))
+                            .collect(),
+                        locality: g.template.locality.clone(),
+                    })
                 }
                 _ => None,
             })

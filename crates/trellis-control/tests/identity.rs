@@ -493,3 +493,158 @@ async fn a_new_root_reaches_the_proxies_before_it_signs_and_they_follow_the_rota
         "the old root alone does not vouch for the new control plane"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_registers_under_its_workload_group_and_leaves_with_its_proxy() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let auth = Arc::new(Auth {
+        ca: Ca::load_or_create(data.path(), "cluster.local").expect("ca"),
+        tokens: Tokens::load_or_create(data.path()).expect("tokens"),
+    });
+    let store = Arc::new(ConfigStore::new());
+    for p in parse_text(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: legacy, namespace: vms}
+spec:
+  selector: {app: legacy}
+  ports: [{name: http, port: 8080}]
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadGroup
+metadata: {name: legacy, namespace: vms}
+spec:
+  metadata:
+    labels: {app: legacy, version: v1}
+  template:
+    serviceAccount: legacy-vm
+    ports: {http: 8080}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: {name: web, namespace: vms, labels: {app: web}}
+spec:
+  serviceAccount: web
+  command: [sleep, "1"]
+"#,
+        "vms.yaml",
+        &LoadOptions::default(),
+    ) {
+        store.apply(p.resource().cloned().expect("parses"));
+    }
+    let cp = ControlPlane::with_grace(
+        Arc::clone(&store),
+        Debounce {
+            quiet: Duration::from_millis(20),
+            max: Duration::from_millis(100),
+        },
+        Duration::from_millis(200),
+    );
+    tokio::spawn(Arc::clone(&cp).run());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(trellis_control::ads::serve_with(
+        listener,
+        Arc::clone(&cp),
+        Some(Arc::clone(&auth)),
+        None,
+    ));
+    // A client of the service, to see its endpoints.
+    let web = follower(
+        addr,
+        announce("vms", "web"),
+        Some(auth.tokens.issue("vms", "web", Duration::from_secs(60))),
+    )
+    .await;
+    assert!(got_snapshot(&web, Duration::from_secs(5)).await);
+    let endpoints = |p: &ProxyHandle| -> Vec<String> {
+        let mut e: Vec<String> = p
+            .config()
+            .targets
+            .iter()
+            .filter(|t| t.hostname == "legacy.vms.svc.cluster.local")
+            .flat_map(|t| t.cluster.endpoints.iter().map(|e| e.addr.to_string()))
+            .collect();
+        e.sort();
+        e.dedup();
+        e
+    };
+    assert!(endpoints(&web).is_empty());
+
+    let vm = |name: &str, group: &str| Announce {
+        name: name.into(),
+        namespace: "vms".into(),
+        // Whatever the proxy says, the group's template decides.
+        service_account: "nobody".into(),
+        labels: [("app".to_string(), "web".to_string())]
+            .into_iter()
+            .collect(),
+        addresses: vec!["10.9.0.7".into()],
+        ports: vec![(Some("http".into()), 9999)],
+        workload_group: Some(group.into()),
+        ..Default::default()
+    };
+    // A token for another service account than the group's, and a group that does not
+    // exist: refused.
+    let wrong = follower(
+        addr,
+        vm("vm-1", "legacy"),
+        Some(auth.tokens.issue("vms", "web", Duration::from_secs(60))),
+    )
+    .await;
+    let nogroup = follower(
+        addr,
+        vm("vm-2", "nope"),
+        Some(
+            auth.tokens
+                .issue("vms", "legacy-vm", Duration::from_secs(60)),
+        ),
+    )
+    .await;
+    assert!(!got_snapshot(&wrong, Duration::from_millis(300)).await);
+    assert!(!got_snapshot(&nogroup, Duration::from_millis(100)).await);
+    assert!(endpoints(&web).is_empty());
+
+    // The VM with a token for the group's account: registered, with the group's labels
+    // and ports (app: legacy, port 8080), and it gets its own snapshot.
+    let good = trellis_proxy::start(Config::empty(), ProxyOptions::default())
+        .await
+        .expect("proxy");
+    let following = tokio::spawn(trellis_proxy::xds::follow_with_token(
+        addr,
+        vm("vm-3", "legacy"),
+        Some(
+            auth.tokens
+                .issue("vms", "legacy-vm", Duration::from_secs(60)),
+        ),
+        Arc::clone(&good.shared),
+        LoadEnv::default(),
+    ));
+    assert!(got_snapshot(&good, Duration::from_secs(5)).await);
+    eventually(
+        "the VM is an endpoint of legacy",
+        Duration::from_secs(5),
+        || endpoints(&web) == ["10.9.0.7:8080"],
+    )
+    .await;
+    let st = cp.status();
+    let s = st
+        .iter()
+        .find(|s| s.instance == "vm-3")
+        .expect("vm-3 in proxy-status");
+    assert_eq!(s.identity, "spiffe://cluster.local/ns/vms/sa/legacy-vm");
+    assert!(
+        !st.iter()
+            .any(|s| s.instance == "vm-1" || s.instance == "vm-2")
+    );
+
+    // The VM's proxy goes away: after the grace period, so does the endpoint.
+    following.abort();
+    eventually(
+        "the VM is no longer an endpoint",
+        Duration::from_secs(5),
+        || endpoints(&web).is_empty(),
+    )
+    .await;
+}

@@ -124,6 +124,7 @@ async fn a_proxy_follows_the_control_plane_and_survives_its_restart() {
         addresses: vec!["127.0.0.1".into()],
         ports: vec![(Some("http".into()), 8080)],
         locality: None,
+        workload_group: None,
     };
     tokio::spawn(trellis_proxy::xds::follow(
         xds_addr,
@@ -251,6 +252,7 @@ spec:
         addresses: vec!["127.0.0.1".into()],
         ports: vec![],
         locality: None,
+        workload_group: None,
     };
     tokio::spawn(trellis_proxy::xds::follow(
         xds_addr,
@@ -367,6 +369,7 @@ impl RawAds {
             addresses: vec!["127.0.0.1".into()],
             ports: vec![],
             locality: None,
+            workload_group: None,
         };
         let first = trellis_xds::ads::DeltaDiscoveryRequest {
             node: Some(announce.to_node()),

@@ -83,6 +83,11 @@ struct Args {
     /// This instance's service account (with --xds).
     #[arg(long, default_value = "default")]
     service_account: String,
+    /// Register under this WorkloadGroup of --namespace (a VM, say): the control plane
+    /// takes the instance's labels, ports and service account from the group's template,
+    /// and removes the instance when this proxy goes away.
+    #[arg(long, value_name = "NAME", requires = "xds")]
+    workload_group: Option<String>,
     /// This instance's labels, KEY=VALUE (with --xds; repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE")]
     labels: Vec<String>,
@@ -181,6 +186,7 @@ fn announce(args: &Args) -> anyhow::Result<trellis_xds::ads::Announce> {
         addresses: args.addresses.iter().map(ToString::to_string).collect(),
         ports,
         locality: None,
+        workload_group: args.workload_group.clone(),
     })
 }
 

@@ -198,7 +198,7 @@ pub fn snapshot_of(r: &Resource) -> Result<crate::snapshot::Snapshot, String> {
 
 /// What a proxy announces about the instance it runs beside (in `Node.metadata`, with
 /// Istio-like keys: NAME, NAMESPACE, SERVICE_ACCOUNT, LABELS, INSTANCE_IPS, PORTS,
-/// LOCALITY).
+/// LOCALITY, AUTO_REGISTER_GROUP).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Announce {
     pub name: String,
@@ -209,6 +209,9 @@ pub struct Announce {
     /// `(name, port)` of each port the app listens on.
     pub ports: Vec<(Option<String>, u16)>,
     pub locality: Option<String>,
+    /// A WorkloadGroup of the namespace to register under (a VM's proxy): the control
+    /// plane takes the instance's labels, service account and ports from its template.
+    pub workload_group: Option<String>,
 }
 
 fn text(s: &str) -> prost_types::Value {
@@ -240,6 +243,9 @@ impl Announce {
         f.insert("PORTS".to_string(), text(&ports.join(",")));
         if let Some(l) = &self.locality {
             f.insert("LOCALITY".to_string(), text(l));
+        }
+        if let Some(g) = &self.workload_group {
+            f.insert("AUTO_REGISTER_GROUP".to_string(), text(g));
         }
         f.insert(
             "LABELS".to_string(),
@@ -305,6 +311,9 @@ impl Announce {
                 })
                 .collect(),
             locality: get_text(m, "LOCALITY").map(str::to_string),
+            workload_group: get_text(m, "AUTO_REGISTER_GROUP")
+                .filter(|g| !g.is_empty())
+                .map(str::to_string),
         })
     }
 }
@@ -364,6 +373,7 @@ mod tests {
             addresses: vec!["10.0.0.1".into()],
             ports: vec![(Some("http".into()), 8080), (None, 9090)],
             locality: Some("eu/a".into()),
+            workload_group: Some("legacy".into()),
         };
         let node = a.to_node();
         assert_eq!(node.id, "sidecar~10.0.0.1~web-0.web~web.svc.cluster.local");
