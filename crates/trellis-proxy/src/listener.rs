@@ -357,6 +357,7 @@ async fn serve_mesh_tls(
                 peer_id: peer_id.as_deref(),
                 dst_ip: dst,
                 port,
+                sni: None,
             };
             tcp::forward_inbound(tls, arrival, shared, cfg).await;
             return;
@@ -392,13 +393,16 @@ async fn serve_tls(
             tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
                 .await?;
         let sni = start.client_hello().server_name().map(str::to_string);
-        let Some((config, key)) = gp.https_server(sni.as_deref()).and_then(|s| match &s.kind {
+        let Some((config, server)) = gp.https_server(sni.as_deref()).and_then(|s| match &s.kind {
             crate::config::ServerKind::Https(c) => Some((Arc::clone(c), s.key())),
             _ => None,
         }) else {
             return Err(std::io::Error::other("no TLS server on this port"));
         };
-        start.into_stream(config).await.map(|s| (s, key))
+        start
+            .into_stream(config)
+            .await
+            .map(|s| (s, http::GatewayTls { server, sni }))
     };
     let (tls, key) = match tokio::time::timeout(cfg.header_timeout, handshake).await {
         Ok(Ok(s)) => s,

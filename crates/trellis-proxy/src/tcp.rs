@@ -32,6 +32,7 @@ pub async fn forward_route(
                 peer_id: peer_id.as_deref(),
                 dst_ip: *dst_ip,
                 port: *port,
+                sni: None,
             };
             forward_inbound(stream, arrival, shared, cfg).await;
             return;
@@ -141,6 +142,28 @@ pub async fn forward_inbound<D>(
     forward(stream, app, Duration::from_secs(1), shared, None).await;
 }
 
+/// The gateway's AuthorizationPolicies for a TCP or TLS-passthrough connection (L7
+/// fields cannot match: Istio's TCP rules); a denial closes it.
+fn gateway_admits(
+    peer: SocketAddr,
+    port: u16,
+    sni: Option<&str>,
+    shared: &Arc<Shared>,
+    cfg: &Config,
+) -> bool {
+    if cfg.authz.is_empty() {
+        return true;
+    }
+    let arrival = crate::http::Arrival {
+        peer,
+        peer_id: None,
+        dst_ip: None,
+        port,
+        sni,
+    };
+    crate::http::authorized(shared, cfg, arrival, None, None)
+}
+
 /// A connection to a gateway's TLS passthrough (`sni` set) or TCP server: the first of
 /// its virtual hosts' routes that matches (with SNI, the virtual hosts whose domains match
 /// it best first) picks the cluster.
@@ -153,6 +176,9 @@ pub async fn gateway(
     cfg: &Config,
     port: u16,
 ) {
+    if !gateway_admits(peer, port, sni, shared, cfg) {
+        return;
+    }
     let req = crate::config::L4Request {
         dst: None,
         port,
@@ -205,6 +231,9 @@ pub async fn gateway_tcp(
     shared: &Arc<Shared>,
     cfg: &Config,
 ) {
+    if !gateway_admits(peer, gp.port, None, shared, cfg) {
+        return;
+    }
     let req = crate::config::L4Request {
         dst: None,
         port: gp.port,

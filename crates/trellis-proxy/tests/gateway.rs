@@ -259,3 +259,111 @@ async fn the_binary_serves_its_gateway_ports_or_names_the_missing_file() {
     };
     assert_eq!(code, 200, "{err}");
 }
+
+/// The gateway's own AuthorizationPolicies judge every connection: `connection.sni` on a
+/// terminated HTTPS port, and `remoteIpBlocks` on a TCP port (the connection closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_policies_see_the_sni_and_guard_tcp_ports() {
+    let app = HttpServer::start().await.expect("app");
+    let echo = trellis_testkit::TcpEchoServer::start().await.expect("echo");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = TestCa::new("gateway test CA").expect("ca");
+    ca.write_credential(dir.path(), "wild", &["*.example.com"])
+        .expect("credential");
+    let text = format!(
+        r#"version: gw
+workload:
+  name: ingress
+  namespace: edge
+  authorization:
+  - name: edge/no-secret-sni
+    action: DENY
+    rules:
+    - when: [{{key: connection.sni, values: ["secret.example.com"]}}]
+  - name: edge/no-loopback-tcp
+    action: DENY
+    rules:
+    - to: [{{ports: ["9000"]}}]
+      from: [{{remoteIpBlocks: ["127.0.0.0/8"]}}]
+clusters:
+- name: app
+  endpoints: [{{address: "{app}"}}]
+- name: echo
+  endpoints: [{{address: "{echo}"}}]
+gatewayPorts:
+- port: 443
+  servers:
+  - gateway: edge/gw
+    protocol: HTTPS
+    hosts: ["*.example.com"]
+    tls: {{mode: SIMPLE, credentialName: wild}}
+    virtualHosts:
+    - name: edge/web
+      domains: ["*.example.com"]
+      httpRoutes: [{{name: web, clusters: [{{cluster: app}}]}}]
+- port: 9000
+  servers:
+  - gateway: edge/gw
+    protocol: TCP
+    hosts: ["*"]
+    virtualHosts:
+    - name: edge/tcp
+      domains: ["*"]
+      tcpRoutes: [{{name: echo, clusters: [{{cluster: echo}}]}}]
+"#,
+        app = app.addr,
+        echo = echo.addr
+    );
+    let raw = Snapshot::from_text(&text, "gw.yaml").expect("parses");
+    let env = LoadEnv {
+        credentials_dir: dir.path().to_path_buf(),
+        ..LoadEnv::default()
+    };
+    let proxy = trellis_proxy::start(
+        Config::from_wire_with(raw, None, &env).expect("converts"),
+        ProxyOptions {
+            gateway_listen: vec![
+                ("127.0.0.1:0".parse().expect("addr"), 443),
+                ("127.0.0.1:0".parse().expect("addr"), 9000),
+            ],
+            ..ProxyOptions::default()
+        },
+    )
+    .await
+    .expect("gateway");
+    let (https_addr, tcp_addr) = (proxy.inbound_addrs[0], proxy.inbound_addrs[1]);
+    let ca_file = ca.write_ca(&dir.path().join("trust")).expect("ca file");
+    let Some((code, err)) = https("shop.example.com", https_addr, &ca_file, &[]) else {
+        eprintln!("curl not installed: skipping");
+        return;
+    };
+    assert_eq!(code, 200, "{err}");
+    let (code, err) = https("secret.example.com", https_addr, &ca_file, &[]).expect("curl");
+    assert_eq!(code, 403, "denied by its SNI: {err}");
+    assert_eq!(app.stats().requests(), 1);
+
+    // The TCP port: the connection is closed before anything reaches the echo server.
+    let got = tokio::time::timeout(
+        Duration::from_secs(10),
+        trellis_testkit::tcp_echo_half_close(tcp_addr, b"ping"),
+    )
+    .await
+    .expect("in time");
+    assert!(
+        got.as_ref().map_or(true, |b| b.is_empty()),
+        "no echo through a denied TCP port: {got:?}"
+    );
+    assert_eq!(echo.stats().connections(), 0);
+    let denials = |policy: &str| {
+        proxy
+            .shared
+            .stats
+            .denials_by_policy
+            .lock()
+            .expect("stats")
+            .get(policy)
+            .copied()
+    };
+    assert_eq!(denials("edge/no-secret-sni"), Some(1));
+    assert_eq!(denials("edge/no-loopback-tcp"), Some(1));
+}

@@ -60,8 +60,16 @@ pub enum Route {
     /// A gateway port; `tls`: the server a TLS connection was accepted for (HTTPS).
     Gateway {
         port: u16,
-        tls: Option<Arc<crate::config::ServerKey>>,
+        tls: Option<Arc<GatewayTls>>,
     },
+}
+
+/// A TLS connection a gateway terminated: the server it was accepted for, and the name
+/// the client asked for (SNI).
+#[derive(Debug)]
+pub struct GatewayTls {
+    pub server: crate::config::ServerKey,
+    pub sni: Option<String>,
 }
 
 /// Who an inbound request (or connection) comes from and where it was going: what
@@ -75,6 +83,9 @@ pub struct Arrival<'a> {
     pub dst_ip: Option<IpAddr>,
     /// The workload (or gateway) port.
     pub port: u16,
+    /// The server name the client asked for in its TLS handshake (`connection.sni`): set
+    /// where a gateway terminates or passes TLS through.
+    pub sni: Option<&'a str>,
 }
 
 /// The downstream connection a request came on: passed along with the request rather
@@ -209,6 +220,7 @@ pub async fn handle_request(
                 peer_id: peer_id.as_deref(),
                 dst_ip: *dst_ip,
                 port: *port,
+                sni: None,
             };
             inbound(&shared, &cfg, arrival, req).await
         }
@@ -650,7 +662,7 @@ async fn gateway(
     cfg: &Config,
     ds: Downstream,
     port: u16,
-    handshake: Option<&crate::config::ServerKey>,
+    handshake: Option<&GatewayTls>,
     mut req: Request<ReqBody>,
 ) -> Response<ProxyBody> {
     let tls = handshake.is_some();
@@ -668,6 +680,7 @@ async fn gateway(
         peer_id: None,
         dst_ip: None,
         port,
+        sni: handshake.and_then(|h| h.sni.as_deref()),
     };
     if let Some(refused) = admission(shared, cfg, arrival, &mut req).await {
         return refused;
@@ -698,7 +711,7 @@ async fn gateway(
     // On TLS, the host must be one of the server the handshake was for: its certificate
     // and its client-certificate policy are the ones that were checked (RFC 9110 §7.4).
     if let Some(k) = handshake {
-        if server.key() != *k {
+        if server.key() != k.server {
             tracing::info!(
                 flags = "NR",
                 "gateway port {port}: host {host:?} is not served by the TLS server the connection was accepted for"
@@ -899,6 +912,7 @@ pub fn authorized(
         peer_id,
         dst_ip,
         port,
+        sni,
     } = arrival;
     let principal = peer_id.map(|id| id.strip_prefix("spiffe://").unwrap_or(id));
     let r = AuthzRequest {
@@ -907,7 +921,7 @@ pub fn authorized(
         remote_ip: Some(peer.ip()),
         destination_ip: dst_ip,
         destination_port: Some(port),
-        sni: None,
+        sni,
         http,
         jwt,
     };
