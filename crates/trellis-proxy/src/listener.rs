@@ -358,6 +358,7 @@ async fn serve_mesh_tls(
                 dst_ip: dst,
                 port,
                 sni: None,
+                remote_ip: None,
             };
             tcp::forward_inbound(tls, arrival, shared, cfg).await;
             return;

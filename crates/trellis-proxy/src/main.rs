@@ -36,6 +36,11 @@ struct Args {
     /// tls.key and (MUTUAL) ca.crt.
     #[arg(long, value_name = "DIR", default_value = config::DEFAULT_CREDENTIALS_DIR)]
     credentials_dir: PathBuf,
+    /// Gateways: how many proxies (load balancers) in front append to X-Forwarded-For;
+    /// the client's address, for policies' remoteIpBlocks, is that many entries from its
+    /// right (Istio's gatewayTopology.numTrustedProxies; overrides the snapshot's).
+    #[arg(long, value_name = "N")]
+    num_trusted_proxies: Option<u32>,
     /// Snapshot file (YAML or JSON) to serve in static mode; reloaded when it changes (a
     /// bad new version is refused and the last good one stays).
     #[arg(
@@ -310,6 +315,7 @@ fn main() -> ExitCode {
 fn run(args: &Args, set_level: admin::SetLogLevel) -> anyhow::Result<()> {
     let env = config::LoadEnv {
         credentials_dir: args.credentials_dir.clone(),
+        num_trusted_proxies: args.num_trusted_proxies,
         ..config::LoadEnv::default()
     };
     // A bad snapshot stops the proxy before it listens, with the file position.

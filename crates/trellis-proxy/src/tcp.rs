@@ -33,6 +33,7 @@ pub async fn forward_route(
                 dst_ip: *dst_ip,
                 port: *port,
                 sni: None,
+                remote_ip: None,
             };
             forward_inbound(stream, arrival, shared, cfg).await;
             return;
@@ -160,6 +161,7 @@ fn gateway_admits(
         dst_ip: None,
         port,
         sni,
+        remote_ip: None,
     };
     crate::http::authorized(shared, cfg, arrival, None, None)
 }

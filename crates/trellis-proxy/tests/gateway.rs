@@ -367,3 +367,87 @@ gatewayPorts:
     assert_eq!(denials("edge/no-secret-sni"), Some(1));
     assert_eq!(denials("edge/no-loopback-tcp"), Some(1));
 }
+
+/// Behind one trusted load balancer (`settings.numTrustedProxies: 1`), `remoteIpBlocks`
+/// judge the client the load balancer names in `X-Forwarded-For`, not the balancer's own
+/// address nor what the client wrote further left; the app sees the gateway's append.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_ip_blocks_behind_a_trusted_load_balancer() {
+    let app = HttpServer::start().await.expect("app");
+    let text = format!(
+        r#"version: gw
+settings: {{numTrustedProxies: 1}}
+workload:
+  name: ingress
+  namespace: edge
+  authorization:
+  - name: edge/block-bad-clients
+    action: DENY
+    rules:
+    - from: [{{remoteIpBlocks: ["203.0.113.0/24"]}}]
+clusters:
+- name: app
+  endpoints: [{{address: "{app}"}}]
+gatewayPorts:
+- port: 80
+  servers:
+  - gateway: edge/gw
+    protocol: HTTP
+    hosts: ["*"]
+    virtualHosts:
+    - name: edge/web
+      domains: ["*"]
+      httpRoutes: [{{name: web, clusters: [{{cluster: app}}]}}]
+"#,
+        app = app.addr
+    );
+    let raw = Snapshot::from_text(&text, "gw.yaml").expect("parses");
+    let proxy = trellis_proxy::start(
+        Config::from_wire_with(raw, None, &LoadEnv::default()).expect("converts"),
+        ProxyOptions {
+            gateway_listen: vec![("127.0.0.1:0".parse().expect("addr"), 80)],
+            ..ProxyOptions::default()
+        },
+    )
+    .await
+    .expect("gateway");
+    let url = format!("http://127.0.0.1:{}/echo", proxy.inbound_addrs[0].port());
+    let status = |xff: &str| {
+        let h = format!("X-Forwarded-For: {xff}");
+        curl(&["-H", &h, &url]).map(|(code, _)| code)
+    };
+    let Some(code) = status("198.51.100.1") else {
+        eprintln!("curl not installed: skipping");
+        return;
+    };
+    assert_eq!(code, 200, "a client outside the block");
+    assert_eq!(
+        status("203.0.113.9"),
+        Some(403),
+        "the load balancer names a blocked client"
+    );
+    assert_eq!(
+        status("203.0.113.9, 198.51.100.1"),
+        Some(200),
+        "what the client wrote to the left is not trusted"
+    );
+    // The app sees the chain with the gateway's peer (the load balancer) appended.
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "-H",
+            "X-Forwarded-For: 198.51.100.1",
+            &url,
+        ])
+        .output()
+        .expect("curl");
+    let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(
+        head.contains("x-echo-h-x-forwarded-for: 198.51.100.1, 127.0.0.1"),
+        "{head}"
+    );
+}

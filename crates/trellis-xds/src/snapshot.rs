@@ -1397,6 +1397,12 @@ pub struct Settings {
     #[prost(message, optional, tag = "4")]
     #[serde(default, with = "duration_opt")]
     pub connect_timeout: Option<prost_types::Duration>,
+    /// Gateways: how many proxies (load balancers) in front of this one append to
+    /// `X-Forwarded-For`; the client's address is that many entries from its right
+    /// (Istio's `gatewayTopology.numTrustedProxies`). Default 0: the connection's source.
+    #[prost(uint32, optional, tag = "5")]
+    #[serde(default)]
+    pub num_trusted_proxies: Option<u32>,
 }
 
 /// Why a snapshot file did not load.

@@ -312,6 +312,7 @@ fn full() -> Snapshot {
             max_request_header_bytes: Some(61440),
             request_header_timeout: d(10_000),
             connect_timeout: d(5000),
+            num_trusted_proxies: Some(1),
         }),
         gateway_ports: vec![GatewayPort {
             port: 443,

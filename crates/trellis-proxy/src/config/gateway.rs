@@ -36,6 +36,8 @@ pub fn system_resolver() -> Resolver {
 pub struct LoadEnv {
     pub credentials_dir: PathBuf,
     pub resolver: Resolver,
+    /// `--num-trusted-proxies`: overrides the snapshot's `settings.numTrustedProxies`.
+    pub num_trusted_proxies: Option<u32>,
 }
 
 impl std::fmt::Debug for LoadEnv {
@@ -51,6 +53,7 @@ impl Default for LoadEnv {
         LoadEnv {
             credentials_dir: PathBuf::from(DEFAULT_CREDENTIALS_DIR),
             resolver: system_resolver(),
+            num_trusted_proxies: None,
         }
     }
 }

@@ -147,6 +147,8 @@ pub struct Config {
     pub own_namespace: String,
     /// Default upstream connect timeout (settings.connectTimeout).
     pub connect_timeout: Duration,
+    /// Gateways: proxies in front that append to `X-Forwarded-For` (0: none trusted).
+    pub num_trusted_proxies: u32,
     pub detection_timeout: Duration,
     pub max_header_bytes: usize,
     pub header_timeout: Duration,
@@ -736,6 +738,10 @@ impl Config {
                 .filter(|n| !n.is_empty())
                 .unwrap_or_else(|| "default".to_string()),
             connect_timeout: default_connect,
+            num_trusted_proxies: env
+                .num_trusted_proxies
+                .or(settings.num_trusted_proxies)
+                .unwrap_or(0),
             detection_timeout: duration(
                 "settings.protocolDetectionTimeout",
                 settings.protocol_detection_timeout.as_ref(),
@@ -812,6 +818,7 @@ impl Config {
             own_labels: std::collections::BTreeMap::new(),
             own_namespace: "default".to_string(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            num_trusted_proxies: 0,
             detection_timeout: DEFAULT_DETECTION_TIMEOUT,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             header_timeout: DEFAULT_HEADER_TIMEOUT,

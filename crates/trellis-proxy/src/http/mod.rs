@@ -41,6 +41,7 @@ pub const DOWNSTREAM_VERSION: HeaderName = HeaderName::from_static("x-trellis-do
 pub const RESPONSE_FLAGS: HeaderName = HeaderName::from_static("x-trellis-response-flags");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 /// Envoy's and Istio's header naming the mTLS peer of an inbound request.
 const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
@@ -86,6 +87,46 @@ pub struct Arrival<'a> {
     /// The server name the client asked for in its TLS handshake (`connection.sni`): set
     /// where a gateway terminates or passes TLS through.
     pub sni: Option<&'a str>,
+    /// The original client's address (`remote.ip`), when trusted proxies in front of a
+    /// gateway say it in `X-Forwarded-For`; the connection's source otherwise.
+    pub remote_ip: Option<IpAddr>,
+}
+
+/// The client's address as the `n` trusted proxies in front say it: the `n`th entry of
+/// `X-Forwarded-For` from its right (every proxy appends the address it was connected
+/// from, so entries further left are whatever the client wrote). `None` with no trusted
+/// proxies, too few entries, or one that is not an address.
+pub fn forwarded_client(headers: &http::HeaderMap, n: u32) -> Option<IpAddr> {
+    if n == 0 {
+        return None;
+    }
+    let mut entries: Vec<&str> = Vec::new();
+    for v in headers.get_all(X_FORWARDED_FOR) {
+        entries.extend(v.to_str().ok()?.split(',').map(str::trim));
+    }
+    let i = entries.len().checked_sub(usize::try_from(n).ok()?)?;
+    let e = entries[i];
+    e.parse::<IpAddr>()
+        .ok()
+        .or_else(|| e.parse::<SocketAddr>().ok().map(|a| a.ip()))
+}
+
+/// Appends the address a gateway was connected from to `X-Forwarded-For`.
+fn append_forwarded_for(headers: &mut http::HeaderMap, from: IpAddr) {
+    let joined = headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let value = if joined.is_empty() {
+        from.to_string()
+    } else {
+        format!("{joined}, {from}")
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
 }
 
 /// The downstream connection a request came on: passed along with the request rather
@@ -221,6 +262,7 @@ pub async fn handle_request(
                 dst_ip: *dst_ip,
                 port: *port,
                 sni: None,
+                remote_ip: None,
             };
             inbound(&shared, &cfg, arrival, req).await
         }
@@ -681,6 +723,7 @@ async fn gateway(
         dst_ip: None,
         port,
         sni: handshake.and_then(|h| h.sni.as_deref()),
+        remote_ip: forwarded_client(req.headers(), cfg.num_trusted_proxies),
     };
     if let Some(refused) = admission(shared, cfg, arrival, &mut req).await {
         return refused;
@@ -759,11 +802,13 @@ async fn gateway(
             format!("no route for host {host:?} on gateway port {port}"),
         );
     };
-    // The gateway is the edge: the scheme the client used is what it says it is.
+    // The gateway is the edge: the scheme the client used is what it says it is, and
+    // the address it came from is appended to X-Forwarded-For.
     req.headers_mut().insert(
         X_FORWARDED_PROTO,
         HeaderValue::from_static(if tls { "https" } else { "http" }),
     );
+    append_forwarded_for(req.headers_mut(), ds.peer.ip());
     outbound(shared, cfg, ds, &vh.target, req).await
 }
 
@@ -913,12 +958,13 @@ pub fn authorized(
         dst_ip,
         port,
         sni,
+        remote_ip,
     } = arrival;
     let principal = peer_id.map(|id| id.strip_prefix("spiffe://").unwrap_or(id));
     let r = AuthzRequest {
         principal,
         source_ip: Some(peer.ip()),
-        remote_ip: Some(peer.ip()),
+        remote_ip: Some(remote_ip.unwrap_or(peer.ip())),
         destination_ip: dst_ip,
         destination_port: Some(port),
         sni,
@@ -1335,6 +1381,39 @@ pub fn local_reply(status: StatusCode, flag: &'static str, message: String) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_client_is_as_many_entries_from_the_right_as_there_are_trusted_proxies() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            X_FORWARDED_FOR,
+            HeaderValue::from_static("1.1.1.1, 203.0.113.9"),
+        );
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.2"));
+        let ip = |s: &str| s.parse::<IpAddr>().ok();
+        assert_eq!(forwarded_client(&h, 0), None, "nothing trusted");
+        assert_eq!(forwarded_client(&h, 1), ip("10.0.0.2"));
+        assert_eq!(forwarded_client(&h, 2), ip("203.0.113.9"));
+        assert_eq!(forwarded_client(&h, 3), ip("1.1.1.1"));
+        assert_eq!(forwarded_client(&h, 4), None, "fewer entries than proxies");
+        h.insert(
+            X_FORWARDED_FOR,
+            HeaderValue::from_static("[2001:db8::1]:443, unknown"),
+        );
+        assert_eq!(forwarded_client(&h, 1), None, "not an address");
+        assert_eq!(forwarded_client(&h, 2), ip("2001:db8::1"));
+        append_forwarded_for(&mut h, [192, 0, 2, 7].into());
+        assert_eq!(
+            h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()),
+            Some("[2001:db8::1]:443, unknown, 192.0.2.7")
+        );
+        let mut empty = HeaderMap::new();
+        append_forwarded_for(&mut empty, [192, 0, 2, 7].into());
+        assert_eq!(
+            empty.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()),
+            Some("192.0.2.7")
+        );
+    }
 
     #[test]
     fn hop_by_hop_headers_go() {
