@@ -323,6 +323,11 @@ pub fn jwt_rules_for(cfg: &MeshConfig<'_>, me: &Instance) -> Vec<wire::JwtRule> 
                     claim: c.claim.clone(),
                 })
                 .collect(),
+            timeout: j.timeout.map(|d| prost_types::Duration {
+                seconds: i64::try_from(d.0.as_secs()).unwrap_or(i64::MAX),
+                nanos: i32::try_from(d.0.subsec_nanos()).unwrap_or(0),
+            }),
+            space_delimited_claims: j.space_delimited_claims.clone(),
         })
     })
     .collect()

@@ -694,7 +694,7 @@ async fn request_authentication_checks_jwts_and_authorization_reads_their_claims
     apply(
         &m.store,
         &format!(
-            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: reviews}}}}\n  jwtRules:\n  - issuer: https://issuer.example\n    audiences: [shop]\n    jwks: {}\n    outputPayloadToHeader: x-jwt-payload\n    outputClaimToHeaders: [{{header: x-jwt-sub, claim: sub}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: admins-only, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: reviews}}}}\n  rules:\n  - from: [{{source: {{requestPrincipals: [\"https://issuer.example/*\"]}}}}]\n    when: [{{key: \"request.auth.claims[groups]\", values: [admins]}}]\n",
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: reviews}}}}\n  jwtRules:\n  - issuer: https://issuer.example\n    audiences: [shop]\n    jwks: {}\n    outputPayloadToHeader: x-jwt-payload\n    outputClaimToHeaders: [{{header: x-jwt-sub, claim: sub}}]\n    spaceDelimitedClaims: [roles]\n    timeout: 2s\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: admins-only, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: reviews}}}}\n  rules:\n  - from: [{{source: {{requestPrincipals: [\"https://issuer.example/*\"]}}}}]\n    when: [{{key: \"request.auth.claims[groups]\", values: [admins]}}]\n  - from: [{{source: {{requestPrincipals: [\"https://issuer.example/*\"]}}}}]\n    when: [{{key: \"request.auth.claims[roles]\", values: [auditor]}}]\n",
             serde_json::to_string(&key.jwks()).expect("json")
         ),
     );
@@ -740,6 +740,16 @@ async fn request_authentication_checks_jwts_and_authorization_reads_their_claims
         .await
         .expect("response");
     assert_eq!(r.status, 403);
+    // `roles` is space-delimited (spaceDelimitedClaims): one of its words is enough.
+    let mut auditor = claims("carol", &["dev"], now + 600);
+    auditor["roles"] = "viewer auditor".into();
+    let r = echo(
+        m.web.outbound_addrs[0],
+        &[("authorization", &bearer(&key.token(auditor)))],
+    )
+    .await
+    .expect("response");
+    assert_eq!(r.status, 200);
     // Expired, signed by another key, malformed, or for another audience: 401.
     let expired = key.token(claims("alice", &["admins"], now - 3600));
     let forged = JwtKey::new().token(claims("alice", &["admins"], now + 600));

@@ -1010,6 +1010,7 @@ mod jwt_condition_tests {
             presenter: Some(azp.into()),
             payload: serde_json::json!({"groups": groups, "nested": {"level": 3}}),
             payload_b64: String::new(),
+            space_delimited: std::sync::Arc::from(Vec::new()),
         };
         let judge = |c: Option<&crate::jwt::Claims>| {
             let principal = c.map(crate::jwt::Claims::principal);

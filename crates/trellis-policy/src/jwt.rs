@@ -153,22 +153,40 @@ pub struct Claims {
     pub payload: serde_json::Value,
     /// The payload as it came (base64url), for `outputPayloadToHeader`.
     pub payload_b64: String,
+    /// Claims (`a.b` for nested ones) whose string value is a space-delimited list, besides
+    /// `scope` and `permission` (the rule's `spaceDelimitedClaims`).
+    pub space_delimited: std::sync::Arc<[String]>,
 }
 
 impl Claims {
+    fn is_space_delimited(&self, path: &[&str]) -> bool {
+        match path {
+            ["scope"] | ["permission"] => true,
+            _ => {
+                let dotted = path.join(".");
+                self.space_delimited.contains(&dotted)
+            }
+        }
+    }
+
     /// `iss/sub`: what `requestPrincipals` match.
     pub fn principal(&self) -> String {
         format!("{}/{}", self.issuer, self.subject)
     }
 
     /// A claim by path (`["groups"]`, `["nested", "key"]`), as the strings it holds: a
-    /// string, each string of an array, or a number or boolean as text.
+    /// string (each word of it for a space-delimited claim: `scope`, `permission` and
+    /// those of [`Claims::space_delimited`]), each string of an array, or a number or
+    /// boolean as text.
     pub fn claim(&self, path: &[&str]) -> Vec<String> {
         let mut v = &self.payload;
         for p in path {
             v = &v[*p];
         }
         match v {
+            serde_json::Value::String(s) if self.is_space_delimited(path) => {
+                s.split_whitespace().map(str::to_string).collect()
+            }
             serde_json::Value::String(s) => vec![s.clone()],
             serde_json::Value::Array(a) => a
                 .iter()
@@ -303,6 +321,7 @@ pub fn verify(
         presenter: payload["azp"].as_str().map(str::to_string),
         payload,
         payload_b64: p.to_string(),
+        space_delimited: std::sync::Arc::from(Vec::new()),
     })
 }
 
@@ -470,6 +489,38 @@ pub(crate) mod tests {
             let e = verify(&parts.join("."), &set, "https://issuer.example", &[], NOW);
             assert_eq!(e, Err(JwtError::Signature), "{}", key.alg());
         }
+    }
+
+    #[test]
+    fn scope_permission_and_listed_claims_are_space_delimited() {
+        let key = Key::es256();
+        let set = jwks(&[key.jwk("k1")]);
+        let mut payload = claims();
+        payload["scope"] = "read:shop write:shop".into();
+        payload["permission"] = "pay refund".into();
+        payload["roles"] = "editor  admin".into();
+        payload["provider"] = serde_json::json!({"login": {"scope": "a b"}});
+        payload["title"] = "chief editor".into();
+        let mut c = verify(
+            &key.sign("k1", &payload),
+            &set,
+            "https://issuer.example",
+            &[],
+            NOW,
+        )
+        .expect("valid");
+        assert_eq!(c.claim(&["scope"]), ["read:shop", "write:shop"]);
+        assert_eq!(c.claim(&["permission"]), ["pay", "refund"]);
+        // Others are whole strings unless the rule lists them (nested ones dotted).
+        assert_eq!(c.claim(&["roles"]), ["editor  admin"]);
+        assert_eq!(c.claim(&["provider", "login", "scope"]), ["a b"]);
+        c.space_delimited = std::sync::Arc::from(vec![
+            "roles".to_string(),
+            "provider.login.scope".to_string(),
+        ]);
+        assert_eq!(c.claim(&["roles"]), ["editor", "admin"]);
+        assert_eq!(c.claim(&["provider", "login", "scope"]), ["a", "b"]);
+        assert_eq!(c.claim(&["title"]), ["chief editor"]);
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub struct JwtRule {
     forward_original_token: bool,
     output_payload_to_header: Option<HeaderName>,
     output_claim_to_headers: Vec<(HeaderName, Vec<String>)>,
+    /// How long a request waits for this rule's JWKS to be fetched.
+    timeout: std::time::Duration,
+    space_delimited: std::sync::Arc<[String]>,
 }
 
 /// A workload's jwtRules.
@@ -93,6 +96,14 @@ impl JwtRules {
                 forward_original_token: r.forward_original_token,
                 output_payload_to_header,
                 output_claim_to_headers,
+                timeout: match &r.timeout {
+                    None => JWKS_TIMEOUT,
+                    Some(d) => std::time::Duration::try_from(*d)
+                        .ok()
+                        .filter(|d| !d.is_zero())
+                        .ok_or_else(|| at("timeout must be a positive duration".into()))?,
+                },
+                space_delimited: r.space_delimited_claims.clone().into(),
             });
         }
         Ok(JwtRules(out))
@@ -133,7 +144,7 @@ impl JwtRules {
             Some(uri) => match cache.get(uri) {
                 Some(k) => k,
                 None => cache
-                    .refresh(uri, JWKS_MIN_REFETCH)
+                    .refresh(uri, JWKS_MIN_REFETCH, rule.timeout)
                     .await
                     .unwrap_or_default(),
             },
@@ -142,11 +153,12 @@ impl JwtRules {
         if let (Err(JwtError::UnknownKey(_)), Some(uri)) = (&result, &rule.jwks_uri) {
             // A key the cached set lacks: the issuer may have rotated. Fetch again (at
             // most every few seconds) and try once more.
-            if let Some(keys) = cache.refresh(uri, JWKS_MIN_REFETCH).await {
+            if let Some(keys) = cache.refresh(uri, JWKS_MIN_REFETCH, rule.timeout).await {
                 result = jwt::verify(&token, &keys, &rule.issuer, &rule.audiences, now);
             }
         }
-        let claims = result.map_err(|e| (e, Some(rule.policy.as_str())))?;
+        let mut claims = result.map_err(|e| (e, Some(rule.policy.as_str())))?;
+        claims.space_delimited = std::sync::Arc::clone(&rule.space_delimited);
         if !rule.forward_original_token {
             if let Location::Header(name, _) = &location {
                 headers.remove(name);
@@ -236,11 +248,13 @@ impl JwksCache {
         self.lock().get(uri).map(|e| std::sync::Arc::clone(&e.jwks))
     }
 
-    /// Fetches `uri` unless it was tried within `min_gap`; the keys held afterwards.
+    /// Fetches `uri` (waiting at most `timeout`) unless it was tried within `min_gap`; the
+    /// keys held afterwards.
     pub async fn refresh(
         &self,
         uri: &str,
         min_gap: std::time::Duration,
+        timeout: std::time::Duration,
     ) -> Option<std::sync::Arc<Jwks>> {
         let now = std::time::Instant::now();
         {
@@ -252,7 +266,7 @@ impl JwksCache {
                 e.tried = now;
             }
         }
-        match fetch(uri).await {
+        match fetch(uri, timeout).await {
             Ok(jwks) => {
                 let jwks = std::sync::Arc::new(jwks);
                 tracing::info!(uri, keys = jwks.keys.len(), "JWKS fetched");
@@ -287,12 +301,12 @@ impl JwksCache {
     }
 
     /// URIs due for their periodic refresh, among `wanted`.
-    fn due(&self, wanted: &[String]) -> Vec<String> {
+    fn due(&self, wanted: &[(String, std::time::Duration)]) -> Vec<(String, std::time::Duration)> {
         let map = self.lock();
         wanted
             .iter()
-            .filter(|u| {
-                map.get(*u)
+            .filter(|(u, _)| {
+                map.get(u)
                     .is_none_or(|e| e.fetched.elapsed() >= JWKS_REFRESH)
             })
             .cloned()
@@ -301,11 +315,16 @@ impl JwksCache {
 }
 
 impl JwtRules {
-    /// The JWKS URIs of rules without inline keys.
-    pub fn jwks_uris(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.0.iter().filter_map(|r| r.jwks_uri.clone()).collect();
-        v.sort();
-        v.dedup();
+    /// The JWKS URIs of rules without inline keys, with the longest fetch timeout of
+    /// the rules that name each.
+    pub fn jwks_uris(&self) -> Vec<(String, std::time::Duration)> {
+        let mut v: Vec<(String, std::time::Duration)> = self
+            .0
+            .iter()
+            .filter_map(|r| Some((r.jwks_uri.clone()?, r.timeout)))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        v.dedup_by(|a, b| a.0 == b.0);
         v
     }
 }
@@ -314,18 +333,19 @@ impl JwtRules {
 pub async fn keep_jwks_fresh(shared: std::sync::Arc<crate::proxy::Shared>) {
     loop {
         let uris = shared.config.load().jwt.jwks_uris();
-        for uri in shared.jwks.due(&uris) {
-            shared.jwks.refresh(&uri, JWKS_MIN_REFETCH).await;
+        for (uri, timeout) in shared.jwks.due(&uris) {
+            shared.jwks.refresh(&uri, JWKS_MIN_REFETCH, timeout).await;
         }
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     }
 }
 
-/// GETs a JWKS document over HTTP or HTTPS (the system's roots), within [`JWKS_TIMEOUT`].
-pub async fn fetch(uri: &str) -> Result<Jwks, String> {
-    tokio::time::timeout(JWKS_TIMEOUT, fetch_inner(uri))
+/// GETs a JWKS document over HTTP or HTTPS (the system's roots), within `timeout` (the
+/// rule's, [`JWKS_TIMEOUT`] by default).
+pub async fn fetch(uri: &str, timeout: std::time::Duration) -> Result<Jwks, String> {
+    tokio::time::timeout(timeout, fetch_inner(uri))
         .await
-        .map_err(|_| format!("no answer within {JWKS_TIMEOUT:?}"))?
+        .map_err(|_| format!("no answer within {timeout:?}"))?
 }
 
 async fn fetch_inner(uri: &str) -> Result<Jwks, String> {
@@ -400,4 +420,75 @@ where
         let _ = conn.await;
     });
     sender.send_request(req).await.map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(uri: &str, timeout: Option<prost_types::Duration>) -> wire::JwtRule {
+        wire::JwtRule {
+            policy: "shop/jwt".into(),
+            issuer: "https://slow.example".into(),
+            jwks_uri: Some(uri.into()),
+            timeout,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_waits_for_the_jwks_no_longer_than_the_rules_timeout() {
+        // A JWKS server that accepts and never answers.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let uri = format!("http://{}/jwks", silent.local_addr().expect("addr"));
+        let held = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Ok((s, _)) = silent.accept().await {
+                conns.push(s);
+            }
+        });
+        let rules = JwtRules::compile(&[rule(
+            &uri,
+            Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 300_000_000,
+            }),
+        )])
+        .expect("compiles");
+        assert_eq!(
+            rules.jwks_uris(),
+            [(uri.clone(), std::time::Duration::from_millis(300))]
+        );
+        let token = format!(
+            "{}.{}.c2ln",
+            jwt::b64url_encode(br#"{"alg":"ES256","kid":"k1"}"#),
+            jwt::b64url_encode(br#"{"iss":"https://slow.example","sub":"a"}"#)
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {token}")).expect("header"),
+        );
+        let started = std::time::Instant::now();
+        let result = rules
+            .authenticate(&mut headers, None, 1, &JwksCache::default())
+            .await;
+        let waited = started.elapsed();
+        assert!(result.is_err(), "no keys, no valid token");
+        assert!(
+            waited >= std::time::Duration::from_millis(250)
+                && waited < std::time::Duration::from_secs(3),
+            "waited {waited:?}"
+        );
+        held.abort();
+
+        // A zero timeout is refused with the rule named; none means the default.
+        let e = JwtRules::compile(&[rule(&uri, Some(prost_types::Duration::default()))])
+            .expect_err("zero");
+        assert!(e.contains("shop/jwt") && e.contains("timeout"), "{e}");
+        let rules = JwtRules::compile(&[rule(&uri, None)]).expect("compiles");
+        assert_eq!(rules.jwks_uris(), [(uri, JWKS_TIMEOUT)]);
+    }
 }

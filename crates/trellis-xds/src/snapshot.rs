@@ -351,6 +351,15 @@ pub struct JwtRule {
     #[prost(message, repeated, tag = "11")]
     #[serde(default)]
     pub output_claim_to_headers: Vec<ClaimToHeader>,
+    /// How long a request waits for the JWKS to be fetched (default 5s).
+    #[prost(message, optional, tag = "12")]
+    #[serde(default, with = "duration_opt")]
+    pub timeout: Option<prost_types::Duration>,
+    /// Claims whose string value is a space-delimited list, matched item by item
+    /// (`scope` and `permission` always are), as `a.b` for nested claims.
+    #[prost(string, repeated, tag = "13")]
+    #[serde(default)]
+    pub space_delimited_claims: Vec<String>,
 }
 
 #[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]

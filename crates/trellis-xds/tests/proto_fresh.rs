@@ -90,6 +90,8 @@ fn full() -> Snapshot {
                     header: "x-sub".into(),
                     claim: "sub".into(),
                 }],
+                timeout: d(2000),
+                space_delimited_claims: vec!["roles".into()],
             }],
             authorization: vec![AuthzPolicy {
                 name: "shop/policy".into(),
