@@ -162,6 +162,68 @@ async fn fake_proxy(addr: SocketAddr, i: usize, state: Arc<Fake>) -> Result<(), 
     Ok(())
 }
 
+/// `GET path` on `addr` (HTTP/1.0, blocking): the body.
+fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: cp\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    Some(text.split_once("\r\n\r\n")?.1.to_string())
+}
+
+/// Whether the control plane's proxy-status shows `instance` synced (ACKed what it
+/// was last sent).
+fn synced(debug: SocketAddr, instance: &str) -> bool {
+    let Some(body) = http_get(debug, "/debug/proxy-status") else {
+        return false;
+    };
+    let Ok(serde_json::Value::Array(list)) = serde_json::from_str(&body) else {
+        return false;
+    };
+    list.iter().any(|p| {
+        p["instance"] == instance
+            && !p["sentVersion"].is_null()
+            && p["sentVersion"] == p["ackedVersion"]
+    })
+}
+
+/// A real `trellis-proxy` (release, built beside `trellis`) following the control plane:
+/// what one proxy holds with every service of the mesh in scope.
+fn real_proxy(xds: SocketAddr) -> Option<Killed> {
+    let bin = Path::new(env!("CARGO_BIN_EXE_trellis")).with_file_name("trellis-proxy");
+    if !bin.exists() {
+        eprintln!(
+            "no {} (cargo build --release -p trellis-proxy): no proxy RSS figure",
+            bin.display()
+        );
+        return None;
+    }
+    Command::new(bin)
+        .args([
+            "--xds",
+            &xds.to_string(),
+            "--name",
+            "real-0",
+            "--namespace",
+            "mesh",
+        ])
+        .args(["--label", "app=real", "--address", "10.254.0.1"])
+        .args(["--admin", "off", "--readiness", "off", "--workers", "1"])
+        .args([
+            "--log-level",
+            "warn",
+            "--outbound-listen",
+            "127.0.0.1:0=svc-0:80",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()
+        .map(Killed)
+}
+
 struct Killed(Child);
 
 impl Drop for Killed {
@@ -196,7 +258,10 @@ fn run(n: usize) {
             .args(["--debounce", "10ms", "--debounce-max", "100ms"])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(
+                std::fs::File::create(std::env::temp_dir().join("push_network-cp.log"))
+                    .map_or_else(|_| Stdio::null(), Stdio::from),
+            )
             .spawn()
             .expect("trellis control-plane"),
     );
@@ -227,9 +292,18 @@ fn run(n: usize) {
         for (i, f) in fakes.iter().enumerate() {
             let f = Arc::clone(f);
             tokio::spawn(async move {
-                if let Err(e) = fake_proxy(addr, i, f).await {
-                    if !STOPPING.load(Ordering::Relaxed) {
-                        eprintln!("fake proxy {i}: {e}");
+                // As a real proxy, it reconnects (a few times, backing off) when its
+                // connection fails before its first snapshot.
+                for attempt in 1..=5u32 {
+                    match fake_proxy(addr, i, Arc::clone(&f)).await {
+                        Err(e) if STOPPING.load(Ordering::Relaxed) => return drop(e),
+                        Err(e) if f.responses.load(Ordering::Relaxed) == 0 && attempt < 5 => {
+                            eprintln!("fake proxy {i}: {e}; reconnecting");
+                            tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt)))
+                                .await;
+                        }
+                        Err(e) => return eprintln!("fake proxy {i}: {e}"),
+                        Ok(()) => return,
                     }
                 }
             });
@@ -243,6 +317,13 @@ fn run(n: usize) {
         assert!(connected, "not every fake proxy got a snapshot");
         tokio::time::sleep(Duration::from_secs(2)).await;
         let rss = rss_kib(pid);
+        let debug_addr: SocketAddr = ([127, 0, 0, 1], debug).into();
+        let real = real_proxy(addr);
+        let real_synced = match &real {
+            Some(_) => wait_until(Duration::from_secs(60), || synced(debug_addr, "real-0")).await,
+            None => false,
+        };
+        let real_rss = real.as_ref().filter(|_| real_synced).map(|p| rss_kib(p.0.id()));
         let mut times = Vec::new();
         for round in 1..=5 {
             let start = Instant::now();
@@ -257,6 +338,13 @@ fn run(n: usize) {
             times.push(start.elapsed());
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
+        // The real proxy took every change (each converted with the whole snapshot).
+        let real_after = match &real {
+            Some(p) if real_synced && wait_until(Duration::from_secs(30), || synced(debug_addr, "real-0")).await => {
+                Some(rss_kib(p.0.id()))
+            }
+            _ => None,
+        };
         times.sort();
         let (median, max) = (times[times.len() / 2], times[times.len() - 1]);
         let less = |d: Duration| d.saturating_sub(WATCH_DEBOUNCE + CP_DEBOUNCE);
@@ -270,11 +358,19 @@ fn run(n: usize) {
             fakes[n / 2].first_bytes.load(Ordering::Relaxed) as f64 / 1024.0,
             fakes[n / 2].last_bytes.load(Ordering::Relaxed) as f64 / 1024.0,
         );
+        match (real_rss, real_after) {
+            (Some(a), Some(b)) => println!(
+                "  a real trellis-proxy with the {n} services in scope: RSS {:.1} MiB with its first snapshot, {:.1} MiB after the 5 changes",
+                a as f64 / 1024.0,
+                b as f64 / 1024.0
+            ),
+            _ if real.is_some() => println!("  the real trellis-proxy did not sync"),
+            _ => {}
+        }
         STOPPING.store(true, Ordering::Relaxed);
     });
     drop(cp);
-    rt.shutdown_timeout(Duration::from_secs(1));
-    STOPPING.store(false, Ordering::Relaxed);
+    rt.shutdown_background();
 }
 
 fn main() {
@@ -282,7 +378,19 @@ fn main() {
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect();
-    for n in if ns.is_empty() { vec![100, 1000] } else { ns } {
-        run(n);
+    let ns = if ns.is_empty() { vec![100, 1000] } else { ns };
+    if let [n] = ns.as_slice() {
+        run(*n);
+        return;
+    }
+    // Each size in a process of its own: nothing of one run (threads, sockets) is left
+    // to weigh on the next.
+    let me = std::env::current_exe().expect("own path");
+    for n in ns {
+        let ok = Command::new(&me)
+            .arg(n.to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "the run with {n} failed");
     }
 }

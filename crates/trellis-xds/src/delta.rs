@@ -222,18 +222,13 @@ pub fn record(held: &mut BTreeMap<String, String>, sent: &[Resource], removed: &
     }
 }
 
-/// One resource a proxy holds, decoded.
-#[derive(Debug, Clone, PartialEq)]
-enum Piece {
-    Proxy(Box<Snapshot>),
-    Service(Service),
-    Cluster(Box<Cluster>),
-}
-
-/// The resources a proxy holds, from which its snapshot is put together.
+/// The resources a proxy holds, from which its snapshot is put together. They are kept
+/// as they came (encoded, shared between the snapshot in use and the next one): only the
+/// snapshot being converted is ever decoded, so a proxy with a thousand services in scope
+/// does not hold them twice more.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Held {
-    pieces: BTreeMap<String, (String, Piece)>,
+    pieces: BTreeMap<String, (String, std::sync::Arc<prost_types::Any>)>,
 }
 
 impl Held {
@@ -264,51 +259,43 @@ impl Held {
                 .resource
                 .as_ref()
                 .ok_or_else(|| format!("resource {:?} has no body", r.name))?;
-            let bad = |e: prost::DecodeError| format!("resource {:?}: {e}", r.name);
-            let piece = match any.type_url.as_str() {
-                SNAPSHOT_TYPE_URL => Piece::Proxy(Box::new(
-                    Snapshot::decode(any.value.as_slice()).map_err(bad)?,
-                )),
-                SERVICE_TYPE_URL => {
-                    Piece::Service(Service::decode(any.value.as_slice()).map_err(bad)?)
-                }
-                CLUSTER_TYPE_URL => Piece::Cluster(Box::new(
-                    Cluster::decode(any.value.as_slice()).map_err(bad)?,
-                )),
-                other => {
-                    return Err(format!(
-                        "resource {:?} has an unexpected type {other:?}",
-                        r.name
-                    ));
-                }
-            };
-            next.pieces
-                .insert(r.name.clone(), (r.version.clone(), piece));
+            if ![SNAPSHOT_TYPE_URL, SERVICE_TYPE_URL, CLUSTER_TYPE_URL]
+                .contains(&any.type_url.as_str())
+            {
+                return Err(format!(
+                    "resource {:?} has an unexpected type {:?}",
+                    r.name, any.type_url
+                ));
+            }
+            next.pieces.insert(
+                r.name.clone(),
+                (r.version.clone(), std::sync::Arc::new(any.clone())),
+            );
         }
         let snapshot = next.snapshot(&resp.system_version_info)?;
         Ok((next, snapshot))
     }
 
-    /// The snapshot the held resources make.
+    /// The snapshot the held resources make: the `proxy` resource, then the services and
+    /// clusters in name order (services by hostname, as the control plane translated them).
     fn snapshot(&self, version: &str) -> Result<Snapshot, String> {
-        let mut proxies = self.pieces.values().filter_map(|(_, p)| match p {
-            Piece::Proxy(s) => Some(s),
-            _ => None,
-        });
-        let mut s = match (proxies.next(), proxies.next()) {
-            (Some(s), None) => (**s).clone(),
-            (None, _) => return Err("no proxy resource (the snapshot's own part)".into()),
-            (Some(_), Some(_)) => return Err("more than one proxy resource".into()),
-        };
-        s.version = version.to_string();
-        // In name order: services by hostname, as the control plane translated them.
-        for (_, p) in self.pieces.values() {
-            match p {
-                Piece::Service(svc) => s.services.push(svc.clone()),
-                Piece::Cluster(c) => s.clusters.push((**c).clone()),
-                Piece::Proxy(_) => {}
+        let mut own: Option<Snapshot> = None;
+        let mut services = Vec::new();
+        let mut clusters = Vec::new();
+        for (name, (_, any)) in &self.pieces {
+            let bad = |e: prost::DecodeError| format!("resource {name:?}: {e}");
+            let bytes = any.value.as_slice();
+            match any.type_url.as_str() {
+                SERVICE_TYPE_URL => services.push(Service::decode(bytes).map_err(bad)?),
+                CLUSTER_TYPE_URL => clusters.push(Cluster::decode(bytes).map_err(bad)?),
+                _ if own.is_some() => return Err("more than one proxy resource".into()),
+                _ => own = Some(Snapshot::decode(bytes).map_err(bad)?),
             }
         }
+        let mut s = own.ok_or("no proxy resource (the snapshot's own part)")?;
+        s.version = version.to_string();
+        s.services.extend(services);
+        s.clusters.extend(clusters);
         Ok(s)
     }
 }
