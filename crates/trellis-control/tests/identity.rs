@@ -426,7 +426,7 @@ async fn a_new_root_reaches_the_proxies_before_it_signs_and_they_follow_the_rota
     };
     let ep = Endpoint::tls(addr, &old_root, "trellis-control").expect("endpoint");
     let proxy = follow(ep.clone()).await;
-    let roots = |p: &ProxyHandle| p.config().raw.trust_roots.clone();
+    let roots = |p: &ProxyHandle| p.config().raw().trust_roots;
     eventually("the bundle: the old root", Duration::from_secs(5), || {
         roots(&proxy) == [old_root.clone()]
     })

@@ -527,7 +527,6 @@ async fn peer_authentication_strict_refuses_plaintext_and_disable_turns_mtls_off
 async fn holds_policies(p: &ProxyHandle, n: usize) {
     let holds = common::eventually(Duration::from_secs(5), || {
         p.config()
-            .raw
             .workload
             .as_ref()
             .is_some_and(|w| w.authorization.len() == n)

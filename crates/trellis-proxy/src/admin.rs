@@ -99,7 +99,7 @@ fn route(ctx: &AdminContext, req: Request<Incoming>) -> Response<Full<Bytes>> {
         }
         (&Method::GET, "/config_dump") => json_reply(&json!({
             "version": cfg.version,
-            "snapshot": cfg.raw.to_json(),
+            "snapshot": cfg.raw().to_json(),
             "certificates": certificates(&ctx.shared),
         })),
         (&Method::GET, "/clusters") => {

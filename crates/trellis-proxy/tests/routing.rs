@@ -124,7 +124,7 @@ async fn jason_goes_to_v2_and_the_rest_split_50_50() {
     };
     assert_eq!(metric(&p, "jason"), Some(20));
     assert_eq!(metric(&p, "api-only"), Some(2000));
-    p.update(Config::from_wire(p.config().raw.clone(), Some(&p.config())).expect("converts"));
+    p.update(Config::from_wire(p.config().raw(), Some(&p.config())).expect("converts"));
     assert_eq!(metric(&p, "jason"), Some(20), "kept across the swap");
 }
 

@@ -171,8 +171,9 @@ pub struct Config {
     /// The mesh's trust bundle (`trustRoots`), when the snapshot has one: what peers'
     /// certificates must chain to.
     pub trust_roots: Option<Arc<rustls::RootCertStore>>,
-    /// The wire form, for `/config_dump`.
-    pub raw: wire::Snapshot,
+    /// The wire form, encoded (for `/config_dump` and DNS refreshes, see [`Config::raw`]):
+    /// decoded, it would weigh as much again as the configuration itself.
+    raw: Vec<u8>,
 }
 
 /// Why a snapshot was refused.
@@ -372,6 +373,11 @@ impl Config {
         Config::from_wire_with(raw, previous, &LoadEnv::default())
     }
 
+    /// The snapshot this configuration was made from.
+    pub fn raw(&self) -> wire::Snapshot {
+        prost::Message::decode(self.raw.as_slice()).unwrap_or_default()
+    }
+
     /// As [`Config::from_wire`], with certificate files found through `env`.
     pub fn from_wire_with(
         raw: wire::Snapshot,
@@ -406,7 +412,7 @@ impl Config {
             return None;
         }
         Some(Config::from_wire_resolved(
-            self.raw.clone(),
+            self.raw(),
             Some(self),
             env,
             fresh,
@@ -762,7 +768,7 @@ impl Config {
             inbound_mtls,
             port_mtls,
             trust_roots,
-            raw,
+            raw: prost::Message::encode_to_vec(&raw),
         })
     }
 
@@ -831,7 +837,7 @@ impl Config {
             inbound_mtls: wire::PeerMtls::Permissive,
             port_mtls: HashMap::new(),
             trust_roots: None,
-            raw: wire::Snapshot::default(),
+            raw: Vec::new(),
         }
     }
 }
