@@ -532,3 +532,65 @@ fn gateway_snapshot_carries_the_policies_that_select_the_gateway() {
     assert_eq!(w.jwt_rules.len(), 1);
     assert_eq!(w.jwt_rules[0].issuer, "https://issuer.example");
 }
+
+#[test]
+fn sidecar_snapshot_carries_the_workloads_telemetry_and_the_proxy_loads_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("t.yaml");
+    std::fs::write(
+        &path,
+        r#"apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec:
+  command: [sleep, "1"]
+  ports: [{name: http, port: 8080}]
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  tracing: [{randomSamplingPercentage: 5}]
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: web-logs, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  accessLogging: [{filter: {expression: "response.code >= 400"}}]
+"#,
+    )
+    .expect("write");
+    let out = trellis(&[
+        "sidecar-snapshot",
+        path.to_str().expect("utf-8 path"),
+        "--workload",
+        "web",
+        "-n",
+        "shop",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = stdout(&out);
+    let snap = trellis_xds::snapshot::Snapshot::from_text(&text, "web.json").expect("loads");
+    let t = snap
+        .workload
+        .as_ref()
+        .and_then(|w| w.telemetry.as_ref())
+        .expect("telemetry");
+    assert_eq!(t.sources, ["istio-system/mesh-default", "shop/web-logs"]);
+    assert_eq!(t.tracing[0].random_sampling_percentage, Some(5.0));
+    assert_eq!(
+        t.access_logging[0].filter.as_deref(),
+        Some("response.code >= 400")
+    );
+    // The proxy takes such a snapshot.
+    let file = dir.path().join("web.json");
+    std::fs::write(&file, text).expect("write");
+    trellis_proxy::config::load_file_with(&file, None, &trellis_proxy::LoadEnv::default())
+        .expect("the proxy loads it");
+}

@@ -15,6 +15,7 @@ pub mod peerauth;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod translate;
 
 pub use dirsource::{DirSourceError, DirectorySource, DirectorySourceHandle, ReloadSummary};

@@ -177,7 +177,12 @@ impl<'a> MeshConfig<'a> {
 /// The snapshot's own-workload section for an instance.
 pub fn workload_of(cfg: &MeshConfig<'_>, reg: &Registry, me: &Instance) -> wire::Workload {
     let mtls = reg.peer_auth.resolve(&me.namespace, &me.labels);
+    let (levels, problems) = crate::telemetry::applicable(cfg.resources, cfg.root_namespace, me);
+    for p in problems {
+        tracing::debug!("{p}");
+    }
     wire::Workload {
+        telemetry: crate::telemetry::merge(&levels),
         authorization: authorization_for(cfg, me),
         jwt_rules: jwt_rules_for(cfg, me),
         mtls: mtls.mode as i32,

@@ -312,6 +312,143 @@ pub struct Workload {
     #[prost(message, repeated, tag = "11")]
     #[serde(default)]
     pub jwt_rules: Vec<JwtRule>,
+    /// The Telemetry that applies to this workload (mesh-wide, namespace and selected
+    /// resources merged by the control plane).
+    #[prost(message, optional, tag = "12")]
+    #[serde(default)]
+    pub telemetry: Option<Telemetry>,
+}
+
+/// Telemetry (Istio's Telemetry API) as it applies to one workload. Modes are
+/// `CLIENT_AND_SERVER`, `CLIENT` (outbound) or `SERVER` (inbound).
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Telemetry {
+    /// "namespace/name" of the Telemetry resources merged, mesh-wide first.
+    #[prost(string, repeated, tag = "1")]
+    #[serde(default)]
+    pub sources: Vec<String>,
+    /// One per mode the resources distinguish (at most CLIENT and SERVER).
+    #[prost(message, repeated, tag = "2")]
+    #[serde(default)]
+    pub tracing: Vec<TracingConfig>,
+    #[prost(message, optional, tag = "3")]
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
+    /// One per mode the resources distinguish (at most CLIENT and SERVER).
+    #[prost(message, repeated, tag = "4")]
+    #[serde(default)]
+    pub access_logging: Vec<AccessLogConfig>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TracingConfig {
+    #[prost(string, tag = "1")]
+    #[serde(default)]
+    pub mode: String,
+    #[prost(string, repeated, tag = "2")]
+    #[serde(default)]
+    pub providers: Vec<String>,
+    #[prost(double, optional, tag = "3")]
+    #[serde(default)]
+    pub random_sampling_percentage: Option<f64>,
+    #[prost(bool, optional, tag = "4")]
+    #[serde(default)]
+    pub disable_span_reporting: Option<bool>,
+    #[prost(btree_map = "string, message", tag = "5")]
+    #[serde(default)]
+    pub custom_tags: BTreeMap<String, TracingTag>,
+    #[prost(bool, optional, tag = "6")]
+    #[serde(default)]
+    pub use_request_id_for_trace_sampling: Option<bool>,
+    #[prost(bool, optional, tag = "7")]
+    #[serde(default)]
+    pub enable_istio_tags: Option<bool>,
+    #[prost(bool, optional, tag = "8")]
+    #[serde(default)]
+    pub disable_context_propagation: Option<bool>,
+}
+
+/// A span tag: a literal, an environment variable or a request header (with a default).
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TracingTag {
+    #[prost(string, optional, tag = "1")]
+    #[serde(default)]
+    pub literal: Option<String>,
+    #[prost(string, optional, tag = "2")]
+    #[serde(default)]
+    pub environment: Option<String>,
+    #[prost(string, optional, tag = "3")]
+    #[serde(default)]
+    pub header: Option<String>,
+    #[prost(string, optional, tag = "4")]
+    #[serde(default)]
+    pub default_value: Option<String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MetricsConfig {
+    #[prost(string, repeated, tag = "1")]
+    #[serde(default)]
+    pub providers: Vec<String>,
+    /// In the order they apply (mesh-wide first; a later one wins).
+    #[prost(message, repeated, tag = "2")]
+    #[serde(default)]
+    pub overrides: Vec<MetricOverride>,
+    #[prost(message, optional, tag = "3")]
+    #[serde(default, with = "duration_opt")]
+    pub reporting_interval: Option<prost_types::Duration>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MetricOverride {
+    /// `ALL_METRICS`, `REQUEST_COUNT`… or a custom metric's name.
+    #[prost(string, tag = "1")]
+    #[serde(default)]
+    pub metric: String,
+    #[prost(string, tag = "2")]
+    #[serde(default)]
+    pub mode: String,
+    #[prost(bool, optional, tag = "3")]
+    #[serde(default)]
+    pub disabled: Option<bool>,
+    #[prost(btree_map = "string, message", tag = "4")]
+    #[serde(default)]
+    pub tag_overrides: BTreeMap<String, TagOverride>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TagOverride {
+    #[prost(bool, tag = "1")]
+    #[serde(default)]
+    pub remove: bool,
+    /// The value (an expression of request attributes) for UPSERT.
+    #[prost(string, optional, tag = "2")]
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AccessLogConfig {
+    #[prost(string, tag = "1")]
+    #[serde(default)]
+    pub mode: String,
+    #[prost(string, repeated, tag = "2")]
+    #[serde(default)]
+    pub providers: Vec<String>,
+    #[prost(bool, optional, tag = "3")]
+    #[serde(default)]
+    pub disabled: Option<bool>,
+    /// A CEL filter expression (`response.code >= 400`).
+    #[prost(string, optional, tag = "4")]
+    #[serde(default)]
+    pub filter: Option<String>,
 }
 /// A RequestAuthentication jwtRule that applies to this workload (selected like
 /// AuthorizationPolicies).

@@ -70,6 +70,49 @@ fn full() -> Snapshot {
         version: "v1".into(),
         trust_roots: vec!["-----BEGIN CERTIFICATE-----\n...".into()],
         workload: Some(Workload {
+            telemetry: Some(Telemetry {
+                sources: vec!["istio-system/mesh-default".into()],
+                tracing: vec![TracingConfig {
+                    mode: "CLIENT".into(),
+                    providers: vec!["zipkin".into()],
+                    random_sampling_percentage: Some(10.0),
+                    disable_span_reporting: Some(false),
+                    custom_tags: BTreeMap::from([(
+                        "team".to_string(),
+                        TracingTag {
+                            literal: Some("shop".into()),
+                            environment: Some("TEAM".into()),
+                            header: Some("x-team".into()),
+                            default_value: Some("none".into()),
+                        },
+                    )]),
+                    use_request_id_for_trace_sampling: Some(true),
+                    enable_istio_tags: Some(true),
+                    disable_context_propagation: Some(false),
+                }],
+                metrics: Some(MetricsConfig {
+                    providers: vec!["prometheus".into()],
+                    overrides: vec![MetricOverride {
+                        metric: "REQUEST_COUNT".into(),
+                        mode: "SERVER".into(),
+                        disabled: Some(true),
+                        tag_overrides: BTreeMap::from([(
+                            "request_host".to_string(),
+                            TagOverride {
+                                remove: true,
+                                value: Some("request.host".into()),
+                            },
+                        )]),
+                    }],
+                    reporting_interval: d(15_000),
+                }),
+                access_logging: vec![AccessLogConfig {
+                    mode: "CLIENT_AND_SERVER".into(),
+                    providers: vec!["envoy".into()],
+                    disabled: Some(false),
+                    filter: Some("response.code >= 400".into()),
+                }],
+            }),
             mtls: PeerMtls::Strict as i32,
             port_mtls: BTreeMap::from([(8080, PeerMtls::Disable as i32)]),
             jwt_rules: vec![JwtRule {

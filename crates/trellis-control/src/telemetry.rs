@@ -1,0 +1,505 @@
+//! Telemetry selection: which Telemetry resources apply to a workload, merged as Istio
+//! does, into the snapshot's `Workload.telemetry`.
+//!
+//! Three levels, from the least to the most specific:
+//!
+//! 1. the root namespace's Telemetry without a selector (mesh-wide);
+//! 2. the workload's namespace's Telemetry without a selector;
+//! 3. a Telemetry of the workload's namespace whose selector matches its labels.
+//!
+//! Resources attached with `targetRef(s)` are for gateways and waypoints, not sidecars.
+//! When a level has more than one candidate, Istio leaves the choice undefined; Trellis
+//! takes the first by name and reports the others.
+//!
+//! Merging, level by level (a more specific level wins):
+//!
+//! - **tracing**, for the client side and the server side apart (`match.mode`): each field
+//!   a level sets replaces the one before; `customTags` merge by tag name;
+//! - **metrics**: the providers of the most specific level that names any; `overrides`
+//!   accumulate in order, mesh-wide first (a later override of the same metric and tag
+//!   wins when applied); the most specific `reportingInterval`;
+//! - **access logging**, per side: the entries of the most specific level that has any for
+//!   that side replace the others (so a workload can turn off a namespace's logging with
+//!   `disabled: true`).
+
+use trellis_api::Resource;
+use trellis_api::telemetry::{self as api, WorkloadMode};
+use trellis_xds::snapshot as wire;
+
+use crate::registry::Instance;
+
+fn mode_name(m: WorkloadMode) -> &'static str {
+    match m {
+        WorkloadMode::ClientAndServer => "CLIENT_AND_SERVER",
+        WorkloadMode::Client => "CLIENT",
+        WorkloadMode::Server => "SERVER",
+    }
+}
+
+/// Whether an entry matching `m` applies to `side` (CLIENT or SERVER).
+fn covers(m: WorkloadMode, side: WorkloadMode) -> bool {
+    m == WorkloadMode::ClientAndServer || m == side
+}
+
+const SIDES: [WorkloadMode; 2] = [WorkloadMode::Client, WorkloadMode::Server];
+
+fn metric_name(m: api::IstioMetric) -> &'static str {
+    use api::IstioMetric as M;
+    match m {
+        M::AllMetrics => "ALL_METRICS",
+        M::RequestCount => "REQUEST_COUNT",
+        M::RequestDuration => "REQUEST_DURATION",
+        M::RequestSize => "REQUEST_SIZE",
+        M::ResponseSize => "RESPONSE_SIZE",
+        M::TcpOpenedConnections => "TCP_OPENED_CONNECTIONS",
+        M::TcpClosedConnections => "TCP_CLOSED_CONNECTIONS",
+        M::TcpSentBytes => "TCP_SENT_BYTES",
+        M::TcpReceivedBytes => "TCP_RECEIVED_BYTES",
+        M::GrpcRequestMessages => "GRPC_REQUEST_MESSAGES",
+        M::GrpcResponseMessages => "GRPC_RESPONSE_MESSAGES",
+    }
+}
+
+fn duration(d: &trellis_api::common::Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.0.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.0.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// The Telemetry resources that apply to `me`, least specific first, and a note for each
+/// level that had more than one candidate.
+pub fn applicable<'a>(
+    resources: &[&'a Resource],
+    root_namespace: &str,
+    me: &Instance,
+) -> (Vec<(&'a Resource, &'a api::Telemetry)>, Vec<String>) {
+    let mut all: Vec<(&Resource, &api::Telemetry)> = resources
+        .iter()
+        .filter_map(|r| match &r.spec {
+            trellis_api::Spec::Telemetry(t)
+                if t.target_ref.is_none() && t.target_refs.is_empty() =>
+            {
+                Some((*r, t))
+            }
+            _ => None,
+        })
+        .collect();
+    all.sort_by(|a, b| (a.0.namespace(), a.0.name()).cmp(&(b.0.namespace(), b.0.name())));
+    let mut out = Vec::new();
+    let mut problems = Vec::new();
+    let mut level = |candidates: Vec<(&'a Resource, &'a api::Telemetry)>, what: &str| {
+        if let Some(first) = candidates.first() {
+            if candidates.len() > 1 {
+                let others: Vec<String> = candidates[1..]
+                    .iter()
+                    .map(|(r, _)| format!("{}/{}", r.namespace(), r.name()))
+                    .collect();
+                problems.push(format!(
+                    "{what}: more than one Telemetry applies to {}/{}; {}/{} is used, not {}",
+                    me.namespace,
+                    me.name,
+                    first.0.namespace(),
+                    first.0.name(),
+                    others.join(", ")
+                ));
+            }
+            out.push(*first);
+        }
+    };
+    level(
+        all.iter()
+            .filter(|(r, t)| r.namespace() == root_namespace && t.selector.is_none())
+            .copied()
+            .collect(),
+        "mesh-wide",
+    );
+    if me.namespace != root_namespace {
+        level(
+            all.iter()
+                .filter(|(r, t)| r.namespace() == me.namespace && t.selector.is_none())
+                .copied()
+                .collect(),
+            "namespace",
+        );
+    }
+    level(
+        all.iter()
+            .filter(|(r, t)| {
+                r.namespace() == me.namespace
+                    && t.selector.as_ref().is_some_and(|s| {
+                        s.match_labels
+                            .iter()
+                            .all(|(k, v)| me.labels.get(k) == Some(v))
+                    })
+            })
+            .copied()
+            .collect(),
+        "workload",
+    );
+    (out, problems)
+}
+
+/// The merged Telemetry of `levels` (least specific first); `None` when there is none.
+pub fn merge(levels: &[(&Resource, &api::Telemetry)]) -> Option<wire::Telemetry> {
+    if levels.is_empty() {
+        return None;
+    }
+    let mut out = wire::Telemetry {
+        sources: levels
+            .iter()
+            .map(|(r, _)| format!("{}/{}", r.namespace(), r.name()))
+            .collect(),
+        ..Default::default()
+    };
+
+    // Tracing, per side.
+    let mut tracing: Vec<wire::TracingConfig> = Vec::new();
+    for side in SIDES {
+        let mut t = wire::TracingConfig {
+            mode: mode_name(side).to_string(),
+            ..Default::default()
+        };
+        let mut any = false;
+        for (_, level) in levels {
+            for entry in &level.tracing {
+                let m = entry.selector.map(|s| s.mode).unwrap_or_default();
+                if !covers(m, side) {
+                    continue;
+                }
+                any = true;
+                if !entry.providers.is_empty() {
+                    t.providers = entry.providers.iter().map(|p| p.name.clone()).collect();
+                }
+                if entry.random_sampling_percentage.is_some() {
+                    t.random_sampling_percentage = entry.random_sampling_percentage;
+                }
+                if entry.disable_span_reporting.is_some() {
+                    t.disable_span_reporting = entry.disable_span_reporting;
+                }
+                if entry.use_request_id_for_trace_sampling.is_some() {
+                    t.use_request_id_for_trace_sampling = entry.use_request_id_for_trace_sampling;
+                }
+                if entry.enable_istio_tags.is_some() {
+                    t.enable_istio_tags = entry.enable_istio_tags;
+                }
+                if entry.disable_context_propagation.is_some() {
+                    t.disable_context_propagation = entry.disable_context_propagation;
+                }
+                for (name, tag) in &entry.custom_tags {
+                    t.custom_tags.insert(name.clone(), custom_tag(tag));
+                }
+            }
+        }
+        if any {
+            tracing.push(t);
+        }
+    }
+    // Both sides the same: one entry for both.
+    let modeless = |t: &wire::TracingConfig| wire::TracingConfig {
+        mode: String::new(),
+        ..t.clone()
+    };
+    if let [client, server] = tracing.as_slice() {
+        if modeless(client) == modeless(server) {
+            let mut both = client.clone();
+            both.mode = mode_name(WorkloadMode::ClientAndServer).to_string();
+            tracing = vec![both];
+        }
+    }
+    out.tracing = tracing;
+
+    // Metrics.
+    let mut metrics = wire::MetricsConfig::default();
+    let mut any_metrics = false;
+    for (_, level) in levels {
+        for m in &level.metrics {
+            any_metrics = true;
+            if !m.providers.is_empty() {
+                metrics.providers = m.providers.iter().map(|p| p.name.clone()).collect();
+            }
+            if let Some(d) = &m.reporting_interval {
+                metrics.reporting_interval = Some(duration(d));
+            }
+            for o in &m.overrides {
+                let sel = o.selector.as_ref();
+                let metric = match (
+                    sel.and_then(|s| s.metric),
+                    sel.and_then(|s| s.custom_metric.as_ref()),
+                ) {
+                    (Some(m), _) => metric_name(m).to_string(),
+                    (None, Some(custom)) => custom.clone(),
+                    (None, None) => metric_name(api::IstioMetric::AllMetrics).to_string(),
+                };
+                metrics.overrides.push(wire::MetricOverride {
+                    metric,
+                    mode: mode_name(sel.map(|s| s.mode).unwrap_or_default()).to_string(),
+                    disabled: o.disabled,
+                    tag_overrides: o
+                        .tag_overrides
+                        .iter()
+                        .map(|(k, v)| {
+                            (
+                                k.clone(),
+                                wire::TagOverride {
+                                    remove: v.operation == api::TagOperation::Remove,
+                                    value: v.value.clone(),
+                                },
+                            )
+                        })
+                        .collect(),
+                });
+            }
+        }
+    }
+    if any_metrics {
+        out.metrics = Some(metrics);
+    }
+
+    // Access logging, per side: the most specific level with entries for it.
+    let mut logs: Vec<(WorkloadMode, Vec<wire::AccessLogConfig>)> = Vec::new();
+    for side in SIDES {
+        let chosen = levels.iter().rev().find_map(|(_, level)| {
+            let entries: Vec<&api::AccessLogging> = level
+                .access_logging
+                .iter()
+                .filter(|a| covers(a.selector.map(|s| s.mode).unwrap_or_default(), side))
+                .collect();
+            (!entries.is_empty()).then_some(entries)
+        });
+        if let Some(entries) = chosen {
+            logs.push((
+                side,
+                entries
+                    .into_iter()
+                    .map(|a| wire::AccessLogConfig {
+                        mode: mode_name(side).to_string(),
+                        providers: a.providers.iter().map(|p| p.name.clone()).collect(),
+                        disabled: a.disabled,
+                        filter: a.filter.as_ref().and_then(|f| f.expression.clone()),
+                    })
+                    .collect(),
+            ));
+        }
+    }
+    let strip = |v: &[wire::AccessLogConfig]| -> Vec<wire::AccessLogConfig> {
+        v.iter()
+            .map(|a| wire::AccessLogConfig {
+                mode: String::new(),
+                ..a.clone()
+            })
+            .collect()
+    };
+    out.access_logging = match logs.as_slice() {
+        [(_, client), (_, server)] if strip(client) == strip(server) => client
+            .iter()
+            .map(|a| wire::AccessLogConfig {
+                mode: mode_name(WorkloadMode::ClientAndServer).to_string(),
+                ..a.clone()
+            })
+            .collect(),
+        _ => logs.into_iter().flat_map(|(_, v)| v).collect(),
+    };
+    Some(out)
+}
+
+fn custom_tag(t: &api::CustomTag) -> wire::TracingTag {
+    wire::TracingTag {
+        literal: t.literal.as_ref().map(|l| l.value.clone()),
+        environment: t.environment.as_ref().map(|e| e.name.clone()),
+        header: t.header.as_ref().map(|h| h.name.clone()),
+        default_value: t
+            .environment
+            .as_ref()
+            .and_then(|e| e.default_value.clone())
+            .or_else(|| t.header.as_ref().and_then(|h| h.default_value.clone())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn parse(yaml: &str) -> Vec<Resource> {
+        trellis_api::parse_text(yaml, "t.yaml", &trellis_api::LoadOptions::default())
+            .into_iter()
+            .map(|p| {
+                p.resource()
+                    .cloned()
+                    .unwrap_or_else(|| panic!("{:?}", p.diagnostics))
+            })
+            .collect()
+    }
+
+    fn me(ns: &str, app: &str) -> Instance {
+        Instance {
+            name: format!("{app}-0"),
+            workload: app.into(),
+            namespace: ns.into(),
+            labels: BTreeMap::from([("app".to_string(), app.to_string())]),
+            service_account: app.into(),
+            addresses: vec![],
+            ports: vec![],
+            locality: None,
+            entry: false,
+        }
+    }
+
+    const CONFIG: &str = r#"
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  tracing:
+  - providers: [{name: zipkin}]
+    randomSamplingPercentage: 1
+    customTags:
+      cluster: {literal: {value: east}}
+  metrics:
+  - providers: [{name: prometheus}]
+    overrides:
+    - match: {metric: ALL_METRICS}
+      tagOverrides:
+        request_protocol: {operation: REMOVE}
+  accessLogging:
+  - providers: [{name: envoy}]
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: shop, namespace: shop}
+spec:
+  tracing:
+  - match: {mode: SERVER}
+    randomSamplingPercentage: 50
+    customTags:
+      team: {header: {name: x-team, defaultValue: none}}
+  metrics:
+  - overrides:
+    - match: {metric: REQUEST_COUNT, mode: CLIENT}
+      disabled: true
+  accessLogging:
+  - providers: [{name: envoy}]
+    filter: {expression: "response.code >= 400"}
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: quiet-reviews, namespace: shop}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  accessLogging:
+  - match: {mode: CLIENT}
+    disabled: true
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: for-gateways, namespace: shop}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: edge}]
+  accessLogging:
+  - disabled: true
+"#;
+
+    fn effective(resources: &[Resource], who: &Instance) -> (Option<wire::Telemetry>, Vec<String>) {
+        let refs: Vec<&Resource> = resources.iter().collect();
+        let (levels, problems) = applicable(&refs, "istio-system", who);
+        (merge(&levels), problems)
+    }
+
+    #[test]
+    fn levels_merge_from_mesh_to_namespace_to_workload() {
+        let rs = parse(CONFIG);
+        let (t, problems) = effective(&rs, &me("shop", "reviews"));
+        assert!(problems.is_empty(), "{problems:?}");
+        let t = t.expect("telemetry");
+        assert_eq!(
+            t.sources,
+            [
+                "istio-system/mesh-default",
+                "shop/shop",
+                "shop/quiet-reviews"
+            ]
+        );
+        // Tracing: the namespace raises sampling on the server side only; the custom tags
+        // of both levels are there; the mesh's provider stays.
+        let side = |m: &str| t.tracing.iter().find(|c| c.mode == m).expect(m).clone();
+        let (client, server) = (side("CLIENT"), side("SERVER"));
+        assert_eq!(client.random_sampling_percentage, Some(1.0));
+        assert_eq!(server.random_sampling_percentage, Some(50.0));
+        assert_eq!(server.providers, ["zipkin"]);
+        assert_eq!(client.custom_tags.len(), 1);
+        assert_eq!(server.custom_tags.len(), 2);
+        assert_eq!(server.custom_tags["team"].header.as_deref(), Some("x-team"));
+        assert_eq!(
+            server.custom_tags["team"].default_value.as_deref(),
+            Some("none")
+        );
+        // Metrics: providers from the mesh, overrides accumulated in order.
+        let m = t.metrics.expect("metrics");
+        assert_eq!(m.providers, ["prometheus"]);
+        let o: Vec<(&str, &str, Option<bool>)> = m
+            .overrides
+            .iter()
+            .map(|o| (o.metric.as_str(), o.mode.as_str(), o.disabled))
+            .collect();
+        assert_eq!(
+            o,
+            [
+                ("ALL_METRICS", "CLIENT_AND_SERVER", None),
+                ("REQUEST_COUNT", "CLIENT", Some(true))
+            ]
+        );
+        assert!(m.overrides[0].tag_overrides["request_protocol"].remove);
+        // Access logging: the workload turns off its client side; the server side keeps
+        // the namespace's filtered log (the gateway-only resource never applies).
+        let logs: Vec<(&str, Option<bool>, Option<&str>)> = t
+            .access_logging
+            .iter()
+            .map(|a| (a.mode.as_str(), a.disabled, a.filter.as_deref()))
+            .collect();
+        assert_eq!(
+            logs,
+            [
+                ("CLIENT", Some(true), None),
+                ("SERVER", None, Some("response.code >= 400"))
+            ]
+        );
+    }
+
+    #[test]
+    fn other_workloads_and_namespaces_see_only_their_levels() {
+        let rs = parse(CONFIG);
+        // Another workload of the namespace: no workload level; both sides log alike.
+        let (t, _) = effective(&rs, &me("shop", "ratings"));
+        let t = t.expect("telemetry");
+        assert_eq!(t.sources, ["istio-system/mesh-default", "shop/shop"]);
+        assert_eq!(t.access_logging.len(), 1);
+        assert_eq!(t.access_logging[0].mode, "CLIENT_AND_SERVER");
+        // Another namespace: the mesh-wide resource alone, the same on both sides.
+        let (t, _) = effective(&rs, &me("web", "web"));
+        let t = t.expect("telemetry");
+        assert_eq!(t.sources, ["istio-system/mesh-default"]);
+        assert_eq!(t.tracing.len(), 1);
+        assert_eq!(t.tracing[0].mode, "CLIENT_AND_SERVER");
+        assert_eq!(t.tracing[0].random_sampling_percentage, Some(1.0));
+        // No Telemetry at all: nothing.
+        assert_eq!(effective(&[], &me("web", "web")).0, None);
+    }
+
+    #[test]
+    fn two_candidates_at_one_level_are_reported_and_the_first_by_name_wins() {
+        let rs = parse(
+            "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: b, namespace: shop}\nspec:\n  tracing: [{randomSamplingPercentage: 20}]\n---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: a, namespace: shop}\nspec:\n  tracing: [{randomSamplingPercentage: 10}]\n",
+        );
+        let (t, problems) = effective(&rs, &me("shop", "reviews"));
+        assert_eq!(
+            t.expect("telemetry").tracing[0].random_sampling_percentage,
+            Some(10.0)
+        );
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0].contains("shop/a is used, not shop/b"),
+            "{problems:?}"
+        );
+    }
+}
