@@ -285,10 +285,23 @@ async fn proxies_follow_the_control_plane_and_proxy_status_shows_a_nack() {
         text.contains("# TYPE trellis_control_pushes_in_flight gauge"),
         "{text}"
     );
-    assert!(
+    let value = |prefix: &str| -> Option<u64> {
         text.lines()
-            .any(|l| l.starts_with("trellis_control_resources_sent_total ")
-                && l.split(' ').nth(1).and_then(|n| n.parse::<u64>().ok()) >= Some(2)),
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    assert!(
+        value("trellis_control_resources_sent_total{type=\"cluster\"} ") >= Some(1)
+            && value("trellis_control_resources_sent_total{type=\"proxy\"} ") >= Some(2),
+        "{text}"
+    );
+    // Each proxy's ACK of a change counts from the change (both proxies joined: changes).
+    assert!(
+        value("trellis_control_config_convergence_seconds_count ") >= Some(2),
+        "{text}"
+    );
+    assert!(
+        value("trellis_control_translation_seconds_count ") >= Some(1),
         "{text}"
     );
     // What web-0 was sent, through the control plane.

@@ -527,7 +527,7 @@ async fn stream(
                     removed_resources: removed,
                 };
                 let bytes = Bytes::from(frame(&resp));
-                cp.resources_sent(resp.resources.len());
+                cp.resources_sent(&resp.resources);
                 pending = Some(Pending {
                     slot: slot.map(|s| (s, tokio::time::Instant::now() + PUSH_SLOT_HOLD)),
                     nonce: resp.nonce,

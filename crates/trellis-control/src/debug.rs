@@ -94,14 +94,19 @@ async fn handle(
                     .is_some_and(|(v, _)| Some(v) == s.sent.as_ref().map(|(sv, _)| sv))
             });
             let mut text = format!(
-                "# HELP trellis_control_connected_proxies Proxies connected now.\n# TYPE trellis_control_connected_proxies gauge\ntrellis_control_connected_proxies {}\n# HELP trellis_control_pushes_total Snapshots sent.\n# TYPE trellis_control_pushes_total counter\ntrellis_control_pushes_total {}\n# HELP trellis_control_nacking_proxies Proxies that refused the latest snapshot sent to them.\n# TYPE trellis_control_nacking_proxies gauge\ntrellis_control_nacking_proxies {}\n# HELP trellis_control_certificates_issued_total Workload certificates the CA signed.\n# TYPE trellis_control_certificates_issued_total counter\ntrellis_control_certificates_issued_total {}\n# HELP trellis_control_pushes_in_flight Pushes sent and not yet answered (bounded by --push-concurrency).\n# TYPE trellis_control_pushes_in_flight gauge\ntrellis_control_pushes_in_flight {}\n# HELP trellis_control_resources_sent_total Resources (services, clusters, proxy parts) sent to proxies: only those that changed.\n# TYPE trellis_control_resources_sent_total counter\ntrellis_control_resources_sent_total {}\n",
+                "# HELP trellis_control_connected_proxies Proxies connected now.\n# TYPE trellis_control_connected_proxies gauge\ntrellis_control_connected_proxies {}\n# HELP trellis_control_pushes_total Snapshots sent.\n# TYPE trellis_control_pushes_total counter\ntrellis_control_pushes_total {}\n# HELP trellis_control_nacking_proxies Proxies that refused the latest snapshot sent to them.\n# TYPE trellis_control_nacking_proxies gauge\ntrellis_control_nacking_proxies {}\n# HELP trellis_control_certificates_issued_total Workload certificates the CA signed.\n# TYPE trellis_control_certificates_issued_total counter\ntrellis_control_certificates_issued_total {}\n# HELP trellis_control_pushes_in_flight Pushes sent and not yet answered (bounded by --push-concurrency).\n# TYPE trellis_control_pushes_in_flight gauge\ntrellis_control_pushes_in_flight {}\n",
                 st.len(),
                 cp.pushes(),
                 nacking.count(),
                 cp.certificates_issued(),
                 cp.pushes_in_flight(),
-                cp.resources_sent_total()
             );
+            text.push_str("# HELP trellis_control_resources_sent_total Resources sent to proxies, by type (proxy parts, services, clusters): only those that changed.\n# TYPE trellis_control_resources_sent_total counter\n");
+            for (kind, n) in cp.resources_sent_by_type() {
+                text.push_str(&format!(
+                    "trellis_control_resources_sent_total{{type=\"{kind}\"}} {n}\n"
+                ));
+            }
             cp.push_seconds.render(
                 "trellis_control_push_seconds",
                 "Time to translate a configuration change for every connected proxy and hand each its snapshot.",
@@ -110,6 +115,16 @@ async fn handle(
             cp.convergence_seconds.render(
                 "trellis_control_proxy_convergence_seconds",
                 "Time from sending a proxy a snapshot to its acknowledgement of that snapshot.",
+                &mut text,
+            );
+            cp.config_convergence_seconds.render(
+                "trellis_control_config_convergence_seconds",
+                "Time from a configuration change (the first of a debounced burst) to each affected proxy's acknowledgement of it.",
+                &mut text,
+            );
+            cp.translation_seconds.render(
+                "trellis_control_translation_seconds",
+                "Time spent translating the configuration for every connected proxy, per push.",
                 &mut text,
             );
             reply(StatusCode::OK, "text/plain; version=0.0.4", text)

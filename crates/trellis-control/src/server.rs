@@ -78,6 +78,9 @@ pub struct Pushed {
     pub workload: Option<wire::Workload>,
     /// The mesh's trust bundle (the same `Arc` for every proxy).
     pub trust_roots: Arc<Vec<String>>,
+    /// When the configuration change this push carries was first seen (for
+    /// `trellis_control_config_convergence_seconds`); `None` for pushes not caused by one.
+    pub changed_at: Option<Instant>,
 }
 
 impl Pushed {
@@ -217,6 +220,10 @@ pub struct ControlPlane {
     pub push_seconds: Histogram,
     /// From sending a proxy a version to its ACK of that version.
     pub convergence_seconds: Histogram,
+    /// From a configuration change to each affected proxy's ACK of it.
+    pub config_convergence_seconds: Histogram,
+    /// Translation time per push (every scope and workload).
+    pub translation_seconds: Histogram,
     debounce: Debounce,
     root_namespace: String,
     trust_domain: String,
@@ -227,7 +234,8 @@ pub struct ControlPlane {
     trust_roots: Mutex<Arc<Vec<String>>>,
     /// Responses sent and not yet answered, across all proxies: at most this many.
     push_slots: Mutex<(usize, Arc<tokio::sync::Semaphore>)>,
-    resources_sent: AtomicU64,
+    /// Resources sent: proxy parts, services, clusters.
+    resources_sent: [AtomicU64; 3],
 }
 
 /// How many proxies may have a push in flight (sent, not yet answered) at once, by
@@ -276,6 +284,8 @@ impl ControlPlane {
             pushes: AtomicU64::new(0),
             push_seconds: Histogram::new(LATENCY_BUCKETS),
             convergence_seconds: Histogram::new(LATENCY_BUCKETS),
+            config_convergence_seconds: Histogram::new(LATENCY_BUCKETS),
+            translation_seconds: Histogram::new(LATENCY_BUCKETS),
             debounce,
             root_namespace: ROOT_NAMESPACE.to_string(),
             trust_domain: trust_domain.to_string(),
@@ -286,7 +296,7 @@ impl ControlPlane {
                 DEFAULT_PUSH_CONCURRENCY,
                 Arc::new(tokio::sync::Semaphore::new(DEFAULT_PUSH_CONCURRENCY)),
             )),
-            resources_sent: AtomicU64::new(0),
+            resources_sent: Default::default(),
         })
     }
 
@@ -322,14 +332,31 @@ impl ControlPlane {
         slots.0.saturating_sub(slots.1.available_permits())
     }
 
-    /// `n` resources went to a proxy.
-    pub fn resources_sent(&self, n: usize) {
-        self.resources_sent.fetch_add(n as u64, Ordering::Relaxed);
+    /// `sent` went to a proxy.
+    pub fn resources_sent(&self, sent: &[trellis_xds::ads::Resource]) {
+        use trellis_xds::delta::{CLUSTER_TYPE_URL, SERVICE_TYPE_URL};
+        for r in sent {
+            let i = match r.resource.as_ref().map(|a| a.type_url.as_str()) {
+                Some(SERVICE_TYPE_URL) => 1,
+                Some(CLUSTER_TYPE_URL) => 2,
+                _ => 0,
+            };
+            self.resources_sent[i].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Resources sent to proxies since the start.
     pub fn resources_sent_total(&self) -> u64 {
-        self.resources_sent.load(Ordering::Relaxed)
+        self.resources_sent
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Resources sent by type: (`proxy`, `service`, `cluster`).
+    pub fn resources_sent_by_type(&self) -> [(&'static str, u64); 3] {
+        let n = |i: usize| self.resources_sent[i].load(Ordering::Relaxed);
+        [("proxy", n(0)), ("service", n(1)), ("cluster", n(2))]
     }
 
     fn conns(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Conn>> {
@@ -414,6 +441,14 @@ impl ControlPlane {
                 if sent == version && c.status.acked.as_deref() != Some(version) {
                     if let Ok(took) = at.elapsed() {
                         self.convergence_seconds.observe(took);
+                    }
+                    if let Some(changed) = c
+                        .last
+                        .as_ref()
+                        .filter(|p| p.version == version)
+                        .and_then(|p| p.changed_at)
+                    {
+                        self.config_convergence_seconds.observe(changed.elapsed());
                     }
                 }
             }
@@ -565,6 +600,11 @@ impl ControlPlane {
     /// Recomputes every proxy's snapshot from the store as it is now and sends the ones
     /// that changed.
     pub fn push_all(&self) {
+        self.push_since(None);
+    }
+
+    /// As [`ControlPlane::push_all`], for a configuration change first seen at `changed_at`.
+    pub fn push_since(&self, changed_at: Option<Instant>) {
         // One push at a time, each from the store as it is when it starts: a proxy never
         // receives an older configuration after a newer one.
         let _one = self.pushing.lock().unwrap_or_else(PoisonError::into_inner);
@@ -595,6 +635,7 @@ impl ControlPlane {
         );
         let mut by_scope: std::collections::HashMap<String, Scope> =
             std::collections::HashMap::new();
+        let mut translating = Duration::ZERO;
         for c in conns.values_mut() {
             let key = crate::mesh::scope_key(&cfg, &c.instance);
             let Scope {
@@ -604,7 +645,9 @@ impl ControlPlane {
             } = by_scope
                 .entry(key)
                 .or_insert_with_key(|key| {
+                    let t = Instant::now();
                     let built = sidecar_snapshot(&cfg, &registry, &c.instance, &version);
+                    translating += t.elapsed();
                     for p in &built.problems {
                         tracing::warn!(proxy = %c.status.instance, "{p}");
                     }
@@ -617,7 +660,9 @@ impl ControlPlane {
                     }
                 })
                 .clone();
+            let t = Instant::now();
             let workload = Some(crate::mesh::workload_of(&cfg, &registry, &c.instance));
+            translating += t.elapsed();
             // Same content as last time: nothing to send (the version alone moved).
             if let Some(last) = &c.last {
                 if Arc::ptr_eq(&last.scope, &scope)
@@ -634,6 +679,7 @@ impl ControlPlane {
                 own,
                 workload,
                 trust_roots: Arc::clone(&trust_roots),
+                changed_at,
             });
             c.last = Some(Arc::clone(&fresh));
             c.status.sent = Some((fresh.version.clone(), SystemTime::now()));
@@ -641,6 +687,7 @@ impl ControlPlane {
             let _ = c.tx.send(Some(fresh));
         }
         *self.scopes.lock().unwrap_or_else(PoisonError::into_inner) = by_scope;
+        self.translation_seconds.observe(translating);
         self.push_seconds.observe(started.elapsed());
     }
 
@@ -678,7 +725,7 @@ impl ControlPlane {
             }
             let cp = Arc::clone(&self);
             // Translation is CPU work: off the async threads.
-            if tokio::task::spawn_blocking(move || cp.push_all())
+            if tokio::task::spawn_blocking(move || cp.push_since(Some(start)))
                 .await
                 .is_err()
             {
