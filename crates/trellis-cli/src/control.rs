@@ -370,8 +370,37 @@ pub struct ProxyConfigArgs {
     /// The control plane's debug address.
     #[arg(long, default_value = "127.0.0.1:15014")]
     control_plane: SocketAddr,
-    #[arg(short = 'o', long, value_enum, default_value_t = StatusFormat::Table)]
-    output: StatusFormat,
+    #[arg(short = 'o', long, value_enum, default_value_t = ConfigFormat::Table)]
+    output: ConfigFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ConfigFormat {
+    Table,
+    Json,
+    Yaml,
+}
+
+/// A JSON value as YAML (the same document; numbers that are not integers as floats).
+fn to_yaml(v: &serde_json::Value) -> yaml_rust2::Yaml {
+    use yaml_rust2::Yaml;
+    match v {
+        serde_json::Value::Null => Yaml::Null,
+        serde_json::Value::Bool(b) => Yaml::Boolean(*b),
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(i) => Yaml::Integer(i),
+            None => Yaml::Real(n.to_string()),
+        },
+        serde_json::Value::String(s) => Yaml::String(s.clone()),
+        serde_json::Value::Array(a) => Yaml::Array(a.iter().map(to_yaml).collect()),
+        serde_json::Value::Object(o) => {
+            let mut h = yaml_rust2::yaml::Hash::new();
+            for (k, v) in o {
+                h.insert(Yaml::String(k.clone()), to_yaml(v));
+            }
+            Yaml::Hash(h)
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -434,14 +463,22 @@ pub fn run_proxy_config(args: &ProxyConfigArgs) -> anyhow::Result<ExitCode> {
             "trustRoots": roots,
         }))
     };
-    if args.output == StatusFormat::Json {
+    if args.output != ConfigFormat::Table {
         let v = match args.section {
             Section::All => snap.clone(),
             Section::Secrets => secrets()?,
             Section::Clusters | Section::Endpoints => serde_json::Value::Array(list("clusters")),
             Section::Routes | Section::Listeners => serde_json::Value::Array(list("services")),
         };
-        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        if args.output == ConfigFormat::Json {
+            writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        } else {
+            let mut text = String::new();
+            yaml_rust2::YamlEmitter::new(&mut text)
+                .dump(&to_yaml(&v))
+                .map_err(|e| anyhow::anyhow!("writing YAML: {e}"))?;
+            writeln!(out, "{text}")?;
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let all = args.section == Section::All;

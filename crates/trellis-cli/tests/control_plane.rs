@@ -343,6 +343,32 @@ async fn proxies_follow_the_control_plane_and_proxy_status_shows_a_nack() {
     let out = config(&["reviews-v1.shop", "secrets", "-o", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json secrets");
     assert_eq!(v["trustRoots"].as_array().map(Vec::len), Some(1));
+    // The same as YAML, which parses back to the same document.
+    let out = config(&["web-0.web", "clusters", "-o", "yaml"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let json: serde_json::Value =
+        serde_json::from_slice(&config(&["web-0.web", "clusters", "-o", "json"]).stdout)
+            .expect("json clusters");
+    let docs = yaml_rust2::YamlLoader::load_from_str(&text).expect("yaml clusters");
+    let names = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| c["name"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let yaml_names: Vec<String> = docs[0]
+        .as_vec()
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| c["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(!yaml_names.is_empty(), "{text}");
+    assert_eq!(yaml_names, names(&json));
     let out = config(&["nobody.web"]);
     assert!(!out.status.success());
     assert!(
