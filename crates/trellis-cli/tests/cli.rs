@@ -399,6 +399,14 @@ fn sidecar_snapshot_builds_a_workloads_snapshot() {
         .find(|c| c.name == "outbound|9080|v2|reviews.bookinfo.svc.cluster.local")
         .expect("v2 cluster");
     assert_eq!(v2.endpoints[0].address, "10.0.0.12:9080");
+    // Who the endpoint is, for the labels of Istio's metrics.
+    assert_eq!(
+        (
+            v2.endpoints[0].workload.as_str(),
+            v2.endpoints[0].namespace.as_str()
+        ),
+        ("reviews-v2", "bookinfo")
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("reviews-v1 has no --instance address"));
     let out = trellis(&[
         "sidecar-snapshot",

@@ -31,6 +31,9 @@ pub struct EndpointRef {
     pub plaintext: bool,
     pub identity: Option<String>,
     pub locality: Option<String>,
+    /// The workload it is an instance of, and its namespace.
+    pub workload: String,
+    pub namespace: String,
 }
 
 /// The policy fields a cluster takes from a DestinationRule, after merging.
@@ -245,6 +248,8 @@ fn endpoint(e: &EndpointRef) -> wire::Endpoint {
         labels: e.labels.clone(),
         identity: e.identity.clone(),
         locality: e.locality.clone(),
+        workload: e.workload.clone(),
+        namespace: e.namespace.clone(),
         ..Default::default()
     }
 }
@@ -319,6 +324,8 @@ mod tests {
             plaintext: false,
             identity: None,
             locality: None,
+            workload: format!("reviews-{version}"),
+            namespace: "shop".into(),
         }
     }
 

@@ -633,6 +633,8 @@ fn select_endpoints(
                         identity: Some(reg.identity(i)),
                         labels: i.labels.clone(),
                         locality: i.locality.clone(),
+                        workload: i.workload.clone(),
+                        namespace: i.namespace.clone(),
                         ..Default::default()
                     });
                 }

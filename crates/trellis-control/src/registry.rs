@@ -309,6 +309,8 @@ impl Registry {
                     plaintext: self.takes_plaintext_only(i, target),
                     identity: Some(self.identity(i)),
                     locality: i.locality.clone(),
+                    workload: i.workload.clone(),
+                    namespace: i.namespace.clone(),
                 });
             }
         }

@@ -25,6 +25,8 @@ fn endpoint(addr: SocketAddr, version: &str) -> EndpointRef {
         plaintext: false,
         identity: None,
         locality: None,
+        workload: format!("reviews-{version}"),
+        namespace: "bookinfo".into(),
     }
 }
 

@@ -97,6 +97,8 @@ impl Bookinfo {
                     plaintext: false,
                     identity: None,
                     locality: None,
+                    workload: format!("{svc}-{v}"),
+                    namespace: "bookinfo".into(),
                 })
                 .collect();
             clusters.extend(

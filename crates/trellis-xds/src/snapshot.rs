@@ -1521,6 +1521,14 @@ pub struct Endpoint {
     #[prost(bool, tag = "8")]
     #[serde(default, skip_serializing_if = "is_false")]
     pub plaintext: bool,
+    /// The workload this endpoint is an instance of, and its namespace (the labels of
+    /// Istio's metrics: `destination_workload`, `source_workload`…).
+    #[prost(string, tag = "9")]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub workload: String,
+    #[prost(string, tag = "10")]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
 }
 
 /// Proxy-wide settings.

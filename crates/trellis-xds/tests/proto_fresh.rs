@@ -297,6 +297,8 @@ fn full() -> Snapshot {
                 healthy: Some(false),
                 locality: Some("r/z".into()),
                 weight: Some(3),
+                workload: "reviews-v1".into(),
+                namespace: "shop".into(),
             }],
             connect_timeout: d(1500),
             idle_timeout: d(3000),
