@@ -171,6 +171,8 @@ pub struct Config {
     /// The mesh's trust bundle (`trustRoots`), when the snapshot has one: what peers'
     /// certificates must chain to.
     pub trust_roots: Option<Arc<rustls::RootCertStore>>,
+    /// The bundle `trust_roots` was made from (PEM).
+    trust_pems: Vec<String>,
     /// The wire form, encoded (for `/config_dump` and DNS refreshes, see [`Config::raw`]):
     /// decoded, it would weigh as much again as the configuration itself.
     raw: Vec<u8>,
@@ -691,13 +693,20 @@ impl Config {
             .min();
         let mut cluster_list: Vec<Arc<Cluster>> = clusters.into_values().collect();
         cluster_list.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut trust = rustls::RootCertStore::empty();
-        for (i, pem) in raw.trust_roots.iter().enumerate() {
-            let roots = trellis_identity::tls::roots(pem)
-                .map_err(|e| bad(format!("trustRoots[{i}]"), e.to_string()))?;
-            trust.roots.extend(roots.roots);
-        }
-        let trust_roots = (!trust.is_empty()).then(|| Arc::new(trust));
+        // The same bundle as before keeps the same store (so the mesh mTLS server
+        // configuration made for it is not made again at every push).
+        let trust_roots = match previous {
+            Some(p) if p.trust_pems == raw.trust_roots => p.trust_roots.clone(),
+            _ => {
+                let mut trust = rustls::RootCertStore::empty();
+                for (i, pem) in raw.trust_roots.iter().enumerate() {
+                    let roots = trellis_identity::tls::roots(pem)
+                        .map_err(|e| bad(format!("trustRoots[{i}]"), e.to_string()))?;
+                    trust.roots.extend(roots.roots);
+                }
+                (!trust.is_empty()).then(|| Arc::new(trust))
+            }
+        };
         let mtls_mode = |res: String, v: i32| {
             wire::PeerMtls::try_from(v).map_err(|_| bad(res, format!("unknown mTLS mode {v}")))
         };
@@ -768,6 +777,7 @@ impl Config {
             inbound_mtls,
             port_mtls,
             trust_roots,
+            trust_pems: raw.trust_roots.clone(),
             raw: prost::Message::encode_to_vec(&raw),
         })
     }
@@ -837,6 +847,7 @@ impl Config {
             inbound_mtls: wire::PeerMtls::Permissive,
             port_mtls: HashMap::new(),
             trust_roots: None,
+            trust_pems: Vec::new(),
             raw: Vec::new(),
         }
     }
@@ -1007,6 +1018,24 @@ clusters: [{name: a}]
         assert!(e.starts_with("trustRoots[0]: "), "{e}");
         let e = snap("trustRoots: [\"hello\"]\n").expect_err("no certificate");
         assert!(e.to_string().contains("no certificate"), "{e}");
+    }
+
+    #[test]
+    fn an_unchanged_trust_bundle_keeps_its_store() {
+        let ca = |n: &str| trellis_testkit::tls::TestCa::new(n).expect("ca").cert_pem;
+        let (a, b) = (ca("root a"), ca("root b"));
+        let with = |pems: &[&String]| {
+            let mut raw = wire::Snapshot::default();
+            raw.trust_roots = pems.iter().map(|p| (*p).clone()).collect();
+            raw
+        };
+        let first = Config::from_wire(with(&[&a]), None).expect("converts");
+        let same = Config::from_wire(with(&[&a]), Some(&first)).expect("converts");
+        let store = |c: &Config| c.trust_roots.clone().expect("roots");
+        assert!(Arc::ptr_eq(&store(&first), &store(&same)));
+        let rotated = Config::from_wire(with(&[&a, &b]), Some(&same)).expect("converts");
+        assert!(!Arc::ptr_eq(&store(&same), &store(&rotated)));
+        assert_eq!(store(&rotated).roots.len(), 2);
     }
 
     #[test]
