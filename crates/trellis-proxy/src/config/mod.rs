@@ -1024,10 +1024,9 @@ clusters: [{name: a}]
     fn an_unchanged_trust_bundle_keeps_its_store() {
         let ca = |n: &str| trellis_testkit::tls::TestCa::new(n).expect("ca").cert_pem;
         let (a, b) = (ca("root a"), ca("root b"));
-        let with = |pems: &[&String]| {
-            let mut raw = wire::Snapshot::default();
-            raw.trust_roots = pems.iter().map(|p| (*p).clone()).collect();
-            raw
+        let with = |pems: &[&String]| wire::Snapshot {
+            trust_roots: pems.iter().map(|p| (*p).clone()).collect(),
+            ..Default::default()
         };
         let first = Config::from_wire(with(&[&a]), None).expect("converts");
         let same = Config::from_wire(with(&[&a]), Some(&first)).expect("converts");
