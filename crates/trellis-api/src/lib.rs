@@ -11,6 +11,7 @@ pub mod de;
 pub mod host;
 pub mod kube;
 pub mod load;
+pub mod mesh;
 pub mod networking;
 pub mod resource;
 pub mod security;

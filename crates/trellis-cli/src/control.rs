@@ -39,8 +39,16 @@ pub struct ControlPlaneArgs {
     /// Where the CA's root and the token key live (created on first start).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
-    #[arg(long, default_value = "cluster.local")]
-    trust_domain: String,
+    /// The SPIFFE trust domain (default: the mesh config's `trustDomain`, else
+    /// cluster.local).
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// Mesh-wide settings in the shape of Istio's meshConfig (rootNamespace, trustDomain,
+    /// outboundTrafficPolicy, defaultConfig.gatewayTopology, defaultProviders,
+    /// extensionProviders, accessLogFile…). Fields Trellis does not use are named and
+    /// ignored.
+    #[arg(long, value_name = "FILE")]
+    mesh_config: Option<PathBuf>,
     /// Trust what proxies announce without a bootstrap token, in cleartext and without a
     /// CA (local experiments only).
     #[arg(long)]
@@ -151,6 +159,22 @@ pub fn run_control_plane(args: &ControlPlaneArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    let mesh = match &args.mesh_config {
+        None => trellis_api::mesh::MeshConfigFile::default(),
+        Some(path) => {
+            let (mesh, warnings) =
+                trellis_api::mesh::load_mesh_config(path).map_err(anyhow::Error::msg)?;
+            for w in warnings {
+                eprintln!("warning: {}: {w}", path.display());
+            }
+            mesh
+        }
+    };
+    let trust_domain = args
+        .trust_domain
+        .clone()
+        .or_else(|| mesh.trust_domain.clone())
+        .unwrap_or_else(|| "cluster.local".to_string());
     rt.block_on(async {
         let store = Arc::new(ConfigStore::new());
         let source = Arc::new(DirectorySource::new(&args.config_dir, Arc::clone(&store)));
@@ -167,21 +191,22 @@ pub fn run_control_plane(args: &ControlPlaneArgs) -> anyhow::Result<ExitCode> {
                 max: args.debounce_max.0,
             },
             trellis_control::server::DEFAULT_GRACE,
-            &args.trust_domain,
+            &trust_domain,
         );
         cp.set_push_concurrency(args.push_concurrency);
+        cp.set_mesh_config(mesh);
         tokio::spawn(Arc::clone(&cp).run());
         let auth = if args.no_auth {
             eprintln!("warning: --no-auth: proxies' announcements are not checked against tokens");
             None
         } else {
             let dir = data_dir(args.data_dir.as_ref())?;
-            let ca = trellis_identity::Ca::load_or_create(&dir, &args.trust_domain)?;
+            let ca = trellis_identity::Ca::load_or_create(&dir, &trust_domain)?;
             let tokens = trellis_identity::Tokens::load_or_create(&dir)?;
             eprintln!(
                 "CA and token key in {} (trust domain {}); proxies need a token: trellis token -n NS --service-account SA",
                 dir.display(),
-                args.trust_domain
+                trust_domain
             );
             eprintln!(
                 "proxies verify the control plane with the root in {} (trellis-proxy --xds-root)",

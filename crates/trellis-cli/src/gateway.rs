@@ -172,6 +172,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             let cfg = trellis_control::mesh::MeshConfig {
                 resources: &resources,
                 root_namespace: trellis_control::mesh::ROOT_NAMESPACE,
+                mesh_config: None,
             };
             wire::Workload {
                 name: "gateway".into(),

@@ -120,6 +120,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let cfg = MeshConfig {
         resources: &resources,
         root_namespace: ROOT_NAMESPACE,
+        mesh_config: None,
     };
     let built = sidecar_snapshot(&cfg, &registry, &me, "static");
     for p in &built.problems {

@@ -602,3 +602,28 @@ spec:
     trellis_proxy::config::load_file_with(&file, None, &trellis_proxy::LoadEnv::default())
         .expect("the proxy loads it");
 }
+
+#[test]
+fn control_plane_refuses_a_bad_mesh_config_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mesh = dir.path().join("mesh.yaml");
+    std::fs::write(&mesh, "outboundTrafficPolicy: {mode: SOMETIMES}\n").expect("write");
+    let out = trellis(&[
+        "control-plane",
+        "--config-dir",
+        dir.path().to_str().expect("utf-8 path"),
+        "--mesh-config",
+        mesh.to_str().expect("utf-8 path"),
+        "--no-auth",
+        "--listen",
+        "127.0.0.1:0",
+        "--debug-listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("mesh.yaml") && err.contains("SOMETIMES"),
+        "{err}"
+    );
+}

@@ -28,6 +28,8 @@ pub const ROOT_NAMESPACE: &str = "istio-system";
 pub struct MeshConfig<'a> {
     pub resources: &'a [&'a Resource],
     pub root_namespace: &'a str,
+    /// The mesh config file (telemetry providers and defaults), when there is one.
+    pub mesh_config: Option<&'a trellis_api::mesh::MeshConfigFile>,
 }
 
 /// A snapshot, and what could not be translated (each left out alone).
@@ -182,7 +184,10 @@ pub fn workload_of(cfg: &MeshConfig<'_>, reg: &Registry, me: &Instance) -> wire:
         tracing::debug!("{p}");
     }
     wire::Workload {
-        telemetry: crate::telemetry::merge(&levels),
+        telemetry: match cfg.mesh_config {
+            Some(m) => crate::telemetry::merge_with(&levels, m),
+            None => crate::telemetry::merge(&levels),
+        },
         authorization: authorization_for(cfg, me),
         jwt_rules: jwt_rules_for(cfg, me),
         mtls: mtls.mode as i32,
@@ -567,10 +572,24 @@ pub fn sidecar_snapshot(
         gateway_ports = ports;
     }
     let workload = workload_of(cfg, reg, me);
-    let registry_only = sidecar
+    // The Sidecar's outbound traffic policy, else the mesh config's.
+    let registry_only = match sidecar
         .and_then(|s| s.outbound_traffic_policy.as_ref())
         .and_then(|o| o.mode)
-        == Some(OutboundTrafficPolicyMode::RegistryOnly);
+    {
+        Some(m) => m == OutboundTrafficPolicyMode::RegistryOnly,
+        None => {
+            cfg.mesh_config
+                .and_then(|m| m.outbound_traffic_policy.as_ref())
+                .and_then(|o| o.mode.as_deref())
+                == Some("REGISTRY_ONLY")
+        }
+    };
+    let num_trusted_proxies = cfg
+        .mesh_config
+        .and_then(|m| m.default_config.as_ref())
+        .and_then(|d| d.gateway_topology.as_ref())
+        .and_then(|g| g.num_trusted_proxies);
     Built {
         snapshot: wire::Snapshot {
             version: version.to_string(),
@@ -583,6 +602,10 @@ pub fn sidecar_snapshot(
             services,
             clusters,
             gateway_ports,
+            settings: num_trusted_proxies.map(|n| wire::Settings {
+                num_trusted_proxies: Some(n),
+                ..Default::default()
+            }),
             ..Default::default()
         },
         problems,

@@ -227,6 +227,8 @@ pub struct ControlPlane {
     debounce: Debounce,
     root_namespace: String,
     trust_domain: String,
+    /// The mesh config file (`--mesh-config`): telemetry providers and mesh-wide defaults.
+    mesh_config: Mutex<Arc<trellis_api::mesh::MeshConfigFile>>,
     /// (namespace, instance) → when the last certificate issued to it expires.
     certificates: Mutex<std::collections::HashMap<(String, String), SystemTime>>,
     certificates_issued: AtomicU64,
@@ -288,6 +290,7 @@ impl ControlPlane {
             translation_seconds: Histogram::new(LATENCY_BUCKETS),
             debounce,
             root_namespace: ROOT_NAMESPACE.to_string(),
+            mesh_config: Mutex::default(),
             trust_domain: trust_domain.to_string(),
             certificates: Mutex::new(std::collections::HashMap::new()),
             certificates_issued: AtomicU64::new(0),
@@ -298,6 +301,15 @@ impl ControlPlane {
             )),
             resources_sent: Default::default(),
         })
+    }
+
+    /// Mesh-wide settings from the mesh config file; applies from the next push. Its
+    /// `rootNamespace` replaces the default (`istio-system`) where mesh-wide policies live.
+    pub fn set_mesh_config(&self, m: trellis_api::mesh::MeshConfigFile) {
+        *self
+            .mesh_config
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(m);
     }
 
     /// At most `n` (at least 1) proxies have a push in flight at once; the others wait
@@ -616,9 +628,23 @@ impl ControlPlane {
         instances.extend(conns.values().map(|c| c.instance.clone()));
         let mut registry = Registry::build(&resources, instances);
         registry.trust_domain = self.trust_domain.clone();
+        let mesh_config = Arc::clone(
+            &self
+                .mesh_config
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        if let Some(root) = mesh_config.root_namespace.as_deref() {
+            registry.peer_auth =
+                crate::peerauth::PeerAuthPolicies::from_resources(&resources, root);
+        }
         let cfg = MeshConfig {
             resources: &resources,
-            root_namespace: &self.root_namespace,
+            root_namespace: mesh_config
+                .root_namespace
+                .as_deref()
+                .unwrap_or(&self.root_namespace),
+            mesh_config: Some(&mesh_config),
         };
         // Proxies of the same scope (namespace, Sidecar, and labels where a selector could
         // tell them apart) see the same services, routes and clusters: translated once.
@@ -802,6 +828,59 @@ mod tests {
         cp.disconnect(r.id);
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(endpoints(&client), 0, "gone after the grace period");
+    }
+
+    #[tokio::test]
+    async fn the_mesh_config_moves_the_root_namespace_and_sets_mesh_wide_defaults() {
+        let store = Arc::new(ConfigStore::new());
+        // STRICT in the mesh config's root namespace applies mesh-wide; in istio-system,
+        // now an ordinary namespace, it would not.
+        for p in trellis_api::parse_text(
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: mesh-root}\nspec:\n  mtls: {mode: STRICT}\n",
+            "pa.yaml",
+            &trellis_api::LoadOptions::default(),
+        ) {
+            if let Some(r) = p.resource() {
+                store.apply(r.clone());
+            }
+        }
+        let (mesh, _) = trellis_api::mesh::parse_mesh_config(
+            "rootNamespace: mesh-root\noutboundTrafficPolicy: {mode: REGISTRY_ONLY}\ndefaultConfig: {gatewayTopology: {numTrustedProxies: 2}}\naccessLogFile: /dev/stdout\n",
+            "mesh.yaml",
+        )
+        .expect("mesh config");
+        let cp = ControlPlane::new(
+            store,
+            Debounce {
+                quiet: Duration::from_millis(10),
+                max: Duration::from_millis(50),
+            },
+        );
+        cp.set_mesh_config(mesh);
+        tokio::spawn(Arc::clone(&cp).run());
+        let mut a = cp.connect(instance("web-0", "web", "web"));
+        let mut got = None;
+        for _ in 0..100 {
+            if let Some(p) = a.snapshots.borrow_and_update().clone() {
+                got = Some(p);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let snap = got.expect("a snapshot").snapshot();
+        assert_eq!(
+            snap.outbound_traffic_policy,
+            wire::OutboundPolicy::RegistryOnly as i32
+        );
+        assert_eq!(
+            snap.settings.as_ref().and_then(|s| s.num_trusted_proxies),
+            Some(2)
+        );
+        let w = snap.workload.expect("workload");
+        assert_eq!(w.mtls, wire::PeerMtls::Strict as i32);
+        let t = w.telemetry.expect("telemetry");
+        assert_eq!(t.access_logging[0].providers, ["envoy"]);
+        assert_eq!(t.providers[0].path.as_deref(), Some("/dev/stdout"));
     }
 
     #[tokio::test]

@@ -23,6 +23,7 @@
 //!   `disabled: true`).
 
 use trellis_api::Resource;
+use trellis_api::mesh::MeshConfigFile;
 use trellis_api::telemetry::{self as api, WorkloadMode};
 use trellis_xds::snapshot as wire;
 
@@ -140,16 +141,154 @@ pub fn applicable<'a>(
     (out, problems)
 }
 
-/// The merged Telemetry of `levels` (least specific first); `None` when there is none.
+/// The merged Telemetry of `levels` (least specific first), without a mesh config.
 pub fn merge(levels: &[(&Resource, &api::Telemetry)]) -> Option<wire::Telemetry> {
+    merge_with(levels, &MeshConfigFile::default())
+}
+
+/// The merged Telemetry of `levels` (least specific first) over the mesh config's
+/// defaults: `defaultProviders` for entries that name none, `defaultConfig.tracing.sampling`
+/// and `accessLogFile` (Envoy's built-in log for every proxy) as the least specific level,
+/// and each provider named resolved from `extensionProviders`. `None` when nothing applies.
+pub fn merge_with(
+    levels: &[(&Resource, &api::Telemetry)],
+    mesh: &MeshConfigFile,
+) -> Option<wire::Telemetry> {
+    let defaults = mesh.default_providers.clone().unwrap_or_default();
+    let tracing_on = mesh.enable_tracing != Some(false);
+    let sampling = mesh
+        .default_config
+        .as_ref()
+        .and_then(|d| d.tracing.as_ref())
+        .and_then(|t| t.sampling);
+    // The mesh config as a level of its own, the least specific.
+    let mut base = api::Telemetry::default();
+    if tracing_on && (!defaults.tracing.is_empty() || sampling.is_some()) {
+        base.tracing.push(api::Tracing {
+            random_sampling_percentage: Some(sampling.unwrap_or(1.0)),
+            ..Default::default()
+        });
+    }
+    if mesh.access_log_file.is_some() {
+        base.access_logging.push(api::AccessLogging {
+            providers: vec![api::ProviderRef {
+                name: "envoy".into(),
+            }],
+            ..Default::default()
+        });
+    }
+    let mut all: Vec<(String, &api::Telemetry)> = Vec::new();
+    if !base.tracing.is_empty() || !base.access_logging.is_empty() {
+        all.push(("meshConfig".to_string(), &base));
+    }
+    all.extend(
+        levels
+            .iter()
+            .map(|(r, t)| (format!("{}/{}", r.namespace(), r.name()), *t)),
+    );
+    let mut out = merge_levels(&all)?;
+    if !tracing_on {
+        out.tracing.clear();
+    }
+    // Entries without providers take the defaults.
+    for t in &mut out.tracing {
+        if t.providers.is_empty() {
+            t.providers = defaults.tracing.clone();
+        }
+    }
+    if let Some(m) = &mut out.metrics {
+        if m.providers.is_empty() {
+            m.providers = defaults.metrics.clone();
+        }
+    }
+    for a in &mut out.access_logging {
+        if a.providers.is_empty() {
+            a.providers = if defaults.access_logging.is_empty() {
+                vec!["envoy".to_string()]
+            } else {
+                defaults.access_logging.clone()
+            };
+        }
+    }
+    let mut named: Vec<&str> = out
+        .tracing
+        .iter()
+        .flat_map(|t| &t.providers)
+        .chain(out.metrics.iter().flat_map(|m| &m.providers))
+        .chain(out.access_logging.iter().flat_map(|a| &a.providers))
+        .map(String::as_str)
+        .collect();
+    named.sort_unstable();
+    named.dedup();
+    out.providers = named
+        .into_iter()
+        .filter_map(|n| provider(n, mesh))
+        .collect();
+    Some(out)
+}
+
+/// A provider's definition: from `extensionProviders`, or Istio's built-in `envoy` (the
+/// access log of `accessLogFile`) and `prometheus`. `None` for a name nothing defines.
+fn provider(name: &str, mesh: &MeshConfigFile) -> Option<wire::TelemetryProvider> {
+    let mut p = wire::TelemetryProvider {
+        name: name.to_string(),
+        ..Default::default()
+    };
+    let Some(e) = mesh.extension_providers.iter().find(|e| e.name == name) else {
+        match name {
+            "envoy" => {
+                p.kind = "envoy".into();
+                p.path = Some(
+                    mesh.access_log_file
+                        .clone()
+                        .unwrap_or_else(|| "/dev/stdout".into()),
+                );
+                p.log_format = mesh.access_log_format.clone();
+                if mesh.access_log_encoding.as_deref() == Some("JSON") {
+                    p.kind = "envoyJson".into();
+                }
+                return Some(p);
+            }
+            "prometheus" => {
+                p.kind = "prometheus".into();
+                return Some(p);
+            }
+            _ => return None,
+        }
+    };
+    p.kind = e.kind().ok()?.to_string();
+    if let Some(t) = e.zipkin.as_ref().or(e.opentelemetry.as_ref()) {
+        p.service = t.service.clone();
+        p.port = t.port;
+        p.max_tag_length = t.max_tag_length;
+        p.path = t
+            .http
+            .as_ref()
+            .and_then(|h| h.path.clone())
+            .or_else(|| t.path.clone());
+        p.timeout = t
+            .http
+            .as_ref()
+            .and_then(|h| h.timeout.as_ref())
+            .map(duration);
+    }
+    if let Some(f) = &e.envoy_file_access_log {
+        p.path = f.path.clone();
+        if let Some(fmt) = &f.log_format {
+            p.log_format = fmt.text.clone();
+            p.log_labels = fmt.labels.clone().unwrap_or_default();
+        }
+    }
+    Some(p)
+}
+
+/// The levels merged (each named by its source), before the mesh config's defaults.
+fn merge_levels(levels: &[(String, &api::Telemetry)]) -> Option<wire::Telemetry> {
     if levels.is_empty() {
         return None;
     }
     let mut out = wire::Telemetry {
-        sources: levels
-            .iter()
-            .map(|(r, _)| format!("{}/{}", r.namespace(), r.name()))
-            .collect(),
+        sources: levels.iter().map(|(name, _)| name.clone()).collect(),
         ..Default::default()
     };
 
@@ -484,6 +623,69 @@ spec:
         assert_eq!(t.tracing[0].random_sampling_percentage, Some(1.0));
         // No Telemetry at all: nothing.
         assert_eq!(effective(&[], &me("web", "web")).0, None);
+    }
+
+    #[test]
+    fn the_mesh_config_gives_defaults_and_provider_definitions() {
+        let (mesh, _) = trellis_api::mesh::parse_mesh_config(
+            r#"
+defaultConfig: {tracing: {sampling: 5}}
+defaultProviders: {tracing: [otel]}
+extensionProviders:
+- name: otel
+  opentelemetry: {service: collector.obs.svc.cluster.local, port: 4318, http: {path: /v1/traces}}
+- name: zipkin
+  zipkin: {service: zipkin.obs.svc.cluster.local, port: 9411}
+accessLogFile: /dev/stdout
+accessLogEncoding: JSON
+"#,
+            "mesh.yaml",
+        )
+        .expect("mesh config");
+        // No Telemetry at all: the mesh config alone traces at 5 % to otel, and logs.
+        let t = merge_with(&[], &mesh).expect("telemetry");
+        assert_eq!(t.sources, ["meshConfig"]);
+        assert_eq!(t.tracing[0].mode, "CLIENT_AND_SERVER");
+        assert_eq!(t.tracing[0].random_sampling_percentage, Some(5.0));
+        assert_eq!(t.tracing[0].providers, ["otel"]);
+        assert_eq!(t.access_logging[0].providers, ["envoy"]);
+        let kinds: Vec<(&str, &str)> = t
+            .providers
+            .iter()
+            .map(|p| (p.name.as_str(), p.kind.as_str()))
+            .collect();
+        assert_eq!(kinds, [("envoy", "envoyJson"), ("otel", "opentelemetry")]);
+        let otel = &t.providers[1];
+        assert_eq!(
+            (otel.service.as_str(), otel.port, otel.path.as_deref()),
+            ("collector.obs.svc.cluster.local", 4318, Some("/v1/traces"))
+        );
+        // A Telemetry that names zipkin and samples more: its provider, its rate.
+        let rs = parse(
+            "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: t, namespace: shop}\nspec:\n  tracing: [{providers: [{name: zipkin}], randomSamplingPercentage: 50}]\n",
+        );
+        let refs: Vec<&Resource> = rs.iter().collect();
+        let (levels, _) = applicable(&refs, "istio-system", &me("shop", "web"));
+        let t = merge_with(&levels, &mesh).expect("telemetry");
+        assert_eq!(t.sources, ["meshConfig", "shop/t"]);
+        assert_eq!(t.tracing[0].providers, ["zipkin"]);
+        assert_eq!(t.tracing[0].random_sampling_percentage, Some(50.0));
+        assert!(
+            t.providers
+                .iter()
+                .any(|p| p.name == "zipkin" && p.port == 9411)
+        );
+        // Tracing off mesh-wide: no tracing whatever the resources say.
+        let off = trellis_api::mesh::MeshConfigFile {
+            enable_tracing: Some(false),
+            ..mesh.clone()
+        };
+        assert!(
+            merge_with(&levels, &off)
+                .expect("telemetry")
+                .tracing
+                .is_empty()
+        );
     }
 
     #[test]

@@ -102,6 +102,7 @@ fn web_client_snapshot(yaml: &str) -> trellis_control::mesh::Built {
     let cfg = MeshConfig {
         resources: &refs,
         root_namespace: ROOT_NAMESPACE,
+        mesh_config: None,
     };
     let client = instance("web", "shop", &[("app", "web")], [10, 0, 1, 1], 8080);
     let reg = Registry::build(&refs, vec![client.clone()]);
@@ -143,6 +144,7 @@ fn what_a_sidecar_sees_and_which_rules_apply() {
     let cfg = MeshConfig {
         resources: &refs,
         root_namespace: ROOT_NAMESPACE,
+        mesh_config: None,
     };
     let reg = Registry::build(
         &refs,
@@ -239,6 +241,7 @@ async fn the_snapshot_routes_an_intercepted_request() {
     let cfg = MeshConfig {
         resources: &refs,
         root_namespace: ROOT_NAMESPACE,
+        mesh_config: None,
     };
     let reg = Registry::build(
         &refs,
@@ -462,6 +465,7 @@ spec:
     let cfg = MeshConfig {
         resources: &refs,
         root_namespace: ROOT_NAMESPACE,
+        mesh_config: None,
     };
     let web = instance("web", "shop", &[("app", "web")], [10, 0, 0, 9], 8080);
     let gw = instance(

@@ -339,6 +339,46 @@ pub struct Telemetry {
     #[prost(message, repeated, tag = "4")]
     #[serde(default)]
     pub access_logging: Vec<AccessLogConfig>,
+    /// The providers the entries name, from the mesh config's extensionProviders.
+    #[prost(message, repeated, tag = "5")]
+    #[serde(default)]
+    pub providers: Vec<TelemetryProvider>,
+}
+
+/// A telemetry provider: where spans or access logs go.
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TelemetryProvider {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// `zipkin`, `opentelemetry`, `envoyFileAccessLog`, `prometheus` (or `envoy`: the
+    /// built-in access log).
+    #[prost(string, tag = "2")]
+    pub kind: String,
+    #[prost(string, tag = "3")]
+    #[serde(default)]
+    pub service: String,
+    #[prost(uint32, tag = "4")]
+    #[serde(default)]
+    pub port: u32,
+    /// An OTLP/HTTP path, or a log file's path.
+    #[prost(string, optional, tag = "5")]
+    #[serde(default)]
+    pub path: Option<String>,
+    #[prost(message, optional, tag = "6")]
+    #[serde(default, with = "duration_opt")]
+    pub timeout: Option<prost_types::Duration>,
+    /// A log's text format (Envoy's command operators).
+    #[prost(string, optional, tag = "7")]
+    #[serde(default)]
+    pub log_format: Option<String>,
+    /// A JSON log's fields (name → command operator).
+    #[prost(btree_map = "string, string", tag = "8")]
+    #[serde(default)]
+    pub log_labels: BTreeMap<String, String>,
+    #[prost(uint32, optional, tag = "9")]
+    #[serde(default)]
+    pub max_tag_length: Option<u32>,
 }
 
 #[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
