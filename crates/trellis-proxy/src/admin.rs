@@ -128,13 +128,14 @@ fn route(ctx: &AdminContext, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 .collect();
             json_reply(&json!({ "clusters": clusters }))
         }
-        (&Method::GET, "/stats/prometheus" | "/stats") => reply(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            ctx.shared
+        (&Method::GET, "/stats/prometheus" | "/stats") => {
+            let mut text = ctx
+                .shared
                 .stats
-                .render(&cfg, ctx.shared.credentials.current().as_deref()),
-        ),
+                .render(&cfg, ctx.shared.credentials.current().as_deref());
+            ctx.shared.istio.render(&mut text);
+            reply(StatusCode::OK, "text/plain; version=0.0.4", text)
+        }
         (&Method::POST, "/logging") => {
             let level = req.uri().query().and_then(|q| {
                 q.split('&')

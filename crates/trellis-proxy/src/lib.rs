@@ -14,6 +14,7 @@ pub mod h1_server;
 pub mod http;
 pub mod identity;
 pub mod listener;
+pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod ratelimit;

@@ -39,6 +39,8 @@ pub struct Shared {
     pub credentials: Arc<trellis_identity::tls::Credentials>,
     /// JWKS fetched from RequestAuthentication `jwksUri`s.
     pub jwks: crate::authn::JwksCache,
+    /// Istio's standard request metrics.
+    pub istio: crate::metrics::IstioMetrics,
     /// The mesh mTLS server configuration, and the trust bundle it was made for.
     mesh_server: Mutex<Option<(Arc<rustls::RootCertStore>, Arc<rustls::ServerConfig>)>>,
 }
@@ -113,6 +115,7 @@ impl Shared {
             credentials: Arc::default(),
             mesh_server: Mutex::new(None),
             jwks: crate::authn::JwksCache::default(),
+            istio: crate::metrics::IstioMetrics::default(),
         })
     }
 

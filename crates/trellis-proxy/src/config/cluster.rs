@@ -103,6 +103,8 @@ pub struct Endpoint {
     pub locality: Option<String>,
     pub labels: Vec<(String, String)>,
     pub stats: Arc<EndpointStats>,
+    /// Who it is, for Istio's metric labels (`destination_*` when a request goes to it).
+    pub meta: Arc<crate::metrics::WorkloadMeta>,
 }
 
 impl Endpoint {
@@ -115,6 +117,9 @@ impl Endpoint {
 #[derive(Debug)]
 pub struct Cluster {
     pub name: String,
+    /// The service it is a cluster of (`outbound|port|subset|host`: the host), for Istio's
+    /// metric labels.
+    pub service_meta: Arc<crate::metrics::ServiceMeta>,
     pub endpoints: Vec<Arc<Endpoint>>,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
@@ -724,6 +729,12 @@ impl Cluster {
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect(),
                     stats,
+                    meta: crate::metrics::WorkloadMeta::of(
+                        &e.workload,
+                        &e.namespace,
+                        e.identity.as_deref(),
+                        e.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                    ),
                 }));
             }
         }
@@ -814,6 +825,9 @@ impl Cluster {
         };
         Ok(Cluster {
             ring,
+            service_meta: crate::metrics::ServiceMeta::of(
+                c.name.rsplit('|').next().unwrap_or(&c.name),
+            ),
             name: c.name.clone(),
             endpoints,
             connect_timeout: duration(&res, c.connect_timeout.as_ref(), default_connect)?,

@@ -106,6 +106,8 @@ pub struct Target {
     /// The gateway whose virtual host this is ("namespace/name"); `None` for the mesh.
     /// Route matches that name `gateways` compare against it.
     pub gateway: Option<Arc<str>>,
+    /// The service, for Istio's metric labels (`destination_service*`).
+    pub service_meta: Arc<crate::metrics::ServiceMeta>,
 }
 
 #[derive(Debug, Clone)]
@@ -145,6 +147,12 @@ pub struct Config {
     /// routes that match on sourceLabels and sourceNamespace.
     pub own_labels: std::collections::BTreeMap<String, String>,
     pub own_namespace: String,
+    /// This workload, for Istio's metric labels (`source_*` outbound, `destination_*`
+    /// inbound).
+    pub own_meta: Arc<crate::metrics::WorkloadMeta>,
+    /// Workloads by address, from the endpoints in the snapshot (an address two
+    /// workloads share is left out): who an inbound caller is.
+    pub peers: HashMap<IpAddr, Arc<crate::metrics::WorkloadMeta>>,
     /// Default upstream connect timeout (settings.connectTimeout).
     pub connect_timeout: Duration,
     /// Gateways: proxies in front that append to `X-Forwarded-For` (0: none trusted).
@@ -556,6 +564,7 @@ impl Config {
                     ),
                     cluster: Arc::clone(cluster),
                     gateway: None,
+                    service_meta: crate::metrics::ServiceMeta::of(&s.hostname),
                 });
                 targets.push(Arc::clone(&target));
                 for ip in &vips {
@@ -677,6 +686,7 @@ impl Config {
                 protocol: PortProtocol::Http,
                 cluster: Arc::clone(&no_cluster),
                 gateway: Some(gateway),
+                service_meta: crate::metrics::ServiceMeta::unknown(),
             })
         })?;
         targets.extend(
@@ -693,6 +703,7 @@ impl Config {
             .min();
         let mut cluster_list: Vec<Arc<Cluster>> = clusters.into_values().collect();
         cluster_list.sort_by(|a, b| a.name.cmp(&b.name));
+        let (own_meta, peers) = (own_meta(&raw, &cluster_list), peers(&cluster_list));
         // The same bundle as before keeps the same store (so the mesh mTLS server
         // configuration made for it is not made again at every push).
         let trust_roots = match previous {
@@ -752,6 +763,8 @@ impl Config {
                 .map(|w| w.namespace.clone())
                 .filter(|n| !n.is_empty())
                 .unwrap_or_else(|| "default".to_string()),
+            own_meta,
+            peers,
             connect_timeout: default_connect,
             num_trusted_proxies: env
                 .num_trusted_proxies
@@ -791,6 +804,20 @@ impl Config {
     /// The target named by an explicit listener: `reviews`, `reviews.default`, or the FQDN.
     pub fn target_by_name(&self, name: &str, port: u16) -> Option<&Arc<Target>> {
         self.by_name.get(name)?.get(&port)
+    }
+
+    /// The service a request's host (`name[:port]`) names, for metric labels.
+    pub fn service_by_host(&self, host: &str) -> Option<Arc<crate::metrics::ServiceMeta>> {
+        let (name, port) = match host.rsplit_once(':') {
+            Some((n, p)) if !n.contains(']') || n.ends_with(']') => (n, p.parse::<u16>().ok()),
+            _ => (host, None),
+        };
+        let ports = self.by_name.get(name)?;
+        let t = match port {
+            Some(p) => ports.get(&p).or_else(|| ports.values().next()),
+            None => ports.values().next(),
+        }?;
+        Some(Arc::clone(&t.service_meta))
     }
 
     /// The workload port `port` as declared, or undeclared (detected protocol, same
@@ -833,6 +860,8 @@ impl Config {
             pod_ips: Vec::new(),
             own_labels: std::collections::BTreeMap::new(),
             own_namespace: "default".to_string(),
+            own_meta: crate::metrics::WorkloadMeta::unknown(),
+            peers: HashMap::new(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             num_trusted_proxies: 0,
             detection_timeout: DEFAULT_DETECTION_TIMEOUT,
@@ -851,6 +880,58 @@ impl Config {
             raw: Vec::new(),
         }
     }
+}
+
+/// This workload's metric labels: its name, namespace and labels, and its SPIFFE id (in
+/// the trust domain its peers' identities use).
+fn own_meta(raw: &wire::Snapshot, clusters: &[Arc<Cluster>]) -> Arc<crate::metrics::WorkloadMeta> {
+    let Some(w) = &raw.workload else {
+        return crate::metrics::WorkloadMeta::unknown();
+    };
+    let trust_domain = clusters
+        .iter()
+        .flat_map(|c| &c.endpoints)
+        .find_map(|e| {
+            e.identity
+                .as_deref()?
+                .strip_prefix("spiffe://")?
+                .split('/')
+                .next()
+        })
+        .unwrap_or("cluster.local");
+    let sa = if w.service_account.is_empty() {
+        "default"
+    } else {
+        &w.service_account
+    };
+    let identity = format!("spiffe://{trust_domain}/ns/{}/sa/{sa}", w.namespace);
+    crate::metrics::WorkloadMeta::of(
+        &w.name,
+        &w.namespace,
+        Some(&identity),
+        w.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    )
+}
+
+/// Workloads by address (see [`Config::peers`]).
+fn peers(clusters: &[Arc<Cluster>]) -> HashMap<IpAddr, Arc<crate::metrics::WorkloadMeta>> {
+    let mut out: HashMap<IpAddr, Arc<crate::metrics::WorkloadMeta>> = HashMap::new();
+    let mut shared = std::collections::HashSet::new();
+    for e in clusters.iter().flat_map(|c| &c.endpoints) {
+        match out.get(&e.addr.ip()) {
+            Some(m) if !Arc::ptr_eq(m, &e.meta) => {
+                shared.insert(e.addr.ip());
+            }
+            Some(_) => {}
+            None => {
+                out.insert(e.addr.ip(), Arc::clone(&e.meta));
+            }
+        }
+    }
+    for ip in shared {
+        out.remove(&ip);
+    }
+    out
 }
 
 /// The policies of a port's (or virtual host's) HTTP rules, each with the request counter

@@ -253,8 +253,29 @@ pub async fn handle_request(
         },
     };
     Stats::inc(&shared.stats.requests_total);
+    let started = std::time::Instant::now();
     let cfg = shared.config.load_full();
-    let resp = match &route {
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let request_bytes = body_len(req.headers(), http_body::Body::size_hint(req.body()));
+    let service = match &route {
+        Route::Inbound(..) => req
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+            .and_then(|h| cfg.service_by_host(h)),
+        Route::Outbound(dst) => cfg
+            .outbound_target(*dst)
+            .map(|t| Arc::clone(&t.service_meta)),
+        Route::Named(host, port) => cfg
+            .target_by_name(host, *port)
+            .map(|t| Arc::clone(&t.service_meta)),
+        Route::Gateway { .. } => None,
+    };
+    let mut resp = match &route {
         Route::Inbound(port, peer_id, dst_ip) => {
             let arrival = Arrival {
                 peer: ds.peer,
@@ -289,6 +310,17 @@ pub async fn handle_request(
     if resp.status().is_server_error() {
         Stats::inc(&shared.stats.responses_5xx_total);
     }
+    record(
+        &shared,
+        &cfg,
+        &route,
+        ds.peer,
+        service,
+        grpc,
+        request_bytes,
+        started,
+        &mut resp,
+    );
     Ok(resp)
 }
 
@@ -469,6 +501,106 @@ fn sticky_cookie(
     HeaderValue::from_str(&c).ok()
 }
 
+/// Who answered a request (the endpoint of its last try, and the service of its cluster),
+/// for the source side's metric labels: carried from `to_cluster` to `handle_request` in
+/// the response's extensions.
+#[derive(Clone)]
+struct Answered {
+    workload: Arc<crate::metrics::WorkloadMeta>,
+    service: Arc<crate::metrics::ServiceMeta>,
+}
+
+fn tag_upstream(resp: &mut Response<ProxyBody>, ep: &Endpoint, cluster: &crate::config::Cluster) {
+    resp.extensions_mut().insert(Answered {
+        workload: Arc::clone(&ep.meta),
+        service: Arc::clone(&cluster.service_meta),
+    });
+}
+
+/// The size of a message's body when its head says it (exactly), else 0.
+fn body_len(headers: &HeaderMap, hint: http_body::SizeHint) -> u64 {
+    hint.exact().unwrap_or_else(|| {
+        headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0)
+    })
+}
+
+/// Records a request in Istio's metrics, at its response head.
+#[allow(clippy::too_many_arguments)]
+fn record(
+    shared: &Shared,
+    cfg: &Config,
+    route: &Route,
+    peer: SocketAddr,
+    service: Option<Arc<crate::metrics::ServiceMeta>>,
+    grpc: bool,
+    request_bytes: u64,
+    started: std::time::Instant,
+    resp: &mut Response<ProxyBody>,
+) {
+    use crate::metrics::{HttpRequest, Reporter, ServiceMeta, WorkloadMeta};
+    let answered = resp.extensions_mut().remove::<Answered>();
+    let (reporter, source, destination, service, mtls) = match route {
+        Route::Inbound(_, peer_id, _) => {
+            let by_ip = cfg.peers.get(&peer.ip());
+            let source = match (peer_id, by_ip) {
+                // The address's workload, when its identity agrees.
+                (Some(id), Some(m)) if m.principal == **id => Arc::clone(m),
+                (Some(id), _) => WorkloadMeta::of("", "", Some(id), std::iter::empty()),
+                (None, Some(m)) => Arc::clone(m),
+                (None, None) => WorkloadMeta::unknown(),
+            };
+            (
+                Reporter::Destination,
+                source,
+                Arc::clone(&cfg.own_meta),
+                service.unwrap_or_else(ServiceMeta::unknown),
+                peer_id.is_some(),
+            )
+        }
+        _ => {
+            let (destination, service) = match answered {
+                Some(a) => (a.workload, a.service),
+                None => (
+                    WorkloadMeta::unknown(),
+                    service.unwrap_or_else(ServiceMeta::unknown),
+                ),
+            };
+            (
+                Reporter::Source,
+                Arc::clone(&cfg.own_meta),
+                destination,
+                service,
+                false,
+            )
+        }
+    };
+    let headers = resp.headers();
+    let grpc_status = grpc
+        .then(|| headers.get("grpc-status")?.to_str().ok()?.parse().ok())
+        .flatten();
+    let flags = headers
+        .get(RESPONSE_FLAGS)
+        .map_or("-", |v| crate::metrics::flag(v.as_bytes()));
+    let response_bytes = body_len(headers, http_body::Body::size_hint(resp.body()));
+    shared.istio.record_http(&HttpRequest {
+        reporter,
+        source,
+        destination,
+        service,
+        grpc,
+        code: resp.status().as_u16(),
+        grpc_status,
+        flags,
+        mtls,
+        duration: started.elapsed(),
+        request_bytes,
+        response_bytes,
+    });
+}
+
 /// How a try ended, for outlier detection: the proxy's own connect-failure, reset and
 /// timeout answers are local-origin failures, anything else is the upstream's status.
 fn outcome(resp: &Response<ProxyBody>) -> crate::config::Outcome {
@@ -556,8 +688,9 @@ async fn to_cluster(
         let Some(_admitted) = cluster.admit().await else {
             return overflow(cluster);
         };
-        let resp = forward(shared, req, up).await;
+        let mut resp = forward(shared, req, up).await;
         cluster.report(ep, outcome(&resp));
+        tag_upstream(&mut resp, ep, cluster);
         return resp;
     }
 
@@ -662,10 +795,12 @@ async fn to_cluster(
                 Stats::inc(&shared.stats.retry_overflow_total);
                 tracing::info!(cluster = %cluster.name, "retry budget of the cluster spent; not retrying");
             }
-            return match result {
+            let mut resp = match result {
                 Ok(resp) => resp,
                 Err(e) => upstream_error_reply(e),
             };
+            tag_upstream(&mut resp, ep, cluster);
+            return resp;
         }
         _retry_slot = slot;
         match &result {

@@ -1,0 +1,534 @@
+//! Istio's standard request metrics (`istio_requests_total`,
+//! `istio_request_duration_milliseconds`, `istio_request_bytes`, `istio_response_bytes`)
+//! with Istio's labels, so that the dashboards and alerts written for Istio work.
+//!
+//! Both ends report: the client's proxy with `reporter="source"`, the server's with
+//! `reporter="destination"`. Who the peer is comes from the snapshot (the endpoint the
+//! request went to; the caller's address and mTLS identity), never from headers an app
+//! could forge; what the snapshot does not say is `unknown`, as in Istio.
+//!
+//! Recording costs one lock and one hash lookup: a series is keyed by pointers to
+//! interned label sets (one per workload and per service, made when a snapshot is
+//! converted), never by strings built per request. Label values are bounded: workloads,
+//! services, status codes and response flags; no paths or user-supplied values.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+/// What a workload contributes to the labels (`source_*` or `destination_*`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WorkloadMeta {
+    pub workload: String,
+    pub namespace: String,
+    pub principal: String,
+    pub app: String,
+    pub version: String,
+    pub canonical_service: String,
+    pub canonical_revision: String,
+}
+
+/// The service a request was for (`destination_service*`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ServiceMeta {
+    pub service: String,
+    pub name: String,
+    pub namespace: String,
+}
+
+/// Istio's cluster label: the cluster ID it uses when none is configured.
+const CLUSTER: &str = "Kubernetes";
+const UNKNOWN: &str = "unknown";
+
+fn interned<T: Eq + std::hash::Hash + Clone>(
+    set: &'static OnceLock<Mutex<HashMap<T, Arc<T>>>>,
+    v: T,
+) -> Arc<T> {
+    let mut m = set
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    Arc::clone(m.entry(v.clone()).or_insert_with(|| Arc::new(v)))
+}
+
+static WORKLOADS: OnceLock<Mutex<HashMap<WorkloadMeta, Arc<WorkloadMeta>>>> = OnceLock::new();
+static SERVICES: OnceLock<Mutex<HashMap<ServiceMeta, Arc<ServiceMeta>>>> = OnceLock::new();
+
+impl WorkloadMeta {
+    /// The labels of a workload as the snapshot describes it (empty parts are
+    /// `unknown`); the same content always gives the same `Arc`.
+    pub fn of<'a>(
+        workload: &str,
+        namespace: &str,
+        identity: Option<&str>,
+        labels: impl Iterator<Item = (&'a str, &'a str)> + Clone,
+    ) -> Arc<WorkloadMeta> {
+        let label = |k: &str| labels.clone().find(|(n, _)| *n == k).map(|(_, v)| v);
+        let or_unknown = |s: &str| {
+            if s.is_empty() {
+                UNKNOWN.to_string()
+            } else {
+                s.to_string()
+            }
+        };
+        // The namespace from the SPIFFE identity when the snapshot has no other.
+        let ns_from_id = identity
+            .and_then(|i| i.split("/ns/").nth(1))
+            .and_then(|rest| rest.split('/').next());
+        let namespace = if namespace.is_empty() {
+            ns_from_id.unwrap_or("")
+        } else {
+            namespace
+        };
+        let app = label("app").or_else(|| label("app.kubernetes.io/name"));
+        let version = label("version").or_else(|| label("app.kubernetes.io/version"));
+        let canonical_service = label("service.istio.io/canonical-name")
+            .or(app)
+            .unwrap_or(workload);
+        let canonical_revision = label("service.istio.io/canonical-revision")
+            .or(version)
+            .unwrap_or("latest");
+        interned(
+            &WORKLOADS,
+            WorkloadMeta {
+                workload: or_unknown(workload),
+                namespace: or_unknown(namespace),
+                principal: or_unknown(identity.unwrap_or("")),
+                app: or_unknown(app.unwrap_or("")),
+                version: or_unknown(version.unwrap_or("")),
+                canonical_service: or_unknown(canonical_service),
+                canonical_revision: or_unknown(canonical_revision),
+            },
+        )
+    }
+
+    /// Nothing known.
+    pub fn unknown() -> Arc<WorkloadMeta> {
+        WorkloadMeta::of("", "", None, std::iter::empty())
+    }
+}
+
+impl ServiceMeta {
+    /// A service by host name: `name.namespace.svc.<domain>` gives its name and
+    /// namespace; any other host is its own name, in an unknown namespace.
+    pub fn of(hostname: &str) -> Arc<ServiceMeta> {
+        let mut parts = hostname.splitn(4, '.');
+        let (name, ns, svc) = (parts.next(), parts.next(), parts.next());
+        let (name, namespace) = match (name, ns, svc) {
+            (Some(n), Some(ns), Some("svc")) => (n, ns),
+            _ => (hostname, UNKNOWN),
+        };
+        interned(
+            &SERVICES,
+            ServiceMeta {
+                service: hostname.to_string(),
+                name: name.to_string(),
+                namespace: namespace.to_string(),
+            },
+        )
+    }
+
+    pub fn unknown() -> Arc<ServiceMeta> {
+        interned(
+            &SERVICES,
+            ServiceMeta {
+                service: UNKNOWN.into(),
+                name: UNKNOWN.into(),
+                namespace: UNKNOWN.into(),
+            },
+        )
+    }
+}
+
+/// Which end reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reporter {
+    Source,
+    Destination,
+}
+
+/// An `Arc` compared and hashed by address (interned values: equal content, equal
+/// address).
+#[derive(Debug, Clone)]
+struct ByPtr<T>(Arc<T>);
+
+impl<T> PartialEq for ByPtr<T> {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+impl<T> Eq for ByPtr<T> {}
+impl<T> std::hash::Hash for ByPtr<T> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        std::ptr::hash(Arc::as_ptr(&self.0), state);
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    reporter: Reporter,
+    source: ByPtr<WorkloadMeta>,
+    destination: ByPtr<WorkloadMeta>,
+    service: ByPtr<ServiceMeta>,
+    grpc: bool,
+    code: u16,
+    grpc_status: Option<u16>,
+    flags: &'static str,
+    mtls: bool,
+}
+
+/// One request, as a metric sees it.
+#[derive(Debug, Clone)]
+pub struct HttpRequest {
+    pub reporter: Reporter,
+    pub source: Arc<WorkloadMeta>,
+    pub destination: Arc<WorkloadMeta>,
+    pub service: Arc<ServiceMeta>,
+    /// gRPC (`request_protocol="grpc"`) rather than HTTP.
+    pub grpc: bool,
+    pub code: u16,
+    pub grpc_status: Option<u16>,
+    /// Envoy's response flags (`-` for none).
+    pub flags: &'static str,
+    /// Mutual TLS between the proxies (`connection_security_policy`, destination side).
+    pub mtls: bool,
+    pub duration: Duration,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
+
+/// Istio's buckets for `istio_request_duration_milliseconds`.
+const DURATION_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+/// Istio's buckets for the size histograms (bytes).
+const SIZE_BYTES: [f64; 8] = [
+    1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0, 1000000.0, 10000000.0,
+];
+
+#[derive(Debug, Clone)]
+struct Hist<const N: usize> {
+    /// Observations at or under each bound (not cumulative).
+    buckets: [u64; N],
+    over: u64,
+    sum: f64,
+}
+
+impl<const N: usize> Default for Hist<N> {
+    fn default() -> Self {
+        Hist {
+            buckets: [0; N],
+            over: 0,
+            sum: 0.0,
+        }
+    }
+}
+
+impl<const N: usize> Hist<N> {
+    fn observe(&mut self, bounds: &[f64; N], v: f64) {
+        match bounds.iter().position(|b| v <= *b) {
+            Some(i) => self.buckets[i] += 1,
+            None => self.over += 1,
+        }
+        self.sum += v;
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Series {
+    requests: u64,
+    duration: Hist<19>,
+    request_bytes: Hist<8>,
+    response_bytes: Hist<8>,
+}
+
+/// The proxy's Istio request metrics.
+#[derive(Debug, Default)]
+pub struct IstioMetrics {
+    http: Mutex<HashMap<Key, Series>>,
+}
+
+/// The response flags Trellis sets, as static strings (anything else: `-`).
+pub fn flag(value: &[u8]) -> &'static str {
+    const KNOWN: [&str; 14] = [
+        "UF", "UH", "NR", "UT", "URX", "UC", "RL", "FI", "DI", "DPE", "UO", "UAEX", "LR", "DC",
+    ];
+    KNOWN
+        .iter()
+        .find(|f| f.as_bytes() == value)
+        .copied()
+        .unwrap_or("-")
+}
+
+impl IstioMetrics {
+    pub fn record_http(&self, r: &HttpRequest) {
+        let key = Key {
+            reporter: r.reporter,
+            source: ByPtr(Arc::clone(&r.source)),
+            destination: ByPtr(Arc::clone(&r.destination)),
+            service: ByPtr(Arc::clone(&r.service)),
+            grpc: r.grpc,
+            code: r.code,
+            grpc_status: r.grpc_status,
+            flags: r.flags,
+            mtls: r.mtls,
+        };
+        let mut m = self.http.lock().unwrap_or_else(PoisonError::into_inner);
+        let s = m.entry(key).or_insert_with(|| Series {
+            requests: 0,
+            duration: Hist::default(),
+            request_bytes: Hist::default(),
+            response_bytes: Hist::default(),
+        });
+        s.requests += 1;
+        s.duration
+            .observe(&DURATION_MS, r.duration.as_secs_f64() * 1000.0);
+        s.request_bytes.observe(&SIZE_BYTES, r.request_bytes as f64);
+        s.response_bytes
+            .observe(&SIZE_BYTES, r.response_bytes as f64);
+    }
+
+    /// Prometheus text exposition of every series.
+    pub fn render(&self, out: &mut String) {
+        let m = self.http.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut series: Vec<(String, &Series)> = m.iter().map(|(k, s)| (labels(k), s)).collect();
+        series.sort_by(|a, b| a.0.cmp(&b.0));
+        let _ = writeln!(
+            out,
+            "# HELP istio_requests_total Requests, by Istio's standard labels."
+        );
+        let _ = writeln!(out, "# TYPE istio_requests_total counter");
+        for (l, s) in &series {
+            let _ = writeln!(out, "istio_requests_total{{{l}}} {}", s.requests);
+        }
+        histogram(
+            out,
+            "istio_request_duration_milliseconds",
+            "Request duration (milliseconds).",
+            &DURATION_MS,
+            series.iter().map(|(l, s)| {
+                (
+                    l.as_str(),
+                    &s.duration.buckets[..],
+                    s.duration.over,
+                    s.duration.sum,
+                    s.requests,
+                )
+            }),
+        );
+        histogram(
+            out,
+            "istio_request_bytes",
+            "Request body size (bytes).",
+            &SIZE_BYTES,
+            series.iter().map(|(l, s)| {
+                (
+                    l.as_str(),
+                    &s.request_bytes.buckets[..],
+                    s.request_bytes.over,
+                    s.request_bytes.sum,
+                    s.requests,
+                )
+            }),
+        );
+        histogram(
+            out,
+            "istio_response_bytes",
+            "Response body size (bytes).",
+            &SIZE_BYTES,
+            series.iter().map(|(l, s)| {
+                (
+                    l.as_str(),
+                    &s.response_bytes.buckets[..],
+                    s.response_bytes.over,
+                    s.response_bytes.sum,
+                    s.requests,
+                )
+            }),
+        );
+    }
+}
+
+fn histogram<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    bounds: &[f64],
+    series: impl Iterator<Item = (&'a str, &'a [u64], u64, f64, u64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (l, buckets, _over, sum, count) in series {
+        let mut cumulative = 0;
+        for (b, n) in bounds.iter().zip(buckets) {
+            cumulative += n;
+            let _ = writeln!(out, "{name}_bucket{{{l},le=\"{b}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{l},le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum{{{l}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{l}}} {count}");
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Istio's label set, in Istio's order.
+fn labels(k: &Key) -> String {
+    let (s, d, svc) = (&k.source.0, &k.destination.0, &k.service.0);
+    let mut out = String::with_capacity(900);
+    let mut put = |name: &str, v: &str| {
+        if !out.is_empty() {
+            out.push(',');
+        }
+        let _ = write!(out, "{name}=\"{}\"", escape(v));
+    };
+    put(
+        "reporter",
+        match k.reporter {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+        },
+    );
+    put("source_workload", &s.workload);
+    put("source_canonical_service", &s.canonical_service);
+    put("source_canonical_revision", &s.canonical_revision);
+    put("source_workload_namespace", &s.namespace);
+    put("source_principal", &s.principal);
+    put("source_app", &s.app);
+    put("source_version", &s.version);
+    put("source_cluster", CLUSTER);
+    put("destination_workload", &d.workload);
+    put("destination_workload_namespace", &d.namespace);
+    put("destination_principal", &d.principal);
+    put("destination_app", &d.app);
+    put("destination_version", &d.version);
+    put("destination_service", &svc.service);
+    put("destination_canonical_service", &d.canonical_service);
+    put("destination_canonical_revision", &d.canonical_revision);
+    put("destination_service_name", &svc.name);
+    put("destination_service_namespace", &svc.namespace);
+    put("destination_cluster", CLUSTER);
+    put("request_protocol", if k.grpc { "grpc" } else { "http" });
+    put("response_code", &k.code.to_string());
+    put(
+        "grpc_response_status",
+        &k.grpc_status.map(|g| g.to_string()).unwrap_or_default(),
+    );
+    put("response_flags", k.flags);
+    put(
+        "connection_security_policy",
+        match (k.reporter, k.mtls) {
+            (Reporter::Source, _) => "unknown",
+            (Reporter::Destination, true) => "mutual_tls",
+            (Reporter::Destination, false) => "none",
+        },
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_come_from_interned_metadata_and_series_are_counted() {
+        let web = WorkloadMeta::of(
+            "web",
+            "shop",
+            Some("spiffe://cluster.local/ns/shop/sa/web"),
+            [("app", "web"), ("version", "v1")].into_iter(),
+        );
+        let again = WorkloadMeta::of(
+            "web",
+            "shop",
+            Some("spiffe://cluster.local/ns/shop/sa/web"),
+            [("version", "v1"), ("app", "web")].into_iter(),
+        );
+        assert!(Arc::ptr_eq(&web, &again), "the same content, the same Arc");
+        let reviews = WorkloadMeta::of(
+            "reviews-v2",
+            "",
+            Some("spiffe://cluster.local/ns/shop/sa/reviews"),
+            std::iter::empty(),
+        );
+        assert_eq!(reviews.namespace, "shop", "from the identity");
+        assert_eq!(reviews.app, "unknown");
+        assert_eq!(reviews.canonical_service, "reviews-v2");
+        assert_eq!(reviews.canonical_revision, "latest");
+        let svc = ServiceMeta::of("reviews.shop.svc.cluster.local");
+        assert_eq!(
+            (svc.name.as_str(), svc.namespace.as_str()),
+            ("reviews", "shop")
+        );
+        assert_eq!(ServiceMeta::of("api.example.com").namespace, "unknown");
+
+        let m = IstioMetrics::default();
+        let r = HttpRequest {
+            reporter: Reporter::Source,
+            source: web,
+            destination: reviews,
+            service: svc,
+            grpc: false,
+            code: 200,
+            grpc_status: None,
+            flags: "-",
+            mtls: true,
+            duration: Duration::from_millis(3),
+            request_bytes: 0,
+            response_bytes: 1024,
+        };
+        m.record_http(&r);
+        m.record_http(&r);
+        m.record_http(&HttpRequest {
+            code: 503,
+            flags: flag(b"UF"),
+            ..r.clone()
+        });
+        let mut text = String::new();
+        m.render(&mut text);
+        let ok = "reporter=\"source\",source_workload=\"web\",source_canonical_service=\"web\",source_canonical_revision=\"v1\",source_workload_namespace=\"shop\",source_principal=\"spiffe://cluster.local/ns/shop/sa/web\",source_app=\"web\",source_version=\"v1\",source_cluster=\"Kubernetes\",destination_workload=\"reviews-v2\",destination_workload_namespace=\"shop\",destination_principal=\"spiffe://cluster.local/ns/shop/sa/reviews\",destination_app=\"unknown\",destination_version=\"unknown\",destination_service=\"reviews.shop.svc.cluster.local\",destination_canonical_service=\"reviews-v2\",destination_canonical_revision=\"latest\",destination_service_name=\"reviews\",destination_service_namespace=\"shop\",destination_cluster=\"Kubernetes\",request_protocol=\"http\",response_code=\"200\",grpc_response_status=\"\",response_flags=\"-\",connection_security_policy=\"unknown\"";
+        assert!(
+            text.contains(&format!("istio_requests_total{{{ok}}} 2\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains("response_code=\"503\",grpc_response_status=\"\",response_flags=\"UF\""),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "istio_request_duration_milliseconds_bucket{{{ok},le=\"5\"}} 2\n"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "istio_request_duration_milliseconds_bucket{{{ok},le=\"1\"}} 0\n"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "istio_response_bytes_bucket{{{ok},le=\"1000\"}} 0\n"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "istio_response_bytes_bucket{{{ok},le=\"10000\"}} 2\n"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("istio_response_bytes_sum{{{ok}}} 2048\n")),
+            "{text}"
+        );
+        assert_eq!(flag(b"whatever"), "-");
+    }
+}

@@ -1,0 +1,191 @@
+//! Istio's standard request metrics through two proxies (outbound → inbound → app),
+//! scraped from each proxy's `/stats/prometheus`: the exact series, with every label,
+//! for an HTTP 200 on both reporters and a 503 with response flag UF on the source side.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use tokio::time::timeout;
+use trellis_proxy::admin::{self, AdminContext};
+use trellis_proxy::{Config, ProxyHandle, ProxyOptions};
+use trellis_testkit::{HttpServer, RefusedPort, http_client};
+use trellis_xds::snapshot::Snapshot;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+async fn start(yaml: &str, options: ProxyOptions) -> (ProxyHandle, SocketAddr) {
+    let raw = Snapshot::from_text(yaml, "t.yaml").expect("snapshot");
+    let p = trellis_proxy::start(Config::from_wire(raw, None).expect("converts"), options)
+        .await
+        .expect("proxy");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let admin_addr = listener.local_addr().expect("addr");
+    let ctx = Arc::new(AdminContext {
+        shared: Arc::clone(&p.shared),
+        set_log_level: None,
+        quit: Arc::new(tokio::sync::Notify::new()),
+        ready: Arc::new(AtomicBool::new(true)),
+    });
+    tokio::spawn(admin::serve(listener, ctx));
+    (p, admin_addr)
+}
+
+async fn scrape(admin: SocketAddr) -> String {
+    let r = timeout(
+        LIMIT,
+        http_client::get(admin, "localhost", "/stats/prometheus"),
+    )
+    .await
+    .expect("in time")
+    .expect("stats");
+    String::from_utf8_lossy(&r.body).into_owned()
+}
+
+/// The value of the series `name{labels}`.
+fn value(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let prefix = format!("{name}{{{labels}}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.parse().ok())
+}
+
+const WEB: &str = r#"source_workload="web",source_canonical_service="web",source_canonical_revision="v2",source_workload_namespace="shop",source_principal="spiffe://cluster.local/ns/shop/sa/web",source_app="web",source_version="v2",source_cluster="Kubernetes""#;
+const REVIEWS: &str = r#"destination_workload="reviews-v1",destination_workload_namespace="shop",destination_principal="spiffe://cluster.local/ns/shop/sa/reviews",destination_app="reviews",destination_version="v1",destination_service="reviews.shop.svc.cluster.local",destination_canonical_service="reviews",destination_canonical_revision="v1",destination_service_name="reviews",destination_service_namespace="shop",destination_cluster="Kubernetes""#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_proxies_report_istio_series_with_every_label() {
+    let app = HttpServer::start().await.expect("app");
+    let refused = RefusedPort::new().expect("refused port");
+    // The server side: reviews-v1. Its snapshot knows the service it serves (the Host
+    // names it) and, through another service's endpoint, the caller's workload by address.
+    let inbound_yaml = format!(
+        r#"version: in
+workload:
+  name: reviews-v1
+  namespace: shop
+  serviceAccount: reviews
+  labels: {{app: reviews, version: v1}}
+  inboundPorts: [{{port: {app_port}, name: http}}]
+services:
+- hostname: reviews.shop.svc.cluster.local
+  ports: [{{port: 9080, name: http, cluster: "outbound|9080||reviews.shop.svc.cluster.local"}}]
+- hostname: web.shop.svc.cluster.local
+  ports: [{{port: 80, name: http, cluster: "outbound|80||web.shop.svc.cluster.local"}}]
+clusters:
+- name: "outbound|9080||reviews.shop.svc.cluster.local"
+  endpoints: [{{address: "127.0.0.2:{app_port}", workload: reviews-v1, namespace: shop, identity: "spiffe://cluster.local/ns/shop/sa/reviews", labels: {{app: reviews, version: v1}}}}]
+- name: "outbound|80||web.shop.svc.cluster.local"
+  endpoints: [{{address: "127.0.0.1:1", workload: web, namespace: shop, identity: "spiffe://cluster.local/ns/shop/sa/web", labels: {{app: web, version: v2}}}}]
+"#,
+        app_port = app.addr.port()
+    );
+    let (inbound, inbound_admin) = start(
+        &inbound_yaml,
+        ProxyOptions {
+            inbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), app.addr.port())],
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    let peer = inbound.inbound_addrs[0];
+    let outbound_yaml = format!(
+        r#"version: out
+workload:
+  name: web
+  namespace: shop
+  serviceAccount: web
+  labels: {{app: web, version: v2}}
+services:
+- hostname: reviews.shop.svc.cluster.local
+  ports: [{{port: 9080, name: http, cluster: "outbound|9080||reviews.shop.svc.cluster.local"}}]
+- hostname: down.shop.svc.cluster.local
+  ports: [{{port: 80, name: http, cluster: "outbound|80||down.shop.svc.cluster.local"}}]
+clusters:
+- name: "outbound|9080||reviews.shop.svc.cluster.local"
+  endpoints: [{{address: "{peer}", proxied: true, workload: reviews-v1, namespace: shop, identity: "spiffe://cluster.local/ns/shop/sa/reviews", labels: {{app: reviews, version: v1}}}}]
+- name: "outbound|80||down.shop.svc.cluster.local"
+  endpoints: [{{address: "{down}", workload: down-v1, namespace: shop}}]
+"#,
+        down = refused.addr
+    );
+    let (outbound, outbound_admin) = start(
+        &outbound_yaml,
+        ProxyOptions {
+            outbound_listen: vec![
+                (
+                    "127.0.0.1:0".parse().expect("addr"),
+                    "reviews.shop.svc.cluster.local".into(),
+                    9080,
+                ),
+                (
+                    "127.0.0.1:0".parse().expect("addr"),
+                    "down.shop.svc.cluster.local".into(),
+                    80,
+                ),
+            ],
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    for _ in 0..3 {
+        let r = timeout(
+            LIMIT,
+            http_client::get(
+                outbound.outbound_addrs[0],
+                "reviews.shop.svc.cluster.local:9080",
+                "/bytes/1024",
+            ),
+        )
+        .await
+        .expect("in time")
+        .expect("response");
+        assert_eq!(r.status, 200);
+    }
+    let r = timeout(
+        LIMIT,
+        http_client::get(
+            outbound.outbound_addrs[1],
+            "down.shop.svc.cluster.local",
+            "/",
+        ),
+    )
+    .await
+    .expect("in time")
+    .expect("response");
+    assert_eq!(r.status, 503);
+
+    let out = scrape(outbound_admin).await;
+    let ok = format!(
+        r#"reporter="source",{WEB},{REVIEWS},request_protocol="http",response_code="200",grpc_response_status="",response_flags="-",connection_security_policy="unknown""#
+    );
+    assert_eq!(value(&out, "istio_requests_total", &ok), Some(3.0), "{out}");
+    assert_eq!(
+        value(&out, "istio_response_bytes_sum", &ok),
+        Some(3.0 * 1024.0),
+        "{out}"
+    );
+    assert_eq!(
+        value(
+            &out,
+            "istio_request_duration_milliseconds_bucket",
+            &format!("{ok},le=\"+Inf\"")
+        ),
+        Some(3.0)
+    );
+    let uf = format!(
+        r#"reporter="source",{WEB},destination_workload="down-v1",destination_workload_namespace="shop",destination_principal="unknown",destination_app="unknown",destination_version="unknown",destination_service="down.shop.svc.cluster.local",destination_canonical_service="down-v1",destination_canonical_revision="latest",destination_service_name="down",destination_service_namespace="shop",destination_cluster="Kubernetes",request_protocol="http",response_code="503",grpc_response_status="",response_flags="UF",connection_security_policy="unknown""#
+    );
+    assert_eq!(value(&out, "istio_requests_total", &uf), Some(1.0), "{out}");
+
+    let inb = scrape(inbound_admin).await;
+    let ok = format!(
+        r#"reporter="destination",{WEB},{REVIEWS},request_protocol="http",response_code="200",grpc_response_status="",response_flags="-",connection_security_policy="none""#
+    );
+    assert_eq!(value(&inb, "istio_requests_total", &ok), Some(3.0), "{inb}");
+    // Bounded labels: nothing of the path.
+    assert!(!inb.contains("/bytes/1024") && !out.contains("/bytes/1024"));
+}
