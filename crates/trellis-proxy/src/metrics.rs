@@ -103,9 +103,12 @@ impl WorkloadMeta {
         )
     }
 
-    /// Nothing known.
+    /// Nothing known (made once).
     pub fn unknown() -> Arc<WorkloadMeta> {
-        WorkloadMeta::of("", "", None, std::iter::empty())
+        static UNKNOWN_WORKLOAD: OnceLock<Arc<WorkloadMeta>> = OnceLock::new();
+        Arc::clone(
+            UNKNOWN_WORKLOAD.get_or_init(|| WorkloadMeta::of("", "", None, std::iter::empty())),
+        )
     }
 }
 
@@ -129,15 +132,19 @@ impl ServiceMeta {
         )
     }
 
+    /// Nothing known (made once).
     pub fn unknown() -> Arc<ServiceMeta> {
-        interned(
-            &SERVICES,
-            ServiceMeta {
-                service: UNKNOWN.into(),
-                name: UNKNOWN.into(),
-                namespace: UNKNOWN.into(),
-            },
-        )
+        static UNKNOWN_SERVICE: OnceLock<Arc<ServiceMeta>> = OnceLock::new();
+        Arc::clone(UNKNOWN_SERVICE.get_or_init(|| {
+            interned(
+                &SERVICES,
+                ServiceMeta {
+                    service: UNKNOWN.into(),
+                    name: UNKNOWN.into(),
+                    namespace: UNKNOWN.into(),
+                },
+            )
+        }))
     }
 }
 
@@ -248,6 +255,8 @@ struct Series {
 #[derive(Debug, Default)]
 pub struct IstioMetrics {
     http: Mutex<HashMap<Key, Series>>,
+    /// Callers known only by their mTLS identity, made once per identity.
+    by_identity: Mutex<HashMap<Arc<str>, Arc<WorkloadMeta>>>,
 }
 
 /// The response flags Trellis sets, as static strings (anything else: `-`).
@@ -263,6 +272,24 @@ pub fn flag(value: &[u8]) -> &'static str {
 }
 
 impl IstioMetrics {
+    /// A caller the snapshot does not know by address: what its SPIFFE identity says
+    /// (namespace and principal).
+    pub fn by_identity(&self, id: &Arc<str>) -> Arc<WorkloadMeta> {
+        let mut m = self
+            .by_identity
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(w) = m.get(id) {
+            return Arc::clone(w);
+        }
+        let w = WorkloadMeta::of("", "", Some(id), std::iter::empty());
+        // Identities are few (service accounts); a runaway count is not remembered.
+        if m.len() < 10_000 {
+            m.insert(Arc::clone(id), Arc::clone(&w));
+        }
+        w
+    }
+
     pub fn record_http(&self, r: &HttpRequest) {
         let key = Key {
             reporter: r.reporter,

@@ -548,7 +548,7 @@ fn record(
             let source = match (peer_id, by_ip) {
                 // The address's workload, when its identity agrees.
                 (Some(id), Some(m)) if m.principal == **id => Arc::clone(m),
-                (Some(id), _) => WorkloadMeta::of("", "", Some(id), std::iter::empty()),
+                (Some(id), _) => shared.istio.by_identity(id),
                 (None, Some(m)) => Arc::clone(m),
                 (None, None) => WorkloadMeta::unknown(),
             };
