@@ -577,7 +577,7 @@ async fn serve_h2<S>(
                 Some(Ok((req, respond))) => {
                     let shared = Arc::clone(shared);
                     let route = route.clone();
-                    tokio::spawn(Box::pin(serve_h2_stream(shared, route, peer, req, respond)));
+                    tokio::spawn(serve_h2_stream(shared, route, peer, req, respond));
                 }
                 Some(Err(e)) => {
                     tracing::info!("HTTP/2 connection from {peer} ended with an error: {e}");
@@ -614,7 +614,8 @@ async fn serve_h2_stream(
         parts,
         crate::body::ReqBody::Streaming(crate::body::Streaming::H2(body)),
     );
-    let handled = crate::http::handle_request(shared, route, peer, req);
+    // Boxed: this stream's own future stays small, so spawning it moves little.
+    let handled = Box::pin(crate::http::handle_request(shared, route, peer, req));
     let reset = std::future::poll_fn(|cx| respond.poll_reset(cx));
     let resp = tokio::select! {
         r = handled => match r {
@@ -631,3 +632,4 @@ async fn serve_h2_stream(
         Err(e) => tracing::debug!("response to {peer} on HTTP/2: {e}"),
     }
 }
+
