@@ -632,4 +632,3 @@ async fn serve_h2_stream(
         Err(e) => tracing::debug!("response to {peer} on HTTP/2: {e}"),
     }
 }
-

@@ -172,7 +172,7 @@ impl<T> std::hash::Hash for ByPtr<T> {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Key {
     reporter: Reporter,
     source: ByPtr<WorkloadMeta>,
@@ -184,6 +184,46 @@ struct Key {
     flags: &'static str,
     mtls: bool,
 }
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // Pointers and small values, folded into one word: a series lookup per request
+        // hashes eight bytes, not the key's sixty.
+        let p = |a: *const ()| a as usize as u64;
+        let mut h = p(Arc::as_ptr(&self.source.0).cast());
+        h = h.rotate_left(21) ^ p(Arc::as_ptr(&self.destination.0).cast());
+        h = h.rotate_left(21) ^ p(Arc::as_ptr(&self.service.0).cast());
+        h = h.rotate_left(21)
+            ^ u64::from(self.code)
+            ^ (u64::from(self.grpc_status.unwrap_or(u16::MAX)) << 16)
+            ^ ((self.flags.as_ptr() as usize as u64) << 32)
+            ^ (u64::from(self.grpc) << 62)
+            ^ (u64::from(self.mtls) << 61)
+            ^ (u64::from(self.reporter == Reporter::Source) << 60);
+        state.write_u64(h);
+    }
+}
+
+/// Hashes the one word [`Key`] writes (a multiply spreads its bits).
+#[derive(Debug, Default, Clone, Copy)]
+struct WordHasher(u64);
+
+impl std::hash::Hasher for WordHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 =
+                (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+type SeriesMap = HashMap<Key, Series, std::hash::BuildHasherDefault<WordHasher>>;
 
 /// One request, as a metric sees it.
 #[derive(Debug, Clone)]
@@ -254,7 +294,7 @@ struct Series {
 /// The proxy's Istio request metrics.
 #[derive(Debug, Default)]
 pub struct IstioMetrics {
-    http: Mutex<HashMap<Key, Series>>,
+    http: Mutex<SeriesMap>,
     /// Callers known only by their mTLS identity, made once per identity.
     by_identity: Mutex<HashMap<Arc<str>, Arc<WorkloadMeta>>>,
 }
