@@ -1,4 +1,10 @@
-//! The admin server (15000, localhost by default) and the readiness endpoint (15021).
+//! The admin server (15000, localhost by default) and the public endpoints: readiness
+//! (15021) and, with `--stats`, Prometheus (Istio's 15020).
+//!
+//! The public listeners answer `/healthz/ready` (and `/ready`, `/healthz`) and
+//! `/stats/prometheus` only: the rest (the configuration, log levels, `/quitquitquit`)
+//! is for the admin port, which listens on localhost, so that no other workload can
+//! read the proxy's configuration or stop it.
 //!
 //! | Path | |
 //! |---|---|
@@ -47,6 +53,15 @@ impl std::fmt::Debug for AdminContext {
 
 /// Serves admin requests on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, ctx: Arc<AdminContext>) {
+    serve_scoped(listener, ctx, false).await;
+}
+
+/// Serves the public endpoints (readiness and Prometheus) on `listener`.
+pub async fn serve_public(listener: TcpListener, ctx: Arc<AdminContext>) {
+    serve_scoped(listener, ctx, true).await;
+}
+
+async fn serve_scoped(listener: TcpListener, ctx: Arc<AdminContext>, public: bool) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -56,7 +71,21 @@ pub async fn serve(listener: TcpListener, ctx: Arc<AdminContext>) {
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let ctx = Arc::clone(&ctx);
-                async move { Ok::<_, Infallible>(route(&ctx, req)) }
+                async move {
+                    let public_path = matches!(
+                        req.uri().path(),
+                        "/ready" | "/healthz" | "/healthz/ready" | "/stats/prometheus"
+                    );
+                    Ok::<_, Infallible>(if public && !public_path {
+                        reply(
+                            StatusCode::NOT_FOUND,
+                            "text/plain",
+                            "/healthz/ready /stats/prometheus (the rest is on the admin port)\n",
+                        )
+                    } else {
+                        route(&ctx, req)
+                    })
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

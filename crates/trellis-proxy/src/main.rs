@@ -121,9 +121,13 @@ struct Args {
     /// Admin server address, or "off".
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: String,
-    /// Readiness endpoint (/healthz/ready) address, or "off".
+    /// Readiness endpoint (/healthz/ready, and /stats/prometheus) address, or "off".
     #[arg(long, default_value = "0.0.0.0:15021")]
     readiness: String,
+    /// Prometheus endpoint (/stats/prometheus, and /healthz/ready) address, or "off";
+    /// Istio's pods are scraped on 0.0.0.0:15020.
+    #[arg(long, default_value = "off")]
+    stats: String,
     /// Worker threads of the data path.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -337,6 +341,7 @@ fn run(args: &Args, set_level: admin::SetLogLevel) -> anyhow::Result<()> {
     let opts = options(args, &cfg)?;
     let admin_addr = parse_addr_opt(&args.admin)?;
     let ready_addr = parse_addr_opt(&args.readiness)?;
+    let stats_addr = parse_addr_opt(&args.stats)?;
     // One worker: a current-thread runtime, without the work-stealing scheduler's
     // bookkeeping (the proxy's own thread is the worker).
     let runtime = if args.workers <= 1 {
@@ -369,7 +374,8 @@ fn run(args: &Args, set_level: admin::SetLogLevel) -> anyhow::Result<()> {
             quit: Arc::clone(&quit),
             ready: Arc::clone(&ready),
         });
-        spawn_control_thread(ctx, admin_addr, ready_addr, args.config.clone(), xds, env)?;
+        let public = [(ready_addr, "readiness"), (stats_addr, "stats")];
+        spawn_control_thread(ctx, admin_addr, &public, args.config.clone(), xds, env)?;
 
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
@@ -443,7 +449,7 @@ fn xds_boot(args: &Args, addr: SocketAddr) -> anyhow::Result<XdsBoot> {
 fn spawn_control_thread(
     ctx: Arc<AdminContext>,
     admin_addr: Option<SocketAddr>,
-    ready_addr: Option<SocketAddr>,
+    public: &[(Option<SocketAddr>, &'static str)],
     config_path: Option<PathBuf>,
     xds: Option<XdsBoot>,
     env: config::LoadEnv,
@@ -459,20 +465,31 @@ fn spawn_control_thread(
         Ok(l)
     };
     let admin_l = admin_addr.map(std_listener).transpose()?;
-    let ready_l = ready_addr.map(std_listener).transpose()?;
+    let public_l: Vec<(std::net::TcpListener, &str)> = public
+        .iter()
+        .filter_map(|(a, what)| Some(((*a)?, *what)))
+        .map(|(a, what)| std_listener(a).map(|l| (l, what)))
+        .collect::<anyhow::Result<_>>()?;
     std::thread::Builder::new()
         .name("trellis-admin".into())
         .spawn(move || {
             rt.block_on(async move {
-                for (l, what) in [(admin_l, "admin"), (ready_l, "readiness")] {
-                    if let Some(l) = l {
-                        match tokio::net::TcpListener::from_std(l) {
-                            Ok(l) => {
-                                tracing::info!("{what} on {:?}", l.local_addr().ok());
-                                tokio::spawn(admin::serve(l, Arc::clone(&ctx)));
-                            }
-                            Err(e) => tracing::error!("{what}: {e}"),
+                if let Some(l) = admin_l {
+                    match tokio::net::TcpListener::from_std(l) {
+                        Ok(l) => {
+                            tracing::info!("admin on {:?}", l.local_addr().ok());
+                            tokio::spawn(admin::serve(l, Arc::clone(&ctx)));
                         }
+                        Err(e) => tracing::error!("admin: {e}"),
+                    }
+                }
+                for (l, what) in public_l {
+                    match tokio::net::TcpListener::from_std(l) {
+                        Ok(l) => {
+                            tracing::info!("{what} on {:?}", l.local_addr().ok());
+                            tokio::spawn(admin::serve_public(l, Arc::clone(&ctx)));
+                        }
+                        Err(e) => tracing::error!("{what}: {e}"),
                     }
                 }
                 tokio::spawn(trellis_proxy::proxy::refresh_dns(

@@ -207,3 +207,47 @@ async fn reloads_keep_the_last_good_snapshot_and_sigterm_exits_0() {
         "JSON log lines: {log}"
     );
 }
+
+/// The readiness and stats ports listen on every address: they answer readiness and
+/// Prometheus only. Configuration, log levels and `/quitquitquit` are for the admin port
+/// (localhost), so that no other workload can read the configuration or stop the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_ports_serve_readiness_and_metrics_only() {
+    let app = HttpServer::start().await.expect("app");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("s.yaml");
+    std::fs::write(&path, snapshot("v1", app.addr)).expect("write");
+    let (admin, ready, stats, front) = (free_port(), free_port(), free_port(), free_port());
+    let _p = Running(
+        Command::new(BIN)
+            .args(["--config", path.to_str().expect("utf-8")])
+            .args(["--outbound-listen", &format!("{front}=app:80")])
+            .args(["--admin", &admin.to_string()])
+            .args(["--readiness", &ready.to_string()])
+            .args(["--stats", &stats.to_string()])
+            .args(["--log-level", "warn"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("proxy"),
+    );
+    assert!(wait_for(ready, "/healthz/ready", |_| true).await, "ready");
+    assert_eq!(get(front, "/bytes/8").await.map(|r| r.0), Some(200));
+    for public in [ready, stats] {
+        assert!(
+            wait_for(public, "/stats/prometheus", |b| b
+                .contains("istio_requests_total{"))
+            .await,
+            "metrics on {public}"
+        );
+        assert_eq!(get(public, "/healthz/ready").await.map(|r| r.0), Some(200));
+        assert_eq!(get(public, "/config_dump").await.map(|r| r.0), Some(404));
+        let quit = http_client::post(public, "localhost", "/quitquitquit", bytes::Bytes::new())
+            .await
+            .expect("answer");
+        assert_eq!(quit.status, 404, "no quitting from {public}");
+    }
+    // The admin port has the rest, and the proxy is still serving.
+    assert_eq!(get(admin, "/config_dump").await.map(|r| r.0), Some(200));
+    assert_eq!(get(front, "/bytes/8").await.map(|r| r.0), Some(200));
+}
