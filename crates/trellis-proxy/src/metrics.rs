@@ -225,6 +225,40 @@ impl std::hash::Hasher for WordHasher {
 
 type SeriesMap = HashMap<Key, Series, std::hash::BuildHasherDefault<WordHasher>>;
 
+/// One TCP connection, as a metric sees it.
+#[derive(Debug, Clone)]
+pub struct TcpConn {
+    pub reporter: Reporter,
+    pub source: Arc<WorkloadMeta>,
+    pub destination: Arc<WorkloadMeta>,
+    pub service: Arc<ServiceMeta>,
+    pub mtls: bool,
+}
+
+impl TcpConn {
+    fn key(&self) -> Key {
+        Key {
+            reporter: self.reporter,
+            source: ByPtr(Arc::clone(&self.source)),
+            destination: ByPtr(Arc::clone(&self.destination)),
+            service: ByPtr(Arc::clone(&self.service)),
+            grpc: false,
+            code: 0,
+            grpc_status: None,
+            flags: "-",
+            mtls: self.mtls,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct TcpSeries {
+    opened: u64,
+    closed: u64,
+    sent: u64,
+    received: u64,
+}
+
 /// One request, as a metric sees it.
 #[derive(Debug, Clone)]
 pub struct HttpRequest {
@@ -295,6 +329,7 @@ struct Series {
 #[derive(Debug, Default)]
 pub struct IstioMetrics {
     http: Mutex<SeriesMap>,
+    tcp: Mutex<HashMap<Key, TcpSeries, std::hash::BuildHasherDefault<WordHasher>>>,
     /// Callers known only by their mTLS identity, made once per identity.
     by_identity: Mutex<HashMap<Arc<str>, Arc<WorkloadMeta>>>,
 }
@@ -357,8 +392,25 @@ impl IstioMetrics {
             .observe(&SIZE_BYTES, r.response_bytes as f64);
     }
 
+    /// A connection opened (to its upstream).
+    pub fn tcp_opened(&self, c: &TcpConn) {
+        let mut m = self.tcp.lock().unwrap_or_else(PoisonError::into_inner);
+        m.entry(c.key()).or_default().opened += 1;
+    }
+
+    /// A connection closed, having carried `received` bytes from the client and `sent`
+    /// to it.
+    pub fn tcp_closed(&self, c: &TcpConn, received: u64, sent: u64) {
+        let mut m = self.tcp.lock().unwrap_or_else(PoisonError::into_inner);
+        let s = m.entry(c.key()).or_default();
+        s.closed += 1;
+        s.received += received;
+        s.sent += sent;
+    }
+
     /// Prometheus text exposition of every series.
     pub fn render(&self, out: &mut String) {
+        self.render_tcp(out);
         let m = self.http.lock().unwrap_or_else(PoisonError::into_inner);
         let mut series: Vec<(String, &Series)> = m.iter().map(|(k, s)| (labels(k), s)).collect();
         series.sort_by(|a, b| a.0.cmp(&b.0));
@@ -416,6 +468,64 @@ impl IstioMetrics {
             }),
         );
     }
+}
+
+impl IstioMetrics {
+    fn render_tcp(&self, out: &mut String) {
+        let m = self.tcp.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut series: Vec<(String, &TcpSeries)> =
+            m.iter().map(|(k, s)| (tcp_labels(k), s)).collect();
+        series.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, help, value) in [
+            (
+                "istio_tcp_connections_opened_total",
+                "TCP connections opened.",
+                (|s: &TcpSeries| s.opened) as fn(&TcpSeries) -> u64,
+            ),
+            (
+                "istio_tcp_connections_closed_total",
+                "TCP connections closed.",
+                |s| s.closed,
+            ),
+            (
+                "istio_tcp_sent_bytes_total",
+                "Bytes sent to the client (the response direction), counted when the connection closes.",
+                |s| s.sent,
+            ),
+            (
+                "istio_tcp_received_bytes_total",
+                "Bytes received from the client (the request direction), counted when the connection closes.",
+                |s| s.received,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} counter");
+            for (l, s) in &series {
+                let _ = writeln!(out, "{name}{{{l}}} {}", value(s));
+            }
+        }
+    }
+}
+
+/// A TCP series' labels: Istio's, with `request_protocol="tcp"` and without the status
+/// labels.
+fn tcp_labels(k: &Key) -> String {
+    let all = labels(k);
+    let mut out = String::with_capacity(all.len());
+    for part in all.split(',') {
+        if part.starts_with("response_code=") || part.starts_with("grpc_response_status=") {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        if part.starts_with("request_protocol=") {
+            out.push_str("request_protocol=\"tcp\"");
+        } else {
+            out.push_str(part);
+        }
+    }
+    out
 }
 
 fn histogram<'a>(

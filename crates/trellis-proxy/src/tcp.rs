@@ -116,7 +116,23 @@ pub async fn forward_route(
     // To a peer proxy: over mutual TLS once this proxy has its certificate (unless the
     // peer takes plaintext only); or as the DestinationRule's tls says.
     let tls = crate::http::upstream_tls(cluster, ep, shared.mesh_tls(cfg));
-    forward_tls(stream, ep.addr, cluster.dial(), shared, Some(ep), tls).await;
+    let conn = crate::metrics::TcpConn {
+        reporter: crate::metrics::Reporter::Source,
+        source: Arc::clone(&cfg.own_meta),
+        destination: Arc::clone(&ep.meta),
+        service: Arc::clone(&cluster.service_meta),
+        mtls: false,
+    };
+    forward_tls(
+        stream,
+        ep.addr,
+        cluster.dial(),
+        shared,
+        Some(ep),
+        tls,
+        Some(&conn),
+    )
+    .await;
 }
 
 /// An inbound connection (plaintext, or mesh mTLS already terminated: `peer_id`) to the
@@ -140,7 +156,34 @@ pub async fn forward_inbound<D>(
             .app_addr(app, &cfg.pod_ips, Duration::from_secs(1))
             .await;
     }
-    forward(stream, app, Duration::from_secs(1), shared, None).await;
+    let by_ip = cfg.peers.get(&arrival.peer.ip());
+    let source = match (arrival.peer_id, by_ip) {
+        (Some(id), Some(m)) if m.principal == id => Arc::clone(m),
+        (Some(id), _) => shared.istio.by_identity(&Arc::from(id)),
+        (None, Some(m)) => Arc::clone(m),
+        (None, None) => crate::metrics::WorkloadMeta::unknown(),
+    };
+    // The service whose port this is, when the snapshot has one the workload serves.
+    let service = cfg
+        .inbound_service(port)
+        .unwrap_or_else(crate::metrics::ServiceMeta::unknown);
+    let conn = crate::metrics::TcpConn {
+        reporter: crate::metrics::Reporter::Destination,
+        source,
+        destination: Arc::clone(&cfg.own_meta),
+        service,
+        mtls: arrival.peer_id.is_some(),
+    };
+    forward_tls(
+        stream,
+        app,
+        Duration::from_secs(1),
+        shared,
+        None,
+        None,
+        Some(&conn),
+    )
+    .await;
 }
 
 /// The gateway's AuthorizationPolicies for a TCP or TLS-passthrough connection (L7
@@ -268,7 +311,7 @@ pub async fn forward<D>(
 ) where
     D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    forward_tls(down, to, dial, shared, ep, None).await;
+    forward_tls(down, to, dial, shared, ep, None, None).await;
 }
 
 /// As [`forward`], over mesh mutual TLS (ALPN `trellis-tcp`) when `tls` is given. Each
@@ -280,6 +323,7 @@ pub async fn forward_tls<D>(
     shared: &Shared,
     ep: Option<&Endpoint>,
     tls: Option<crate::pool::UpTls<'_>>,
+    conn: Option<&crate::metrics::TcpConn>,
 ) where
     D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -302,6 +346,9 @@ pub async fn forward_tls<D>(
             .requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
+    if let Some(c) = conn {
+        shared.istio.tcp_opened(c);
+    }
     let copied = match tls {
         None => tokio::io::copy_bidirectional(&mut down, &mut up).await,
         Some(t) => {
@@ -312,8 +359,18 @@ pub async fn forward_tls<D>(
             tokio::io::copy_bidirectional(&mut down, &mut up).await
         }
     };
-    match copied {
-        Ok((sent, received)) => tracing::debug!("TCP {to}: sent {sent} received {received}"),
-        Err(e) => tracing::debug!("TCP {to}: {e}"),
+    // (Bytes copied before an error are not known: copy_bidirectional reports none.)
+    let (received, sent) = match copied {
+        Ok((to_up, to_down)) => {
+            tracing::debug!("TCP {to}: sent {to_up} received {to_down}");
+            (to_up, to_down)
+        }
+        Err(e) => {
+            tracing::debug!("TCP {to}: {e}");
+            (0, 0)
+        }
+    };
+    if let Some(c) = conn {
+        shared.istio.tcp_closed(c, received, sent);
     }
 }

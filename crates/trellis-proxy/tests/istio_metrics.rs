@@ -1,6 +1,7 @@
 //! Istio's standard request metrics through two proxies (outbound → inbound → app),
 //! scraped from each proxy's `/stats/prometheus`: the exact series, with every label,
-//! for an HTTP 200 on both reporters and a 503 with response flag UF on the source side.
+//! for an HTTP 200 on both reporters, a 503 with response flag UF on the source side, and a
+//! TCP connection's bytes on both.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use std::time::Duration;
 use tokio::time::timeout;
 use trellis_proxy::admin::{self, AdminContext};
 use trellis_proxy::{Config, ProxyHandle, ProxyOptions};
-use trellis_testkit::{HttpServer, RefusedPort, http_client};
+use trellis_testkit::{HttpServer, RefusedPort, TcpEchoServer, http_client, tcp_echo_half_close};
 use trellis_xds::snapshot::Snapshot;
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -59,6 +60,7 @@ const REVIEWS: &str = r#"destination_workload="reviews-v1",destination_workload_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_proxies_report_istio_series_with_every_label() {
     let app = HttpServer::start().await.expect("app");
+    let echo = TcpEchoServer::start().await.expect("echo");
     let refused = RefusedPort::new().expect("refused port");
     // The server side: reviews-v1. Its snapshot knows the service it serves (the Host
     // names it) and, through another service's endpoint, the caller's workload by address.
@@ -69,29 +71,37 @@ workload:
   namespace: shop
   serviceAccount: reviews
   labels: {{app: reviews, version: v1}}
-  inboundPorts: [{{port: {app_port}, name: http}}]
+  inboundPorts: [{{port: {app_port}, name: http}}, {{port: {echo_port}, name: tcp}}]
 services:
+- hostname: db.shop.svc.cluster.local
+  ports: [{{port: 5432, name: tcp, cluster: "outbound|5432||db.shop.svc.cluster.local"}}]
 - hostname: reviews.shop.svc.cluster.local
   ports: [{{port: 9080, name: http, cluster: "outbound|9080||reviews.shop.svc.cluster.local"}}]
 - hostname: web.shop.svc.cluster.local
   ports: [{{port: 80, name: http, cluster: "outbound|80||web.shop.svc.cluster.local"}}]
 clusters:
+- name: "outbound|5432||db.shop.svc.cluster.local"
+  endpoints: [{{address: "127.0.0.2:{echo_port}", workload: reviews-v1, namespace: shop, identity: "spiffe://cluster.local/ns/shop/sa/reviews", labels: {{app: reviews, version: v1}}}}]
 - name: "outbound|9080||reviews.shop.svc.cluster.local"
   endpoints: [{{address: "127.0.0.2:{app_port}", workload: reviews-v1, namespace: shop, identity: "spiffe://cluster.local/ns/shop/sa/reviews", labels: {{app: reviews, version: v1}}}}]
 - name: "outbound|80||web.shop.svc.cluster.local"
   endpoints: [{{address: "127.0.0.1:1", workload: web, namespace: shop, identity: "spiffe://cluster.local/ns/shop/sa/web", labels: {{app: web, version: v2}}}}]
 "#,
-        app_port = app.addr.port()
+        app_port = app.addr.port(),
+        echo_port = echo.addr.port()
     );
     let (inbound, inbound_admin) = start(
         &inbound_yaml,
         ProxyOptions {
-            inbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), app.addr.port())],
+            inbound_listen: vec![
+                ("127.0.0.1:0".parse().expect("addr"), app.addr.port()),
+                ("127.0.0.1:0".parse().expect("addr"), echo.addr.port()),
+            ],
             ..ProxyOptions::default()
         },
     )
     .await;
-    let peer = inbound.inbound_addrs[0];
+    let (peer, peer_tcp) = (inbound.inbound_addrs[0], inbound.inbound_addrs[1]);
     let outbound_yaml = format!(
         r#"version: out
 workload:
@@ -104,13 +114,17 @@ services:
   ports: [{{port: 9080, name: http, cluster: "outbound|9080||reviews.shop.svc.cluster.local"}}]
 - hostname: down.shop.svc.cluster.local
   ports: [{{port: 80, name: http, cluster: "outbound|80||down.shop.svc.cluster.local"}}]
+- hostname: db.shop.svc.cluster.local
+  ports: [{{port: 5432, name: tcp, cluster: "outbound|5432||db.shop.svc.cluster.local"}}]
 clusters:
+- name: "outbound|5432||db.shop.svc.cluster.local"
+  endpoints: [{{address: "{peer_tcp}", proxied: true, workload: reviews-v1, namespace: shop, identity: "spiffe://cluster.local/ns/shop/sa/reviews", labels: {{app: reviews, version: v1}}}}]
 - name: "outbound|9080||reviews.shop.svc.cluster.local"
   endpoints: [{{address: "{peer}", proxied: true, workload: reviews-v1, namespace: shop, identity: "spiffe://cluster.local/ns/shop/sa/reviews", labels: {{app: reviews, version: v1}}}}]
 - name: "outbound|80||down.shop.svc.cluster.local"
   endpoints: [{{address: "{down}", workload: down-v1, namespace: shop}}]
 "#,
-        down = refused.addr
+        down = refused.addr,
     );
     let (outbound, outbound_admin) = start(
         &outbound_yaml,
@@ -125,6 +139,11 @@ clusters:
                     "127.0.0.1:0".parse().expect("addr"),
                     "down.shop.svc.cluster.local".into(),
                     80,
+                ),
+                (
+                    "127.0.0.1:0".parse().expect("addr"),
+                    "db.shop.svc.cluster.local".into(),
+                    5432,
                 ),
             ],
             ..ProxyOptions::default()
@@ -158,6 +177,33 @@ clusters:
     .expect("response");
     assert_eq!(r.status, 503);
 
+    // A TCP connection: 4 bytes each way.
+    let echoed = timeout(
+        LIMIT,
+        tcp_echo_half_close(outbound.outbound_addrs[2], b"ping"),
+    )
+    .await
+    .expect("in time")
+    .expect("echo");
+    assert_eq!(echoed, b"ping");
+    let db = format!(
+        r#"{WEB},destination_workload="reviews-v1",destination_workload_namespace="shop",destination_principal="spiffe://cluster.local/ns/shop/sa/reviews",destination_app="reviews",destination_version="v1",destination_service="db.shop.svc.cluster.local",destination_canonical_service="reviews",destination_canonical_revision="v1",destination_service_name="db",destination_service_namespace="shop",destination_cluster="Kubernetes",request_protocol="tcp",response_flags="-""#
+    );
+    let tcp_src = format!(r#"reporter="source",{db},connection_security_policy="unknown""#);
+    let tcp_dst = format!(r#"reporter="destination",{db},connection_security_policy="none""#);
+    // Counted when the connections close (both proxies notice shortly after the client).
+    let mut closed = false;
+    for _ in 0..100 {
+        let (o, i) = (scrape(outbound_admin).await, scrape(inbound_admin).await);
+        if value(&o, "istio_tcp_connections_closed_total", &tcp_src) == Some(1.0)
+            && value(&i, "istio_tcp_connections_closed_total", &tcp_dst) == Some(1.0)
+        {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(closed, "both ends counted the closed connection");
     let out = scrape(outbound_admin).await;
     let ok = format!(
         r#"reporter="source",{WEB},{REVIEWS},request_protocol="http",response_code="200",grpc_response_status="",response_flags="-",connection_security_policy="unknown""#
@@ -180,12 +226,24 @@ clusters:
         r#"reporter="source",{WEB},destination_workload="down-v1",destination_workload_namespace="shop",destination_principal="unknown",destination_app="unknown",destination_version="unknown",destination_service="down.shop.svc.cluster.local",destination_canonical_service="down-v1",destination_canonical_revision="latest",destination_service_name="down",destination_service_namespace="shop",destination_cluster="Kubernetes",request_protocol="http",response_code="503",grpc_response_status="",response_flags="UF",connection_security_policy="unknown""#
     );
     assert_eq!(value(&out, "istio_requests_total", &uf), Some(1.0), "{out}");
+    for (name, v) in [
+        ("istio_tcp_connections_opened_total", 1.0),
+        ("istio_tcp_sent_bytes_total", 4.0),
+        ("istio_tcp_received_bytes_total", 4.0),
+    ] {
+        assert_eq!(value(&out, name, &tcp_src), Some(v), "{name}: {out}");
+    }
 
     let inb = scrape(inbound_admin).await;
     let ok = format!(
         r#"reporter="destination",{WEB},{REVIEWS},request_protocol="http",response_code="200",grpc_response_status="",response_flags="-",connection_security_policy="none""#
     );
     assert_eq!(value(&inb, "istio_requests_total", &ok), Some(3.0), "{inb}");
+    assert_eq!(
+        value(&inb, "istio_tcp_received_bytes_total", &tcp_dst),
+        Some(4.0),
+        "{inb}"
+    );
     // Bounded labels: nothing of the path.
     assert!(!inb.contains("/bytes/1024") && !out.contains("/bytes/1024"));
 }

@@ -153,6 +153,8 @@ pub struct Config {
     /// Workloads by address, from the endpoints in the snapshot (an address two
     /// workloads share is left out): who an inbound caller is.
     pub peers: HashMap<IpAddr, Arc<crate::metrics::WorkloadMeta>>,
+    /// Workload port → a service of this workload that sends to it (metric labels).
+    inbound_services: HashMap<u16, Arc<crate::metrics::ServiceMeta>>,
     /// Default upstream connect timeout (settings.connectTimeout).
     pub connect_timeout: Duration,
     /// Gateways: proxies in front that append to `X-Forwarded-For` (0: none trusted).
@@ -763,6 +765,7 @@ impl Config {
                 .map(|w| w.namespace.clone())
                 .filter(|n| !n.is_empty())
                 .unwrap_or_else(|| "default".to_string()),
+            inbound_services: inbound_services(&own_meta, &targets),
             own_meta,
             peers,
             connect_timeout: default_connect,
@@ -804,6 +807,12 @@ impl Config {
     /// The target named by an explicit listener: `reviews`, `reviews.default`, or the FQDN.
     pub fn target_by_name(&self, name: &str, port: u16) -> Option<&Arc<Target>> {
         self.by_name.get(name)?.get(&port)
+    }
+
+    /// A service of this workload with a port whose target is workload port `port`, for
+    /// metric labels of inbound TCP connections.
+    pub fn inbound_service(&self, port: u16) -> Option<Arc<crate::metrics::ServiceMeta>> {
+        self.inbound_services.get(&port).cloned()
     }
 
     /// The service a request's host (`name[:port]`) names, for metric labels.
@@ -862,6 +871,7 @@ impl Config {
             own_namespace: "default".to_string(),
             own_meta: crate::metrics::WorkloadMeta::unknown(),
             peers: HashMap::new(),
+            inbound_services: HashMap::new(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             num_trusted_proxies: 0,
             detection_timeout: DEFAULT_DETECTION_TIMEOUT,
@@ -911,6 +921,26 @@ fn own_meta(raw: &wire::Snapshot, clusters: &[Arc<Cluster>]) -> Arc<crate::metri
         Some(&identity),
         w.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
     )
+}
+
+/// Workload port → the first service (by host name) whose endpoints are this workload on
+/// that port.
+fn inbound_services(
+    own: &Arc<crate::metrics::WorkloadMeta>,
+    targets: &[Arc<Target>],
+) -> HashMap<u16, Arc<crate::metrics::ServiceMeta>> {
+    let mut out: HashMap<u16, Arc<crate::metrics::ServiceMeta>> = HashMap::new();
+    let mut sorted: Vec<&Arc<Target>> = targets.iter().filter(|t| t.gateway.is_none()).collect();
+    sorted.sort_by(|a, b| a.hostname.cmp(&b.hostname));
+    for t in sorted {
+        for e in &t.cluster.endpoints {
+            if e.meta.workload == own.workload && e.meta.namespace == own.namespace {
+                out.entry(e.addr.port())
+                    .or_insert_with(|| Arc::clone(&t.service_meta));
+            }
+        }
+    }
+    out
 }
 
 /// Workloads by address (see [`Config::peers`]).
