@@ -24,8 +24,13 @@ use prost::Message;
 use crate::ads::{DeltaDiscoveryResponse, Resource};
 use crate::snapshot::{Cluster, Service, Snapshot};
 
-/// The type URL of the `proxy` resource (and of a whole snapshot sent as one resource).
+/// The type URL of a whole snapshot sent as one resource (by control planes before
+/// per-resource pushes): it replaces everything a proxy holds.
 pub const SNAPSHOT_TYPE_URL: &str = crate::ads::SNAPSHOT_TYPE_URL;
+/// The type URL of the `proxy` resource (a `Snapshot` message without services and
+/// clusters). A type of its own, so that a proxy that predates per-resource pushes
+/// refuses it rather than applying a snapshot without services.
+pub const PROXY_TYPE_URL: &str = "type.googleapis.com/trellis.snapshot.v1.ProxyPart";
 pub const SERVICE_TYPE_URL: &str = "type.googleapis.com/trellis.snapshot.v1.Service";
 pub const CLUSTER_TYPE_URL: &str = "type.googleapis.com/trellis.snapshot.v1.Cluster";
 /// The name of the resource holding the proxy's own part of the snapshot.
@@ -110,7 +115,7 @@ pub fn proxy_part(s: &Snapshot) -> Part {
     };
     Part::new(
         PROXY_RESOURCE.to_string(),
-        SNAPSHOT_TYPE_URL,
+        PROXY_TYPE_URL,
         own.encode_to_vec(),
     )
 }
@@ -259,13 +264,22 @@ impl Held {
                 .resource
                 .as_ref()
                 .ok_or_else(|| format!("resource {:?} has no body", r.name))?;
-            if ![SNAPSHOT_TYPE_URL, SERVICE_TYPE_URL, CLUSTER_TYPE_URL]
-                .contains(&any.type_url.as_str())
+            if ![
+                SNAPSHOT_TYPE_URL,
+                PROXY_TYPE_URL,
+                SERVICE_TYPE_URL,
+                CLUSTER_TYPE_URL,
+            ]
+            .contains(&any.type_url.as_str())
             {
                 return Err(format!(
                     "resource {:?} has an unexpected type {:?}",
                     r.name, any.type_url
                 ));
+            }
+            // A whole snapshot (from a control plane that sends one) is all there is.
+            if any.type_url == SNAPSHOT_TYPE_URL {
+                next.pieces.clear();
             }
             next.pieces.insert(
                 r.name.clone(),
@@ -504,5 +518,13 @@ mod tests {
         };
         let (_, rebuilt) = Held::default().apply(&resp).expect("applies");
         assert_eq!(rebuilt.services, s.services);
+        // After per-resource pushes (a control plane rolled back, say), a whole snapshot
+        // replaces everything held rather than adding a second proxy part.
+        let (held, _) = Held::default()
+            .apply(&respond(&BTreeMap::new(), &snap("10.0.0.9:80", 1), "r0"))
+            .expect("applies");
+        let (held, rebuilt) = held.apply(&resp).expect("replaces");
+        assert_eq!(rebuilt.clusters, s.clusters);
+        assert_eq!(held.versions().len(), 1);
     }
 }
