@@ -196,7 +196,11 @@ impl std::hash::Hash for Key {
         h = h.rotate_left(21)
             ^ u64::from(self.code)
             ^ (u64::from(self.grpc_status.unwrap_or(u16::MAX)) << 16)
-            ^ ((self.flags.as_ptr() as usize as u64) << 32)
+            ^ (self
+                .flags
+                .bytes()
+                .fold(0u64, |a, b| a.rotate_left(8) ^ u64::from(b))
+                << 32)
             ^ (u64::from(self.grpc) << 62)
             ^ (u64::from(self.mtls) << 61)
             ^ (u64::from(self.reporter == Reporter::Source) << 60);

@@ -346,16 +346,23 @@ pub async fn forward_tls<D>(
             .requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
-    if let Some(c) = conn {
-        shared.istio.tcp_opened(c);
-    }
+    // Opened once connected (TLS included): every opened connection is also closed.
+    let opened = || {
+        if let Some(c) = conn {
+            shared.istio.tcp_opened(c);
+        }
+    };
     let copied = match tls {
-        None => tokio::io::copy_bidirectional(&mut down, &mut up).await,
+        None => {
+            opened();
+            tokio::io::copy_bidirectional(&mut down, &mut up).await
+        }
         Some(t) => {
             let mut up = match crate::pool::tls_connect(up, to, dial, t, ALPN_MESH_TCP).await {
                 Ok(s) => s,
                 Err(e) => return failed(&e),
             };
+            opened();
             tokio::io::copy_bidirectional(&mut down, &mut up).await
         }
     };

@@ -100,12 +100,14 @@ pub fn forwarded_client(headers: &http::HeaderMap, n: u32) -> Option<IpAddr> {
     if n == 0 {
         return None;
     }
-    let mut entries: Vec<&str> = Vec::new();
+    // Split as bytes: an entry the client wrote that is not text must not hide the ones
+    // the trusted proxies appended after it.
+    let mut entries: Vec<&[u8]> = Vec::new();
     for v in headers.get_all(X_FORWARDED_FOR) {
-        entries.extend(v.to_str().ok()?.split(',').map(str::trim));
+        entries.extend(v.as_bytes().split(|b| *b == b','));
     }
     let i = entries.len().checked_sub(usize::try_from(n).ok()?)?;
-    let e = entries[i];
+    let e = std::str::from_utf8(entries[i]).ok()?.trim();
     e.parse::<IpAddr>()
         .ok()
         .or_else(|| e.parse::<SocketAddr>().ok().map(|a| a.ip()))
@@ -1537,6 +1539,16 @@ mod tests {
         );
         assert_eq!(forwarded_client(&h, 1), None, "not an address");
         assert_eq!(forwarded_client(&h, 2), ip("2001:db8::1"));
+        // A client's non-text entry does not hide what the trusted proxy appended.
+        h.insert(
+            X_FORWARDED_FOR,
+            HeaderValue::from_bytes(b"\xff, 203.0.113.9").expect("header"),
+        );
+        assert_eq!(forwarded_client(&h, 1), ip("203.0.113.9"));
+        h.insert(
+            X_FORWARDED_FOR,
+            HeaderValue::from_static("[2001:db8::1]:443, unknown"),
+        );
         append_forwarded_for(&mut h, [192, 0, 2, 7].into());
         assert_eq!(
             h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()),
