@@ -169,7 +169,12 @@ pub fn merge_with(
             ..Default::default()
         });
     }
-    if mesh.access_log_file.is_some() {
+    // (An empty `accessLogFile` is Istio's "off".)
+    if mesh
+        .access_log_file
+        .as_deref()
+        .is_some_and(|f| !f.is_empty())
+    {
         base.access_logging.push(api::AccessLogging {
             providers: vec![api::ProviderRef {
                 name: "envoy".into(),
@@ -187,9 +192,6 @@ pub fn merge_with(
             .map(|(r, t)| (format!("{}/{}", r.namespace(), r.name()), *t)),
     );
     let mut out = merge_levels(&all)?;
-    if !tracing_on {
-        out.tracing.clear();
-    }
     // Entries without providers take the defaults.
     for t in &mut out.tracing {
         if t.providers.is_empty() {
@@ -398,14 +400,26 @@ fn merge_levels(levels: &[(String, &api::Telemetry)]) -> Option<wire::Telemetry>
     // Access logging, per side: the most specific level with entries for it.
     let mut logs: Vec<(WorkloadMode, Vec<wire::AccessLogConfig>)> = Vec::new();
     for side in SIDES {
-        let chosen = levels.iter().rev().find_map(|(_, level)| {
+        // The most specific level with entries for this side wins; an entry of it that
+        // names no provider takes those a less specific level named (Istio's inheritance).
+        let mut chosen: Option<Vec<&api::AccessLogging>> = None;
+        let mut inherited: Vec<String> = Vec::new();
+        for (_, level) in levels {
             let entries: Vec<&api::AccessLogging> = level
                 .access_logging
                 .iter()
                 .filter(|a| covers(a.selector.map(|s| s.mode).unwrap_or_default(), side))
                 .collect();
-            (!entries.is_empty()).then_some(entries)
-        });
+            if entries.is_empty() {
+                continue;
+            }
+            if let Some(previous) = &chosen {
+                if let Some(named) = previous.iter().find(|a| !a.providers.is_empty()) {
+                    inherited = named.providers.iter().map(|p| p.name.clone()).collect();
+                }
+            }
+            chosen = Some(entries);
+        }
         if let Some(entries) = chosen {
             logs.push((
                 side,
@@ -413,7 +427,11 @@ fn merge_levels(levels: &[(String, &api::Telemetry)]) -> Option<wire::Telemetry>
                     .into_iter()
                     .map(|a| wire::AccessLogConfig {
                         mode: mode_name(side).to_string(),
-                        providers: a.providers.iter().map(|p| p.name.clone()).collect(),
+                        providers: if a.providers.is_empty() {
+                            inherited.clone()
+                        } else {
+                            a.providers.iter().map(|p| p.name.clone()).collect()
+                        },
                         disabled: a.disabled,
                         filter: a.filter.as_ref().and_then(|f| f.expression.clone()),
                     })
@@ -675,16 +693,40 @@ accessLogEncoding: JSON
                 .iter()
                 .any(|p| p.name == "zipkin" && p.port == 9411)
         );
-        // Tracing off mesh-wide: no tracing whatever the resources say.
+        // `enableTracing: false` turns off the mesh config's own tracing, not what a
+        // Telemetry resource configures (Istio: it is the fallback).
         let off = trellis_api::mesh::MeshConfigFile {
             enable_tracing: Some(false),
             ..mesh.clone()
         };
+        let t = merge_with(&levels, &off).expect("telemetry");
+        assert_eq!(t.tracing[0].providers, ["zipkin"]);
         assert!(
-            merge_with(&levels, &off)
-                .expect("telemetry")
+            merge_with(&[], &off)
+                .expect("telemetry (the access log)")
                 .tracing
                 .is_empty()
+        );
+        // An empty accessLogFile is off.
+        let quiet = trellis_api::mesh::MeshConfigFile {
+            access_log_file: Some(String::new()),
+            ..off
+        };
+        assert_eq!(merge_with(&[], &quiet), None);
+    }
+
+    #[test]
+    fn an_access_log_entry_without_providers_inherits_the_less_specific_ones() {
+        let rs = parse(
+            "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: mesh, namespace: istio-system}\nspec:\n  accessLogging: [{providers: [{name: json-log}]}]\n---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: errors, namespace: shop}\nspec:\n  accessLogging: [{filter: {expression: \"response.code >= 500\"}}]\n",
+        );
+        let (t, _) = effective(&rs, &me("shop", "web"));
+        let t = t.expect("telemetry");
+        assert_eq!(t.access_logging.len(), 1);
+        assert_eq!(t.access_logging[0].providers, ["json-log"]);
+        assert_eq!(
+            t.access_logging[0].filter.as_deref(),
+            Some("response.code >= 500")
         );
     }
 
