@@ -470,8 +470,8 @@ async fn stream(
         // account, never from what the proxy says.
         match cp.declared_workload(ns, &announce.name) {
             _ if registered => {}
-            Some((labels, workload_sa)) if workload_sa == *sa => announce.labels = labels,
-            Some((_, workload_sa)) => {
+            Some((labels, workload_sa, _)) if workload_sa == *sa => announce.labels = labels,
+            Some((_, workload_sa, _)) => {
                 let why = format!(
                     "workload {ns}/{} runs as {workload_sa}, not {sa}",
                     announce.name
@@ -490,9 +490,14 @@ async fn stream(
     }
     let name = format!("{}.{}", announce.name, announce.namespace);
     tracing::info!(proxy = %name, "proxy connected");
+    // The workload (Istio's `*_workload` metric labels): the WorkloadGroup, or the
+    // declared Workload the instance is a replica of, else the instance itself.
+    let declared = cp
+        .declared_workload(&announce.namespace, &announce.name)
+        .map(|(_, _, w)| w);
     let mut instance = instance(announce);
-    if let Some(group) = &instance_group {
-        instance.workload = group.clone();
+    if let Some(w) = instance_group.or(declared) {
+        instance.workload = w;
     }
     let mut session = cp.connect(instance);
     // What the proxy holds (name → version): what it said it had, then each response it

@@ -193,6 +193,7 @@ pub fn workload_of(cfg: &MeshConfig<'_>, reg: &Registry, me: &Instance) -> wire:
         mtls: mtls.mode as i32,
         port_mtls: mtls.ports.into_iter().map(|(p, m)| (p, m as i32)).collect(),
         name: me.name.clone(),
+        workload: me.workload.clone(),
         namespace: me.namespace.clone(),
         labels: me.labels.clone(),
         service_account: me.service_account.clone(),

@@ -477,12 +477,12 @@ impl ControlPlane {
     }
 
     /// The declared `Workload` an instance belongs to (`name` is the workload's, or a
-    /// replica's `<workload>-<n>`): its labels and service account.
+    /// replica's `<workload>-<n>`): its labels, service account and name.
     pub fn declared_workload(
         &self,
         namespace: &str,
         instance: &str,
-    ) -> Option<(std::collections::BTreeMap<String, String>, String)> {
+    ) -> Option<(std::collections::BTreeMap<String, String>, String, String)> {
         self.store
             .list(trellis_api::Kind::Workload)
             .iter()
@@ -494,7 +494,11 @@ impl ControlPlane {
                                 .strip_prefix(r.name())
                                 .is_some_and(|rest| rest.starts_with('-'))) =>
                 {
-                    Some((r.meta.labels.clone(), w.service_account().to_string()))
+                    Some((
+                        r.meta.labels.clone(),
+                        w.service_account().to_string(),
+                        r.name().to_string(),
+                    ))
                 }
                 _ => None,
             })

@@ -628,6 +628,18 @@ spec:
         || endpoints(&web) == ["10.9.0.7:8080"],
     )
     .await;
+    // Its workload (for telemetry) is the group, on both sides.
+    let workloads: Vec<String> = web
+        .config()
+        .targets
+        .iter()
+        .filter(|t| t.hostname == "legacy.vms.svc.cluster.local")
+        .flat_map(|t| t.cluster.endpoints.iter().map(|e| e.meta.workload.clone()))
+        .collect();
+    assert!(workloads.iter().all(|w| w == "legacy") && !workloads.is_empty());
+    assert_eq!(good.config().own_meta.workload, "legacy");
+    // The other side: web-0's workload is its declared Workload, web.
+    assert_eq!(web.config().own_meta.workload, "web");
     let st = cp.status();
     let s = st
         .iter()

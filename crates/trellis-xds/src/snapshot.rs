@@ -317,6 +317,11 @@ pub struct Workload {
     #[prost(message, optional, tag = "12")]
     #[serde(default)]
     pub telemetry: Option<Telemetry>,
+    /// The workload this instance is a replica of (its Deployment, WorkloadGroup…), for
+    /// telemetry labels; `name` is the instance. Empty: `name`.
+    #[prost(string, tag = "13")]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub workload: String,
 }
 
 /// Telemetry (Istio's Telemetry API) as it applies to one workload. Modes are

@@ -70,6 +70,7 @@ fn full() -> Snapshot {
         version: "v1".into(),
         trust_roots: vec!["-----BEGIN CERTIFICATE-----\n...".into()],
         workload: Some(Workload {
+            workload: "reviews-v1".into(),
             telemetry: Some(Telemetry {
                 sources: vec!["istio-system/mesh-default".into()],
                 tracing: vec![TracingConfig {

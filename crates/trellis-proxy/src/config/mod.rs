@@ -916,7 +916,11 @@ fn own_meta(raw: &wire::Snapshot, clusters: &[Arc<Cluster>]) -> Arc<crate::metri
     };
     let identity = format!("spiffe://{trust_domain}/ns/{}/sa/{sa}", w.namespace);
     crate::metrics::WorkloadMeta::of(
-        &w.name,
+        if w.workload.is_empty() {
+            &w.name
+        } else {
+            &w.workload
+        },
         &w.namespace,
         Some(&identity),
         w.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
