@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -381,6 +382,13 @@ struct Pending {
     holds: Holding,
 }
 
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn slot_deadline(pending: &Option<Pending>) {
     match pending.as_ref().and_then(|p| p.slot.as_ref()) {
         Some((_, at)) => tokio::time::sleep_until(*at).await,
@@ -507,8 +515,17 @@ async fn stream(
     let mut held = Holding::Listed(first.initial_resource_versions);
     let mut pending: Option<Pending> = None;
     let mut nonce = 0u64;
+    // After a NACK, the same difference is sent again after a backoff (1 s doubling to
+    // 60 s): a refusal may have been passing (a name that did not resolve, a file not
+    // yet written), and no change may come to send it again.
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut backoff = Duration::from_secs(1);
     loop {
         tokio::select! {
+            _ = sleep_until_opt(retry_at), if pending.is_none() && retry_at.is_some() => {
+                retry_at = None;
+                session.snapshots.mark_changed();
+            }
             changed = session.snapshots.changed(), if pending.is_none() => {
                 if changed.is_err() {
                     break;
@@ -558,10 +575,16 @@ async fn stream(
                         Ok(Some(r)) => {
                             let answered = pending.take_if(|p| p.nonce == r.response_nonce);
                             match (answered, r.error_detail) {
-                                (Some(p), Some(e)) => cp.nack(session.id, &p.version, &e.message),
+                                (Some(p), Some(e)) => {
+                                    cp.nack(session.id, &p.version, &e.message);
+                                    retry_at = Some(tokio::time::Instant::now() + backoff);
+                                    backoff = (backoff * 2).min(Duration::from_secs(60));
+                                }
                                 (Some(p), None) => {
                                     held = p.holds;
                                     cp.ack(session.id, &p.version);
+                                    retry_at = None;
+                                    backoff = Duration::from_secs(1);
                                 }
                                 // An answer to no response of ours, or no answer at all.
                                 (None, _) => {}
