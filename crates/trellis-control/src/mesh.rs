@@ -573,6 +573,9 @@ pub fn sidecar_snapshot(
         gateway_ports = ports;
     }
     let workload = workload_of(cfg, reg, me);
+    // By host name: the order a proxy puts per-resource pushes back together in (a pod
+    // address that several services list is reached as the first of them).
+    services.sort_by(|a, b| a.hostname.cmp(&b.hostname));
     // The Sidecar's outbound traffic policy, else the mesh config's.
     let registry_only = match sidecar
         .and_then(|s| s.outbound_traffic_policy.as_ref())

@@ -291,7 +291,8 @@ impl Held {
     }
 
     /// The snapshot the held resources make: the `proxy` resource, then the services and
-    /// clusters in name order (services by hostname, as the control plane translated them).
+    /// clusters in name order (services by host name, the order the control plane's
+    /// translation gives them too).
     fn snapshot(&self, version: &str) -> Result<Snapshot, String> {
         let mut own: Option<Snapshot> = None;
         let mut services = Vec::new();
