@@ -247,3 +247,58 @@ clusters:
     // Bounded labels: nothing of the path.
     assert!(!inb.contains("/bytes/1024") && !out.contains("/bytes/1024"));
 }
+
+/// An app cannot forge the proxy's response flags: the header is dropped from upstream
+/// answers, and the metric says `-`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_flags_from_upstream_are_not_taken() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let app_addr = app.local_addr().expect("addr");
+    tokio::spawn(async move {
+        for _ in 0..4 {
+            let Ok((mut s, _)) = app.accept().await else {
+                return;
+            };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 503 Service Unavailable\r\nx-trellis-response-flags: UF\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .await;
+        }
+    });
+    let (p, admin) = start(
+        &format!(
+            "version: t\nworkload: {{name: web, namespace: shop}}\nservices:\n- hostname: app.shop.svc.cluster.local\n  ports: [{{port: 80, name: http, cluster: app}}]\nclusters:\n- name: app\n  endpoints: [{{address: \"{app_addr}\", workload: app, namespace: shop}}]\n"
+        ),
+        ProxyOptions {
+            outbound_listen: vec![(
+                "127.0.0.1:0".parse().expect("addr"),
+                "app.shop.svc.cluster.local".into(),
+                80,
+            )],
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    // (Retries are on by default: a 503 is tried again; every try gets the same answer.)
+    let r = timeout(
+        LIMIT,
+        http_client::get(p.outbound_addrs[0], "app.shop.svc.cluster.local", "/"),
+    )
+    .await
+    .expect("in time")
+    .expect("response");
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("x-trellis-response-flags"), None);
+    let text = scrape(admin).await;
+    assert!(
+        text.lines().any(|l| l.starts_with("istio_requests_total{")
+            && l.contains("response_code=\"503\"")
+            && l.contains("response_flags=\"-\"")),
+        "{text}"
+    );
+    assert!(!text.contains("response_flags=\"UF\""), "{text}");
+}

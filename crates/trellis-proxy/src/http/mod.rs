@@ -1311,6 +1311,10 @@ async fn forward_once(
     }
     let mut resp = result?;
     strip_hop_by_hop(resp.headers_mut());
+    // Response flags are this proxy's own: an upstream's (an app's, or a peer proxy's
+    // answer for its own hop) must not pass for them (outlier detection and the
+    // `response_flags` metric label read them).
+    resp.headers_mut().remove(RESPONSE_FLAGS);
     *resp.version_mut() = downstream_version;
     Ok(resp)
 }
