@@ -432,6 +432,19 @@ async fn stream(
         return;
     };
     let mut announce = announce;
+    // A token for another namespace learns nothing about this one (not even which
+    // WorkloadGroups it has).
+    if let Some((ns, sa)) = &proven {
+        if *ns != announce.namespace {
+            let why = format!(
+                "the token proves {ns}/{sa}; the proxy announced namespace {}",
+                announce.namespace
+            );
+            tracing::warn!("{why}");
+            let _ = tx.send(grpc_trailers(7, &why)).await;
+            return;
+        }
+    }
     let instance_group = announce.workload_group.clone();
     // A VM's proxy registering under a WorkloadGroup: who it is comes from the group
     // (its labels decide which services it serves), never from what the proxy says.

@@ -313,7 +313,8 @@ impl ControlPlane {
     }
 
     /// At most `n` (at least 1) proxies have a push in flight at once; the others wait
-    /// for a slot. Applies to pushes that start after the call.
+    /// for a slot. Set it before proxies connect: pushes in flight keep their slots of
+    /// the previous limit (and `pushes_in_flight` counts only the new one's).
     pub fn set_push_concurrency(&self, n: usize) {
         let n = n.max(1);
         *self

@@ -415,8 +415,15 @@ impl IstioMetrics {
     /// Prometheus text exposition of every series.
     pub fn render(&self, out: &mut String) {
         self.render_tcp(out);
-        let m = self.http.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut series: Vec<(String, &Series)> = m.iter().map(|(k, s)| (labels(k), s)).collect();
+        // A copy taken under the lock; formatted outside it (requests record meanwhile).
+        let copy: Vec<(Key, Series)> = self
+            .http
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect();
+        let mut series: Vec<(String, &Series)> = copy.iter().map(|(k, s)| (labels(k), s)).collect();
         series.sort_by(|a, b| a.0.cmp(&b.0));
         let _ = writeln!(
             out,
@@ -476,9 +483,15 @@ impl IstioMetrics {
 
 impl IstioMetrics {
     fn render_tcp(&self, out: &mut String) {
-        let m = self.tcp.lock().unwrap_or_else(PoisonError::into_inner);
+        let copy: Vec<(Key, TcpSeries)> = self
+            .tcp
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect();
         let mut series: Vec<(String, &TcpSeries)> =
-            m.iter().map(|(k, s)| (tcp_labels(k), s)).collect();
+            copy.iter().map(|(k, s)| (tcp_labels(k), s)).collect();
         series.sort_by(|a, b| a.0.cmp(&b.0));
         for (name, help, value) in [
             (
