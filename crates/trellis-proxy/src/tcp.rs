@@ -276,9 +276,7 @@ pub async fn gateway_tcp(
     shared: &Arc<Shared>,
     cfg: &Config,
 ) {
-    if !gateway_admits(peer, gp.port, None, shared, cfg) {
-        return;
-    }
+    // (Authorization: `gateway` judges the connection, once.)
     let req = crate::config::L4Request {
         dst: None,
         port: gp.port,

@@ -815,6 +815,11 @@ impl Config {
         self.inbound_services.get(&port).cloned()
     }
 
+    /// Whether `s` is a service this workload backs (an endpoint of it is this workload).
+    pub fn backs(&self, s: &Arc<crate::metrics::ServiceMeta>) -> bool {
+        self.inbound_services.values().any(|b| Arc::ptr_eq(b, s))
+    }
+
     /// The service a request's host (`name[:port]`) names, for metric labels.
     pub fn service_by_host(&self, host: &str) -> Option<Arc<crate::metrics::ServiceMeta>> {
         let (name, port) = match host.rsplit_once(':') {

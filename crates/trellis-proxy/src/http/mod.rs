@@ -263,12 +263,16 @@ pub async fn handle_request(
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let request_bytes = body_len(req.headers(), http_body::Body::size_hint(req.body()));
     let service = match &route {
-        Route::Inbound(..) => req
+        // The service the request names, when this workload backs it (a client cannot
+        // pass its request off as another service's); else the one whose port this is.
+        Route::Inbound(port, ..) => req
             .uri()
             .authority()
             .map(|a| a.as_str())
             .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
-            .and_then(|h| cfg.service_by_host(h)),
+            .and_then(|h| cfg.service_by_host(h))
+            .filter(|s| cfg.backs(s))
+            .or_else(|| cfg.inbound_service(*port)),
         Route::Outbound(dst) => cfg
             .outbound_target(*dst)
             .map(|t| Arc::clone(&t.service_meta)),
