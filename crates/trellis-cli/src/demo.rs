@@ -89,9 +89,10 @@ pub fn run() -> anyhow::Result<ExitCode> {
          Built so far: the sidecar and gateway proxy (`trellis-proxy`, docs/proxy.md,\n\
          docs/gateways.md), the control plane that feeds it (`trellis control-plane`,\n\
          docs/control-plane.md), and mutual TLS, PeerAuthentication, AuthorizationPolicy\n\
-         and JWTs between proxies (docs/security.md). Not yet: `trellis up` (pods in\n\
-         network namespaces with transparent sidecars, started by this demo) and\n\
-         telemetry. See README.md, Status."
+         and JWTs between proxies (docs/security.md), and Istio's request and TCP\n\
+         metrics from every proxy (docs/observability.md). Not yet: `trellis up` (pods\n\
+         in network namespaces with transparent sidecars, started by this demo), tracing\n\
+         and access logs. See README.md, Status."
     );
     Ok(if messages.iter().any(|m| m.level == Level::Error) {
         ExitCode::from(2)
