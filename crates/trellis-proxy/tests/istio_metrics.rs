@@ -116,6 +116,15 @@ services:
   ports: [{{port: 80, name: http, cluster: "outbound|80||down.shop.svc.cluster.local"}}]
 - hostname: db.shop.svc.cluster.local
   ports: [{{port: 5432, name: tcp, cluster: "outbound|5432||db.shop.svc.cluster.local"}}]
+- hostname: teapot.shop.svc.cluster.local
+  ports:
+  - port: 80
+    name: http
+    cluster: "outbound|80||down.shop.svc.cluster.local"
+    httpRoutes:
+    - name: teapot
+      clusters: [{{cluster: "outbound|80||down.shop.svc.cluster.local"}}]
+      fault: {{abort: {{httpStatus: 418, percentage: 100}}}}
 clusters:
 - name: "outbound|5432||db.shop.svc.cluster.local"
   endpoints: [{{address: "{peer_tcp}", proxied: true, workload: reviews-v1, namespace: shop, identity: "spiffe://cluster.local/ns/shop/sa/reviews", labels: {{app: reviews, version: v1}}}}]
@@ -144,6 +153,11 @@ clusters:
                     "127.0.0.1:0".parse().expect("addr"),
                     "db.shop.svc.cluster.local".into(),
                     5432,
+                ),
+                (
+                    "127.0.0.1:0".parse().expect("addr"),
+                    "teapot.shop.svc.cluster.local".into(),
+                    80,
                 ),
             ],
             ..ProxyOptions::default()
@@ -176,6 +190,19 @@ clusters:
     .expect("in time")
     .expect("response");
     assert_eq!(r.status, 503);
+    // A fault answers before any cluster: the route's service, no destination workload.
+    let r = timeout(
+        LIMIT,
+        http_client::get(
+            outbound.outbound_addrs[3],
+            "teapot.shop.svc.cluster.local",
+            "/",
+        ),
+    )
+    .await
+    .expect("in time")
+    .expect("response");
+    assert_eq!(r.status, 418);
 
     // A TCP connection: 4 bytes each way.
     let echoed = timeout(
@@ -226,6 +253,10 @@ clusters:
         r#"reporter="source",{WEB},destination_workload="down-v1",destination_workload_namespace="shop",destination_principal="unknown",destination_app="unknown",destination_version="unknown",destination_service="down.shop.svc.cluster.local",destination_canonical_service="down-v1",destination_canonical_revision="latest",destination_service_name="down",destination_service_namespace="shop",destination_cluster="Kubernetes",request_protocol="http",response_code="503",grpc_response_status="",response_flags="UF",connection_security_policy="unknown""#
     );
     assert_eq!(value(&out, "istio_requests_total", &uf), Some(1.0), "{out}");
+    let fi = format!(
+        r#"reporter="source",{WEB},destination_workload="unknown",destination_workload_namespace="unknown",destination_principal="unknown",destination_app="unknown",destination_version="unknown",destination_service="teapot.shop.svc.cluster.local",destination_canonical_service="unknown",destination_canonical_revision="latest",destination_service_name="teapot",destination_service_namespace="shop",destination_cluster="Kubernetes",request_protocol="http",response_code="418",grpc_response_status="",response_flags="FI",connection_security_policy="unknown""#
+    );
+    assert_eq!(value(&out, "istio_requests_total", &fi), Some(1.0), "{out}");
     for (name, v) in [
         ("istio_tcp_connections_opened_total", 1.0),
         ("istio_tcp_sent_bytes_total", 4.0),

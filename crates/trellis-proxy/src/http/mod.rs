@@ -262,9 +262,10 @@ pub async fn handle_request(
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let request_bytes = body_len(req.headers(), http_body::Body::size_hint(req.body()));
+    // Inbound, the service the request names, when this workload backs it (a client
+    // cannot pass its request off as another service's); else the one whose port this is.
+    // (Outbound, `record` takes it from the cluster that answered.)
     let service = match &route {
-        // The service the request names, when this workload backs it (a client cannot
-        // pass its request off as another service's); else the one whose port this is.
         Route::Inbound(port, ..) => req
             .uri()
             .authority()
@@ -273,13 +274,7 @@ pub async fn handle_request(
             .and_then(|h| cfg.service_by_host(h))
             .filter(|s| cfg.backs(s))
             .or_else(|| cfg.inbound_service(*port)),
-        Route::Outbound(dst) => cfg
-            .outbound_target(*dst)
-            .map(|t| Arc::clone(&t.service_meta)),
-        Route::Named(host, port) => cfg
-            .target_by_name(host, *port)
-            .map(|t| Arc::clone(&t.service_meta)),
-        Route::Gateway { .. } => None,
+        _ => None,
     };
     let mut resp = match &route {
         Route::Inbound(port, peer_id, dst_ip) => {
@@ -567,11 +562,17 @@ fn record(
             )
         }
         _ => {
+            // No cluster answered (no route, a fault, a local limit…): the target's service.
             let (destination, service) = match answered {
                 Some(a) => (a.workload, a.service),
                 None => (
                     WorkloadMeta::unknown(),
-                    service.unwrap_or_else(ServiceMeta::unknown),
+                    match route {
+                        Route::Outbound(dst) => cfg.outbound_target(*dst),
+                        Route::Named(host, port) => cfg.target_by_name(host, *port),
+                        _ => None,
+                    }
+                    .map_or_else(ServiceMeta::unknown, |t| Arc::clone(&t.service_meta)),
                 ),
             };
             (
