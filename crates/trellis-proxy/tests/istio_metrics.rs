@@ -3,37 +3,17 @@
 //! for an HTTP 200 on both reporters, a 503 with response flag UF on the source side, and a
 //! TCP connection's bytes on both.
 
+mod common;
+use common::start_with_stats;
+
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use tokio::time::timeout;
-use trellis_proxy::admin::{self, AdminContext};
-use trellis_proxy::{Config, ProxyHandle, ProxyOptions};
+use trellis_proxy::ProxyOptions;
 use trellis_testkit::{HttpServer, RefusedPort, TcpEchoServer, http_client, tcp_echo_half_close};
-use trellis_xds::snapshot::Snapshot;
 
 const LIMIT: Duration = Duration::from_secs(20);
-
-async fn start(yaml: &str, options: ProxyOptions) -> (ProxyHandle, SocketAddr) {
-    let raw = Snapshot::from_text(yaml, "t.yaml").expect("snapshot");
-    let p = trellis_proxy::start(Config::from_wire(raw, None).expect("converts"), options)
-        .await
-        .expect("proxy");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let admin_addr = listener.local_addr().expect("addr");
-    let ctx = Arc::new(AdminContext {
-        shared: Arc::clone(&p.shared),
-        set_log_level: None,
-        quit: Arc::new(tokio::sync::Notify::new()),
-        ready: Arc::new(AtomicBool::new(true)),
-    });
-    tokio::spawn(admin::serve(listener, ctx));
-    (p, admin_addr)
-}
 
 async fn scrape(admin: SocketAddr) -> String {
     let r = timeout(
@@ -90,7 +70,7 @@ clusters:
         app_port = app.addr.port(),
         echo_port = echo.addr.port()
     );
-    let (inbound, inbound_admin) = start(
+    let (inbound, inbound_admin) = start_with_stats(
         &inbound_yaml,
         ProxyOptions {
             inbound_listen: vec![
@@ -135,7 +115,7 @@ clusters:
 "#,
         down = refused.addr,
     );
-    let (outbound, outbound_admin) = start(
+    let (outbound, outbound_admin) = start_with_stats(
         &outbound_yaml,
         ProxyOptions {
             outbound_listen: vec![
@@ -300,7 +280,7 @@ async fn response_flags_from_upstream_are_not_taken() {
                 .await;
         }
     });
-    let (p, admin) = start(
+    let (p, admin) = start_with_stats(
         &format!(
             "version: t\nworkload: {{name: web, namespace: shop}}\nservices:\n- hostname: app.shop.svc.cluster.local\n  ports: [{{port: 80, name: http, cluster: app}}]\nclusters:\n- name: app\n  endpoints: [{{address: \"{app_addr}\", workload: app, namespace: shop}}]\n"
         ),

@@ -4,38 +4,18 @@
 //! returns the service the traffic went to. Skipped, with a note, when `prometheus` is not
 //! installed (CI installs it).
 
+mod common;
+use common::start_with_stats;
+
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use tokio::time::timeout;
-use trellis_proxy::admin::{self, AdminContext};
-use trellis_proxy::{Config, ProxyHandle, ProxyOptions};
+use trellis_proxy::ProxyOptions;
 use trellis_testkit::{HttpServer, http_client};
-use trellis_xds::snapshot::Snapshot;
 
 const LIMIT: Duration = Duration::from_secs(20);
-
-async fn start(yaml: &str, options: ProxyOptions) -> (ProxyHandle, SocketAddr) {
-    let raw = Snapshot::from_text(yaml, "t.yaml").expect("snapshot");
-    let p = trellis_proxy::start(Config::from_wire(raw, None).expect("converts"), options)
-        .await
-        .expect("proxy");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let ctx = Arc::new(AdminContext {
-        shared: Arc::clone(&p.shared),
-        set_log_level: None,
-        quit: Arc::new(tokio::sync::Notify::new()),
-        ready: Arc::new(AtomicBool::new(true)),
-    });
-    tokio::spawn(admin::serve_public(listener, ctx));
-    (p, addr)
-}
 
 struct Killed(Child);
 
@@ -74,7 +54,7 @@ async fn prometheus_scrapes_the_mesh_and_promql_finds_the_services() {
         return;
     }
     let app = HttpServer::start().await.expect("app");
-    let (inbound, inbound_stats) = start(
+    let (inbound, inbound_stats) = start_with_stats(
         &format!(
             "version: in\nworkload:\n  name: reviews-v1\n  namespace: shop\n  labels: {{app: reviews}}\n  inboundPorts: [{{port: {p}, name: http}}]\nservices:\n- hostname: reviews.shop.svc.cluster.local\n  ports: [{{port: 9080, name: http, cluster: r}}]\nclusters:\n- name: r\n  endpoints: [{{address: \"127.0.0.2:{p}\", workload: reviews-v1, namespace: shop}}]\n",
             p = app.addr.port()
@@ -85,7 +65,7 @@ async fn prometheus_scrapes_the_mesh_and_promql_finds_the_services() {
         },
     )
     .await;
-    let (outbound, outbound_stats) = start(
+    let (outbound, outbound_stats) = start_with_stats(
         &format!(
             "version: out\nworkload:\n  name: web\n  namespace: shop\nservices:\n- hostname: reviews.shop.svc.cluster.local\n  ports: [{{port: 9080, name: http, cluster: r}}]\nclusters:\n- name: r\n  endpoints: [{{address: \"{}\", proxied: true, workload: reviews-v1, namespace: shop}}]\n",
             inbound.inbound_addrs[0]
