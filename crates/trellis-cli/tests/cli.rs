@@ -462,19 +462,22 @@ fn cert_writes_a_workload_certificate_from_the_mesh_ca() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().expect("tempdir");
     let (data, out) = (dir.path().join("data"), dir.path().join("web"));
-    let o = trellis(&[
-        "cert",
-        "-n",
-        "web",
-        "--service-account",
-        "web",
-        "--ttl",
-        "2h",
-        "--out",
-        out.to_str().expect("utf-8"),
-        "--data-dir",
-        data.to_str().expect("utf-8"),
-    ]);
+    let cert = |ttl: &str| {
+        trellis(&[
+            "cert",
+            "-n",
+            "web",
+            "--service-account",
+            "web",
+            "--ttl",
+            ttl,
+            "--out",
+            out.to_str().expect("utf-8"),
+            "--data-dir",
+            data.to_str().expect("utf-8"),
+        ])
+    };
+    let o = cert("2h");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let mode = std::fs::metadata(out.join("key.pem"))
         .expect("key.pem")
@@ -507,19 +510,7 @@ fn cert_writes_a_workload_certificate_from_the_mesh_ca() {
         Some(std::time::Duration::from_secs(7200))
     );
     // A lifetime past the CA's maximum is capped, and the command says so.
-    let o = trellis(&[
-        "cert",
-        "-n",
-        "web",
-        "--service-account",
-        "web",
-        "--ttl",
-        "720h",
-        "--out",
-        out.to_str().expect("utf-8"),
-        "--data-dir",
-        data.to_str().expect("utf-8"),
-    ]);
+    let o = cert("720h");
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("capped at 7 days"));
 }
