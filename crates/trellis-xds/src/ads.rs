@@ -175,27 +175,6 @@ impl Deframer {
     }
 }
 
-/// A snapshot as a Delta ADS resource.
-pub fn snapshot_resource(name: &str, snapshot: &crate::snapshot::Snapshot) -> Resource {
-    Resource {
-        version: snapshot.version.clone(),
-        name: name.to_string(),
-        resource: Some(prost_types::Any {
-            type_url: SNAPSHOT_TYPE_URL.to_string(),
-            value: snapshot.encode_to_vec(),
-        }),
-    }
-}
-
-/// The snapshot a resource carries.
-pub fn snapshot_of(r: &Resource) -> Result<crate::snapshot::Snapshot, String> {
-    let any = r.resource.as_ref().ok_or("resource has no body")?;
-    if any.type_url != SNAPSHOT_TYPE_URL {
-        return Err(format!("unexpected resource type {:?}", any.type_url));
-    }
-    crate::snapshot::Snapshot::decode(any.value.as_slice()).map_err(|e| e.to_string())
-}
-
 /// What a proxy announces about the instance it runs beside (in `Node.metadata`, with
 /// Istio-like keys: NAME, NAMESPACE, SERVICE_ACCOUNT, LABELS, INSTANCE_IPS, PORTS,
 /// LOCALITY, AUTO_REGISTER_GROUP).
@@ -381,20 +360,5 @@ mod tests {
         let back = Node::decode(bytes.as_slice()).expect("decodes");
         assert_eq!(Announce::from_node(&back), Some(a));
         assert_eq!(Announce::from_node(&Node::default()), None);
-    }
-
-    #[test]
-    fn snapshots_travel_as_any() {
-        let s = crate::snapshot::Snapshot {
-            version: "v3".into(),
-            ..Default::default()
-        };
-        let r = snapshot_resource("web-0.web", &s);
-        assert_eq!(snapshot_of(&r), Ok(s));
-        let mut wrong = r.clone();
-        if let Some(a) = wrong.resource.as_mut() {
-            a.type_url = "type.googleapis.com/other".into();
-        }
-        assert!(snapshot_of(&wrong).is_err());
     }
 }
