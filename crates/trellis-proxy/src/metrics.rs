@@ -423,7 +423,8 @@ impl IstioMetrics {
             .iter()
             .map(|(k, s)| (k.clone(), s.clone()))
             .collect();
-        let mut series: Vec<(String, &Series)> = copy.iter().map(|(k, s)| (labels(k), s)).collect();
+        let mut series: Vec<(String, &Series)> =
+            copy.iter().map(|(k, s)| (labels(k, false), s)).collect();
         series.sort_by(|a, b| a.0.cmp(&b.0));
         let _ = writeln!(
             out,
@@ -491,7 +492,7 @@ impl IstioMetrics {
             .map(|(k, s)| (k.clone(), s.clone()))
             .collect();
         let mut series: Vec<(String, &TcpSeries)> =
-            copy.iter().map(|(k, s)| (tcp_labels(k), s)).collect();
+            copy.iter().map(|(k, s)| (labels(k, true), s)).collect();
         series.sort_by(|a, b| a.0.cmp(&b.0));
         for (name, help, value) in [
             (
@@ -524,27 +525,6 @@ impl IstioMetrics {
     }
 }
 
-/// A TCP series' labels: Istio's, with `request_protocol="tcp"` and without the status
-/// labels.
-fn tcp_labels(k: &Key) -> String {
-    let all = labels(k);
-    let mut out = String::with_capacity(all.len());
-    for part in all.split(',') {
-        if part.starts_with("response_code=") || part.starts_with("grpc_response_status=") {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push(',');
-        }
-        if part.starts_with("request_protocol=") {
-            out.push_str("request_protocol=\"tcp\"");
-        } else {
-            out.push_str(part);
-        }
-    }
-    out
-}
-
 fn histogram<'a>(
     out: &mut String,
     name: &str,
@@ -573,7 +553,8 @@ fn escape(v: &str) -> String {
 }
 
 /// Istio's label set, in Istio's order.
-fn labels(k: &Key) -> String {
+/// (A TCP series has `request_protocol="tcp"` and no status labels.)
+fn labels(k: &Key, tcp: bool) -> String {
     let (s, d, svc) = (&k.source.0, &k.destination.0, &k.service.0);
     let mut out = String::with_capacity(900);
     let mut put = |name: &str, v: &str| {
@@ -608,12 +589,16 @@ fn labels(k: &Key) -> String {
     put("destination_service_name", &svc.name);
     put("destination_service_namespace", &svc.namespace);
     put("destination_cluster", CLUSTER);
-    put("request_protocol", if k.grpc { "grpc" } else { "http" });
-    put("response_code", &k.code.to_string());
-    put(
-        "grpc_response_status",
-        &k.grpc_status.map(|g| g.to_string()).unwrap_or_default(),
-    );
+    if tcp {
+        put("request_protocol", "tcp");
+    } else {
+        put("request_protocol", if k.grpc { "grpc" } else { "http" });
+        put("response_code", &k.code.to_string());
+        put(
+            "grpc_response_status",
+            &k.grpc_status.map(|g| g.to_string()).unwrap_or_default(),
+        );
+    }
     put("response_flags", k.flags);
     put(
         "connection_security_policy",
