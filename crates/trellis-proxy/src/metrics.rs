@@ -546,12 +546,6 @@ fn histogram<'a>(
     }
 }
 
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
 /// Istio's label set, in Istio's order.
 /// (A TCP series has `request_protocol="tcp"` and no status labels.)
 fn labels(k: &Key, tcp: bool) -> String {
@@ -561,7 +555,7 @@ fn labels(k: &Key, tcp: bool) -> String {
         if !out.is_empty() {
             out.push(',');
         }
-        let _ = write!(out, "{name}=\"{}\"", escape(v));
+        let _ = write!(out, "{name}=\"{}\"", crate::stats::escape(v));
     };
     put(
         "reporter",

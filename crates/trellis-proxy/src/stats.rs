@@ -163,7 +163,8 @@ impl Stats {
     }
 }
 
-fn escape(s: &str) -> String {
+/// A Prometheus label value, escaped.
+pub(crate) fn escape(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
