@@ -351,9 +351,26 @@ pub fn flag(value: &[u8]) -> &'static str {
 }
 
 impl IstioMetrics {
+    /// Who an inbound caller is: the workload at its address (`peers`, from the
+    /// snapshot) when its mTLS identity, if any, agrees; else what the identity says
+    /// (namespace and principal); else unknown.
+    pub fn caller(
+        &self,
+        peers: &HashMap<std::net::IpAddr, Arc<WorkloadMeta>>,
+        ip: std::net::IpAddr,
+        identity: Option<&str>,
+    ) -> Arc<WorkloadMeta> {
+        match (identity, peers.get(&ip)) {
+            (Some(id), Some(m)) if m.principal == id => Arc::clone(m),
+            (Some(id), _) => self.by_identity(id),
+            (None, Some(m)) => Arc::clone(m),
+            (None, None) => WorkloadMeta::unknown(),
+        }
+    }
+
     /// A caller the snapshot does not know by address: what its SPIFFE identity says
     /// (namespace and principal).
-    pub fn by_identity(&self, id: &Arc<str>) -> Arc<WorkloadMeta> {
+    fn by_identity(&self, id: &str) -> Arc<WorkloadMeta> {
         let mut m = self
             .by_identity
             .lock()
@@ -364,7 +381,7 @@ impl IstioMetrics {
         let w = WorkloadMeta::of("", "", Some(id), std::iter::empty());
         // Identities are few (service accounts); a runaway count is not remembered.
         if m.len() < 10_000 {
-            m.insert(Arc::clone(id), Arc::clone(&w));
+            m.insert(Arc::from(id), Arc::clone(&w));
         }
         w
     }
@@ -703,5 +720,33 @@ mod tests {
             "{text}"
         );
         assert_eq!(flag(b"whatever"), "-");
+    }
+
+    #[test]
+    fn a_caller_is_its_address_s_workload_when_its_identity_agrees() {
+        let id = "spiffe://cluster.local/ns/shop/sa/web";
+        let web = WorkloadMeta::of("web", "shop", Some(id), std::iter::empty());
+        let ip: std::net::IpAddr = [10, 0, 0, 7].into();
+        let peers = HashMap::from([(ip, Arc::clone(&web))]);
+        let m = IstioMetrics::default();
+        assert!(Arc::ptr_eq(&m.caller(&peers, ip, Some(id)), &web));
+        assert!(Arc::ptr_eq(&m.caller(&peers, ip, None), &web));
+        // Another identity at that address: what the identity says, not the address.
+        let other = "spiffe://cluster.local/ns/ops/sa/cron";
+        let c = m.caller(&peers, ip, Some(other));
+        assert_eq!(
+            (
+                c.workload.as_str(),
+                c.namespace.as_str(),
+                c.principal.as_str()
+            ),
+            ("unknown", "ops", other)
+        );
+        assert!(
+            Arc::ptr_eq(&c, &m.caller(&peers, ip, Some(other))),
+            "made once"
+        );
+        let nobody = m.caller(&peers, [10, 0, 0, 8].into(), None);
+        assert_eq!(nobody.workload, "unknown");
     }
 }

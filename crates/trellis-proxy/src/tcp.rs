@@ -156,13 +156,9 @@ pub async fn forward_inbound<D>(
             .app_addr(app, &cfg.pod_ips, Duration::from_secs(1))
             .await;
     }
-    let by_ip = cfg.peers.get(&arrival.peer.ip());
-    let source = match (arrival.peer_id, by_ip) {
-        (Some(id), Some(m)) if m.principal == id => Arc::clone(m),
-        (Some(id), _) => shared.istio.by_identity(&Arc::from(id)),
-        (None, Some(m)) => Arc::clone(m),
-        (None, None) => crate::metrics::WorkloadMeta::unknown(),
-    };
+    let source = shared
+        .istio
+        .caller(&cfg.peers, arrival.peer.ip(), arrival.peer_id);
     // The service whose port this is, when the snapshot has one the workload serves.
     let service = cfg
         .inbound_service(port)

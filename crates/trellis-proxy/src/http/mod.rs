@@ -545,14 +545,9 @@ fn record(
     let answered = resp.extensions_mut().remove::<Answered>();
     let (reporter, source, destination, service, mtls) = match route {
         Route::Inbound(_, peer_id, _) => {
-            let by_ip = cfg.peers.get(&peer.ip());
-            let source = match (peer_id, by_ip) {
-                // The address's workload, when its identity agrees.
-                (Some(id), Some(m)) if m.principal == **id => Arc::clone(m),
-                (Some(id), _) => shared.istio.by_identity(id),
-                (None, Some(m)) => Arc::clone(m),
-                (None, None) => WorkloadMeta::unknown(),
-            };
+            let source = shared
+                .istio
+                .caller(&cfg.peers, peer.ip(), peer_id.as_deref());
             (
                 Reporter::Destination,
                 source,
