@@ -1,0 +1,1426 @@
+//! The client side of the link: one HTTP/2 connection carrying many requests.
+//!
+//! All of a connection's state sits behind one mutex. A request's own task encodes its
+//! HEADERS and DATA frames into the connection's write buffer and awaits its response; a
+//! driver task per connection writes that buffer to the socket, reads frames, hands each
+//! to its stream and wakes the task waiting on it. There is no channel, no task and no
+//! frame object per request, and frames are encoded once, straight into the buffer the
+//! socket is written from.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, Request, Response, StatusCode, header};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::frame::{self, Head, Reason};
+use crate::hpack::{self, Field, Name, Pseudo};
+
+/// How a link connection behaves.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Each stream's receive window (how much of a response may arrive unread).
+    pub stream_window: u32,
+    /// The connection's receive window, shared by its streams.
+    pub conn_window: u32,
+    /// The most header bytes (RFC 9113's accounting) a response may carry.
+    pub max_header_list: usize,
+    /// A ping is sent when this long has passed since the last one was answered…
+    pub keepalive_interval: Duration,
+    /// …and the connection is taken for dead when it goes unanswered this long.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            stream_window: 1 << 20,
+            conn_window: 4 << 20,
+            max_header_list: 64 << 10,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Why a request on the link failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Error {
+    /// The connection is gone, or going: it takes no new streams.
+    Closed(Arc<str>),
+    /// The peer did not process the request (REFUSED_STREAM, or a GOAWAY below its
+    /// stream): it may be sent again, on another connection.
+    Refused,
+    /// The stream was reset.
+    Reset(Reason),
+    /// The peer's message breaks HTTP/2's rules for messages (RFC 9113 §8.1.1).
+    Malformed(&'static str),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Closed(why) => write!(f, "HTTP/2 connection closed: {why}"),
+            Error::Refused => f.write_str("the peer refused the stream before processing it"),
+            Error::Reset(r) => write!(f, "stream reset: {r}"),
+            Error::Malformed(why) => write!(f, "malformed HTTP/2 message: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Stream ids are small odd numbers: the identity is a good enough hash.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type StreamMap = HashMap<u32, Stream, BuildHasherDefault<IdHasher>>;
+
+/// A request body's queued bytes beyond which its sender is asked to wait.
+const SEND_BUFFER: usize = 64 << 10;
+
+/// A header block being received across CONTINUATION frames may not exceed this many
+/// times the header list limit (a bound on what a CONTINUATION flood can make us hold).
+const BLOCK_SLACK: usize = 2;
+
+#[derive(Default)]
+struct Stream {
+    /// The response head, until the response future takes it.
+    head: Option<Response<()>>,
+    head_seen: bool,
+    data: VecDeque<Bytes>,
+    trailers: Option<HeaderMap>,
+    /// END_STREAM received.
+    recv_end: bool,
+    error: Option<Error>,
+    recv_waker: Option<Waker>,
+    /// What the peer may still send on this stream.
+    recv_window: i64,
+    /// Received bytes passed on but not yet given back to the peer's window.
+    unreleased: u32,
+    send_window: i64,
+    pending: VecDeque<Bytes>,
+    pending_len: usize,
+    pending_end: bool,
+    pending_trailers: Option<HeaderMap>,
+    /// END_STREAM sent (or the stream reset): nothing more goes out.
+    send_end: bool,
+    send_waker: Option<Waker>,
+    /// The handles (response/body, sender) still alive.
+    handles: u8,
+}
+
+struct State {
+    out: BytesMut,
+    driver: Option<Waker>,
+    enc: hpack::Encoder,
+    scratch: BytesMut,
+    streams: StreamMap,
+    next_id: u32,
+    peer_initial_window: i64,
+    peer_max_frame: usize,
+    peer_max_streams: usize,
+    send_window: i64,
+    recv_window: i64,
+    unreleased: u32,
+    /// Set once the connection takes no new streams; streams see it when it ends.
+    closed: Option<Error>,
+    clients: usize,
+    config: Config,
+}
+
+struct Shared {
+    state: Mutex<State>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Wakes the driver after the state's lock is released, when frames were queued.
+fn wake(w: Option<Waker>) {
+    if let Some(w) = w {
+        w.wake();
+    }
+}
+
+impl State {
+    /// Writes what a stream has queued, as far as both windows allow; trailers or the end
+    /// of the stream follow its last data.
+    fn flush_stream(&mut self, id: u32) {
+        let max_frame = self.peer_max_frame;
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if s.send_end {
+            return;
+        }
+        while let Some(front) = s.pending.front_mut() {
+            let room = s.send_window.min(self.send_window).max(0) as usize;
+            let n = room.min(front.len()).min(max_frame);
+            if n == 0 && !front.is_empty() {
+                break;
+            }
+            let chunk = front.split_to(n);
+            let done = front.is_empty();
+            if done {
+                s.pending.pop_front();
+            }
+            s.pending_len -= n;
+            let last =
+                done && s.pending.is_empty() && s.pending_end && s.pending_trailers.is_none();
+            frame::put_head(
+                &mut self.out,
+                n,
+                frame::DATA,
+                if last { frame::END_STREAM } else { 0 },
+                id,
+            );
+            self.out.extend_from_slice(&chunk);
+            s.send_window -= n as i64;
+            self.send_window -= n as i64;
+            if last {
+                s.send_end = true;
+                return;
+            }
+        }
+        if s.pending.is_empty() {
+            if let Some(trailers) = s.pending_trailers.take() {
+                s.send_end = true;
+                self.scratch.clear();
+                self.enc.begin(&mut self.scratch);
+                for (name, value) in &trailers {
+                    self.enc.encode(
+                        &Name::Header(name.clone()),
+                        value.as_bytes(),
+                        value.is_sensitive(),
+                        &mut self.scratch,
+                    );
+                }
+                frame::put_header_block(&mut self.out, id, true, &self.scratch, max_frame);
+            } else if s.pending_end {
+                s.send_end = true;
+                frame::put_head(&mut self.out, 0, frame::DATA, frame::END_STREAM, id);
+            }
+        }
+        if s.pending_len < SEND_BUFFER {
+            if let Some(w) = s.send_waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Forgets a stream once both sides are done with it and nobody holds it.
+    fn maybe_remove(&mut self, id: u32) {
+        if let Some(s) = self.streams.get(&id) {
+            let recv_done = s.recv_end || s.error.is_some();
+            let send_done = s.send_end || s.error.is_some();
+            if s.handles == 0 && recv_done && send_done {
+                self.streams.remove(&id);
+            }
+        }
+    }
+
+    /// Resets a stream from our side.
+    fn reset(&mut self, id: u32, reason: Reason) {
+        if let Some(s) = self.streams.get_mut(&id) {
+            if s.error.is_none() && !(s.recv_end && s.send_end) {
+                frame::put_rst(&mut self.out, id, reason);
+            }
+            s.error.get_or_insert(Error::Reset(reason));
+            s.send_end = true;
+            s.pending.clear();
+            s.pending_len = 0;
+            self.release(id, 0);
+        }
+        self.maybe_remove(id);
+    }
+
+    /// Gives `n` received bytes back to the peer's windows, in updates of at least half a
+    /// window.
+    fn release(&mut self, id: u32, n: u32) {
+        self.unreleased += n;
+        if let Some(s) = self.streams.get_mut(&id) {
+            s.unreleased += n;
+            if !s.recv_end && s.error.is_none() && s.unreleased >= self.config.stream_window / 2 {
+                frame::put_window_update(&mut self.out, id, s.unreleased);
+                s.recv_window += i64::from(s.unreleased);
+                s.unreleased = 0;
+            }
+        }
+        if self.unreleased >= self.config.conn_window / 2 {
+            frame::put_window_update(&mut self.out, 0, self.unreleased);
+            self.recv_window += i64::from(self.unreleased);
+            self.unreleased = 0;
+        }
+    }
+
+    /// Ends the connection: every stream fails with `why`.
+    fn fail_all(&mut self, why: Error, wakers: &mut Vec<Waker>) {
+        self.closed.get_or_insert(why.clone());
+        for s in self.streams.values_mut() {
+            s.error.get_or_insert(why.clone());
+            s.send_end = true;
+            wakers.extend(s.recv_waker.take());
+            wakers.extend(s.send_waker.take());
+        }
+    }
+}
+
+/// A handle on a link connection; clones share it. The connection closes when the last
+/// handle and the last stream are gone.
+pub struct Client {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").finish_non_exhaustive()
+    }
+}
+
+impl Clone for Client {
+    fn clone(&self) -> Self {
+        self.shared.lock().clients += 1;
+        Client {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        st.clients -= 1;
+        let w = if st.clients == 0 {
+            st.driver.take()
+        } else {
+            None
+        };
+        drop(st);
+        wake(w);
+    }
+}
+
+/// Starts a connection on `io` (already connected, TLS done): queues the preface and
+/// settings and spawns the task that drives the connection.
+pub fn handshake<T>(io: T, config: Config) -> Client
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut out = BytesMut::with_capacity(16 << 10);
+    out.extend_from_slice(frame::PREFACE);
+    frame::put_settings(
+        &mut out,
+        &[
+            (frame::SETTINGS_ENABLE_PUSH, 0),
+            (frame::SETTINGS_INITIAL_WINDOW_SIZE, config.stream_window),
+            (
+                frame::SETTINGS_MAX_HEADER_LIST_SIZE,
+                config.max_header_list as u32,
+            ),
+        ],
+    );
+    let default_window = 65_535u32;
+    if config.conn_window > default_window {
+        frame::put_window_update(&mut out, 0, config.conn_window - default_window);
+    }
+    let state = State {
+        out,
+        driver: None,
+        enc: hpack::Encoder::default(),
+        scratch: BytesMut::new(),
+        streams: StreamMap::default(),
+        next_id: 1,
+        peer_initial_window: 65_535,
+        peer_max_frame: frame::DEFAULT_MAX_FRAME,
+        peer_max_streams: usize::MAX,
+        send_window: 65_535,
+        recv_window: i64::from(config.conn_window.max(default_window)),
+        unreleased: 0,
+        closed: None,
+        clients: 1,
+        config: config.clone(),
+    };
+    let shared = Arc::new(Shared {
+        state: Mutex::new(state),
+    });
+    let driver = Driver {
+        io,
+        shared: Arc::clone(&shared),
+        rbuf: BytesMut::with_capacity(16 << 10),
+        wbuf: Bytes::new(),
+        dec: hpack::Decoder::default(),
+        block: None,
+        wakers: Vec::new(),
+        keepalive: Box::pin(tokio::time::sleep(config.keepalive_interval)),
+        ping_out: false,
+        config,
+    };
+    tokio::spawn(driver);
+    Client { shared }
+}
+
+/// Pseudo and connection-specific fields that never travel as regular HTTP/2 headers.
+fn skip_request_header(name: &HeaderName) -> bool {
+    matches!(
+        *name,
+        header::HOST
+            | header::CONNECTION
+            | header::TRANSFER_ENCODING
+            | header::UPGRADE
+            | header::TE
+            | header::PROXY_AUTHENTICATE
+    ) || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
+impl Client {
+    /// The connection takes no new streams (closed, closing, or out of stream ids).
+    pub fn is_closed(&self) -> bool {
+        let st = self.shared.lock();
+        st.closed.is_some() || st.next_id > (1 << 31) - 1
+    }
+
+    /// Streams open now.
+    pub fn streams(&self) -> usize {
+        self.shared.lock().streams.len()
+    }
+
+    /// Whether one more stream fits: the peer's SETTINGS_MAX_CONCURRENT_STREAMS and
+    /// `max` (a DestinationRule's limit), if any.
+    pub fn has_room(&self, max: Option<usize>) -> bool {
+        let st = self.shared.lock();
+        st.closed.is_none()
+            && st.next_id <= (1 << 31) - 1
+            && st.streams.len() < st.peer_max_streams.min(max.unwrap_or(usize::MAX))
+    }
+
+    /// Sends a request's head; the body, unless `end_of_stream`, follows on the returned
+    /// sender. Fails at once when the connection takes no new streams.
+    pub fn send_request(
+        &self,
+        head: &Request<()>,
+        end_of_stream: bool,
+    ) -> Result<(ResponseFuture, SendStream), Error> {
+        let uri = head.uri();
+        let authority = uri.authority().map(|a| a.as_str()).or_else(|| {
+            head.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        });
+        let scheme = uri.scheme_str().unwrap_or("http");
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut st = self.shared.lock();
+        if let Some(e) = &st.closed {
+            return Err(e.clone());
+        }
+        if st.next_id > (1 << 31) - 1 {
+            return Err(Error::Closed("out of stream ids".into()));
+        }
+        let id = st.next_id;
+        st.next_id += 2;
+        let State { enc, scratch, .. } = &mut *st;
+        scratch.clear();
+        enc.begin(scratch);
+        enc.encode(
+            &Name::Pseudo(Pseudo::Method),
+            head.method().as_str().as_bytes(),
+            false,
+            scratch,
+        );
+        enc.encode(
+            &Name::Pseudo(Pseudo::Scheme),
+            scheme.as_bytes(),
+            false,
+            scratch,
+        );
+        if let Some(a) = authority {
+            enc.encode(
+                &Name::Pseudo(Pseudo::Authority),
+                a.as_bytes(),
+                false,
+                scratch,
+            );
+        }
+        enc.encode(&Name::Pseudo(Pseudo::Path), path.as_bytes(), false, scratch);
+        for (name, value) in head.headers() {
+            if skip_request_header(name) {
+                if name == header::TE && value.as_bytes().eq_ignore_ascii_case(b"trailers") {
+                    enc.encode(&Name::Header(name.clone()), b"trailers", false, scratch);
+                }
+                continue;
+            }
+            enc.encode(
+                &Name::Header(name.clone()),
+                value.as_bytes(),
+                value.is_sensitive(),
+                scratch,
+            );
+        }
+        let max_frame = st.peer_max_frame;
+        let State { out, scratch, .. } = &mut *st;
+        frame::put_header_block(out, id, end_of_stream, scratch, max_frame);
+        let stream = Stream {
+            recv_window: i64::from(st.config.stream_window),
+            send_window: st.peer_initial_window,
+            send_end: end_of_stream,
+            handles: 2,
+            ..Stream::default()
+        };
+        st.streams.insert(id, stream);
+        let w = st.driver.take();
+        drop(st);
+        wake(w);
+        Ok((
+            ResponseFuture {
+                shared: Arc::clone(&self.shared),
+                id,
+                done: false,
+            },
+            SendStream {
+                shared: Arc::clone(&self.shared),
+                id,
+            },
+        ))
+    }
+}
+
+/// Releases one handle on a stream; the last one resets a stream still open.
+fn drop_handle(shared: &Shared, id: u32) {
+    let mut st = shared.lock();
+    let Some(s) = st.streams.get_mut(&id) else {
+        return;
+    };
+    s.handles -= 1;
+    if s.handles == 0 {
+        let open = s.error.is_none() && !(s.recv_end && s.send_end);
+        if open {
+            st.reset(id, Reason::CANCEL);
+        } else {
+            st.maybe_remove(id);
+        }
+        let w = st.driver.take();
+        drop(st);
+        wake(w);
+    }
+}
+
+/// The response to a request.
+pub struct ResponseFuture {
+    shared: Arc<Shared>,
+    id: u32,
+    done: bool,
+}
+
+impl std::fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<RecvStream>, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut st = self.shared.lock();
+        let Some(s) = st.streams.get_mut(&self.id) else {
+            return Poll::Ready(Err(Error::Closed("stream gone".into())));
+        };
+        if let Some(head) = s.head.take() {
+            drop(st);
+            let remaining = head
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            self.done = true;
+            let (parts, ()) = head.into_parts();
+            return Poll::Ready(Ok(Response::from_parts(
+                parts,
+                RecvStream {
+                    shared: Arc::clone(&self.shared),
+                    id: self.id,
+                    remaining,
+                    done: false,
+                },
+            )));
+        }
+        if let Some(e) = &s.error {
+            return Poll::Ready(Err(e.clone()));
+        }
+        s.recv_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl Drop for ResponseFuture {
+    fn drop(&mut self) {
+        // Once the response is out, its body holds the handle instead.
+        if !self.done {
+            drop_handle(&self.shared, self.id);
+        }
+    }
+}
+
+/// A response body, as it arrives. Each chunk passed on is given back to the peer's
+/// flow-control window; a Content-Length is checked against what arrives.
+pub struct RecvStream {
+    shared: Arc<Shared>,
+    id: u32,
+    remaining: Option<u64>,
+    done: bool,
+}
+
+impl std::fmt::Debug for RecvStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecvStream").field("id", &self.id).finish()
+    }
+}
+
+impl Drop for RecvStream {
+    fn drop(&mut self) {
+        drop_handle(&self.shared, self.id);
+    }
+}
+
+impl Body for RecvStream {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let this = &mut *self;
+        let mut st = this.shared.lock();
+        let Some(s) = st.streams.get_mut(&this.id) else {
+            this.done = true;
+            return Poll::Ready(Some(Err(Error::Closed("stream gone".into()))));
+        };
+        if let Some(data) = s.data.pop_front() {
+            let n = data.len();
+            if let Some(r) = &mut this.remaining {
+                if n as u64 > *r {
+                    this.done = true;
+                    st.reset(this.id, Reason::PROTOCOL_ERROR);
+                    let w = st.driver.take();
+                    drop(st);
+                    wake(w);
+                    return Poll::Ready(Some(Err(Error::Malformed(
+                        "more data than its content-length",
+                    ))));
+                }
+                *r -= n as u64;
+            }
+            st.release(this.id, n as u32);
+            let w = if st.out.is_empty() {
+                None
+            } else {
+                st.driver.take()
+            };
+            drop(st);
+            wake(w);
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        if let Some(e) = &s.error {
+            this.done = true;
+            return Poll::Ready(Some(Err(e.clone())));
+        }
+        if s.recv_end {
+            this.done = true;
+            if this.remaining.is_some_and(|r| r > 0) {
+                return Poll::Ready(Some(Err(Error::Malformed(
+                    "less data than its content-length",
+                ))));
+            }
+            return Poll::Ready(s.trailers.take().map(|t| Ok(Frame::trailers(t))));
+        }
+        s.recv_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        if self.done {
+            return true;
+        }
+        let st = self.shared.lock();
+        st.streams.get(&self.id).is_some_and(|s| {
+            s.recv_end && s.data.is_empty() && s.trailers.is_none() && s.error.is_none()
+        })
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.remaining {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+/// Sends a request's body: data as the peer's flow control allows, then trailers or the
+/// end of the stream.
+pub struct SendStream {
+    shared: Arc<Shared>,
+    id: u32,
+}
+
+impl std::fmt::Debug for SendStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendStream").field("id", &self.id).finish()
+    }
+}
+
+impl Drop for SendStream {
+    fn drop(&mut self) {
+        drop_handle(&self.shared, self.id);
+    }
+}
+
+impl SendStream {
+    fn with<R>(&self, f: impl FnOnce(&mut State) -> Result<R, Error>) -> Result<R, Error> {
+        let mut st = self.shared.lock();
+        let r = f(&mut st);
+        let w = if st.out.is_empty() {
+            None
+        } else {
+            st.driver.take()
+        };
+        drop(st);
+        wake(w);
+        r
+    }
+
+    /// Queues `data` (sent as windows allow); `end` ends the stream after it.
+    pub fn send_data(&mut self, data: Bytes, end: bool) -> Result<(), Error> {
+        let id = self.id;
+        self.with(|st| {
+            let s = st
+                .streams
+                .get_mut(&id)
+                .ok_or(Error::Reset(Reason::CANCEL))?;
+            if let Some(e) = &s.error {
+                return Err(e.clone());
+            }
+            if s.send_end || s.pending_end {
+                return Err(Error::Reset(Reason::STREAM_CLOSED));
+            }
+            s.pending_len += data.len();
+            if !data.is_empty() {
+                s.pending.push_back(data);
+            }
+            s.pending_end = end;
+            st.flush_stream(id);
+            Ok(())
+        })
+    }
+
+    /// Ends the stream with trailers, after the data queued.
+    pub fn send_trailers(&mut self, trailers: HeaderMap) -> Result<(), Error> {
+        let id = self.id;
+        self.with(|st| {
+            let s = st
+                .streams
+                .get_mut(&id)
+                .ok_or(Error::Reset(Reason::CANCEL))?;
+            if let Some(e) = &s.error {
+                return Err(e.clone());
+            }
+            if s.send_end || s.pending_end {
+                return Err(Error::Reset(Reason::STREAM_CLOSED));
+            }
+            s.pending_trailers = Some(trailers);
+            s.pending_end = true;
+            st.flush_stream(id);
+            Ok(())
+        })
+    }
+
+    /// Resets the stream.
+    pub fn send_reset(&mut self, reason: Reason) {
+        let id = self.id;
+        let _ = self.with(|st| {
+            st.reset(id, reason);
+            Ok(())
+        });
+    }
+
+    /// Ready when little enough of the body is queued to queue more; an error when the
+    /// stream or the connection has failed.
+    pub fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        let mut st = self.shared.lock();
+        let Some(s) = st.streams.get_mut(&self.id) else {
+            return Poll::Ready(Err(Error::Reset(Reason::CANCEL)));
+        };
+        if let Some(e) = &s.error {
+            return Poll::Ready(Err(e.clone()));
+        }
+        if s.pending_len < SEND_BUFFER {
+            return Poll::Ready(Ok(()));
+        }
+        s.send_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Ready with the reason when the peer resets the stream (or the connection fails).
+    pub fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<Reason> {
+        let mut st = self.shared.lock();
+        let Some(s) = st.streams.get_mut(&self.id) else {
+            return Poll::Ready(Reason::CANCEL);
+        };
+        match &s.error {
+            Some(Error::Reset(r)) => Poll::Ready(*r),
+            Some(Error::Refused) => Poll::Ready(Reason::REFUSED_STREAM),
+            Some(_) => Poll::Ready(Reason::CANCEL),
+            None => {
+                s.send_waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// A header block being received: HEADERS then CONTINUATION frames.
+struct Block {
+    stream: u32,
+    end_stream: bool,
+    bytes: BytesMut,
+}
+
+/// The task that owns the socket.
+struct Driver<T> {
+    io: T,
+    shared: Arc<Shared>,
+    rbuf: BytesMut,
+    wbuf: Bytes,
+    dec: hpack::Decoder,
+    block: Option<Block>,
+    wakers: Vec<Waker>,
+    keepalive: Pin<Box<tokio::time::Sleep>>,
+    ping_out: bool,
+    config: Config,
+}
+
+/// A connection error: the connection ends with GOAWAY(reason).
+struct ConnError(Reason, &'static str);
+
+impl<T> Future for Driver<T>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        match this.run(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(why) => {
+                let mut st = this.shared.lock();
+                st.fail_all(Error::Closed(why.into()), &mut this.wakers);
+                drop(st);
+                for w in this.wakers.drain(..) {
+                    w.wake();
+                }
+                Poll::Ready(())
+            }
+        }
+    }
+}
+
+impl<T> Driver<T>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    /// Runs until the connection ends; the reason it ended.
+    fn run(&mut self, cx: &mut Context<'_>) -> Poll<String> {
+        loop {
+            // Write what is queued.
+            let mut wrote = false;
+            loop {
+                if self.wbuf.is_empty() {
+                    let mut st = self.shared.lock();
+                    if st.out.is_empty() {
+                        break;
+                    }
+                    self.wbuf = st.out.split().freeze();
+                }
+                match Pin::new(&mut self.io).poll_write(cx, &self.wbuf) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready("the socket took no bytes".into()),
+                    Poll::Ready(Ok(n)) => {
+                        self.wbuf.advance(n);
+                        wrote = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(format!("write failed: {e}")),
+                    Poll::Pending => break,
+                }
+            }
+            if wrote {
+                if let Poll::Ready(Err(e)) = Pin::new(&mut self.io).poll_flush(cx) {
+                    return Poll::Ready(format!("write failed: {e}"));
+                }
+            }
+            // Read what has arrived.
+            if self.rbuf.capacity() - self.rbuf.len() < 4096 {
+                self.rbuf.reserve(16 << 10);
+            }
+            let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf);
+            match read {
+                Poll::Ready(Ok(0)) => return Poll::Ready("closed by the peer".into()),
+                Poll::Ready(Ok(_)) => {
+                    if let Err(ConnError(reason, why)) = self.frames() {
+                        let mut st = self.shared.lock();
+                        let last = st.next_id.saturating_sub(2);
+                        frame::put_goaway(&mut st.out, last, reason);
+                        let out = st.out.split().freeze();
+                        drop(st);
+                        // Best effort: tell the peer why before closing.
+                        let _ = Pin::new(&mut self.io).poll_write(cx, &out);
+                        return Poll::Ready(format!("{why} ({reason})"));
+                    }
+                    for w in self.wakers.drain(..) {
+                        w.wake();
+                    }
+                    continue;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(format!("read failed: {e}")),
+                Poll::Pending => {}
+            }
+            // Keepalive.
+            if self.keepalive.as_mut().poll(cx).is_ready() {
+                if self.ping_out {
+                    return Poll::Ready(format!(
+                        "no answer to a ping within {:?}",
+                        self.config.keepalive_timeout
+                    ));
+                }
+                self.ping_out = true;
+                frame::put_ping(&mut self.shared.lock().out, false, *b"trellis\0");
+                let at = tokio::time::Instant::now() + self.config.keepalive_timeout;
+                self.keepalive.as_mut().reset(at);
+                continue;
+            }
+            let mut st = self.shared.lock();
+            if !st.out.is_empty() && self.wbuf.is_empty() {
+                continue;
+            }
+            if st.clients == 0 && st.streams.is_empty() {
+                return Poll::Ready("no longer used".into());
+            }
+            if st.closed.is_some() && st.streams.is_empty() {
+                return Poll::Ready("drained after GOAWAY".into());
+            }
+            st.driver = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+    }
+
+    /// Handles every whole frame in the read buffer.
+    fn frames(&mut self) -> Result<(), ConnError> {
+        let shared = Arc::clone(&self.shared);
+        let mut st = shared.lock();
+        while self.rbuf.len() >= 9 {
+            let head = Head::parse(&self.rbuf);
+            if head.len > frame::DEFAULT_MAX_FRAME {
+                return Err(ConnError(
+                    Reason::FRAME_SIZE_ERROR,
+                    "frame larger than allowed",
+                ));
+            }
+            if self.rbuf.len() < 9 + head.len {
+                self.rbuf.reserve(9 + head.len - self.rbuf.len());
+                break;
+            }
+            let mut payload = self.rbuf.split_to(9 + head.len).freeze();
+            payload.advance(9);
+            self.frame(&mut st, head, payload)?;
+        }
+        Ok(())
+    }
+
+    fn frame(&mut self, st: &mut State, head: Head, payload: Bytes) -> Result<(), ConnError> {
+        if let Some(b) = &self.block {
+            if head.kind != frame::CONTINUATION || head.stream != b.stream {
+                return Err(ConnError(
+                    Reason::PROTOCOL_ERROR,
+                    "a header block was interrupted",
+                ));
+            }
+        }
+        match head.kind {
+            frame::DATA => self.data(st, head, payload),
+            frame::HEADERS => {
+                if head.stream == 0 || head.stream % 2 == 0 {
+                    return Err(ConnError(
+                        Reason::PROTOCOL_ERROR,
+                        "HEADERS on a stream we did not open",
+                    ));
+                }
+                let mut p = payload;
+                let pad = strip_padding(head.flags, &mut p)?;
+                if head.flags & frame::PRIORITY_FLAG != 0 {
+                    if p.len() < 5 {
+                        return Err(ConnError(
+                            Reason::FRAME_SIZE_ERROR,
+                            "short HEADERS priority",
+                        ));
+                    }
+                    p.advance(5);
+                }
+                let _ = pad;
+                let end_stream = head.flags & frame::END_STREAM != 0;
+                if head.flags & frame::END_HEADERS != 0 {
+                    // The whole block in one frame (the usual case): decoded in place.
+                    return self.header_block(st, head.stream, end_stream, &p);
+                }
+                self.block = Some(Block {
+                    stream: head.stream,
+                    end_stream,
+                    bytes: BytesMut::from(&p[..]),
+                });
+                Ok(())
+            }
+            frame::CONTINUATION => {
+                let Some(b) = &mut self.block else {
+                    return Err(ConnError(
+                        Reason::PROTOCOL_ERROR,
+                        "CONTINUATION without HEADERS",
+                    ));
+                };
+                b.bytes.extend_from_slice(&payload);
+                if b.bytes.len()
+                    > self.config.max_header_list * BLOCK_SLACK + frame::DEFAULT_MAX_FRAME
+                {
+                    return Err(ConnError(
+                        Reason::ENHANCE_YOUR_CALM,
+                        "header block too large",
+                    ));
+                }
+                if head.flags & frame::END_HEADERS != 0 {
+                    if let Some(b) = self.block.take() {
+                        return self.header_block(st, b.stream, b.end_stream, &b.bytes.freeze());
+                    }
+                }
+                Ok(())
+            }
+            frame::RST_STREAM => {
+                if payload.len() != 4 {
+                    return Err(ConnError(
+                        Reason::FRAME_SIZE_ERROR,
+                        "RST_STREAM of the wrong size",
+                    ));
+                }
+                let reason = Reason(u32::from_be_bytes([
+                    payload[0], payload[1], payload[2], payload[3],
+                ]));
+                if let Some(s) = st.streams.get_mut(&head.stream) {
+                    let e = if reason == Reason::REFUSED_STREAM {
+                        Error::Refused
+                    } else {
+                        Error::Reset(reason)
+                    };
+                    // A reset after the whole response arrived (NO_ERROR: "stop sending
+                    // the request body") only ends our sending.
+                    if !(s.recv_end && reason == Reason::NO_ERROR) {
+                        s.error.get_or_insert(e);
+                    }
+                    s.send_end = true;
+                    s.pending.clear();
+                    s.pending_len = 0;
+                    self.wakers.extend(s.recv_waker.take());
+                    self.wakers.extend(s.send_waker.take());
+                    st.maybe_remove(head.stream);
+                }
+                Ok(())
+            }
+            frame::SETTINGS => self.settings(st, head, &payload),
+            frame::PING => {
+                if payload.len() != 8 || head.stream != 0 {
+                    return Err(ConnError(Reason::FRAME_SIZE_ERROR, "bad PING"));
+                }
+                if head.flags & frame::ACK != 0 {
+                    self.ping_out = false;
+                    let at = tokio::time::Instant::now() + self.config.keepalive_interval;
+                    self.keepalive.as_mut().reset(at);
+                } else {
+                    let mut p = [0u8; 8];
+                    p.copy_from_slice(&payload);
+                    frame::put_ping(&mut st.out, true, p);
+                }
+                Ok(())
+            }
+            frame::GOAWAY => {
+                if payload.len() < 8 {
+                    return Err(ConnError(Reason::FRAME_SIZE_ERROR, "short GOAWAY"));
+                }
+                let last = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
+                    & 0x7fff_ffff;
+                let reason = Reason(u32::from_be_bytes([
+                    payload[4], payload[5], payload[6], payload[7],
+                ]));
+                st.closed.get_or_insert_with(|| {
+                    Error::Closed(format!("GOAWAY ({reason}) from the peer").into())
+                });
+                let ids: Vec<u32> = st.streams.keys().copied().filter(|&id| id > last).collect();
+                for id in ids {
+                    if let Some(s) = st.streams.get_mut(&id) {
+                        s.error.get_or_insert(Error::Refused);
+                        s.send_end = true;
+                        self.wakers.extend(s.recv_waker.take());
+                        self.wakers.extend(s.send_waker.take());
+                    }
+                    st.maybe_remove(id);
+                }
+                Ok(())
+            }
+            frame::WINDOW_UPDATE => {
+                if payload.len() != 4 {
+                    return Err(ConnError(
+                        Reason::FRAME_SIZE_ERROR,
+                        "WINDOW_UPDATE of the wrong size",
+                    ));
+                }
+                let inc = i64::from(
+                    u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
+                        & 0x7fff_ffff,
+                );
+                if head.stream == 0 {
+                    if inc == 0 {
+                        return Err(ConnError(Reason::PROTOCOL_ERROR, "zero window increment"));
+                    }
+                    st.send_window += inc;
+                    if st.send_window > frame::MAX_WINDOW {
+                        return Err(ConnError(Reason::FLOW_CONTROL_ERROR, "window above 2^31-1"));
+                    }
+                    let blocked: Vec<u32> = st
+                        .streams
+                        .iter()
+                        .filter(|(_, s)| !s.pending.is_empty() || s.pending_trailers.is_some())
+                        .map(|(&id, _)| id)
+                        .collect();
+                    for id in blocked {
+                        st.flush_stream(id);
+                    }
+                } else if let Some(s) = st.streams.get_mut(&head.stream) {
+                    if inc == 0 || s.send_window + inc > frame::MAX_WINDOW {
+                        let reason = if inc == 0 {
+                            Reason::PROTOCOL_ERROR
+                        } else {
+                            Reason::FLOW_CONTROL_ERROR
+                        };
+                        self.wakers.extend(s.recv_waker.take());
+                        self.wakers.extend(s.send_waker.take());
+                        st.reset(head.stream, reason);
+                        return Ok(());
+                    }
+                    s.send_window += inc;
+                    st.flush_stream(head.stream);
+                }
+                Ok(())
+            }
+            frame::PUSH_PROMISE => Err(ConnError(
+                Reason::PROTOCOL_ERROR,
+                "PUSH_PROMISE with push disabled",
+            )),
+            // PRIORITY and unknown types are ignored (RFC 9113 §5.5).
+            _ => Ok(()),
+        }
+    }
+
+    fn data(&mut self, st: &mut State, head: Head, payload: Bytes) -> Result<(), ConnError> {
+        if head.stream == 0 {
+            return Err(ConnError(Reason::PROTOCOL_ERROR, "DATA on stream 0"));
+        }
+        let flow = payload.len() as i64;
+        st.recv_window -= flow;
+        if st.recv_window < 0 {
+            return Err(ConnError(
+                Reason::FLOW_CONTROL_ERROR,
+                "peer overran the connection window",
+            ));
+        }
+        let mut p = payload;
+        strip_padding(head.flags, &mut p)?;
+        let id = head.stream;
+        let padding = flow as u32 - p.len() as u32;
+        let Some(s) = st.streams.get_mut(&id) else {
+            // A stream we no longer track: its bytes still count against the connection.
+            st.release(id, flow as u32);
+            return Ok(());
+        };
+        if s.recv_end || s.error.is_some() || !s.head_seen {
+            let unexpected = !s.head_seen && s.error.is_none();
+            st.release(id, flow as u32);
+            if unexpected {
+                st.reset(id, Reason::PROTOCOL_ERROR);
+                if let Some(s) = st.streams.get_mut(&id) {
+                    s.error = Some(Error::Malformed("DATA before the response head"));
+                    self.wakers.extend(s.recv_waker.take());
+                }
+            }
+            return Ok(());
+        }
+        s.recv_window -= flow;
+        if s.recv_window < 0 {
+            st.reset(id, Reason::FLOW_CONTROL_ERROR);
+            return Ok(());
+        }
+        if !p.is_empty() {
+            s.data.push_back(p);
+        }
+        if head.flags & frame::END_STREAM != 0 {
+            s.recv_end = true;
+        }
+        self.wakers.extend(s.recv_waker.take());
+        if padding > 0 || flow == 0 {
+            // Padding and empty frames are nobody's data: given back at once.
+            st.release(id, padding);
+        }
+        st.maybe_remove(id);
+        Ok(())
+    }
+
+    fn settings(&mut self, st: &mut State, head: Head, payload: &[u8]) -> Result<(), ConnError> {
+        if head.stream != 0 {
+            return Err(ConnError(Reason::PROTOCOL_ERROR, "SETTINGS on a stream"));
+        }
+        if head.flags & frame::ACK != 0 {
+            return if payload.is_empty() {
+                Ok(())
+            } else {
+                Err(ConnError(
+                    Reason::FRAME_SIZE_ERROR,
+                    "SETTINGS ACK with a payload",
+                ))
+            };
+        }
+        if payload.len() % 6 != 0 {
+            return Err(ConnError(
+                Reason::FRAME_SIZE_ERROR,
+                "SETTINGS of the wrong size",
+            ));
+        }
+        for s in payload.chunks_exact(6) {
+            let id = u16::from_be_bytes([s[0], s[1]]);
+            let v = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
+            match id {
+                frame::SETTINGS_HEADER_TABLE_SIZE => {
+                    st.enc
+                        .set_max_size((v as usize).min(hpack::DEFAULT_TABLE_SIZE));
+                }
+                frame::SETTINGS_ENABLE_PUSH if v > 1 => {
+                    return Err(ConnError(Reason::PROTOCOL_ERROR, "ENABLE_PUSH above 1"));
+                }
+                frame::SETTINGS_MAX_CONCURRENT_STREAMS => st.peer_max_streams = v as usize,
+                frame::SETTINGS_INITIAL_WINDOW_SIZE => {
+                    if i64::from(v) > frame::MAX_WINDOW {
+                        return Err(ConnError(
+                            Reason::FLOW_CONTROL_ERROR,
+                            "initial window above 2^31-1",
+                        ));
+                    }
+                    let delta = i64::from(v) - st.peer_initial_window;
+                    st.peer_initial_window = i64::from(v);
+                    for s in st.streams.values_mut() {
+                        s.send_window += delta;
+                    }
+                    if delta > 0 {
+                        let ids: Vec<u32> = st.streams.keys().copied().collect();
+                        for id in ids {
+                            st.flush_stream(id);
+                        }
+                    }
+                }
+                frame::SETTINGS_MAX_FRAME_SIZE => {
+                    if !(16_384..=16_777_215).contains(&v) {
+                        return Err(ConnError(
+                            Reason::PROTOCOL_ERROR,
+                            "MAX_FRAME_SIZE out of range",
+                        ));
+                    }
+                    st.peer_max_frame = v as usize;
+                }
+                _ => {}
+            }
+        }
+        frame::put_head(&mut st.out, 0, frame::SETTINGS, frame::ACK, 0);
+        Ok(())
+    }
+
+    /// A whole header block: the response head, or trailers.
+    fn header_block(
+        &mut self,
+        st: &mut State,
+        id: u32,
+        end_stream: bool,
+        bytes: &Bytes,
+    ) -> Result<(), ConnError> {
+        // Decoded whatever happens to the stream: the table must stay in step.
+        let mut fields: Vec<Field> = Vec::new();
+        let mut size = 0usize;
+        let limit = self.config.max_header_list;
+        self.dec
+            .decode(bytes, |f| {
+                size += f.size();
+                if size <= limit {
+                    fields.push(f);
+                }
+                Ok(())
+            })
+            .map_err(|_| ConnError(Reason::COMPRESSION_ERROR, "header block did not decode"))?;
+        let Some(s) = st.streams.get_mut(&id) else {
+            return Ok(());
+        };
+        if s.error.is_some() || s.recv_end {
+            return Ok(());
+        }
+        let outcome = if size > limit {
+            Err(Error::Malformed("response headers larger than allowed"))
+        } else if !s.head_seen {
+            response_head(fields).map(|head| {
+                if let Some(head) = head {
+                    s.head_seen = true;
+                    s.head = Some(head);
+                }
+            })
+        } else if !end_stream {
+            Err(Error::Malformed("trailers without END_STREAM"))
+        } else {
+            trailers(fields).map(|t| s.trailers = Some(t))
+        };
+        match outcome {
+            Ok(()) => {
+                if end_stream {
+                    if !s.head_seen {
+                        s.error = Some(Error::Malformed("END_STREAM on an informational response"));
+                    }
+                    s.recv_end = true;
+                }
+                self.wakers.extend(s.recv_waker.take());
+                st.maybe_remove(id);
+            }
+            Err(e) => {
+                self.wakers.extend(s.recv_waker.take());
+                self.wakers.extend(s.send_waker.take());
+                st.reset(id, Reason::PROTOCOL_ERROR);
+                if let Some(s) = st.streams.get_mut(&id) {
+                    s.error = Some(e);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Removes a PADDED frame's padding.
+fn strip_padding(flags: u8, p: &mut Bytes) -> Result<usize, ConnError> {
+    if flags & frame::PADDED == 0 {
+        return Ok(0);
+    }
+    let Some(&pad) = p.first() else {
+        return Err(ConnError(
+            Reason::PROTOCOL_ERROR,
+            "PADDED frame without a length",
+        ));
+    };
+    let pad = usize::from(pad);
+    if pad + 1 > p.len() {
+        return Err(ConnError(
+            Reason::PROTOCOL_ERROR,
+            "padding longer than the frame",
+        ));
+    }
+    p.advance(1);
+    p.truncate(p.len() - pad);
+    Ok(pad)
+}
+
+/// Header fields that are connection-specific, which HTTP/2 forbids (RFC 9113 §8.2.2).
+fn connection_specific(name: &HeaderName) -> bool {
+    matches!(
+        *name,
+        header::CONNECTION | header::TRANSFER_ENCODING | header::UPGRADE
+    ) || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
+/// A response head from its fields; `None` for an informational (1xx) response, which is
+/// skipped.
+fn response_head(fields: Vec<Field>) -> Result<Option<Response<()>>, Error> {
+    let mut status: Option<StatusCode> = None;
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    let mut regular = false;
+    for f in fields {
+        match f.name {
+            Name::Pseudo(Pseudo::Status) => {
+                if regular || status.is_some() {
+                    return Err(Error::Malformed("misplaced or repeated :status"));
+                }
+                status = Some(
+                    StatusCode::from_bytes(f.value.as_bytes())
+                        .map_err(|_| Error::Malformed("invalid :status"))?,
+                );
+            }
+            Name::Pseudo(_) => return Err(Error::Malformed("request pseudo-header in a response")),
+            Name::Header(name) => {
+                if connection_specific(&name) {
+                    return Err(Error::Malformed("connection-specific header field"));
+                }
+                regular = true;
+                headers.append(name, f.value);
+            }
+        }
+    }
+    let status = status.ok_or(Error::Malformed("no :status"))?;
+    if status.is_informational() {
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(Error::Malformed("101 is not allowed in HTTP/2"));
+        }
+        return Ok(None);
+    }
+    let mut resp = Response::new(());
+    *resp.status_mut() = status;
+    *resp.version_mut() = http::Version::HTTP_2;
+    *resp.headers_mut() = headers;
+    Ok(Some(resp))
+}
+
+fn trailers(fields: Vec<Field>) -> Result<HeaderMap, Error> {
+    let mut map = HeaderMap::with_capacity(fields.len());
+    for f in fields {
+        match f.name {
+            Name::Pseudo(_) => return Err(Error::Malformed("pseudo-header in trailers")),
+            Name::Header(name) => {
+                map.append(name, f.value);
+            }
+        }
+    }
+    Ok(map)
+}
