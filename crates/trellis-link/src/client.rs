@@ -129,6 +129,8 @@ struct Stream {
     send_waker: Option<Waker>,
     /// The handles (response/body, sender) still alive.
     handles: u8,
+    /// Counted among the connection's open streams (not yet closed both ways).
+    open: bool,
 }
 
 struct State {
@@ -137,6 +139,8 @@ struct State {
     enc: hpack::Encoder,
     scratch: BytesMut,
     streams: StreamMap,
+    /// Streams not yet closed both ways: what the peer's concurrency limit counts.
+    open: usize,
     next_id: u32,
     peer_initial_window: i64,
     peer_max_frame: usize,
@@ -204,6 +208,7 @@ impl State {
             self.send_window -= n as i64;
             if last {
                 s.send_end = true;
+                self.settle(id);
                 return;
             }
         }
@@ -231,15 +236,25 @@ impl State {
                 w.wake();
             }
         }
+        if s.send_end {
+            self.settle(id);
+        }
     }
 
-    /// Forgets a stream once both sides are done with it and nobody holds it.
-    fn maybe_remove(&mut self, id: u32) {
-        if let Some(s) = self.streams.get(&id) {
+    /// After a stream's state changed: once closed both ways it no longer counts as
+    /// open, and once nobody holds it either it is forgotten.
+    fn settle(&mut self, id: u32) {
+        if let Some(s) = self.streams.get_mut(&id) {
             let recv_done = s.recv_end || s.error.is_some();
             let send_done = s.send_end || s.error.is_some();
-            if s.handles == 0 && recv_done && send_done {
-                self.streams.remove(&id);
+            if recv_done && send_done {
+                if s.open {
+                    s.open = false;
+                    self.open -= 1;
+                }
+                if s.handles == 0 {
+                    self.streams.remove(&id);
+                }
             }
         }
     }
@@ -256,7 +271,7 @@ impl State {
             s.pending_len = 0;
             self.release(id, 0);
         }
-        self.maybe_remove(id);
+        self.settle(id);
     }
 
     /// Gives `n` received bytes back to the peer's windows, in updates of at least half a
@@ -354,6 +369,7 @@ where
         enc: hpack::Encoder::default(),
         scratch: BytesMut::new(),
         streams: StreamMap::default(),
+        open: 0,
         next_id: 1,
         peer_initial_window: 65_535,
         peer_max_frame: frame::DEFAULT_MAX_FRAME,
@@ -405,9 +421,9 @@ impl Client {
         st.closed.is_some() || st.next_id > (1 << 31) - 1
     }
 
-    /// Streams open now.
+    /// Streams open now (not yet closed both ways).
     pub fn streams(&self) -> usize {
-        self.shared.lock().streams.len()
+        self.shared.lock().open
     }
 
     /// Whether one more stream fits: the peer's SETTINGS_MAX_CONCURRENT_STREAMS and
@@ -416,7 +432,7 @@ impl Client {
         let st = self.shared.lock();
         st.closed.is_none()
             && st.next_id <= (1 << 31) - 1
-            && st.streams.len() < st.peer_max_streams.min(max.unwrap_or(usize::MAX))
+            && st.open < st.peer_max_streams.min(max.unwrap_or(usize::MAX))
     }
 
     /// Sends a request's head; the body, unless `end_of_stream`, follows on the returned
@@ -489,9 +505,11 @@ impl Client {
             send_window: st.peer_initial_window,
             send_end: end_of_stream,
             handles: 2,
+            open: true,
             ..Stream::default()
         };
         st.streams.insert(id, stream);
+        st.open += 1;
         let w = st.driver.take();
         drop(st);
         wake(w);
@@ -521,7 +539,7 @@ fn drop_handle(shared: &Shared, id: u32) {
         if open {
             st.reset(id, Reason::CANCEL);
         } else {
-            st.maybe_remove(id);
+            st.settle(id);
         }
         let w = st.driver.take();
         drop(st);
@@ -1056,7 +1074,7 @@ where
                     s.pending_len = 0;
                     self.wakers.extend(s.recv_waker.take());
                     self.wakers.extend(s.send_waker.take());
-                    st.maybe_remove(head.stream);
+                    st.settle(head.stream);
                 }
                 Ok(())
             }
@@ -1096,7 +1114,7 @@ where
                         self.wakers.extend(s.recv_waker.take());
                         self.wakers.extend(s.send_waker.take());
                     }
-                    st.maybe_remove(id);
+                    st.settle(id);
                 }
                 Ok(())
             }
@@ -1203,7 +1221,7 @@ where
             // Padding and empty frames are nobody's data: given back at once.
             st.release(id, padding);
         }
-        st.maybe_remove(id);
+        st.settle(id);
         Ok(())
     }
 
@@ -1324,7 +1342,7 @@ where
                     s.recv_end = true;
                 }
                 self.wakers.extend(s.recv_waker.take());
-                st.maybe_remove(id);
+                st.settle(id);
             }
             Err(e) => {
                 self.wakers.extend(s.recv_waker.take());
