@@ -60,6 +60,9 @@ pub enum Error {
     Refused,
     /// The stream was reset.
     Reset(Reason),
+    /// The connection has as many streams open as allowed (the peer's
+    /// SETTINGS_MAX_CONCURRENT_STREAMS, or the caller's limit): nothing was sent.
+    Busy,
     /// The peer's message breaks HTTP/2's rules for messages (RFC 9113 §8.1.1).
     Malformed(&'static str),
 }
@@ -70,6 +73,7 @@ impl std::fmt::Display for Error {
             Error::Closed(why) => write!(f, "HTTP/2 connection closed: {why}"),
             Error::Refused => f.write_str("the peer refused the stream before processing it"),
             Error::Reset(r) => write!(f, "stream reset: {r}"),
+            Error::Busy => f.write_str("no room for another stream on the connection"),
             Error::Malformed(why) => write!(f, "malformed HTTP/2 message: {why}"),
         }
     }
@@ -436,11 +440,14 @@ impl Client {
     }
 
     /// Sends a request's head; the body, unless `end_of_stream`, follows on the returned
-    /// sender. Fails at once when the connection takes no new streams.
+    /// sender. Fails at once, having sent nothing, when the connection takes no new
+    /// streams ([`Error::Closed`]) or has `max_streams` (or the peer's limit) open
+    /// ([`Error::Busy`]).
     pub fn send_request(
         &self,
         head: &Request<()>,
         end_of_stream: bool,
+        max_streams: Option<usize>,
     ) -> Result<(ResponseFuture, SendStream), Error> {
         let uri = head.uri();
         let authority = uri.authority().map(|a| a.as_str()).or_else(|| {
@@ -456,6 +463,9 @@ impl Client {
         }
         if st.next_id > (1 << 31) - 1 {
             return Err(Error::Closed("out of stream ids".into()));
+        }
+        if st.open >= st.peer_max_streams.min(max_streams.unwrap_or(usize::MAX)) {
+            return Err(Error::Busy);
         }
         let id = st.next_id;
         st.next_id += 2;

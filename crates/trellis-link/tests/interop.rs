@@ -160,7 +160,7 @@ async fn requests_in_sequence_and_in_parallel_share_one_connection() {
     let client = connect(addr).await;
     for i in 0..200 {
         let path = format!("/seq/{}", i % 7);
-        let (resp, _tx) = client.send_request(&get(&path), true).expect("send");
+        let (resp, _tx) = client.send_request(&get(&path), true, None).expect("send");
         let resp = tokio::time::timeout(T, resp)
             .await
             .expect("in time")
@@ -181,7 +181,7 @@ async fn requests_in_sequence_and_in_parallel_share_one_connection() {
         let client = client.clone();
         tasks.push(tokio::spawn(async move {
             let path = format!("/par/{i}");
-            let (resp, _tx) = client.send_request(&get(&path), true).expect("send");
+            let (resp, _tx) = client.send_request(&get(&path), true, None).expect("send");
             let resp = tokio::time::timeout(T, resp)
                 .await
                 .expect("in time")
@@ -209,7 +209,7 @@ async fn bodies_larger_than_every_window_stream_both_ways_with_trailers() {
         .header("te", "trailers")
         .body(())
         .expect("request");
-    let (resp, mut tx) = client.send_request(&req, false).expect("send");
+    let (resp, mut tx) = client.send_request(&req, false, None).expect("send");
     // 6 MiB in 64 KiB chunks: more than the server's stream (64 KiB) and connection
     // windows, so both directions wait on WINDOW_UPDATEs.
     let total = 6 << 20;
@@ -250,7 +250,7 @@ async fn bodies_larger_than_every_window_stream_both_ways_with_trailers() {
 async fn a_reset_stream_fails_alone_and_large_header_blocks_arrive_whole() {
     let (addr, _stop) = server(None).await;
     let client = connect(addr).await;
-    let (resp, _tx) = client.send_request(&get("/reset"), true).expect("send");
+    let (resp, _tx) = client.send_request(&get("/reset"), true, None).expect("send");
     let err = tokio::time::timeout(T, resp)
         .await
         .expect("in time")
@@ -258,7 +258,7 @@ async fn a_reset_stream_fails_alone_and_large_header_blocks_arrive_whole() {
     assert_eq!(err, Error::Reset(Reason::INTERNAL_ERROR));
     // 40 KiB of headers: HEADERS and CONTINUATION frames, Huffman-coded by h2.
     let (resp, _tx) = client
-        .send_request(&get("/big-headers"), true)
+        .send_request(&get("/big-headers"), true, None)
         .expect("send");
     let resp = tokio::time::timeout(T, resp)
         .await
@@ -268,7 +268,7 @@ async fn a_reset_stream_fails_alone_and_large_header_blocks_arrive_whole() {
     assert_eq!(big.len(), 40);
     assert!(big[39].to_str().expect("text").starts_with("39-hhh"));
     // The connection still serves.
-    let (resp, _tx) = client.send_request(&get("/after"), true).expect("send");
+    let (resp, _tx) = client.send_request(&get("/after"), true, None).expect("send");
     let resp = tokio::time::timeout(T, resp)
         .await
         .expect("in time")
@@ -288,14 +288,14 @@ async fn headers_beyond_the_limit_fail_that_stream_only() {
         },
     );
     let (resp, _tx) = client
-        .send_request(&get("/big-headers"), true)
+        .send_request(&get("/big-headers"), true, None)
         .expect("send");
     let err = tokio::time::timeout(T, resp)
         .await
         .expect("in time")
         .expect_err("too big");
     assert!(matches!(err, Error::Malformed(_)), "{err}");
-    let (resp, _tx) = client.send_request(&get("/fine"), true).expect("send");
+    let (resp, _tx) = client.send_request(&get("/fine"), true, None).expect("send");
     let resp = tokio::time::timeout(T, resp)
         .await
         .expect("in time")
@@ -307,7 +307,7 @@ async fn headers_beyond_the_limit_fail_that_stream_only() {
 async fn dropping_a_response_cancels_its_stream_at_the_server() {
     let (addr, _stop) = server(None).await;
     let client = connect(addr).await;
-    let (resp, _tx) = client.send_request(&get("/slow"), true).expect("send");
+    let (resp, _tx) = client.send_request(&get("/slow"), true, None).expect("send");
     let resp = tokio::time::timeout(T, resp)
         .await
         .expect("in time")
@@ -335,13 +335,13 @@ async fn the_peers_stream_limit_and_goaway_are_honoured() {
     let (addr, stop) = server(Some(1)).await;
     let client = connect(addr).await;
     // The server's SETTINGS arrive with the first exchange.
-    let (resp, _tx) = client.send_request(&get("/warm"), true).expect("send");
+    let (resp, _tx) = client.send_request(&get("/warm"), true, None).expect("send");
     let resp = tokio::time::timeout(T, resp)
         .await
         .expect("in time")
         .expect("response");
     drop(resp);
-    let (resp, _tx) = client.send_request(&get("/slow"), true).expect("send");
+    let (resp, _tx) = client.send_request(&get("/slow"), true, None).expect("send");
     let slow = tokio::time::timeout(T, resp)
         .await
         .expect("in time")
@@ -349,6 +349,10 @@ async fn the_peers_stream_limit_and_goaway_are_honoured() {
     assert!(
         !client.has_room(None),
         "the server allows one stream at a time"
+    );
+    assert_eq!(
+        client.send_request(&get("/busy"), true, None).err(),
+        Some(Error::Busy)
     );
     drop(slow);
     drop(_tx);
@@ -370,7 +374,7 @@ async fn the_peers_stream_limit_and_goaway_are_honoured() {
     }
     assert!(client.is_closed());
     assert!(matches!(
-        client.send_request(&get("/late"), true),
+        client.send_request(&get("/late"), true, None),
         Err(Error::Closed(_))
     ));
 }
@@ -389,7 +393,7 @@ async fn a_vanished_server_fails_requests_in_flight() {
         let _req = conn.accept().await;
     });
     let client = connect(addr).await;
-    let (resp, _tx) = client.send_request(&get("/never"), true).expect("send");
+    let (resp, _tx) = client.send_request(&get("/never"), true, None).expect("send");
     let err = tokio::time::timeout(T, resp)
         .await
         .expect("in time")
