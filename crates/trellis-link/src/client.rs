@@ -101,6 +101,9 @@ impl Hasher for IdHasher {
 
 type StreamMap = HashMap<u32, Stream, BuildHasherDefault<IdHasher>>;
 
+/// The largest stream id (ids are 31 bits).
+const MAX_STREAM_ID: u32 = (1 << 31) - 1;
+
 /// A request body's queued bytes beyond which its sender is asked to wait.
 const SEND_BUFFER: usize = 64 << 10;
 
@@ -422,7 +425,7 @@ impl Client {
     /// The connection takes no new streams (closed, closing, or out of stream ids).
     pub fn is_closed(&self) -> bool {
         let st = self.shared.lock();
-        st.closed.is_some() || st.next_id > (1 << 31) - 1
+        st.closed.is_some() || st.next_id > MAX_STREAM_ID
     }
 
     /// Streams open now (not yet closed both ways).
@@ -435,7 +438,7 @@ impl Client {
     pub fn has_room(&self, max: Option<usize>) -> bool {
         let st = self.shared.lock();
         st.closed.is_none()
-            && st.next_id <= (1 << 31) - 1
+            && st.next_id <= MAX_STREAM_ID
             && st.open < st.peer_max_streams.min(max.unwrap_or(usize::MAX))
     }
 
@@ -461,7 +464,7 @@ impl Client {
         if let Some(e) = &st.closed {
             return Err(e.clone());
         }
-        if st.next_id > (1 << 31) - 1 {
+        if st.next_id > MAX_STREAM_ID {
             return Err(Error::Closed("out of stream ids".into()));
         }
         if st.open >= st.peer_max_streams.min(max_streams.unwrap_or(usize::MAX)) {
@@ -1005,7 +1008,7 @@ where
         match head.kind {
             frame::DATA => self.data(st, head, payload),
             frame::HEADERS => {
-                if head.stream == 0 || head.stream % 2 == 0 {
+                if head.stream == 0 || head.stream.is_multiple_of(2) {
                     return Err(ConnError(
                         Reason::PROTOCOL_ERROR,
                         "HEADERS on a stream we did not open",
@@ -1249,7 +1252,7 @@ where
                 ))
             };
         }
-        if payload.len() % 6 != 0 {
+        if !payload.len().is_multiple_of(6) {
             return Err(ConnError(
                 Reason::FRAME_SIZE_ERROR,
                 "SETTINGS of the wrong size",

@@ -250,7 +250,9 @@ async fn bodies_larger_than_every_window_stream_both_ways_with_trailers() {
 async fn a_reset_stream_fails_alone_and_large_header_blocks_arrive_whole() {
     let (addr, _stop) = server(None).await;
     let client = connect(addr).await;
-    let (resp, _tx) = client.send_request(&get("/reset"), true, None).expect("send");
+    let (resp, _tx) = client
+        .send_request(&get("/reset"), true, None)
+        .expect("send");
     let err = tokio::time::timeout(T, resp)
         .await
         .expect("in time")
@@ -268,7 +270,9 @@ async fn a_reset_stream_fails_alone_and_large_header_blocks_arrive_whole() {
     assert_eq!(big.len(), 40);
     assert!(big[39].to_str().expect("text").starts_with("39-hhh"));
     // The connection still serves.
-    let (resp, _tx) = client.send_request(&get("/after"), true, None).expect("send");
+    let (resp, _tx) = client
+        .send_request(&get("/after"), true, None)
+        .expect("send");
     let resp = tokio::time::timeout(T, resp)
         .await
         .expect("in time")
@@ -295,7 +299,9 @@ async fn headers_beyond_the_limit_fail_that_stream_only() {
         .expect("in time")
         .expect_err("too big");
     assert!(matches!(err, Error::Malformed(_)), "{err}");
-    let (resp, _tx) = client.send_request(&get("/fine"), true, None).expect("send");
+    let (resp, _tx) = client
+        .send_request(&get("/fine"), true, None)
+        .expect("send");
     let resp = tokio::time::timeout(T, resp)
         .await
         .expect("in time")
@@ -307,7 +313,9 @@ async fn headers_beyond_the_limit_fail_that_stream_only() {
 async fn dropping_a_response_cancels_its_stream_at_the_server() {
     let (addr, _stop) = server(None).await;
     let client = connect(addr).await;
-    let (resp, _tx) = client.send_request(&get("/slow"), true, None).expect("send");
+    let (resp, _tx) = client
+        .send_request(&get("/slow"), true, None)
+        .expect("send");
     let resp = tokio::time::timeout(T, resp)
         .await
         .expect("in time")
@@ -335,13 +343,17 @@ async fn the_peers_stream_limit_and_goaway_are_honoured() {
     let (addr, stop) = server(Some(1)).await;
     let client = connect(addr).await;
     // The server's SETTINGS arrive with the first exchange.
-    let (resp, _tx) = client.send_request(&get("/warm"), true, None).expect("send");
+    let (resp, _tx) = client
+        .send_request(&get("/warm"), true, None)
+        .expect("send");
     let resp = tokio::time::timeout(T, resp)
         .await
         .expect("in time")
         .expect("response");
     drop(resp);
-    let (resp, _tx) = client.send_request(&get("/slow"), true, None).expect("send");
+    let (resp, _tx) = client
+        .send_request(&get("/slow"), true, None)
+        .expect("send");
     let slow = tokio::time::timeout(T, resp)
         .await
         .expect("in time")
@@ -393,7 +405,9 @@ async fn a_vanished_server_fails_requests_in_flight() {
         let _req = conn.accept().await;
     });
     let client = connect(addr).await;
-    let (resp, _tx) = client.send_request(&get("/never"), true, None).expect("send");
+    let (resp, _tx) = client
+        .send_request(&get("/never"), true, None)
+        .expect("send");
     let err = tokio::time::timeout(T, resp)
         .await
         .expect("in time")

@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -64,50 +63,26 @@ struct Idle {
     uses: u32,
 }
 
-/// One HTTP/2 connection to a peer and the streams open on it.
-struct H2Conn {
-    sender: h2::client::SendRequest<Bytes>,
-    streams: Arc<AtomicUsize>,
-    /// Set by the connection's task when the connection has ended.
-    closed: Arc<AtomicBool>,
-}
-
 /// An idle HTTP/2 connection is pinged this often; a peer that does not answer within
 /// `H2_KEEPALIVE_TIMEOUT` is taken for dead and the connection closed.
 const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
-type H2Slot = Arc<tokio::sync::Mutex<Vec<H2Conn>>>;
+/// The HTTP/2 connections to one upstream (one, unless `maxConcurrentStreams` asks for
+/// more): the link's client, which counts its own open streams.
+type H2Slot = Arc<tokio::sync::Mutex<Vec<trellis_link::Client>>>;
 
-/// A stream counted against its connection until the response body is done.
-#[derive(Debug)]
-pub struct StreamGuard(Arc<AtomicUsize>);
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// A live connection with room for another stream, counted in.
-fn with_room(
-    conns: &mut Vec<H2Conn>,
+/// Sends on the first connection with room, without waiting: `None` when none has.
+fn send_on(
+    conns: &[trellis_link::Client],
+    head: &Request<()>,
+    end: bool,
     max_streams: Option<u32>,
-) -> Option<(h2::client::SendRequest<Bytes>, StreamGuard)> {
-    conns.retain(|c| !c.closed.load(Ordering::Acquire));
-    // Connections opened for a burst (maxConcurrentStreams) close when idle again: keep
-    // the first one and any with streams open.
-    let mut first = true;
-    conns.retain(|c| {
-        let keep = first || c.streams.load(Ordering::Acquire) > 0;
-        first = false;
-        keep
-    });
-    let c = conns
+) -> Option<(trellis_link::ResponseFuture, trellis_link::SendStream)> {
+    let max = max_streams.map(|m| m as usize);
+    conns
         .iter()
-        .find(|c| max_streams.is_none_or(|m| c.streams.load(Ordering::Acquire) < m as usize))?;
-    c.streams.fetch_add(1, Ordering::AcqRel);
-    Some((c.sender.clone(), StreamGuard(Arc::clone(&c.streams))))
+        .find_map(|c| c.send_request(head, end, max).ok())
 }
 
 /// Mutual TLS over `stream` to the peer proxy at `addr`, agreeing on `alpn` (what follows).
@@ -431,110 +406,82 @@ impl Pools {
         }
     }
 
-    /// Opens an HTTP/2 connection (h2 directly: the request's own task sends on it and
-    /// awaits the response, with no channel or task per request in between), over mutual
-    /// TLS when `tls` says so. The connection is driven by a task of its own, which also
-    /// pings it while idle.
+    /// Opens an HTTP/2 connection (the link's client: the request's own task sends on it
+    /// and awaits the response, with no channel or task per request in between), over
+    /// mutual TLS when `tls` says so. The connection is driven by a task of its own, which
+    /// also pings it while idle.
     async fn connect_h2(
         addr: SocketAddr,
         dial: Dial,
         tls: Option<UpTls<'_>>,
-    ) -> Result<(h2::client::SendRequest<Bytes>, Arc<AtomicBool>), UpstreamError> {
+    ) -> Result<trellis_link::Client, UpstreamError> {
         let stream = sockets::connect_with(addr, dial)
             .await
             .map_err(|source| UpstreamError::Connect { addr, source })?;
+        let config = trellis_link::Config {
+            keepalive_interval: H2_KEEPALIVE_INTERVAL,
+            keepalive_timeout: H2_KEEPALIVE_TIMEOUT,
+            ..trellis_link::Config::default()
+        };
         let Some(tls) = tls else {
-            return Self::handshake_h2(addr, stream).await;
+            return Ok(trellis_link::handshake(stream, config));
         };
         let stream = tls_connect(stream, addr, dial, tls, trellis_identity::tls::ALPN_MESH_H2)
             .await
             .map_err(|source| UpstreamError::Connect { addr, source })?;
-        Self::handshake_h2(addr, stream).await
+        Ok(trellis_link::handshake(stream, config))
     }
 
-    async fn handshake_h2<T>(
-        addr: SocketAddr,
-        io: T,
-    ) -> Result<(h2::client::SendRequest<Bytes>, Arc<AtomicBool>), UpstreamError>
-    where
-        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        let (sender, mut conn) = h2::client::Builder::new()
-            .enable_push(false)
-            .initial_window_size(1 << 20)
-            .initial_connection_window_size(4 << 20)
-            .handshake::<_, Bytes>(io)
-            .await
-            .map_err(|source| UpstreamError::Request {
-                addr,
-                source: source.into(),
-            })?;
-        let closed = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&closed);
-        let pings = conn.ping_pong();
-        tokio::spawn(async move {
-            tokio::select! {
-                r = &mut conn => {
-                    if let Err(e) = r {
-                        tracing::debug!("upstream HTTP/2 connection {addr}: {e}");
-                    }
-                }
-                () = keep_alive(pings) => {
-                    tracing::info!("upstream HTTP/2 connection {addr} did not answer a ping within {H2_KEEPALIVE_TIMEOUT:?}; closing it");
-                }
-            }
-            flag.store(true, Ordering::Release);
-        });
-        Ok((sender, closed))
-    }
-
-    /// An HTTP/2 connection to `addr` with room for one more stream (all streams share
-    /// one connection unless `max_streams`, a DestinationRule's `maxConcurrentStreams`,
-    /// says otherwise), opened when there is none. The common case (a live connection
-    /// with room, nobody opening one) takes no await. `fresh`: the connection just used
-    /// died; open a new one.
-    async fn h2_sender(
+    /// Sends a request's head on an HTTP/2 connection to `addr` with room for one more
+    /// stream (all streams share one connection unless `max_streams`, a DestinationRule's
+    /// `maxConcurrentStreams`, or the peer's own limit says otherwise), opened when there
+    /// is none. The common case (a live connection with room, nobody opening one) takes
+    /// no await. A connection that is gone is pruned here, and so is one opened for a
+    /// burst once it is idle again.
+    async fn open_stream(
         &self,
         addr: SocketAddr,
         dial: Dial,
         max_streams: Option<u32>,
         tls: Option<UpTls<'_>>,
-        fresh: bool,
-    ) -> Result<(h2::client::SendRequest<Bytes>, StreamGuard), UpstreamError> {
+        head: &Request<()>,
+        end: bool,
+    ) -> Result<(trellis_link::ResponseFuture, trellis_link::SendStream), UpstreamError> {
         let slot = {
             let mut map = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
             Arc::clone(map.entry((addr, UpTls::kind(tls.as_ref()))).or_default())
         };
-        if !fresh {
-            if let Ok(mut conns) = slot.try_lock() {
-                if let Some(found) = with_room(&mut conns, max_streams) {
-                    return Ok(found);
-                }
+        if let Ok(conns) = slot.try_lock() {
+            if let Some(sent) = send_on(&conns, head, end, max_streams) {
+                return Ok(sent);
             }
         }
         Box::pin(async move {
             let mut conns = slot.lock().await;
-            if !fresh {
-                if let Some(found) = with_room(&mut conns, max_streams) {
-                    return Ok(found);
-                }
-            }
-            conns.retain(|c| !c.closed.load(Ordering::Acquire));
-            let (sender, closed) = Self::connect_h2(addr, dial, tls).await?;
-            let streams = Arc::new(AtomicUsize::new(1));
-            conns.push(H2Conn {
-                sender: sender.clone(),
-                streams: Arc::clone(&streams),
-                closed,
+            conns.retain(|c| !c.is_closed());
+            let mut first = true;
+            conns.retain(|c| {
+                let keep = first || c.streams() > 0;
+                first = false;
+                keep
             });
-            Ok((sender, StreamGuard(streams)))
+            if let Some(sent) = send_on(&conns, head, end, max_streams) {
+                return Ok(sent);
+            }
+            let client = Self::connect_h2(addr, dial, tls).await?;
+            let sent = client
+                .send_request(head, end, max_streams.map(|m| m as usize))
+                .map_err(|source| UpstreamError::Request {
+                    addr,
+                    source: source.into(),
+                })?;
+            conns.push(client);
+            Ok(sent)
         })
         .await
     }
 
-    /// Sends a request over a multiplexed HTTP/2 connection to `addr`. When the pooled
-    /// connection turns out to be gone before anything was sent, the request goes on a new
-    /// connection (once).
+    /// Sends a request over a multiplexed HTTP/2 connection to `addr`.
     pub async fn send_h2(
         &self,
         addr: SocketAddr,
@@ -548,39 +495,17 @@ impl Pools {
             ReqBody::Buffered(b) => b.as_ref().is_none_or(Bytes::is_empty),
             ReqBody::Streaming(b) => b.is_end_stream(),
         };
-        let mut fresh = false;
-        let (mut sender, guard) = loop {
-            let (sender, guard) = self.h2_sender(addr, dial, max_streams, tls, fresh).await?;
-            match sender.ready().await {
-                Ok(sender) => break (sender, guard),
-                Err(e) if !fresh => {
-                    tracing::debug!("HTTP/2 connection to {addr} is gone ({e}); opening another");
-                    fresh = true;
-                }
-                Err(e) => {
-                    return Err(UpstreamError::Request {
-                        addr,
-                        source: e.into(),
-                    });
-                }
-            }
-        };
-        let (response, mut tx) =
-            sender
-                .send_request(head, end)
-                .map_err(|source| UpstreamError::Request {
-                    addr,
-                    source: source.into(),
-                })?;
+        let (response, mut tx) = self
+            .open_stream(addr, dial, max_streams, tls, &head, end)
+            .await?;
         if !end {
             match body {
                 ReqBody::Buffered(Some(bytes)) => {
-                    // Flow control permitting, h2 sends it at once; beyond the window it
-                    // is queued. A failure shows on the response.
+                    // Sent as flow control allows; a failure shows on the response.
                     let _ = tx.send_data(bytes, true);
                 }
                 body => {
-                    tokio::spawn(pipe_h2(body, tx));
+                    tokio::spawn(pipe_link(body, tx));
                 }
             }
         }
@@ -588,15 +513,7 @@ impl Pools {
             addr,
             source: source.into(),
         })?;
-        let (parts, recv) = resp.into_parts();
-        let recv = H2Recv::new(recv, &parts.headers);
-        Ok(Response::from_parts(
-            parts,
-            H2Body {
-                recv,
-                _guard: guard,
-            },
-        ))
+        Ok(resp.map(|recv| H2Body { recv }))
     }
 
     /// Idle HTTP/1.1 connections and HTTP/2 peers, per endpoint (for `/clusters`).
@@ -716,22 +633,6 @@ impl Body for PooledBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-/// Pings the connection every `H2_KEEPALIVE_INTERVAL`; returns when a ping goes
-/// unanswered for `H2_KEEPALIVE_TIMEOUT` (or the connection can no longer ping).
-async fn keep_alive(pings: Option<h2::PingPong>) {
-    let Some(mut pings) = pings else {
-        return std::future::pending().await;
-    };
-    loop {
-        tokio::time::sleep(H2_KEEPALIVE_INTERVAL).await;
-        match tokio::time::timeout(H2_KEEPALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) => return std::future::pending().await, // the connection is ending anyway
-            Err(_) => return,
-        }
     }
 }
 
@@ -878,10 +779,9 @@ impl Body for H2Recv {
 }
 
 /// A response body from an HTTP/2 upstream; its stream counts against the connection's
-/// `maxConcurrentStreams` until the body is dropped.
+/// `maxConcurrentStreams` until it has arrived whole (or the body is dropped).
 pub struct H2Body {
-    recv: H2Recv,
-    _guard: StreamGuard,
+    recv: trellis_link::RecvStream,
 }
 
 impl std::fmt::Debug for H2Body {
@@ -892,12 +792,12 @@ impl std::fmt::Debug for H2Body {
 
 impl Body for H2Body {
     type Data = Bytes;
-    type Error = h2::Error;
+    type Error = trellis_link::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, trellis_link::Error>>> {
         Pin::new(&mut self.recv).poll_frame(cx)
     }
 
@@ -907,5 +807,54 @@ impl Body for H2Body {
 
     fn size_hint(&self) -> SizeHint {
         self.recv.size_hint()
+    }
+}
+
+/// A request body sent on a link stream as the peer's flow control allows. Stops when
+/// the peer resets the stream; resets it when the body fails.
+pub async fn pipe_link<B>(mut body: B, mut tx: trellis_link::SendStream)
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    loop {
+        let frame = std::future::poll_fn(|cx| {
+            if tx.poll_reset(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            match tx.poll_ready(cx) {
+                Poll::Ready(Ok(())) => Pin::new(&mut body).poll_frame(cx).map(Some),
+                Poll::Ready(Err(_)) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        let frame = match frame {
+            None => return, // reset, or the connection failed: nobody wants the rest
+            Some(None) => {
+                let _ = tx.send_data(Bytes::new(), true);
+                return;
+            }
+            Some(Some(Err(e))) => {
+                tracing::debug!("body sent on HTTP/2 failed: {e}");
+                tx.send_reset(trellis_link::Reason::CANCEL);
+                return;
+            }
+            Some(Some(Ok(f))) => f,
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                let last = body.is_end_stream();
+                if tx.send_data(data, last).is_err() || last {
+                    return;
+                }
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let _ = tx.send_trailers(trailers);
+                    return;
+                }
+            }
+        }
     }
 }
