@@ -1,11 +1,20 @@
-//! The client side of the link: one HTTP/2 connection carrying many requests.
+//! One HTTP/2 connection carrying many streams, for either side of the link.
 //!
-//! All of a connection's state sits behind one mutex. A request's own task encodes its
-//! HEADERS and DATA frames into the connection's write buffer and awaits its response; a
-//! driver task per connection writes that buffer to the socket, reads frames, hands each
-//! to its stream and wakes the task waiting on it. There is no channel, no task and no
-//! frame object per request, and frames are encoded once, straight into the buffer the
-//! socket is written from.
+//! All of a connection's state sits behind one mutex. A stream's own task encodes its
+//! HEADERS and DATA frames into the connection's write buffer and awaits what it needs; a
+//! driver per connection writes that buffer to the socket, reads frames, hands each to
+//! its stream and wakes the task waiting on it. There is no channel, no task and no frame
+//! object per request, and frames are encoded once, straight into the buffer the socket is
+//! written from. The client's driver is a task of its own; the server's runs in the task
+//! that accepts its streams.
+//!
+//! A peer cannot make the connection hold more than it should: what waits to be written
+//! is bounded (reading stops above it), header blocks are bounded, and frames that cost
+//! us work but carry nothing (resets of streams we serve, empty DATA, PING, SETTINGS) are
+//! budgeted: a peer that keeps sending them is told ENHANCE_YOUR_CALM and disconnected.
+
+pub mod client;
+pub mod server;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -16,22 +25,25 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, header};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::frame::{self, Head, Reason};
-use crate::hpack::{self, Field, Name, Pseudo};
+use crate::hpack::{self, Field, Name};
 
 /// How a link connection behaves.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Each stream's receive window (how much of a response may arrive unread).
+    /// Each stream's receive window (how much of a body may arrive unread).
     pub stream_window: u32,
     /// The connection's receive window, shared by its streams.
     pub conn_window: u32,
-    /// The most header bytes (RFC 9113's accounting) a response may carry.
+    /// The most header bytes (RFC 9113's accounting) a message may carry. A server answers
+    /// a request with more with 431.
     pub max_header_list: usize,
+    /// Streams a client may open at once on a server (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_concurrent_streams: u32,
     /// A ping is sent when this long has passed since the last one was answered…
     pub keepalive_interval: Duration,
     /// …and the connection is taken for dead when it goes unanswered this long.
@@ -44,6 +56,7 @@ impl Default for Config {
             stream_window: 1 << 20,
             conn_window: 4 << 20,
             max_header_list: 64 << 10,
+            max_concurrent_streams: 1024,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(20),
         }
@@ -113,9 +126,12 @@ const BLOCK_SLACK: usize = 2;
 
 #[derive(Default)]
 struct Stream {
-    /// The response head, until the response future takes it.
-    head: Option<Response<()>>,
+    /// A response head (client side), until the response future takes it.
+    head: Option<http::Response<()>>,
+    /// The message head arrived (a server's streams begin with it).
     head_seen: bool,
+    /// A server has sent its response head.
+    responded: bool,
     data: VecDeque<Bytes>,
     trailers: Option<HeaderMap>,
     /// END_STREAM received.
@@ -140,7 +156,39 @@ struct Stream {
     open: bool,
 }
 
+/// Which side of the connection this is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Client,
+    Server,
+}
+
+/// A server's graceful shutdown (RFC 9113 §6.8): GOAWAY with the largest id and a PING,
+/// then, once the PING is answered (every stream the client had sent is known), GOAWAY
+/// with the last stream that will be served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Shutdown {
+    No,
+    Pinged,
+    Done(u32),
+}
+
+/// The PING payload of a graceful shutdown.
+const SHUTDOWN_PING: [u8; 8] = *b"goaway\0\0";
+/// The PING payload of keepalives.
+const KEEPALIVE_PING: [u8; 8] = *b"trellis\0";
+
+/// What may wait in the write buffer before streams stop adding data and the driver
+/// stops reading (a peer that does not read cannot make us buffer without bound).
+const OUT_HIGH: usize = 1 << 20;
+
+/// Frames that cost work and carry nothing (peer resets of served streams, empty DATA,
+/// PING, SETTINGS): this many at once, refilled at this many per second.
+const ABUSE_BURST: f64 = 2000.0;
+const ABUSE_RATE: f64 = 1000.0;
+
 struct State {
+    role: Role,
     out: BytesMut,
     driver: Option<Waker>,
     enc: hpack::Encoder,
@@ -157,8 +205,18 @@ struct State {
     unreleased: u32,
     /// Set once the connection takes no new streams; streams see it when it ends.
     closed: Option<Error>,
+    /// Handles on the connection (a client's clones, a server's one).
     clients: usize,
     config: Config,
+    /// A stream's data did not all fit in the write buffer: flush it again once written.
+    starved: bool,
+    /// Server: the largest stream id the client opened, and requests to hand out.
+    last_peer_id: u32,
+    accept: VecDeque<(u32, http::Request<()>)>,
+    shutdown: Shutdown,
+    /// Tokens left for frames that cost work and carry nothing, and when last refilled.
+    budget: f64,
+    refilled: std::time::Instant,
 }
 
 struct Shared {
@@ -190,6 +248,10 @@ impl State {
             return;
         }
         while let Some(front) = s.pending.front_mut() {
+            if self.out.len() >= OUT_HIGH && !front.is_empty() {
+                self.starved = true;
+                break;
+            }
             let room = s.send_window.min(self.send_window).max(0) as usize;
             let n = room.min(front.len()).min(max_frame);
             if n == 0 && !front.is_empty() {
@@ -224,14 +286,12 @@ impl State {
                 s.send_end = true;
                 self.scratch.clear();
                 self.enc.begin(&mut self.scratch);
-                for (name, value) in &trailers {
-                    self.enc.encode(
-                        &Name::Header(name.clone()),
-                        value.as_bytes(),
-                        value.is_sensitive(),
-                        &mut self.scratch,
-                    );
-                }
+                encode_fields(
+                    &mut self.enc,
+                    &trailers,
+                    connection_specific,
+                    &mut self.scratch,
+                );
                 frame::put_header_block(&mut self.out, id, true, &self.scratch, max_frame);
             } else if s.pending_end {
                 s.send_end = true;
@@ -246,6 +306,16 @@ impl State {
         if s.send_end {
             self.settle(id);
         }
+    }
+
+    /// Takes a token for a frame that costs work and carries nothing; `false` when the
+    /// peer has used them all.
+    fn spend(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(self.refilled).as_secs_f64() * ABUSE_RATE;
+        self.refilled = now;
+        self.budget = (self.budget + refill).min(ABUSE_BURST) - 1.0;
+        self.budget >= 0.0
     }
 
     /// After a stream's state changed: once closed both ways it no longer counts as
@@ -312,234 +382,6 @@ impl State {
     }
 }
 
-/// A handle on a link connection; clones share it. The connection closes when the last
-/// handle and the last stream are gone.
-pub struct Client {
-    shared: Arc<Shared>,
-}
-
-impl std::fmt::Debug for Client {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").finish_non_exhaustive()
-    }
-}
-
-impl Clone for Client {
-    fn clone(&self) -> Self {
-        self.shared.lock().clients += 1;
-        Client {
-            shared: Arc::clone(&self.shared),
-        }
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        let mut st = self.shared.lock();
-        st.clients -= 1;
-        let w = if st.clients == 0 {
-            st.driver.take()
-        } else {
-            None
-        };
-        drop(st);
-        wake(w);
-    }
-}
-
-/// Starts a connection on `io` (already connected, TLS done): queues the preface and
-/// settings and spawns the task that drives the connection.
-pub fn handshake<T>(io: T, config: Config) -> Client
-where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let mut out = BytesMut::with_capacity(16 << 10);
-    out.extend_from_slice(frame::PREFACE);
-    frame::put_settings(
-        &mut out,
-        &[
-            (frame::SETTINGS_ENABLE_PUSH, 0),
-            (frame::SETTINGS_INITIAL_WINDOW_SIZE, config.stream_window),
-            (
-                frame::SETTINGS_MAX_HEADER_LIST_SIZE,
-                config.max_header_list as u32,
-            ),
-        ],
-    );
-    let default_window = 65_535u32;
-    if config.conn_window > default_window {
-        frame::put_window_update(&mut out, 0, config.conn_window - default_window);
-    }
-    let state = State {
-        out,
-        driver: None,
-        enc: hpack::Encoder::default(),
-        scratch: BytesMut::new(),
-        streams: StreamMap::default(),
-        open: 0,
-        next_id: 1,
-        peer_initial_window: 65_535,
-        peer_max_frame: frame::DEFAULT_MAX_FRAME,
-        peer_max_streams: usize::MAX,
-        send_window: 65_535,
-        recv_window: i64::from(config.conn_window.max(default_window)),
-        unreleased: 0,
-        closed: None,
-        clients: 1,
-        config: config.clone(),
-    };
-    let shared = Arc::new(Shared {
-        state: Mutex::new(state),
-    });
-    let driver = Driver {
-        io,
-        shared: Arc::clone(&shared),
-        rbuf: BytesMut::with_capacity(16 << 10),
-        wbuf: Bytes::new(),
-        dec: hpack::Decoder::default(),
-        block: None,
-        wakers: Vec::new(),
-        keepalive: Box::pin(tokio::time::sleep(config.keepalive_interval)),
-        ping_out: false,
-        config,
-    };
-    tokio::spawn(driver);
-    Client { shared }
-}
-
-/// Pseudo and connection-specific fields that never travel as regular HTTP/2 headers.
-fn skip_request_header(name: &HeaderName) -> bool {
-    matches!(
-        *name,
-        header::HOST
-            | header::CONNECTION
-            | header::TRANSFER_ENCODING
-            | header::UPGRADE
-            | header::TE
-            | header::PROXY_AUTHENTICATE
-    ) || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
-}
-
-impl Client {
-    /// The connection takes no new streams (closed, closing, or out of stream ids).
-    pub fn is_closed(&self) -> bool {
-        let st = self.shared.lock();
-        st.closed.is_some() || st.next_id > MAX_STREAM_ID
-    }
-
-    /// Streams open now (not yet closed both ways).
-    pub fn streams(&self) -> usize {
-        self.shared.lock().open
-    }
-
-    /// Whether one more stream fits: the peer's SETTINGS_MAX_CONCURRENT_STREAMS and
-    /// `max` (a DestinationRule's limit), if any.
-    pub fn has_room(&self, max: Option<usize>) -> bool {
-        let st = self.shared.lock();
-        st.closed.is_none()
-            && st.next_id <= MAX_STREAM_ID
-            && st.open < st.peer_max_streams.min(max.unwrap_or(usize::MAX))
-    }
-
-    /// Sends a request's head; the body, unless `end_of_stream`, follows on the returned
-    /// sender. Fails at once, having sent nothing, when the connection takes no new
-    /// streams ([`Error::Closed`]) or has `max_streams` (or the peer's limit) open
-    /// ([`Error::Busy`]).
-    pub fn send_request(
-        &self,
-        head: &Request<()>,
-        end_of_stream: bool,
-        max_streams: Option<usize>,
-    ) -> Result<(ResponseFuture, SendStream), Error> {
-        let uri = head.uri();
-        let authority = uri.authority().map(|a| a.as_str()).or_else(|| {
-            head.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-        });
-        let scheme = uri.scheme_str().unwrap_or("http");
-        let path = uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut st = self.shared.lock();
-        if let Some(e) = &st.closed {
-            return Err(e.clone());
-        }
-        if st.next_id > MAX_STREAM_ID {
-            return Err(Error::Closed("out of stream ids".into()));
-        }
-        if st.open >= st.peer_max_streams.min(max_streams.unwrap_or(usize::MAX)) {
-            return Err(Error::Busy);
-        }
-        let id = st.next_id;
-        st.next_id += 2;
-        let State { enc, scratch, .. } = &mut *st;
-        scratch.clear();
-        enc.begin(scratch);
-        enc.encode(
-            &Name::Pseudo(Pseudo::Method),
-            head.method().as_str().as_bytes(),
-            false,
-            scratch,
-        );
-        enc.encode(
-            &Name::Pseudo(Pseudo::Scheme),
-            scheme.as_bytes(),
-            false,
-            scratch,
-        );
-        if let Some(a) = authority {
-            enc.encode(
-                &Name::Pseudo(Pseudo::Authority),
-                a.as_bytes(),
-                false,
-                scratch,
-            );
-        }
-        enc.encode(&Name::Pseudo(Pseudo::Path), path.as_bytes(), false, scratch);
-        for (name, value) in head.headers() {
-            if skip_request_header(name) {
-                if name == header::TE && value.as_bytes().eq_ignore_ascii_case(b"trailers") {
-                    enc.encode(&Name::Header(name.clone()), b"trailers", false, scratch);
-                }
-                continue;
-            }
-            enc.encode(
-                &Name::Header(name.clone()),
-                value.as_bytes(),
-                value.is_sensitive(),
-                scratch,
-            );
-        }
-        let max_frame = st.peer_max_frame;
-        let State { out, scratch, .. } = &mut *st;
-        frame::put_header_block(out, id, end_of_stream, scratch, max_frame);
-        let stream = Stream {
-            recv_window: i64::from(st.config.stream_window),
-            send_window: st.peer_initial_window,
-            send_end: end_of_stream,
-            handles: 2,
-            open: true,
-            ..Stream::default()
-        };
-        st.streams.insert(id, stream);
-        st.open += 1;
-        let w = st.driver.take();
-        drop(st);
-        wake(w);
-        Ok((
-            ResponseFuture {
-                shared: Arc::clone(&self.shared),
-                id,
-                done: false,
-            },
-            SendStream {
-                shared: Arc::clone(&self.shared),
-                id,
-            },
-        ))
-    }
-}
-
 /// Releases one handle on a stream; the last one resets a stream still open.
 fn drop_handle(shared: &Shared, id: u32) {
     let mut st = shared.lock();
@@ -557,65 +399,6 @@ fn drop_handle(shared: &Shared, id: u32) {
         let w = st.driver.take();
         drop(st);
         wake(w);
-    }
-}
-
-/// The response to a request.
-pub struct ResponseFuture {
-    shared: Arc<Shared>,
-    id: u32,
-    done: bool,
-}
-
-impl std::fmt::Debug for ResponseFuture {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResponseFuture")
-            .field("id", &self.id)
-            .finish()
-    }
-}
-
-impl Future for ResponseFuture {
-    type Output = Result<Response<RecvStream>, Error>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut st = self.shared.lock();
-        let Some(s) = st.streams.get_mut(&self.id) else {
-            return Poll::Ready(Err(Error::Closed("stream gone".into())));
-        };
-        if let Some(head) = s.head.take() {
-            drop(st);
-            let remaining = head
-                .headers()
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
-            self.done = true;
-            let (parts, ()) = head.into_parts();
-            return Poll::Ready(Ok(Response::from_parts(
-                parts,
-                RecvStream {
-                    shared: Arc::clone(&self.shared),
-                    id: self.id,
-                    remaining,
-                    done: false,
-                },
-            )));
-        }
-        if let Some(e) = &s.error {
-            return Poll::Ready(Err(e.clone()));
-        }
-        s.recv_waker = Some(cx.waker().clone());
-        Poll::Pending
-    }
-}
-
-impl Drop for ResponseFuture {
-    fn drop(&mut self) {
-        // Once the response is out, its body holds the handle instead.
-        if !self.done {
-            drop_handle(&self.shared, self.id);
-        }
     }
 }
 
@@ -839,6 +622,106 @@ impl SendStream {
     }
 }
 
+/// A new connection's shared state and its driver, with what opens the connection (the
+/// client's preface, then each side's SETTINGS and connection window) queued.
+fn start<T>(io: T, config: Config, role: Role) -> (Arc<Shared>, Driver<T>) {
+    let mut out = BytesMut::with_capacity(16 << 10);
+    let mut settings = vec![
+        (frame::SETTINGS_INITIAL_WINDOW_SIZE, config.stream_window),
+        (
+            frame::SETTINGS_MAX_HEADER_LIST_SIZE,
+            config.max_header_list as u32,
+        ),
+    ];
+    match role {
+        Role::Client => {
+            out.extend_from_slice(frame::PREFACE);
+            settings.push((frame::SETTINGS_ENABLE_PUSH, 0));
+        }
+        Role::Server => {
+            settings.push((
+                frame::SETTINGS_MAX_CONCURRENT_STREAMS,
+                config.max_concurrent_streams,
+            ));
+        }
+    }
+    frame::put_settings(&mut out, &settings);
+    let default_window = 65_535u32;
+    if config.conn_window > default_window {
+        frame::put_window_update(&mut out, 0, config.conn_window - default_window);
+    }
+    let state = State {
+        role,
+        out,
+        driver: None,
+        enc: hpack::Encoder::default(),
+        scratch: BytesMut::new(),
+        streams: StreamMap::default(),
+        open: 0,
+        next_id: 1,
+        peer_initial_window: 65_535,
+        peer_max_frame: frame::DEFAULT_MAX_FRAME,
+        peer_max_streams: usize::MAX,
+        send_window: 65_535,
+        recv_window: i64::from(config.conn_window.max(default_window)),
+        unreleased: 0,
+        closed: None,
+        clients: 1,
+        config: config.clone(),
+        starved: false,
+        last_peer_id: 0,
+        accept: VecDeque::new(),
+        shutdown: Shutdown::No,
+        budget: ABUSE_BURST,
+        refilled: std::time::Instant::now(),
+    };
+    let shared = Arc::new(Shared {
+        state: Mutex::new(state),
+    });
+    let driver = Driver {
+        io,
+        shared: Arc::clone(&shared),
+        rbuf: BytesMut::with_capacity(16 << 10),
+        wbuf: Bytes::new(),
+        dec: hpack::Decoder::default(),
+        block: None,
+        wakers: Vec::new(),
+        keepalive: Box::pin(tokio::time::sleep(config.keepalive_interval)),
+        ping_out: false,
+        config,
+        preface: role == Role::Server,
+    };
+    (shared, driver)
+}
+
+/// Encodes a header map's fields into `dst` (trailers, or a head's regular fields).
+fn encode_fields(
+    enc: &mut hpack::Encoder,
+    headers: &HeaderMap,
+    skip: fn(&HeaderName) -> bool,
+    dst: &mut BytesMut,
+) {
+    for (name, value) in headers {
+        if !skip(name) {
+            enc.encode(
+                &Name::Header(name.clone()),
+                value.as_bytes(),
+                value.is_sensitive(),
+                dst,
+            );
+        }
+    }
+}
+
+/// Header fields that are connection-specific, which HTTP/2 forbids (RFC 9113 §8.2.2).
+fn connection_specific(name: &HeaderName) -> bool {
+    matches!(
+        *name,
+        header::CONNECTION | header::TRANSFER_ENCODING | header::UPGRADE
+    ) || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
 /// A header block being received: HEADERS then CONTINUATION frames.
 struct Block {
     stream: u32,
@@ -846,7 +729,7 @@ struct Block {
     bytes: BytesMut,
 }
 
-/// The task that owns the socket.
+/// What owns the socket: the client's connection task, or the server's accepting task.
 struct Driver<T> {
     io: T,
     shared: Arc<Shared>,
@@ -858,6 +741,8 @@ struct Driver<T> {
     keepalive: Pin<Box<tokio::time::Sleep>>,
     ping_out: bool,
     config: Config,
+    /// A server has yet to read the client's preface.
+    preface: bool,
 }
 
 /// A connection error: the connection ends with GOAWAY(reason).
@@ -871,18 +756,7 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
-        match this.run(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(why) => {
-                let mut st = this.shared.lock();
-                st.fail_all(Error::Closed(why.into()), &mut this.wakers);
-                drop(st);
-                for w in this.wakers.drain(..) {
-                    w.wake();
-                }
-                Poll::Ready(())
-            }
-        }
+        this.run(cx).map(|why| this.finish(why))
     }
 }
 
@@ -890,6 +764,17 @@ impl<T> Driver<T>
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
+    /// The connection has ended: every stream fails.
+    fn finish(&mut self, why: String) {
+        tracing::debug!("HTTP/2 connection ended: {why}");
+        let mut st = self.shared.lock();
+        st.fail_all(Error::Closed(why.into()), &mut self.wakers);
+        drop(st);
+        for w in self.wakers.drain(..) {
+            w.wake();
+        }
+    }
+
     /// Runs until the connection ends; the reason it ended.
     fn run(&mut self, cx: &mut Context<'_>) -> Poll<String> {
         loop {
@@ -917,6 +802,24 @@ where
                 if let Poll::Ready(Err(e)) = Pin::new(&mut self.io).poll_flush(cx) {
                     return Poll::Ready(format!("write failed: {e}"));
                 }
+                let mut st = self.shared.lock();
+                if st.starved && st.out.len() < OUT_HIGH {
+                    st.starved = false;
+                    let ids: Vec<u32> = st
+                        .streams
+                        .iter()
+                        .filter(|(_, s)| !s.pending.is_empty())
+                        .map(|(&id, _)| id)
+                        .collect();
+                    for id in ids {
+                        st.flush_stream(id);
+                    }
+                }
+            }
+            // The socket is backed up and plenty waits: read nothing more until it drains
+            // (what the peer sends may only add to what waits).
+            if !self.wbuf.is_empty() && self.shared.lock().out.len() >= OUT_HIGH {
+                return Poll::Pending;
             }
             // Read what has arrived.
             if self.rbuf.capacity() - self.rbuf.len() < 4096 {
@@ -928,7 +831,7 @@ where
                 Poll::Ready(Ok(_)) => {
                     if let Err(ConnError(reason, why)) = self.frames() {
                         let mut st = self.shared.lock();
-                        let last = st.next_id.saturating_sub(2);
+                        let last = st.last_peer_id;
                         frame::put_goaway(&mut st.out, last, reason);
                         let out = st.out.split().freeze();
                         drop(st);
@@ -953,7 +856,7 @@ where
                     ));
                 }
                 self.ping_out = true;
-                frame::put_ping(&mut self.shared.lock().out, false, *b"trellis\0");
+                frame::put_ping(&mut self.shared.lock().out, false, KEEPALIVE_PING);
                 let at = tokio::time::Instant::now() + self.config.keepalive_timeout;
                 self.keepalive.as_mut().reset(at);
                 continue;
@@ -962,11 +865,23 @@ where
             if !st.out.is_empty() && self.wbuf.is_empty() {
                 continue;
             }
-            if st.clients == 0 && st.streams.is_empty() {
-                return Poll::Ready("no longer used".into());
-            }
-            if st.closed.is_some() && st.streams.is_empty() {
-                return Poll::Ready("drained after GOAWAY".into());
+            match st.role {
+                Role::Client => {
+                    if st.clients == 0 && st.streams.is_empty() {
+                        return Poll::Ready("no longer used".into());
+                    }
+                    if st.closed.is_some() && st.streams.is_empty() {
+                        return Poll::Ready("drained after GOAWAY".into());
+                    }
+                }
+                Role::Server => {
+                    if st.clients == 0 {
+                        return Poll::Ready("no longer served".into());
+                    }
+                    if matches!(st.shutdown, Shutdown::Done(_)) && st.open == 0 {
+                        return Poll::Ready("drained after GOAWAY".into());
+                    }
+                }
             }
             st.driver = Some(cx.waker().clone());
             return Poll::Pending;
@@ -977,6 +892,16 @@ where
     fn frames(&mut self) -> Result<(), ConnError> {
         let shared = Arc::clone(&self.shared);
         let mut st = shared.lock();
+        if self.preface {
+            if self.rbuf.len() < frame::PREFACE.len() {
+                return Ok(());
+            }
+            if &self.rbuf[..frame::PREFACE.len()] != frame::PREFACE {
+                return Err(ConnError(Reason::PROTOCOL_ERROR, "not an HTTP/2 preface"));
+            }
+            self.rbuf.advance(frame::PREFACE.len());
+            self.preface = false;
+        }
         while self.rbuf.len() >= 9 {
             let head = Head::parse(&self.rbuf);
             if head.len > frame::DEFAULT_MAX_FRAME {
@@ -1008,10 +933,11 @@ where
         match head.kind {
             frame::DATA => self.data(st, head, payload),
             frame::HEADERS => {
-                if head.stream == 0 || head.stream.is_multiple_of(2) {
+                // Streams are the client's, with odd ids.
+                if head.stream.is_multiple_of(2) {
                     return Err(ConnError(
                         Reason::PROTOCOL_ERROR,
-                        "HEADERS on a stream we did not open",
+                        "HEADERS on an even stream id",
                     ));
                 }
                 let mut p = payload;
@@ -1071,6 +997,17 @@ where
                 let reason = Reason(u32::from_be_bytes([
                     payload[0], payload[1], payload[2], payload[3],
                 ]));
+                if head.stream == 0 {
+                    return Err(ConnError(Reason::PROTOCOL_ERROR, "RST_STREAM on stream 0"));
+                }
+                let costly = st.role == Role::Server
+                    && st.streams.get(&head.stream).is_some_and(|s| !s.responded);
+                if costly && !st.spend() {
+                    return Err(ConnError(
+                        Reason::ENHANCE_YOUR_CALM,
+                        "too many streams reset",
+                    ));
+                }
                 if let Some(s) = st.streams.get_mut(&head.stream) {
                     let e = if reason == Reason::REFUSED_STREAM {
                         Error::Refused
@@ -1097,10 +1034,20 @@ where
                     return Err(ConnError(Reason::FRAME_SIZE_ERROR, "bad PING"));
                 }
                 if head.flags & frame::ACK != 0 {
+                    if payload[..] == SHUTDOWN_PING && st.shutdown == Shutdown::Pinged {
+                        // Every stream the client sent before our first GOAWAY has arrived.
+                        st.shutdown = Shutdown::Done(st.last_peer_id);
+                        frame::put_goaway(&mut st.out, st.last_peer_id, Reason::NO_ERROR);
+                        st.closed
+                            .get_or_insert_with(|| Error::Closed("shutting down".into()));
+                    }
                     self.ping_out = false;
                     let at = tokio::time::Instant::now() + self.config.keepalive_interval;
                     self.keepalive.as_mut().reset(at);
                 } else {
+                    if !st.spend() {
+                        return Err(ConnError(Reason::ENHANCE_YOUR_CALM, "too many PINGs"));
+                    }
                     let mut p = [0u8; 8];
                     p.copy_from_slice(&payload);
                     frame::put_ping(&mut st.out, true, p);
@@ -1197,6 +1144,12 @@ where
                 "peer overran the connection window",
             ));
         }
+        if flow == 0 && head.flags & frame::END_STREAM == 0 && !st.spend() {
+            return Err(ConnError(
+                Reason::ENHANCE_YOUR_CALM,
+                "too many empty DATA frames",
+            ));
+        }
         let mut p = payload;
         strip_padding(head.flags, &mut p)?;
         let id = head.stream;
@@ -1257,6 +1210,9 @@ where
                 Reason::FRAME_SIZE_ERROR,
                 "SETTINGS of the wrong size",
             ));
+        }
+        if !st.spend() {
+            return Err(ConnError(Reason::ENHANCE_YOUR_CALM, "too many SETTINGS"));
         }
         for s in payload.chunks_exact(6) {
             let id = u16::from_be_bytes([s[0], s[1]]);
@@ -1326,45 +1282,9 @@ where
                 Ok(())
             })
             .map_err(|_| ConnError(Reason::COMPRESSION_ERROR, "header block did not decode"))?;
-        let Some(s) = st.streams.get_mut(&id) else {
-            return Ok(());
-        };
-        if s.error.is_some() || s.recv_end {
-            return Ok(());
-        }
-        let outcome = if size > limit {
-            Err(Error::Malformed("response headers larger than allowed"))
-        } else if !s.head_seen {
-            response_head(fields).map(|head| {
-                if let Some(head) = head {
-                    s.head_seen = true;
-                    s.head = Some(head);
-                }
-            })
-        } else if !end_stream {
-            Err(Error::Malformed("trailers without END_STREAM"))
-        } else {
-            trailers(fields).map(|t| s.trailers = Some(t))
-        };
-        match outcome {
-            Ok(()) => {
-                if end_stream {
-                    if !s.head_seen {
-                        s.error = Some(Error::Malformed("END_STREAM on an informational response"));
-                    }
-                    s.recv_end = true;
-                }
-                self.wakers.extend(s.recv_waker.take());
-                st.settle(id);
-            }
-            Err(e) => {
-                self.wakers.extend(s.recv_waker.take());
-                self.wakers.extend(s.send_waker.take());
-                st.reset(id, Reason::PROTOCOL_ERROR);
-                if let Some(s) = st.streams.get_mut(&id) {
-                    s.error = Some(e);
-                }
-            }
+        match st.role {
+            Role::Client => self.response_block(st, id, end_stream, fields, size > limit),
+            Role::Server => self.request_block(st, id, end_stream, fields, size > limit),
         }
         Ok(())
     }
@@ -1391,56 +1311,6 @@ fn strip_padding(flags: u8, p: &mut Bytes) -> Result<usize, ConnError> {
     p.advance(1);
     p.truncate(p.len() - pad);
     Ok(pad)
-}
-
-/// Header fields that are connection-specific, which HTTP/2 forbids (RFC 9113 §8.2.2).
-fn connection_specific(name: &HeaderName) -> bool {
-    matches!(
-        *name,
-        header::CONNECTION | header::TRANSFER_ENCODING | header::UPGRADE
-    ) || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
-}
-
-/// A response head from its fields; `None` for an informational (1xx) response, which is
-/// skipped.
-fn response_head(fields: Vec<Field>) -> Result<Option<Response<()>>, Error> {
-    let mut status: Option<StatusCode> = None;
-    let mut headers = HeaderMap::with_capacity(fields.len());
-    let mut regular = false;
-    for f in fields {
-        match f.name {
-            Name::Pseudo(Pseudo::Status) => {
-                if regular || status.is_some() {
-                    return Err(Error::Malformed("misplaced or repeated :status"));
-                }
-                status = Some(
-                    StatusCode::from_bytes(f.value.as_bytes())
-                        .map_err(|_| Error::Malformed("invalid :status"))?,
-                );
-            }
-            Name::Pseudo(_) => return Err(Error::Malformed("request pseudo-header in a response")),
-            Name::Header(name) => {
-                if connection_specific(&name) {
-                    return Err(Error::Malformed("connection-specific header field"));
-                }
-                regular = true;
-                headers.append(name, f.value);
-            }
-        }
-    }
-    let status = status.ok_or(Error::Malformed("no :status"))?;
-    if status.is_informational() {
-        if status == StatusCode::SWITCHING_PROTOCOLS {
-            return Err(Error::Malformed("101 is not allowed in HTTP/2"));
-        }
-        return Ok(None);
-    }
-    let mut resp = Response::new(());
-    *resp.status_mut() = status;
-    *resp.version_mut() = http::Version::HTTP_2;
-    *resp.headers_mut() = headers;
-    Ok(Some(resp))
 }
 
 fn trailers(fields: Vec<Field>) -> Result<HeaderMap, Error> {
