@@ -175,6 +175,9 @@ enum Shutdown {
 
 /// The PING payload of a graceful shutdown.
 const SHUTDOWN_PING: [u8; 8] = *b"goaway\0\0";
+/// How long a connection that failed keeps reading (and dropping) after its GOAWAY.
+const LINGER: Duration = Duration::from_secs(1);
+
 /// The PING payload of keepalives.
 const KEEPALIVE_PING: [u8; 8] = *b"trellis\0";
 
@@ -277,7 +280,7 @@ impl State {
             self.send_window -= n as i64;
             if last {
                 s.send_end = true;
-                self.settle(id);
+                self.finish_sending(id);
                 return;
             }
         }
@@ -304,8 +307,20 @@ impl State {
             }
         }
         if s.send_end {
-            self.settle(id);
+            self.finish_sending(id);
         }
+    }
+
+    /// Our side of a stream has ended. A served stream whose handles are gone but whose
+    /// request is still arriving is told to stop (RST_STREAM NO_ERROR, RFC 9113 §8.1).
+    fn finish_sending(&mut self, id: u32) {
+        if let Some(s) = self.streams.get(&id) {
+            if s.handles == 0 && !s.recv_end && s.error.is_none() {
+                self.reset(id, Reason::NO_ERROR);
+                return;
+            }
+        }
+        self.settle(id);
     }
 
     /// Takes a token for a frame that costs work and carries nothing; `false` when the
@@ -330,7 +345,10 @@ impl State {
                     self.open -= 1;
                 }
                 if s.handles == 0 {
+                    // Data nobody will read still counts against the connection window.
+                    let unread: usize = s.data.iter().map(Bytes::len).sum();
                     self.streams.remove(&id);
+                    self.release(id, unread as u32);
                 }
             }
         }
@@ -385,16 +403,25 @@ impl State {
 /// Releases one handle on a stream; the last one resets a stream still open.
 fn drop_handle(shared: &Shared, id: u32) {
     let mut st = shared.lock();
+    let server = st.role == Role::Server;
     let Some(s) = st.streams.get_mut(&id) else {
         return;
     };
     s.handles -= 1;
     if s.handles == 0 {
         let open = s.error.is_none() && !(s.recv_end && s.send_end);
-        if open {
-            st.reset(id, Reason::CANCEL);
-        } else {
+        if !open {
             st.settle(id);
+        } else if server && (s.pending_end || s.send_end) {
+            // The response is whole, if not yet all sent: it goes out, and what is left
+            // of the request is refused once it has (`finish_sending`).
+            let data: usize = s.data.drain(..).map(|d| d.len()).sum();
+            st.release(id, data as u32);
+            if st.streams.get(&id).is_some_and(|s| s.send_end) {
+                st.finish_sending(id);
+            }
+        } else {
+            st.reset(id, Reason::CANCEL);
         }
         let w = st.driver.take();
         drop(st);
@@ -690,6 +717,7 @@ fn start<T>(io: T, config: Config, role: Role) -> (Arc<Shared>, Driver<T>) {
         ping_out: false,
         config,
         preface: role == Role::Server,
+        closing: None,
     };
     (shared, driver)
 }
@@ -743,6 +771,10 @@ struct Driver<T> {
     config: Config,
     /// A server has yet to read the client's preface.
     preface: bool,
+    /// After a connection error: why, and whether our side is shut down yet. The GOAWAY
+    /// that says why is written, then what the peer still sends is read and dropped for a
+    /// moment, so that closing does not reset the connection before the peer reads it.
+    closing: Option<(String, bool)>,
 }
 
 /// A connection error: the connection ends with GOAWAY(reason).
@@ -775,8 +807,59 @@ where
         }
     }
 
+    /// After a connection error: writes what is queued (the GOAWAY last), shuts our side
+    /// down, and drops what arrives until the peer closes or `LINGER` has passed.
+    fn linger(&mut self, cx: &mut Context<'_>) -> Poll<String> {
+        let failed = |d: &mut Self| {
+            Poll::Ready(
+                d.closing
+                    .as_mut()
+                    .map(|c| std::mem::take(&mut c.0))
+                    .unwrap_or_default(),
+            )
+        };
+        loop {
+            let shut = self.closing.as_ref().is_none_or(|c| c.1);
+            loop {
+                if self.wbuf.is_empty() {
+                    let mut st = self.shared.lock();
+                    if st.out.is_empty() {
+                        break;
+                    }
+                    self.wbuf = st.out.split().freeze();
+                }
+                match Pin::new(&mut self.io).poll_write(cx, &self.wbuf) {
+                    Poll::Ready(Ok(n)) if n > 0 => self.wbuf.advance(n),
+                    Poll::Pending => break,
+                    Poll::Ready(_) => return failed(self),
+                }
+            }
+            if self.wbuf.is_empty() && !shut {
+                if Pin::new(&mut self.io).poll_shutdown(cx).is_ready() {
+                    if let Some(c) = &mut self.closing {
+                        c.1 = true;
+                    }
+                }
+            }
+            self.rbuf.clear();
+            self.rbuf.reserve(16 << 10);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
+                Poll::Ready(Ok(n)) if n > 0 => continue,
+                Poll::Ready(_) => return failed(self),
+                Poll::Pending => {}
+            }
+            if self.keepalive.as_mut().poll(cx).is_ready() {
+                return failed(self);
+            }
+            return Poll::Pending;
+        }
+    }
+
     /// Runs until the connection ends; the reason it ended.
     fn run(&mut self, cx: &mut Context<'_>) -> Poll<String> {
+        if self.closing.is_some() {
+            return self.linger(cx);
+        }
         loop {
             // Write what is queued.
             let mut wrote = false;
@@ -830,14 +913,19 @@ where
                 Poll::Ready(Ok(0)) => return Poll::Ready("closed by the peer".into()),
                 Poll::Ready(Ok(_)) => {
                     if let Err(ConnError(reason, why)) = self.frames() {
+                        let why = format!("{why} ({reason})");
                         let mut st = self.shared.lock();
                         let last = st.last_peer_id;
                         frame::put_goaway(&mut st.out, last, reason);
-                        let out = st.out.split().freeze();
+                        st.fail_all(Error::Closed(why.clone().into()), &mut self.wakers);
                         drop(st);
-                        // Best effort: tell the peer why before closing.
-                        let _ = Pin::new(&mut self.io).poll_write(cx, &out);
-                        return Poll::Ready(format!("{why} ({reason})"));
+                        for w in self.wakers.drain(..) {
+                            w.wake();
+                        }
+                        self.closing = Some((why, false));
+                        let at = tokio::time::Instant::now() + LINGER;
+                        self.keepalive.as_mut().reset(at);
+                        return self.linger(cx);
                     }
                     for w in self.wakers.drain(..) {
                         w.wake();
@@ -1174,6 +1262,16 @@ where
         s.recv_window -= flow;
         if s.recv_window < 0 {
             st.reset(id, Reason::FLOW_CONTROL_ERROR);
+            return Ok(());
+        }
+        if s.handles == 0 {
+            // Nobody reads this stream any more.
+            let n = p.len() as u32;
+            if head.flags & frame::END_STREAM != 0 {
+                s.recv_end = true;
+            }
+            st.release(id, n + padding);
+            st.settle(id);
             return Ok(());
         }
         if !p.is_empty() {
