@@ -9,7 +9,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::h1::H1Body;
-use crate::pool::{BoxError, H2Body, H2Recv, PooledBody};
+use crate::pool::{BoxError, PooledBody};
 
 #[derive(Debug)]
 pub enum ProxyBody {
@@ -22,7 +22,7 @@ pub enum ProxyBody {
     /// Streamed from a pooled HTTP/1.1 upstream connection (the lean client).
     Fast(H1Body),
     /// Streamed from an HTTP/2 upstream connection.
-    H2(H2Body),
+    H2(trellis_link::RecvStream),
 }
 
 impl ProxyBody {
@@ -93,7 +93,7 @@ pub enum ReqBody {
 #[derive(Debug)]
 pub enum Streaming {
     Hyper(Incoming),
-    H2(H2Recv),
+    H2(trellis_link::RecvStream),
 }
 
 impl Body for Streaming {

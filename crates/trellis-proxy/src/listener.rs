@@ -543,10 +543,11 @@ async fn serve_http<S>(
     }
 }
 
-/// Serves HTTP/2 on a connection with the h2 crate directly: each stream runs in a task of
+/// Serves HTTP/2 on a connection with the link's server: each stream runs in a task of
 /// its own (so that a peer's one connection can use every worker), and its response goes
 /// back as the client's flow control allows. A client that resets a stream cancels the
-/// request upstream. `stop` sends GOAWAY; the streams in flight finish.
+/// request upstream. `stop` starts a graceful shutdown (GOAWAY); the streams in flight
+/// finish.
 async fn serve_h2<S>(
     io: S,
     peer: SocketAddr,
@@ -557,31 +558,19 @@ async fn serve_h2<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let mut conn = match h2::server::Builder::new()
-        .initial_window_size(1 << 20)
-        .initial_connection_window_size(4 << 20)
-        .max_header_list_size(max_header_list)
-        .handshake::<_, bytes::Bytes>(io)
-        .await
-    {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::info!("HTTP/2 handshake from {peer} failed: {e}");
-            return;
-        }
+    let config = trellis_link::Config {
+        max_header_list: max_header_list as usize,
+        ..trellis_link::Config::default()
     };
+    let mut conn = trellis_link::serve(io, config);
     let mut stopping = false;
     loop {
         tokio::select! {
             next = conn.accept() => match next {
-                Some(Ok((req, respond))) => {
+                Some((req, tx)) => {
                     let shared = Arc::clone(shared);
                     let route = route.clone();
-                    tokio::spawn(serve_h2_stream(shared, route, peer, req, respond));
-                }
-                Some(Err(e)) => {
-                    tracing::info!("HTTP/2 connection from {peer} ended with an error: {e}");
-                    return;
+                    tokio::spawn(serve_h2_stream(shared, route, peer, req, tx));
                 }
                 None => return,
             },
@@ -597,38 +586,39 @@ async fn serve_h2_stream(
     shared: Arc<Shared>,
     route: Route,
     peer: SocketAddr,
-    req: ::http::Request<h2::RecvStream>,
-    mut respond: h2::server::SendResponse<bytes::Bytes>,
+    req: ::http::Request<trellis_link::RecvStream>,
+    mut tx: trellis_link::SendStream,
 ) {
     if req.method() == ::http::Method::CONNECT {
         // A tunnel needs the stream as a byte pipe; the proxy tunnels over HTTP/1.1 only.
         tracing::info!("CONNECT over HTTP/2 from {peer} refused (501); use HTTP/1.1");
         let mut resp = ::http::Response::new(());
         *resp.status_mut() = ::http::StatusCode::NOT_IMPLEMENTED;
-        let _ = respond.send_response(resp, true);
+        let _ = tx.send_response(resp, true);
         return;
     }
-    let (parts, recv) = req.into_parts();
-    let body = crate::pool::H2Recv::new(recv, &parts.headers);
+    let (parts, body) = req.into_parts();
     let req = ::http::Request::from_parts(
         parts,
         crate::body::ReqBody::Streaming(crate::body::Streaming::H2(body)),
     );
     // Boxed: this stream's own future stays small, so spawning it moves little.
     let handled = Box::pin(crate::http::handle_request(shared, route, peer, req));
-    let reset = std::future::poll_fn(|cx| respond.poll_reset(cx));
-    let resp = tokio::select! {
-        r = handled => match r {
-            Ok(r) => r,
-            Err(never) => match never {},
-        },
-        _ = reset => return, // the client gave up: dropping the request cancels it upstream
+    let resp = {
+        let reset = std::future::poll_fn(|cx| tx.poll_reset(cx));
+        tokio::select! {
+            r = handled => match r {
+                Ok(r) => r,
+                Err(never) => match never {},
+            },
+            _ = reset => return, // the client gave up: dropping the request cancels it upstream
+        }
     };
     let (parts, body) = resp.into_parts();
     let end = http_body::Body::is_end_stream(&body);
-    match respond.send_response(::http::Response::from_parts(parts, ()), end) {
-        Ok(tx) if !end => crate::pool::pipe_h2(body, tx).await,
-        Ok(_) => {}
+    match tx.send_response(::http::Response::from_parts(parts, ()), end) {
+        Ok(()) if !end => crate::pool::pipe_link(body, tx).await,
+        Ok(()) => {}
         Err(e) => tracing::debug!("response to {peer} on HTTP/2: {e}"),
     }
 }

@@ -490,7 +490,7 @@ impl Pools {
         tls: Option<UpTls<'_>>,
         head: Request<()>,
         body: ReqBody,
-    ) -> Result<Response<H2Body>, UpstreamError> {
+    ) -> Result<Response<trellis_link::RecvStream>, UpstreamError> {
         let end = match &body {
             ReqBody::Buffered(b) => b.as_ref().is_none_or(Bytes::is_empty),
             ReqBody::Streaming(b) => b.is_end_stream(),
@@ -513,7 +513,7 @@ impl Pools {
             addr,
             source: source.into(),
         })?;
-        Ok(resp.map(|recv| H2Body { recv }))
+        Ok(resp)
     }
 
     /// Idle HTTP/1.1 connections and HTTP/2 peers, per endpoint (for `/clusters`).
@@ -639,179 +639,6 @@ impl Body for PooledBody {
 /// A streaming body (a request to an upstream, a response to a client), sent on an
 /// HTTP/2 stream as the peer's flow control allows. Stops when the peer resets the
 /// stream; resets it when the body fails.
-pub async fn pipe_h2<B>(mut body: B, mut tx: h2::SendStream<Bytes>)
-where
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
-{
-    loop {
-        let frame = std::future::poll_fn(|cx| {
-            if let Poll::Ready(reason) = tx.poll_reset(cx) {
-                return Poll::Ready(Err(reason));
-            }
-            Pin::new(&mut body).poll_frame(cx).map(Ok)
-        })
-        .await;
-        let frame = match frame {
-            Err(_) => return, // the peer reset the stream; nobody wants the rest
-            Ok(None) => {
-                let _ = tx.send_data(Bytes::new(), true);
-                return;
-            }
-            Ok(Some(Err(e))) => {
-                tracing::debug!("body sent on HTTP/2 failed: {e}");
-                tx.send_reset(h2::Reason::CANCEL);
-                return;
-            }
-            Ok(Some(Ok(f))) => f,
-        };
-        let mut data = match frame.into_data() {
-            Ok(d) => d,
-            Err(frame) => {
-                if let Ok(trailers) = frame.into_trailers() {
-                    let _ = tx.send_trailers(trailers);
-                    return;
-                }
-                continue;
-            }
-        };
-        while !data.is_empty() {
-            tx.reserve_capacity(data.len());
-            let room = std::future::poll_fn(|cx| tx.poll_capacity(cx)).await;
-            match room {
-                Some(Ok(n)) if n > 0 => {
-                    let chunk = data.split_to(n.min(data.len()));
-                    let last = data.is_empty() && body.is_end_stream();
-                    if tx.send_data(chunk, last).is_err() {
-                        return;
-                    }
-                    if last {
-                        return;
-                    }
-                }
-                Some(Ok(_)) => {}
-                None | Some(Err(_)) => return,
-            }
-        }
-    }
-}
-
-/// A body arriving on an HTTP/2 stream (a response from an upstream, or a request from a
-/// client): received data is released to the peer's flow-control window as it is passed
-/// on, and a Content-Length becomes the body's exact size.
-pub struct H2Recv {
-    inner: h2::RecvStream,
-    /// What is left of the message's Content-Length, if it had one.
-    remaining: Option<u64>,
-    data_done: bool,
-    done: bool,
-}
-
-impl H2Recv {
-    pub fn new(inner: h2::RecvStream, headers: &http::HeaderMap) -> H2Recv {
-        let remaining = headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        H2Recv {
-            inner,
-            remaining,
-            data_done: false,
-            done: false,
-        }
-    }
-}
-
-impl std::fmt::Debug for H2Recv {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("H2Recv").finish_non_exhaustive()
-    }
-}
-
-impl Body for H2Recv {
-    type Data = Bytes;
-    type Error = h2::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        let this = &mut *self;
-        if this.done {
-            return Poll::Ready(None);
-        }
-        if !this.data_done {
-            match this.inner.poll_data(cx) {
-                Poll::Ready(Some(Ok(data))) => {
-                    let _ = this.inner.flow_control().release_capacity(data.len());
-                    if let Some(r) = &mut this.remaining {
-                        *r = r.saturating_sub(data.len() as u64);
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Err(e)));
-                }
-                Poll::Ready(None) => this.data_done = true,
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        match this.inner.poll_trailers(cx) {
-            Poll::Ready(r) => {
-                this.done = true;
-                Poll::Ready(r.transpose().map(|r| r.map(Frame::trailers)))
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done || self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self.remaining {
-            Some(n) => SizeHint::with_exact(n),
-            None => SizeHint::default(),
-        }
-    }
-}
-
-/// A response body from an HTTP/2 upstream; its stream counts against the connection's
-/// `maxConcurrentStreams` until it has arrived whole (or the body is dropped).
-pub struct H2Body {
-    recv: trellis_link::RecvStream,
-}
-
-impl std::fmt::Debug for H2Body {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("H2Body").finish_non_exhaustive()
-    }
-}
-
-impl Body for H2Body {
-    type Data = Bytes;
-    type Error = trellis_link::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, trellis_link::Error>>> {
-        Pin::new(&mut self.recv).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.recv.size_hint()
-    }
-}
-
-/// A request body sent on a link stream as the peer's flow control allows. Stops when
-/// the peer resets the stream; resets it when the body fails.
 pub async fn pipe_link<B>(mut body: B, mut tx: trellis_link::SendStream)
 where
     B: Body<Data = Bytes> + Unpin,
