@@ -30,7 +30,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::frame::{self, Head, Reason};
-use crate::hpack::{self, Field, Name};
+use crate::hpack::{self, Field, Name, NameRef};
 
 /// How a link connection behaves.
 #[derive(Clone, Debug)]
@@ -732,7 +732,7 @@ fn encode_fields(
     for (name, value) in headers {
         if !skip(name) {
             enc.encode(
-                &Name::Header(name.clone()),
+                NameRef::Header(name),
                 value.as_bytes(),
                 value.is_sensitive(),
                 dst,

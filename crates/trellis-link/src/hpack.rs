@@ -8,6 +8,7 @@
 //! is Huffman-coded. The decoder accepts any valid HPACK, whoever encoded it.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::OnceLock;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -61,7 +62,38 @@ pub enum Name {
     Header(HeaderName),
 }
 
+/// A field's name, borrowed: what the encoder takes (it copies a name only into its
+/// table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NameRef<'a> {
+    Pseudo(Pseudo),
+    Header(&'a HeaderName),
+}
+
+impl NameRef<'_> {
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            NameRef::Pseudo(p) => p.as_str().as_bytes(),
+            NameRef::Header(h) => h.as_str().as_bytes(),
+        }
+    }
+
+    fn to_owned(self) -> Name {
+        match self {
+            NameRef::Pseudo(p) => Name::Pseudo(p),
+            NameRef::Header(h) => Name::Header(h.clone()),
+        }
+    }
+}
+
 impl Name {
+    pub fn as_ref(&self) -> NameRef<'_> {
+        match self {
+            Name::Pseudo(p) => NameRef::Pseudo(*p),
+            Name::Header(h) => NameRef::Header(h),
+        }
+    }
+
     fn as_bytes(&self) -> &[u8] {
         match self {
             Name::Pseudo(p) => p.as_str().as_bytes(),
@@ -348,6 +380,24 @@ fn hash(name: &[u8], value: &[u8]) -> u64 {
     h
 }
 
+/// The encoder's index is keyed by [`hash`] already: hashing it again would only cost.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
 /// How the encoder sends one field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -363,8 +413,8 @@ enum Mode {
 /// many of the short fields that repeat.
 const MAX_INDEXED_VALUE: usize = 256;
 
-fn mode(name: &Name, value: &[u8], sensitive: bool) -> Mode {
-    let Name::Header(h) = name else {
+fn mode(name: NameRef<'_>, value: &[u8], sensitive: bool) -> Mode {
+    let NameRef::Header(h) = name else {
         return if value.len() > MAX_INDEXED_VALUE {
             Mode::Literal
         } else {
@@ -394,15 +444,15 @@ fn mode(name: &Name, value: &[u8], sensitive: bool) -> Mode {
 }
 
 /// The static table index of a name, for literals with an indexed name.
-fn static_name(name: &Name) -> usize {
+fn static_name(name: NameRef<'_>) -> usize {
     match name {
-        Name::Pseudo(Pseudo::Authority) => 1,
-        Name::Pseudo(Pseudo::Method) => 2,
-        Name::Pseudo(Pseudo::Path) => 4,
-        Name::Pseudo(Pseudo::Scheme) => 6,
-        Name::Pseudo(Pseudo::Status) => 8,
-        Name::Pseudo(Pseudo::Protocol) => 0,
-        Name::Header(h) => match h.as_str() {
+        NameRef::Pseudo(Pseudo::Authority) => 1,
+        NameRef::Pseudo(Pseudo::Method) => 2,
+        NameRef::Pseudo(Pseudo::Path) => 4,
+        NameRef::Pseudo(Pseudo::Scheme) => 6,
+        NameRef::Pseudo(Pseudo::Status) => 8,
+        NameRef::Pseudo(Pseudo::Protocol) => 0,
+        NameRef::Header(h) => match h.as_str() {
             "accept-charset" => 15,
             "accept-encoding" => 16,
             "accept-language" => 17,
@@ -456,20 +506,20 @@ fn static_name(name: &Name) -> usize {
 }
 
 /// The static table entry that is exactly this field, for the fields that have one.
-fn static_exact(name: &Name, value: &[u8]) -> Option<usize> {
+fn static_exact(name: NameRef<'_>, value: &[u8]) -> Option<usize> {
     Some(match (name, value) {
-        (Name::Pseudo(Pseudo::Method), b"GET") => 2,
-        (Name::Pseudo(Pseudo::Method), b"POST") => 3,
-        (Name::Pseudo(Pseudo::Path), b"/") => 4,
-        (Name::Pseudo(Pseudo::Scheme), b"http") => 6,
-        (Name::Pseudo(Pseudo::Scheme), b"https") => 7,
-        (Name::Pseudo(Pseudo::Status), b"200") => 8,
-        (Name::Pseudo(Pseudo::Status), b"204") => 9,
-        (Name::Pseudo(Pseudo::Status), b"206") => 10,
-        (Name::Pseudo(Pseudo::Status), b"304") => 11,
-        (Name::Pseudo(Pseudo::Status), b"400") => 12,
-        (Name::Pseudo(Pseudo::Status), b"404") => 13,
-        (Name::Pseudo(Pseudo::Status), b"500") => 14,
+        (NameRef::Pseudo(Pseudo::Method), b"GET") => 2,
+        (NameRef::Pseudo(Pseudo::Method), b"POST") => 3,
+        (NameRef::Pseudo(Pseudo::Path), b"/") => 4,
+        (NameRef::Pseudo(Pseudo::Scheme), b"http") => 6,
+        (NameRef::Pseudo(Pseudo::Scheme), b"https") => 7,
+        (NameRef::Pseudo(Pseudo::Status), b"200") => 8,
+        (NameRef::Pseudo(Pseudo::Status), b"204") => 9,
+        (NameRef::Pseudo(Pseudo::Status), b"206") => 10,
+        (NameRef::Pseudo(Pseudo::Status), b"304") => 11,
+        (NameRef::Pseudo(Pseudo::Status), b"400") => 12,
+        (NameRef::Pseudo(Pseudo::Status), b"404") => 13,
+        (NameRef::Pseudo(Pseudo::Status), b"500") => 14,
         _ => return None,
     })
 }
@@ -494,7 +544,7 @@ impl Entry {
 pub struct Encoder {
     entries: VecDeque<Entry>,
     /// The newest entry for each hash (verified against the entry on use).
-    index: HashMap<u64, u64>,
+    index: HashMap<u64, u64, BuildHasherDefault<Prehashed>>,
     inserted: u64,
     size: usize,
     max: usize,
@@ -507,7 +557,7 @@ impl Default for Encoder {
     fn default() -> Self {
         Encoder {
             entries: VecDeque::new(),
-            index: HashMap::new(),
+            index: HashMap::default(),
             inserted: 0,
             size: 0,
             max: DEFAULT_TABLE_SIZE,
@@ -547,7 +597,7 @@ impl Encoder {
         }
     }
 
-    fn literal(dst: &mut BytesMut, flags: u8, prefix: u8, name: &Name, value: &[u8]) {
+    fn literal(dst: &mut BytesMut, flags: u8, prefix: u8, name: NameRef<'_>, value: &[u8]) {
         let index = static_name(name);
         put_integer(dst, flags, prefix, index);
         if index == 0 {
@@ -560,7 +610,7 @@ impl Encoder {
     }
 
     /// Encodes one field.
-    pub fn encode(&mut self, name: &Name, value: &[u8], sensitive: bool, dst: &mut BytesMut) {
+    pub fn encode(&mut self, name: NameRef<'_>, value: &[u8], sensitive: bool, dst: &mut BytesMut) {
         if let Some(i) = static_exact(name, value) {
             put_integer(dst, 0x80, 7, i);
             return;
@@ -574,7 +624,9 @@ impl Encoder {
                     let found = self
                         .entries
                         .get((self.inserted - 1 - seq) as usize)
-                        .filter(|e| e.seq == seq && e.name == *name && e.value == value);
+                        .filter(|e| {
+                            e.seq == seq && e.name.as_bytes() == name.as_bytes() && e.value == value
+                        });
                     if found.is_some() {
                         put_integer(dst, 0x80, 7, 62 + (self.inserted - 1 - seq) as usize);
                         return;
@@ -583,7 +635,7 @@ impl Encoder {
                 let entry = Entry {
                     seq: self.inserted,
                     hash: h,
-                    name: name.clone(),
+                    name: name.to_owned(),
                     value: Bytes::copy_from_slice(value),
                 };
                 let size = entry.size();
@@ -686,7 +738,7 @@ mod tests {
             let mut block = BytesMut::new();
             e.begin(&mut block);
             for (n, v, s) in &fields {
-                e.encode(n, v.as_bytes(), *s, &mut block);
+                e.encode(n.as_ref(), v.as_bytes(), *s, &mut block);
             }
             let block = block.freeze();
             let mut got = Vec::new();
@@ -733,8 +785,13 @@ mod tests {
             let mut block = BytesMut::new();
             e.begin(&mut block);
             let v = format!("value-{}", i % 37);
-            e.encode(&hname("x-varied"), v.as_bytes(), false, &mut block);
-            e.encode(&Name::Pseudo(Pseudo::Authority), b"a.b", false, &mut block);
+            e.encode(hname("x-varied").as_ref(), v.as_bytes(), false, &mut block);
+            e.encode(
+                NameRef::Pseudo(Pseudo::Authority),
+                b"a.b",
+                false,
+                &mut block,
+            );
             let got = decode_all(&mut d, &block).expect("decodes");
             assert_eq!(got[0].1, v);
             assert_eq!(got[1].1, "a.b");

@@ -13,7 +13,7 @@ use super::{
     connection_specific, drop_handle, start, trailers, wake,
 };
 use crate::frame::{self, Reason};
-use crate::hpack::{Field, Name, Pseudo};
+use crate::hpack::{Field, Name, NameRef, Pseudo};
 
 /// A handle on a link connection; clones share it. The connection closes when the last
 /// handle and the last stream are gone.
@@ -129,35 +129,40 @@ impl Client {
         scratch.clear();
         enc.begin(scratch);
         enc.encode(
-            &Name::Pseudo(Pseudo::Method),
+            NameRef::Pseudo(Pseudo::Method),
             head.method().as_str().as_bytes(),
             false,
             scratch,
         );
         enc.encode(
-            &Name::Pseudo(Pseudo::Scheme),
+            NameRef::Pseudo(Pseudo::Scheme),
             scheme.as_bytes(),
             false,
             scratch,
         );
         if let Some(a) = authority {
             enc.encode(
-                &Name::Pseudo(Pseudo::Authority),
+                NameRef::Pseudo(Pseudo::Authority),
                 a.as_bytes(),
                 false,
                 scratch,
             );
         }
-        enc.encode(&Name::Pseudo(Pseudo::Path), path.as_bytes(), false, scratch);
+        enc.encode(
+            NameRef::Pseudo(Pseudo::Path),
+            path.as_bytes(),
+            false,
+            scratch,
+        );
         for (name, value) in head.headers() {
             if skip_request_header(name) {
                 if name == header::TE && value.as_bytes().eq_ignore_ascii_case(b"trailers") {
-                    enc.encode(&Name::Header(name.clone()), b"trailers", false, scratch);
+                    enc.encode(NameRef::Header(name), b"trailers", false, scratch);
                 }
                 continue;
             }
             enc.encode(
-                &Name::Header(name.clone()),
+                NameRef::Header(name),
                 value.as_bytes(),
                 value.is_sensitive(),
                 scratch,

@@ -17,7 +17,7 @@ use super::{
     Shutdown, State, Stream, connection_specific, encode_fields, start, trailers, wake,
 };
 use crate::frame::{self, Reason};
-use crate::hpack::{Field, Name, Pseudo};
+use crate::hpack::{Field, Name, NameRef, Pseudo};
 
 /// A server connection: accepts the requests its client sends.
 pub struct Server<T> {
@@ -162,7 +162,7 @@ impl SendStream {
         scratch.clear();
         enc.begin(scratch);
         enc.encode(
-            &Name::Pseudo(Pseudo::Status),
+            NameRef::Pseudo(Pseudo::Status),
             resp.status().as_str().as_bytes(),
             false,
             scratch,
@@ -239,7 +239,7 @@ impl<T> Driver<T> {
             } = &mut *st;
             scratch.clear();
             enc.begin(scratch);
-            enc.encode(&Name::Pseudo(Pseudo::Status), b"431", false, scratch);
+            enc.encode(NameRef::Pseudo(Pseudo::Status), b"431", false, scratch);
             frame::put_header_block(out, id, true, scratch, max_frame);
             if !end_stream {
                 frame::put_rst(out, id, Reason::NO_ERROR);
