@@ -138,7 +138,7 @@ fn route(ctx: &AdminContext, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 .iter()
                 .map(|c| {
                     json!({
-                        "name": c.name,
+                        "name": &*c.name,
                         "endpoints": c.endpoints.iter().map(|e| json!({
                             "address": e.addr.to_string(),
                             "healthy": e.healthy,

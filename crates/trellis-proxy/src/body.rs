@@ -23,6 +23,33 @@ pub enum ProxyBody {
     Fast(H1Body),
     /// Streamed from an HTTP/2 upstream connection.
     H2(trellis_link::RecvStream),
+    /// A response whose metrics and access log line wait for its last byte.
+    Observed(Box<Observed>),
+}
+
+/// A response body watched to its end: its bytes are counted, a gRPC status in its
+/// trailers is noted, and when it ends (or is dropped, the client having gone) the
+/// request is recorded.
+#[derive(Debug)]
+pub struct Observed {
+    pub inner: ProxyBody,
+    pub completion: Option<crate::http::Completion>,
+    pub sent: u64,
+}
+
+impl Observed {
+    fn finish(&mut self, complete: bool) {
+        if let Some(c) = self.completion.take() {
+            c.finish(self.sent, complete);
+        }
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        let complete = self.inner.is_end_stream();
+        self.finish(complete);
+    }
 }
 
 impl ProxyBody {
@@ -56,6 +83,26 @@ impl Body for ProxyBody {
             ProxyBody::Pooled(b) => boxed(Pin::new(b).poll_frame(cx)),
             ProxyBody::Fast(b) => boxed(Pin::new(b).poll_frame(cx)),
             ProxyBody::H2(b) => boxed(Pin::new(b).poll_frame(cx)),
+            ProxyBody::Observed(o) => {
+                let polled = Pin::new(&mut o.inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(d) = frame.data_ref() {
+                            o.sent += d.len() as u64;
+                        } else if let (Some(t), Some(c)) = (frame.trailers_ref(), &mut o.completion)
+                        {
+                            c.trailers(t);
+                        }
+                        if o.inner.is_end_stream() {
+                            o.finish(true);
+                        }
+                    }
+                    Poll::Ready(None) => o.finish(true),
+                    Poll::Ready(Some(Err(_))) => o.finish(false),
+                    Poll::Pending => {}
+                }
+                polled
+            }
         }
     }
 
@@ -66,6 +113,7 @@ impl Body for ProxyBody {
             ProxyBody::Pooled(b) => b.is_end_stream(),
             ProxyBody::Fast(b) => b.is_end_stream(),
             ProxyBody::H2(b) => b.is_end_stream(),
+            ProxyBody::Observed(o) => o.inner.is_end_stream(),
         }
     }
 
@@ -76,6 +124,7 @@ impl Body for ProxyBody {
             ProxyBody::Pooled(b) => b.size_hint(),
             ProxyBody::Fast(b) => b.size_hint(),
             ProxyBody::H2(b) => b.size_hint(),
+            ProxyBody::Observed(o) => o.inner.size_hint(),
         }
     }
 }

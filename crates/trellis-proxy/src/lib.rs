@@ -5,6 +5,7 @@
 //! and forwarded: HTTP request by request over pooled upstream connections, anything else
 //! as opaque TCP. Configuration is a snapshot swapped atomically; see [`config`].
 
+pub mod accesslog;
 pub mod admin;
 pub mod authn;
 pub mod body;

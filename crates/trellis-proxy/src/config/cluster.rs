@@ -116,7 +116,7 @@ impl Endpoint {
 
 #[derive(Debug)]
 pub struct Cluster {
-    pub name: String,
+    pub name: Arc<str>,
     /// The service it is a cluster of (`outbound|port|subset|host`: the host), for Istio's
     /// metric labels.
     pub service_meta: Arc<crate::metrics::ServiceMeta>,
@@ -828,7 +828,7 @@ impl Cluster {
             service_meta: crate::metrics::ServiceMeta::of(
                 c.name.rsplit('|').next().unwrap_or(&c.name),
             ),
-            name: c.name.clone(),
+            name: c.name.as_str().into(),
             endpoints,
             connect_timeout: duration(&res, c.connect_timeout.as_ref(), default_connect)?,
             idle_timeout: duration(&res, c.idle_timeout.as_ref(), DEFAULT_IDLE_TIMEOUT)?,

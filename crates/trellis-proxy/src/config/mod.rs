@@ -153,6 +153,8 @@ pub struct Config {
     /// Workloads by address, from the endpoints in the snapshot (an address two
     /// workloads share is left out): who an inbound caller is.
     pub peers: HashMap<IpAddr, Arc<crate::metrics::WorkloadMeta>>,
+    /// The access logging the workload's Telemetry selects, if any.
+    pub access_log: Option<Arc<crate::accesslog::AccessLog>>,
     /// Workload port → a service of this workload that sends to it (metric labels).
     inbound_services: HashMap<u16, Arc<crate::metrics::ServiceMeta>>,
     /// Default upstream connect timeout (settings.connectTimeout).
@@ -444,7 +446,7 @@ impl Config {
                     .flat_map(|c| {
                         c.endpoints
                             .iter()
-                            .map(move |e| ((c.name.as_str(), e.addr), &e.stats))
+                            .map(move |e| ((&*c.name, e.addr), &e.stats))
                     })
                     .collect()
             })
@@ -767,6 +769,12 @@ impl Config {
                 .unwrap_or_else(|| "default".to_string()),
             inbound_services: inbound_services(&own_meta, &targets),
             own_meta,
+            access_log: raw
+                .workload
+                .as_ref()
+                .and_then(|w| w.telemetry.as_ref())
+                .and_then(crate::accesslog::AccessLog::compile)
+                .map(Arc::new),
             peers,
             connect_timeout: default_connect,
             num_trusted_proxies: env
@@ -876,6 +884,7 @@ impl Config {
             own_namespace: "default".to_string(),
             own_meta: crate::metrics::WorkloadMeta::unknown(),
             peers: HashMap::new(),
+            access_log: None,
             inbound_services: HashMap::new(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             num_trusted_proxies: 0,

@@ -262,6 +262,12 @@ pub async fn handle_request(
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let request_bytes = body_len(req.headers(), http_body::Body::size_hint(req.body()));
+    let is_inbound = matches!(route, Route::Inbound(..));
+    let logged = cfg
+        .access_log
+        .as_ref()
+        .filter(|l| l.logs(is_inbound))
+        .map(|l| (Arc::clone(l), LogRequest::of(&req)));
     // Inbound, the service the request names, when this workload backs it (a client
     // cannot pass its request off as another service's); else the one whose port this is.
     // (Outbound, `record` takes it from the cluster that answered.)
@@ -276,7 +282,7 @@ pub async fn handle_request(
             .or_else(|| cfg.inbound_service(*port)),
         _ => None,
     };
-    let mut resp = match &route {
+    let resp = match &route {
         Route::Inbound(port, peer_id, dst_ip) => {
             let arrival = Arrival {
                 peer: ds.peer,
@@ -311,16 +317,17 @@ pub async fn handle_request(
     if resp.status().is_server_error() {
         Stats::inc(&shared.stats.responses_5xx_total);
     }
-    record(
+    let resp = record(
         &shared,
         &cfg,
         &route,
-        ds.peer,
+        ds,
         service,
         grpc,
         request_bytes,
         started,
-        &mut resp,
+        logged,
+        resp,
     );
     Ok(resp)
 }
@@ -335,8 +342,8 @@ async fn outbound(
     let mut req = req;
     let origin = req.headers().get(header::ORIGIN).cloned();
     let mut dest_response_headers = None;
-    let (cluster, policy) = match &target.routes {
-        None => (&target.cluster, None),
+    let (cluster, policy, route_name) = match &target.routes {
+        None => (&target.cluster, None, None),
         Some(table) => {
             let matched = {
                 let view = trellis_policy::route::HttpRequestView {
@@ -395,7 +402,7 @@ async fn outbound(
                         h.apply(req.headers_mut());
                     }
                     dest_response_headers = d.response_headers.as_ref();
-                    (c, policy)
+                    (c, policy, Some(&m.route.name))
                 }
                 Some(RouteDest {
                     name,
@@ -449,6 +456,9 @@ async fn outbound(
     }
     if let Some(c) = set_cookie {
         resp.headers_mut().append(header::SET_COOKIE, c);
+    }
+    if let (Some(name), Some(_)) = (route_name, &cfg.access_log) {
+        resp.extensions_mut().insert(RouteName(name.clone()));
     }
     if let (Some(cors), Some(origin)) = (policy.and_then(|p| p.cors.as_ref()), origin) {
         if cors.allows(origin.to_str().unwrap_or_default()) {
@@ -509,12 +519,16 @@ fn sticky_cookie(
 struct Answered {
     workload: Arc<crate::metrics::WorkloadMeta>,
     service: Arc<crate::metrics::ServiceMeta>,
+    addr: SocketAddr,
+    cluster: Arc<str>,
 }
 
 fn tag_upstream(resp: &mut Response<ProxyBody>, ep: &Endpoint, cluster: &crate::config::Cluster) {
     resp.extensions_mut().insert(Answered {
         workload: Arc::clone(&ep.meta),
         service: Arc::clone(&cluster.service_meta),
+        addr: ep.addr,
+        cluster: Arc::clone(&cluster.name),
     });
 }
 
@@ -528,21 +542,153 @@ fn body_len(headers: &HeaderMap, hint: http_body::SizeHint) -> u64 {
     })
 }
 
-/// Records a request in Istio's metrics, at its response head.
+/// What the access log needs of a request, taken before the request is sent on.
+#[derive(Debug)]
+pub struct LogRequest {
+    start: std::time::SystemTime,
+    method: Method,
+    path: String,
+    version: Version,
+    authority: String,
+    headers: HeaderMap,
+}
+
+impl LogRequest {
+    fn of(req: &Request<ReqBody>) -> LogRequest {
+        LogRequest {
+            start: std::time::SystemTime::now(),
+            method: req.method().clone(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| req.uri().path().to_string(), |p| p.as_str().to_string()),
+            version: req.version(),
+            authority: req
+                .uri()
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+                .unwrap_or("")
+                .to_string(),
+            headers: req.headers().clone(),
+        }
+    }
+}
+
+/// The route that matched (a response extension, set when access logs want it).
+#[derive(Debug, Clone)]
+struct RouteName(String);
+
+/// The AuthorizationPolicy that denied a request (a response extension).
+#[derive(Debug, Clone)]
+struct DeniedBy(String);
+
+/// A request's record, waiting for the last byte of its response: Istio's metrics and,
+/// when the workload logs, its access log line.
+#[derive(Debug)]
+pub struct Completion {
+    shared: Arc<Shared>,
+    metrics: crate::metrics::HttpRequest,
+    started: std::time::Instant,
+    log: Option<Box<LogLine>>,
+}
+
+#[derive(Debug)]
+struct LogLine {
+    log: Arc<crate::accesslog::AccessLog>,
+    inbound: bool,
+    req: LogRequest,
+    resp_headers: HeaderMap,
+    upstream_host: Option<SocketAddr>,
+    upstream_cluster: Option<Arc<str>>,
+    route_name: Option<String>,
+    policy: Option<String>,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    /// The caller's mTLS identity (inbound).
+    peer_id: Option<Arc<str>>,
+}
+
+impl Completion {
+    /// The response's trailers went by: a gRPC status in them counts.
+    pub fn trailers(&mut self, t: &HeaderMap) {
+        if self.metrics.grpc && self.metrics.grpc_status.is_none() {
+            self.metrics.grpc_status = t
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok()?.parse().ok());
+        }
+    }
+
+    /// The response has ended (`complete`), or was abandoned (the client went away:
+    /// response flag DC): records it.
+    pub fn finish(mut self, sent: u64, complete: bool) {
+        self.metrics.duration = self.started.elapsed();
+        self.metrics.response_bytes = sent;
+        if !complete && self.metrics.flags == "-" {
+            self.metrics.flags = "DC";
+        }
+        self.shared.istio.record_http(&self.metrics);
+        if let Some(l) = self.log {
+            l.write(&self.metrics);
+        }
+    }
+}
+
+impl LogLine {
+    fn write(&self, m: &crate::metrics::HttpRequest) {
+        let principal = |w: &crate::metrics::WorkloadMeta| w.principal.clone();
+        let source_principal = match (&self.peer_id, self.inbound) {
+            (Some(id), true) => id.to_string(),
+            _ => principal(&m.source),
+        };
+        let r = crate::accesslog::Record {
+            start: self.req.start,
+            method: &self.req.method,
+            path: &self.req.path,
+            version: self.req.version,
+            authority: &self.req.authority,
+            request_headers: &self.req.headers,
+            response_headers: Some(&self.resp_headers),
+            code: m.code,
+            flags: m.flags,
+            bytes_received: m.request_bytes,
+            bytes_sent: m.response_bytes,
+            duration: m.duration,
+            upstream_host: self.upstream_host,
+            upstream_cluster: self.upstream_cluster.as_deref().unwrap_or(""),
+            downstream_local: self.local,
+            downstream_remote: self.peer,
+            sni: None,
+            route_name: self.route_name.as_deref().unwrap_or(""),
+            source_workload: &m.source.workload,
+            source_principal: &source_principal,
+            destination_workload: &m.destination.workload,
+            destination_principal: &m.destination.principal,
+            authorization_policy: self.policy.as_deref().unwrap_or(""),
+        };
+        self.log.log(self.inbound, &r);
+    }
+}
+
+/// Records a request in Istio's metrics and the access log: at once when its response has
+/// no body to send, else when the body has been sent (the response comes back wrapped).
 #[allow(clippy::too_many_arguments)]
 fn record(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     cfg: &Config,
     route: &Route,
-    peer: SocketAddr,
+    ds: Downstream,
     service: Option<Arc<crate::metrics::ServiceMeta>>,
     grpc: bool,
     request_bytes: u64,
     started: std::time::Instant,
-    resp: &mut Response<ProxyBody>,
-) {
+    logged: Option<(Arc<crate::accesslog::AccessLog>, LogRequest)>,
+    mut resp: Response<ProxyBody>,
+) -> Response<ProxyBody> {
     use crate::metrics::{HttpRequest, Reporter, ServiceMeta, WorkloadMeta};
+    let peer = ds.peer;
     let answered = resp.extensions_mut().remove::<Answered>();
+    let upstream = answered.as_ref().map(|a| (a.addr, Arc::clone(&a.cluster)));
     let (reporter, source, destination, service, mtls) = match route {
         Route::Inbound(_, peer_id, _) => {
             let source = shared
@@ -586,21 +732,54 @@ fn record(
     let flags = headers
         .get(RESPONSE_FLAGS)
         .map_or("-", |v| crate::metrics::flag(v.as_bytes()));
-    let response_bytes = body_len(headers, http_body::Body::size_hint(resp.body()));
-    shared.istio.record_http(&HttpRequest {
-        reporter,
-        source,
-        destination,
-        service,
-        grpc,
-        code: resp.status().as_u16(),
-        grpc_status,
-        flags,
-        mtls,
-        duration: started.elapsed(),
-        request_bytes,
-        response_bytes,
+    let log = logged.map(|(log, req)| {
+        Box::new(LogLine {
+            log,
+            inbound: matches!(route, Route::Inbound(..)),
+            req,
+            resp_headers: resp.headers().clone(),
+            upstream_host: upstream.as_ref().map(|u| u.0),
+            upstream_cluster: upstream.map(|u| u.1),
+            route_name: resp.extensions_mut().remove::<RouteName>().map(|r| r.0),
+            policy: resp.extensions_mut().remove::<DeniedBy>().map(|d| d.0),
+            peer,
+            local: ds.original_dst,
+            peer_id: match route {
+                Route::Inbound(_, peer_id, _) => peer_id.clone(),
+                _ => None,
+            },
+        })
     });
+    let completion = Completion {
+        shared: Arc::clone(shared),
+        metrics: HttpRequest {
+            reporter,
+            source,
+            destination,
+            service,
+            grpc,
+            code: resp.status().as_u16(),
+            grpc_status,
+            flags,
+            mtls,
+            duration: Duration::ZERO,
+            request_bytes,
+            response_bytes: 0,
+        },
+        started,
+        log,
+    };
+    if http_body::Body::is_end_stream(resp.body()) {
+        completion.finish(0, true);
+        return resp;
+    }
+    resp.map(|inner| {
+        ProxyBody::Observed(Box::new(crate::body::Observed {
+            inner,
+            completion: Some(completion),
+            sent: 0,
+        }))
+    })
 }
 
 /// How a try ended, for outlier detection: the proxy's own connect-failure, reset and
@@ -1017,12 +1196,14 @@ async fn admission(
             headers: Some(req.headers()),
             request_principal: request_principal.as_deref(),
         };
-        if !authorized(shared, cfg, arrival, Some(http), claims.as_ref()) {
-            return Some(local_reply(
+        if let Err(policy) = decide(shared, cfg, arrival, Some(http), claims.as_ref()) {
+            let mut resp = local_reply(
                 StatusCode::FORBIDDEN,
                 "RBAC",
                 "RBAC: access denied".to_string(),
-            ));
+            );
+            resp.extensions_mut().insert(DeniedBy(policy));
+            return Some(resp);
         }
     }
     None
@@ -1088,6 +1269,18 @@ pub fn authorized(
     http: Option<trellis_policy::authz::Http<'_>>,
     jwt: Option<&trellis_policy::jwt::Claims>,
 ) -> bool {
+    decide(shared, cfg, arrival, http, jwt).is_ok()
+}
+
+/// Judges a request or connection by the workload's AuthorizationPolicies; a denial
+/// names the policy that decided it.
+fn decide(
+    shared: &Shared,
+    cfg: &Config,
+    arrival: Arrival<'_>,
+    http: Option<trellis_policy::authz::Http<'_>>,
+    jwt: Option<&trellis_policy::jwt::Claims>,
+) -> Result<(), String> {
     use trellis_policy::authz::{Decision, Request as AuthzRequest};
     let Arrival {
         peer,
@@ -1114,7 +1307,7 @@ pub fn authorized(
         tracing::info!(policy, source = %peer, principal = who, port, "AUDIT: the request matches an AUDIT policy");
     }
     match decision {
-        Decision::Allow => true,
+        Decision::Allow => Ok(()),
         Decision::Deny {
             policy,
             rule,
@@ -1146,7 +1339,7 @@ pub fn authorized(
                     "RBAC: access denied: no rule of the ALLOW policies {policy} matches"
                 ),
             }
-            false
+            Err(policy.to_string())
         }
     }
 }

@@ -1,0 +1,907 @@
+//! Access logs: a line per HTTP request (and per TCP connection), in Envoy's text format
+//! or as JSON, to a file or stdout, chosen by the workload's Telemetry.
+//!
+//! What a Telemetry's `accessLogging` selects arrives in the snapshot (`Workload.telemetry`:
+//! the entries with their side, filter and providers). Each provider is a sink: the built-in
+//! `envoy` (the mesh config's `accessLogFile`, `accessLogEncoding`, `accessLogFormat`) or an
+//! `envoyFileAccessLog` extension provider (a path, and a text format or JSON labels).
+//! Formats use Envoy's command operators (`%REQ(:METHOD)%`, `%RESPONSE_CODE%`…); an
+//! operator Trellis does not know prints `-`.
+//!
+//! Lines are formatted on the request's task and handed to one writer thread per file
+//! through a bounded queue: a slow disk never holds a request up. A line that finds the
+//! queue full is dropped and counted (`trellis_access_log_dropped_total`).
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, HeaderName, Method, Version};
+use trellis_xds::snapshot as wire;
+
+/// Istio's default text format (`accessLogFormat` unset), Envoy's operators.
+pub const DEFAULT_TEXT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% \"%UPSTREAM_TRANSPORT_FAILURE_REASON%\" %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\" %UPSTREAM_CLUSTER% %UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% %REQUESTED_SERVER_NAME% %ROUTE_NAME%";
+
+/// Istio's default JSON keys (`accessLogEncoding: JSON`), and Trellis's additions: who
+/// called whom, the trace and the policy that decided.
+const DEFAULT_JSON: &[(&str, &str)] = &[
+    ("start_time", "%START_TIME%"),
+    ("method", "%REQ(:METHOD)%"),
+    ("path", "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%"),
+    ("protocol", "%PROTOCOL%"),
+    ("response_code", "%RESPONSE_CODE%"),
+    ("response_flags", "%RESPONSE_FLAGS%"),
+    ("response_code_details", "%RESPONSE_CODE_DETAILS%"),
+    (
+        "connection_termination_details",
+        "%CONNECTION_TERMINATION_DETAILS%",
+    ),
+    (
+        "upstream_transport_failure_reason",
+        "%UPSTREAM_TRANSPORT_FAILURE_REASON%",
+    ),
+    ("bytes_received", "%BYTES_RECEIVED%"),
+    ("bytes_sent", "%BYTES_SENT%"),
+    ("duration", "%DURATION%"),
+    (
+        "upstream_service_time",
+        "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+    ),
+    ("x_forwarded_for", "%REQ(X-FORWARDED-FOR)%"),
+    ("user_agent", "%REQ(USER-AGENT)%"),
+    ("request_id", "%REQ(X-REQUEST-ID)%"),
+    ("authority", "%REQ(:AUTHORITY)%"),
+    ("upstream_host", "%UPSTREAM_HOST%"),
+    ("upstream_cluster", "%UPSTREAM_CLUSTER%"),
+    ("upstream_local_address", "%UPSTREAM_LOCAL_ADDRESS%"),
+    ("downstream_local_address", "%DOWNSTREAM_LOCAL_ADDRESS%"),
+    ("downstream_remote_address", "%DOWNSTREAM_REMOTE_ADDRESS%"),
+    ("requested_server_name", "%REQUESTED_SERVER_NAME%"),
+    ("route_name", "%ROUTE_NAME%"),
+    ("trace_id", "%TRACE_ID%"),
+    ("source_workload", "%TRELLIS_SOURCE_WORKLOAD%"),
+    ("source_principal", "%TRELLIS_SOURCE_PRINCIPAL%"),
+    ("destination_workload", "%TRELLIS_DESTINATION_WORKLOAD%"),
+    ("destination_principal", "%TRELLIS_DESTINATION_PRINCIPAL%"),
+    ("authorization_policy", "%TRELLIS_AUTHORIZATION_POLICY%"),
+];
+
+/// One of Envoy's command operators (those Trellis knows).
+#[derive(Clone, Debug, PartialEq)]
+enum Op {
+    StartTime,
+    Method,
+    Path,
+    Protocol,
+    ResponseCode,
+    ResponseFlags,
+    ResponseCodeDetails,
+    BytesReceived,
+    BytesSent,
+    Duration,
+    Authority,
+    UpstreamHost,
+    UpstreamCluster,
+    DownstreamLocalAddress,
+    DownstreamRemoteAddress,
+    RequestedServerName,
+    RouteName,
+    TraceId,
+    SourceWorkload,
+    SourcePrincipal,
+    DestinationWorkload,
+    DestinationPrincipal,
+    AuthorizationPolicy,
+    /// A request header (the first name present of the alternatives), at most `max` bytes.
+    Req(Vec<HeaderName>, Option<usize>),
+    Resp(Vec<HeaderName>, Option<usize>),
+    /// Known to Envoy, with nothing to say here (or not known at all): `-`.
+    Dash,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Piece {
+    Text(String),
+    Op(Op),
+}
+
+/// A compiled format string.
+fn parse_format(s: &str) -> Vec<Piece> {
+    let mut out = Vec::new();
+    let mut text = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find('%') {
+        text.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        let Some(j) = after.find('%') else {
+            text.push_str(&rest[i..]);
+            rest = "";
+            break;
+        };
+        let name = &after[..j];
+        if name.is_empty() {
+            // `%%` is a literal percent sign.
+            text.push('%');
+        } else {
+            if !text.is_empty() {
+                out.push(Piece::Text(std::mem::take(&mut text)));
+            }
+            out.push(Piece::Op(operator(name)));
+        }
+        rest = &after[j + 1..];
+    }
+    text.push_str(rest);
+    if !text.is_empty() {
+        out.push(Piece::Text(text));
+    }
+    out
+}
+
+fn operator(name: &str) -> Op {
+    let headers = |args: &str| -> (Vec<HeaderName>, Option<usize>) {
+        // `REQ(A?B):N`: header A, else B, at most N bytes.
+        let (inner, max) = match args.rsplit_once("):") {
+            Some((inner, n)) => (inner, n.parse().ok()),
+            None => (args.strip_suffix(')').unwrap_or(args), None),
+        };
+        let names = inner
+            .split('?')
+            .filter_map(|n| {
+                let n = n.to_ascii_lowercase();
+                let n = match n.as_str() {
+                    ":path" => "x-trellis-pseudo-path",
+                    ":method" => "x-trellis-pseudo-method",
+                    ":authority" => "host",
+                    other => other,
+                };
+                HeaderName::from_bytes(n.as_bytes()).ok()
+            })
+            .collect();
+        (names, max)
+    };
+    if let Some(args) = name.strip_prefix("REQ(") {
+        let (names, max) = headers(args);
+        return match names.first().map(HeaderName::as_str) {
+            Some("x-trellis-pseudo-method") => Op::Method,
+            Some("host") if names.len() == 1 => Op::Authority,
+            _ if names.iter().any(|n| n == "x-trellis-pseudo-path") => Op::Path,
+            _ => Op::Req(names, max),
+        };
+    }
+    if let Some(args) = name.strip_prefix("RESP(") {
+        let (names, max) = headers(args);
+        return Op::Resp(names, max);
+    }
+    match name {
+        "START_TIME" => Op::StartTime,
+        "PROTOCOL" => Op::Protocol,
+        "RESPONSE_CODE" => Op::ResponseCode,
+        "RESPONSE_FLAGS" => Op::ResponseFlags,
+        "RESPONSE_CODE_DETAILS" => Op::ResponseCodeDetails,
+        "BYTES_RECEIVED" => Op::BytesReceived,
+        "BYTES_SENT" => Op::BytesSent,
+        "DURATION" => Op::Duration,
+        "UPSTREAM_HOST" => Op::UpstreamHost,
+        "UPSTREAM_CLUSTER" | "UPSTREAM_CLUSTER_RAW" => Op::UpstreamCluster,
+        "DOWNSTREAM_LOCAL_ADDRESS" => Op::DownstreamLocalAddress,
+        "DOWNSTREAM_REMOTE_ADDRESS" | "DOWNSTREAM_PEER_ADDRESS" => Op::DownstreamRemoteAddress,
+        "REQUESTED_SERVER_NAME" => Op::RequestedServerName,
+        "ROUTE_NAME" => Op::RouteName,
+        "TRACE_ID" => Op::TraceId,
+        "TRELLIS_SOURCE_WORKLOAD" => Op::SourceWorkload,
+        "TRELLIS_SOURCE_PRINCIPAL" | "DOWNSTREAM_PEER_URI_SAN" => Op::SourcePrincipal,
+        "TRELLIS_DESTINATION_WORKLOAD" => Op::DestinationWorkload,
+        "TRELLIS_DESTINATION_PRINCIPAL" | "UPSTREAM_PEER_URI_SAN" => Op::DestinationPrincipal,
+        "TRELLIS_AUTHORIZATION_POLICY" => Op::AuthorizationPolicy,
+        _ => Op::Dash,
+    }
+}
+
+/// Everything a line can say about a request.
+#[derive(Debug)]
+pub struct Record<'a> {
+    pub start: SystemTime,
+    pub method: &'a Method,
+    /// Path and query.
+    pub path: &'a str,
+    pub version: Version,
+    pub authority: &'a str,
+    pub request_headers: &'a HeaderMap,
+    pub response_headers: Option<&'a HeaderMap>,
+    pub code: u16,
+    pub flags: &'a str,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub duration: Duration,
+    pub upstream_host: Option<SocketAddr>,
+    pub upstream_cluster: &'a str,
+    pub downstream_local: Option<SocketAddr>,
+    pub downstream_remote: SocketAddr,
+    pub sni: Option<&'a str>,
+    pub route_name: &'a str,
+    pub source_workload: &'a str,
+    pub source_principal: &'a str,
+    pub destination_workload: &'a str,
+    pub destination_principal: &'a str,
+    pub authorization_policy: &'a str,
+}
+
+/// The trace id of a request, from W3C `traceparent` or B3.
+fn trace_id(h: &HeaderMap) -> Option<&str> {
+    if let Some(tp) = h.get("traceparent").and_then(|v| v.to_str().ok()) {
+        return tp.split('-').nth(1);
+    }
+    if let Some(id) = h.get("x-b3-traceid").and_then(|v| v.to_str().ok()) {
+        return Some(id);
+    }
+    h.get("b3")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|b3| b3.split('-').next())
+}
+
+fn header<'a>(
+    h: Option<&'a HeaderMap>,
+    names: &[HeaderName],
+    max: Option<usize>,
+) -> Option<&'a str> {
+    let h = h?;
+    let v = names.iter().find_map(|n| h.get(n))?.to_str().ok()?;
+    Some(match max {
+        Some(m) if v.len() > m => &v[..floor_char(v, m)],
+        _ => v,
+    })
+}
+
+fn floor_char(s: &str, mut i: usize) -> usize {
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// An RFC 3339 UTC time with milliseconds, as Envoy prints `%START_TIME%`.
+fn rfc3339(t: SystemTime, out: &mut String) {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let _ = write!(
+        out,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    );
+}
+
+/// What an operator says about a record; `None` prints `-` (text) or `null` (JSON).
+fn value(op: &Op, r: &Record<'_>, out: &mut String) -> bool {
+    let s: Option<&str> = match op {
+        Op::StartTime => {
+            rfc3339(r.start, out);
+            return true;
+        }
+        Op::ResponseCode => {
+            let _ = write!(out, "{}", r.code);
+            return true;
+        }
+        Op::BytesReceived => {
+            let _ = write!(out, "{}", r.bytes_received);
+            return true;
+        }
+        Op::BytesSent => {
+            let _ = write!(out, "{}", r.bytes_sent);
+            return true;
+        }
+        Op::Duration => {
+            let _ = write!(out, "{}", r.duration.as_millis());
+            return true;
+        }
+        Op::UpstreamHost => {
+            let Some(a) = r.upstream_host else {
+                return false;
+            };
+            let _ = write!(out, "{a}");
+            return true;
+        }
+        Op::DownstreamLocalAddress => {
+            let Some(a) = r.downstream_local else {
+                return false;
+            };
+            let _ = write!(out, "{a}");
+            return true;
+        }
+        Op::DownstreamRemoteAddress => {
+            let _ = write!(out, "{}", r.downstream_remote);
+            return true;
+        }
+        Op::Method => Some(r.method.as_str()),
+        Op::Path => Some(r.path),
+        Op::Protocol => Some(match r.version {
+            Version::HTTP_10 => "HTTP/1.0",
+            Version::HTTP_11 => "HTTP/1.1",
+            Version::HTTP_2 => "HTTP/2",
+            Version::HTTP_3 => "HTTP/3",
+            _ => "HTTP/0.9",
+        }),
+        Op::ResponseFlags => Some(r.flags),
+        Op::ResponseCodeDetails => Some(match r.flags {
+            "-" => "via_upstream",
+            "RBAC" => "rbac_access_denied",
+            "FI" => "fault_filter_abort",
+            "UF" => "upstream_reset_before_response_started{connection_failure}",
+            "UT" => "response_timeout",
+            "NR" => "route_not_found",
+            "RL" => "local_rate_limited",
+            "UO" => "upstream_overflow",
+            "UH" => "no_healthy_upstream",
+            _ => "-",
+        }),
+        Op::Authority => Some(r.authority),
+        Op::UpstreamCluster => Some(r.upstream_cluster),
+        Op::RequestedServerName => r.sni,
+        Op::RouteName => Some(r.route_name),
+        Op::TraceId => trace_id(r.request_headers),
+        Op::SourceWorkload => Some(r.source_workload),
+        Op::SourcePrincipal => Some(r.source_principal),
+        Op::DestinationWorkload => Some(r.destination_workload),
+        Op::DestinationPrincipal => Some(r.destination_principal),
+        Op::AuthorizationPolicy => Some(r.authorization_policy),
+        Op::Req(names, max) => header(Some(r.request_headers), names, *max),
+        Op::Resp(names, max) => header(r.response_headers, names, *max),
+        Op::Dash => None,
+    };
+    match s.filter(|s| !s.is_empty() && *s != "unknown") {
+        Some(s) => {
+            out.push_str(s);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Numbers are JSON numbers; everything else a string.
+fn numeric(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::ResponseCode | Op::BytesReceived | Op::BytesSent | Op::Duration
+    )
+}
+
+fn json_escape(s: &str, out: &mut String) {
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Format {
+    Text(Vec<Piece>),
+    /// Keys, each with its format.
+    Json(Vec<(String, Vec<Piece>)>),
+}
+
+fn write_text(pieces: &[Piece], r: &Record<'_>, out: &mut String) {
+    for p in pieces {
+        match p {
+            Piece::Text(t) => out.push_str(t),
+            Piece::Op(op) => {
+                if !value(op, r, out) {
+                    out.push('-');
+                }
+            }
+        }
+    }
+}
+
+impl Format {
+    fn write(&self, r: &Record<'_>, out: &mut String) {
+        match self {
+            Format::Text(pieces) => write_text(pieces, r, out),
+            Format::Json(fields) => {
+                out.push('{');
+                let mut scratch = String::new();
+                for (i, (key, pieces)) in fields.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push('"');
+                    json_escape(key, out);
+                    out.push_str("\":");
+                    // A lone operator keeps its type; anything else is a string.
+                    if let [Piece::Op(op)] = pieces.as_slice() {
+                        scratch.clear();
+                        if !value(op, r, &mut scratch) {
+                            out.push_str("null");
+                        } else if numeric(op) {
+                            out.push_str(&scratch);
+                        } else {
+                            out.push('"');
+                            json_escape(&scratch, out);
+                            out.push('"');
+                        }
+                        continue;
+                    }
+                    scratch.clear();
+                    write_text(pieces, r, &mut scratch);
+                    out.push('"');
+                    json_escape(&scratch, out);
+                    out.push('"');
+                }
+                out.push('}');
+            }
+        }
+        out.push('\n');
+    }
+}
+
+/// A filter expression: the common forms of Istio's CEL filters, `&&` binding tighter
+/// than `||`.
+#[derive(Debug, PartialEq)]
+enum Filter {
+    Or(Vec<Filter>),
+    And(Vec<Filter>),
+    Code(Cmp, u16),
+    Header(String, bool, String),
+    Method(bool, String),
+    Flags(bool, String),
+}
+
+#[derive(Debug, PartialEq, Clone, Copy)]
+enum Cmp {
+    Eq,
+    Ne,
+    Ge,
+    Gt,
+    Le,
+    Lt,
+}
+
+fn parse_filter(expr: &str) -> Result<Filter, String> {
+    let or: Result<Vec<Filter>, String> = expr
+        .split("||")
+        .map(|part| {
+            let and: Result<Vec<Filter>, String> = part.split("&&").map(atom).collect();
+            and.map(|mut v| {
+                if v.len() == 1 {
+                    v.remove(0)
+                } else {
+                    Filter::And(v)
+                }
+            })
+        })
+        .collect();
+    or.map(|mut v| {
+        if v.len() == 1 {
+            v.remove(0)
+        } else {
+            Filter::Or(v)
+        }
+    })
+}
+
+fn unquote(s: &str) -> Option<&str> {
+    let s = s.trim();
+    s.strip_prefix('\'')
+        .and_then(|s| s.strip_suffix('\''))
+        .or_else(|| s.strip_prefix('"').and_then(|s| s.strip_suffix('"')))
+}
+
+fn atom(s: &str) -> Result<Filter, String> {
+    let s = s
+        .trim()
+        .trim_start_matches('(')
+        .trim_end_matches(')')
+        .trim();
+    let ops = [
+        (">=", Cmp::Ge),
+        ("<=", Cmp::Le),
+        ("==", Cmp::Eq),
+        ("!=", Cmp::Ne),
+        (">", Cmp::Gt),
+        ("<", Cmp::Lt),
+    ];
+    let Some((left, cmp, right)) = ops
+        .iter()
+        .find_map(|(t, c)| s.split_once(t).map(|(l, r)| (l.trim(), *c, r.trim())))
+    else {
+        return Err(format!("{s:?} is not a comparison"));
+    };
+    let eq = match cmp {
+        Cmp::Eq => Some(true),
+        Cmp::Ne => Some(false),
+        _ => None,
+    };
+    match left {
+        "response.code" => right
+            .parse()
+            .map(|n| Filter::Code(cmp, n))
+            .map_err(|_| format!("{right:?} is not a status code")),
+        "request.method" => match (eq, unquote(right)) {
+            (Some(eq), Some(m)) => Ok(Filter::Method(eq, m.to_string())),
+            _ => Err(format!(
+                "{s:?}: compare request.method with == or != and a string"
+            )),
+        },
+        "response.flags" => match (eq, unquote(right)) {
+            (Some(eq), Some(f)) => Ok(Filter::Flags(eq, f.to_string())),
+            _ => Err(format!(
+                "{s:?}: compare response.flags with == or != and a string"
+            )),
+        },
+        l if l.starts_with("request.headers[") && l.ends_with(']') => {
+            let name = unquote(&l["request.headers[".len()..l.len() - 1])
+                .ok_or_else(|| format!("{l:?}: the header name must be quoted"))?;
+            match (eq, unquote(right)) {
+                (Some(eq), Some(v)) => {
+                    Ok(Filter::Header(name.to_ascii_lowercase(), eq, v.to_string()))
+                }
+                _ => Err(format!(
+                    "{s:?}: compare a header with == or != and a string"
+                )),
+            }
+        }
+        _ => Err(format!(
+            "{left:?} is not supported (response.code, response.flags, request.method and request.headers['…'] are)"
+        )),
+    }
+}
+
+impl Filter {
+    fn matches(&self, r: &Record<'_>) -> bool {
+        match self {
+            Filter::Or(v) => v.iter().any(|f| f.matches(r)),
+            Filter::And(v) => v.iter().all(|f| f.matches(r)),
+            Filter::Code(cmp, n) => {
+                let c = r.code;
+                match cmp {
+                    Cmp::Eq => c == *n,
+                    Cmp::Ne => c != *n,
+                    Cmp::Ge => c >= *n,
+                    Cmp::Gt => c > *n,
+                    Cmp::Le => c <= *n,
+                    Cmp::Lt => c < *n,
+                }
+            }
+            Filter::Header(name, eq, v) => {
+                let got = r.request_headers.get(name.as_str()).map(|h| h.as_bytes());
+                (got == Some(v.as_bytes())) == *eq
+            }
+            Filter::Method(eq, m) => (r.method.as_str() == m) == *eq,
+            Filter::Flags(eq, f) => (r.flags == f) == *eq,
+        }
+    }
+}
+
+/// Lines dropped because a writer's queue was full.
+pub static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// A file (or stdout) and the thread that writes it.
+#[derive(Debug)]
+struct Writer {
+    tx: SyncSender<String>,
+}
+
+/// Lines a writer's queue holds before new ones are dropped.
+const QUEUE: usize = 8192;
+
+fn writer(path: &str) -> Result<Arc<Writer>, String> {
+    static WRITERS: OnceLock<Mutex<HashMap<String, Arc<Writer>>>> = OnceLock::new();
+    let mut map = WRITERS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some(w) = map.get(path) {
+        return Ok(Arc::clone(w));
+    }
+    let sink: Box<dyn std::io::Write + Send> = match path {
+        "/dev/stdout" | "" => Box::new(std::io::stdout()),
+        "/dev/stderr" => Box::new(std::io::stderr()),
+        p => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| format!("access log {p}: {e}"))?,
+        ),
+    };
+    let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+    let name = path.to_string();
+    std::thread::Builder::new()
+        .name("access-log".into())
+        .spawn(move || write_lines(rx, sink, &name))
+        .map_err(|e| format!("access log {path}: {e}"))?;
+    let w = Arc::new(Writer { tx });
+    map.insert(path.to_string(), Arc::clone(&w));
+    Ok(w)
+}
+
+/// Writes lines as they come, flushing whenever the queue is empty.
+fn write_lines(rx: Receiver<String>, sink: Box<dyn std::io::Write + Send>, path: &str) {
+    let mut out = std::io::BufWriter::with_capacity(64 << 10, sink);
+    while let Ok(line) = rx.recv() {
+        let mut result = out.write_all(line.as_bytes());
+        while result.is_ok() {
+            match rx.try_recv() {
+                Ok(line) => result = out.write_all(line.as_bytes()),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = result.and_then(|()| out.flush()) {
+            tracing::warn!("access log {path}: {e}");
+        }
+    }
+}
+
+/// Which side's requests an entry logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client,
+    Server,
+    Both,
+}
+
+#[derive(Debug)]
+struct Entry {
+    side: Side,
+    filter: Option<Filter>,
+    sinks: Vec<(Arc<Format>, Arc<Writer>)>,
+}
+
+/// A workload's access logging, compiled from its Telemetry.
+#[derive(Debug)]
+pub struct AccessLog {
+    entries: Vec<Entry>,
+}
+
+impl AccessLog {
+    /// From the snapshot's telemetry: `None` when nothing is logged. Problems (an
+    /// unknown provider, a filter outside the supported forms, a file that cannot be
+    /// opened) are reported, and the rest applies: an unsupported filter logs everything
+    /// rather than nothing.
+    pub fn compile(t: &wire::Telemetry) -> Option<AccessLog> {
+        let mut entries = Vec::new();
+        for a in &t.access_logging {
+            if a.disabled == Some(true) {
+                continue;
+            }
+            let side = match a.mode.as_str() {
+                "CLIENT" => Side::Client,
+                "SERVER" => Side::Server,
+                _ => Side::Both,
+            };
+            let filter = match a.filter.as_deref().map(parse_filter) {
+                None => None,
+                Some(Ok(f)) => Some(f),
+                Some(Err(e)) => {
+                    tracing::warn!("access log filter ignored (everything is logged): {e}");
+                    None
+                }
+            };
+            let mut sinks = Vec::new();
+            for name in &a.providers {
+                let Some(p) = t.providers.iter().find(|p| &p.name == name) else {
+                    tracing::warn!("access log provider {name:?} is not defined");
+                    continue;
+                };
+                let format = match p.kind.as_str() {
+                    "envoyJson" => json_format(&p.log_labels),
+                    "envoy" | "envoyFileAccessLog" => {
+                        if !p.log_labels.is_empty() {
+                            json_format(&p.log_labels)
+                        } else {
+                            let text = p.log_format.as_deref().unwrap_or(DEFAULT_TEXT);
+                            let text = text.strip_suffix('\n').unwrap_or(text);
+                            Format::Text(parse_format(text))
+                        }
+                    }
+                    _ => continue, // tracing and metrics providers
+                };
+                match writer(p.path.as_deref().unwrap_or("/dev/stdout")) {
+                    Ok(w) => sinks.push((Arc::new(format), w)),
+                    Err(e) => tracing::warn!("{e}"),
+                }
+            }
+            if !sinks.is_empty() {
+                entries.push(Entry {
+                    side,
+                    filter,
+                    sinks,
+                });
+            }
+        }
+        (!entries.is_empty()).then_some(AccessLog { entries })
+    }
+
+    /// Whether anything logs this side's requests (inbound is the server side).
+    pub fn logs(&self, inbound: bool) -> bool {
+        self.entries.iter().any(|e| e.side.covers(inbound))
+    }
+
+    /// Writes the record's line to each sink whose entry covers it.
+    pub fn log(&self, inbound: bool, r: &Record<'_>) {
+        for e in &self.entries {
+            if !e.side.covers(inbound) || e.filter.as_ref().is_some_and(|f| !f.matches(r)) {
+                continue;
+            }
+            for (format, w) in &e.sinks {
+                let mut line = String::with_capacity(512);
+                format.write(r, &mut line);
+                match w.tx.try_send(line) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                        DROPPED.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Side {
+    fn covers(self, inbound: bool) -> bool {
+        match self {
+            Side::Both => true,
+            Side::Server => inbound,
+            Side::Client => !inbound,
+        }
+    }
+}
+
+fn json_format(labels: &std::collections::BTreeMap<String, String>) -> Format {
+    if labels.is_empty() {
+        return Format::Json(
+            DEFAULT_JSON
+                .iter()
+                .map(|(k, v)| (k.to_string(), parse_format(v)))
+                .collect(),
+        );
+    }
+    Format::Json(
+        labels
+            .iter()
+            .map(|(k, v)| (k.clone(), parse_format(v)))
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record<'a>(h: &'a HeaderMap, m: &'a Method) -> Record<'a> {
+        Record {
+            start: SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_000_000_123),
+            method: m,
+            path: "/reviews/1?x=1",
+            version: Version::HTTP_11,
+            authority: "reviews:9080",
+            request_headers: h,
+            response_headers: None,
+            code: 503,
+            flags: "UF",
+            bytes_received: 10,
+            bytes_sent: 91,
+            duration: Duration::from_millis(12),
+            upstream_host: "10.0.0.7:9080".parse().ok(),
+            upstream_cluster: "outbound|9080||reviews.default.svc.cluster.local",
+            downstream_local: None,
+            downstream_remote: "127.0.0.1:5555".parse().expect("addr"),
+            sni: None,
+            route_name: "default",
+            source_workload: "productpage-v1",
+            source_principal: "spiffe://cluster.local/ns/default/sa/productpage",
+            destination_workload: "unknown",
+            destination_principal: "",
+            authorization_policy: "",
+        }
+    }
+
+    #[test]
+    fn istio_s_default_text_format_prints_like_envoy() {
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", "abc".parse().expect("v"));
+        h.insert("user-agent", "curl/8".parse().expect("v"));
+        let m = Method::GET;
+        let mut line = String::new();
+        Format::Text(parse_format(DEFAULT_TEXT)).write(&record(&h, &m), &mut line);
+        assert_eq!(
+            line,
+            "[2025-11-24T16:00:00.123Z] \"GET /reviews/1?x=1 HTTP/1.1\" 503 UF upstream_reset_before_response_started{connection_failure} - \"-\" 10 91 12 - \"-\" \"curl/8\" \"abc\" \"reviews:9080\" \"10.0.0.7:9080\" outbound|9080||reviews.default.svc.cluster.local - - 127.0.0.1:5555 - default\n"
+        );
+    }
+
+    #[test]
+    fn json_lines_keep_numbers_and_escape_strings() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .expect("v"),
+        );
+        h.insert("x-note", "say \"hi\"".parse().expect("v"));
+        let m = Method::POST;
+        let mut line = String::new();
+        let mut labels = std::collections::BTreeMap::new();
+        labels.insert("code".to_string(), "%RESPONSE_CODE%".to_string());
+        labels.insert("note".to_string(), "%REQ(X-NOTE)%".to_string());
+        labels.insert("both".to_string(), "%REQ(:METHOD)% %TRACE_ID%".to_string());
+        labels.insert("missing".to_string(), "%REQ(X-NONE)%".to_string());
+        json_format(&labels).write(&record(&h, &m), &mut line);
+        assert_eq!(
+            line,
+            "{\"both\":\"POST 4bf92f3577b34da6a3ce929d0e0e4736\",\"code\":503,\"missing\":null,\"note\":\"say \\\"hi\\\"\"}\n"
+        );
+        let v: serde_json::Value = serde_json::from_str(line.trim()).expect("JSON");
+        assert_eq!(v["code"], 503);
+        // The default JSON has Istio's keys and Trellis's.
+        let mut line = String::new();
+        json_format(&Default::default()).write(&record(&h, &m), &mut line);
+        let v: serde_json::Value = serde_json::from_str(line.trim()).expect("JSON");
+        assert_eq!(v["method"], "POST");
+        assert_eq!(v["path"], "/reviews/1?x=1");
+        assert_eq!(v["response_flags"], "UF");
+        assert_eq!(v["duration"], 12);
+        assert_eq!(v["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(v["source_workload"], "productpage-v1");
+        assert_eq!(v["destination_workload"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn filters_take_istio_s_common_cel_forms() {
+        let mut h = HeaderMap::new();
+        h.insert("x-debug", "1".parse().expect("v"));
+        let m = Method::GET;
+        let r = record(&h, &m);
+        for (expr, want) in [
+            ("response.code >= 400", true),
+            ("response.code >= 500 && response.code < 600", true),
+            ("response.code == 0", false),
+            (
+                "response.code < 400 || request.headers['x-debug'] == '1'",
+                true,
+            ),
+            ("request.headers[\"x-debug\"] != \"1\"", false),
+            ("request.method == 'GET' && response.flags == 'UF'", true),
+            ("response.flags != 'UF'", false),
+        ] {
+            let f = parse_filter(expr).expect(expr);
+            assert_eq!(f.matches(&r), want, "{expr}");
+        }
+        for bad in [
+            "response.duration > 5",
+            "response.code >= x",
+            "request.headers[x] == '1'",
+            "true",
+        ] {
+            assert!(parse_filter(bad).is_err(), "{bad}");
+        }
+    }
+}
