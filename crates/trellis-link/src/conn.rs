@@ -108,7 +108,10 @@ impl Hasher for IdHasher {
         }
     }
     fn write_u32(&mut self, n: u32) {
-        self.0 = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        // Mixed both ways: the table indexes by the low bits, and ids that differ only in
+        // their high bits must not share them.
+        let x = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = x ^ (x >> 32);
     }
 }
 
@@ -220,6 +223,13 @@ struct State {
     /// Tokens left for frames that cost work and carry nothing, and when last refilled.
     budget: f64,
     refilled: std::time::Instant,
+    /// The peer has used up the budget: the connection ends (ENHANCE_YOUR_CALM).
+    calm: bool,
+    /// A stream waits for the connection's send window to open.
+    conn_blocked: bool,
+    /// The peer's SETTINGS have arrived (until then, at most 100 streams are opened, the
+    /// least RFC 9113 recommends a peer allow).
+    peer_settings: bool,
 }
 
 struct Shared {
@@ -258,6 +268,9 @@ impl State {
             let room = s.send_window.min(self.send_window).max(0) as usize;
             let n = room.min(front.len()).min(max_frame);
             if n == 0 && !front.is_empty() {
+                if self.send_window <= 0 {
+                    self.conn_blocked = true;
+                }
                 break;
             }
             let chunk = front.split_to(n);
@@ -311,6 +324,19 @@ impl State {
         }
     }
 
+    /// Writes what streams have queued, as far as the windows now allow.
+    fn flush_pending(&mut self) {
+        let ids: Vec<u32> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| !s.pending.is_empty() || s.pending_trailers.is_some())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ids {
+            self.flush_stream(id);
+        }
+    }
+
     /// Our side of a stream has ended. A served stream whose handles are gone but whose
     /// request is still arriving is told to stop (RST_STREAM NO_ERROR, RFC 9113 §8.1).
     fn finish_sending(&mut self, id: u32) {
@@ -331,6 +357,15 @@ impl State {
         self.refilled = now;
         self.budget = (self.budget + refill).min(ABUSE_BURST) - 1.0;
         self.budget >= 0.0
+    }
+
+    /// The peer made us reset a stream (a malformed message, a flow-control breach…):
+    /// that costs a token too, so that provoking resets is no cheaper than sending them.
+    fn fault(&mut self, id: u32, reason: Reason) {
+        if !self.spend() {
+            self.calm = true;
+        }
+        self.reset(id, reason);
     }
 
     /// After a stream's state changed: once closed both ways it no longer counts as
@@ -364,6 +399,12 @@ impl State {
             s.send_end = true;
             s.pending.clear();
             s.pending_len = 0;
+            if let Some(w) = s.recv_waker.take() {
+                w.wake();
+            }
+            if let Some(w) = s.send_waker.take() {
+                w.wake();
+            }
             self.release(id, 0);
         }
         self.settle(id);
@@ -472,6 +513,7 @@ impl Body for RecvStream {
             if let Some(r) = &mut this.remaining {
                 if n as u64 > *r {
                     this.done = true;
+                    st.release(this.id, n as u32);
                     st.reset(this.id, Reason::PROTOCOL_ERROR);
                     let w = st.driver.take();
                     drop(st);
@@ -688,7 +730,7 @@ fn start<T>(io: T, config: Config, role: Role) -> (Arc<Shared>, Driver<T>) {
         next_id: 1,
         peer_initial_window: 65_535,
         peer_max_frame: frame::DEFAULT_MAX_FRAME,
-        peer_max_streams: usize::MAX,
+        peer_max_streams: 100,
         send_window: 65_535,
         recv_window: i64::from(config.conn_window.max(default_window)),
         unreleased: 0,
@@ -701,6 +743,9 @@ fn start<T>(io: T, config: Config, role: Role) -> (Arc<Shared>, Driver<T>) {
         shutdown: Shutdown::No,
         budget: ABUSE_BURST,
         refilled: std::time::Instant::now(),
+        calm: false,
+        conn_blocked: false,
+        peer_settings: false,
     };
     let shared = Arc::new(Shared {
         state: Mutex::new(state),
@@ -715,6 +760,9 @@ fn start<T>(io: T, config: Config, role: Role) -> (Arc<Shared>, Driver<T>) {
         wakers: Vec::new(),
         keepalive: Box::pin(tokio::time::sleep(config.keepalive_interval)),
         ping_out: false,
+        heard: false,
+        role_client: role == Role::Client,
+        unflushed: false,
         config,
         preface: role == Role::Server,
         closing: None,
@@ -768,6 +816,12 @@ struct Driver<T> {
     wakers: Vec<Waker>,
     keepalive: Pin<Box<tokio::time::Sleep>>,
     ping_out: bool,
+    /// Frames arrived since the last ping went out.
+    heard: bool,
+    /// Only a client pings (servers answer; the h2 crate's server did not ping either).
+    role_client: bool,
+    /// Bytes were written since the last flush that completed.
+    unflushed: bool,
     config: Config,
     /// A server has yet to read the client's preface.
     preface: bool,
@@ -855,6 +909,38 @@ where
         }
     }
 
+    /// Ends the connection in order: what is queued is written, our side shut down, and
+    /// what still arrives read and dropped for a moment (see `linger`).
+    fn close(&mut self, cx: &mut Context<'_>, why: String) -> Poll<String> {
+        self.closing = Some((why, false));
+        let at = tokio::time::Instant::now() + LINGER;
+        self.keepalive.as_mut().reset(at);
+        self.linger(cx)
+    }
+
+    /// The keepalive timer fired (a client's connection): a ping goes out, or, when the
+    /// last one is unanswered and nothing else came either, the connection is dead.
+    fn keepalive_fired(&mut self) -> Result<(), String> {
+        if self.ping_out && !self.heard {
+            return Err(format!(
+                "no answer to a ping within {:?}",
+                self.config.keepalive_timeout
+            ));
+        }
+        let at = if self.ping_out {
+            // Frames arrived meanwhile: the peer is alive, if slow to answer behind them.
+            self.ping_out = false;
+            tokio::time::Instant::now() + self.config.keepalive_interval
+        } else {
+            self.ping_out = true;
+            self.heard = false;
+            frame::put_ping(&mut self.shared.lock().out, false, KEEPALIVE_PING);
+            tokio::time::Instant::now() + self.config.keepalive_timeout
+        };
+        self.keepalive.as_mut().reset(at);
+        Ok(())
+    }
+
     /// Runs until the connection ends; the reason it ended.
     fn run(&mut self, cx: &mut Context<'_>) -> Poll<String> {
         if self.closing.is_some() {
@@ -862,7 +948,6 @@ where
         }
         loop {
             // Write what is queued.
-            let mut wrote = false;
             loop {
                 if self.wbuf.is_empty() {
                     let mut st = self.shared.lock();
@@ -875,29 +960,32 @@ where
                     Poll::Ready(Ok(0)) => return Poll::Ready("the socket took no bytes".into()),
                     Poll::Ready(Ok(n)) => {
                         self.wbuf.advance(n);
-                        wrote = true;
+                        self.unflushed = true;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(format!("write failed: {e}")),
                     Poll::Pending => break,
                 }
             }
-            if wrote {
-                if let Poll::Ready(Err(e)) = Pin::new(&mut self.io).poll_flush(cx) {
-                    return Poll::Ready(format!("write failed: {e}"));
+            // Flushed until done: a TLS stream may take bytes it has not sent yet.
+            if self.unflushed {
+                match Pin::new(&mut self.io).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => self.unflushed = false,
+                    Poll::Ready(Err(e)) => return Poll::Ready(format!("write failed: {e}")),
+                    Poll::Pending => {}
                 }
                 let mut st = self.shared.lock();
                 if st.starved && st.out.len() < OUT_HIGH {
                     st.starved = false;
-                    let ids: Vec<u32> = st
-                        .streams
-                        .iter()
-                        .filter(|(_, s)| !s.pending.is_empty())
-                        .map(|(&id, _)| id)
-                        .collect();
-                    for id in ids {
-                        st.flush_stream(id);
-                    }
+                    st.flush_pending();
                 }
+            }
+            // Keepalive (checked even while the socket is backed up: a peer that stops
+            // reading is found dead all the same).
+            if self.role_client && self.keepalive.as_mut().poll(cx).is_ready() {
+                if let Err(why) = self.keepalive_fired() {
+                    return Poll::Ready(why);
+                }
+                continue;
             }
             // The socket is backed up and plenty waits: read nothing more until it drains
             // (what the peer sends may only add to what waits).
@@ -922,10 +1010,7 @@ where
                         for w in self.wakers.drain(..) {
                             w.wake();
                         }
-                        self.closing = Some((why, false));
-                        let at = tokio::time::Instant::now() + LINGER;
-                        self.keepalive.as_mut().reset(at);
-                        return self.linger(cx);
+                        return self.close(cx, why);
                     }
                     for w in self.wakers.drain(..) {
                         w.wake();
@@ -935,41 +1020,27 @@ where
                 Poll::Ready(Err(e)) => return Poll::Ready(format!("read failed: {e}")),
                 Poll::Pending => {}
             }
-            // Keepalive.
-            if self.keepalive.as_mut().poll(cx).is_ready() {
-                if self.ping_out {
-                    return Poll::Ready(format!(
-                        "no answer to a ping within {:?}",
-                        self.config.keepalive_timeout
-                    ));
-                }
-                self.ping_out = true;
-                frame::put_ping(&mut self.shared.lock().out, false, KEEPALIVE_PING);
-                let at = tokio::time::Instant::now() + self.config.keepalive_timeout;
-                self.keepalive.as_mut().reset(at);
-                continue;
-            }
             let mut st = self.shared.lock();
             if !st.out.is_empty() && self.wbuf.is_empty() {
                 continue;
             }
-            match st.role {
-                Role::Client => {
-                    if st.clients == 0 && st.streams.is_empty() {
-                        return Poll::Ready("no longer used".into());
-                    }
-                    if st.closed.is_some() && st.streams.is_empty() {
-                        return Poll::Ready("drained after GOAWAY".into());
-                    }
+            let done = match st.role {
+                Role::Client if st.clients == 0 && st.streams.is_empty() => {
+                    frame::put_goaway(&mut st.out, 0, Reason::NO_ERROR);
+                    Some("no longer used")
                 }
-                Role::Server => {
-                    if st.clients == 0 {
-                        return Poll::Ready("no longer served".into());
-                    }
-                    if matches!(st.shutdown, Shutdown::Done(_)) && st.open == 0 {
-                        return Poll::Ready("drained after GOAWAY".into());
-                    }
+                Role::Client if st.closed.is_some() && st.streams.is_empty() => {
+                    Some("drained after GOAWAY")
                 }
+                Role::Server if st.clients == 0 => Some("no longer served"),
+                Role::Server if matches!(st.shutdown, Shutdown::Done(_)) && st.open == 0 => {
+                    Some("drained after GOAWAY")
+                }
+                _ => None,
+            };
+            if let Some(why) = done {
+                drop(st);
+                return self.close(cx, why.into());
             }
             st.driver = Some(cx.waker().clone());
             return Poll::Pending;
@@ -1004,7 +1075,14 @@ where
             }
             let mut payload = self.rbuf.split_to(9 + head.len).freeze();
             payload.advance(9);
+            self.heard = true;
             self.frame(&mut st, head, payload)?;
+            if st.calm {
+                return Err(ConnError(
+                    Reason::ENHANCE_YOUR_CALM,
+                    "too many streams reset for errors",
+                ));
+            }
         }
         Ok(())
     }
@@ -1151,6 +1229,11 @@ where
                 let reason = Reason(u32::from_be_bytes([
                     payload[4], payload[5], payload[6], payload[7],
                 ]));
+                if st.role == Role::Server {
+                    // A client's GOAWAY only says it opens no more streams: ours to answer
+                    // go on.
+                    return Ok(());
+                }
                 st.closed.get_or_insert_with(|| {
                     Error::Closed(format!("GOAWAY ({reason}) from the peer").into())
                 });
@@ -1185,14 +1268,10 @@ where
                     if st.send_window > frame::MAX_WINDOW {
                         return Err(ConnError(Reason::FLOW_CONTROL_ERROR, "window above 2^31-1"));
                     }
-                    let blocked: Vec<u32> = st
-                        .streams
-                        .iter()
-                        .filter(|(_, s)| !s.pending.is_empty() || s.pending_trailers.is_some())
-                        .map(|(&id, _)| id)
-                        .collect();
-                    for id in blocked {
-                        st.flush_stream(id);
+                    // Only when a stream waits for it (no scan per update otherwise).
+                    if st.conn_blocked {
+                        st.conn_blocked = false;
+                        st.flush_pending();
                     }
                 } else if let Some(s) = st.streams.get_mut(&head.stream) {
                     if inc == 0 || s.send_window + inc > frame::MAX_WINDOW {
@@ -1201,9 +1280,7 @@ where
                         } else {
                             Reason::FLOW_CONTROL_ERROR
                         };
-                        self.wakers.extend(s.recv_waker.take());
-                        self.wakers.extend(s.send_waker.take());
-                        st.reset(head.stream, reason);
+                        st.fault(head.stream, reason);
                         return Ok(());
                     }
                     s.send_window += inc;
@@ -1251,17 +1328,19 @@ where
             let unexpected = !s.head_seen && s.error.is_none();
             st.release(id, flow as u32);
             if unexpected {
-                st.reset(id, Reason::PROTOCOL_ERROR);
+                st.fault(id, Reason::PROTOCOL_ERROR);
                 if let Some(s) = st.streams.get_mut(&id) {
                     s.error = Some(Error::Malformed("DATA before the response head"));
-                    self.wakers.extend(s.recv_waker.take());
                 }
             }
             return Ok(());
         }
         s.recv_window -= flow;
         if s.recv_window < 0 {
-            st.reset(id, Reason::FLOW_CONTROL_ERROR);
+            // The peer overran the stream's window: what it sent is dropped, and given back
+            // to the connection's window.
+            st.release(id, flow as u32);
+            st.fault(id, Reason::FLOW_CONTROL_ERROR);
             return Ok(());
         }
         if s.handles == 0 {
@@ -1312,18 +1391,18 @@ where
         if !st.spend() {
             return Err(ConnError(Reason::ENHANCE_YOUR_CALM, "too many SETTINGS"));
         }
+        // Each setting's last value in the frame is what counts: applied once each, however
+        // many entries the frame repeats.
+        let (mut table, mut streams, mut window, mut max_frame) = (None, None, None, None);
         for s in payload.chunks_exact(6) {
             let id = u16::from_be_bytes([s[0], s[1]]);
             let v = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
             match id {
-                frame::SETTINGS_HEADER_TABLE_SIZE => {
-                    st.enc
-                        .set_max_size((v as usize).min(hpack::DEFAULT_TABLE_SIZE));
-                }
+                frame::SETTINGS_HEADER_TABLE_SIZE => table = Some(v),
                 frame::SETTINGS_ENABLE_PUSH if v > 1 => {
                     return Err(ConnError(Reason::PROTOCOL_ERROR, "ENABLE_PUSH above 1"));
                 }
-                frame::SETTINGS_MAX_CONCURRENT_STREAMS => st.peer_max_streams = v as usize,
+                frame::SETTINGS_MAX_CONCURRENT_STREAMS => streams = Some(v),
                 frame::SETTINGS_INITIAL_WINDOW_SIZE => {
                     if i64::from(v) > frame::MAX_WINDOW {
                         return Err(ConnError(
@@ -1331,17 +1410,7 @@ where
                             "initial window above 2^31-1",
                         ));
                     }
-                    let delta = i64::from(v) - st.peer_initial_window;
-                    st.peer_initial_window = i64::from(v);
-                    for s in st.streams.values_mut() {
-                        s.send_window += delta;
-                    }
-                    if delta > 0 {
-                        let ids: Vec<u32> = st.streams.keys().copied().collect();
-                        for id in ids {
-                            st.flush_stream(id);
-                        }
-                    }
+                    window = Some(v);
                 }
                 frame::SETTINGS_MAX_FRAME_SIZE => {
                     if !(16_384..=16_777_215).contains(&v) {
@@ -1350,9 +1419,39 @@ where
                             "MAX_FRAME_SIZE out of range",
                         ));
                     }
-                    st.peer_max_frame = v as usize;
+                    max_frame = Some(v);
                 }
                 _ => {}
+            }
+        }
+        if let Some(v) = table {
+            let size = (v as usize).min(hpack::DEFAULT_TABLE_SIZE);
+            st.enc.set_max_size(size);
+        }
+        match streams {
+            Some(v) => st.peer_max_streams = v as usize,
+            // The first SETTINGS without a limit: there is none.
+            None if !st.peer_settings => st.peer_max_streams = usize::MAX,
+            None => {}
+        }
+        st.peer_settings = true;
+        if let Some(v) = max_frame {
+            st.peer_max_frame = v as usize;
+        }
+        if let Some(v) = window {
+            let delta = i64::from(v) - st.peer_initial_window;
+            st.peer_initial_window = i64::from(v);
+            for s in st.streams.values_mut() {
+                s.send_window += delta;
+                if s.send_window > frame::MAX_WINDOW {
+                    return Err(ConnError(
+                        Reason::FLOW_CONTROL_ERROR,
+                        "a stream window above 2^31-1",
+                    ));
+                }
+            }
+            if delta > 0 {
+                st.flush_pending();
             }
         }
         frame::put_head(&mut st.out, 0, frame::SETTINGS, frame::ACK, 0);

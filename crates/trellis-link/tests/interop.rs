@@ -45,6 +45,13 @@ async fn serve_stream(req: Request<h2::RecvStream>, mut respond: h2::server::Sen
             out.insert("x-echoed", HeaderValue::from_static("yes"));
             tx.send_trailers(out).expect("trailers");
         }
+        "/head" => {
+            // A HEAD answer: the length of a body that is not sent.
+            let mut resp = Response::new(());
+            resp.headers_mut()
+                .insert("content-length", HeaderValue::from_static("1024"));
+            respond.send_response(resp, true).expect("respond");
+        }
         "/big-headers" => {
             let mut resp = Response::new(());
             for i in 0..40 {
@@ -269,6 +276,19 @@ async fn a_reset_stream_fails_alone_and_large_header_blocks_arrive_whole() {
     let big: Vec<&HeaderValue> = resp.headers().get_all("x-big").iter().collect();
     assert_eq!(big.len(), 40);
     assert!(big[39].to_str().expect("text").starts_with("39-hhh"));
+    // HEAD: the Content-Length describes no body here.
+    let mut head = get("/head");
+    *head.method_mut() = http::Method::HEAD;
+    let (resp, _tx) = client.send_request(&head, true, None).expect("send");
+    let resp = tokio::time::timeout(T, resp)
+        .await
+        .expect("in time")
+        .expect("response");
+    assert_eq!(resp.headers()["content-length"], "1024");
+    let (data, _) = collect(resp.into_body())
+        .await
+        .expect("a bodiless HEAD answer");
+    assert!(data.is_empty());
     // The connection still serves.
     let (resp, _tx) = client
         .send_request(&get("/after"), true, None)

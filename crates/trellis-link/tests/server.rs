@@ -26,7 +26,10 @@ async fn handle(req: Request<RecvStream>, mut tx: SendStream) {
         "/echo" => {
             tx.send_response(Response::new(()), false).expect("respond");
             while let Some(frame) = next_frame(&mut body).await {
-                let frame = frame.expect("request body");
+                // A client that breaks the rules gets its stream reset: nothing to echo.
+                let Ok(frame) = frame else {
+                    return;
+                };
                 match frame.into_data() {
                     Ok(d) => {
                         std::future::poll_fn(|cx| tx.poll_ready(cx))
@@ -374,6 +377,11 @@ fn raw_frame(dst: &mut BytesMut, kind: u8, flags: u8, stream: u32, payload: &[u8
 /// A request head block: GET / on `http://a` (static table entries and one literal).
 const GET_BLOCK: &[u8] = &[0x82, 0x86, 0x84, 0x01, 0x01, b'a'];
 
+/// POST /echo on `http://a`.
+const POST_BLOCK: &[u8] = &[
+    0x83, 0x86, 0x04, 0x05, b'/', b'e', b'c', b'h', b'o', 0x01, 0x01, b'a',
+];
+
 /// Sends `frames` after the preface and reads until the server closes; the GOAWAY error
 /// code it sent, if any.
 async fn misbehave(addr: std::net::SocketAddr, frames: BytesMut) -> Option<u32> {
@@ -421,6 +429,19 @@ async fn misbehaving_clients_are_disconnected_with_the_reason() {
         Some(0xb),
         "rapid reset: ENHANCE_YOUR_CALM"
     );
+    // Resets the client provokes (a zero window increment on each stream it opens) cost
+    // as much as resets it sends.
+    let mut f = BytesMut::new();
+    for i in 0..5000u32 {
+        let id = 1 + 2 * i;
+        raw_frame(&mut f, frame::HEADERS, frame::END_HEADERS, id, POST_BLOCK);
+        raw_frame(&mut f, frame::WINDOW_UPDATE, 0, id, &0u32.to_be_bytes());
+    }
+    assert_eq!(
+        misbehave(addr, f).await,
+        Some(0xb),
+        "provoked resets: ENHANCE_YOUR_CALM"
+    );
     // A PING flood.
     let mut f = BytesMut::new();
     for _ in 0..5000 {
@@ -466,4 +487,88 @@ async fn misbehaving_clients_are_disconnected_with_the_reason() {
         .expect("in time")
         .expect("response");
     assert_eq!(resp.status(), StatusCode::OK);
+}
+
+/// Frames from a raw connection until `want` says stop (or the time is up).
+async fn read_frames(
+    sock: &mut TcpStream,
+    mut want: impl FnMut(&frame::Head, &[u8]) -> bool,
+) -> bool {
+    let mut buf = BytesMut::new();
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        while buf.len() >= 9 {
+            let h = frame::Head::parse(&buf);
+            if buf.len() < 9 + h.len {
+                break;
+            }
+            let f = buf.split_to(9 + h.len);
+            if want(&h, &f[9..]) {
+                return true;
+            }
+        }
+        let mut chunk = [0u8; 16384];
+        match tokio::time::timeout_at(deadline, sock.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return false,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_goaway_leaves_its_streams_served_and_overruns_reset_only_their_stream() {
+    let (addr, _stop, _ended) = server(Config::default()).await;
+    // GOAWAY(0) from a client after its request (as Go's client sends when it shuts down):
+    // the request in flight is still answered.
+    let mut sock = TcpStream::connect(addr).await.expect("connect");
+    let mut out = BytesMut::from(frame::PREFACE);
+    raw_frame(&mut out, frame::SETTINGS, 0, 0, &[]);
+    let slow: &[u8] = &[
+        0x82, 0x86, 0x04, 0x05, b'/', b's', b'l', b'o', b'w', 0x01, 0x01, b'a',
+    ];
+    raw_frame(
+        &mut out,
+        frame::HEADERS,
+        frame::END_HEADERS | frame::END_STREAM,
+        1,
+        slow,
+    );
+    raw_frame(&mut out, frame::GOAWAY, 0, 0, &[0, 0, 0, 0, 0, 0, 0, 0]);
+    sock.write_all(&out).await.expect("write");
+    let answered = read_frames(&mut sock, |h, _| h.kind == frame::HEADERS && h.stream == 1).await;
+    assert!(
+        answered,
+        "the stream in flight was answered after the client's GOAWAY"
+    );
+    // A stream that overruns its window (1 MiB) is reset alone, FLOW_CONTROL_ERROR.
+    let mut sock = TcpStream::connect(addr).await.expect("connect");
+    let mut out = BytesMut::from(frame::PREFACE);
+    raw_frame(&mut out, frame::SETTINGS, 0, 0, &[]);
+    raw_frame(&mut out, frame::HEADERS, frame::END_HEADERS, 1, POST_BLOCK);
+    for _ in 0..70 {
+        raw_frame(&mut out, frame::DATA, 0, 1, &[7u8; 16_000]);
+    }
+    raw_frame(
+        &mut out,
+        frame::HEADERS,
+        frame::END_HEADERS | frame::END_STREAM,
+        3,
+        GET_BLOCK,
+    );
+    sock.write_all(&out).await.expect("write");
+    let (mut reset, mut other) = (false, false);
+    let done = read_frames(&mut sock, |h, p| {
+        if h.kind == frame::RST_STREAM && h.stream == 1 {
+            reset = p == 3u32.to_be_bytes();
+        }
+        if h.kind == frame::HEADERS && h.stream == 3 {
+            other = true;
+        }
+        reset && other
+    })
+    .await;
+    assert!(
+        done,
+        "stream 1 reset with FLOW_CONTROL_ERROR ({reset}), stream 3 answered ({other})"
+    );
 }

@@ -189,6 +189,7 @@ impl Client {
                 shared: Arc::clone(&self.shared),
                 id,
                 done: false,
+                head_request: head.method() == http::Method::HEAD,
             },
             SendStream {
                 shared: Arc::clone(&self.shared),
@@ -203,6 +204,8 @@ pub struct ResponseFuture {
     shared: Arc<Shared>,
     id: u32,
     done: bool,
+    /// The request was HEAD: a Content-Length describes a body that is not sent.
+    head_request: bool,
 }
 
 impl std::fmt::Debug for ResponseFuture {
@@ -223,9 +226,16 @@ impl Future for ResponseFuture {
         };
         if let Some(head) = s.head.take() {
             drop(st);
+            // HEAD, 204 and 304 responses have no body, whatever their Content-Length says.
+            let bodiless = self.head_request
+                || matches!(
+                    head.status(),
+                    StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+                );
             let remaining = head
                 .headers()
                 .get(header::CONTENT_LENGTH)
+                .filter(|_| !bodiless)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
             self.done = true;
@@ -342,7 +352,7 @@ impl<T> Driver<T> {
             Err(e) => {
                 self.wakers.extend(s.recv_waker.take());
                 self.wakers.extend(s.send_waker.take());
-                st.reset(id, Reason::PROTOCOL_ERROR);
+                st.fault(id, Reason::PROTOCOL_ERROR);
                 if let Some(s) = st.streams.get_mut(&id) {
                     s.error = Some(e);
                 }

@@ -210,7 +210,7 @@ impl<T> Driver<T> {
                 Err(e) => {
                     self.wakers.extend(s.recv_waker.take());
                     self.wakers.extend(s.send_waker.take());
-                    st.reset(id, Reason::PROTOCOL_ERROR);
+                    st.fault(id, Reason::PROTOCOL_ERROR);
                     if let Some(s) = st.streams.get_mut(&id) {
                         s.error = Some(e);
                     }
@@ -251,6 +251,9 @@ impl<T> Driver<T> {
             Err(e) => {
                 tracing::debug!("HTTP/2 request refused: {e}");
                 frame::put_rst(&mut st.out, id, Reason::PROTOCOL_ERROR);
+                if !st.spend() {
+                    st.calm = true;
+                }
                 return;
             }
         };
