@@ -10,7 +10,7 @@
 //!
 //! Lines are formatted on the request's task and handed to one writer thread per file
 //! through a bounded queue: a slow disk never holds a request up. A line that finds the
-//! queue full is dropped and counted (`trellis_access_log_dropped_total`).
+//! queue full is dropped and counted (`trellis_proxy_access_log_dropped_total`).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -341,9 +341,17 @@ fn value(op: &Op, r: &Record<'_>, out: &mut String) -> bool {
             _ => "HTTP/0.9",
         }),
         Op::ResponseFlags => Some(r.flags),
+        Op::ResponseCodeDetails if !r.authorization_policy.is_empty() => {
+            // Envoy's words for a denial by a named policy.
+            let _ = write!(
+                out,
+                "rbac_access_denied_matched_policy[{}]",
+                r.authorization_policy
+            );
+            return true;
+        }
         Op::ResponseCodeDetails => Some(match r.flags {
             "-" => "via_upstream",
-            "RBAC" => "rbac_access_denied",
             "FI" => "fault_filter_abort",
             "UF" => "upstream_reset_before_response_started{connection_failure}",
             "UT" => "response_timeout",

@@ -79,6 +79,11 @@ impl Stats {
     pub fn render(&self, cfg: &Config, cert: Option<&Certified>) -> String {
         let mut out = String::with_capacity(4096);
         self.write_counters(&mut out);
+        let _ = writeln!(
+            out,
+            "# HELP trellis_proxy_access_log_dropped_total Access log lines dropped because the writer's queue was full.\n# TYPE trellis_proxy_access_log_dropped_total counter\ntrellis_proxy_access_log_dropped_total {}",
+            crate::accesslog::DROPPED.load(Ordering::Relaxed)
+        );
         {
             let m = self
                 .denials_by_policy

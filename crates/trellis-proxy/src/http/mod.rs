@@ -245,8 +245,13 @@ pub async fn handle_request(
     shared: Arc<Shared>,
     route: Route,
     peer: SocketAddr,
-    req: Request<ReqBody>,
+    mut req: Request<ReqBody>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    // Every request has an id from here on (as Envoy gives one at its start): the access
+    // log, the app and the next hop see the same one.
+    if !req.headers().contains_key(&X_REQUEST_ID) {
+        req.headers_mut().insert(X_REQUEST_ID, request_id());
+    }
     let ds = Downstream {
         peer,
         original_dst: match &route {

@@ -1,0 +1,196 @@
+//! Access logs through two proxies (outbound → inbound → app), as the workloads' Telemetry
+//! selects them: Istio's JSON lines on the client side, Envoy's text format on the server
+//! side with a filter. A request served, one aborted by a fault (FI) and one denied by an
+//! AuthorizationPolicy (which the line names).
+
+mod common;
+use common::start_with_stats;
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::time::timeout;
+use trellis_proxy::ProxyOptions;
+use trellis_testkit::{HttpServer, http_client};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// The lines of `path` once it has `n` of them (bounded wait: lines are written by a
+/// thread of their own).
+async fn lines(path: &Path, n: usize) -> Vec<String> {
+    for _ in 0..200 {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!(
+        "{} has fewer than {n} lines: {:?}",
+        path.display(),
+        std::fs::read_to_string(path)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_side_logs_its_requests_in_its_format_with_the_deciding_policy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client_log = dir.path().join("client.log");
+    let server_log = dir.path().join("server.log");
+    let app = HttpServer::start().await.expect("app");
+    // The server side logs 4xx and 5xx only, in Envoy's text format with Trellis's policy
+    // operator at the end.
+    let inbound_yaml = format!(
+        r#"version: in
+workload:
+  name: reviews-v1
+  namespace: shop
+  serviceAccount: reviews
+  labels: {{app: reviews, version: v1}}
+  inboundPorts: [{{port: {app_port}, name: http}}]
+  authorization:
+  - name: shop/no-admin
+    action: DENY
+    rules:
+    - to: [{{paths: ["/admin/*"]}}]
+  telemetry:
+    accessLogging:
+    - mode: SERVER
+      providers: [text]
+      filter: "response.code >= 400"
+    providers:
+    - name: text
+      kind: envoyFileAccessLog
+      path: {server_log}
+      logFormat: "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% %TRELLIS_AUTHORIZATION_POLICY%\n"
+"#,
+        app_port = app.addr.port(),
+        server_log = server_log.display(),
+    );
+    let (inbound, _) = start_with_stats(
+        &inbound_yaml,
+        ProxyOptions {
+            inbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), app.addr.port())],
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    let peer = inbound.inbound_addrs[0];
+    // The client side logs everything as Istio's JSON.
+    let outbound_yaml = format!(
+        r#"version: out
+workload:
+  name: web
+  namespace: shop
+  serviceAccount: web
+  labels: {{app: web, version: v2}}
+  telemetry:
+    accessLogging:
+    - mode: CLIENT
+      providers: [envoy]
+    providers:
+    - name: envoy
+      kind: envoyJson
+      path: {client_log}
+services:
+- hostname: reviews.shop.svc.cluster.local
+  ports:
+  - port: 9080
+    name: http
+    cluster: "outbound|9080||reviews.shop.svc.cluster.local"
+    httpRoutes:
+    - name: teapot
+      match: [{{uri: {{prefix: /teapot}}}}]
+      clusters: [{{cluster: "outbound|9080||reviews.shop.svc.cluster.local"}}]
+      fault: {{abort: {{httpStatus: 418, percentage: 100}}}}
+    - name: default
+      clusters: [{{cluster: "outbound|9080||reviews.shop.svc.cluster.local"}}]
+clusters:
+- name: "outbound|9080||reviews.shop.svc.cluster.local"
+  endpoints: [{{address: "{peer}", proxied: true, workload: reviews-v1, namespace: shop, identity: "spiffe://cluster.local/ns/shop/sa/reviews", labels: {{app: reviews, version: v1}}}}]
+"#,
+        client_log = client_log.display(),
+    );
+    let (outbound, _) = start_with_stats(
+        &outbound_yaml,
+        ProxyOptions {
+            outbound_listen: vec![(
+                "127.0.0.1:0".parse().expect("addr"),
+                "reviews.shop.svc.cluster.local".into(),
+                9080,
+            )],
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    let front = outbound.outbound_addrs[0];
+    let get = |path: &'static str| async move {
+        timeout(
+            LIMIT,
+            http_client::get(front, "reviews.shop.svc.cluster.local:9080", path),
+        )
+        .await
+        .expect("in time")
+        .expect("response")
+    };
+    assert_eq!(get("/bytes/100").await.status, 200);
+    assert_eq!(get("/teapot").await.status, 418);
+    assert_eq!(get("/admin/users").await.status, 403);
+
+    let client = lines(&client_log, 3).await;
+    let json: Vec<serde_json::Value> = client
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let ok = &json[0];
+    assert_eq!(ok["method"], "GET");
+    assert_eq!(ok["path"], "/bytes/100");
+    assert_eq!(ok["protocol"], "HTTP/1.1");
+    assert_eq!(ok["response_code"], 200);
+    assert_eq!(ok["response_flags"], "-");
+    assert_eq!(ok["bytes_sent"], 100, "counted to the last byte");
+    assert_eq!(ok["upstream_host"], peer.to_string());
+    assert_eq!(
+        ok["upstream_cluster"],
+        "outbound|9080||reviews.shop.svc.cluster.local"
+    );
+    assert_eq!(ok["route_name"], "default");
+    assert_eq!(ok["authority"], "reviews.shop.svc.cluster.local:9080");
+    assert_eq!(ok["source_workload"], "web");
+    assert_eq!(
+        ok["source_principal"],
+        "spiffe://cluster.local/ns/shop/sa/web"
+    );
+    assert_eq!(ok["destination_workload"], "reviews-v1");
+    assert_eq!(
+        ok["destination_principal"],
+        "spiffe://cluster.local/ns/shop/sa/reviews"
+    );
+    assert!(
+        ok["request_id"].as_str().is_some_and(|id| !id.is_empty()),
+        "{ok}"
+    );
+    assert!(
+        ok["start_time"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{ok}"
+    );
+    let fault = &json[1];
+    assert_eq!(fault["response_code"], 418);
+    assert_eq!(fault["response_flags"], "FI");
+    assert_eq!(fault["route_name"], "teapot");
+    assert_eq!(fault["upstream_host"], serde_json::Value::Null);
+    let denied = &json[2];
+    assert_eq!(denied["response_code"], 403);
+    assert_eq!(denied["path"], "/admin/users");
+    assert_eq!(denied["destination_workload"], "reviews-v1");
+
+    // The server side: only the denied request passes its filter; the line names the
+    // policy that decided.
+    let server = lines(&server_log, 1).await;
+    // (Envoy has no response flag for RBAC denials: `-`, as in Istio's metrics.)
+    assert_eq!(server, ["GET /admin/users 403 - shop/no-admin"]);
+    // Nothing more arrives later (the 200 was filtered out, not late).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(lines(&server_log, 1).await.len(), 1);
+}
