@@ -23,6 +23,7 @@ pub mod sniff;
 pub mod sockets;
 pub mod stats;
 pub mod tcp;
+pub mod trace;
 pub mod xds;
 
 pub use config::{Config, LoadEnv};

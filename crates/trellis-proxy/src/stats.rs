@@ -84,6 +84,12 @@ impl Stats {
             "# HELP trellis_proxy_access_log_dropped_total Access log lines dropped because the writer's queue was full.\n# TYPE trellis_proxy_access_log_dropped_total counter\ntrellis_proxy_access_log_dropped_total {}",
             crate::accesslog::DROPPED.load(Ordering::Relaxed)
         );
+        let _ = writeln!(
+            out,
+            "# HELP trellis_proxy_spans_exported_total Trace spans sent to a collector.\n# TYPE trellis_proxy_spans_exported_total counter\ntrellis_proxy_spans_exported_total {}\n# HELP trellis_proxy_spans_dropped_total Trace spans dropped: the exporter's queue was full or the collector did not take them.\n# TYPE trellis_proxy_spans_dropped_total counter\ntrellis_proxy_spans_dropped_total {}",
+            crate::trace::EXPORTED.load(Ordering::Relaxed),
+            crate::trace::DROPPED.load(Ordering::Relaxed)
+        );
         {
             let m = self
                 .denials_by_policy

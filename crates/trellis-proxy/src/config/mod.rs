@@ -155,6 +155,8 @@ pub struct Config {
     pub peers: HashMap<IpAddr, Arc<crate::metrics::WorkloadMeta>>,
     /// The access logging the workload's Telemetry selects, if any.
     pub access_log: Option<Arc<crate::accesslog::AccessLog>>,
+    /// The tracing the workload's Telemetry selects, if any.
+    pub tracer: Option<Arc<crate::trace::Tracer>>,
     /// Workload port → a service of this workload that sends to it (metric labels).
     inbound_services: HashMap<u16, Arc<crate::metrics::ServiceMeta>>,
     /// Default upstream connect timeout (settings.connectTimeout).
@@ -775,6 +777,12 @@ impl Config {
                 .and_then(|w| w.telemetry.as_ref())
                 .and_then(crate::accesslog::AccessLog::compile)
                 .map(Arc::new),
+            tracer: raw
+                .workload
+                .as_ref()
+                .and_then(|w| w.telemetry.as_ref())
+                .and_then(crate::trace::Tracer::compile)
+                .map(Arc::new),
             peers,
             connect_timeout: default_connect,
             num_trusted_proxies: env
@@ -885,6 +893,7 @@ impl Config {
             own_meta: crate::metrics::WorkloadMeta::unknown(),
             peers: HashMap::new(),
             access_log: None,
+            tracer: None,
             inbound_services: HashMap::new(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             num_trusted_proxies: 0,

@@ -268,6 +268,12 @@ pub async fn handle_request(
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let request_bytes = body_len(req.headers(), http_body::Body::size_hint(req.body()));
     let is_inbound = matches!(route, Route::Inbound(..));
+    // This hop's span: before the access log takes the headers, so that both show the
+    // same trace.
+    let span = cfg
+        .tracer
+        .as_ref()
+        .and_then(|t| t.start(is_inbound, &mut req));
     let logged = cfg
         .access_log
         .as_ref()
@@ -332,6 +338,7 @@ pub async fn handle_request(
         request_bytes,
         started,
         logged,
+        span,
         resp,
     );
     Ok(resp)
@@ -596,6 +603,16 @@ pub struct Completion {
     metrics: crate::metrics::HttpRequest,
     started: std::time::Instant,
     log: Option<Box<LogLine>>,
+    span: Option<Box<SpanEnd>>,
+}
+
+/// What a request's span needs at its end.
+#[derive(Debug)]
+struct SpanEnd {
+    started: Box<crate::trace::Started>,
+    inbound: bool,
+    peer: SocketAddr,
+    upstream: Option<(SocketAddr, Arc<str>)>,
 }
 
 #[derive(Debug)]
@@ -635,6 +652,26 @@ impl Completion {
         self.shared.istio.record_http(&self.metrics);
         if let Some(l) = self.log {
             l.write(&self.metrics);
+        }
+        if let Some(s) = self.span {
+            let m = &self.metrics;
+            let own = if s.inbound { &m.destination } else { &m.source };
+            // The other end: the caller (inbound), or the endpoint that answered.
+            let peer = match (&s.upstream, s.inbound) {
+                (Some((addr, _)), false) => addr.to_string(),
+                (None, false) => String::new(),
+                (_, true) => s.peer.to_string(),
+            };
+            s.started.finish(&crate::trace::Outcome {
+                inbound: s.inbound,
+                code: m.code,
+                flags: m.flags,
+                upstream_cluster: s.upstream.as_ref().map_or("", |u| &u.1),
+                peer,
+                request_size: m.request_bytes,
+                response_size: m.response_bytes,
+                own,
+            });
         }
     }
 }
@@ -688,6 +725,7 @@ fn record(
     request_bytes: u64,
     started: std::time::Instant,
     logged: Option<(Arc<crate::accesslog::AccessLog>, LogRequest)>,
+    span: Option<Box<crate::trace::Started>>,
     mut resp: Response<ProxyBody>,
 ) -> Response<ProxyBody> {
     use crate::metrics::{HttpRequest, Reporter, ServiceMeta, WorkloadMeta};
@@ -737,6 +775,14 @@ fn record(
     let flags = headers
         .get(RESPONSE_FLAGS)
         .map_or("-", |v| crate::metrics::flag(v.as_bytes()));
+    let span = span.map(|started| {
+        Box::new(SpanEnd {
+            started,
+            inbound: matches!(route, Route::Inbound(..)),
+            peer,
+            upstream: upstream.clone(),
+        })
+    });
     let log = logged.map(|(log, req)| {
         Box::new(LogLine {
             log,
@@ -773,6 +819,7 @@ fn record(
         },
         started,
         log,
+        span,
     };
     if http_body::Body::is_end_stream(resp.body()) {
         completion.finish(0, true);

@@ -1,0 +1,924 @@
+//! Distributed tracing: W3C Trace Context and B3 propagation, sampling, and one span per
+//! hop and side, exported over OTLP/HTTP (protobuf) or as Zipkin v2 JSON.
+//!
+//! What a workload's Telemetry selects arrives in the snapshot (`Workload.telemetry`:
+//! tracing per side, with its providers and sampling percentage). With none, the proxy
+//! leaves trace headers alone. With some, each request:
+//!
+//! - takes its context from `traceparent` (and `tracestate`), else B3 (`b3`, or the
+//!   `x-b3-*` headers); with none, a new trace starts;
+//! - is sampled as the context says, and else at the side's percentage (Istio's default
+//!   1 %): an upstream decision is always kept;
+//! - gets a span of its own (a child of the incoming one), whose id the request carries on
+//!   in `traceparent` and in B3 (`x-b3-*`, and `b3` when the request came with it), so that
+//!   W3C and B3 apps both follow;
+//! - when sampled, reports its span when the response has been sent: name
+//!   `host:port/*` (Istio's), kind CLIENT (outbound) or SERVER (inbound), and attributes
+//!   `http.method`, `http.url`, `http.protocol`, `http.status_code`, `response_flags`,
+//!   `upstream_cluster`, `peer.address`, `guid:x-request-id`, `user_agent`,
+//!   `request_size`, `response_size`, `component`, `node_id`, `istio.namespace`,
+//!   `istio.canonical_service`, `istio.canonical_revision`, `istio.mesh_id`.
+//!
+//! Spans go to an exporter thread per collector through a bounded queue, and leave in
+//! batches (up to 512 spans, or every 200 ms): a slow or absent collector never holds a
+//! request. A span that finds the queue full is dropped and counted
+//! (`trellis_proxy_spans_dropped_total`), as is a batch the collector refuses.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::{Read as _, Write as _};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use trellis_xds::snapshot as wire;
+
+/// Spans dropped: the queue was full, or the collector could not be reached.
+pub static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Spans sent to a collector.
+pub static EXPORTED: AtomicU64 = AtomicU64::new(0);
+
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const B3: HeaderName = HeaderName::from_static("b3");
+const B3_TRACE: HeaderName = HeaderName::from_static("x-b3-traceid");
+const B3_SPAN: HeaderName = HeaderName::from_static("x-b3-spanid");
+const B3_PARENT: HeaderName = HeaderName::from_static("x-b3-parentspanid");
+const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+const B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
+
+/// A trace context as it arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Incoming {
+    pub trace_id: Option<[u8; 16]>,
+    pub span_id: Option<[u8; 8]>,
+    pub sampled: Option<bool>,
+}
+
+fn hex_to<const N: usize>(s: &str) -> Option<[u8; N]> {
+    // B3 allows 64-bit trace ids: left-padded to 128 bits.
+    if s.len() > 2 * N || !s.len().is_multiple_of(2) || s.is_empty() {
+        return None;
+    }
+    let mut out = [0u8; N];
+    let start = N - s.len() / 2;
+    for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
+        let txt = std::str::from_utf8(chunk).ok()?;
+        out[start + i] = u8::from_str_radix(txt, 16).ok()?;
+    }
+    (out != [0u8; N]).then_some(out)
+}
+
+fn to_hex(b: &[u8]) -> String {
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        let _ = write!(s, "{x:02x}");
+    }
+    s
+}
+
+/// The context of a request: W3C first, then single-header B3, then B3's headers.
+pub fn extract(h: &HeaderMap) -> Incoming {
+    let text = |n: &HeaderName| h.get(n).and_then(|v| v.to_str().ok());
+    if let Some(tp) = text(&TRACEPARENT) {
+        let parts: Vec<&str> = tp.trim().split('-').collect();
+        if let [version, trace, span, flags, ..] = parts.as_slice() {
+            if version.len() == 2 && *version != "ff" && trace.len() == 32 && span.len() == 16 {
+                if let (Some(t), Some(s), Ok(f)) = (
+                    hex_to::<16>(trace),
+                    hex_to::<8>(span),
+                    u8::from_str_radix(flags, 16),
+                ) {
+                    return Incoming {
+                        trace_id: Some(t),
+                        span_id: Some(s),
+                        sampled: Some(f & 1 == 1),
+                    };
+                }
+            }
+        }
+    }
+    if let Some(b3) = text(&B3) {
+        let parts: Vec<&str> = b3.trim().split('-').collect();
+        let sampled = |s: &str| match s {
+            "1" | "d" => Some(true),
+            "0" => Some(false),
+            _ => None,
+        };
+        match parts.as_slice() {
+            [only] => {
+                return Incoming {
+                    sampled: sampled(only),
+                    ..Incoming::default()
+                };
+            }
+            [trace, span, rest @ ..] => {
+                if let (Some(t), Some(s)) = (hex_to::<16>(trace), hex_to::<8>(span)) {
+                    return Incoming {
+                        trace_id: Some(t),
+                        span_id: Some(s),
+                        sampled: rest.first().and_then(|x| sampled(x)),
+                    };
+                }
+            }
+            [] => {}
+        }
+    }
+    let sampled = if text(&B3_FLAGS) == Some("1") {
+        Some(true)
+    } else {
+        match text(&B3_SAMPLED) {
+            Some("1" | "true") => Some(true),
+            Some("0" | "false") => Some(false),
+            _ => None,
+        }
+    };
+    Incoming {
+        trace_id: text(&B3_TRACE).and_then(hex_to::<16>),
+        span_id: text(&B3_SPAN).and_then(hex_to::<8>),
+        sampled,
+    }
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
+    loop {
+        for chunk in out.chunks_mut(8) {
+            let r = crate::http::random_u64().to_le_bytes();
+            chunk.copy_from_slice(&r[..chunk.len()]);
+        }
+        if out != [0u8; N] {
+            return out;
+        }
+    }
+}
+
+/// Where spans go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Protocol {
+    Otlp,
+    Zipkin,
+}
+
+/// One collector, and the thread that sends it spans.
+#[derive(Debug)]
+struct Exporter {
+    tx: SyncSender<Span>,
+}
+
+/// Spans a collector's queue holds before new ones are dropped.
+const QUEUE: usize = 4096;
+const BATCH: usize = 512;
+const FLUSH_EVERY: Duration = Duration::from_millis(200);
+
+fn exporter(
+    protocol: Protocol,
+    host: &str,
+    port: u16,
+    path: &str,
+    timeout: Duration,
+) -> Arc<Exporter> {
+    type Key = (Protocol, String, u16, String);
+    static EXPORTERS: OnceLock<Mutex<HashMap<Key, Arc<Exporter>>>> = OnceLock::new();
+    let key = (protocol, host.to_string(), port, path.to_string());
+    let mut map = EXPORTERS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some(e) = map.get(&key) {
+        return Arc::clone(e);
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+    let (h, p) = (host.to_string(), path.to_string());
+    let spawned = std::thread::Builder::new()
+        .name("span-export".into())
+        .spawn(move || export_loop(rx, protocol, &h, port, &p, timeout));
+    if let Err(e) = spawned {
+        tracing::warn!("span exporter for {host}:{port}: {e}");
+    }
+    let e = Arc::new(Exporter { tx });
+    map.insert(key, Arc::clone(&e));
+    e
+}
+
+fn export_loop(
+    rx: Receiver<Span>,
+    protocol: Protocol,
+    host: &str,
+    port: u16,
+    path: &str,
+    timeout: Duration,
+) {
+    let mut batch: Vec<Span> = Vec::new();
+    loop {
+        match rx.recv_timeout(FLUSH_EVERY) {
+            Ok(span) => {
+                batch.push(span);
+                while batch.len() < BATCH {
+                    match rx.try_recv() {
+                        Ok(s) => batch.push(s),
+                        Err(_) => break,
+                    }
+                }
+                if batch.len() < BATCH {
+                    continue;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let (body, content_type) = match protocol {
+            Protocol::Otlp => (otlp::encode(&batch), "application/x-protobuf"),
+            Protocol::Zipkin => (zipkin_json(&batch).into_bytes(), "application/json"),
+        };
+        let n = batch.len() as u64;
+        batch.clear();
+        match post(host, port, path, content_type, &body, timeout) {
+            Ok(()) => {
+                EXPORTED.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                DROPPED.fetch_add(n, Ordering::Relaxed);
+                tracing::debug!("spans to {host}:{port}{path} dropped: {e}");
+            }
+        }
+    }
+}
+
+/// One HTTP/1.1 POST on a fresh connection (batches are few: a connection per batch costs
+/// nothing worth a pool).
+fn post(
+    host: &str,
+    port: u16,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+    timeout: Duration,
+) -> Result<(), String> {
+    use std::net::ToSocketAddrs;
+    let addr = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or("no address")?;
+    let mut sock =
+        std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    sock.set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    sock.write_all(head.as_bytes()).map_err(|e| e.to_string())?;
+    sock.write_all(body).map_err(|e| e.to_string())?;
+    let mut status = [0u8; 12];
+    sock.read_exact(&mut status).map_err(|e| e.to_string())?;
+    match &status[9..10] {
+        b"2" => Ok(()),
+        _ => Err(format!(
+            "the collector answered {}",
+            String::from_utf8_lossy(&status[9..12])
+        )),
+    }
+}
+
+/// A side's tracing, compiled.
+#[derive(Debug)]
+struct SideConfig {
+    /// Percent of new traces sampled.
+    sampling: f64,
+    exporters: Vec<Arc<Exporter>>,
+    propagate: bool,
+}
+
+/// A workload's tracing, compiled from its Telemetry.
+#[derive(Debug)]
+pub struct Tracer {
+    client: Option<SideConfig>,
+    server: Option<SideConfig>,
+}
+
+impl Tracer {
+    /// From the snapshot's telemetry: `None` when nothing traces.
+    pub fn compile(t: &wire::Telemetry) -> Option<Tracer> {
+        let mut tracer = Tracer {
+            client: None,
+            server: None,
+        };
+        for entry in &t.tracing {
+            let mut exporters = Vec::new();
+            let report = entry.disable_span_reporting != Some(true);
+            for name in entry.providers.iter().filter(|_| report) {
+                let Some(p) = t.providers.iter().find(|p| &p.name == name) else {
+                    tracing::warn!("tracing provider {name:?} is not defined");
+                    continue;
+                };
+                let (protocol, default_path) = match p.kind.as_str() {
+                    "zipkin" => (Protocol::Zipkin, "/api/v2/spans"),
+                    "opentelemetry" => (Protocol::Otlp, "/v1/traces"),
+                    _ => continue,
+                };
+                let timeout = p
+                    .timeout
+                    .as_ref()
+                    .and_then(|d| Duration::try_from(*d).ok())
+                    .unwrap_or(Duration::from_secs(5));
+                exporters.push(exporter(
+                    protocol,
+                    &p.service,
+                    u16::try_from(p.port).unwrap_or(0),
+                    p.path.as_deref().unwrap_or(default_path),
+                    timeout,
+                ));
+            }
+            let side = SideConfig {
+                sampling: entry
+                    .random_sampling_percentage
+                    .unwrap_or(1.0)
+                    .clamp(0.0, 100.0),
+                exporters,
+                propagate: entry.disable_context_propagation != Some(true),
+            };
+            let (client, server) = match entry.mode.as_str() {
+                "CLIENT" => (true, false),
+                "SERVER" => (false, true),
+                _ => (true, true),
+            };
+            if client && server {
+                tracer.client = Some(SideConfig {
+                    sampling: side.sampling,
+                    exporters: side.exporters.clone(),
+                    propagate: side.propagate,
+                });
+                tracer.server = Some(side);
+            } else if client {
+                tracer.client = Some(side);
+            } else {
+                tracer.server = Some(side);
+            }
+        }
+        (tracer.client.is_some() || tracer.server.is_some()).then_some(tracer)
+    }
+
+    /// Starts this hop's span for a request (inbound: the server side), rewriting its
+    /// trace headers for the next hop. `None` when this side does not trace.
+    pub fn start<B>(&self, inbound: bool, req: &mut http::Request<B>) -> Option<Box<Started>> {
+        let side = if inbound { &self.server } else { &self.client }.as_ref()?;
+        let headers = req.headers_mut();
+        let incoming = extract(headers);
+        let sampled = incoming.sampled.unwrap_or_else(|| {
+            side.sampling >= 100.0
+                || (crate::http::random_u64() % 1_000_000) as f64 / 10_000.0 < side.sampling
+        });
+        let trace_id = incoming.trace_id.unwrap_or_else(random_bytes::<16>);
+        let span_id = random_bytes::<8>();
+        if side.propagate {
+            inject(headers, trace_id, span_id, incoming.span_id, sampled);
+        }
+        let reported = sampled && !side.exporters.is_empty();
+        let text = |n: &str| {
+            req.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        let request = reported.then(|| {
+            let authority = req
+                .uri()
+                .authority()
+                .map(|a| a.as_str().to_string())
+                .unwrap_or_else(|| text("host"));
+            SpanRequest {
+                method: req.method().as_str().to_string(),
+                url: format!(
+                    "http://{authority}{}",
+                    req.uri().path_and_query().map_or("/", |p| p.as_str())
+                ),
+                protocol: format!("{:?}", req.version()),
+                request_id: text("x-request-id"),
+                user_agent: text("user-agent"),
+                authority,
+            }
+        });
+        Some(Box::new(Started {
+            trace_id,
+            span_id,
+            parent: incoming.span_id,
+            start: SystemTime::now(),
+            exporters: if reported {
+                side.exporters.clone()
+            } else {
+                Vec::new()
+            },
+            request,
+        }))
+    }
+}
+
+/// Writes the context for the next hop: W3C always, B3's headers always, and the single
+/// `b3` header when the request came with one.
+fn inject(
+    h: &mut HeaderMap,
+    trace: [u8; 16],
+    span: [u8; 8],
+    parent: Option<[u8; 8]>,
+    sampled: bool,
+) {
+    let (t, s) = (to_hex(&trace), to_hex(&span));
+    let flag = if sampled { "1" } else { "0" };
+    let value = |v: String| HeaderValue::from_str(&v).ok();
+    if let Some(v) = value(format!("00-{t}-{s}-0{flag}")) {
+        h.insert(TRACEPARENT, v);
+    }
+    if h.contains_key(&B3) {
+        let mut b3 = format!("{t}-{s}-{flag}");
+        if let Some(p) = parent {
+            b3.push('-');
+            b3.push_str(&to_hex(&p));
+        }
+        if let Some(v) = value(b3) {
+            h.insert(B3, v);
+        }
+    }
+    for (name, v) in [(B3_TRACE, t), (B3_SPAN, s)] {
+        if let Some(v) = value(v) {
+            h.insert(name, v);
+        }
+    }
+    match parent.and_then(|p| value(to_hex(&p))) {
+        Some(v) => {
+            h.insert(B3_PARENT, v);
+        }
+        None => {
+            h.remove(B3_PARENT);
+        }
+    }
+    h.insert(
+        B3_SAMPLED,
+        HeaderValue::from_static(if sampled { "1" } else { "0" }),
+    );
+    h.remove(B3_FLAGS);
+}
+
+/// What a reported span says of its request, taken as the request arrives.
+#[derive(Debug)]
+struct SpanRequest {
+    method: String,
+    url: String,
+    protocol: String,
+    authority: String,
+    request_id: String,
+    user_agent: String,
+}
+
+/// A span begun, waiting for the response to end.
+#[derive(Debug)]
+pub struct Started {
+    trace_id: [u8; 16],
+    span_id: [u8; 8],
+    parent: Option<[u8; 8]>,
+    start: SystemTime,
+    /// Empty unless sampled.
+    exporters: Vec<Arc<Exporter>>,
+    request: Option<SpanRequest>,
+}
+
+/// What the end of a request adds to its span.
+#[derive(Debug)]
+pub struct Outcome<'a> {
+    pub inbound: bool,
+    pub code: u16,
+    pub flags: &'a str,
+    pub upstream_cluster: &'a str,
+    pub peer: String,
+    pub request_size: u64,
+    pub response_size: u64,
+    pub own: &'a crate::metrics::WorkloadMeta,
+}
+
+/// A span, finished.
+#[derive(Debug, Clone)]
+pub struct Span {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent: Option<[u8; 8]>,
+    pub name: String,
+    /// CLIENT (outbound) or SERVER (inbound).
+    pub server: bool,
+    pub start: SystemTime,
+    pub end: SystemTime,
+    pub attributes: Vec<(&'static str, String)>,
+    pub error: bool,
+    /// The reporting workload's `service.name` (`canonical-service.namespace`).
+    pub service: String,
+}
+
+impl Started {
+    /// Hands the finished span to the exporters (when sampled).
+    pub fn finish(self, o: &Outcome<'_>) {
+        let Some(r) = self.request else {
+            return;
+        };
+        let mut attributes = vec![
+            ("http.method", r.method),
+            ("http.url", r.url),
+            ("http.protocol", r.protocol),
+            ("http.status_code", o.code.to_string()),
+            ("response_flags", o.flags.to_string()),
+            ("upstream_cluster", o.upstream_cluster.to_string()),
+            ("peer.address", o.peer.clone()),
+            ("request_size", o.request_size.to_string()),
+            ("response_size", o.response_size.to_string()),
+            ("component", "proxy".to_string()),
+            ("istio.namespace", o.own.namespace.clone()),
+            ("istio.canonical_service", o.own.canonical_service.clone()),
+            ("istio.canonical_revision", o.own.canonical_revision.clone()),
+            ("istio.mesh_id", "cluster.local".to_string()),
+            (
+                "node_id",
+                format!("sidecar~{}.{}", o.own.workload, o.own.namespace),
+            ),
+        ];
+        if !r.request_id.is_empty() {
+            attributes.push(("guid:x-request-id", r.request_id));
+        }
+        if !r.user_agent.is_empty() {
+            attributes.push(("user_agent", r.user_agent));
+        }
+        let span = Span {
+            trace_id: self.trace_id,
+            span_id: self.span_id,
+            parent: self.parent,
+            name: format!("{}/*", r.authority),
+            server: o.inbound,
+            start: self.start,
+            end: SystemTime::now(),
+            attributes,
+            error: o.code >= 500 || o.code == 0,
+            service: format!("{}.{}", o.own.canonical_service, o.own.namespace),
+        };
+        for e in &self.exporters {
+            if e.tx.try_send(span.clone()).is_err() {
+                DROPPED.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+fn unix_nanos(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+fn json_str(s: &str, out: &mut String) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Zipkin's v2 JSON (`POST /api/v2/spans`).
+fn zipkin_json(spans: &[Span]) -> String {
+    let mut out = String::from("[");
+    for (i, s) in spans.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(
+            out,
+            "{{\"traceId\":\"{}\",\"id\":\"{}\",",
+            to_hex(&s.trace_id),
+            to_hex(&s.span_id)
+        );
+        if let Some(p) = s.parent {
+            let _ = write!(out, "\"parentId\":\"{}\",", to_hex(&p));
+        }
+        out.push_str("\"name\":");
+        json_str(&s.name, &mut out);
+        let start = unix_nanos(s.start) / 1000;
+        let duration = (unix_nanos(s.end) / 1000).saturating_sub(start).max(1);
+        let _ = write!(
+            out,
+            ",\"kind\":\"{}\",\"timestamp\":{start},\"duration\":{duration},\"localEndpoint\":{{\"serviceName\":",
+            if s.server { "SERVER" } else { "CLIENT" }
+        );
+        json_str(&s.service, &mut out);
+        out.push_str("},\"tags\":{");
+        for (j, (k, v)) in s.attributes.iter().enumerate() {
+            if j > 0 {
+                out.push(',');
+            }
+            json_str(k, &mut out);
+            out.push(':');
+            json_str(v, &mut out);
+        }
+        if s.error {
+            if !s.attributes.is_empty() {
+                out.push(',');
+            }
+            out.push_str("\"error\":\"true\"");
+        }
+        out.push_str("}}");
+    }
+    out.push(']');
+    out
+}
+
+/// OTLP's trace messages (opentelemetry/proto/collector/trace/v1 and trace/v1), the fields
+/// Trellis sends, with the official field numbers.
+pub mod otlp {
+    use super::{Span, unix_nanos};
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ExportTraceServiceRequest {
+        #[prost(message, repeated, tag = "1")]
+        pub resource_spans: Vec<ResourceSpans>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ResourceSpans {
+        #[prost(message, optional, tag = "1")]
+        pub resource: Option<Resource>,
+        #[prost(message, repeated, tag = "2")]
+        pub scope_spans: Vec<ScopeSpans>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Resource {
+        #[prost(message, repeated, tag = "1")]
+        pub attributes: Vec<KeyValue>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ScopeSpans {
+        #[prost(message, optional, tag = "1")]
+        pub scope: Option<InstrumentationScope>,
+        #[prost(message, repeated, tag = "2")]
+        pub spans: Vec<OtlpSpan>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct InstrumentationScope {
+        #[prost(string, tag = "1")]
+        pub name: String,
+        #[prost(string, tag = "2")]
+        pub version: String,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct OtlpSpan {
+        #[prost(bytes = "vec", tag = "1")]
+        pub trace_id: Vec<u8>,
+        #[prost(bytes = "vec", tag = "2")]
+        pub span_id: Vec<u8>,
+        #[prost(bytes = "vec", tag = "4")]
+        pub parent_span_id: Vec<u8>,
+        #[prost(string, tag = "5")]
+        pub name: String,
+        /// 2: SERVER, 3: CLIENT.
+        #[prost(int32, tag = "6")]
+        pub kind: i32,
+        #[prost(fixed64, tag = "7")]
+        pub start_time_unix_nano: u64,
+        #[prost(fixed64, tag = "8")]
+        pub end_time_unix_nano: u64,
+        #[prost(message, repeated, tag = "9")]
+        pub attributes: Vec<KeyValue>,
+        #[prost(message, optional, tag = "15")]
+        pub status: Option<Status>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Status {
+        #[prost(string, tag = "2")]
+        pub message: String,
+        /// 1: OK, 2: ERROR.
+        #[prost(int32, tag = "3")]
+        pub code: i32,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct KeyValue {
+        #[prost(string, tag = "1")]
+        pub key: String,
+        #[prost(message, optional, tag = "2")]
+        pub value: Option<AnyValue>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct AnyValue {
+        #[prost(string, optional, tag = "1")]
+        pub string_value: Option<String>,
+    }
+
+    fn kv(key: &str, value: &str) -> KeyValue {
+        KeyValue {
+            key: key.to_string(),
+            value: Some(AnyValue {
+                string_value: Some(value.to_string()),
+            }),
+        }
+    }
+
+    /// A batch as one request, one resource per reporting service.
+    pub fn encode(spans: &[Span]) -> Vec<u8> {
+        use prost::Message as _;
+        let mut by_service: Vec<ResourceSpans> = Vec::new();
+        for s in spans {
+            let otlp = OtlpSpan {
+                trace_id: s.trace_id.to_vec(),
+                span_id: s.span_id.to_vec(),
+                parent_span_id: s.parent.map(|p| p.to_vec()).unwrap_or_default(),
+                name: s.name.clone(),
+                kind: if s.server { 2 } else { 3 },
+                start_time_unix_nano: unix_nanos(s.start),
+                end_time_unix_nano: unix_nanos(s.end),
+                attributes: s.attributes.iter().map(|(k, v)| kv(k, v)).collect(),
+                status: s.error.then(|| Status {
+                    message: String::new(),
+                    code: 2,
+                }),
+            };
+            let service = kv("service.name", &s.service);
+            match by_service.iter_mut().find(|r| {
+                r.resource
+                    .as_ref()
+                    .is_some_and(|res| res.attributes.first() == Some(&service))
+            }) {
+                Some(r) => r.scope_spans[0].spans.push(otlp),
+                None => by_service.push(ResourceSpans {
+                    resource: Some(Resource {
+                        attributes: vec![service],
+                    }),
+                    scope_spans: vec![ScopeSpans {
+                        scope: Some(InstrumentationScope {
+                            name: "trellis-proxy".into(),
+                            version: env!("CARGO_PKG_VERSION").into(),
+                        }),
+                        spans: vec![otlp],
+                    }],
+                }),
+            }
+        }
+        ExportTraceServiceRequest {
+            resource_spans: by_service,
+        }
+        .encode_to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn contexts_come_from_w3c_then_b3() {
+        let w3c = extract(&headers(&[(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )]));
+        assert_eq!(
+            w3c.trace_id.map(|t| to_hex(&t)).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!(
+            w3c.span_id.map(|t| to_hex(&t)).as_deref(),
+            Some("00f067aa0ba902b7")
+        );
+        assert_eq!(w3c.sampled, Some(true));
+        let single = extract(&headers(&[(
+            "b3",
+            "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-0",
+        )]));
+        assert_eq!(single.sampled, Some(false));
+        assert!(single.trace_id.is_some() && single.span_id.is_some());
+        let deny = extract(&headers(&[("b3", "0")]));
+        assert_eq!(
+            deny,
+            Incoming {
+                sampled: Some(false),
+                ..Incoming::default()
+            }
+        );
+        // A 64-bit B3 trace id is padded to 128 bits.
+        let multi = extract(&headers(&[
+            ("x-b3-traceid", "463ac35c9f6413ad"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+            ("x-b3-sampled", "1"),
+        ]));
+        assert_eq!(
+            multi.trace_id.map(|t| to_hex(&t)).as_deref(),
+            Some("0000000000000000463ac35c9f6413ad")
+        );
+        assert_eq!(multi.sampled, Some(true));
+        // Malformed values are no context at all.
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "zz",
+            "00-4bf9-00f0-01",
+        ] {
+            let h = headers(&[("traceparent", bad)]);
+            assert_eq!(extract(&h), Incoming::default(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_next_hop_gets_both_formats_with_this_span_as_parent() {
+        let mut h = headers(&[("b3", "1")]);
+        inject(&mut h, [1; 16], [2; 8], Some([3; 8]), true);
+        assert_eq!(
+            h["traceparent"],
+            "00-01010101010101010101010101010101-0202020202020202-01"
+        );
+        assert_eq!(h["x-b3-traceid"], "01010101010101010101010101010101");
+        assert_eq!(h["x-b3-spanid"], "0202020202020202");
+        assert_eq!(h["x-b3-parentspanid"], "0303030303030303");
+        assert_eq!(h["x-b3-sampled"], "1");
+        assert_eq!(
+            h["b3"],
+            "01010101010101010101010101010101-0202020202020202-1-0303030303030303"
+        );
+        // And what is written reads back as the same context.
+        let back = extract(&h);
+        assert_eq!(
+            (back.trace_id, back.span_id, back.sampled),
+            (Some([1; 16]), Some([2; 8]), Some(true))
+        );
+    }
+
+    #[test]
+    fn otlp_uses_the_official_field_numbers() {
+        use prost::Message as _;
+        let span = OtlpSpanProbe::probe();
+        // Span.name is field 5 (length-delimited: tag byte 0x2a), kind field 6 (0x30),
+        // start field 7 (fixed64: 0x39), trace_id field 1 (0x0a).
+        let bytes = span.encode_to_vec();
+        assert_eq!(bytes[0], 0x0a);
+        assert!(bytes.windows(2).any(|w| w == [0x2a, 0x01]), "name");
+        assert!(bytes.windows(2).any(|w| w == [0x30, 0x03]), "kind CLIENT");
+        assert!(bytes.contains(&0x39), "start time");
+    }
+
+    struct OtlpSpanProbe;
+    impl OtlpSpanProbe {
+        fn probe() -> otlp::OtlpSpan {
+            otlp::OtlpSpan {
+                trace_id: vec![1; 16],
+                span_id: vec![2; 8],
+                parent_span_id: Vec::new(),
+                name: "n".into(),
+                kind: 3,
+                start_time_unix_nano: 1,
+                end_time_unix_nano: 2,
+                attributes: Vec::new(),
+                status: None,
+            }
+        }
+    }
+
+    #[test]
+    fn zipkin_json_is_json_with_parent_links() {
+        let s = Span {
+            trace_id: [1; 16],
+            span_id: [2; 8],
+            parent: Some([3; 8]),
+            name: "reviews:9080/*".into(),
+            server: true,
+            start: SystemTime::UNIX_EPOCH + Duration::from_secs(1),
+            end: SystemTime::UNIX_EPOCH + Duration::from_secs(2),
+            attributes: vec![("http.status_code", "200".into())],
+            error: false,
+            service: "reviews.shop".into(),
+        };
+        let v: serde_json::Value = serde_json::from_str(&zipkin_json(&[s])).expect("JSON");
+        assert_eq!(v[0]["parentId"], "0303030303030303");
+        assert_eq!(v[0]["kind"], "SERVER");
+        assert_eq!(v[0]["duration"], 1_000_000);
+        assert_eq!(v[0]["tags"]["http.status_code"], "200");
+        assert_eq!(v[0]["localEndpoint"]["serviceName"], "reviews.shop");
+    }
+}
