@@ -229,6 +229,96 @@ impl std::hash::Hasher for WordHasher {
 
 type SeriesMap = HashMap<Key, Series, std::hash::BuildHasherDefault<WordHasher>>;
 
+/// Which of Istio's metrics a side reports, as the Telemetry's metric overrides say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Enabled(u16);
+
+impl Enabled {
+    pub const REQUEST_COUNT: u16 = 1;
+    pub const REQUEST_DURATION: u16 = 2;
+    pub const REQUEST_SIZE: u16 = 4;
+    pub const RESPONSE_SIZE: u16 = 8;
+    pub const TCP_OPENED: u16 = 16;
+    pub const TCP_CLOSED: u16 = 32;
+    pub const TCP_SENT: u16 = 64;
+    pub const TCP_RECEIVED: u16 = 128;
+    const HTTP: u16 = 15;
+    const TCP: u16 = 240;
+    pub const ALL: Enabled = Enabled(255);
+
+    pub fn has(self, bit: u16) -> bool {
+        self.0 & bit != 0
+    }
+
+    fn bit(metric: &str) -> Option<u16> {
+        Some(match metric {
+            "ALL_METRICS" => 255,
+            "REQUEST_COUNT" => Self::REQUEST_COUNT,
+            "REQUEST_DURATION" => Self::REQUEST_DURATION,
+            "REQUEST_SIZE" => Self::REQUEST_SIZE,
+            "RESPONSE_SIZE" => Self::RESPONSE_SIZE,
+            "TCP_OPENED_CONNECTIONS" => Self::TCP_OPENED,
+            "TCP_CLOSED_CONNECTIONS" => Self::TCP_CLOSED,
+            "TCP_SENT_BYTES" => Self::TCP_SENT,
+            "TCP_RECEIVED_BYTES" => Self::TCP_RECEIVED,
+            _ => return None,
+        })
+    }
+}
+
+/// The metrics each side reports (outbound: `reporter="source"`, inbound: destination).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Switches {
+    pub client: Enabled,
+    pub server: Enabled,
+}
+
+impl Default for Switches {
+    fn default() -> Self {
+        Switches {
+            client: Enabled::ALL,
+            server: Enabled::ALL,
+        }
+    }
+}
+
+impl Switches {
+    /// From the snapshot's metrics selection: overrides in order (a later one wins); a
+    /// selection whose providers leave out `prometheus` reports nothing here.
+    pub fn compile(m: Option<&trellis_xds::snapshot::MetricsConfig>) -> Switches {
+        let mut out = Switches::default();
+        let Some(m) = m else {
+            return out;
+        };
+        if !m.providers.is_empty() && !m.providers.iter().any(|p| p == "prometheus") {
+            return Switches {
+                client: Enabled(0),
+                server: Enabled(0),
+            };
+        }
+        for o in &m.overrides {
+            let (Some(disabled), Some(bit)) = (o.disabled, Enabled::bit(&o.metric)) else {
+                continue;
+            };
+            let (client, server) = match o.mode.as_str() {
+                "CLIENT" => (true, false),
+                "SERVER" => (false, true),
+                _ => (true, true),
+            };
+            for (applies, side) in [(client, &mut out.client), (server, &mut out.server)] {
+                if applies {
+                    side.0 = if disabled {
+                        side.0 & !bit
+                    } else {
+                        side.0 | bit
+                    };
+                }
+            }
+        }
+        out
+    }
+}
+
 /// One TCP connection, as a metric sees it.
 #[derive(Debug, Clone)]
 pub struct TcpConn {
@@ -237,6 +327,7 @@ pub struct TcpConn {
     pub destination: Arc<WorkloadMeta>,
     pub service: Arc<ServiceMeta>,
     pub mtls: bool,
+    pub enabled: Enabled,
 }
 
 impl TcpConn {
@@ -257,6 +348,8 @@ impl TcpConn {
 
 #[derive(Debug, Clone, Default)]
 struct TcpSeries {
+    /// The metrics ever recorded in this series (`Enabled` bits): only those are shown.
+    observed: u16,
     opened: u64,
     closed: u64,
     sent: u64,
@@ -281,6 +374,7 @@ pub struct HttpRequest {
     pub duration: Duration,
     pub request_bytes: u64,
     pub response_bytes: u64,
+    pub enabled: Enabled,
 }
 
 /// Istio's buckets for `istio_request_duration_milliseconds`.
@@ -312,6 +406,10 @@ impl<const N: usize> Default for Hist<N> {
 }
 
 impl<const N: usize> Hist<N> {
+    fn count(&self) -> u64 {
+        self.buckets.iter().sum::<u64>() + self.over
+    }
+
     fn observe(&mut self, bounds: &[f64; N], v: f64) {
         match bounds.iter().position(|b| v <= *b) {
             Some(i) => self.buckets[i] += 1,
@@ -323,6 +421,8 @@ impl<const N: usize> Hist<N> {
 
 #[derive(Debug, Clone)]
 struct Series {
+    /// The metrics ever recorded in this series (`Enabled` bits): only those are shown.
+    observed: u16,
     requests: u64,
     duration: Hist<19>,
     request_bytes: Hist<8>,
@@ -387,6 +487,10 @@ impl IstioMetrics {
     }
 
     pub fn record_http(&self, r: &HttpRequest) {
+        let on = r.enabled;
+        if on.0 & Enabled::HTTP == 0 {
+            return;
+        }
         let key = Key {
             reporter: r.reporter,
             source: ByPtr(Arc::clone(&r.source)),
@@ -400,33 +504,59 @@ impl IstioMetrics {
         };
         let mut m = self.http.lock().unwrap_or_else(PoisonError::into_inner);
         let s = m.entry(key).or_insert_with(|| Series {
+            observed: 0,
             requests: 0,
             duration: Hist::default(),
             request_bytes: Hist::default(),
             response_bytes: Hist::default(),
         });
-        s.requests += 1;
-        s.duration
-            .observe(&DURATION_MS, r.duration.as_secs_f64() * 1000.0);
-        s.request_bytes.observe(&SIZE_BYTES, r.request_bytes as f64);
-        s.response_bytes
-            .observe(&SIZE_BYTES, r.response_bytes as f64);
+        s.observed |= on.0 & Enabled::HTTP;
+        if on.has(Enabled::REQUEST_COUNT) {
+            s.requests += 1;
+        }
+        if on.has(Enabled::REQUEST_DURATION) {
+            s.duration
+                .observe(&DURATION_MS, r.duration.as_secs_f64() * 1000.0);
+        }
+        if on.has(Enabled::REQUEST_SIZE) {
+            s.request_bytes.observe(&SIZE_BYTES, r.request_bytes as f64);
+        }
+        if on.has(Enabled::RESPONSE_SIZE) {
+            s.response_bytes
+                .observe(&SIZE_BYTES, r.response_bytes as f64);
+        }
     }
 
     /// A connection opened (to its upstream).
     pub fn tcp_opened(&self, c: &TcpConn) {
+        if !c.enabled.has(Enabled::TCP_OPENED) {
+            return;
+        }
         let mut m = self.tcp.lock().unwrap_or_else(PoisonError::into_inner);
-        m.entry(c.key()).or_default().opened += 1;
+        let s = m.entry(c.key()).or_default();
+        s.observed |= Enabled::TCP_OPENED;
+        s.opened += 1;
     }
 
     /// A connection closed, having carried `received` bytes from the client and `sent`
     /// to it.
     pub fn tcp_closed(&self, c: &TcpConn, received: u64, sent: u64) {
+        let on = c.enabled;
+        if on.0 & (Enabled::TCP & !Enabled::TCP_OPENED) == 0 {
+            return;
+        }
         let mut m = self.tcp.lock().unwrap_or_else(PoisonError::into_inner);
         let s = m.entry(c.key()).or_default();
-        s.closed += 1;
-        s.received += received;
-        s.sent += sent;
+        s.observed |= on.0 & (Enabled::TCP_CLOSED | Enabled::TCP_SENT | Enabled::TCP_RECEIVED);
+        if on.has(Enabled::TCP_CLOSED) {
+            s.closed += 1;
+        }
+        if on.has(Enabled::TCP_RECEIVED) {
+            s.received += received;
+        }
+        if on.has(Enabled::TCP_SENT) {
+            s.sent += sent;
+        }
     }
 
     /// Prometheus text exposition of every series.
@@ -448,21 +578,25 @@ impl IstioMetrics {
             "# HELP istio_requests_total Requests, by Istio's standard labels."
         );
         let _ = writeln!(out, "# TYPE istio_requests_total counter");
-        for (l, s) in &series {
+        for (l, s) in series
+            .iter()
+            .filter(|(_, s)| s.observed & Enabled::REQUEST_COUNT != 0)
+        {
             let _ = writeln!(out, "istio_requests_total{{{l}}} {}", s.requests);
         }
+        let with = |bit: u16| series.iter().filter(move |(_, s)| s.observed & bit != 0);
         histogram(
             out,
             "istio_request_duration_milliseconds",
             "Request duration (milliseconds).",
             &DURATION_MS,
-            series.iter().map(|(l, s)| {
+            with(Enabled::REQUEST_DURATION).map(|(l, s)| {
                 (
                     l.as_str(),
                     &s.duration.buckets[..],
                     s.duration.over,
                     s.duration.sum,
-                    s.requests,
+                    s.duration.count(),
                 )
             }),
         );
@@ -471,13 +605,13 @@ impl IstioMetrics {
             "istio_request_bytes",
             "Request body size (bytes).",
             &SIZE_BYTES,
-            series.iter().map(|(l, s)| {
+            with(Enabled::REQUEST_SIZE).map(|(l, s)| {
                 (
                     l.as_str(),
                     &s.request_bytes.buckets[..],
                     s.request_bytes.over,
                     s.request_bytes.sum,
-                    s.requests,
+                    s.request_bytes.count(),
                 )
             }),
         );
@@ -486,13 +620,13 @@ impl IstioMetrics {
             "istio_response_bytes",
             "Response body size (bytes).",
             &SIZE_BYTES,
-            series.iter().map(|(l, s)| {
+            with(Enabled::RESPONSE_SIZE).map(|(l, s)| {
                 (
                     l.as_str(),
                     &s.response_bytes.buckets[..],
                     s.response_bytes.over,
                     s.response_bytes.sum,
-                    s.requests,
+                    s.response_bytes.count(),
                 )
             }),
         );
@@ -511,31 +645,35 @@ impl IstioMetrics {
         let mut series: Vec<(String, &TcpSeries)> =
             copy.iter().map(|(k, s)| (labels(k, true), s)).collect();
         series.sort_by(|a, b| a.0.cmp(&b.0));
-        for (name, help, value) in [
+        for (name, help, bit, value) in [
             (
                 "istio_tcp_connections_opened_total",
                 "TCP connections opened.",
+                Enabled::TCP_OPENED,
                 (|s: &TcpSeries| s.opened) as fn(&TcpSeries) -> u64,
             ),
             (
                 "istio_tcp_connections_closed_total",
                 "TCP connections closed.",
+                Enabled::TCP_CLOSED,
                 |s| s.closed,
             ),
             (
                 "istio_tcp_sent_bytes_total",
                 "Bytes sent to the client (the response direction), counted when the connection closes.",
+                Enabled::TCP_SENT,
                 |s| s.sent,
             ),
             (
                 "istio_tcp_received_bytes_total",
                 "Bytes received from the client (the request direction), counted when the connection closes.",
+                Enabled::TCP_RECEIVED,
                 |s| s.received,
             ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} counter");
-            for (l, s) in &series {
+            for (l, s) in series.iter().filter(|(_, s)| s.observed & bit != 0) {
                 let _ = writeln!(out, "{name}{{{l}}} {}", value(s));
             }
         }
@@ -672,6 +810,7 @@ mod tests {
             duration: Duration::from_millis(3),
             request_bytes: 0,
             response_bytes: 1024,
+            enabled: Enabled::ALL,
         };
         m.record_http(&r);
         m.record_http(&r);
@@ -720,6 +859,58 @@ mod tests {
             "{text}"
         );
         assert_eq!(flag(b"whatever"), "-");
+
+        // A side whose Telemetry disables metrics records nothing of them; a disabled
+        // metric is absent from the exposition, the others stay.
+        let only_count = Switches::compile(Some(&trellis_xds::snapshot::MetricsConfig {
+            overrides: vec![
+                trellis_xds::snapshot::MetricOverride {
+                    metric: "ALL_METRICS".into(),
+                    mode: "CLIENT_AND_SERVER".into(),
+                    disabled: Some(true),
+                    ..Default::default()
+                },
+                trellis_xds::snapshot::MetricOverride {
+                    metric: "REQUEST_COUNT".into(),
+                    mode: "CLIENT".into(),
+                    disabled: Some(false),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        }));
+        assert!(only_count.client.has(Enabled::REQUEST_COUNT));
+        assert!(!only_count.client.has(Enabled::REQUEST_DURATION));
+        assert_eq!(only_count.server, Enabled(0));
+        let quiet = IstioMetrics::default();
+        quiet.record_http(&HttpRequest {
+            enabled: only_count.server,
+            ..r.clone()
+        });
+        let mut text = String::new();
+        quiet.render(&mut text);
+        assert!(!text.contains("istio_requests_total{"), "{text}");
+        quiet.record_http(&HttpRequest {
+            enabled: only_count.client,
+            ..r.clone()
+        });
+        let mut text = String::new();
+        quiet.render(&mut text);
+        assert!(
+            text.contains(&format!("istio_requests_total{{{ok}}} 1\n")),
+            "{text}"
+        );
+        assert!(
+            !text.contains("istio_request_duration_milliseconds_bucket{"),
+            "{text}"
+        );
+        assert!(!text.contains("istio_response_bytes_bucket{"), "{text}");
+        // Providers that leave out prometheus: nothing at all.
+        let elsewhere = Switches::compile(Some(&trellis_xds::snapshot::MetricsConfig {
+            providers: vec!["stackdriver".into()],
+            ..Default::default()
+        }));
+        assert_eq!(elsewhere.client, Enabled(0));
     }
 
     #[test]

@@ -122,6 +122,7 @@ pub async fn forward_route(
         destination: Arc::clone(&ep.meta),
         service: Arc::clone(&cluster.service_meta),
         mtls: false,
+        enabled: cfg.metrics_on.client,
     };
     forward_tls(
         stream,
@@ -169,6 +170,7 @@ pub async fn forward_inbound<D>(
         destination: Arc::clone(&cfg.own_meta),
         service,
         mtls: arrival.peer_id.is_some(),
+        enabled: cfg.metrics_on.server,
     };
     forward_tls(
         stream,

@@ -157,6 +157,8 @@ pub struct Config {
     pub access_log: Option<Arc<crate::accesslog::AccessLog>>,
     /// The tracing the workload's Telemetry selects, if any.
     pub tracer: Option<Arc<crate::trace::Tracer>>,
+    /// The Istio metrics each side reports (Telemetry metric overrides).
+    pub metrics_on: crate::metrics::Switches,
     /// Workload port → a service of this workload that sends to it (metric labels).
     inbound_services: HashMap<u16, Arc<crate::metrics::ServiceMeta>>,
     /// Default upstream connect timeout (settings.connectTimeout).
@@ -783,6 +785,12 @@ impl Config {
                 .and_then(|w| w.telemetry.as_ref())
                 .and_then(crate::trace::Tracer::compile)
                 .map(Arc::new),
+            metrics_on: crate::metrics::Switches::compile(
+                raw.workload
+                    .as_ref()
+                    .and_then(|w| w.telemetry.as_ref())
+                    .and_then(|t| t.metrics.as_ref()),
+            ),
             peers,
             connect_timeout: default_connect,
             num_trusted_proxies: env
@@ -894,6 +902,7 @@ impl Config {
             peers: HashMap::new(),
             access_log: None,
             tracer: None,
+            metrics_on: crate::metrics::Switches::default(),
             inbound_services: HashMap::new(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             num_trusted_proxies: 0,

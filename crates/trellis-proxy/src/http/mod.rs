@@ -816,6 +816,11 @@ fn record(
             duration: Duration::ZERO,
             request_bytes,
             response_bytes: 0,
+            enabled: if matches!(route, Route::Inbound(..)) {
+                cfg.metrics_on.server
+            } else {
+                cfg.metrics_on.client
+            },
         },
         started,
         log,
