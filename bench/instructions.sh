@@ -3,10 +3,15 @@
 # repeatable whatever else the machine is doing (wall-clock CPU on a shared host is not).
 #
 #   bench/instructions.sh [one|pair|pair-h1] [requests]
+#   TELEMETRY=off|metrics|full bench/instructions.sh pair
 #
 # one:     load -> proxy (h1 in, h1 out) -> fixture
 # pair:    load -> outbound (h1 in, h2 out) -> inbound (h2 in, h1 out) -> fixture
 # pair-h1: the same pair with HTTP/1.1 between the proxies (keepClientProtocol)
+#
+# TELEMETRY (pair modes): `metrics` (the default: Istio's metrics, nothing else), `off`
+# (a Telemetry override disables every metric), `full` (metrics, a JSON access log line
+# per request to a file, and tracing at 1 % to a fixture OTLP collector).
 #
 # Each proxy runs under valgrind on one worker; 300 warm-up requests, then counters are
 # zeroed and `requests` (default 3000) are sent at 300 rps over 16 connections with oha.
@@ -65,8 +70,31 @@ one)
     ;;
 pair | pair-h1)
     in=$(port)
-    printf 'version: bench\nworkload:\n  name: app\n  inboundPorts: [{port: %s, name: http}]\n' "$app" >"$tmp/in.yaml"
-    service "$in" true "$([ "$mode" = pair ] && echo false || echo true)" >"$tmp/out.yaml"
+    telemetry=""
+    case ${TELEMETRY:-metrics} in
+    metrics) ;;
+    off) telemetry='  telemetry:\n    metrics:\n      overrides: [{metric: ALL_METRICS, mode: CLIENT_AND_SERVER, disabled: true}]\n' ;;
+    full)
+        collector=$(port)
+        python3 -c '
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200); self.send_header("content-length", "0"); self.end_headers()
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+' "$collector" &
+        pids+=($!)
+        telemetry="  telemetry:\n    tracing:\n    - {mode: CLIENT_AND_SERVER, providers: [otel], randomSamplingPercentage: 1}\n    accessLogging:\n    - {mode: CLIENT_AND_SERVER, providers: [log]}\n    providers:\n    - {name: otel, kind: opentelemetry, service: 127.0.0.1, port: $collector, path: /v1/traces}\n    - {name: log, kind: envoyJson, path: $tmp/access.log}\n"
+        ;;
+    *)
+        echo "TELEMETRY is off, metrics or full" >&2
+        exit 2
+        ;;
+    esac
+    printf "version: bench\nworkload:\n  name: app\n  inboundPorts: [{port: %s, name: http}]\n$telemetry" "$app" >"$tmp/in.yaml"
+    { printf "workload:\n  name: web\n$telemetry"; service "$in" true "$([ "$mode" = pair ] && echo false || echo true)"; } >"$tmp/out.yaml"
     under_cg inbound --config "$tmp/in.yaml" --inbound-listen "127.0.0.1:$in=$app"
     under_cg outbound --config "$tmp/out.yaml" --outbound-listen "127.0.0.1:$front=app:80"
     ;;

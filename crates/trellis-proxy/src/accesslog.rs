@@ -392,19 +392,39 @@ fn numeric(op: &Op) -> bool {
     )
 }
 
+/// Appends `s` as the inside of a JSON string: runs that need no escaping (nearly all
+/// of it) are copied whole.
 fn json_escape(s: &str, out: &mut String) {
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
+    let mut run = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let esc = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            b if b < 0x20 => "",
+            _ => continue,
+        };
+        out.push_str(&s[run..i]);
+        if esc.is_empty() {
+            let _ = write!(out, "\\u{b:04x}");
+        } else {
+            out.push_str(esc);
         }
+        run = i + 1;
+    }
+    out.push_str(&s[run..]);
+}
+
+/// Escapes, in place, what was appended to `out` since `from`.
+fn escape_tail(out: &mut String, from: usize) {
+    if out.as_bytes()[from..]
+        .iter()
+        .any(|&b| b == b'"' || b == b'\\' || b < 0x20)
+    {
+        let tail = out.split_off(from);
+        json_escape(&tail, out);
     }
 }
 
@@ -413,6 +433,23 @@ enum Format {
     Text(Vec<Piece>),
     /// Keys, each with its format.
     Json(Vec<(String, Vec<Piece>)>),
+}
+
+impl Format {
+    /// Every operator the format uses.
+    fn ops(&self) -> Vec<&Op> {
+        let pieces: Vec<&Piece> = match self {
+            Format::Text(p) => p.iter().collect(),
+            Format::Json(fields) => fields.iter().flat_map(|(_, p)| p.iter()).collect(),
+        };
+        pieces
+            .into_iter()
+            .filter_map(|p| match p {
+                Piece::Op(op) => Some(op),
+                Piece::Text(_) => None,
+            })
+            .collect()
+    }
 }
 
 fn write_text(pieces: &[Piece], r: &Record<'_>, out: &mut String) {
@@ -434,32 +471,32 @@ impl Format {
             Format::Text(pieces) => write_text(pieces, r, out),
             Format::Json(fields) => {
                 out.push('{');
-                let mut scratch = String::new();
                 for (i, (key, pieces)) in fields.iter().enumerate() {
                     if i > 0 {
                         out.push(',');
                     }
-                    out.push('"');
-                    json_escape(key, out);
-                    out.push_str("\":");
+                    // Keys were escaped when the format was compiled.
+                    out.push_str(key);
                     // A lone operator keeps its type; anything else is a string.
+                    let start = out.len();
                     if let [Piece::Op(op)] = pieces.as_slice() {
-                        scratch.clear();
-                        if !value(op, r, &mut scratch) {
-                            out.push_str("null");
-                        } else if numeric(op) {
-                            out.push_str(&scratch);
-                        } else {
-                            out.push('"');
-                            json_escape(&scratch, out);
-                            out.push('"');
+                        if numeric(op) {
+                            if !value(op, r, out) {
+                                out.push_str("null");
+                            }
+                            continue;
                         }
-                        continue;
+                        out.push('"');
+                        if !value(op, r, out) {
+                            out.truncate(start);
+                            out.push_str("null");
+                            continue;
+                        }
+                    } else {
+                        out.push('"');
+                        write_text(pieces, r, out);
                     }
-                    scratch.clear();
-                    write_text(pieces, r, &mut scratch);
-                    out.push('"');
-                    json_escape(&scratch, out);
+                    escape_tail(out, start + 1);
                     out.push('"');
                 }
                 out.push('}');
@@ -582,6 +619,19 @@ fn atom(s: &str) -> Result<Filter, String> {
 }
 
 impl Filter {
+    /// The request headers the filter reads.
+    fn headers(&self, add: &mut dyn FnMut(&HeaderName)) {
+        match self {
+            Filter::Or(v) | Filter::And(v) => v.iter().for_each(|f| f.headers(add)),
+            Filter::Header(name, ..) => {
+                if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
+                    add(&n);
+                }
+            }
+            _ => {}
+        }
+    }
+
     fn matches(&self, r: &Record<'_>) -> bool {
         match self {
             Filter::Or(v) => v.iter().any(|f| f.matches(r)),
@@ -686,6 +736,10 @@ struct Entry {
 #[derive(Debug)]
 pub struct AccessLog {
     entries: Vec<Entry>,
+    /// The request and response headers the formats and filters read: all a line keeps
+    /// of a request's headers.
+    request_headers: Vec<HeaderName>,
+    response_headers: Vec<HeaderName>,
 }
 
 impl AccessLog {
@@ -744,7 +798,53 @@ impl AccessLog {
                 });
             }
         }
-        (!entries.is_empty()).then_some(AccessLog { entries })
+        if entries.is_empty() {
+            return None;
+        }
+        let (mut request_headers, mut response_headers) = (Vec::new(), Vec::new());
+        let add = |list: &mut Vec<HeaderName>, n: &HeaderName| {
+            if !list.contains(n) {
+                list.push(n.clone());
+            }
+        };
+        for e in &entries {
+            if let Some(f) = &e.filter {
+                f.headers(&mut |n| add(&mut request_headers, n));
+            }
+            for (format, _) in &e.sinks {
+                for op in format.ops() {
+                    match op {
+                        Op::Req(names, _) => {
+                            names.iter().for_each(|n| add(&mut request_headers, n))
+                        }
+                        Op::Resp(names, _) => {
+                            names.iter().for_each(|n| add(&mut response_headers, n))
+                        }
+                        Op::TraceId => {
+                            for n in ["traceparent", "x-b3-traceid", "b3"] {
+                                add(&mut request_headers, &HeaderName::from_static(n));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Some(AccessLog {
+            entries,
+            request_headers,
+            response_headers,
+        })
+    }
+
+    /// The request headers a line may need, copied.
+    pub fn request_headers(&self, h: &HeaderMap) -> HeaderMap {
+        keep(&self.request_headers, h)
+    }
+
+    /// The response headers a line may need, copied.
+    pub fn response_headers(&self, h: &HeaderMap) -> HeaderMap {
+        keep(&self.response_headers, h)
     }
 
     /// Whether anything logs this side's requests (inbound is the server side).
@@ -759,7 +859,7 @@ impl AccessLog {
                 continue;
             }
             for (format, w) in &e.sinks {
-                let mut line = String::with_capacity(512);
+                let mut line = String::with_capacity(1024);
                 format.write(r, &mut line);
                 match w.tx.try_send(line) {
                     Ok(()) => {}
@@ -770,6 +870,16 @@ impl AccessLog {
             }
         }
     }
+}
+
+fn keep(names: &[HeaderName], h: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for n in names {
+        for v in h.get_all(n) {
+            out.append(n.clone(), v.clone());
+        }
+    }
+    out
 }
 
 impl Side {
@@ -783,18 +893,25 @@ impl Side {
 }
 
 fn json_format(labels: &std::collections::BTreeMap<String, String>) -> Format {
+    // Each key as it is written: quoted, escaped, with its colon.
+    let key = |k: &str| {
+        let mut out = String::from("\"");
+        json_escape(k, &mut out);
+        out.push_str("\":");
+        out
+    };
     if labels.is_empty() {
         return Format::Json(
             DEFAULT_JSON
                 .iter()
-                .map(|(k, v)| (k.to_string(), parse_format(v)))
+                .map(|(k, v)| (key(k), parse_format(v)))
                 .collect(),
         );
     }
     Format::Json(
         labels
             .iter()
-            .map(|(k, v)| (k.clone(), parse_format(v)))
+            .map(|(k, v)| (key(k), parse_format(v)))
             .collect(),
     )
 }

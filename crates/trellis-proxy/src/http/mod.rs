@@ -278,7 +278,7 @@ pub async fn handle_request(
         .access_log
         .as_ref()
         .filter(|l| l.logs(is_inbound))
-        .map(|l| (Arc::clone(l), LogRequest::of(&req)));
+        .map(|l| (Arc::clone(l), LogRequest::of(l, &req)));
     // Inbound, the service the request names, when this workload backs it (a client
     // cannot pass its request off as another service's); else the one whose port this is.
     // (Outbound, `record` takes it from the cluster that answered.)
@@ -566,7 +566,7 @@ pub struct LogRequest {
 }
 
 impl LogRequest {
-    fn of(req: &Request<ReqBody>) -> LogRequest {
+    fn of(log: &crate::accesslog::AccessLog, req: &Request<ReqBody>) -> LogRequest {
         LogRequest {
             start: std::time::SystemTime::now(),
             method: req.method().clone(),
@@ -582,7 +582,7 @@ impl LogRequest {
                 .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
                 .unwrap_or("")
                 .to_string(),
-            headers: req.headers().clone(),
+            headers: log.request_headers(req.headers()),
         }
     }
 }
@@ -785,10 +785,10 @@ fn record(
     });
     let log = logged.map(|(log, req)| {
         Box::new(LogLine {
+            resp_headers: log.response_headers(resp.headers()),
             log,
             inbound: matches!(route, Route::Inbound(..)),
             req,
-            resp_headers: resp.headers().clone(),
             upstream_host: upstream.as_ref().map(|u| u.0),
             upstream_cluster: upstream.map(|u| u.1),
             route_name: resp.extensions_mut().remove::<RouteName>().map(|r| r.0),
