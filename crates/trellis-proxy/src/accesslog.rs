@@ -211,8 +211,9 @@ pub struct Record<'a> {
     pub path: &'a str,
     pub version: Version,
     pub authority: &'a str,
-    pub request_headers: &'a HeaderMap,
-    pub response_headers: Option<&'a HeaderMap>,
+    /// The request headers the formats and filters read (see [`AccessLog::request_headers`]).
+    pub request_headers: &'a Headers,
+    pub response_headers: Option<&'a Headers>,
     pub code: u16,
     pub flags: &'a str,
     pub bytes_received: u64,
@@ -231,26 +232,33 @@ pub struct Record<'a> {
     pub authorization_policy: &'a str,
 }
 
-/// The trace id of a request, from W3C `traceparent` or B3.
-fn trace_id(h: &HeaderMap) -> Option<&str> {
-    if let Some(tp) = h.get("traceparent").and_then(|v| v.to_str().ok()) {
-        return tp.split('-').nth(1);
-    }
-    if let Some(id) = h.get("x-b3-traceid").and_then(|v| v.to_str().ok()) {
-        return Some(id);
-    }
-    h.get("b3")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|b3| b3.split('-').next())
+/// The few headers a line needs of a message: a list, not a map (a handful of entries,
+/// found by comparing names).
+pub type Headers = Vec<(HeaderName, http::HeaderValue)>;
+
+fn find<'a>(h: &'a Headers, name: &str) -> Option<&'a http::HeaderValue> {
+    h.iter().find(|(n, _)| n == name).map(|(_, v)| v)
 }
 
-fn header<'a>(
-    h: Option<&'a HeaderMap>,
-    names: &[HeaderName],
-    max: Option<usize>,
-) -> Option<&'a str> {
+/// The trace id of a request, from W3C `traceparent` or B3.
+fn trace_id(h: &Headers) -> Option<&str> {
+    let text = |n: &str| find(h, n).and_then(|v| v.to_str().ok());
+    if let Some(tp) = text("traceparent") {
+        return tp.split('-').nth(1);
+    }
+    if let Some(id) = text("x-b3-traceid") {
+        return Some(id);
+    }
+    text("b3").and_then(|b3| b3.split('-').next())
+}
+
+fn header<'a>(h: Option<&'a Headers>, names: &[HeaderName], max: Option<usize>) -> Option<&'a str> {
     let h = h?;
-    let v = names.iter().find_map(|n| h.get(n))?.to_str().ok()?;
+    let v = names
+        .iter()
+        .find_map(|n| find(h, n.as_str()))?
+        .to_str()
+        .ok()?;
     Some(match max {
         Some(m) if v.len() > m => &v[..floor_char(v, m)],
         _ => v,
@@ -290,6 +298,41 @@ fn rfc3339(t: SystemTime, out: &mut String) {
     );
 }
 
+/// Appends a number (without `fmt`'s machinery: lines have several).
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &b in &buf[i..] {
+        out.push(char::from(b));
+    }
+}
+
+fn push_addr(out: &mut String, a: SocketAddr) {
+    match a {
+        SocketAddr::V4(v4) => {
+            for (i, o) in v4.ip().octets().iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                push_u64(out, u64::from(*o));
+            }
+            out.push(':');
+            push_u64(out, u64::from(v4.port()));
+        }
+        SocketAddr::V6(_) => {
+            let _ = write!(out, "{a}");
+        }
+    }
+}
+
 /// What an operator says about a record; `None` prints `-` (text) or `null` (JSON).
 fn value(op: &Op, r: &Record<'_>, out: &mut String) -> bool {
     let s: Option<&str> = match op {
@@ -298,37 +341,40 @@ fn value(op: &Op, r: &Record<'_>, out: &mut String) -> bool {
             return true;
         }
         Op::ResponseCode => {
-            let _ = write!(out, "{}", r.code);
+            push_u64(out, u64::from(r.code));
             return true;
         }
         Op::BytesReceived => {
-            let _ = write!(out, "{}", r.bytes_received);
+            push_u64(out, r.bytes_received);
             return true;
         }
         Op::BytesSent => {
-            let _ = write!(out, "{}", r.bytes_sent);
+            push_u64(out, r.bytes_sent);
             return true;
         }
         Op::Duration => {
-            let _ = write!(out, "{}", r.duration.as_millis());
+            push_u64(
+                out,
+                u64::try_from(r.duration.as_millis()).unwrap_or(u64::MAX),
+            );
             return true;
         }
         Op::UpstreamHost => {
             let Some(a) = r.upstream_host else {
                 return false;
             };
-            let _ = write!(out, "{a}");
+            push_addr(out, a);
             return true;
         }
         Op::DownstreamLocalAddress => {
             let Some(a) = r.downstream_local else {
                 return false;
             };
-            let _ = write!(out, "{a}");
+            push_addr(out, a);
             return true;
         }
         Op::DownstreamRemoteAddress => {
-            let _ = write!(out, "{}", r.downstream_remote);
+            push_addr(out, r.downstream_remote);
             return true;
         }
         Op::Method => Some(r.method.as_str()),
@@ -648,7 +694,7 @@ impl Filter {
                 }
             }
             Filter::Header(name, eq, v) => {
-                let got = r.request_headers.get(name.as_str()).map(|h| h.as_bytes());
+                let got = find(r.request_headers, name).map(|h| h.as_bytes());
                 (got == Some(v.as_bytes())) == *eq
             }
             Filter::Method(eq, m) => (r.method.as_str() == m) == *eq,
@@ -838,12 +884,12 @@ impl AccessLog {
     }
 
     /// The request headers a line may need, copied.
-    pub fn request_headers(&self, h: &HeaderMap) -> HeaderMap {
+    pub fn request_headers(&self, h: &HeaderMap) -> Headers {
         keep(&self.request_headers, h)
     }
 
     /// The response headers a line may need, copied.
-    pub fn response_headers(&self, h: &HeaderMap) -> HeaderMap {
+    pub fn response_headers(&self, h: &HeaderMap) -> Headers {
         keep(&self.response_headers, h)
     }
 
@@ -872,11 +918,14 @@ impl AccessLog {
     }
 }
 
-fn keep(names: &[HeaderName], h: &HeaderMap) -> HeaderMap {
-    let mut out = HeaderMap::new();
-    for n in names {
-        for v in h.get_all(n) {
-            out.append(n.clone(), v.clone());
+fn keep(names: &[HeaderName], h: &HeaderMap) -> Headers {
+    let mut out = Vec::new();
+    if names.is_empty() {
+        return out;
+    }
+    for (n, v) in h {
+        if names.contains(n) {
+            out.push((n.clone(), v.clone()));
         }
     }
     out
@@ -920,7 +969,11 @@ fn json_format(labels: &std::collections::BTreeMap<String, String>) -> Format {
 mod tests {
     use super::*;
 
-    fn record<'a>(h: &'a HeaderMap, m: &'a Method) -> Record<'a> {
+    fn list(h: HeaderMap) -> Headers {
+        h.iter().map(|(n, v)| (n.clone(), v.clone())).collect()
+    }
+
+    fn record<'a>(h: &'a Headers, m: &'a Method) -> Record<'a> {
         Record {
             start: SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_000_000_123),
             method: m,
@@ -953,6 +1006,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-request-id", "abc".parse().expect("v"));
         h.insert("user-agent", "curl/8".parse().expect("v"));
+        let h = list(h);
         let m = Method::GET;
         let mut line = String::new();
         Format::Text(parse_format(DEFAULT_TEXT)).write(&record(&h, &m), &mut line);
@@ -972,6 +1026,7 @@ mod tests {
                 .expect("v"),
         );
         h.insert("x-note", "say \"hi\"".parse().expect("v"));
+        let h = list(h);
         let m = Method::POST;
         let mut line = String::new();
         let mut labels = std::collections::BTreeMap::new();
@@ -1003,6 +1058,7 @@ mod tests {
     fn filters_take_istio_s_common_cel_forms() {
         let mut h = HeaderMap::new();
         h.insert("x-debug", "1".parse().expect("v"));
+        let h = list(h);
         let m = Method::GET;
         let r = record(&h, &m);
         for (expr, want) in [

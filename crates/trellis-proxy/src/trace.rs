@@ -10,8 +10,8 @@
 //! - is sampled as the context says, and else at the side's percentage (Istio's default
 //!   1 %): an upstream decision is always kept;
 //! - gets a span of its own (a child of the incoming one), whose id the request carries on
-//!   in `traceparent` and in B3 (`x-b3-*`, and `b3` when the request came with it), so that
-//!   W3C and B3 apps both follow;
+//!   in `traceparent`, and in B3 as well when it came with B3 (`x-b3-*`, and `b3` if that
+//!   is what came), so that W3C and B3 apps both follow;
 //! - when sampled, reports its span when the response has been sent: name
 //!   `host:port/*` (Istio's), kind CLIENT (outbound) or SERVER (inbound), and attributes
 //!   `http.method`, `http.url`, `http.protocol`, `http.status_code`, `response_flags`,
@@ -62,11 +62,16 @@ fn hex_to<const N: usize>(s: &str) -> Option<[u8; N]> {
     if s.len() > 2 * N || !s.len().is_multiple_of(2) || s.is_empty() {
         return None;
     }
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    };
     let mut out = [0u8; N];
     let start = N - s.len() / 2;
-    for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
-        let txt = std::str::from_utf8(chunk).ok()?;
-        out[start + i] = u8::from_str_radix(txt, 16).ok()?;
+    for (i, pair) in s.as_bytes().chunks_exact(2).enumerate() {
+        out[start + i] = (digit(pair[0])? << 4) | digit(pair[1])?;
     }
     (out != [0u8; N]).then_some(out)
 }
@@ -425,8 +430,8 @@ impl Tracer {
     }
 }
 
-/// Writes the context for the next hop: W3C always, B3's headers always, and the single
-/// `b3` header when the request came with one.
+/// Writes the context for the next hop: W3C always; B3 when the request came with B3
+/// (its headers, and the single `b3` header if that is what came).
 fn inject(
     h: &mut HeaderMap,
     trace: [u8; 16],
@@ -440,6 +445,7 @@ fn inject(
     if let Some(v) = value(format!("00-{t}-{s}-0{flag}")) {
         h.insert(TRACEPARENT, v);
     }
+    let b3_in = h.contains_key(&B3) || h.contains_key(&B3_TRACE) || h.contains_key(&B3_SAMPLED);
     if h.contains_key(&B3) {
         let mut b3 = format!("{t}-{s}-{flag}");
         if let Some(p) = parent {
@@ -449,6 +455,9 @@ fn inject(
         if let Some(v) = value(b3) {
             h.insert(B3, v);
         }
+    }
+    if !b3_in {
+        return;
     }
     for (name, v) in [(B3_TRACE, t), (B3_SPAN, s)] {
         if let Some(v) = value(v) {

@@ -562,7 +562,7 @@ pub struct LogRequest {
     path: String,
     version: Version,
     authority: String,
-    headers: HeaderMap,
+    headers: crate::accesslog::Headers,
 }
 
 impl LogRequest {
@@ -620,7 +620,7 @@ struct LogLine {
     log: Arc<crate::accesslog::AccessLog>,
     inbound: bool,
     req: LogRequest,
-    resp_headers: HeaderMap,
+    resp_headers: crate::accesslog::Headers,
     upstream_host: Option<SocketAddr>,
     upstream_cluster: Option<Arc<str>>,
     route_name: Option<String>,
