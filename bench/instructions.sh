@@ -11,7 +11,8 @@
 #
 # TELEMETRY (pair modes): `metrics` (the default: Istio's metrics, nothing else), `off`
 # (a Telemetry override disables every metric), `full` (metrics, a JSON access log line
-# per request to a file, and tracing at 1 % to a fixture OTLP collector).
+# per request to a file, and tracing at 1 % to a fixture OTLP collector); `tracing` and
+# `log` are the metrics with one of the other two.
 #
 # Each proxy runs under valgrind on one worker; 300 warm-up requests, then counters are
 # zeroed and `requests` (default 3000) are sent at 300 rps over 16 connections with oha.
@@ -88,8 +89,19 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
         pids+=($!)
         telemetry="  telemetry:\n    tracing:\n    - {mode: CLIENT_AND_SERVER, providers: [otel], randomSamplingPercentage: 1}\n    accessLogging:\n    - {mode: CLIENT_AND_SERVER, providers: [log]}\n    providers:\n    - {name: otel, kind: opentelemetry, service: 127.0.0.1, port: $collector, path: /v1/traces}\n    - {name: log, kind: envoyJson, path: $tmp/access.log}\n"
         ;;
+    tracing | log)
+        # One part of `full` on its own (with the metrics): tracing at 1 %, or the log.
+        collector=$(port)
+        python3 -c 'import socket, sys; s = socket.socket(); s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(); [c.close() for c, _ in iter(s.accept, None)]' "$collector" &
+        pids+=($!)
+        if [ "$TELEMETRY" = tracing ]; then
+            telemetry="  telemetry:\n    tracing:\n    - {mode: CLIENT_AND_SERVER, providers: [otel], randomSamplingPercentage: 1}\n    providers:\n    - {name: otel, kind: opentelemetry, service: 127.0.0.1, port: $collector, path: /v1/traces}\n"
+        else
+            telemetry="  telemetry:\n    accessLogging:\n    - {mode: CLIENT_AND_SERVER, providers: [log]}\n    providers:\n    - {name: log, kind: envoyJson, path: $tmp/access.log}\n"
+        fi
+        ;;
     *)
-        echo "TELEMETRY is off, metrics or full" >&2
+        echo "TELEMETRY is off, metrics, tracing, log or full" >&2
         exit 2
         ;;
     esac

@@ -288,14 +288,28 @@ fn rfc3339(t: SystemTime, out: &mut String) {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    let _ = write!(
-        out,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    );
+    // Fixed-width fields, without `fmt` (every line has one).
+    let mut field = |n: u64, width: usize, sep: Option<char>| {
+        let mut buf = [b'0'; 4];
+        let mut n = n;
+        for i in (0..width).rev() {
+            buf[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        for &b in &buf[..width] {
+            out.push(char::from(b));
+        }
+        if let Some(c) = sep {
+            out.push(c);
+        }
+    };
+    field(u64::try_from(year).unwrap_or(0), 4, Some('-'));
+    field(u64::try_from(month).unwrap_or(0), 2, Some('-'));
+    field(u64::try_from(day).unwrap_or(0), 2, Some('T'));
+    field(rem / 3600, 2, Some(':'));
+    field(rem % 3600 / 60, 2, Some(':'));
+    field(rem % 60, 2, Some('.'));
+    field(u64::from(d.subsec_millis()), 3, Some('Z'));
 }
 
 /// Appends a number (without `fmt`'s machinery: lines have several).

@@ -509,7 +509,8 @@ pub struct Outcome<'a> {
     pub code: u16,
     pub flags: &'a str,
     pub upstream_cluster: &'a str,
-    pub peer: String,
+    /// The other end: the caller (server side), or the endpoint that answered.
+    pub peer: Option<std::net::SocketAddr>,
     pub request_size: u64,
     pub response_size: u64,
     pub own: &'a crate::metrics::WorkloadMeta,
@@ -545,7 +546,10 @@ impl Started {
             ("http.status_code", o.code.to_string()),
             ("response_flags", o.flags.to_string()),
             ("upstream_cluster", o.upstream_cluster.to_string()),
-            ("peer.address", o.peer.clone()),
+            (
+                "peer.address",
+                o.peer.map(|p| p.to_string()).unwrap_or_default(),
+            ),
             ("request_size", o.request_size.to_string()),
             ("response_size", o.response_size.to_string()),
             ("component", "proxy".to_string()),

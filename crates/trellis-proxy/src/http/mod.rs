@@ -658,9 +658,9 @@ impl Completion {
             let own = if s.inbound { &m.destination } else { &m.source };
             // The other end: the caller (inbound), or the endpoint that answered.
             let peer = match (&s.upstream, s.inbound) {
-                (Some((addr, _)), false) => addr.to_string(),
-                (None, false) => String::new(),
-                (_, true) => s.peer.to_string(),
+                (Some((addr, _)), false) => Some(*addr),
+                (None, false) => None,
+                (_, true) => Some(s.peer),
             };
             s.started.finish(&crate::trace::Outcome {
                 inbound: s.inbound,
@@ -678,10 +678,9 @@ impl Completion {
 
 impl LogLine {
     fn write(&self, m: &crate::metrics::HttpRequest) {
-        let principal = |w: &crate::metrics::WorkloadMeta| w.principal.clone();
-        let source_principal = match (&self.peer_id, self.inbound) {
-            (Some(id), true) => id.to_string(),
-            _ => principal(&m.source),
+        let source_principal: &str = match (&self.peer_id, self.inbound) {
+            (Some(id), true) => id,
+            _ => &m.source.principal,
         };
         let r = crate::accesslog::Record {
             start: self.req.start,
@@ -703,7 +702,7 @@ impl LogLine {
             sni: None,
             route_name: self.route_name.as_deref().unwrap_or(""),
             source_workload: &m.source.workload,
-            source_principal: &source_principal,
+            source_principal,
             destination_workload: &m.destination.workload,
             destination_principal: &m.destination.principal,
             authorization_policy: self.policy.as_deref().unwrap_or(""),
