@@ -90,9 +90,9 @@ pub fn run() -> anyhow::Result<ExitCode> {
          docs/gateways.md), the control plane that feeds it (`trellis control-plane`,\n\
          docs/control-plane.md), and mutual TLS, PeerAuthentication, AuthorizationPolicy\n\
          and JWTs between proxies (docs/security.md), and Istio's request and TCP\n\
-         metrics from every proxy (docs/observability.md). Not yet: `trellis up` (pods\n\
-         in network namespaces with transparent sidecars, started by this demo), tracing\n\
-         and access logs. See README.md, Status."
+         metrics, access logs and traces (W3C, B3; OTLP and Zipkin) from every proxy\n\
+         (docs/observability.md). Not yet: `trellis up` (pods in network namespaces\n\
+         with transparent sidecars, started by this demo). See README.md, Status."
     );
     Ok(if messages.iter().any(|m| m.level == Level::Error) {
         ExitCode::from(2)

@@ -37,18 +37,33 @@ pub struct Observed {
     pub sent: u64,
 }
 
+/// How a watched response ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Sent whole.
+    Complete,
+    /// The client went away first (Envoy's DC).
+    Downstream,
+    /// The upstream failed in the middle of the body (Envoy's UC).
+    Upstream,
+}
+
 impl Observed {
-    fn finish(&mut self, complete: bool) {
+    fn finish(&mut self, how: Ended) {
         if let Some(c) = self.completion.take() {
-            c.finish(self.sent, complete);
+            c.finish(self.sent, how);
         }
     }
 }
 
 impl Drop for Observed {
     fn drop(&mut self) {
-        let complete = self.inner.is_end_stream();
-        self.finish(complete);
+        let how = if self.inner.is_end_stream() {
+            Ended::Complete
+        } else {
+            Ended::Downstream
+        };
+        self.finish(how);
     }
 }
 
@@ -94,11 +109,11 @@ impl Body for ProxyBody {
                             c.trailers(t);
                         }
                         if o.inner.is_end_stream() {
-                            o.finish(true);
+                            o.finish(Ended::Complete);
                         }
                     }
-                    Poll::Ready(None) => o.finish(true),
-                    Poll::Ready(Some(Err(_))) => o.finish(false),
+                    Poll::Ready(None) => o.finish(Ended::Complete),
+                    Poll::Ready(Some(Err(_))) => o.finish(Ended::Upstream),
                     Poll::Pending => {}
                 }
                 polled

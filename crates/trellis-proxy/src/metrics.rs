@@ -245,6 +245,7 @@ impl Enabled {
     const HTTP: u16 = 15;
     const TCP: u16 = 240;
     pub const ALL: Enabled = Enabled(255);
+    pub const NONE: Enabled = Enabled(0);
 
     pub fn has(self, bit: u16) -> bool {
         self.0 & bit != 0
@@ -283,14 +284,20 @@ impl Default for Switches {
 }
 
 impl Switches {
-    /// From the snapshot's metrics selection: overrides in order (a later one wins); a
-    /// selection whose providers leave out `prometheus` reports nothing here.
-    pub fn compile(m: Option<&trellis_xds::snapshot::MetricsConfig>) -> Switches {
+    /// From the snapshot's telemetry: metric overrides in order (a later one wins); a
+    /// selection whose providers include no Prometheus provider reports nothing here.
+    pub fn compile(t: Option<&trellis_xds::snapshot::Telemetry>) -> Switches {
         let mut out = Switches::default();
-        let Some(m) = m else {
+        let Some((m, t)) = t.and_then(|t| Some((t.metrics.as_ref()?, t))) else {
             return out;
         };
-        if !m.providers.is_empty() && !m.providers.iter().any(|p| p == "prometheus") {
+        let prometheus = |name: &String| {
+            name == "prometheus"
+                || t.providers
+                    .iter()
+                    .any(|p| &p.name == name && p.kind == "prometheus")
+        };
+        if !m.providers.is_empty() && !m.providers.iter().any(prometheus) {
             return Switches {
                 client: Enabled(0),
                 server: Enabled(0),
@@ -862,23 +869,28 @@ mod tests {
 
         // A side whose Telemetry disables metrics records nothing of them; a disabled
         // metric is absent from the exposition, the others stay.
-        let only_count = Switches::compile(Some(&trellis_xds::snapshot::MetricsConfig {
-            overrides: vec![
-                trellis_xds::snapshot::MetricOverride {
-                    metric: "ALL_METRICS".into(),
-                    mode: "CLIENT_AND_SERVER".into(),
-                    disabled: Some(true),
-                    ..Default::default()
-                },
-                trellis_xds::snapshot::MetricOverride {
-                    metric: "REQUEST_COUNT".into(),
-                    mode: "CLIENT".into(),
-                    disabled: Some(false),
-                    ..Default::default()
-                },
-            ],
+        let telemetry = |metrics| trellis_xds::snapshot::Telemetry {
+            metrics: Some(metrics),
             ..Default::default()
-        }));
+        };
+        let only_count =
+            Switches::compile(Some(&telemetry(trellis_xds::snapshot::MetricsConfig {
+                overrides: vec![
+                    trellis_xds::snapshot::MetricOverride {
+                        metric: "ALL_METRICS".into(),
+                        mode: "CLIENT_AND_SERVER".into(),
+                        disabled: Some(true),
+                        ..Default::default()
+                    },
+                    trellis_xds::snapshot::MetricOverride {
+                        metric: "REQUEST_COUNT".into(),
+                        mode: "CLIENT".into(),
+                        disabled: Some(false),
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            })));
         assert!(only_count.client.has(Enabled::REQUEST_COUNT));
         assert!(!only_count.client.has(Enabled::REQUEST_DURATION));
         assert_eq!(only_count.server, Enabled(0));
@@ -906,11 +918,24 @@ mod tests {
         );
         assert!(!text.contains("istio_response_bytes_bucket{"), "{text}");
         // Providers that leave out prometheus: nothing at all.
-        let elsewhere = Switches::compile(Some(&trellis_xds::snapshot::MetricsConfig {
+        let elsewhere = Switches::compile(Some(&telemetry(trellis_xds::snapshot::MetricsConfig {
             providers: vec!["stackdriver".into()],
             ..Default::default()
-        }));
+        })));
         assert_eq!(elsewhere.client, Enabled(0));
+        // A Prometheus provider by another name is Prometheus.
+        let mut renamed = telemetry(trellis_xds::snapshot::MetricsConfig {
+            providers: vec!["prom".into()],
+            ..Default::default()
+        });
+        renamed
+            .providers
+            .push(trellis_xds::snapshot::TelemetryProvider {
+                name: "prom".into(),
+                kind: "prometheus".into(),
+                ..Default::default()
+            });
+        assert_eq!(Switches::compile(Some(&renamed)), Switches::default());
     }
 
     #[test]

@@ -786,10 +786,7 @@ impl Config {
                 .and_then(crate::trace::Tracer::compile)
                 .map(Arc::new),
             metrics_on: crate::metrics::Switches::compile(
-                raw.workload
-                    .as_ref()
-                    .and_then(|w| w.telemetry.as_ref())
-                    .and_then(|t| t.metrics.as_ref()),
+                raw.workload.as_ref().and_then(|w| w.telemetry.as_ref()),
             ),
             peers,
             connect_timeout: default_connect,

@@ -249,7 +249,9 @@ pub async fn handle_request(
 ) -> Result<Response<ProxyBody>, Infallible> {
     // Every request has an id from here on (as Envoy gives one at its start): the access
     // log, the app and the next hop see the same one.
-    if !req.headers().contains_key(&X_REQUEST_ID) {
+    // At a gateway the id is always the proxy's own (Envoy's default at the edge): an
+    // outside client cannot choose the id that logs and traces carry.
+    if matches!(route, Route::Gateway { .. }) || !req.headers().contains_key(&X_REQUEST_ID) {
         req.headers_mut().insert(X_REQUEST_ID, request_id());
     }
     let ds = Downstream {
@@ -293,6 +295,22 @@ pub async fn handle_request(
             .or_else(|| cfg.inbound_service(*port)),
         _ => None,
     };
+    // From here the request is recorded once, whatever happens: answered (`record`), or
+    // dropped before an answer because the client went away (`Inflight`'s drop).
+    let mut inflight = Inflight {
+        shared: Arc::clone(&shared),
+        cfg: Arc::clone(&cfg),
+        route: route.clone(),
+        ds,
+        service,
+        grpc,
+        head: req.method() == Method::HEAD,
+        request_bytes,
+        started,
+        logged,
+        span,
+        done: false,
+    };
     let resp = match &route {
         Route::Inbound(port, peer_id, dst_ip) => {
             let arrival = Arrival {
@@ -328,20 +346,7 @@ pub async fn handle_request(
     if resp.status().is_server_error() {
         Stats::inc(&shared.stats.responses_5xx_total);
     }
-    let resp = record(
-        &shared,
-        &cfg,
-        &route,
-        ds,
-        service,
-        grpc,
-        request_bytes,
-        started,
-        logged,
-        span,
-        resp,
-    );
-    Ok(resp)
+    Ok(record(&mut inflight, resp))
 }
 
 async fn outbound(
@@ -641,13 +646,17 @@ impl Completion {
         }
     }
 
-    /// The response has ended (`complete`), or was abandoned (the client went away:
-    /// response flag DC): records it.
-    pub fn finish(mut self, sent: u64, complete: bool) {
+    /// The response has ended, whole or not (the client went away: DC; the upstream
+    /// failed mid-body: UC): records it.
+    pub fn finish(mut self, sent: u64, how: crate::body::Ended) {
         self.metrics.duration = self.started.elapsed();
         self.metrics.response_bytes = sent;
-        if !complete && self.metrics.flags == "-" {
-            self.metrics.flags = "DC";
+        if self.metrics.flags == "-" {
+            match how {
+                crate::body::Ended::Complete => {}
+                crate::body::Ended::Downstream => self.metrics.flags = "DC",
+                crate::body::Ended::Upstream => self.metrics.flags = "UC",
+            }
         }
         self.shared.istio.record_http(&self.metrics);
         if let Some(l) = self.log {
@@ -711,122 +720,179 @@ impl LogLine {
     }
 }
 
-/// Records a request in Istio's metrics and the access log: at once when its response has
-/// no body to send, else when the body has been sent (the response comes back wrapped).
-#[allow(clippy::too_many_arguments)]
-fn record(
-    shared: &Arc<Shared>,
-    cfg: &Config,
-    route: &Route,
+/// A request being served, and what recording it needs.
+struct Inflight {
+    shared: Arc<Shared>,
+    cfg: Arc<Config>,
+    route: Route,
     ds: Downstream,
+    /// Inbound: the service the request was for.
     service: Option<Arc<crate::metrics::ServiceMeta>>,
     grpc: bool,
+    head: bool,
     request_bytes: u64,
     started: std::time::Instant,
     logged: Option<(Arc<crate::accesslog::AccessLog>, LogRequest)>,
     span: Option<Box<crate::trace::Started>>,
-    mut resp: Response<ProxyBody>,
-) -> Response<ProxyBody> {
-    use crate::metrics::{HttpRequest, Reporter, ServiceMeta, WorkloadMeta};
-    let peer = ds.peer;
-    let answered = resp.extensions_mut().remove::<Answered>();
-    let upstream = answered.as_ref().map(|a| (a.addr, Arc::clone(&a.cluster)));
-    let (reporter, source, destination, service, mtls) = match route {
-        Route::Inbound(_, peer_id, _) => {
-            let source = shared
-                .istio
-                .caller(&cfg.peers, peer.ip(), peer_id.as_deref());
-            (
-                Reporter::Destination,
-                source,
-                Arc::clone(&cfg.own_meta),
-                service.unwrap_or_else(ServiceMeta::unknown),
-                peer_id.is_some(),
-            )
+    /// Recorded already.
+    done: bool,
+}
+
+impl Drop for Inflight {
+    /// Dropped unanswered (the client went away, or reset its stream, before the
+    /// response head): recorded as Envoy does, code 0 and flag DC.
+    fn drop(&mut self) {
+        if !self.done {
+            self.completion(0, "DC", None, None)
+                .finish(0, crate::body::Ended::Complete);
         }
-        _ => {
-            // No cluster answered (no route, a fault, a local limit…): the target's service.
-            let (destination, service) = match answered {
-                Some(a) => (a.workload, a.service),
-                None => (
-                    WorkloadMeta::unknown(),
-                    match route {
-                        Route::Outbound(dst) => cfg.outbound_target(*dst),
-                        Route::Named(host, port) => cfg.target_by_name(host, *port),
-                        _ => None,
-                    }
-                    .map_or_else(ServiceMeta::unknown, |t| Arc::clone(&t.service_meta)),
+    }
+}
+
+impl Inflight {
+    /// The record of the request, answered with `code` (`resp`, when there is one).
+    fn completion(
+        &mut self,
+        code: u16,
+        flags: &'static str,
+        grpc_status: Option<u16>,
+        mut resp: Option<&mut Response<ProxyBody>>,
+    ) -> Completion {
+        use crate::metrics::{HttpRequest, Reporter, ServiceMeta, WorkloadMeta};
+        self.done = true;
+        let cfg = &*self.cfg;
+        let shared = Arc::clone(&self.shared);
+        let peer = self.ds.peer;
+        let inbound = matches!(self.route, Route::Inbound(..));
+        let answered = resp
+            .as_mut()
+            .and_then(|r| r.extensions_mut().remove::<Answered>());
+        let upstream = answered.as_ref().map(|a| (a.addr, Arc::clone(&a.cluster)));
+        let (reporter, source, destination, service, mtls) = match &self.route {
+            Route::Inbound(_, peer_id, _) => {
+                let source = shared
+                    .istio
+                    .caller(&cfg.peers, peer.ip(), peer_id.as_deref());
+                (
+                    Reporter::Destination,
+                    source,
+                    Arc::clone(&cfg.own_meta),
+                    self.service.take().unwrap_or_else(ServiceMeta::unknown),
+                    peer_id.is_some(),
+                )
+            }
+            route => {
+                // No cluster answered (no route, a fault, a local limit…): the target's
+                // service.
+                let (destination, service) = match answered {
+                    Some(a) => (a.workload, a.service),
+                    None => (
+                        WorkloadMeta::unknown(),
+                        match route {
+                            Route::Outbound(dst) => cfg.outbound_target(*dst),
+                            Route::Named(host, port) => cfg.target_by_name(host, *port),
+                            _ => None,
+                        }
+                        .map_or_else(ServiceMeta::unknown, |t| Arc::clone(&t.service_meta)),
+                    ),
+                };
+                (
+                    Reporter::Source,
+                    Arc::clone(&cfg.own_meta),
+                    destination,
+                    service,
+                    false,
+                )
+            }
+        };
+        let span = self.span.take().map(|started| {
+            Box::new(SpanEnd {
+                started,
+                inbound,
+                peer,
+                upstream: upstream.clone(),
+            })
+        });
+        let log = self.logged.take().map(|(log, req)| {
+            let (resp_headers, route_name, policy) = match resp {
+                Some(r) => (
+                    log.response_headers(r.headers()),
+                    r.extensions_mut().remove::<RouteName>().map(|n| n.0),
+                    r.extensions_mut().remove::<DeniedBy>().map(|d| d.0),
                 ),
+                None => (Vec::new(), None, None),
             };
-            (
-                Reporter::Source,
-                Arc::clone(&cfg.own_meta),
+            Box::new(LogLine {
+                resp_headers,
+                log,
+                inbound,
+                req,
+                upstream_host: upstream.as_ref().map(|u| u.0),
+                upstream_cluster: upstream.map(|u| u.1),
+                route_name,
+                policy,
+                peer,
+                local: self.ds.original_dst,
+                peer_id: match &self.route {
+                    Route::Inbound(_, peer_id, _) => peer_id.clone(),
+                    _ => None,
+                },
+            })
+        });
+        Completion {
+            shared,
+            metrics: HttpRequest {
+                reporter,
+                source,
                 destination,
                 service,
-                false,
-            )
+                grpc: self.grpc,
+                code,
+                grpc_status,
+                flags,
+                mtls,
+                duration: Duration::ZERO,
+                request_bytes: self.request_bytes,
+                response_bytes: 0,
+                enabled: if inbound {
+                    cfg.metrics_on.server
+                } else {
+                    cfg.metrics_on.client
+                },
+            },
+            started: self.started,
+            log,
+            span,
         }
-    };
+    }
+}
+
+/// Records a request in Istio's metrics, the access log and its span: at once when its
+/// response has no body to send, else when the body has been sent (the response comes
+/// back wrapped).
+fn record(inflight: &mut Inflight, mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
     let headers = resp.headers();
-    let grpc_status = grpc
+    let grpc_status = inflight
+        .grpc
         .then(|| headers.get("grpc-status")?.to_str().ok()?.parse().ok())
         .flatten();
     let flags = headers
         .get(RESPONSE_FLAGS)
         .map_or("-", |v| crate::metrics::flag(v.as_bytes()));
-    let span = span.map(|started| {
-        Box::new(SpanEnd {
-            started,
-            inbound: matches!(route, Route::Inbound(..)),
-            peer,
-            upstream: upstream.clone(),
-        })
-    });
-    let log = logged.map(|(log, req)| {
-        Box::new(LogLine {
-            resp_headers: log.response_headers(resp.headers()),
-            log,
-            inbound: matches!(route, Route::Inbound(..)),
-            req,
-            upstream_host: upstream.as_ref().map(|u| u.0),
-            upstream_cluster: upstream.map(|u| u.1),
-            route_name: resp.extensions_mut().remove::<RouteName>().map(|r| r.0),
-            policy: resp.extensions_mut().remove::<DeniedBy>().map(|d| d.0),
-            peer,
-            local: ds.original_dst,
-            peer_id: match route {
-                Route::Inbound(_, peer_id, _) => peer_id.clone(),
-                _ => None,
-            },
-        })
-    });
-    let completion = Completion {
-        shared: Arc::clone(shared),
-        metrics: HttpRequest {
-            reporter,
-            source,
-            destination,
-            service,
-            grpc,
-            code: resp.status().as_u16(),
-            grpc_status,
-            flags,
-            mtls,
-            duration: Duration::ZERO,
-            request_bytes,
-            response_bytes: 0,
-            enabled: if matches!(route, Route::Inbound(..)) {
-                cfg.metrics_on.server
-            } else {
-                cfg.metrics_on.client
-            },
-        },
-        started,
-        log,
-        span,
-    };
-    if http_body::Body::is_end_stream(resp.body()) {
-        completion.finish(0, true);
+    let code = resp.status().as_u16();
+    let completion = inflight.completion(code, flags, grpc_status, Some(&mut resp));
+    // Nothing to watch: no body to send (HEAD, 1xx, 204, 304 send none, whatever the
+    // response holds), or nothing that waits for its end.
+    let status = resp.status();
+    let bodiless = inflight.head
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let watched = completion.metrics.enabled != crate::metrics::Enabled::NONE
+        || completion.log.is_some()
+        || completion.span.is_some();
+    if bodiless || !watched || http_body::Body::is_end_stream(resp.body()) {
+        completion.finish(0, crate::body::Ended::Complete);
         return resp;
     }
     resp.map(|inner| {
@@ -1755,6 +1821,8 @@ async fn forward_upgrade(mut req: Request<ReqBody>, up: Upstream<'_>) -> Respons
             }
         });
     }
+    // Flags are the proxy's own word: an upstream cannot set them.
+    resp.headers_mut().remove(RESPONSE_FLAGS);
     resp.map(ProxyBody::Upstream)
 }
 
