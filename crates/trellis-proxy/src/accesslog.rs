@@ -588,94 +588,179 @@ enum Cmp {
     Lt,
 }
 
+/// A token of a filter expression.
+#[derive(Debug, Clone, PartialEq)]
+enum Tok {
+    Ident(String),
+    Str(String),
+    Num(u64),
+    Op(Cmp),
+    And,
+    Or,
+    Open,
+    Close,
+    LBracket,
+    RBracket,
+}
+
+fn tokens(expr: &str) -> Result<Vec<Tok>, String> {
+    let b = expr.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let two = b.get(i..i + 2);
+        let (tok, len) = match (b[i], two) {
+            (c, _) if c.is_ascii_whitespace() => {
+                i += 1;
+                continue;
+            }
+            (_, Some(b"&&")) => (Tok::And, 2),
+            (_, Some(b"||")) => (Tok::Or, 2),
+            (_, Some(b"==")) => (Tok::Op(Cmp::Eq), 2),
+            (_, Some(b"!=")) => (Tok::Op(Cmp::Ne), 2),
+            (_, Some(b">=")) => (Tok::Op(Cmp::Ge), 2),
+            (_, Some(b"<=")) => (Tok::Op(Cmp::Le), 2),
+            (b'>', _) => (Tok::Op(Cmp::Gt), 1),
+            (b'<', _) => (Tok::Op(Cmp::Lt), 1),
+            (b'(', _) => (Tok::Open, 1),
+            (b')', _) => (Tok::Close, 1),
+            (b'[', _) => (Tok::LBracket, 1),
+            (b']', _) => (Tok::RBracket, 1),
+            (q @ (b'\'' | b'"'), _) => {
+                let end = b[i + 1..]
+                    .iter()
+                    .position(|&c| c == q)
+                    .ok_or("a string is not closed")?;
+                let text = &expr[i + 1..i + 1 + end];
+                (Tok::Str(text.to_string()), end + 2)
+            }
+            (c, _) if c.is_ascii_digit() => {
+                let end = b[i..]
+                    .iter()
+                    .position(|c| !c.is_ascii_digit())
+                    .unwrap_or(b.len() - i);
+                let n = expr[i..i + end]
+                    .parse()
+                    .map_err(|_| "a number is too large")?;
+                (Tok::Num(n), end)
+            }
+            (c, _) if c.is_ascii_alphabetic() || c == b'_' => {
+                let end = b[i..]
+                    .iter()
+                    .position(|&c| !(c.is_ascii_alphanumeric() || c == b'_' || c == b'.'))
+                    .unwrap_or(b.len() - i);
+                (Tok::Ident(expr[i..i + end].to_string()), end)
+            }
+            (c, _) => return Err(format!("unexpected {:?}", char::from(c))),
+        };
+        out.push(tok);
+        i += len;
+    }
+    Ok(out)
+}
+
+/// Parses the common forms of Istio's CEL filters: comparisons of `response.code`,
+/// `response.flags`, `request.method` and `request.headers['name']`, with `&&`, `||`
+/// and parentheses. Anything else is an error (never a guess).
 fn parse_filter(expr: &str) -> Result<Filter, String> {
-    let or: Result<Vec<Filter>, String> = expr
-        .split("||")
-        .map(|part| {
-            let and: Result<Vec<Filter>, String> = part.split("&&").map(atom).collect();
-            and.map(|mut v| {
-                if v.len() == 1 {
-                    v.remove(0)
-                } else {
-                    Filter::And(v)
-                }
-            })
-        })
-        .collect();
-    or.map(|mut v| {
-        if v.len() == 1 {
-            v.remove(0)
-        } else {
-            Filter::Or(v)
-        }
+    let toks = tokens(expr)?;
+    let mut pos = 0;
+    let f = or_expr(&toks, &mut pos)?;
+    if pos != toks.len() {
+        return Err(format!("{expr:?}: unexpected {:?}", toks[pos]));
+    }
+    Ok(f)
+}
+
+fn or_expr(t: &[Tok], pos: &mut usize) -> Result<Filter, String> {
+    let mut v = vec![and_expr(t, pos)?];
+    while t.get(*pos) == Some(&Tok::Or) {
+        *pos += 1;
+        v.push(and_expr(t, pos)?);
+    }
+    Ok(if v.len() == 1 {
+        v.remove(0)
+    } else {
+        Filter::Or(v)
     })
 }
 
-fn unquote(s: &str) -> Option<&str> {
-    let s = s.trim();
-    s.strip_prefix('\'')
-        .and_then(|s| s.strip_suffix('\''))
-        .or_else(|| s.strip_prefix('"').and_then(|s| s.strip_suffix('"')))
+fn and_expr(t: &[Tok], pos: &mut usize) -> Result<Filter, String> {
+    let mut v = vec![atom(t, pos)?];
+    while t.get(*pos) == Some(&Tok::And) {
+        *pos += 1;
+        v.push(atom(t, pos)?);
+    }
+    Ok(if v.len() == 1 {
+        v.remove(0)
+    } else {
+        Filter::And(v)
+    })
 }
 
-fn atom(s: &str) -> Result<Filter, String> {
-    let s = s
-        .trim()
-        .trim_start_matches('(')
-        .trim_end_matches(')')
-        .trim();
-    let ops = [
-        (">=", Cmp::Ge),
-        ("<=", Cmp::Le),
-        ("==", Cmp::Eq),
-        ("!=", Cmp::Ne),
-        (">", Cmp::Gt),
-        ("<", Cmp::Lt),
-    ];
-    let Some((left, cmp, right)) = ops
-        .iter()
-        .find_map(|(t, c)| s.split_once(t).map(|(l, r)| (l.trim(), *c, r.trim())))
-    else {
-        return Err(format!("{s:?} is not a comparison"));
+fn atom(t: &[Tok], pos: &mut usize) -> Result<Filter, String> {
+    let next = |pos: &mut usize| {
+        let tok = t.get(*pos).cloned();
+        *pos += 1;
+        tok.ok_or_else(|| "the expression ends too soon".to_string())
+    };
+    let subject = match next(pos)? {
+        Tok::Open => {
+            let f = or_expr(t, pos)?;
+            return match next(pos)? {
+                Tok::Close => Ok(f),
+                other => Err(format!("expected ')', found {other:?}")),
+            };
+        }
+        Tok::Ident(name) if name == "request.headers" => {
+            let (Tok::LBracket, Tok::Str(h), Tok::RBracket) = (next(pos)?, next(pos)?, next(pos)?)
+            else {
+                return Err("request.headers takes a quoted name: request.headers['x']".into());
+            };
+            Subject::Header(h.to_ascii_lowercase())
+        }
+        Tok::Ident(name) => match name.as_str() {
+            "response.code" => Subject::Code,
+            "response.flags" => Subject::Flags,
+            "request.method" => Subject::Method,
+            _ => {
+                return Err(format!(
+                    "{name:?} is not supported (response.code, response.flags, request.method and request.headers['…'] are)"
+                ));
+            }
+        },
+        other => return Err(format!("expected a comparison, found {other:?}")),
+    };
+    let Tok::Op(cmp) = next(pos)? else {
+        return Err("expected a comparison operator".into());
     };
     let eq = match cmp {
         Cmp::Eq => Some(true),
         Cmp::Ne => Some(false),
         _ => None,
     };
-    match left {
-        "response.code" => right
-            .parse()
+    match (subject, next(pos)?, eq) {
+        (Subject::Code, Tok::Num(n), _) => u16::try_from(n)
             .map(|n| Filter::Code(cmp, n))
-            .map_err(|_| format!("{right:?} is not a status code")),
-        "request.method" => match (eq, unquote(right)) {
-            (Some(eq), Some(m)) => Ok(Filter::Method(eq, m.to_string())),
-            _ => Err(format!(
-                "{s:?}: compare request.method with == or != and a string"
-            )),
-        },
-        "response.flags" => match (eq, unquote(right)) {
-            (Some(eq), Some(f)) => Ok(Filter::Flags(eq, f.to_string())),
-            _ => Err(format!(
-                "{s:?}: compare response.flags with == or != and a string"
-            )),
-        },
-        l if l.starts_with("request.headers[") && l.ends_with(']') => {
-            let name = unquote(&l["request.headers[".len()..l.len() - 1])
-                .ok_or_else(|| format!("{l:?}: the header name must be quoted"))?;
-            match (eq, unquote(right)) {
-                (Some(eq), Some(v)) => {
-                    Ok(Filter::Header(name.to_ascii_lowercase(), eq, v.to_string()))
-                }
-                _ => Err(format!(
-                    "{s:?}: compare a header with == or != and a string"
-                )),
-            }
-        }
-        _ => Err(format!(
-            "{left:?} is not supported (response.code, response.flags, request.method and request.headers['…'] are)"
+            .map_err(|_| format!("{n} is not a status code")),
+        (Subject::Flags, Tok::Str(v), Some(eq)) => Ok(Filter::Flags(eq, v)),
+        (Subject::Method, Tok::Str(v), Some(eq)) => Ok(Filter::Method(eq, v)),
+        (Subject::Header(h), Tok::Str(v), Some(eq)) => Ok(Filter::Header(h, eq, v)),
+        (Subject::Code, other, _) => Err(format!(
+            "response.code compares with a number, not {other:?}"
+        )),
+        (_, other, _) => Err(format!(
+            "compare strings with == or != and a quoted string, not {other:?}"
         )),
     }
+}
+
+/// What a comparison looks at.
+enum Subject {
+    Code,
+    Flags,
+    Method,
+    Header(String),
 }
 
 impl Filter {
@@ -726,8 +811,12 @@ struct Writer {
     tx: SyncSender<String>,
 }
 
-/// Lines a writer's queue holds before new ones are dropped.
+/// Lines a writer's queue holds before new ones are dropped…
 const QUEUE: usize = 8192;
+/// …and the bytes all queues may hold together (lines carry request headers, up to the
+/// header limit each: a count alone would not bound memory).
+const QUEUE_BYTES: usize = 32 << 20;
+static QUEUED_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 fn writer(path: &str) -> Result<Arc<Writer>, String> {
     static WRITERS: OnceLock<Mutex<HashMap<String, Arc<Writer>>>> = OnceLock::new();
@@ -760,19 +849,31 @@ fn writer(path: &str) -> Result<Arc<Writer>, String> {
     Ok(w)
 }
 
-/// Writes lines as they come, flushing whenever the queue is empty.
+/// Writes lines as they come, flushing whenever the queue is empty. Lines that cannot be
+/// written are counted as dropped (and the error reported once a minute at most).
 fn write_lines(rx: Receiver<String>, sink: Box<dyn std::io::Write + Send>, path: &str) {
     let mut out = std::io::BufWriter::with_capacity(64 << 10, sink);
+    let mut warned: Option<std::time::Instant> = None;
     while let Ok(line) = rx.recv() {
+        let mut lines = 1u64;
+        QUEUED_BYTES.fetch_sub(line.len(), Ordering::Relaxed);
         let mut result = out.write_all(line.as_bytes());
         while result.is_ok() {
             match rx.try_recv() {
-                Ok(line) => result = out.write_all(line.as_bytes()),
+                Ok(line) => {
+                    lines += 1;
+                    QUEUED_BYTES.fetch_sub(line.len(), Ordering::Relaxed);
+                    result = out.write_all(line.as_bytes());
+                }
                 Err(_) => break,
             }
         }
         if let Err(e) = result.and_then(|()| out.flush()) {
-            tracing::warn!("access log {path}: {e}");
+            DROPPED.fetch_add(lines, Ordering::Relaxed);
+            if warned.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                warned = Some(std::time::Instant::now());
+                tracing::warn!("access log {path}: {e} (lines are dropped and counted)");
+            }
         }
     }
 }
@@ -921,9 +1022,16 @@ impl AccessLog {
             for (format, w) in &e.sinks {
                 let mut line = String::with_capacity(1024);
                 format.write(r, &mut line);
+                let n = line.len();
+                if QUEUED_BYTES.fetch_add(n, Ordering::Relaxed) + n > QUEUE_BYTES {
+                    QUEUED_BYTES.fetch_sub(n, Ordering::Relaxed);
+                    DROPPED.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 match w.tx.try_send(line) {
                     Ok(()) => {}
                     Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                        QUEUED_BYTES.fetch_sub(n, Ordering::Relaxed);
                         DROPPED.fetch_add(1, Ordering::Relaxed);
                     }
                 }

@@ -91,12 +91,19 @@ pub fn extract(h: &HeaderMap) -> Incoming {
     let text = |n: &HeaderName| h.get(n).and_then(|v| v.to_str().ok());
     if let Some(tp) = text(&TRACEPARENT) {
         let parts: Vec<&str> = tp.trim().split('-').collect();
-        if let [version, trace, span, flags, ..] = parts.as_slice() {
-            if version.len() == 2 && *version != "ff" && trace.len() == 32 && span.len() == 16 {
-                if let (Some(t), Some(s), Ok(f)) = (
+        // Version 00 has exactly four fields; a later version at least four (W3C).
+        let shape_ok = match parts.first() {
+            Some(&"00") => parts.len() == 4,
+            Some(v) => v.len() == 2 && *v != "ff" && hex_to::<1>(v).is_some() && parts.len() >= 4,
+            None => false,
+        };
+        if let (true, [_, trace, span, flags, ..]) = (shape_ok, parts.as_slice()) {
+            let lower = !tp.bytes().any(|b| b.is_ascii_uppercase());
+            if trace.len() == 32 && span.len() == 16 && flags.len() == 2 && lower {
+                if let (Some(t), Some(s), Some([f])) = (
                     hex_to::<16>(trace),
                     hex_to::<8>(span),
-                    u8::from_str_radix(flags, 16),
+                    hex_to::<1>(flags).or_else(|| (*flags == "00").then_some([0])),
                 ) {
                     return Incoming {
                         trace_id: Some(t),
@@ -121,7 +128,7 @@ pub fn extract(h: &HeaderMap) -> Incoming {
                     ..Incoming::default()
                 };
             }
-            [trace, span, rest @ ..] => {
+            [trace, span, rest @ ..] if matches!(trace.len(), 16 | 32) && span.len() == 16 => {
                 if let (Some(t), Some(s)) = (hex_to::<16>(trace), hex_to::<8>(span)) {
                     return Incoming {
                         trace_id: Some(t),
@@ -130,7 +137,7 @@ pub fn extract(h: &HeaderMap) -> Incoming {
                     };
                 }
             }
-            [] => {}
+            _ => {}
         }
     }
     let sampled = if text(&B3_FLAGS) == Some("1") {
@@ -143,8 +150,12 @@ pub fn extract(h: &HeaderMap) -> Incoming {
         }
     };
     Incoming {
-        trace_id: text(&B3_TRACE).and_then(hex_to::<16>),
-        span_id: text(&B3_SPAN).and_then(hex_to::<8>),
+        trace_id: text(&B3_TRACE)
+            .filter(|t| matches!(t.len(), 16 | 32))
+            .and_then(hex_to::<16>),
+        span_id: text(&B3_SPAN)
+            .filter(|s| s.len() == 16)
+            .and_then(hex_to::<8>),
         sampled,
     }
 }
@@ -175,8 +186,15 @@ struct Exporter {
     tx: SyncSender<Span>,
 }
 
-/// Spans a collector's queue holds before new ones are dropped.
+/// Spans a collector's queue holds before new ones are dropped…
 const QUEUE: usize = 4096;
+/// …and the bytes all queues may hold together (values copied into spans come from
+/// requests: a count alone would not bound memory).
+const QUEUE_BYTES: usize = 16 << 20;
+static QUEUED_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Attribute values are cut to this many bytes (Istio's default `maxTagLength`).
+const DEFAULT_MAX_TAG: usize = 256;
 const BATCH: usize = 512;
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
 
@@ -187,9 +205,9 @@ fn exporter(
     path: &str,
     timeout: Duration,
 ) -> Arc<Exporter> {
-    type Key = (Protocol, String, u16, String);
+    type Key = (Protocol, String, u16, String, Duration);
     static EXPORTERS: OnceLock<Mutex<HashMap<Key, Arc<Exporter>>>> = OnceLock::new();
-    let key = (protocol, host.to_string(), port, path.to_string());
+    let key = (protocol, host.to_string(), port, path.to_string(), timeout);
     let mut map = EXPORTERS
         .get_or_init(Default::default)
         .lock()
@@ -220,25 +238,23 @@ fn export_loop(
 ) {
     let mut batch: Vec<Span> = Vec::new();
     loop {
-        match rx.recv_timeout(FLUSH_EVERY) {
-            Ok(span) => {
-                batch.push(span);
-                while batch.len() < BATCH {
-                    match rx.try_recv() {
-                        Ok(s) => batch.push(s),
-                        Err(_) => break,
-                    }
-                }
-                if batch.len() < BATCH {
-                    continue;
-                }
+        // A batch leaves when it is full, or FLUSH_EVERY after its first span came.
+        match rx.recv() {
+            Ok(span) => batch.push(span),
+            Err(_) => return,
+        }
+        let due = std::time::Instant::now() + FLUSH_EVERY;
+        while batch.len() < BATCH {
+            let left = due.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(span) => batch.push(span),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
         }
-        if batch.is_empty() {
-            continue;
-        }
+        QUEUED_BYTES.fetch_sub(
+            batch.iter().map(Span::weight).sum::<usize>(),
+            Ordering::Relaxed,
+        );
         let (body, content_type) = match protocol {
             Protocol::Otlp => (otlp::encode(&batch), "application/x-protobuf"),
             Protocol::Zipkin => (zipkin_json(&batch).into_bytes(), "application/json"),
@@ -301,6 +317,7 @@ fn post(
 struct SideConfig {
     /// Percent of new traces sampled.
     sampling: f64,
+    max_tag: usize,
     exporters: Vec<Arc<Exporter>>,
     propagate: bool,
 }
@@ -336,6 +353,7 @@ impl Tracer {
                     .timeout
                     .as_ref()
                     .and_then(|d| Duration::try_from(*d).ok())
+                    .filter(|d| !d.is_zero())
                     .unwrap_or(Duration::from_secs(5));
                 exporters.push(exporter(
                     protocol,
@@ -345,7 +363,14 @@ impl Tracer {
                     timeout,
                 ));
             }
+            let max_tag = entry
+                .providers
+                .iter()
+                .filter_map(|n| t.providers.iter().find(|p| &p.name == n)?.max_tag_length)
+                .next()
+                .map_or(DEFAULT_MAX_TAG, |m| m as usize);
             let side = SideConfig {
+                max_tag,
                 sampling: entry
                     .random_sampling_percentage
                     .unwrap_or(1.0)
@@ -360,6 +385,7 @@ impl Tracer {
             };
             if client && server {
                 tracer.client = Some(SideConfig {
+                    max_tag: side.max_tag,
                     sampling: side.sampling,
                     exporters: side.exporters.clone(),
                     propagate: side.propagate,
@@ -426,6 +452,7 @@ impl Tracer {
                 Vec::new()
             },
             request,
+            max_tag: side.max_tag,
         }))
     }
 }
@@ -476,7 +503,6 @@ fn inject(
         B3_SAMPLED,
         HeaderValue::from_static(if sampled { "1" } else { "0" }),
     );
-    h.remove(B3_FLAGS);
 }
 
 /// What a reported span says of its request, taken as the request arrives.
@@ -500,6 +526,7 @@ pub struct Started {
     /// Empty unless sampled.
     exporters: Vec<Arc<Exporter>>,
     request: Option<SpanRequest>,
+    max_tag: usize,
 }
 
 /// What the end of a request adds to its span.
@@ -568,11 +595,16 @@ impl Started {
         if !r.user_agent.is_empty() {
             attributes.push(("user_agent", r.user_agent));
         }
+        for (_, v) in &mut attributes {
+            truncate(v, self.max_tag);
+        }
+        let mut name = format!("{}/*", r.authority);
+        truncate(&mut name, self.max_tag);
         let span = Span {
             trace_id: self.trace_id,
             span_id: self.span_id,
             parent: self.parent,
-            name: format!("{}/*", r.authority),
+            name,
             server: o.inbound,
             start: self.start,
             end: SystemTime::now(),
@@ -580,11 +612,42 @@ impl Started {
             error: o.code >= 500 || o.code == 0,
             service: format!("{}.{}", o.own.canonical_service, o.own.namespace),
         };
+        let weight = span.weight();
         for e in &self.exporters {
+            if QUEUED_BYTES.fetch_add(weight, Ordering::Relaxed) + weight > QUEUE_BYTES {
+                QUEUED_BYTES.fetch_sub(weight, Ordering::Relaxed);
+                DROPPED.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             if e.tx.try_send(span.clone()).is_err() {
+                QUEUED_BYTES.fetch_sub(weight, Ordering::Relaxed);
                 DROPPED.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+}
+
+/// Cuts `s` to at most `max` bytes, on a character boundary.
+fn truncate(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut i = max;
+        while !s.is_char_boundary(i) {
+            i -= 1;
+        }
+        s.truncate(i);
+    }
+}
+
+impl Span {
+    /// About what a span holds in memory.
+    fn weight(&self) -> usize {
+        128 + self.name.len()
+            + self.service.len()
+            + self
+                .attributes
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 16)
+                .sum::<usize>()
     }
 }
 
