@@ -185,12 +185,40 @@ clusters:
     assert_eq!(denied["path"], "/admin/users");
     assert_eq!(denied["destination_workload"], "reviews-v1");
 
+    // A client that gives up before the answer (an HTTP/2 stream reset while the app is
+    // slow) is logged at once, as Envoy does: code 0, flag DC.
+    let sock = tokio::net::TcpStream::connect(front).await.expect("connect");
+    let (h2, conn) = h2::client::handshake(sock).await.expect("h2c");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut h2 = h2.ready().await.expect("ready");
+    let req = http::Request::builder()
+        .uri("http://reviews.shop.svc.cluster.local:9080/slow/3000")
+        .body(())
+        .expect("request");
+    let (resp, _) = h2.send_request(req, true).expect("send");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(resp);
+    drop(h2);
+    let client = lines(&client_log, 4).await;
+    let gone: serde_json::Value = serde_json::from_str(&client[3]).expect("a JSON line");
+    assert_eq!(gone["path"], "/slow/3000");
+    assert_eq!(gone["response_code"], 0);
+    assert_eq!(gone["response_flags"], "DC");
+    assert_eq!(gone["protocol"], "HTTP/2");
+
     // The server side: only the denied request passes its filter; the line names the
     // policy that decided.
     let server = lines(&server_log, 1).await;
     // (Envoy has no response flag for RBAC denials: `-`, as in Istio's metrics.)
     assert_eq!(server, ["GET /admin/users 403 - shop/no-admin"]);
-    // Nothing more arrives later (the 200 was filtered out, not late).
+    // Nothing more arrives later (the 200 was filtered out, not late; the abandoned
+    // request's inbound side ended as the client's did).
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(lines(&server_log, 1).await.len(), 1);
+    let server = lines(&server_log, 1).await;
+    assert!(
+        server[1..].iter().all(|l| l.starts_with("GET /slow/3000 0 DC")),
+        "{server:?}"
+    );
 }
