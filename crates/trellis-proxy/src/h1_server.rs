@@ -496,7 +496,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 }
 
 /// The `Date` header value (RFC 9110 IMF-fixdate), formatted once per second per thread.
-mod date {
+pub(crate) mod date {
     use std::cell::RefCell;
     use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -517,6 +517,20 @@ mod date {
         });
     }
 
+    /// The civil date (year, month 1–12, day 1–31) of a day counted from 1970-01-01
+    /// (Howard Hinnant's algorithm).
+    pub fn civil(days: i64) -> (i64, i64, i64) {
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let d = doy - (153 * mp + 2) / 5 + 1;
+        let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+        (yoe + era * 400 + i64::from(mo <= 2), mo, d)
+    }
+
     /// `Sun, 06 Nov 1994 08:49:37 GMT` for seconds since the Unix epoch.
     pub fn format(secs: u64) -> [u8; 29] {
         const DAYS: [&[u8; 3]; 7] = [b"Thu", b"Fri", b"Sat", b"Sun", b"Mon", b"Tue", b"Wed"];
@@ -527,16 +541,7 @@ mod date {
         let days = secs / 86_400;
         let rem = secs % 86_400;
         let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
-        // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-        let z = days as i64 + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z.rem_euclid(146_097);
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let d = doy - (153 * mp + 2) / 5 + 1;
-        let mo = if mp < 10 { mp + 3 } else { mp - 9 };
-        let y = yoe + era * 400 + i64::from(mo <= 2);
+        let (y, mo, d) = civil(days as i64);
         let mut out = [b' '; 29];
         out[..3].copy_from_slice(DAYS[(days % 7) as usize]);
         out[3] = b',';

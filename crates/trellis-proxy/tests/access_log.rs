@@ -187,7 +187,9 @@ clusters:
 
     // A client that gives up before the answer (an HTTP/2 stream reset while the app is
     // slow) is logged at once, as Envoy does: code 0, flag DC.
-    let sock = tokio::net::TcpStream::connect(front).await.expect("connect");
+    let sock = tokio::net::TcpStream::connect(front)
+        .await
+        .expect("connect");
     let (h2, conn) = h2::client::handshake(sock).await.expect("h2c");
     tokio::spawn(async move {
         let _ = conn.await;
@@ -218,7 +220,9 @@ clusters:
     tokio::time::sleep(Duration::from_millis(200)).await;
     let server = lines(&server_log, 1).await;
     assert!(
-        server[1..].iter().all(|l| l.starts_with("GET /slow/3000 0 DC")),
+        server[1..]
+            .iter()
+            .all(|l| l.starts_with("GET /slow/3000 0 DC")),
         "{server:?}"
     );
 }
