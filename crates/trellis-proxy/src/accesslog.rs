@@ -206,10 +206,11 @@ fn operator(name: &str) -> Op {
 #[derive(Debug)]
 pub struct Record<'a> {
     pub start: SystemTime,
-    pub method: &'a Method,
+    /// `None` for a TCP connection (as the protocol).
+    pub method: Option<&'a Method>,
     /// Path and query.
     pub path: &'a str,
-    pub version: Version,
+    pub version: Option<Version>,
     pub authority: &'a str,
     /// The request headers the formats and filters read (see [`AccessLog::request_headers`]).
     pub request_headers: &'a Headers,
@@ -382,9 +383,9 @@ fn value(op: &Op, r: &Record<'_>, out: &mut String) -> bool {
             push_addr(out, r.downstream_remote);
             return true;
         }
-        Op::Method => Some(r.method.as_str()),
+        Op::Method => r.method.map(Method::as_str),
         Op::Path => Some(r.path),
-        Op::Protocol => Some(match r.version {
+        Op::Protocol => r.version.map(|v| match v {
             Version::HTTP_10 => "HTTP/1.0",
             Version::HTTP_11 => "HTTP/1.1",
             Version::HTTP_2 => "HTTP/2",
@@ -787,7 +788,7 @@ impl Filter {
                 let got = find(r.request_headers, name).map(|h| h.as_bytes());
                 (got == Some(v.as_bytes())) == *eq
             }
-            Filter::Method(eq, m) => (r.method.as_str() == m) == *eq,
+            Filter::Method(eq, m) => (r.method.map_or("", Method::as_str) == m) == *eq,
             Filter::Flags(eq, f) => (r.flags == f) == *eq,
         }
     }
@@ -1089,9 +1090,9 @@ mod tests {
     fn record<'a>(h: &'a Headers, m: &'a Method) -> Record<'a> {
         Record {
             start: SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_000_000_123),
-            method: m,
+            method: Some(m),
             path: "/reviews/1?x=1",
-            version: Version::HTTP_11,
+            version: Some(Version::HTTP_11),
             authority: "reviews:9080",
             request_headers: h,
             response_headers: None,

@@ -124,6 +124,17 @@ pub async fn forward_route(
         mtls: false,
         enabled: cfg.metrics_on.client,
     };
+    let log = cfg
+        .access_log
+        .as_deref()
+        .filter(|l| l.logs(false))
+        .map(|log| TcpLog {
+            log,
+            inbound: false,
+            peer,
+            cluster: &cluster.name,
+            peer_id: None,
+        });
     forward_tls(
         stream,
         ep.addr,
@@ -132,6 +143,7 @@ pub async fn forward_route(
         Some(ep),
         tls,
         Some(&conn),
+        log,
     )
     .await;
 }
@@ -172,6 +184,17 @@ pub async fn forward_inbound<D>(
         mtls: arrival.peer_id.is_some(),
         enabled: cfg.metrics_on.server,
     };
+    let log = cfg
+        .access_log
+        .as_deref()
+        .filter(|l| l.logs(true))
+        .map(|log| TcpLog {
+            log,
+            inbound: true,
+            peer: arrival.peer,
+            cluster: "",
+            peer_id: arrival.peer_id,
+        });
     forward_tls(
         stream,
         app,
@@ -180,6 +203,7 @@ pub async fn forward_inbound<D>(
         None,
         None,
         Some(&conn),
+        log,
     )
     .await;
 }
@@ -307,11 +331,67 @@ pub async fn forward<D>(
 ) where
     D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    forward_tls(down, to, dial, shared, ep, None, None).await;
+    forward_tls(down, to, dial, shared, ep, None, None, None).await;
+}
+
+/// What a TCP connection's access log line needs besides the connection itself.
+#[derive(Debug)]
+pub struct TcpLog<'a> {
+    log: &'a crate::accesslog::AccessLog,
+    inbound: bool,
+    peer: SocketAddr,
+    cluster: &'a str,
+    /// The caller's mTLS identity (inbound).
+    peer_id: Option<&'a str>,
+}
+
+impl TcpLog<'_> {
+    /// One line for the whole connection, as Envoy's TCP proxy logs it: no method, path
+    /// or status; the bytes each way and how long it lasted.
+    fn write(
+        &self,
+        conn: &crate::metrics::TcpConn,
+        to: SocketAddr,
+        start: std::time::SystemTime,
+        flags: &str,
+        (received, sent): (u64, u64),
+    ) {
+        let none = Vec::new();
+        let r = crate::accesslog::Record {
+            start,
+            method: None,
+            path: "",
+            version: None,
+            authority: "",
+            request_headers: &none,
+            response_headers: None,
+            code: 0,
+            flags,
+            bytes_received: received,
+            bytes_sent: sent,
+            duration: start.elapsed().unwrap_or_default(),
+            upstream_host: Some(to),
+            upstream_cluster: self.cluster,
+            downstream_local: None,
+            downstream_remote: self.peer,
+            sni: None,
+            route_name: "",
+            source_workload: &conn.source.workload,
+            source_principal: match (self.inbound, self.peer_id) {
+                (true, Some(id)) => id,
+                _ => &conn.source.principal,
+            },
+            destination_workload: &conn.destination.workload,
+            destination_principal: &conn.destination.principal,
+            authorization_policy: "",
+        };
+        self.log.log(self.inbound, &r);
+    }
 }
 
 /// As [`forward`], over mesh mutual TLS (ALPN `trellis-tcp`) when `tls` is given. Each
 /// side's end of stream is passed on (half-close; over TLS, as a close_notify).
+#[allow(clippy::too_many_arguments)]
 pub async fn forward_tls<D>(
     mut down: D,
     to: SocketAddr,
@@ -320,11 +400,19 @@ pub async fn forward_tls<D>(
     ep: Option<&Endpoint>,
     tls: Option<crate::pool::UpTls<'_>>,
     conn: Option<&crate::metrics::TcpConn>,
+    log: Option<TcpLog<'_>>,
 ) where
     D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let dial = dial.into();
+    let start = std::time::SystemTime::now();
+    let line = |flags: &str, bytes: (u64, u64)| {
+        if let (Some(l), Some(c)) = (&log, conn) {
+            l.write(c, to, start, flags, bytes);
+        }
+    };
     let failed = |e: &dyn std::fmt::Display| {
+        line("UF", (0, 0));
         Stats::inc(&shared.stats.upstream_connect_failures_total);
         if let Some(ep) = ep {
             ep.stats
@@ -376,4 +464,5 @@ pub async fn forward_tls<D>(
     if let Some(c) = conn {
         shared.istio.tcp_closed(c, received, sent);
     }
+    line("-", (received, sent));
 }

@@ -226,3 +226,58 @@ clusters:
         "{server:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_connection_is_one_line_with_its_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("tcp.log");
+    let echo = trellis_testkit::TcpEchoServer::start().await.expect("echo");
+    let yaml = format!(
+        r#"version: out
+workload:
+  name: web
+  namespace: shop
+  telemetry:
+    accessLogging: [{{providers: [json]}}]
+    providers: [{{name: json, kind: envoyJson, path: {log}}}]
+services:
+- hostname: db.shop.svc.cluster.local
+  ports: [{{port: 5432, name: tcp, cluster: db}}]
+clusters:
+- name: db
+  endpoints: [{{address: "{echo}", workload: db-v1, namespace: shop}}]
+"#,
+        log = log.display(),
+        echo = echo.addr,
+    );
+    let (outbound, _) = start_with_stats(
+        &yaml,
+        ProxyOptions {
+            outbound_listen: vec![(
+                "127.0.0.1:0".parse().expect("addr"),
+                "db.shop.svc.cluster.local".into(),
+                5432,
+            )],
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    let got = timeout(
+        LIMIT,
+        trellis_testkit::tcp_echo_half_close(outbound.outbound_addrs[0], b"hello tcp"),
+    )
+    .await
+    .expect("in time")
+    .expect("echo");
+    assert_eq!(got, b"hello tcp");
+    let line: serde_json::Value =
+        serde_json::from_str(&lines(&log, 1).await[0]).expect("a JSON line");
+    assert_eq!(line["bytes_received"], 9);
+    assert_eq!(line["bytes_sent"], 9);
+    assert_eq!(line["response_code"], 0);
+    assert_eq!(line["protocol"], serde_json::Value::Null);
+    assert_eq!(line["method"], serde_json::Value::Null);
+    assert_eq!(line["upstream_host"], echo.addr.to_string());
+    assert_eq!(line["upstream_cluster"], "db");
+    assert_eq!(line["destination_workload"], "db-v1");
+}

@@ -693,9 +693,9 @@ impl LogLine {
         };
         let r = crate::accesslog::Record {
             start: self.req.start,
-            method: &self.req.method,
+            method: Some(&self.req.method),
             path: &self.req.path,
-            version: self.req.version,
+            version: Some(self.req.version),
             authority: &self.req.authority,
             request_headers: &self.req.headers,
             response_headers: Some(&self.resp_headers),
