@@ -76,6 +76,15 @@ fn hex_to<const N: usize>(s: &str) -> Option<[u8; N]> {
     (out != [0u8; N]).then_some(out)
 }
 
+/// Lowercase hex of `b` into `out` (twice as long).
+fn hex_into(b: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (i, x) in b.iter().enumerate() {
+        out[2 * i] = DIGITS[usize::from(x >> 4)];
+        out[2 * i + 1] = DIGITS[usize::from(x & 15)];
+    }
+}
+
 fn to_hex(b: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(b.len() * 2);
@@ -466,14 +475,25 @@ fn inject(
     parent: Option<[u8; 8]>,
     sampled: bool,
 ) {
+    // `00-<trace>-<span>-0<flag>`, written in place (every traced request has one).
+    let mut tp = [0u8; 55];
+    tp[..3].copy_from_slice(b"00-");
+    hex_into(&trace, &mut tp[3..35]);
+    tp[35] = b'-';
+    hex_into(&span, &mut tp[36..52]);
+    tp[52..55].copy_from_slice(if sampled { b"-01" } else { b"-00" });
+    if let Ok(v) = HeaderValue::from_bytes(&tp) {
+        h.insert(TRACEPARENT, v);
+    }
+    // B3 only when it came in (the single header, or the multi ones).
+    let single = h.contains_key(&B3);
+    if !single && !h.contains_key(&B3_TRACE) && !h.contains_key(&B3_SAMPLED) {
+        return;
+    }
     let (t, s) = (to_hex(&trace), to_hex(&span));
     let flag = if sampled { "1" } else { "0" };
     let value = |v: String| HeaderValue::from_str(&v).ok();
-    if let Some(v) = value(format!("00-{t}-{s}-0{flag}")) {
-        h.insert(TRACEPARENT, v);
-    }
-    let b3_in = h.contains_key(&B3) || h.contains_key(&B3_TRACE) || h.contains_key(&B3_SAMPLED);
-    if h.contains_key(&B3) {
+    if single {
         let mut b3 = format!("{t}-{s}-{flag}");
         if let Some(p) = parent {
             b3.push('-');
@@ -482,9 +502,6 @@ fn inject(
         if let Some(v) = value(b3) {
             h.insert(B3, v);
         }
-    }
-    if !b3_in {
-        return;
     }
     for (name, v) in [(B3_TRACE, t), (B3_SPAN, s)] {
         if let Some(v) = value(v) {
