@@ -10,7 +10,12 @@ drift on a shared machine hits both sides alike; medians over the repetitions ar
 Reports: added p50/p99 latency over direct, proxy CPU microseconds per request
 (utime+stime from /proc, load generator excluded), RSS and peak RSS per proxy.
 
-Usage: bench/proxy_pair.py [--rate 2000] [--duration 15] [--reps 3] [--mtls] [--no-peers] [--write-docs]
+Usage: bench/proxy_pair.py [--rate 2000] [--duration 15] [--reps 3] [--mtls] [--no-peers]
+                          [--telemetry off|metrics|full] [--write-docs]
+--telemetry: what both proxies' Telemetry selects: `metrics` (the default, Istio's metrics
+only), `off` (every metric disabled), `full` (metrics, Istio's JSON access log line per
+request to a file, tracing at 1 % to a fixture OTLP collector). Only `metrics` runs
+rewrite docs/benchmarks.md.
 Same-run references: one Trellis hop and one nginx hop (Debian nginx, skipped if absent);
 with --mtls (the proxies speak mutual TLS with certificates from `trellis cert`, the
 inbound one STRICT), an nginx pair with mutual TLS between them instead of the nginx hop.
@@ -165,6 +170,18 @@ def nginx_worker(master_pid, timeout=5.0):
     raise RuntimeError("nginx started no worker")
 
 
+# A collector that takes OTLP posts and answers 200.
+COLLECTOR = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200); self.send_header("content-length", "0"); self.end_headers()
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", type=int, default=2000)
@@ -179,6 +196,8 @@ def main():
                     help="mutual TLS between the proxies (certificates from trellis cert; inbound STRICT)")
     ap.add_argument("--no-peers", action="store_true",
                     help="skip the same-run references (one Trellis hop, one nginx hop)")
+    ap.add_argument("--telemetry", choices=["off", "metrics", "full"], default="metrics",
+                    help="what both proxies' Telemetry selects (see above)")
     ap.add_argument("--write-docs", action="store_true", help="rewrite the results section of docs/benchmarks.md")
     args = ap.parse_args()
 
@@ -210,21 +229,35 @@ def main():
             roots = f"trustRoots: [{json.dumps(f.read())}]\n"
         mesh_in = "  mtls: STRICT\n" + roots
         mesh_out = roots
+    telemetry = ""
+    collector = None
+    if args.telemetry == "off":
+        telemetry = ("  telemetry:\n    metrics:\n      overrides: "
+                     "[{metric: ALL_METRICS, mode: CLIENT_AND_SERVER, disabled: true}]\n")
+    elif args.telemetry == "full":
+        otlp_port = free_port()
+        collector = subprocess.Popen([sys.executable, "-c", COLLECTOR, str(otlp_port)])
+        telemetry = ("  telemetry:\n    tracing:\n    - {mode: CLIENT_AND_SERVER, providers: [otel], "
+                     "randomSamplingPercentage: 1}\n    accessLogging:\n    - {mode: CLIENT_AND_SERVER, "
+                     "providers: [log]}\n    providers:\n    - {name: otel, kind: opentelemetry, "
+                     f"service: 127.0.0.1, port: {otlp_port}, path: /v1/traces}}\n    - {{name: log, "
+                     f"kind: envoyJson, path: {os.path.join(tmp, 'access.log')}}}\n")
     with open(inbound_snap, "w") as f:
         f.write(f"version: bench\nworkload:\n  name: app\n  inboundPorts: [{{port: {app_port}, name: http}}]\n"
-                + mesh_in)
+                + telemetry + mesh_in)
     service = ("version: bench\nservices:\n- hostname: app.default.svc.cluster.local\n"
                "  ports: [{port: 80, name: http, cluster: app}]\n"
                "clusters:\n- name: app\n  keepClientProtocol: %s\n"
                "  endpoints: [{address: \"127.0.0.1:%d\", proxied: %s, "
                "identity: \"spiffe://cluster.local/ns/default/sa/app\"}]\n")
     with open(outbound_snap, "w") as f:
-        f.write(service % ("false" if args.between == "h2" else "true", in_port, "true") + mesh_out)
+        f.write(service % ("false" if args.between == "h2" else "true", in_port, "true") + mesh_out
+                + "workload:\n  name: web\n  namespace: web\n" + telemetry)
     with open(one_snap, "w") as f:
         f.write(service % ("false", app_port, "false"))
     common = ["--workers", "1", "--admin", "off", "--readiness", "off", "--log-level", "warn"]
     proxy = os.path.join(target, "trellis-proxy")
-    procs = []
+    procs = [collector] if collector else []
     try:
         app = subprocess.Popen([os.path.join(target, "trellis-fixture"), "--http", f"127.0.0.1:{app_port}"],
                                stdout=subprocess.DEVNULL)
@@ -351,7 +384,7 @@ def main():
     }
     report = render(res, args)
     print(report)
-    if args.write_docs:
+    if args.write_docs and args.telemetry == "metrics":
         write_docs(report, "proxy_pair_mtls" if args.mtls else "proxy_pair")
 
 
@@ -362,6 +395,8 @@ def render(r, args):
         cmd += f" --between {args.between}"
     if args.mtls:
         cmd += " --mtls"
+    if args.telemetry != "metrics":
+        cmd += f" --telemetry {args.telemetry}"
     between = (f"Mutual TLS between the proxies (TLS 1.3, certificates from `trellis cert`, the inbound "
                f"proxy STRICT), " if args.mtls else "Plaintext between the proxies, ")
     target_p50 = 100 if args.mtls else 80
