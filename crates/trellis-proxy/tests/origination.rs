@@ -27,33 +27,45 @@ fn free_port() -> u16 {
     l.local_addr().expect("addr").port()
 }
 
-/// `openssl s_server -www` on 127.0.0.1:`port` with `cert`/`key`; with `client_ca`, it
-/// demands a client certificate from that CA.
-fn s_server(port: u16, dir: &Path, client_ca: Option<&Path>) -> Running {
-    let mut cmd = Command::new("openssl");
-    cmd.args(["s_server", "-www", "-quiet", "-accept"])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("-cert")
-        .arg(dir.join("server.crt"))
-        .arg("-key")
-        .arg(dir.join("server.key"));
-    if let Some(ca) = client_ca {
-        cmd.arg("-Verify").arg("1").arg("-CAfile").arg(ca);
-    }
-    let running = Running(
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("openssl runs"),
-    );
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return running;
+/// `openssl s_server -www` on a free port of 127.0.0.1 with `cert`/`key`; with
+/// `client_ca`, it demands a client certificate from that CA. The server and its port.
+/// (A port found free can be taken by another test before openssl binds it: then openssl
+/// exits, and another port is tried.)
+fn s_server(dir: &Path, client_ca: Option<&Path>) -> (Running, u16) {
+    for _ in 0..5 {
+        let port = free_port();
+        let mut cmd = Command::new("openssl");
+        cmd.args(["s_server", "-www", "-quiet", "-accept"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("-cert")
+            .arg(dir.join("server.crt"))
+            .arg("-key")
+            .arg(dir.join("server.key"));
+        if let Some(ca) = client_ca {
+            cmd.arg("-Verify").arg("1").arg("-CAfile").arg(ca);
         }
-        std::thread::sleep(Duration::from_millis(50));
+        let mut running = Running(
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("openssl runs"),
+        );
+        for _ in 0..100 {
+            if matches!(running.0.try_wait(), Ok(Some(_))) {
+                break; // it could not bind: another port
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                // Listening, and it is openssl that listens (still running).
+                if matches!(running.0.try_wait(), Ok(None)) {
+                    return (running, port);
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
-    panic!("openssl s_server did not listen on {port}");
+    panic!("openssl s_server did not listen");
 }
 
 /// A proxy sending `api.example.com:80` to `server` with `tls` (YAML flow mapping).
@@ -105,8 +117,7 @@ async fn destination_rule_tls_originates_simple_and_mutual() {
     let other_file = other.write_ca(&d.join("other")).expect("ca file");
     let ca = ca_file.display();
 
-    let simple = free_port();
-    let _simple = s_server(simple, d, None);
+    let (_simple, simple) = s_server(d, None);
     // SIMPLE: verified by the host in the cluster's name (api.example.com).
     assert_eq!(
         status_through(
@@ -159,8 +170,7 @@ async fn destination_rule_tls_originates_simple_and_mutual() {
     );
 
     // MUTUAL: the server demands a client certificate from the CA.
-    let mutual = free_port();
-    let _mutual = s_server(mutual, d, Some(&ca_file));
+    let (_mutual, mutual) = s_server(d, Some(&ca_file));
     assert_eq!(
         status_through(
             mutual,
