@@ -847,6 +847,15 @@ fn writer(path: &str) -> Result<Arc<Writer>, String> {
 /// wake per line would cost every request a context switch.
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
 
+/// Waits (at most `timeout`) until the writers have written every line queued: for a
+/// proxy about to exit.
+pub fn drain(timeout: Duration) {
+    let until = std::time::Instant::now() + timeout;
+    while QUEUED_BYTES.load(Ordering::Relaxed) > 0 && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Writes what has queued every `FLUSH_EVERY`. Lines that cannot be written are counted
 /// as dropped (and the error reported once a minute at most).
 fn write_lines(rx: Receiver<String>, sink: Box<dyn std::io::Write + Send>, path: &str) {
@@ -854,12 +863,12 @@ fn write_lines(rx: Receiver<String>, sink: Box<dyn std::io::Write + Send>, path:
     let mut warned: Option<std::time::Instant> = None;
     loop {
         std::thread::sleep(FLUSH_EVERY);
-        let (mut lines, mut result, mut gone) = (0u64, Ok(()), false);
+        let (mut lines, mut bytes, mut result, mut gone) = (0u64, 0usize, Ok(()), false);
         loop {
             match rx.try_recv() {
                 Ok(line) => {
                     lines += 1;
-                    QUEUED_BYTES.fetch_sub(line.len(), Ordering::Relaxed);
+                    bytes += line.len();
                     if result.is_ok() {
                         result = out.write_all(line.as_bytes());
                     }
@@ -879,6 +888,8 @@ fn write_lines(rx: Receiver<String>, sink: Box<dyn std::io::Write + Send>, path:
                     tracing::warn!("access log {path}: {e} (lines are dropped and counted)");
                 }
             }
+            // Counted until written: `drain` waits for this.
+            QUEUED_BYTES.fetch_sub(bytes, Ordering::Relaxed);
         }
         if gone {
             return;

@@ -389,6 +389,8 @@ fn run(args: &Args, set_level: admin::SetLogLevel) -> anyhow::Result<()> {
         Ok::<(), anyhow::Error>(())
     })?;
     runtime.shutdown_timeout(Duration::from_millis(100));
+    // The last access-log lines reach their files before the process ends.
+    trellis_proxy::accesslog::drain(Duration::from_secs(1));
     Ok(())
 }
 

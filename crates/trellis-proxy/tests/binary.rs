@@ -251,3 +251,70 @@ async fn public_ports_serve_readiness_and_metrics_only() {
     assert_eq!(get(admin, "/config_dump").await.map(|r| r.0), Some(200));
     assert_eq!(get(front, "/bytes/8").await.map(|r| r.0), Some(200));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_lines_written_just_before_sigterm_reach_the_file() {
+    let app = HttpServer::start().await.expect("app");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let config = dir.path().join("snapshot.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "workload:\n  name: web\n  telemetry:\n    accessLogging: [{{providers: [text]}}]\n    providers: [{{name: text, kind: envoyFileAccessLog, path: {}, logFormat: \"%REQ(:PATH)% %RESPONSE_CODE%\\n\"}}]\n{}",
+            log.display(),
+            snapshot("one", app.addr)
+        ),
+    )
+    .expect("write");
+    let listen = free_port();
+    let mut proxy = Running(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
+            .args([
+                "--outbound-listen",
+                &format!("{listen}=app.default.svc.cluster.local:80"),
+            ])
+            .args([
+                "--admin",
+                "off",
+                "--readiness",
+                "off",
+                "--drain-timeout",
+                "1s",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("proxy runs"),
+    );
+    let mut answered = false;
+    for _ in 0..100 {
+        if get(listen, "/bytes/10")
+            .await
+            .is_some_and(|(s, _)| s == 200)
+        {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(answered, "the proxy answered");
+    // At once: the line is still queued for its writer.
+    let status = Command::new("kill")
+        .args(["-TERM", &proxy.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let start = Instant::now();
+    while proxy.0.try_wait().expect("wait").is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "proxy did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.lines().any(|l| l == "/bytes/10 200"), "{text:?}");
+}
