@@ -433,11 +433,7 @@ impl Tracer {
                 .to_string()
         };
         let request = reported.then(|| {
-            let authority = req
-                .uri()
-                .authority()
-                .map(|a| a.as_str().to_string())
-                .unwrap_or_else(|| text("host"));
+            let authority = crate::http::authority_of(req).unwrap_or("").to_string();
             SpanRequest {
                 method: req.method().as_str().to_string(),
                 url: format!(

@@ -285,11 +285,7 @@ pub async fn handle_request(
     // cannot pass its request off as another service's); else the one whose port this is.
     // (Outbound, `record` takes it from the cluster that answered.)
     let service = match &route {
-        Route::Inbound(port, ..) => req
-            .uri()
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+        Route::Inbound(port, ..) => authority_of(&req)
             .and_then(|h| cfg.service_by_host(h))
             .filter(|s| cfg.backs(s))
             .or_else(|| cfg.inbound_service(*port)),
@@ -559,6 +555,19 @@ fn body_len(headers: &HeaderMap, hint: http_body::SizeHint) -> u64 {
     })
 }
 
+/// The authority a request names: its URI's, else its Host header.
+pub(crate) fn authority_of<B>(req: &Request<B>) -> Option<&str> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+}
+
+/// A gRPC status in response headers or trailers.
+fn grpc_status(h: &HeaderMap) -> Option<u16> {
+    h.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
 /// What the access log needs of a request, taken before the request is sent on.
 #[derive(Debug)]
 pub struct LogRequest {
@@ -580,13 +589,7 @@ impl LogRequest {
                 .path_and_query()
                 .map_or_else(|| req.uri().path().to_string(), |p| p.as_str().to_string()),
             version: req.version(),
-            authority: req
-                .uri()
-                .authority()
-                .map(|a| a.as_str())
-                .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
-                .unwrap_or("")
-                .to_string(),
+            authority: authority_of(req).unwrap_or("").to_string(),
             headers: log.request_headers(req.headers()),
         }
     }
@@ -607,30 +610,24 @@ pub struct Completion {
     shared: Arc<Shared>,
     metrics: crate::metrics::HttpRequest,
     started: std::time::Instant,
-    log: Option<Box<LogLine>>,
-    span: Option<Box<SpanEnd>>,
-}
-
-/// What a request's span needs at its end.
-#[derive(Debug)]
-struct SpanEnd {
-    started: Box<crate::trace::Started>,
+    /// The server side (an inbound request).
     inbound: bool,
+    /// The downstream peer.
     peer: SocketAddr,
+    /// The endpoint that answered, and its cluster.
     upstream: Option<(SocketAddr, Arc<str>)>,
+    log: Option<Box<LogLine>>,
+    span: Option<Box<crate::trace::Started>>,
 }
 
+/// What the access log line needs besides the request's record.
 #[derive(Debug)]
 struct LogLine {
     log: Arc<crate::accesslog::AccessLog>,
-    inbound: bool,
     req: LogRequest,
     resp_headers: crate::accesslog::Headers,
-    upstream_host: Option<SocketAddr>,
-    upstream_cluster: Option<Arc<str>>,
     route_name: Option<String>,
     policy: Option<String>,
-    peer: SocketAddr,
     local: Option<SocketAddr>,
     /// The caller's mTLS identity (inbound).
     peer_id: Option<Arc<str>>,
@@ -640,9 +637,7 @@ impl Completion {
     /// The response's trailers went by: a gRPC status in them counts.
     pub fn trailers(&mut self, t: &HeaderMap) {
         if self.metrics.grpc && self.metrics.grpc_status.is_none() {
-            self.metrics.grpc_status = t
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok()?.parse().ok());
+            self.metrics.grpc_status = grpc_status(t);
         }
     }
 
@@ -659,23 +654,27 @@ impl Completion {
             }
         }
         self.shared.istio.record_http(&self.metrics);
-        if let Some(l) = self.log {
-            l.write(&self.metrics);
+        if let Some(l) = &self.log {
+            l.write(&self);
         }
         if let Some(s) = self.span {
             let m = &self.metrics;
-            let own = if s.inbound { &m.destination } else { &m.source };
-            // The other end: the caller (inbound), or the endpoint that answered.
-            let peer = match (&s.upstream, s.inbound) {
-                (Some((addr, _)), false) => Some(*addr),
-                (None, false) => None,
-                (_, true) => Some(s.peer),
+            let own = if self.inbound {
+                &m.destination
+            } else {
+                &m.source
             };
-            s.started.finish(&crate::trace::Outcome {
-                inbound: s.inbound,
+            // The other end: the caller (inbound), or the endpoint that answered.
+            let peer = if self.inbound {
+                Some(self.peer)
+            } else {
+                self.upstream.as_ref().map(|u| u.0)
+            };
+            s.finish(&crate::trace::Outcome {
+                inbound: self.inbound,
                 code: m.code,
                 flags: m.flags,
-                upstream_cluster: s.upstream.as_ref().map_or("", |u| &u.1),
+                upstream_cluster: self.upstream.as_ref().map_or("", |u| &u.1),
                 peer,
                 request_size: m.request_bytes,
                 response_size: m.response_bytes,
@@ -686,8 +685,9 @@ impl Completion {
 }
 
 impl LogLine {
-    fn write(&self, m: &crate::metrics::HttpRequest) {
-        let source_principal: &str = match (&self.peer_id, self.inbound) {
+    fn write(&self, c: &Completion) {
+        let m = &c.metrics;
+        let source_principal: &str = match (&self.peer_id, c.inbound) {
             (Some(id), true) => id,
             _ => &m.source.principal,
         };
@@ -704,10 +704,10 @@ impl LogLine {
             bytes_received: m.request_bytes,
             bytes_sent: m.response_bytes,
             duration: m.duration,
-            upstream_host: self.upstream_host,
-            upstream_cluster: self.upstream_cluster.as_deref().unwrap_or(""),
+            upstream_host: c.upstream.as_ref().map(|u| u.0),
+            upstream_cluster: c.upstream.as_ref().map_or("", |u| &u.1),
             downstream_local: self.local,
-            downstream_remote: self.peer,
+            downstream_remote: c.peer,
             sni: None,
             route_name: self.route_name.as_deref().unwrap_or(""),
             source_workload: &m.source.workload,
@@ -716,7 +716,7 @@ impl LogLine {
             destination_principal: &m.destination.principal,
             authorization_policy: self.policy.as_deref().unwrap_or(""),
         };
-        self.log.log(self.inbound, &r);
+        self.log.log(c.inbound, &r);
     }
 }
 
@@ -805,14 +805,6 @@ impl Inflight {
                 )
             }
         };
-        let span = self.span.take().map(|started| {
-            Box::new(SpanEnd {
-                started,
-                inbound,
-                peer,
-                upstream: upstream.clone(),
-            })
-        });
         let log = self.logged.take().map(|(log, req)| {
             let (resp_headers, route_name, policy) = match resp {
                 Some(r) => (
@@ -825,13 +817,9 @@ impl Inflight {
             Box::new(LogLine {
                 resp_headers,
                 log,
-                inbound,
                 req,
-                upstream_host: upstream.as_ref().map(|u| u.0),
-                upstream_cluster: upstream.map(|u| u.1),
                 route_name,
                 policy,
-                peer,
                 local: self.ds.original_dst,
                 peer_id: match &self.route {
                     Route::Inbound(_, peer_id, _) => peer_id.clone(),
@@ -861,8 +849,11 @@ impl Inflight {
                 },
             },
             started: self.started,
+            inbound,
+            peer,
+            upstream,
             log,
-            span,
+            span: self.span.take(),
         }
     }
 }
@@ -872,10 +863,7 @@ impl Inflight {
 /// back wrapped).
 fn record(inflight: &mut Inflight, mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
     let headers = resp.headers();
-    let grpc_status = inflight
-        .grpc
-        .then(|| headers.get("grpc-status")?.to_str().ok()?.parse().ok())
-        .flatten();
+    let grpc_status = inflight.grpc.then(|| grpc_status(headers)).flatten();
     let flags = headers
         .get(RESPONSE_FLAGS)
         .map_or("-", |v| crate::metrics::flag(v.as_bytes()));
