@@ -130,7 +130,6 @@ pub async fn forward_route(
         .filter(|l| l.logs(false))
         .map(|log| TcpLog {
             log,
-            inbound: false,
             peer,
             cluster: &cluster.name,
             peer_id: None,
@@ -190,7 +189,6 @@ pub async fn forward_inbound<D>(
         .filter(|l| l.logs(true))
         .map(|log| TcpLog {
             log,
-            inbound: true,
             peer: arrival.peer,
             cluster: "",
             peer_id: arrival.peer_id,
@@ -338,7 +336,6 @@ pub async fn forward<D>(
 #[derive(Debug)]
 pub struct TcpLog<'a> {
     log: &'a crate::accesslog::AccessLog,
-    inbound: bool,
     peer: SocketAddr,
     cluster: &'a str,
     /// The caller's mTLS identity (inbound).
@@ -356,6 +353,7 @@ impl TcpLog<'_> {
         flags: &str,
         (received, sent): (u64, u64),
     ) {
+        let inbound = conn.reporter == crate::metrics::Reporter::Destination;
         let none = Vec::new();
         let r = crate::accesslog::Record {
             start,
@@ -377,7 +375,7 @@ impl TcpLog<'_> {
             sni: None,
             route_name: "",
             source_workload: &conn.source.workload,
-            source_principal: match (self.inbound, self.peer_id) {
+            source_principal: match (inbound, self.peer_id) {
                 (true, Some(id)) => id,
                 _ => &conn.source.principal,
             },
@@ -385,7 +383,7 @@ impl TcpLog<'_> {
             destination_principal: &conn.destination.principal,
             authorization_policy: "",
         };
-        self.log.log(self.inbound, &r);
+        self.log.log(inbound, &r);
     }
 }
 

@@ -322,7 +322,7 @@ fn post(
 }
 
 /// A side's tracing, compiled.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct SideConfig {
     /// Percent of new traces sampled.
     sampling: f64,
@@ -392,17 +392,10 @@ impl Tracer {
                 "SERVER" => (false, true),
                 _ => (true, true),
             };
-            if client && server {
-                tracer.client = Some(SideConfig {
-                    max_tag: side.max_tag,
-                    sampling: side.sampling,
-                    exporters: side.exporters.clone(),
-                    propagate: side.propagate,
-                });
-                tracer.server = Some(side);
-            } else if client {
-                tracer.client = Some(side);
-            } else {
+            if client {
+                tracer.client = Some(side.clone());
+            }
+            if server {
                 tracer.server = Some(side);
             }
         }

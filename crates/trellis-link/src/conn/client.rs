@@ -74,6 +74,21 @@ fn skip_request_header(name: &HeaderName) -> bool {
         || name.as_str() == "proxy-connection"
 }
 
+/// Whether the connection takes one more stream: open, with stream ids left, and fewer
+/// than `max` (and the peer's limit) open.
+fn room(st: &State, max: Option<usize>) -> Result<(), Error> {
+    if let Some(e) = &st.closed {
+        return Err(e.clone());
+    }
+    if st.next_id > MAX_STREAM_ID {
+        return Err(Error::Closed("out of stream ids".into()));
+    }
+    if st.open >= st.peer_max_streams.min(max.unwrap_or(usize::MAX)) {
+        return Err(Error::Busy);
+    }
+    Ok(())
+}
+
 impl Client {
     /// The connection takes no new streams (closed, closing, or out of stream ids).
     pub fn is_closed(&self) -> bool {
@@ -89,10 +104,7 @@ impl Client {
     /// Whether one more stream fits: the peer's SETTINGS_MAX_CONCURRENT_STREAMS and
     /// `max` (a DestinationRule's limit), if any.
     pub fn has_room(&self, max: Option<usize>) -> bool {
-        let st = self.shared.lock();
-        st.closed.is_none()
-            && st.next_id <= MAX_STREAM_ID
-            && st.open < st.peer_max_streams.min(max.unwrap_or(usize::MAX))
+        room(&self.shared.lock(), max).is_ok()
     }
 
     /// Sends a request's head; the body, unless `end_of_stream`, follows on the returned
@@ -114,15 +126,7 @@ impl Client {
         let scheme = uri.scheme_str().unwrap_or("http");
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
         let mut st = self.shared.lock();
-        if let Some(e) = &st.closed {
-            return Err(e.clone());
-        }
-        if st.next_id > MAX_STREAM_ID {
-            return Err(Error::Closed("out of stream ids".into()));
-        }
-        if st.open >= st.peer_max_streams.min(max_streams.unwrap_or(usize::MAX)) {
-            return Err(Error::Busy);
-        }
+        room(&st, max_streams)?;
         let id = st.next_id;
         st.next_id += 2;
         let State { enc, scratch, .. } = &mut *st;
