@@ -450,4 +450,28 @@ gatewayPorts:
         head.contains("x-echo-h-x-forwarded-for: 198.51.100.1, 127.0.0.1"),
         "{head}"
     );
+    // An outside client cannot choose the request id that logs and traces carry: the
+    // gateway gives its own (Envoy's default at the edge).
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "-H",
+            "x-request-id: chosen-by-the-client",
+            &url,
+        ])
+        .output()
+        .expect("curl");
+    let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    let id = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-echo-h-x-request-id: "))
+        .map(str::trim);
+    assert!(
+        id.is_some_and(|id| id != "chosen-by-the-client" && !id.is_empty()),
+        "{head}"
+    );
 }
