@@ -386,13 +386,7 @@ fn value(op: &Op, r: &Record<'_>, out: &mut String) -> bool {
         }
         Op::Method => r.method.map(Method::as_str),
         Op::Path => Some(r.path),
-        Op::Protocol => r.version.map(|v| match v {
-            Version::HTTP_10 => "HTTP/1.0",
-            Version::HTTP_11 => "HTTP/1.1",
-            Version::HTTP_2 => "HTTP/2",
-            Version::HTTP_3 => "HTTP/3",
-            _ => "HTTP/0.9",
-        }),
+        Op::Protocol => r.version.map(protocol),
         Op::ResponseFlags => Some(r.flags),
         Op::ResponseCodeDetails if !r.authorization_policy.is_empty() => {
             // Envoy's words for a denial by a named policy.
@@ -434,6 +428,17 @@ fn value(op: &Op, r: &Record<'_>, out: &mut String) -> bool {
             true
         }
         None => false,
+    }
+}
+
+/// Envoy's name of an HTTP version.
+pub fn protocol(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/0.9",
     }
 }
 

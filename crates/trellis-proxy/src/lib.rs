@@ -22,6 +22,7 @@ pub mod ratelimit;
 pub mod sniff;
 pub mod sockets;
 pub mod stats;
+pub mod tags;
 pub mod tcp;
 pub mod trace;
 pub mod xds;

@@ -12,7 +12,8 @@
 //! converted), never by strings built per request. Label values are bounded: workloads,
 //! services, status codes and response flags; no paths or user-supplied values.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
@@ -35,6 +36,24 @@ pub struct ServiceMeta {
     pub service: String,
     pub name: String,
     pub namespace: String,
+}
+
+pub use crate::tags::{Tags, Values};
+
+/// The series a side keeps at most, once tag overrides add values of requests to the
+/// labels: past it, new values are counted as `overflow`.
+const MAX_TAGGED_SERIES: usize = 20_000;
+
+/// The key as it is counted: a new series with tag values past the bound counts under
+/// `overflow` values (a header used as a label cannot grow memory without end).
+fn bounded<S>(m: &HashMap<Key, S, std::hash::BuildHasherDefault<WordHasher>>, mut key: Key) -> Key {
+    let over = key.tags.as_ref().is_some_and(|(_, v)| !v.is_empty())
+        && m.len() >= MAX_TAGGED_SERIES
+        && !m.contains_key(&key);
+    if let Some((t, values)) = key.tags.as_mut().filter(|_| over) {
+        *values = t.0.overflow();
+    }
+    key
 }
 
 /// Istio's cluster label: the cluster ID it uses when none is configured.
@@ -183,6 +202,8 @@ struct Key {
     grpc_status: Option<u16>,
     flags: &'static str,
     mtls: bool,
+    /// The side's tag overrides, and this series' values of its upserted tags.
+    tags: Option<(ByPtr<Tags>, Values)>,
 }
 
 impl std::hash::Hash for Key {
@@ -204,6 +225,14 @@ impl std::hash::Hash for Key {
             ^ (u64::from(self.grpc) << 62)
             ^ (u64::from(self.mtls) << 61)
             ^ (u64::from(self.reporter == Reporter::Source) << 60);
+        if let Some((t, values)) = &self.tags {
+            h = h.rotate_left(21) ^ p(Arc::as_ptr(&t.0).cast());
+            for v in values.iter() {
+                h = v
+                    .bytes()
+                    .fold(h.rotate_left(7), |a, b| a.rotate_left(8) ^ u64::from(b));
+            }
+        }
         state.write_u64(h);
     }
 }
@@ -251,7 +280,8 @@ impl Enabled {
         self.0 & bit != 0
     }
 
-    fn bit(metric: &str) -> Option<u16> {
+    /// The bits of a metric override's `metric` (`ALL_METRICS`: all of them).
+    pub(crate) fn bits_of(metric: &str) -> Option<u16> {
         Some(match metric {
             "ALL_METRICS" => 255,
             "REQUEST_COUNT" => Self::REQUEST_COUNT,
@@ -267,11 +297,14 @@ impl Enabled {
     }
 }
 
-/// The metrics each side reports (outbound: `reporter="source"`, inbound: destination).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The metrics each side reports (outbound: `reporter="source"`, inbound: destination),
+/// and their tag overrides.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Switches {
     pub client: Enabled,
     pub server: Enabled,
+    pub client_tags: Option<Arc<Tags>>,
+    pub server_tags: Option<Arc<Tags>>,
 }
 
 impl Default for Switches {
@@ -279,6 +312,8 @@ impl Default for Switches {
         Switches {
             client: Enabled::ALL,
             server: Enabled::ALL,
+            client_tags: None,
+            server_tags: None,
         }
     }
 }
@@ -301,10 +336,17 @@ impl Switches {
             return Switches {
                 client: Enabled(0),
                 server: Enabled(0),
+                ..Switches::default()
             };
         }
+        let mut errors = Vec::new();
+        out.client_tags = Tags::compile(&m.overrides, true, &mut errors);
+        out.server_tags = Tags::compile(&m.overrides, false, &mut errors);
+        for e in errors {
+            tracing::warn!("telemetry metrics: {e}; that tag is left as it is");
+        }
         for o in &m.overrides {
-            let (Some(disabled), Some(bit)) = (o.disabled, Enabled::bit(&o.metric)) else {
+            let (Some(disabled), Some(bit)) = (o.disabled, Enabled::bits_of(&o.metric)) else {
                 continue;
             };
             let (client, server) = match o.mode.as_str() {
@@ -335,6 +377,8 @@ pub struct TcpConn {
     pub service: Arc<ServiceMeta>,
     pub mtls: bool,
     pub enabled: Enabled,
+    /// The side's tag overrides and this connection's values of them.
+    pub tags: Option<(Arc<Tags>, Values)>,
 }
 
 impl TcpConn {
@@ -349,6 +393,10 @@ impl TcpConn {
             grpc_status: None,
             flags: "-",
             mtls: self.mtls,
+            tags: self
+                .tags
+                .as_ref()
+                .map(|(t, v)| (ByPtr(Arc::clone(t)), Arc::clone(v))),
         }
     }
 }
@@ -382,6 +430,8 @@ pub struct HttpRequest {
     pub request_bytes: u64,
     pub response_bytes: u64,
     pub enabled: Enabled,
+    /// The side's tag overrides and this request's values of them.
+    pub tags: Option<(Arc<Tags>, Values)>,
 }
 
 /// Istio's buckets for `istio_request_duration_milliseconds`.
@@ -415,6 +465,15 @@ impl<const N: usize> Default for Hist<N> {
 impl<const N: usize> Hist<N> {
     fn count(&self) -> u64 {
         self.buckets.iter().sum::<u64>() + self.over
+    }
+
+    /// Another series' observations added to these.
+    fn add(&mut self, other: &Self) {
+        for (a, b) in self.buckets.iter_mut().zip(&other.buckets) {
+            *a += b;
+        }
+        self.over += other.over;
+        self.sum += other.sum;
     }
 
     fn observe(&mut self, bounds: &[f64; N], v: f64) {
@@ -508,8 +567,13 @@ impl IstioMetrics {
             grpc_status: r.grpc_status,
             flags: r.flags,
             mtls: r.mtls,
+            tags: r
+                .tags
+                .as_ref()
+                .map(|(t, v)| (ByPtr(Arc::clone(t)), Arc::clone(v))),
         };
         let mut m = self.http.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = bounded(&m, key);
         let s = m.entry(key).or_insert_with(|| Series {
             observed: 0,
             requests: 0,
@@ -540,7 +604,8 @@ impl IstioMetrics {
             return;
         }
         let mut m = self.tcp.lock().unwrap_or_else(PoisonError::into_inner);
-        let s = m.entry(c.key()).or_default();
+        let key = bounded(&m, c.key());
+        let s = m.entry(key).or_default();
         s.observed |= Enabled::TCP_OPENED;
         s.opened += 1;
     }
@@ -553,7 +618,8 @@ impl IstioMetrics {
             return;
         }
         let mut m = self.tcp.lock().unwrap_or_else(PoisonError::into_inner);
-        let s = m.entry(c.key()).or_default();
+        let key = bounded(&m, c.key());
+        let s = m.entry(key).or_default();
         s.observed |= on.0 & (Enabled::TCP_CLOSED | Enabled::TCP_SENT | Enabled::TCP_RECEIVED);
         if on.has(Enabled::TCP_CLOSED) {
             s.closed += 1;
@@ -577,65 +643,66 @@ impl IstioMetrics {
             .iter()
             .map(|(k, s)| (k.clone(), s.clone()))
             .collect();
-        let mut series: Vec<(String, &Series)> =
-            copy.iter().map(|(k, s)| (labels(k, false), s)).collect();
-        series.sort_by(|a, b| a.0.cmp(&b.0));
+        // Per metric, by labels: series that tag overrides make alike (a label removed)
+        // are summed.
+        let mut count: BTreeMap<String, u64> = BTreeMap::new();
+        let mut duration: BTreeMap<String, Hist<19>> = BTreeMap::new();
+        let mut request_bytes: BTreeMap<String, Hist<8>> = BTreeMap::new();
+        let mut response_bytes: BTreeMap<String, Hist<8>> = BTreeMap::new();
+        for (k, s) in &copy {
+            let on = |bit: u16| s.observed & bit != 0;
+            if on(Enabled::REQUEST_COUNT) {
+                *count
+                    .entry(labels(k, false, Enabled::REQUEST_COUNT))
+                    .or_default() += s.requests;
+            }
+            if on(Enabled::REQUEST_DURATION) {
+                duration
+                    .entry(labels(k, false, Enabled::REQUEST_DURATION))
+                    .or_default()
+                    .add(&s.duration);
+            }
+            if on(Enabled::REQUEST_SIZE) {
+                request_bytes
+                    .entry(labels(k, false, Enabled::REQUEST_SIZE))
+                    .or_default()
+                    .add(&s.request_bytes);
+            }
+            if on(Enabled::RESPONSE_SIZE) {
+                response_bytes
+                    .entry(labels(k, false, Enabled::RESPONSE_SIZE))
+                    .or_default()
+                    .add(&s.response_bytes);
+            }
+        }
         let _ = writeln!(
             out,
             "# HELP istio_requests_total Requests, by Istio's standard labels."
         );
         let _ = writeln!(out, "# TYPE istio_requests_total counter");
-        for (l, s) in series
-            .iter()
-            .filter(|(_, s)| s.observed & Enabled::REQUEST_COUNT != 0)
-        {
-            let _ = writeln!(out, "istio_requests_total{{{l}}} {}", s.requests);
+        for (l, n) in &count {
+            let _ = writeln!(out, "istio_requests_total{{{l}}} {n}");
         }
-        let with = |bit: u16| series.iter().filter(move |(_, s)| s.observed & bit != 0);
         histogram(
             out,
             "istio_request_duration_milliseconds",
             "Request duration (milliseconds).",
             &DURATION_MS,
-            with(Enabled::REQUEST_DURATION).map(|(l, s)| {
-                (
-                    l.as_str(),
-                    &s.duration.buckets[..],
-                    s.duration.over,
-                    s.duration.sum,
-                    s.duration.count(),
-                )
-            }),
+            &duration,
         );
         histogram(
             out,
             "istio_request_bytes",
             "Request body size (bytes).",
             &SIZE_BYTES,
-            with(Enabled::REQUEST_SIZE).map(|(l, s)| {
-                (
-                    l.as_str(),
-                    &s.request_bytes.buckets[..],
-                    s.request_bytes.over,
-                    s.request_bytes.sum,
-                    s.request_bytes.count(),
-                )
-            }),
+            &request_bytes,
         );
         histogram(
             out,
             "istio_response_bytes",
             "Response body size (bytes).",
             &SIZE_BYTES,
-            with(Enabled::RESPONSE_SIZE).map(|(l, s)| {
-                (
-                    l.as_str(),
-                    &s.response_bytes.buckets[..],
-                    s.response_bytes.over,
-                    s.response_bytes.sum,
-                    s.response_bytes.count(),
-                )
-            }),
+            &response_bytes,
         );
     }
 }
@@ -649,9 +716,6 @@ impl IstioMetrics {
             .iter()
             .map(|(k, s)| (k.clone(), s.clone()))
             .collect();
-        let mut series: Vec<(String, &TcpSeries)> =
-            copy.iter().map(|(k, s)| (labels(k, true), s)).collect();
-        series.sort_by(|a, b| a.0.cmp(&b.0));
         for (name, help, bit, value) in [
             (
                 "istio_tcp_connections_opened_total",
@@ -678,46 +742,49 @@ impl IstioMetrics {
                 |s| s.received,
             ),
         ] {
+            let mut series: BTreeMap<String, u64> = BTreeMap::new();
+            for (k, s) in copy.iter().filter(|(_, s)| s.observed & bit != 0) {
+                *series.entry(labels(k, true, bit)).or_default() += value(s);
+            }
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} counter");
-            for (l, s) in series.iter().filter(|(_, s)| s.observed & bit != 0) {
-                let _ = writeln!(out, "{name}{{{l}}} {}", value(s));
+            for (l, n) in &series {
+                let _ = writeln!(out, "{name}{{{l}}} {n}");
             }
         }
     }
 }
 
-fn histogram<'a>(
+fn histogram<const N: usize>(
     out: &mut String,
     name: &str,
     help: &str,
-    bounds: &[f64],
-    series: impl Iterator<Item = (&'a str, &'a [u64], u64, f64, u64)>,
+    bounds: &[f64; N],
+    series: &BTreeMap<String, Hist<N>>,
 ) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} histogram");
-    for (l, buckets, _over, sum, count) in series {
+    for (l, h) in series {
         let mut cumulative = 0;
-        for (b, n) in bounds.iter().zip(buckets) {
+        for (b, n) in bounds.iter().zip(&h.buckets) {
             cumulative += n;
             let _ = writeln!(out, "{name}_bucket{{{l},le=\"{b}\"}} {cumulative}");
         }
+        let count = h.count();
         let _ = writeln!(out, "{name}_bucket{{{l},le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum{{{l}}} {sum}");
+        let _ = writeln!(out, "{name}_sum{{{l}}} {}", h.sum);
         let _ = writeln!(out, "{name}_count{{{l}}} {count}");
     }
 }
 
-/// Istio's label set, in Istio's order.
-/// (A TCP series has `request_protocol="tcp"` and no status labels.)
-fn labels(k: &Key, tcp: bool) -> String {
+/// The labels of a series in metric `bit`: Istio's set, in Istio's order, as the
+/// side's tag overrides change it. (A TCP series has `request_protocol="tcp"` and no
+/// status labels.)
+fn labels(k: &Key, tcp: bool, bit: u16) -> String {
     let (s, d, svc) = (&k.source.0, &k.destination.0, &k.service.0);
-    let mut out = String::with_capacity(900);
-    let mut put = |name: &str, v: &str| {
-        if !out.is_empty() {
-            out.push(',');
-        }
-        let _ = write!(out, "{name}=\"{}\"", crate::stats::escape(v));
+    let mut pairs: Vec<(Cow<'_, str>, Cow<'_, str>)> = Vec::with_capacity(26);
+    let mut put = |name: &'static str, v: &str| {
+        pairs.push((Cow::Borrowed(name), Cow::Owned(v.to_string())));
     };
     put(
         "reporter",
@@ -764,6 +831,16 @@ fn labels(k: &Key, tcp: bool) -> String {
             (Reporter::Destination, false) => "none",
         },
     );
+    if let Some((t, values)) = &k.tags {
+        t.0.apply(bit.trailing_zeros() as usize, &mut pairs, values);
+    }
+    let mut out = String::with_capacity(900);
+    for (name, v) in &pairs {
+        if !out.is_empty() {
+            out.push(',');
+        }
+        let _ = write!(out, "{name}=\"{}\"", crate::stats::escape(v));
+    }
     out
 }
 
@@ -818,6 +895,7 @@ mod tests {
             request_bytes: 0,
             response_bytes: 1024,
             enabled: Enabled::ALL,
+            tags: None,
         };
         m.record_http(&r);
         m.record_http(&r);

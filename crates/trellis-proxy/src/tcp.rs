@@ -123,6 +123,14 @@ pub async fn forward_route(
         service: Arc::clone(&cluster.service_meta),
         mtls: false,
         enabled: cfg.metrics_on.client,
+        tags: cfg.metrics_on.client_tags.as_ref().map(|t| {
+            let conn = crate::tags::Conn {
+                peer,
+                port: target.port,
+                mtls: false,
+            };
+            (Arc::clone(t), t.connection(conn, &cluster.name))
+        }),
     };
     let log = cfg
         .access_log
@@ -182,6 +190,14 @@ pub async fn forward_inbound<D>(
         service,
         mtls: arrival.peer_id.is_some(),
         enabled: cfg.metrics_on.server,
+        tags: cfg.metrics_on.server_tags.as_ref().map(|t| {
+            let conn = crate::tags::Conn {
+                peer: arrival.peer,
+                port,
+                mtls: arrival.peer_id.is_some(),
+            };
+            (Arc::clone(t), t.connection(conn, ""))
+        }),
     };
     let log = cfg
         .access_log

@@ -313,3 +313,138 @@ async fn response_flags_from_upstream_are_not_taken() {
     );
     assert!(!text.contains("response_flags=\"UF\""), "{text}");
 }
+
+/// A Telemetry's tagOverrides, as the snapshot carries them: a label removed from every
+/// metric (series it made distinct are summed), a label added from a request header on
+/// the request count, a standard label's value replaced; a TCP connection's metrics take
+/// the same plan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_overrides_remove_add_and_replace_labels() {
+    let app = HttpServer::start().await.expect("app");
+    let echo = TcpEchoServer::start().await.expect("echo");
+    let yaml = format!(
+        r#"version: t
+workload:
+  name: web
+  namespace: shop
+  labels: {{app: web, version: v2}}
+  telemetry:
+    metrics:
+      overrides:
+      - metric: ALL_METRICS
+        mode: CLIENT_AND_SERVER
+        tagOverrides:
+          response_code: {{remove: true}}
+          request_protocol: {{remove: true}}
+      - metric: REQUEST_COUNT
+        mode: CLIENT
+        tagOverrides:
+          tier: {{value: "request.headers['x-tier']"}}
+          destination_service_name: {{value: "'renamed'"}}
+          request_protocol: {{value: "string(destination.port)"}}
+      - metric: TCP_OPENED_CONNECTIONS
+        tagOverrides:
+          port: {{value: "destination.port"}}
+services:
+- hostname: app.shop.svc.cluster.local
+  ports: [{{port: 80, name: http, cluster: app}}]
+- hostname: db.shop.svc.cluster.local
+  ports: [{{port: 5432, name: tcp, cluster: db}}]
+clusters:
+- name: app
+  endpoints: [{{address: "{app}", workload: app, namespace: shop}}]
+- name: db
+  endpoints: [{{address: "{echo}", workload: db, namespace: shop}}]
+"#,
+        app = app.addr,
+        echo = echo.addr,
+    );
+    let (p, admin) = start_with_stats(
+        &yaml,
+        ProxyOptions {
+            outbound_listen: vec![
+                (
+                    "127.0.0.1:0".parse().expect("addr"),
+                    "app.shop.svc.cluster.local".into(),
+                    80,
+                ),
+                (
+                    "127.0.0.1:0".parse().expect("addr"),
+                    "db.shop.svc.cluster.local".into(),
+                    5432,
+                ),
+            ],
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    let mut c = trellis_testkit::http_client::HttpClient::http1(p.outbound_addrs[0])
+        .await
+        .expect("connect");
+    for (tier, path, status) in [
+        (Some("gold"), "/bytes/10", 200),
+        (Some("gold"), "/status/404", 404),
+        (Some("silver"), "/bytes/10", 200),
+        (None, "/bytes/10", 200),
+    ] {
+        let mut req = c.request(http::Method::GET, "app.shop.svc.cluster.local", path);
+        if let Some(t) = tier {
+            req = req.header("x-tier", t);
+        }
+        let r = timeout(
+            LIMIT,
+            c.send(req.body(http_body_util::Empty::<bytes::Bytes>::new()).expect("req")),
+        )
+        .await
+        .expect("in time")
+        .expect("response");
+        assert_eq!(r.status, status);
+    }
+    timeout(LIMIT, tcp_echo_half_close(p.outbound_addrs[1], b"ping"))
+        .await
+        .expect("in time")
+        .expect("echo");
+    let text = scrape(admin).await;
+    let count: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+        .collect();
+    // No code, so the gold 200 and the gold 404 are one series; the protocol label is the
+    // port (set after it was removed: the later override wins); the service name replaced.
+    assert_eq!(count.len(), 3, "{text}");
+    let gold = count
+        .iter()
+        .find(|l| l.contains("tier=\"gold\""))
+        .expect("gold");
+    assert!(gold.ends_with("} 2"), "{gold}");
+    assert!(!gold.contains("response_code="), "{gold}");
+    assert!(gold.contains("destination_service_name=\"renamed\""), "{gold}");
+    assert!(gold.contains("request_protocol=\"80\""), "{gold}");
+    assert!(
+        gold.ends_with(",tier=\"gold\"} 2"),
+        "an added label comes last: {gold}"
+    );
+    assert!(count.iter().any(|l| l.contains("tier=\"silver\"} 1")), "{text}");
+    assert!(count.iter().any(|l| l.contains("tier=\"unknown\"} 1")), "{text}");
+    // The other metrics: no code, no protocol, no tier; all four requests in one series.
+    let durations: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("istio_request_duration_milliseconds_count{"))
+        .collect();
+    assert_eq!(durations.len(), 1, "{text}");
+    assert!(durations[0].ends_with("} 4"), "{}", durations[0]);
+    assert!(!durations[0].contains("request_protocol=") && !durations[0].contains("tier="));
+    assert!(durations[0].contains("destination_service_name=\"app\""));
+    // TCP: the port added to the opened count only; the protocol removed from both.
+    let opened = text
+        .lines()
+        .find(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+        .expect("opened");
+    assert!(opened.ends_with(",port=\"5432\"} 1"), "{opened}");
+    assert!(!opened.contains("request_protocol="), "{opened}");
+    let closed = text
+        .lines()
+        .find(|l| l.starts_with("istio_tcp_connections_closed_total{"))
+        .expect("closed");
+    assert!(!closed.contains("port=") && !closed.contains("request_protocol="), "{closed}");
+}

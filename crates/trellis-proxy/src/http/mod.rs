@@ -281,6 +281,24 @@ pub async fn handle_request(
         .as_ref()
         .filter(|l| l.logs(is_inbound))
         .map(|l| (Arc::clone(l), LogRequest::of(l, &req)));
+    // The values of upserted metric tags that the request gives.
+    let tags = if is_inbound {
+        &cfg.metrics_on.server_tags
+    } else {
+        &cfg.metrics_on.client_tags
+    };
+    let tags = tags.as_ref().map(|t| {
+        let conn = crate::tags::Conn {
+            peer,
+            port: match &route {
+                Route::Inbound(port, ..) | Route::Named(_, port) => *port,
+                Route::Gateway { port, .. } => *port,
+                Route::Outbound(dst) => dst.port(),
+            },
+            mtls: matches!(&route, Route::Inbound(_, Some(_), _)),
+        };
+        (Arc::clone(t), t.request(&req, conn))
+    });
     // Inbound, the service the request names, when this workload backs it (a client
     // cannot pass its request off as another service's); else the one whose port this is.
     // (Outbound, `record` takes it from the cluster that answered.)
@@ -305,6 +323,7 @@ pub async fn handle_request(
         started,
         logged,
         span,
+        tags,
         done: false,
     };
     let resp = match &route {
@@ -734,6 +753,8 @@ struct Inflight {
     started: std::time::Instant,
     logged: Option<(Arc<crate::accesslog::AccessLog>, LogRequest)>,
     span: Option<Box<crate::trace::Started>>,
+    /// The side's metric tag overrides, with the values the request gave.
+    tags: Option<(Arc<crate::tags::Tags>, crate::tags::Pending)>,
     /// Recorded already.
     done: bool,
 }
@@ -805,6 +826,15 @@ impl Inflight {
                 )
             }
         };
+        let tags = self.tags.take().map(|(t, pending)| {
+            let values = t.finish(
+                pending,
+                code,
+                resp.as_ref().map(|r| r.headers()),
+                upstream.as_ref().map_or("", |u| &u.1),
+            );
+            (t, values)
+        });
         let log = self.logged.take().map(|(log, req)| {
             let (resp_headers, route_name, policy) = match resp {
                 Some(r) => (
@@ -847,6 +877,7 @@ impl Inflight {
                 } else {
                     cfg.metrics_on.client
                 },
+                tags,
             },
             started: self.started,
             inbound,
