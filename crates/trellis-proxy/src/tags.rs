@@ -302,11 +302,16 @@ impl Tags {
             Attr::Scheme => req.map(|r| r.uri().scheme_str().unwrap_or("http").into()),
             Attr::Protocol => req.map(|r| crate::accesslog::protocol(r.version()).into()),
             Attr::Header(h) => req.and_then(|r| r.headers().get(h)?.to_str().ok().map(Into::into)),
-            Attr::Code => resp.filter(|r| r.code != 0).map(|r| r.code.to_string().into()),
+            Attr::Code => resp
+                .filter(|r| r.code != 0)
+                .map(|r| r.code.to_string().into()),
             Attr::ResponseHeader(h) => resp
                 .and_then(|r| r.headers?.get(h)?.to_str().ok())
                 .map(Into::into),
-            Attr::Cluster => resp.map(|r| r.cluster).filter(|c| !c.is_empty()).map(Into::into),
+            Attr::Cluster => resp
+                .map(|r| r.cluster)
+                .filter(|c| !c.is_empty())
+                .map(Into::into),
             Attr::SourceAddress => Some(conn.peer.ip().to_string().into()),
             Attr::SourcePort => Some(conn.peer.port().to_string().into()),
             Attr::DestinationPort => Some(conn.port.to_string().into()),
@@ -404,7 +409,13 @@ mod tests {
                 metric: "ALL_METRICS".into(),
                 mode: "CLIENT_AND_SERVER".into(),
                 tag_overrides: [
-                    ("request_protocol".to_string(), TagOverride { remove: true, value: None }),
+                    (
+                        "request_protocol".to_string(),
+                        TagOverride {
+                            remove: true,
+                            value: None,
+                        },
+                    ),
                     ("tier".to_string(), upsert("request.headers['x-tier']")),
                 ]
                 .into(),

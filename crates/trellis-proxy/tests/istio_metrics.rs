@@ -393,7 +393,10 @@ clusters:
         }
         let r = timeout(
             LIMIT,
-            c.send(req.body(http_body_util::Empty::<bytes::Bytes>::new()).expect("req")),
+            c.send(
+                req.body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .expect("req"),
+            ),
         )
         .await
         .expect("in time")
@@ -418,14 +421,23 @@ clusters:
         .expect("gold");
     assert!(gold.ends_with("} 2"), "{gold}");
     assert!(!gold.contains("response_code="), "{gold}");
-    assert!(gold.contains("destination_service_name=\"renamed\""), "{gold}");
+    assert!(
+        gold.contains("destination_service_name=\"renamed\""),
+        "{gold}"
+    );
     assert!(gold.contains("request_protocol=\"80\""), "{gold}");
     assert!(
         gold.ends_with(",tier=\"gold\"} 2"),
         "an added label comes last: {gold}"
     );
-    assert!(count.iter().any(|l| l.contains("tier=\"silver\"} 1")), "{text}");
-    assert!(count.iter().any(|l| l.contains("tier=\"unknown\"} 1")), "{text}");
+    assert!(
+        count.iter().any(|l| l.contains("tier=\"silver\"} 1")),
+        "{text}"
+    );
+    assert!(
+        count.iter().any(|l| l.contains("tier=\"unknown\"} 1")),
+        "{text}"
+    );
     // The other metrics: no code, no protocol, no tier; all four requests in one series.
     let durations: Vec<&str> = text
         .lines()
@@ -446,5 +458,8 @@ clusters:
         .lines()
         .find(|l| l.starts_with("istio_tcp_connections_closed_total{"))
         .expect("closed");
-    assert!(!closed.contains("port=") && !closed.contains("request_protocol="), "{closed}");
+    assert!(
+        !closed.contains("port=") && !closed.contains("request_protocol="),
+        "{closed}"
+    );
 }
