@@ -8,17 +8,17 @@
 //! Formats use Envoy's command operators (`%REQ(:METHOD)%`, `%RESPONSE_CODE%`…); an
 //! operator Trellis does not know prints `-`.
 //!
-//! Lines are formatted on the request's task and handed to one writer thread per file
-//! through a bounded queue, written every 200 ms: a slow disk never holds a request up,
-//! and queuing a line wakes nobody. A line that finds the
-//! queue full is dropped and counted (`trellis_proxy_access_log_dropped_total`).
+//! Lines are formatted on the request's task and appended to the queue of one writer
+//! thread per file, written every 200 ms: a slow disk never holds a request up, and
+//! queuing a line wakes nobody. A line that finds the queues full (32 MiB) is dropped and
+//! counted (`trellis_proxy_access_log_dropped_total`). A file rotated away (renamed or
+//! removed, as logrotate does) is reopened at its path on the next write.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -289,9 +289,7 @@ fn rfc3339(t: SystemTime, out: &mut String) {
             buf[i] = b'0' + (n % 10) as u8;
             n /= 10;
         }
-        for &b in &buf[..width] {
-            out.push(char::from(b));
-        }
+        out.push_str(std::str::from_utf8(&buf[..width]).unwrap_or("0"));
         if let Some(c) = sep {
             out.push(c);
         }
@@ -317,9 +315,7 @@ fn push_u64(out: &mut String, mut n: u64) {
             break;
         }
     }
-    for &b in &buf[i..] {
-        out.push(char::from(b));
-    }
+    out.push_str(std::str::from_utf8(&buf[i..]).unwrap_or("0"));
 }
 
 fn push_addr(out: &mut String, a: SocketAddr) {
@@ -803,18 +799,94 @@ impl Filter {
 /// Lines dropped because a writer's queue was full.
 pub static DROPPED: AtomicU64 = AtomicU64::new(0);
 
-/// A file (or stdout) and the thread that writes it.
-#[derive(Debug)]
+/// A file (or stdout) and the thread that writes it: lines are appended to `pending`,
+/// which the thread takes whole every [`FLUSH_EVERY`].
+#[derive(Debug, Default)]
 struct Writer {
-    tx: SyncSender<String>,
+    pending: Mutex<Vec<u8>>,
 }
 
-/// Lines a writer's queue holds before new ones are dropped…
-const QUEUE: usize = 65_536;
-/// …and the bytes all queues may hold together (lines carry request headers, up to the
-/// header limit each: a count alone would not bound memory).
+/// The bytes all writers may hold together before new lines are dropped (lines carry
+/// request headers, up to the header limit each).
 const QUEUE_BYTES: usize = 32 << 20;
 static QUEUED_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Writer {
+    /// Queues a line (a copy: `line` is the caller's scratch), or drops and counts it when
+    /// the queues are full.
+    fn push(&self, line: &[u8]) {
+        let n = line.len();
+        if QUEUED_BYTES.fetch_add(n, Ordering::Relaxed) + n > QUEUE_BYTES {
+            QUEUED_BYTES.fetch_sub(n, Ordering::Relaxed);
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend_from_slice(line);
+    }
+}
+
+/// Where a writer's lines go.
+enum Sink {
+    Stdout,
+    Stderr,
+    /// A file, opened for appending; reopened when the path names another file (it was
+    /// rotated away, as logrotate's `create` does) or none.
+    File {
+        path: String,
+        file: std::fs::File,
+    },
+}
+
+fn open(path: &str) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
+impl Sink {
+    fn of(path: &str) -> Result<Sink, String> {
+        Ok(match path {
+            "/dev/stdout" | "" => Sink::Stdout,
+            "/dev/stderr" => Sink::Stderr,
+            p => Sink::File {
+                path: p.to_string(),
+                file: open(p).map_err(|e| format!("access log {p}: {e}"))?,
+            },
+        })
+    }
+
+    /// Follows a rotation: when the path is gone or is another file than the one open,
+    /// the path is opened (created) anew.
+    fn follow(&mut self) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let Sink::File { path, file } = self else {
+            return Ok(());
+        };
+        let open_one = file.metadata()?;
+        let same = std::fs::metadata(&*path)
+            .is_ok_and(|m| m.dev() == open_one.dev() && m.ino() == open_one.ino());
+        if !same {
+            *file = open(path)?;
+        }
+        Ok(())
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::Stdout => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(bytes)?;
+                out.flush()
+            }
+            Sink::Stderr => std::io::stderr().lock().write_all(bytes),
+            Sink::File { file, .. } => file.write_all(bytes),
+        }
+    }
+}
 
 fn writer(path: &str) -> Result<Arc<Writer>, String> {
     static WRITERS: OnceLock<Mutex<HashMap<String, Arc<Writer>>>> = OnceLock::new();
@@ -825,24 +897,13 @@ fn writer(path: &str) -> Result<Arc<Writer>, String> {
     if let Some(w) = map.get(path) {
         return Ok(Arc::clone(w));
     }
-    let sink: Box<dyn std::io::Write + Send> = match path {
-        "/dev/stdout" | "" => Box::new(std::io::stdout()),
-        "/dev/stderr" => Box::new(std::io::stderr()),
-        p => Box::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|e| format!("access log {p}: {e}"))?,
-        ),
-    };
-    let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
-    let name = path.to_string();
+    let sink = Sink::of(path)?;
+    let w = Arc::new(Writer::default());
+    let (thread_w, name) = (Arc::clone(&w), path.to_string());
     std::thread::Builder::new()
         .name("access-log".into())
-        .spawn(move || write_lines(rx, sink, &name))
+        .spawn(move || write_lines(&thread_w, sink, &name))
         .map_err(|e| format!("access log {path}: {e}"))?;
-    let w = Arc::new(Writer { tx });
     map.insert(path.to_string(), Arc::clone(&w));
     Ok(w)
 }
@@ -861,44 +922,34 @@ pub fn drain(timeout: Duration) {
     }
 }
 
-/// Writes what has queued every `FLUSH_EVERY`. Lines that cannot be written are counted
-/// as dropped (and the error reported once a minute at most).
-fn write_lines(rx: Receiver<String>, sink: Box<dyn std::io::Write + Send>, path: &str) {
-    let mut out = std::io::BufWriter::with_capacity(64 << 10, sink);
+/// Writes what has queued every `FLUSH_EVERY`, following the file if it is rotated.
+/// Lines that cannot be written are counted as dropped (and the error reported once a
+/// minute at most).
+fn write_lines(w: &Writer, mut sink: Sink, path: &str) {
+    let mut taken = Vec::new();
     let mut warned: Option<std::time::Instant> = None;
     loop {
         std::thread::sleep(FLUSH_EVERY);
-        let (mut lines, mut bytes, mut result, mut gone) = (0u64, 0usize, Ok(()), false);
-        loop {
-            match rx.try_recv() {
-                Ok(line) => {
-                    lines += 1;
-                    bytes += line.len();
-                    if result.is_ok() {
-                        result = out.write_all(line.as_bytes());
-                    }
-                }
-                Err(std::sync::mpsc::TryRecvError::Empty) => break,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                    gone = true;
-                    break;
-                }
+        std::mem::swap(
+            &mut taken,
+            &mut *w.pending.lock().unwrap_or_else(PoisonError::into_inner),
+        );
+        if taken.is_empty() {
+            continue;
+        }
+        if let Err(e) = sink.follow().and_then(|()| sink.write_all(&taken)) {
+            let lines = taken.iter().filter(|&&b| b == b'\n').count();
+            DROPPED.fetch_add(lines as u64, Ordering::Relaxed);
+            if warned.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                warned = Some(std::time::Instant::now());
+                tracing::warn!("access log {path}: {e} (lines are dropped and counted)");
             }
         }
-        if lines > 0 {
-            if let Err(e) = result.and_then(|()| out.flush()) {
-                DROPPED.fetch_add(lines, Ordering::Relaxed);
-                if warned.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
-                    warned = Some(std::time::Instant::now());
-                    tracing::warn!("access log {path}: {e} (lines are dropped and counted)");
-                }
-            }
-            // Counted until written: `drain` waits for this.
-            QUEUED_BYTES.fetch_sub(bytes, Ordering::Relaxed);
-        }
-        if gone {
-            return;
-        }
+        // Counted until written: `drain` waits for this.
+        QUEUED_BYTES.fetch_sub(taken.len(), Ordering::Relaxed);
+        taken.clear();
+        // A burst's buffer is not kept for ever.
+        taken.shrink_to(1 << 20);
     }
 }
 
@@ -1044,21 +1095,22 @@ impl AccessLog {
                 continue;
             }
             for (format, w) in &e.sinks {
-                let mut line = String::with_capacity(1024);
-                format.write(r, &mut line);
-                let n = line.len();
-                if QUEUED_BYTES.fetch_add(n, Ordering::Relaxed) + n > QUEUE_BYTES {
-                    QUEUED_BYTES.fetch_sub(n, Ordering::Relaxed);
-                    DROPPED.fetch_add(1, Ordering::Relaxed);
-                    continue;
+                // Formatted in this thread's scratch line, then copied to the writer's
+                // queue: no allocation per line.
+                thread_local! {
+                    static LINE: std::cell::RefCell<String> = std::cell::RefCell::new(String::with_capacity(1024));
                 }
-                match w.tx.try_send(line) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                        QUEUED_BYTES.fetch_sub(n, Ordering::Relaxed);
-                        DROPPED.fetch_add(1, Ordering::Relaxed);
+                LINE.with(|line| {
+                    let Ok(mut line) = line.try_borrow_mut() else {
+                        return;
+                    };
+                    line.clear();
+                    format.write(r, &mut line);
+                    w.push(line.as_bytes());
+                    if line.capacity() > 64 << 10 {
+                        line.shrink_to(1024);
                     }
-                }
+                });
             }
         }
     }
@@ -1114,6 +1166,38 @@ fn json_format(labels: &std::collections::BTreeMap<String, String>) -> Format {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Waits (bounded) until the file at `path` holds `want`.
+    fn holds(path: &std::path::Path, want: &str) -> String {
+        let mut text = String::new();
+        for _ in 0..100 {
+            text = std::fs::read_to_string(path).unwrap_or_default();
+            if text == want {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        text
+    }
+
+    #[test]
+    fn a_rotated_file_is_reopened_at_its_path() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("access.log");
+        let w = writer(path.to_str().expect("utf-8")).expect("writer");
+        w.push(b"one\n");
+        assert_eq!(holds(&path, "one\n"), "one\n");
+        // logrotate's default: rename, then the writer creates the path again.
+        let rotated = dir.path().join("access.log.1");
+        std::fs::rename(&path, &rotated).expect("rename");
+        w.push(b"two\n");
+        assert_eq!(holds(&path, "two\n"), "two\n");
+        assert_eq!(std::fs::read_to_string(&rotated).expect("rotated"), "one\n");
+        // Removed outright: created again.
+        std::fs::remove_file(&path).expect("remove");
+        w.push(b"three\n");
+        assert_eq!(holds(&path, "three\n"), "three\n");
+    }
 
     fn list(h: HeaderMap) -> Headers {
         h.iter().map(|(n, v)| (n.clone(), v.clone())).collect()
