@@ -62,19 +62,34 @@ fn hex_to<const N: usize>(s: &str) -> Option<[u8; N]> {
     if s.len() > 2 * N || !s.len().is_multiple_of(2) || s.is_empty() {
         return None;
     }
-    let digit = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    };
     let mut out = [0u8; N];
     let start = N - s.len() / 2;
-    for (i, pair) in s.as_bytes().chunks_exact(2).enumerate() {
-        out[start + i] = (digit(pair[0])? << 4) | digit(pair[1])?;
+    // Any byte that is not a hex digit sets the high bit of `bad`.
+    let mut bad = 0u8;
+    for (o, pair) in out[start..].iter_mut().zip(s.as_bytes().chunks_exact(2)) {
+        let (hi, lo) = (HEX[usize::from(pair[0])], HEX[usize::from(pair[1])]);
+        bad |= hi | lo;
+        *o = (hi << 4) | (lo & 0x0f);
     }
-    (out != [0u8; N]).then_some(out)
+    (bad & 0x80 == 0 && out != [0u8; N]).then_some(out)
 }
+
+/// A hex digit's value; `0x80` for any other byte.
+static HEX: [u8; 256] = {
+    let mut t = [0x80u8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        t[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
 
 /// Lowercase hex of `b` into `out` (twice as long).
 fn hex_into(b: &[u8], out: &mut [u8]) {
@@ -99,6 +114,25 @@ fn to_hex(b: &[u8]) -> String {
 pub fn extract(h: &HeaderMap) -> Incoming {
     let text = |n: &HeaderName| h.get(n).and_then(|v| v.to_str().ok());
     if let Some(tp) = text(&TRACEPARENT) {
+        // The common shape, read in place: version 00, lowercase, 55 bytes.
+        let b = tp.as_bytes();
+        if b.len() == 55
+            && b.starts_with(b"00-")
+            && (b[35], b[52]) == (b'-', b'-')
+            && !b.iter().any(u8::is_ascii_uppercase)
+        {
+            if let (Some(t), Some(s), Some([f])) = (
+                hex_to::<16>(&tp[3..35]),
+                hex_to::<8>(&tp[36..52]),
+                hex_to::<1>(&tp[53..55]).or_else(|| (&tp[53..55] == "00").then_some([0])),
+            ) {
+                return Incoming {
+                    trace_id: Some(t),
+                    span_id: Some(s),
+                    sampled: Some(f & 1 == 1),
+                };
+            }
+        }
         let parts: Vec<&str> = tp.trim().split('-').collect();
         // Version 00 has exactly four fields; a later version at least four (W3C).
         let shape_ok = match parts.first() {
