@@ -13,6 +13,7 @@ mod demo;
 mod explain;
 mod gateway;
 mod sidecar;
+mod up;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -65,6 +66,26 @@ enum Command {
     /// A workload certificate from the mesh CA, written to files (for proxies and hosts
     /// that take their identity from files).
     Cert(control::CertArgs),
+    /// Run a whole mesh on this machine: the control plane, and every Workload replica
+    /// as a pod (a network namespace with transparent interception) with its sidecar and
+    /// app. Needs root. Runs until Ctrl-C or `trellis down`.
+    Up(up::UpArgs),
+    /// Stop a mesh started by `trellis up`, or clean up one a crash left behind.
+    Down(up::MeshRef),
+    /// The pods of a running mesh: addresses, state, restarts.
+    Ps(up::MeshRef),
+    /// A pod's log (its app's, or with --proxy its sidecar's).
+    Logs(up::LogsArgs),
+    /// The sidecar and gateway proxy (the same as the `trellis-proxy` program; `trellis
+    /// proxy --help` lists its options).
+    #[command(disable_help_flag = true)]
+    Proxy {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
+    /// Inside a pod: wait for the sidecar, then run the app (used by `trellis up`).
+    #[command(hide = true)]
+    PodExec(up::PodExecArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -97,6 +118,12 @@ enum FailOn {
 }
 
 fn main() -> ExitCode {
+    let mut argv = std::env::args_os();
+    if std::env::args_os().nth(1).is_some_and(|a| a == "proxy") {
+        let _ = argv.next();
+        let _ = argv.next();
+        return trellis_proxy::cli::main_from(std::iter::once("trellis proxy".into()).chain(argv));
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Analyze(args) => run_analyze(&args),
@@ -109,6 +136,14 @@ fn main() -> ExitCode {
         Command::Token(args) => control::run_token(&args),
         Command::Cert(args) => control::run_cert(&args),
         Command::ProxyConfig(args) => control::run_proxy_config(&args),
+        Command::Up(args) => up::run_up(&args),
+        Command::Down(args) => up::run_down(&args),
+        Command::Ps(args) => up::run_ps(&args),
+        Command::Logs(args) => up::run_logs(&args),
+        Command::PodExec(args) => up::run_pod_exec(&args),
+        Command::Proxy { args } => Ok(trellis_proxy::cli::main_from(
+            std::iter::once(std::ffi::OsString::from("trellis proxy")).chain(args),
+        )),
     };
     match result {
         Ok(code) => code,

@@ -9,6 +9,7 @@ pub mod accesslog;
 pub mod admin;
 pub mod authn;
 pub mod body;
+pub mod cli;
 pub mod config;
 pub mod h1;
 pub mod h1_server;

@@ -1,0 +1,624 @@
+//! `trellis up DIR`, `trellis down`, `trellis ps`, `trellis logs`: a whole mesh on this
+//! machine. The control plane runs in the mesh's node namespace; every Workload replica
+//! is a pod (a network namespace with interception rules) with a sidecar (`trellis
+//! proxy`) and its app, started only once the sidecar is ready.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use trellis_api::{LoadOptions, Spec};
+use trellis_runtime::{MeshNet, Proc};
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// The mesh's configuration: Kubernetes Services, Trellis Workloads (what to run) and
+    /// Istio resources, watched for changes while the mesh runs.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// The mesh's name (default: the directory's): its namespaces are `trl-NAME-*`.
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MeshRef {
+    /// The mesh: its name, or its configuration directory (whose name it has by default).
+    #[arg(value_name = "NAME|DIR")]
+    pub mesh: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    pub mesh: MeshRef,
+    /// The pod (`reviews-v1-0`), or `control-plane`.
+    pub pod: String,
+    /// The sidecar's log instead of the app's.
+    #[arg(long)]
+    pub proxy: bool,
+    /// Keep printing what is appended.
+    #[arg(short, long)]
+    pub follow: bool,
+}
+
+/// The node's address, where the pods reach the control plane.
+fn cp_addr(net: &MeshNet) -> String {
+    format!("{}:15012", net.node_ip)
+}
+
+fn name_of(raw: &str) -> String {
+    let p = Path::new(raw);
+    let base = if p.is_dir() {
+        std::fs::canonicalize(p)
+            .ok()
+            .and_then(|c| c.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| raw.to_string())
+    } else {
+        raw.to_string()
+    };
+    trellis_runtime::mesh_name(&base)
+}
+
+fn state_dir(mesh: &str) -> PathBuf {
+    PathBuf::from("/run/trellis").join(mesh)
+}
+
+/// One pod to run.
+#[derive(Debug)]
+struct PodPlan {
+    name: String,
+    workload: String,
+    namespace: String,
+    service_account: String,
+    labels: BTreeMap<String, String>,
+    ports: Vec<(Option<String>, u16)>,
+    argv: Vec<String>,
+    env: Vec<(String, String)>,
+    cwd: Option<String>,
+}
+
+/// A service's virtual IP, name and namespace.
+type ServiceName = (String, String, String);
+
+/// The pods of a configuration, and its services.
+fn plan(dir: &Path) -> anyhow::Result<(Vec<PodPlan>, Vec<ServiceName>)> {
+    let parsed = trellis_api::load_paths(&[dir], &LoadOptions::default());
+    // A bad document is left out (the control plane does the same) and said so.
+    for d in parsed
+        .iter()
+        .flat_map(|p| &p.diagnostics)
+        .filter(|d| d.level == trellis_api::Level::Error)
+    {
+        eprintln!("{d} (left out)");
+    }
+    let resources: Vec<&trellis_api::Resource> =
+        parsed.iter().filter_map(|p| p.resource()).collect();
+    if resources.is_empty() {
+        bail!("{}: no resources found", dir.display());
+    }
+    let mut pods = Vec::new();
+    for r in &resources {
+        let Spec::Workload(w) = &r.spec else {
+            continue;
+        };
+        if w.command.is_empty() {
+            bail!(
+                "Workload {}/{}: spec.command is empty (what should the pod run?)",
+                r.namespace(),
+                r.name()
+            );
+        }
+        for i in 0..w.replicas() {
+            pods.push(PodPlan {
+                name: format!("{}-{i}", r.name()),
+                workload: r.name().to_string(),
+                namespace: namespace(r),
+                service_account: w.service_account().to_string(),
+                labels: r
+                    .meta
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                ports: w
+                    .ports
+                    .iter()
+                    .filter_map(|p| Some((p.name.clone(), u16::try_from(p.port).ok()?)))
+                    .collect(),
+                argv: w.command.iter().chain(&w.args).cloned().collect(),
+                env: w
+                    .env
+                    .iter()
+                    .map(|e| (e.name.clone(), e.value.clone()))
+                    .collect(),
+                cwd: w.working_dir.clone(),
+            });
+        }
+    }
+    // Service names → virtual IPs, as the control plane allocates them.
+    let registry = trellis_control::registry::Registry::build(&resources, Vec::new());
+    let services = registry
+        .services
+        .iter()
+        .map(|s| (s.vip.to_string(), s.name.clone(), s.namespace.clone()))
+        .collect();
+    Ok((pods, services))
+}
+
+fn namespace(r: &trellis_api::Resource) -> String {
+    match r.namespace() {
+        "" => "default".to_string(),
+        ns => ns.to_string(),
+    }
+}
+
+/// A pod's /etc/hosts: the pod by its name and the machine's (pods share its host
+/// name: programs that look their own name up, as `python3 -m http.server` does, find it
+/// here instead of waiting on a resolver the pod cannot reach), and every service by
+/// `name.namespace` and FQDN, and by its short name in the pod's own namespace (as
+/// Kubernetes DNS answers).
+fn hosts_file(
+    pod: &str,
+    ip: std::net::Ipv4Addr,
+    own_ns: &str,
+    services: &[ServiceName],
+) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let mut out = format!(
+        "127.0.0.1 localhost\n::1 localhost ip6-localhost\n{ip} {pod} {}\n",
+        host.trim()
+    );
+    for (vip, name, ns) in services {
+        let _ = write!(
+            out,
+            "{vip} {name}.{ns} {name}.{ns}.svc {name}.{ns}.svc.cluster.local"
+        );
+        if ns == own_ns {
+            let _ = write!(out, " {name}");
+        }
+        out.push('\n');
+    }
+    out
+}
+
+struct Pod {
+    plan: PodPlan,
+    net: trellis_runtime::PodNet,
+    sidecar: Proc,
+    app: Proc,
+}
+
+pub fn run_up(args: &UpArgs) -> anyhow::Result<ExitCode> {
+    trellis_runtime::preflight()?;
+    let dir = std::fs::canonicalize(&args.dir)
+        .with_context(|| format!("{}: no such directory", args.dir.display()))?;
+    let mesh = match &args.name {
+        Some(n) => trellis_runtime::mesh_name(n),
+        None => name_of(&dir.to_string_lossy()),
+    };
+    let net = MeshNet::new(&mesh);
+    let state = state_dir(&mesh);
+    if let Some(pid) = running_up(&state) {
+        bail!("mesh {mesh} is already up (trellis up, pid {pid}): `trellis down {mesh}` first");
+    }
+    if !net.existing().is_empty() {
+        println!("Cleaning up what a previous run of mesh {mesh} left behind…");
+        net.teardown(Duration::from_secs(3))?;
+    }
+    let (plans, services) = plan(&dir)?;
+    let started = Instant::now();
+    let logs = state.join("logs");
+    let ca_dir = state.join("ca");
+    // Each run's logs start empty.
+    let _ = std::fs::remove_dir_all(&logs);
+    std::fs::create_dir_all(&logs).with_context(|| format!("{}", logs.display()))?;
+    std::fs::create_dir_all(&ca_dir)?;
+    std::fs::write(state.join("up.pid"), std::process::id().to_string())?;
+    let exe = std::env::current_exe().context("where is this program?")?;
+    let exe = exe.to_string_lossy().into_owned();
+
+    // The CA and the token key, made here so that tokens can be issued before the
+    // control plane has started.
+    trellis_identity::Ca::load_or_create(&ca_dir, "cluster.local")?;
+    let tokens = trellis_identity::Tokens::load_or_create(&ca_dir)?;
+
+    let result = (|| -> anyhow::Result<(Proc, Vec<Pod>)> {
+        net.create_node()?;
+        let mut cp = Proc::new(
+            "control-plane".into(),
+            net.node_ns(),
+            vec![
+                exe.clone(),
+                "control-plane".into(),
+                "--config-dir".into(),
+                dir.to_string_lossy().into_owned(),
+                "--listen".into(),
+                cp_addr(&net),
+                "--debug-listen".into(),
+                format!("{}:15014", net.node_ip),
+                "--data-dir".into(),
+                ca_dir.to_string_lossy().into_owned(),
+            ],
+            logs.join("control-plane.log"),
+        );
+        cp.start()?;
+        let mut pods = Vec::new();
+        for (i, plan) in plans.into_iter().enumerate() {
+            let ports: Vec<u16> = plan.ports.iter().map(|p| p.1).collect();
+            let index = u32::try_from(i).context("too many pods")?;
+            let hosts = hosts_file(&plan.name, net.pod_ip(index), &plan.namespace, &services);
+            let pod_net = net.create_pod(&plan.name, index, &ports, &hosts)?;
+            let token = state.join(format!("{}.token", plan.name));
+            std::fs::write(
+                &token,
+                tokens.issue(
+                    &plan.namespace,
+                    &plan.service_account,
+                    Duration::from_secs(365 * 86_400),
+                ),
+            )?;
+            let mut argv = vec![
+                exe.clone(),
+                "proxy".into(),
+                "--xds".into(),
+                cp_addr(&net),
+                "--xds-root".into(),
+                ca_dir.join("ca-cert.pem").to_string_lossy().into_owned(),
+                "--xds-token-file".into(),
+                token.to_string_lossy().into_owned(),
+                "--name".into(),
+                plan.name.clone(),
+                "--namespace".into(),
+                plan.namespace.clone(),
+                "--service-account".into(),
+                plan.service_account.clone(),
+                "--address".into(),
+                pod_net.ip.to_string(),
+                "--sidecar".into(),
+            ];
+            for (k, v) in &plan.labels {
+                argv.push("--label".into());
+                argv.push(format!("{k}={v}"));
+            }
+            for (name, port) in &plan.ports {
+                argv.push("--port".into());
+                argv.push(match name {
+                    Some(n) => format!("{n}:{port}"),
+                    None => port.to_string(),
+                });
+            }
+            let sidecar = Proc::new(
+                format!("{}/sidecar", plan.name),
+                pod_net.netns.clone(),
+                argv,
+                logs.join(format!("{}.proxy.log", plan.name)),
+            );
+            // The app starts once its sidecar is ready (`trellis pod-exec` waits, then
+            // becomes the app).
+            let mut app_argv = vec![
+                exe.clone(),
+                "pod-exec".into(),
+                "--wait-ready".into(),
+                "127.0.0.1:15021".into(),
+                "--".into(),
+            ];
+            app_argv.extend(plan.argv.iter().cloned());
+            let mut app = Proc::new(
+                format!("{}/app", plan.name),
+                pod_net.netns.clone(),
+                app_argv,
+                logs.join(format!("{}.log", plan.name)),
+            );
+            app.env = plan.env.clone();
+            app.cwd = plan.cwd.as_ref().map(|c| dir.join(c));
+            pods.push(Pod {
+                plan,
+                net: pod_net,
+                sidecar,
+                app,
+            });
+        }
+        Ok((cp, pods))
+    })();
+    let (mut cp, mut pods) = match result {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = net.teardown(Duration::from_secs(2));
+            let _ = std::fs::remove_file(state.join("up.pid"));
+            return Err(e);
+        }
+    };
+    println!(
+        "Mesh {mesh}: {} pod(s) from {} (state and logs in {}).",
+        pods.len(),
+        dir.display(),
+        state.display()
+    );
+    for p in &pods {
+        println!(
+            "  {:<24} {:<12} {}",
+            p.plan.name,
+            p.net.ip,
+            p.plan.argv.join(" ")
+        );
+    }
+    println!(
+        "Stop with Ctrl-C or `trellis down {mesh}`; `trellis ps {mesh}`, `trellis logs {mesh} POD`."
+    );
+
+    let stop = stop_signal()?;
+    let mut announced = false;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        for event in std::iter::once(cp.tick())
+            .chain(
+                pods.iter_mut()
+                    .flat_map(|p| [p.sidecar.tick(), p.app.tick()]),
+            )
+            .flatten()
+        {
+            println!("{event}");
+        }
+        let _ = std::fs::write(state.join("ps"), ps_table(&cp, &pods));
+        if !announced && pods.iter().all(|p| app_started(&p.app)) {
+            announced = true;
+            println!(
+                "All apps running beside ready sidecars, {:.1}s after start.",
+                started.elapsed().as_secs_f64()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("Stopping mesh {mesh}: apps, then sidecars, then the control plane…");
+    for p in &mut pods {
+        p.app.stop(Duration::from_secs(5));
+    }
+    for p in &mut pods {
+        p.sidecar.stop(Duration::from_secs(7));
+    }
+    cp.stop(Duration::from_secs(3));
+    let torn = net.teardown(Duration::from_secs(2));
+    let _ = std::fs::remove_file(state.join("up.pid"));
+    let _ = std::fs::remove_file(state.join("ps"));
+    torn?;
+    println!("Mesh {mesh} is down.");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The app runs (its `trellis pod-exec` has become the app: the sidecar was ready).
+fn app_started(app: &Proc) -> bool {
+    app.pid().is_some_and(|pid| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| !c.split(|b| *b == 0).any(|a| a == b"pod-exec"))
+    })
+}
+
+fn ps_table(cp: &Proc, pods: &[Pod]) -> String {
+    let state = |p: &Proc| {
+        if p.running() {
+            "running".to_string()
+        } else {
+            match &p.last_exit {
+                Some(e) => format!("restarting ({e})"),
+                None => "starting".to_string(),
+            }
+        }
+    };
+    let mut out = format!(
+        "{:<24} {:<14} {:<12} {:<10} {:<28} {}\n",
+        "POD", "WORKLOAD", "ADDRESS", "SIDECAR", "APP", "RESTARTS"
+    );
+    let _ = writeln!(
+        out,
+        "{:<24} {:<14} {:<12} {:<10} {:<28} {}",
+        "control-plane",
+        "-",
+        "-",
+        "-",
+        state(cp),
+        cp.restarts
+    );
+    for p in pods {
+        let _ = writeln!(
+            out,
+            "{:<24} {:<14} {:<12} {:<10} {:<28} {}",
+            p.plan.name,
+            p.plan.workload,
+            p.net.ip,
+            state(&p.sidecar),
+            if p.app.running() && !app_started(&p.app) {
+                "waiting for the sidecar".to_string()
+            } else {
+                state(&p.app)
+            },
+            p.sidecar.restarts + p.app.restarts
+        );
+    }
+    out
+}
+
+/// Set on SIGINT or SIGTERM.
+fn stop_signal() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let set = std::sync::Arc::clone(&flag);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            rt.block_on(async {
+                use tokio::signal::unix::{SignalKind, signal};
+                let (Ok(mut term), Ok(mut int)) = (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                ) else {
+                    return;
+                };
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                set.store(true, std::sync::atomic::Ordering::Relaxed);
+            });
+        })?;
+    Ok(flag)
+}
+
+/// The pid of the `trellis up` running this mesh, if one is.
+fn running_up(state: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(state.join("up.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    (trellis_runtime::net::alive(pid) && cmdline.split(|b| *b == 0).any(|a| a == b"up"))
+        .then_some(pid)
+}
+
+pub fn run_down(args: &MeshRef) -> anyhow::Result<ExitCode> {
+    trellis_runtime::preflight()?;
+    let mesh = name_of(&args.mesh);
+    let net = MeshNet::new(&mesh);
+    let state = state_dir(&mesh);
+    if let Some(pid) = running_up(&state) {
+        // The running `trellis up` stops its mesh in order.
+        trellis_runtime::net::signal(&[pid], "TERM");
+        let until = Instant::now() + Duration::from_secs(30);
+        while trellis_runtime::net::alive(pid) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let left = net.existing();
+    if !left.is_empty() {
+        net.teardown(Duration::from_secs(5))?;
+    }
+    let _ = std::fs::remove_file(state.join("up.pid"));
+    let _ = std::fs::remove_file(state.join("ps"));
+    println!("Mesh {mesh} is down.");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run_ps(args: &MeshRef) -> anyhow::Result<ExitCode> {
+    let mesh = name_of(&args.mesh);
+    let state = state_dir(&mesh);
+    if running_up(&state).is_none() {
+        bail!("mesh {mesh} is not up");
+    }
+    print!("{}", std::fs::read_to_string(state.join("ps"))?);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run_logs(args: &LogsArgs) -> anyhow::Result<ExitCode> {
+    use std::io::{Read, Seek, Write};
+    let mesh = name_of(&args.mesh.mesh);
+    let file = match (args.pod.as_str(), args.proxy) {
+        ("control-plane", _) => "control-plane.log".to_string(),
+        (pod, true) => format!("{pod}.proxy.log"),
+        (pod, false) => format!("{pod}.log"),
+    };
+    let path = state_dir(&mesh).join("logs").join(file);
+    let mut f = std::fs::File::open(&path).with_context(|| {
+        format!(
+            "no log {} (is the pod's name right? `trellis ps {mesh}`)",
+            path.display()
+        )
+    })?;
+    let mut out = std::io::stdout().lock();
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        f.read_to_end(&mut buf)?;
+        out.write_all(&buf)?;
+        out.flush()?;
+        if !args.follow {
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+        // Truncated (a new run): from the start again.
+        if f.metadata()?.len() < f.stream_position()? {
+            f.seek(std::io::SeekFrom::Start(0))?;
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PodExecArgs {
+    /// Wait until the sidecar answers 200 on this address's /healthz/ready.
+    #[arg(long, value_name = "ADDR")]
+    pub wait_ready: std::net::SocketAddr,
+    /// Give up after this long.
+    #[arg(long, default_value = "60s")]
+    pub timeout: trellis_api::common::Duration,
+    /// The app and its arguments.
+    #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+    pub command: Vec<std::ffi::OsString>,
+}
+
+/// Inside a pod: waits for the sidecar, then becomes the app (so that the app never
+/// starts before its traffic can flow).
+pub fn run_pod_exec(args: &PodExecArgs) -> anyhow::Result<ExitCode> {
+    use std::os::unix::process::CommandExt;
+    let until = Instant::now() + args.timeout.0;
+    loop {
+        if ready(args.wait_ready) {
+            break;
+        }
+        if Instant::now() >= until {
+            bail!(
+                "the sidecar was not ready on {} after {:?}; not starting the app",
+                args.wait_ready,
+                args.timeout.0
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let err = std::process::Command::new(&args.command[0])
+        .args(&args.command[1..])
+        .exec();
+    bail!("cannot run {:?}: {err}", args.command[0])
+}
+
+fn ready(addr: std::net::SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && &head[9..12] == b"200"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_files_name_services_as_kubernetes_dns_does() {
+        let services = vec![
+            (
+                "240.240.0.7".to_string(),
+                "web".to_string(),
+                "shop".to_string(),
+            ),
+            (
+                "240.240.0.9".to_string(),
+                "db".to_string(),
+                "data".to_string(),
+            ),
+        ];
+        let h = hosts_file("client-0", [10, 244, 0, 11].into(), "shop", &services);
+        assert!(h.contains("240.240.0.7 web.shop web.shop.svc web.shop.svc.cluster.local web\n"));
+        assert!(h.contains("240.240.0.9 db.data db.data.svc db.data.svc.cluster.local\n"));
+        assert!(h.contains("\n10.244.0.11 client-0 "), "{h}");
+    }
+}
