@@ -161,12 +161,7 @@ fn namespace(r: &trellis_api::Resource) -> String {
 /// here instead of waiting on a resolver the pod cannot reach), and every service by
 /// `name.namespace` and FQDN, and by its short name in the pod's own namespace (as
 /// Kubernetes DNS answers).
-fn hosts_file(
-    pod: &str,
-    ip: std::net::Ipv4Addr,
-    own_ns: &str,
-    services: &[ServiceName],
-) -> String {
+fn hosts_file(pod: &str, ip: std::net::Ipv4Addr, own_ns: &str, services: &[ServiceName]) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let mut out = format!(
         "127.0.0.1 localhost\n::1 localhost ip6-localhost\n{ip} {pod} {}\n",

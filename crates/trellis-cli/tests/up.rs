@@ -180,6 +180,11 @@ fn curl_reaches_a_python_server_by_service_name_over_mtls_and_down_leaves_nothin
         line.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/client\""),
         "{line}"
     );
+    // The caller is no endpoint of a service: its sidecar's snapshot lists it as a peer.
+    assert!(
+        line.contains("source_workload=\"client\",source_canonical_service=\"client\""),
+        "{line}"
+    );
 
     // `trellis ps` lists both pods, running.
     let (ok_ps, ps) = output(&[BIN, "ps", &mesh]);

@@ -176,6 +176,28 @@ impl<'a> MeshConfig<'a> {
     }
 }
 
+/// Every instance of the mesh by address (the same for every proxy: shared resources).
+pub fn peers_of(reg: &Registry) -> Vec<wire::Peer> {
+    let mut out: Vec<wire::Peer> = reg
+        .instances
+        .iter()
+        .flat_map(|i| {
+            let identity = i.proxied().then(|| reg.identity(i));
+            i.addresses.iter().map(move |a| wire::Peer {
+                address: a.to_string(),
+                workload: i.workload.clone(),
+                namespace: i.namespace.clone(),
+                identity: identity.clone(),
+                labels: i.labels.clone(),
+                instance: i.name.clone(),
+            })
+        })
+        .collect();
+    // In the order a proxy puts its `peer/` resources back (by name).
+    out.sort_by_cached_key(|p| format!("{}/{}/{}", p.namespace, p.instance, p.address));
+    out
+}
+
 /// The snapshot's own-workload section for an instance.
 pub fn workload_of(cfg: &MeshConfig<'_>, reg: &Registry, me: &Instance) -> wire::Workload {
     let mtls = reg.peer_auth.resolve(&me.namespace, &me.labels);
@@ -606,6 +628,7 @@ pub fn sidecar_snapshot(
             services,
             clusters,
             gateway_ports,
+            peers: peers_of(reg),
             settings: num_trusted_proxies.map(|n| wire::Settings {
                 num_trusted_proxies: Some(n),
                 ..Default::default()

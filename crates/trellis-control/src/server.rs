@@ -118,6 +118,7 @@ impl Scope {
         let own = Arc::new(wire::Snapshot {
             services: Vec::new(),
             clusters: Vec::new(),
+            peers: Vec::new(),
             ..snapshot.clone()
         });
         Scope {

@@ -462,7 +462,8 @@ async fn pushes_carry_only_the_resources_that_changed() {
     record(&mut held, &first.resources, &first.removed_resources);
     ads.answer(&first.nonce, None).await;
 
-    // An endpoint joins: only clusters travel, never the routes or the proxy's own part.
+    // An endpoint joins: only clusters and the instance's own `peer/` resource travel,
+    // never the routes or the proxy's own part.
     let (v3, _v3_handle) = {
         let s = HttpServer::start().await.expect("v3");
         let port = s.addr.port();
@@ -471,7 +472,16 @@ async fn pushes_carry_only_the_resources_that_changed() {
     let churn = ads.next().await;
     let n = names(&churn);
     assert!(!n.is_empty(), "the new endpoint arrives");
-    assert!(n.iter().all(|n| n.starts_with("cluster/")), "{n:?}");
+    assert!(
+        n.iter()
+            .all(|n| n.starts_with("cluster/") || n.starts_with("peer/")),
+        "{n:?}"
+    );
+    assert_eq!(
+        n.iter().filter(|n| n.starts_with("peer/")).count(),
+        1,
+        "{n:?}"
+    );
     assert!(churn.resources.len() < first.resources.len());
     record(&mut held, &churn.resources, &churn.removed_resources);
     ads.answer(&churn.nonce, None).await;
@@ -549,6 +559,16 @@ async fn pushes_in_flight_are_bounded() {
     let first_b = b.next().await;
     assert!(names(&first_b).contains(&"proxy"));
     b.answer(&first_b.nonce, None).await;
+    // web-1 is a new instance of the mesh: web-0 is sent its peer resource, and only that.
+    let peer_a = a.next().await;
+    assert!(
+        names(&peer_a)
+            .iter()
+            .all(|n| n.starts_with("peer/web/web-1/")),
+        "{:?}",
+        names(&peer_a)
+    );
+    a.answer(&peer_a.nonce, None).await;
     assert!(eventually(Duration::from_secs(2), || cp.pushes_in_flight() == 0).await);
     assert!(
         cp.resources_sent_total() >= (first_a.resources.len() + first_b.resources.len()) as u64

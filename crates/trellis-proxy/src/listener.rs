@@ -53,6 +53,10 @@ pub async fn accept_loop(
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
+                    // An IPv4 client of a dual-stack (`[::]`) listener is known by its
+                    // IPv4 address (`::ffff:10.0.0.7` is 10.0.0.7): for policies' ipBlocks,
+                    // the caller's workload in metrics, and logs.
+                    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
                     let shared = Arc::clone(&shared);
                     let kind = kind.clone();
                     let stop = stop.clone();

@@ -5,7 +5,9 @@
 //! - `proxy`: a [`Snapshot`] holding everything but the services and clusters (the
 //!   proxy's own workload, its settings, gateway ports and the trust bundle);
 //! - `service/<hostname>`: one [`Service`] with its ports and routes;
-//! - `cluster/<name>`: one [`Cluster`] with its traffic policy and endpoints.
+//! - `cluster/<name>`: one [`Cluster`] with its traffic policy and endpoints;
+//! - `peer/<namespace>/<instance>/<address>`: one [`Peer`], an instance of the mesh (who
+//!   a caller is).
 //!
 //! A resource's version is a hash of its encoding, so the control plane sends a proxy only
 //! the resources whose content differs from what the proxy holds, and names the ones it
@@ -22,7 +24,7 @@ use std::collections::BTreeMap;
 use prost::Message;
 
 use crate::ads::{DeltaDiscoveryResponse, Resource};
-use crate::snapshot::{Cluster, Service, Snapshot};
+use crate::snapshot::{Cluster, Peer, Service, Snapshot};
 
 /// The type URL of a whole snapshot sent as one resource (by control planes before
 /// per-resource pushes): it replaces everything a proxy holds.
@@ -33,6 +35,7 @@ pub const SNAPSHOT_TYPE_URL: &str = crate::ads::SNAPSHOT_TYPE_URL;
 pub const PROXY_TYPE_URL: &str = "type.googleapis.com/trellis.snapshot.v1.ProxyPart";
 pub const SERVICE_TYPE_URL: &str = "type.googleapis.com/trellis.snapshot.v1.Service";
 pub const CLUSTER_TYPE_URL: &str = "type.googleapis.com/trellis.snapshot.v1.Cluster";
+pub const PEER_TYPE_URL: &str = "type.googleapis.com/trellis.snapshot.v1.Peer";
 /// The name of the resource holding the proxy's own part of the snapshot.
 pub const PROXY_RESOURCE: &str = "proxy";
 
@@ -83,9 +86,9 @@ fn unique(base: String, taken: &mut BTreeMap<String, usize>) -> String {
     if *n == 1 { base } else { format!("{base}#{n}") }
 }
 
-/// The services and clusters of `s` as resources, sorted by name (services by hostname,
-/// in the order a proxy puts them back: see [`Held::apply`]). The rest of `s` is left for
-/// [`proxy_part`].
+/// The services, clusters and peers of `s` as resources, sorted by name (services by
+/// hostname, in the order a proxy puts them back: see [`Held::apply`]). The rest of `s`
+/// is left for [`proxy_part`].
 pub fn shared_parts(s: &Snapshot) -> Vec<Part> {
     let mut services: Vec<&Service> = s.services.iter().collect();
     services.sort_by(|a, b| a.hostname.cmp(&b.hostname));
@@ -101,16 +104,25 @@ pub fn shared_parts(s: &Snapshot) -> Vec<Part> {
         let name = unique(format!("cluster/{}", c.name), &mut taken);
         parts.push(Part::new(name, CLUSTER_TYPE_URL, c.encode_to_vec()));
     }
+    for p in &s.peers {
+        // By instance, not address: an instance that leaves renames no other.
+        let name = unique(
+            format!("peer/{}/{}/{}", p.namespace, p.instance, p.address),
+            &mut taken,
+        );
+        parts.push(Part::new(name, PEER_TYPE_URL, p.encode_to_vec()));
+    }
     parts.sort_by(|a, b| a.name.cmp(&b.name));
     parts
 }
 
-/// The `proxy` resource: `s` without its services, clusters and version.
+/// The `proxy` resource: `s` without its services, clusters, peers and version.
 pub fn proxy_part(s: &Snapshot) -> Part {
     let own = Snapshot {
         version: String::new(),
         services: Vec::new(),
         clusters: Vec::new(),
+        peers: Vec::new(),
         ..s.clone()
     };
     Part::new(
@@ -269,6 +281,7 @@ impl Held {
                 PROXY_TYPE_URL,
                 SERVICE_TYPE_URL,
                 CLUSTER_TYPE_URL,
+                PEER_TYPE_URL,
             ]
             .contains(&any.type_url.as_str())
             {
@@ -297,12 +310,14 @@ impl Held {
         let mut own: Option<Snapshot> = None;
         let mut services = Vec::new();
         let mut clusters = Vec::new();
+        let mut peers = Vec::new();
         for (name, (_, any)) in &self.pieces {
             let bad = |e: prost::DecodeError| format!("resource {name:?}: {e}");
             let bytes = any.value.as_slice();
             match any.type_url.as_str() {
                 SERVICE_TYPE_URL => services.push(Service::decode(bytes).map_err(bad)?),
                 CLUSTER_TYPE_URL => clusters.push(Cluster::decode(bytes).map_err(bad)?),
+                PEER_TYPE_URL => peers.push(Peer::decode(bytes).map_err(bad)?),
                 _ if own.is_some() => return Err("more than one proxy resource".into()),
                 _ => own = Some(Snapshot::decode(bytes).map_err(bad)?),
             }
@@ -311,6 +326,7 @@ impl Held {
         s.version = version.to_string();
         s.services.extend(services);
         s.clusters.extend(clusters);
+        s.peers.extend(peers);
         Ok(s)
     }
 }

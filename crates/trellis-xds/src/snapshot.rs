@@ -62,6 +62,11 @@ pub struct Snapshot {
     #[prost(string, repeated, tag = "8")]
     #[serde(default)]
     pub trust_roots: Vec<String>,
+    /// The mesh's instances, by address: who a caller is, for telemetry labels, when it is
+    /// no endpoint of a service in view (a client only, say).
+    #[prost(message, repeated, tag = "9")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<Peer>,
 }
 
 /// One port of a gateway: the Istio Gateway servers that share it.
@@ -322,6 +327,30 @@ pub struct Workload {
     #[prost(string, tag = "13")]
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub workload: String,
+}
+
+/// An instance of the mesh at an address (see [`Snapshot::peers`]).
+#[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Peer {
+    #[prost(string, tag = "1")]
+    pub address: String,
+    /// The workload it is an instance of.
+    #[prost(string, tag = "2")]
+    pub workload: String,
+    #[prost(string, tag = "3")]
+    pub namespace: String,
+    /// Its SPIFFE identity (absent: no Trellis proxy).
+    #[prost(string, optional, tag = "4")]
+    #[serde(default)]
+    pub identity: Option<String>,
+    #[prost(btree_map = "string, string", tag = "5")]
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The instance (`reviews-v1-0`): with the namespace, what names its resource.
+    #[prost(string, tag = "6")]
+    #[serde(default)]
+    pub instance: String,
 }
 
 /// Telemetry (Istio's Telemetry API) as it applies to one workload. Modes are

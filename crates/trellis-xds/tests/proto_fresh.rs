@@ -69,6 +69,14 @@ fn full() -> Snapshot {
     let mut s = Snapshot {
         version: "v1".into(),
         trust_roots: vec!["-----BEGIN CERTIFICATE-----\n...".into()],
+        peers: vec![Peer {
+            address: "10.0.0.9".into(),
+            workload: "web".into(),
+            namespace: "shop".into(),
+            identity: Some("spiffe://cluster.local/ns/shop/sa/web".into()),
+            labels: labels.clone(),
+            instance: "web-0".into(),
+        }],
         workload: Some(Workload {
             workload: "reviews-v1".into(),
             telemetry: Some(Telemetry {

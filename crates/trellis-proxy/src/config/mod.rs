@@ -711,7 +711,7 @@ impl Config {
             .min();
         let mut cluster_list: Vec<Arc<Cluster>> = clusters.into_values().collect();
         cluster_list.sort_by(|a, b| a.name.cmp(&b.name));
-        let (own_meta, peers) = (own_meta(&raw, &cluster_list), peers(&cluster_list));
+        let (own_meta, peers) = (own_meta(&raw, &cluster_list), peers(&raw, &cluster_list));
         // The same bundle as before keeps the same store (so the mesh mTLS server
         // configuration made for it is not made again at every push).
         let trust_roots = match previous {
@@ -976,18 +976,37 @@ fn inbound_services(
     out
 }
 
-/// Workloads by address (see [`Config::peers`]).
-fn peers(clusters: &[Arc<Cluster>]) -> HashMap<IpAddr, Arc<crate::metrics::WorkloadMeta>> {
+/// Workloads by address (see [`Config::peers`]): the endpoints of the clusters, and the
+/// mesh's other instances the snapshot lists (callers that are no endpoint of a service
+/// in view). An address two different workloads share names neither.
+fn peers(
+    raw: &wire::Snapshot,
+    clusters: &[Arc<Cluster>],
+) -> HashMap<IpAddr, Arc<crate::metrics::WorkloadMeta>> {
     let mut out: HashMap<IpAddr, Arc<crate::metrics::WorkloadMeta>> = HashMap::new();
     let mut shared = std::collections::HashSet::new();
-    for e in clusters.iter().flat_map(|c| &c.endpoints) {
-        match out.get(&e.addr.ip()) {
-            Some(m) if !Arc::ptr_eq(m, &e.meta) => {
-                shared.insert(e.addr.ip());
+    let listed = raw.peers.iter().filter_map(|p| {
+        let ip: IpAddr = p.address.parse().ok()?;
+        let meta = crate::metrics::WorkloadMeta::of(
+            &p.workload,
+            &p.namespace,
+            p.identity.as_deref(),
+            p.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+        Some((ip, meta))
+    });
+    let endpoints = clusters
+        .iter()
+        .flat_map(|c| &c.endpoints)
+        .map(|e| (e.addr.ip(), Arc::clone(&e.meta)));
+    for (ip, meta) in endpoints.chain(listed) {
+        match out.get(&ip) {
+            Some(m) if !Arc::ptr_eq(m, &meta) => {
+                shared.insert(ip);
             }
             Some(_) => {}
             None => {
-                out.insert(e.addr.ip(), Arc::clone(&e.meta));
+                out.insert(ip, meta);
             }
         }
     }
