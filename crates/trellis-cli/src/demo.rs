@@ -91,8 +91,9 @@ pub fn run() -> anyhow::Result<ExitCode> {
          docs/control-plane.md), and mutual TLS, PeerAuthentication, AuthorizationPolicy\n\
          and JWTs between proxies (docs/security.md), and Istio's request and TCP\n\
          metrics, access logs and traces (W3C, B3; OTLP and Zipkin) from every proxy\n\
-         (docs/observability.md). Not yet: `trellis up` (pods in network namespaces\n\
-         with transparent sidecars, started by this demo). See README.md, Status."
+         (docs/observability.md), and `trellis up DIR` (as root): every Workload as a pod\n\
+         in a network namespace with a transparent sidecar (docs/runtime.md). Not yet:\n\
+         this demo starting Bookinfo itself. See README.md, Status."
     );
     Ok(if messages.iter().any(|m| m.level == Level::Error) {
         ExitCode::from(2)
