@@ -15,6 +15,18 @@
 //!   ports: [{name: http, port: 9080}]
 //!   readinessProbe: {httpGet: {path: /, port: 9080}}
 //! ```
+//!
+//! A gateway is a Workload that runs Trellis's gateway proxy instead of an app and a
+//! sidecar (`gateway: true`, no command); a port's `hostPort` is forwarded from the
+//! machine's loopback:
+//!
+//! ```yaml
+//! kind: Workload
+//! metadata: {name: ingressgateway, labels: {istio: ingressgateway}}
+//! spec:
+//!   gateway: true
+//!   ports: [{name: http, port: 8080, hostPort: 8080}]
+//! ```
 
 use serde::Deserialize;
 
@@ -29,8 +41,13 @@ pub struct WorkloadSpec {
     pub service_account: Option<String>,
     /// How many instances (pods) to run; default 1.
     pub replicas: Option<u32>,
-    /// Program and arguments, as a Kubernetes container's `command`.
+    /// Program and arguments, as a Kubernetes container's `command` (none for a gateway).
+    #[serde(default)]
     pub command: Vec<String>,
+    /// Run Trellis's gateway proxy (serving the Gateways that select this Workload's
+    /// labels on its `ports`) instead of an app and a sidecar.
+    #[serde(default)]
+    pub gateway: bool,
     #[serde(default)]
     pub args: Vec<String>,
     #[serde(default)]
@@ -65,6 +82,9 @@ pub struct EnvVar {
 pub struct WorkloadPort {
     pub name: Option<String>,
     pub port: u32,
+    /// Forwarded from this port on the machine's loopback (`trellis up`), as a Kubernetes
+    /// container's `hostPort`.
+    pub host_port: Option<u32>,
     /// Application protocol; when absent it is taken from the port name prefix
     /// (`http-…`, `grpc-…`) as in Istio, else detected.
     pub protocol: Option<Protocol>,

@@ -670,3 +670,50 @@ status:
     assert_eq!(rs.len(), 1);
     assert_eq!(rs[0].meta.annotations.len(), 1);
 }
+
+#[test]
+fn a_gateway_workload_runs_no_command_and_serves_ports() {
+    let rs = resources(
+        r#"
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: {name: ingressgateway, namespace: shop, labels: {istio: ingressgateway}}
+spec:
+  gateway: true
+  ports: [{name: http, port: 8080, hostPort: 8080}]
+"#,
+    );
+    let Spec::Workload(w) = &rs[0].spec else {
+        panic!("not a Workload")
+    };
+    assert!(w.gateway && w.command.is_empty());
+    assert_eq!(w.ports[0].host_port, Some(8080));
+    // A gateway with a command, a gateway without ports, an app without a command, a
+    // host port out of range: each refused with the field named.
+    for (spec, field) in [
+        (
+            "gateway: true\n  command: [nginx]\n  ports: [{port: 80}]",
+            "spec.command",
+        ),
+        ("gateway: true", "spec.ports"),
+        ("ports: [{port: 80}]", "spec.command"),
+        (
+            "command: [x]\n  ports: [{port: 80, hostPort: 70000}]",
+            "spec.ports[0].hostPort",
+        ),
+    ] {
+        let parsed = load(&format!(
+            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{name: w}}\nspec:\n  {spec}\n"
+        ));
+        let errors: Vec<String> = parsed
+            .iter()
+            .flat_map(|p| &p.diagnostics)
+            .filter(|d| d.level == Level::Error)
+            .map(|d| d.to_string())
+            .collect();
+        assert!(
+            errors.iter().any(|e| e.contains(field)),
+            "{spec}: {errors:?}"
+        );
+    }
+}

@@ -75,7 +75,10 @@ struct PodPlan {
     namespace: String,
     service_account: String,
     labels: BTreeMap<String, String>,
-    ports: Vec<(Option<String>, u16)>,
+    /// Name, port, and the host port forwarded to it.
+    ports: Vec<(Option<String>, u16, Option<u16>)>,
+    /// Runs the gateway proxy, not an app and a sidecar.
+    gateway: bool,
     argv: Vec<String>,
     env: Vec<(String, String)>,
     cwd: Option<String>,
@@ -105,7 +108,7 @@ fn plan(dir: &Path) -> anyhow::Result<(Vec<PodPlan>, Vec<ServiceName>)> {
         let Spec::Workload(w) = &r.spec else {
             continue;
         };
-        if w.command.is_empty() {
+        if w.command.is_empty() && !w.gateway {
             bail!(
                 "Workload {}/{}: spec.command is empty (what should the pod run?)",
                 r.namespace(),
@@ -127,8 +130,12 @@ fn plan(dir: &Path) -> anyhow::Result<(Vec<PodPlan>, Vec<ServiceName>)> {
                 ports: w
                     .ports
                     .iter()
-                    .filter_map(|p| Some((p.name.clone(), u16::try_from(p.port).ok()?)))
+                    .filter_map(|p| {
+                        let host = p.host_port.and_then(|h| u16::try_from(h).ok());
+                        Some((p.name.clone(), u16::try_from(p.port).ok()?, host))
+                    })
                     .collect(),
+                gateway: w.gateway,
                 argv: w.command.iter().chain(&w.args).cloned().collect(),
                 env: w
                     .env
@@ -183,8 +190,10 @@ fn hosts_file(pod: &str, ip: std::net::Ipv4Addr, own_ns: &str, services: &[Servi
 struct Pod {
     plan: PodPlan,
     net: trellis_runtime::PodNet,
+    /// The sidecar, or a gateway's proxy.
     sidecar: Proc,
-    app: Proc,
+    /// None for a gateway.
+    app: Option<Proc>,
 }
 
 pub fn run_up(args: &UpArgs) -> anyhow::Result<ExitCode> {
@@ -243,7 +252,12 @@ pub fn run_up(args: &UpArgs) -> anyhow::Result<ExitCode> {
         cp.start()?;
         let mut pods = Vec::new();
         for (i, plan) in plans.into_iter().enumerate() {
-            let ports: Vec<u16> = plan.ports.iter().map(|p| p.1).collect();
+            // A gateway's ports are its own listeners: nothing to intercept inbound.
+            let ports: Vec<u16> = if plan.gateway {
+                Vec::new()
+            } else {
+                plan.ports.iter().map(|p| p.1).collect()
+            };
             let index = u32::try_from(i).context("too many pods")?;
             let hosts = hosts_file(&plan.name, net.pod_ip(index), &plan.namespace, &services);
             let pod_net = net.create_pod(&plan.name, index, &ports, &hosts)?;
@@ -273,13 +287,21 @@ pub fn run_up(args: &UpArgs) -> anyhow::Result<ExitCode> {
                 plan.service_account.clone(),
                 "--address".into(),
                 pod_net.ip.to_string(),
-                "--sidecar".into(),
             ];
+            if plan.gateway {
+                argv.extend(["--mode".into(), "gateway".into()]);
+                for (_, port, _) in &plan.ports {
+                    argv.push("--gateway-listen".into());
+                    argv.push(format!("0.0.0.0:{port}={port}"));
+                }
+            } else {
+                argv.push("--sidecar".into());
+            }
             for (k, v) in &plan.labels {
                 argv.push("--label".into());
                 argv.push(format!("{k}={v}"));
             }
-            for (name, port) in &plan.ports {
+            for (name, port, _) in plan.ports.iter().filter(|_| !plan.gateway) {
                 argv.push("--port".into());
                 argv.push(match name {
                     Some(n) => format!("{n}:{port}"),
@@ -287,7 +309,11 @@ pub fn run_up(args: &UpArgs) -> anyhow::Result<ExitCode> {
                 });
             }
             let sidecar = Proc::new(
-                format!("{}/sidecar", plan.name),
+                format!(
+                    "{}/{}",
+                    plan.name,
+                    if plan.gateway { "gateway" } else { "sidecar" }
+                ),
                 pod_net.netns.clone(),
                 argv,
                 logs.join(format!("{}.proxy.log", plan.name)),
@@ -302,14 +328,17 @@ pub fn run_up(args: &UpArgs) -> anyhow::Result<ExitCode> {
                 "--".into(),
             ];
             app_argv.extend(plan.argv.iter().cloned());
-            let mut app = Proc::new(
-                format!("{}/app", plan.name),
-                pod_net.netns.clone(),
-                app_argv,
-                logs.join(format!("{}.log", plan.name)),
-            );
-            app.env = plan.env.clone();
-            app.cwd = plan.cwd.as_ref().map(|c| dir.join(c));
+            let app = (!plan.gateway).then(|| {
+                let mut app = Proc::new(
+                    format!("{}/app", plan.name),
+                    pod_net.netns.clone(),
+                    app_argv,
+                    logs.join(format!("{}.log", plan.name)),
+                );
+                app.env = plan.env.clone();
+                app.cwd = plan.cwd.as_ref().map(|c| dir.join(c));
+                app
+            });
             pods.push(Pod {
                 plan,
                 net: pod_net,
@@ -334,12 +363,28 @@ pub fn run_up(args: &UpArgs) -> anyhow::Result<ExitCode> {
         state.display()
     );
     for p in &pods {
-        println!(
-            "  {:<24} {:<12} {}",
-            p.plan.name,
-            p.net.ip,
+        let what = if p.plan.gateway {
+            "(gateway proxy)".to_string()
+        } else {
             p.plan.argv.join(" ")
-        );
+        };
+        println!("  {:<24} {:<12} {what}", p.plan.name, p.net.ip);
+    }
+    // Host ports: the machine's loopback to the pods.
+    let mut forwards = Vec::new();
+    for p in &pods {
+        for (_, port, host) in &p.plan.ports {
+            let Some(host) = host else { continue };
+            let listen = std::net::SocketAddr::from(([127, 0, 0, 1], *host));
+            let to = std::net::SocketAddr::from((p.net.ip, *port));
+            match trellis_runtime::forward(listen, &net.node_ns(), to) {
+                Ok(f) => {
+                    println!("  http://{listen} → {}:{port}", p.plan.name);
+                    forwards.push(f);
+                }
+                Err(e) => eprintln!("warning: hostPort {host} of {}: {e:#}", p.plan.name),
+            }
+        }
     }
     println!(
         "Stop with Ctrl-C or `trellis down {mesh}`; `trellis ps {mesh}`, `trellis logs {mesh} POD`."
@@ -351,14 +396,18 @@ pub fn run_up(args: &UpArgs) -> anyhow::Result<ExitCode> {
         for event in std::iter::once(cp.tick())
             .chain(
                 pods.iter_mut()
-                    .flat_map(|p| [p.sidecar.tick(), p.app.tick()]),
+                    .flat_map(|p| [p.sidecar.tick(), p.app.as_mut().and_then(Proc::tick)]),
             )
             .flatten()
         {
             println!("{event}");
         }
         let _ = std::fs::write(state.join("ps"), ps_table(&cp, &pods));
-        if !announced && pods.iter().all(|p| app_started(&p.app)) {
+        if !announced
+            && pods
+                .iter()
+                .all(|p| p.app.as_ref().map_or(p.sidecar.running(), app_started))
+        {
             announced = true;
             println!(
                 "All apps running beside ready sidecars, {:.1}s after start.",
@@ -368,8 +417,9 @@ pub fn run_up(args: &UpArgs) -> anyhow::Result<ExitCode> {
         std::thread::sleep(Duration::from_millis(200));
     }
     println!("Stopping mesh {mesh}: apps, then sidecars, then the control plane…");
-    for p in &mut pods {
-        p.app.stop(Duration::from_secs(5));
+    drop(forwards);
+    for p in pods.iter_mut().filter_map(|p| p.app.as_mut()) {
+        p.stop(Duration::from_secs(5));
     }
     for p in &mut pods {
         p.sidecar.stop(Duration::from_secs(7));
@@ -424,12 +474,12 @@ fn ps_table(cp: &Proc, pods: &[Pod]) -> String {
             p.plan.workload,
             p.net.ip,
             state(&p.sidecar),
-            if p.app.running() && !app_started(&p.app) {
-                "waiting for the sidecar".to_string()
-            } else {
-                state(&p.app)
+            match &p.app {
+                None => "(gateway)".to_string(),
+                Some(a) if a.running() && !app_started(a) => "waiting for the sidecar".to_string(),
+                Some(a) => state(a),
             },
-            p.sidecar.restarts + p.app.restarts
+            p.sidecar.restarts + p.app.as_ref().map_or(0, |a| a.restarts)
         );
     }
     out

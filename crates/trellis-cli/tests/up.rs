@@ -58,6 +58,33 @@ metadata: {name: client, namespace: shop, labels: {app: client}}
 spec:
   serviceAccount: client
   command: [python3, -c, "import time; time.sleep(3600)"]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: {name: ingressgateway, namespace: shop, labels: {istio: ingressgateway}}
+spec:
+  serviceAccount: ingressgateway
+  gateway: true
+  ports: [{name: http, port: 8080, hostPort: HOST_PORT}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: shop-gateway, namespace: shop}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 8080, name: http, protocol: HTTP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: ["*"]
+  gateways: [shop-gateway]
+  http:
+  - route:
+    - destination: {host: web, port: {number: 80}}
 "#;
 
 /// Stops the mesh whatever happens to the test.
@@ -84,7 +111,16 @@ fn curl_reaches_a_python_server_by_service_name_over_mtls_and_down_leaves_nothin
         return;
     }
     let dir = tempfile::tempdir().expect("dir");
-    std::fs::write(dir.path().join("mesh.yaml"), CONFIG).expect("config");
+    // A free port of the host's loopback for the gateway's hostPort.
+    let host_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    std::fs::write(
+        dir.path().join("mesh.yaml"),
+        CONFIG.replace("HOST_PORT", &host_port.to_string()),
+    )
+    .expect("config");
     let mesh = format!("t{}", std::process::id());
     let _down = Down(mesh.clone());
     let log = dir.path().join("up.log");
@@ -153,6 +189,29 @@ fn curl_reaches_a_python_server_by_service_name_over_mtls_and_down_leaves_nothin
     ]);
     assert_eq!(out, "200");
 
+    // From the host: its loopback port, forwarded to the ingress gateway's pod, routed
+    // by the Gateway and VirtualService to web.
+    let mut from_host = String::new();
+    for _ in 0..50 {
+        from_host = output(&[
+            "curl",
+            "-s",
+            "-m",
+            "2",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://127.0.0.1:{host_port}/"),
+        ])
+        .1;
+        if from_host == "200" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(from_host, "200", "through the ingress gateway");
+
     // The server's sidecar received it over mutual TLS from the client's identity.
     let (_, stats) = output(&[
         "ip",
@@ -170,6 +229,7 @@ fn curl_reaches_a_python_server_by_service_name_over_mtls_and_down_leaves_nothin
         .find(|l| {
             l.starts_with("istio_requests_total{reporter=\"destination\"")
                 && l.contains("response_code=\"200\"")
+                && l.contains("sa/client\"")
         })
         .unwrap_or_else(|| panic!("no destination series:\n{stats}"));
     assert!(
@@ -189,6 +249,11 @@ fn curl_reaches_a_python_server_by_service_name_over_mtls_and_down_leaves_nothin
     // `trellis ps` lists both pods, running.
     let (ok_ps, ps) = output(&[BIN, "ps", &mesh]);
     assert!(ok_ps, "{ps}");
+    assert!(
+        ps.lines()
+            .any(|l| l.starts_with("ingressgateway-0") && l.contains("(gateway)")),
+        "{ps}"
+    );
     for pod in ["web-0", "client-0"] {
         assert!(
             ps.lines()
@@ -221,6 +286,10 @@ fn curl_reaches_a_python_server_by_service_name_over_mtls_and_down_leaves_nothin
     );
     let (_, list) = output(&["ip", "netns", "list"]);
     assert!(!list.contains(&format!("trl-{mesh}-")), "{list}");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", host_port)).is_err(),
+        "the host port is closed"
+    );
     for ns in [&client, &web] {
         assert!(!std::path::Path::new(&format!("/etc/netns/{ns}")).exists());
     }

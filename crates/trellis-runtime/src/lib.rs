@@ -6,9 +6,11 @@
 //! The runtime knows nothing of services or configuration: the `trellis` command plans
 //! the pods (names, ports, hosts files, command lines) and hands them over.
 
+pub mod forward;
 pub mod net;
 pub mod supervise;
 
+pub use forward::{Forward, forward};
 pub use net::{MeshNet, PodNet, preflight};
 pub use supervise::Proc;
 

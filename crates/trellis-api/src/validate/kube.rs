@@ -41,7 +41,17 @@ pub(super) fn service(v: &mut V, s: &ServiceSpec) {
 }
 
 pub(super) fn workload(v: &mut V, s: &WorkloadSpec) {
-    if s.command.is_empty() || s.command[0].is_empty() {
+    if s.gateway {
+        if !s.command.is_empty() {
+            v.err(
+                "spec.command",
+                "a gateway runs Trellis's gateway proxy: it has no command",
+            );
+        }
+        if s.ports.is_empty() {
+            v.err("spec.ports", "a gateway needs the ports it serves");
+        }
+    } else if s.command.is_empty() || s.command[0].is_empty() {
         v.err("spec.command", "command must name the program to run");
     }
     if let Some(sa) = &s.service_account {
@@ -56,6 +66,9 @@ pub(super) fn workload(v: &mut V, s: &WorkloadSpec) {
     for (i, p) in s.ports.iter().enumerate() {
         let pp = format!("spec.ports[{i}]");
         port(v, &format!("{pp}.port"), p.port);
+        if let Some(h) = p.host_port {
+            port(v, &format!("{pp}.hostPort"), h);
+        }
         if let Some(prev) = ports.insert(p.port, i) {
             v.err(
                 format!("{pp}.port"),
