@@ -10,6 +10,7 @@ use trellis_api::{Level, LoadOptions};
 
 mod control;
 mod demo;
+mod demo_app;
 mod explain;
 mod gateway;
 mod sidecar;
@@ -83,6 +84,10 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+    /// Bookinfo's services in one program (productpage, details, reviews, ratings), for
+    /// the demo: `--service reviews --version v2`.
+    #[command(disable_version_flag = true)]
+    DemoApp(demo_app::Args),
     /// Inside a pod: wait for the sidecar, then run the app (used by `trellis up`).
     #[command(hide = true)]
     PodExec(up::PodExecArgs),
@@ -141,6 +146,7 @@ fn main() -> ExitCode {
         Command::Ps(args) => up::run_ps(&args),
         Command::Logs(args) => up::run_logs(&args),
         Command::PodExec(args) => up::run_pod_exec(&args),
+        Command::DemoApp(args) => demo_app::run(&args),
         Command::Proxy { args } => Ok(trellis_proxy::cli::main_from(
             std::iter::once(std::ffi::OsString::from("trellis proxy")).chain(args),
         )),
@@ -199,5 +205,14 @@ fn exit_status(messages: &[Message], fail_on: FailOn) -> ExitCode {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

@@ -327,7 +327,15 @@ pub fn run_up(args: &UpArgs) -> anyhow::Result<ExitCode> {
                 "127.0.0.1:15021".into(),
                 "--".into(),
             ];
-            app_argv.extend(plan.argv.iter().cloned());
+            // `trellis …` in a Workload's command is this very program (pods need
+            // nothing installed: `trellis demo-app` plays Bookinfo).
+            app_argv.extend(plan.argv.iter().enumerate().map(|(i, a)| {
+                if i == 0 && a == "trellis" {
+                    exe.clone()
+                } else {
+                    a.clone()
+                }
+            }));
             let app = (!plan.gateway).then(|| {
                 let mut app = Proc::new(
                     format!("{}/app", plan.name),
