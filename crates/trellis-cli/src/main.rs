@@ -75,6 +75,9 @@ enum Command {
     Down(up::MeshRef),
     /// The pods of a running mesh: addresses, state, restarts.
     Ps(up::MeshRef),
+    /// Put resources into a running mesh (copied into its configuration directory; they
+    /// apply within a second, replacing objects of the same kind, namespace and name).
+    Apply(up::ApplyArgs),
     /// A pod's log (its app's, or with --proxy its sidecar's).
     Logs(up::LogsArgs),
     /// The sidecar and gateway proxy (the same as the `trellis-proxy` program; `trellis
@@ -144,6 +147,7 @@ fn main() -> ExitCode {
         Command::Up(args) => up::run_up(&args),
         Command::Down(args) => up::run_down(&args),
         Command::Ps(args) => up::run_ps(&args),
+        Command::Apply(args) => up::run_apply(&args),
         Command::Logs(args) => up::run_logs(&args),
         Command::PodExec(args) => up::run_pod_exec(&args),
         Command::DemoApp(args) => demo_app::run(&args),

@@ -213,6 +213,7 @@ pub fn run_up(args: &UpArgs) -> anyhow::Result<ExitCode> {
         println!("Cleaning up what a previous run of mesh {mesh} left behind…");
         net.teardown(Duration::from_secs(3))?;
     }
+    remove_applied(&state);
     let (plans, services) = plan(&dir)?;
     let started = Instant::now();
     let logs = state.join("logs");
@@ -222,6 +223,7 @@ pub fn run_up(args: &UpArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&logs).with_context(|| format!("{}", logs.display()))?;
     std::fs::create_dir_all(&ca_dir)?;
     std::fs::write(state.join("up.pid"), std::process::id().to_string())?;
+    std::fs::write(state.join("config-dir"), dir.to_string_lossy().as_bytes())?;
     let exe = std::env::current_exe().context("where is this program?")?;
     let exe = exe.to_string_lossy().into_owned();
 
@@ -434,6 +436,7 @@ pub fn run_up(args: &UpArgs) -> anyhow::Result<ExitCode> {
     }
     cp.stop(Duration::from_secs(3));
     let torn = net.teardown(Duration::from_secs(2));
+    remove_applied(&state);
     let _ = std::fs::remove_file(state.join("up.pid"));
     let _ = std::fs::remove_file(state.join("ps"));
     torn?;
@@ -521,6 +524,15 @@ fn stop_signal() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBool>
     Ok(flag)
 }
 
+/// Removes the files `trellis apply` put into the mesh's directory.
+fn remove_applied(state: &Path) {
+    let list = std::fs::read_to_string(state.join("applied")).unwrap_or_default();
+    for f in list.lines().filter(|l| !l.is_empty()) {
+        let _ = std::fs::remove_file(f);
+    }
+    let _ = std::fs::remove_file(state.join("applied"));
+}
+
 /// The pid of the `trellis up` running this mesh, if one is.
 fn running_up(state: &Path) -> Option<u32> {
     let pid: u32 = std::fs::read_to_string(state.join("up.pid"))
@@ -550,9 +562,87 @@ pub fn run_down(args: &MeshRef) -> anyhow::Result<ExitCode> {
     if !left.is_empty() {
         net.teardown(Duration::from_secs(5))?;
     }
+    remove_applied(&state);
     let _ = std::fs::remove_file(state.join("up.pid"));
     let _ = std::fs::remove_file(state.join("ps"));
     println!("Mesh {mesh} is down.");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ApplyArgs {
+    /// Files of resources (Istio YAML, Services, Workloads).
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// The mesh (default: the only one running).
+    #[arg(long)]
+    pub mesh: Option<String>,
+}
+
+/// Copies files into a running mesh's configuration directory, where the control plane
+/// sees them within a second; an object a file declares replaces the one of the same kind,
+/// namespace and name (the file loaded last wins, as `kubectl apply` replaces).
+pub fn run_apply(args: &ApplyArgs) -> anyhow::Result<ExitCode> {
+    let mesh = match &args.mesh {
+        Some(m) => name_of(m),
+        None => {
+            let running: Vec<String> = std::fs::read_dir("/run/trellis")
+                .map(|d| {
+                    d.filter_map(Result::ok)
+                        .filter(|e| running_up(&e.path()).is_some())
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            match running.as_slice() {
+                [one] => one.clone(),
+                [] => bail!("no mesh is up (`trellis up DIR`)"),
+                more => bail!(
+                    "several meshes are up ({}): say which with --mesh",
+                    more.join(", ")
+                ),
+            }
+        }
+    };
+    let state = state_dir(&mesh);
+    if running_up(&state).is_none() {
+        bail!("mesh {mesh} is not up");
+    }
+    let dir = PathBuf::from(std::fs::read_to_string(state.join("config-dir"))?.trim());
+    for f in &args.files {
+        // Checked first: a file with errors is refused whole, and says why.
+        let parsed = trellis_api::load_paths(&[f], &LoadOptions::default());
+        let errors: Vec<String> = parsed
+            .iter()
+            .flat_map(|p| &p.diagnostics)
+            .filter(|d| d.level == trellis_api::Level::Error)
+            .map(ToString::to_string)
+            .collect();
+        if !errors.is_empty() {
+            bail!("{} not applied:\n  {}", f.display(), errors.join("\n  "));
+        }
+        let name = f
+            .file_name()
+            .with_context(|| format!("{}: not a file", f.display()))?;
+        let to = dir.join(format!("applied-{}", name.to_string_lossy()));
+        // Written beside, then renamed: the watcher never reads half a file.
+        let tmp = dir.join(format!(".applied-{}.tmp", name.to_string_lossy()));
+        std::fs::copy(f, &tmp).with_context(|| format!("{}", f.display()))?;
+        std::fs::rename(&tmp, &to)?;
+        // Remembered, so that the mesh's end takes it away again (the directory is the
+        // user's: a demo must not leave files in it).
+        let mut list = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(state.join("applied"))?;
+        std::io::Write::write_all(&mut list, format!("{}\n", to.display()).as_bytes())?;
+        let objects: Vec<String> = parsed
+            .iter()
+            .filter_map(|p| p.resource())
+            .map(|r| r.object_ref().to_string())
+            .collect();
+        println!("{} → mesh {mesh}: {}", f.display(), objects.join(", "));
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -302,3 +302,132 @@ fn curl_reaches_a_python_server_by_service_name_over_mtls_and_down_leaves_nothin
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(text.contains(&format!("Mesh {mesh} is down.")), "{text}");
 }
+
+/// Copies examples/bookinfo into `to`, its ingress gateway's host port made `port`.
+fn bookinfo_copy(to: &std::path::Path, port: u16) {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/bookinfo");
+    for f in std::fs::read_dir(&examples).expect("examples/bookinfo") {
+        let f = f.expect("entry").path();
+        let text = std::fs::read_to_string(&f).expect("read");
+        let text = text.replace("hostPort: 8080", &format!("hostPort: {port}"));
+        std::fs::write(to.join(f.file_name().expect("name")), text).expect("write");
+    }
+}
+
+/// The reviews version that served the product page, seen from the host through the
+/// ingress gateway.
+fn reviews_seen(port: u16, user: Option<&str>) -> String {
+    let url = format!("http://127.0.0.1:{port}/productpage");
+    let mut args = vec!["curl", "-s", "-m", "3"];
+    let header;
+    if let Some(u) = user {
+        header = format!("end-user: {u}");
+        args.extend(["-H", &header]);
+    }
+    args.push(&url);
+    let page = output(&args).1;
+    page.split("Reviews served by <b>")
+        .nth(1)
+        .and_then(|r| r.split("</b>").next())
+        .unwrap_or("none")
+        .to_string()
+}
+
+/// Bookinfo as the demo runs it (`trellis demo-app` in every pod, the ingress gateway on
+/// a host port): jason sees reviews v2, others v1 or v3; a routing rule applied to the
+/// running mesh with `trellis apply` changes what curl sees, and the applied file is gone
+/// from the directory when the mesh stops.
+#[test]
+fn bookinfo_routes_by_user_and_a_live_rule_changes_what_curl_sees() {
+    let missing: Vec<&str> = ["ip", "iptables-restore", "curl"]
+        .into_iter()
+        .filter(|c| !have(c))
+        .collect();
+    if !root() || !missing.is_empty() {
+        eprintln!("SKIPPED: needs root and {missing:?} (root: {})", root());
+        return;
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    bookinfo_copy(dir.path(), port);
+    let mesh = format!("b{}", std::process::id());
+    let _down = Down(mesh.clone());
+    let log = dir.path().join("up.log");
+    let started = Instant::now();
+    let mut up = Command::new(BIN)
+        .args(["up", &dir.path().to_string_lossy(), "--name", &mesh])
+        .stdout(std::fs::File::create(&log).expect("log"))
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("trellis up");
+    let mut first = String::new();
+    while started.elapsed() < Duration::from_secs(30) {
+        first = reviews_seen(port, None);
+        if first != "none" {
+            break;
+        }
+        assert!(up.try_wait().ok().flatten().is_none(), "trellis up exited");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_ne!(
+        first,
+        "none",
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    eprintln!(
+        "productpage answered through the gateway after {:?}",
+        started.elapsed()
+    );
+    for _ in 0..4 {
+        assert_eq!(reviews_seen(port, Some("jason")), "reviews-v2");
+    }
+    let others: Vec<String> = (0..12).map(|_| reviews_seen(port, None)).collect();
+    assert!(
+        others
+            .iter()
+            .all(|v| v == "reviews-v1" || v == "reviews-v3"),
+        "{others:?}"
+    );
+
+    // Every service to v1, applied to the running mesh.
+    let rule = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples/bookinfo-tasks/virtual-service-all-v1.yaml");
+    let (ok, said) = output(&[BIN, "apply", &rule.to_string_lossy(), "--mesh", &mesh]);
+    assert!(ok, "{said}");
+    let applied = Instant::now();
+    let mut in_a_row = 0;
+    while applied.elapsed() < Duration::from_secs(10) && in_a_row < 6 {
+        let user = if in_a_row % 2 == 0 {
+            Some("jason")
+        } else {
+            None
+        };
+        if reviews_seen(port, user) == "reviews-v1" {
+            in_a_row += 1;
+        } else {
+            in_a_row = 0;
+        }
+    }
+    assert_eq!(in_a_row, 6, "everyone on reviews-v1 after the rule");
+    eprintln!("the rule applied within {:?}", applied.elapsed());
+    assert!(
+        dir.path()
+            .join("applied-virtual-service-all-v1.yaml")
+            .exists()
+    );
+
+    let (ok, said) = output(&[BIN, "down", &mesh]);
+    assert!(ok, "{said}");
+    assert!(
+        !dir.path()
+            .join("applied-virtual-service-all-v1.yaml")
+            .exists(),
+        "the applied file is taken away with the mesh"
+    );
+    let (_, list) = output(&["ip", "netns", "list"]);
+    assert!(!list.contains(&format!("trl-{mesh}-")), "{list}");
+}
