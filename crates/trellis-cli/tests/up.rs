@@ -369,7 +369,9 @@ fn bookinfo_routes_by_user_and_a_live_rule_changes_what_curl_sees() {
         if first != "none" {
             break;
         }
-        assert!(up.try_wait().ok().flatten().is_none(), "trellis up exited");
+        if let Ok(Some(status)) = up.try_wait() {
+            panic!("trellis up exited ({status})");
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_ne!(
@@ -422,6 +424,11 @@ fn bookinfo_routes_by_user_and_a_live_rule_changes_what_curl_sees() {
 
     let (ok, said) = output(&[BIN, "down", &mesh]);
     assert!(ok, "{said}");
+    let stopping = Instant::now();
+    while up.try_wait().ok().flatten().is_none() && stopping.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(up.wait().is_ok_and(|s| s.success()), "trellis up ends well");
     assert!(
         !dir.path()
             .join("applied-virtual-service-all-v1.yaml")
