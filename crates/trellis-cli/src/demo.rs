@@ -26,7 +26,25 @@ const FILES: [(&str, &str); 4] = [
     ),
 ];
 
-pub fn run() -> anyhow::Result<ExitCode> {
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Stop after this long (default: run until Ctrl-C).
+    #[arg(long = "for", value_name = "DURATION")]
+    pub run_for: Option<trellis_api::common::Duration>,
+    /// Only the tour of the configuration (no pods).
+    #[arg(long)]
+    pub static_only: bool,
+}
+
+pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    if !args.static_only {
+        match trellis_runtime::preflight() {
+            Ok(()) => return crate::demo_live::run(&FILES, args.run_for.map(|d| d.0)),
+            Err(e) => println!(
+                "The running demo starts Bookinfo as pods on this machine, and {e:#}.\nMeanwhile, the tour of its configuration:\n"
+            ),
+        }
+    }
     println!("Trellis demo: Istio's Bookinfo, configured with unchanged Istio YAML.\n");
     let opts = LoadOptions::default();
     let mut parsed = Vec::new();

@@ -11,6 +11,7 @@ use trellis_api::{Level, LoadOptions};
 mod control;
 mod demo;
 mod demo_app;
+mod demo_live;
 mod explain;
 mod gateway;
 mod sidecar;
@@ -36,9 +37,11 @@ enum Command {
     /// Exit status: 0 when clean, 1 when there are warnings and --fail-on warning is given,
     /// 2 when there are errors.
     Analyze(AnalyzeArgs),
-    /// A tour of Trellis on this machine (today: analyzes the bundled Bookinfo example; the
-    /// running mesh arrives with the local runtime).
-    Demo,
+    /// The tour: Istio's Bookinfo as pods with transparent sidecars on this machine, a
+    /// gentle load through the ingress gateway (http://127.0.0.1:8080/productpage) and a
+    /// live view of every edge, until Ctrl-C. Needs root; without it, the tour of the
+    /// configuration only.
+    Demo(demo::Args),
     /// Translate Istio Gateways and the VirtualServices bound to them into a snapshot for
     /// `trellis-proxy --mode gateway` (JSON on stdout). Clusters are listed with no
     /// endpoints: fill them in (the control plane will, once it exists).
@@ -135,7 +138,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Analyze(args) => run_analyze(&args),
-        Command::Demo => demo::run(),
+        Command::Demo(args) => demo::run(&args),
         Command::GatewaySnapshot(args) => gateway::run(&args),
         Command::Explain(args) => explain::run(&args),
         Command::SidecarSnapshot(args) => sidecar::run(&args),

@@ -197,10 +197,25 @@ struct Pod {
 }
 
 pub fn run_up(args: &UpArgs) -> anyhow::Result<ExitCode> {
+    run_mesh(&args.dir, args.name.as_deref(), None)
+}
+
+/// Called once the pods exist, with the mesh's network and each pod's name and address;
+/// what it returns is kept until the mesh stops (a guard: dropping it ends what it
+/// started).
+pub type StartHook<'a> =
+    &'a mut dyn FnMut(&MeshNet, &[(String, std::net::Ipv4Addr)]) -> Box<dyn std::any::Any>;
+
+/// Runs the mesh of `dir` until SIGINT or SIGTERM.
+pub fn run_mesh(
+    dir: &Path,
+    name: Option<&str>,
+    hook: Option<StartHook<'_>>,
+) -> anyhow::Result<ExitCode> {
     trellis_runtime::preflight()?;
-    let dir = std::fs::canonicalize(&args.dir)
-        .with_context(|| format!("{}: no such directory", args.dir.display()))?;
-    let mesh = match &args.name {
+    let dir = std::fs::canonicalize(dir)
+        .with_context(|| format!("{}: no such directory", dir.display()))?;
+    let mesh = match name {
         Some(n) => trellis_runtime::mesh_name(n),
         None => name_of(&dir.to_string_lossy()),
     };
@@ -401,6 +416,13 @@ pub fn run_up(args: &UpArgs) -> anyhow::Result<ExitCode> {
     );
 
     let stop = stop_signal()?;
+    let guard = hook.map(|h| {
+        let list: Vec<(String, std::net::Ipv4Addr)> = pods
+            .iter()
+            .map(|p| (p.plan.name.clone(), p.net.ip))
+            .collect();
+        h(&net, &list)
+    });
     let mut announced = false;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         for event in std::iter::once(cp.tick())
@@ -426,6 +448,7 @@ pub fn run_up(args: &UpArgs) -> anyhow::Result<ExitCode> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    drop(guard);
     println!("Stopping mesh {mesh}: apps, then sidecars, then the control plane…");
     drop(forwards);
     for p in pods.iter_mut().filter_map(|p| p.app.as_mut()) {

@@ -33,40 +33,52 @@ pub fn forward(listen: SocketAddr, netns: &str, to: SocketAddr) -> anyhow::Resul
     let listener = TcpListener::bind(listen)
         .with_context(|| format!("cannot listen on {listen} (is the port taken?)"))?;
     listener.set_nonblocking(true)?;
-    let ns = std::fs::File::open(format!("/run/netns/{netns}"))
-        .with_context(|| format!("network namespace {netns}"))?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
-    std::thread::Builder::new()
-        .name(format!("forward-{}", listen.port()))
-        .spawn(move || {
-            // This thread, and only it, is in the node's namespace from here on.
-            if let Err(e) = nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET) {
-                tracing::warn!("forward {listen}: cannot enter {to}'s namespace: {e}");
-                return;
-            }
-            while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((client, _)) => {
-                        let _ = client.set_nonblocking(false);
-                        match TcpStream::connect_timeout(&to, Duration::from_secs(3)) {
-                            Ok(upstream) => relay(client, upstream),
-                            Err(e) => {
-                                tracing::warn!("forward {listen} → {to}: {e}");
-                            }
+    spawn_in(netns, &format!("forward-{}", listen.port()), move || {
+        while !flag.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((client, _)) => {
+                    let _ = client.set_nonblocking(false);
+                    match TcpStream::connect_timeout(&to, Duration::from_secs(3)) {
+                        Ok(upstream) => relay(client, upstream),
+                        Err(e) => {
+                            tracing::warn!("forward {listen} → {to}: {e}");
                         }
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(e) => {
-                        tracing::warn!("forward {listen}: {e}");
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => {
+                    tracing::warn!("forward {listen}: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
                 }
             }
-        })?;
+        }
+    })?;
     Ok(Forward { listen, to, stop })
+}
+
+/// Runs `f` on a thread of its own that has entered the network namespace `netns` (the
+/// sockets it makes are that namespace's; the rest of the process stays where it is).
+pub fn spawn_in<F>(netns: &str, name: &str, f: F) -> anyhow::Result<()>
+where
+    F: FnOnce() + Send + 'static,
+{
+    let ns = std::fs::File::open(format!("/run/netns/{netns}"))
+        .with_context(|| format!("network namespace {netns}"))?;
+    let netns = netns.to_string();
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            if let Err(e) = nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET) {
+                tracing::warn!("cannot enter network namespace {netns}: {e}");
+                return;
+            }
+            f();
+        })?;
+    Ok(())
 }
 
 /// Copies both ways on two threads, passing each half-close on.

@@ -10,7 +10,7 @@ pub mod forward;
 pub mod net;
 pub mod supervise;
 
-pub use forward::{Forward, forward};
+pub use forward::{Forward, forward, spawn_in};
 pub use net::{MeshNet, PodNet, preflight};
 pub use supervise::Proc;
 
