@@ -150,8 +150,8 @@ fn missing_path_is_a_clear_error() {
 }
 
 #[test]
-fn demo_runs() {
-    let out = trellis(&["demo"]);
+fn demo_tour_runs() {
+    let out = trellis(&["demo", "--static-only"]);
     assert_eq!(out.status.code(), Some(0));
     let text = stdout(&out);
     assert!(

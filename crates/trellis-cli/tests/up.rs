@@ -438,3 +438,54 @@ fn bookinfo_routes_by_user_and_a_live_rule_changes_what_curl_sees() {
     let (_, list) = output(&["ip", "netns", "list"]);
     assert!(!list.contains(&format!("trl-{mesh}-")), "{list}");
 }
+
+/// `trellis demo` as a new user runs it (here for 10 s): Bookinfo comes up, the load goes
+/// through the ingress gateway on 127.0.0.1:8080, and the live view shows every edge over
+/// mutual TLS; then everything is removed.
+#[test]
+fn the_demo_shows_bookinfo_s_edges_and_cleans_up() {
+    let missing: Vec<&str> = ["ip", "iptables-restore"]
+        .into_iter()
+        .filter(|c| !have(c))
+        .collect();
+    if !root() || !missing.is_empty() {
+        eprintln!("SKIPPED: needs root and {missing:?} (root: {})", root());
+        return;
+    }
+    if std::net::TcpListener::bind("127.0.0.1:8080").is_err() {
+        eprintln!("SKIPPED: 127.0.0.1:8080, the demo's gateway port, is taken");
+        return;
+    }
+    let _down = Down("bookinfo".into());
+    let mut child = Command::new(BIN)
+        .args(["demo", "--for", "10s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("trellis demo");
+    let started = Instant::now();
+    while child.try_wait().ok().flatten().is_none() && started.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if child.try_wait().ok().flatten().is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().expect("output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for edge in [
+        "ingressgateway → productpage v1",
+        "productpage-v1 → details v1",
+        "reviews-v2 → ratings v1",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(edge) && l.ends_with("yes")),
+            "{edge} over mTLS:\n{text}"
+        );
+    }
+    assert!(text.contains("Mesh bookinfo is down."), "{text}");
+    let (_, list) = output(&["ip", "netns", "list"]);
+    assert!(!list.contains("trl-bookinfo-"), "{list}");
+    assert!(!std::path::Path::new("/run/trellis/demo-bookinfo").exists());
+}
