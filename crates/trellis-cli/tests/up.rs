@@ -37,6 +37,24 @@ fn root() -> bool {
         .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
 }
 
+/// Whether this machine can run pods (root and `tools`); says why not when it cannot.
+fn can_run(tools: &[&str]) -> bool {
+    let missing: Vec<&str> = tools.iter().copied().filter(|c| !have(c)).collect();
+    if !root() || !missing.is_empty() {
+        eprintln!("SKIPPED: needs root and {missing:?} (root: {})", root());
+        return false;
+    }
+    true
+}
+
+/// A free port of the host's loopback (for a gateway's hostPort).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 const CONFIG: &str = r#"apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: shop}
@@ -102,20 +120,12 @@ impl Drop for Down {
 
 #[test]
 fn curl_reaches_a_python_server_by_service_name_over_mtls_and_down_leaves_nothing() {
-    let missing: Vec<&str> = ["ip", "iptables-restore", "curl", "python3"]
-        .into_iter()
-        .filter(|c| !have(c))
-        .collect();
-    if !root() || !missing.is_empty() {
-        eprintln!("SKIPPED: needs root and {missing:?} (root: {})", root());
+    if !can_run(&["ip", "iptables-restore", "curl", "python3"]) {
         return;
     }
     let dir = tempfile::tempdir().expect("dir");
     // A free port of the host's loopback for the gateway's hostPort.
-    let host_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let host_port = free_port();
     std::fs::write(
         dir.path().join("mesh.yaml"),
         CONFIG.replace("HOST_PORT", &host_port.to_string()),
@@ -339,19 +349,11 @@ fn reviews_seen(port: u16, user: Option<&str>) -> String {
 /// from the directory when the mesh stops.
 #[test]
 fn bookinfo_routes_by_user_and_a_live_rule_changes_what_curl_sees() {
-    let missing: Vec<&str> = ["ip", "iptables-restore", "curl"]
-        .into_iter()
-        .filter(|c| !have(c))
-        .collect();
-    if !root() || !missing.is_empty() {
-        eprintln!("SKIPPED: needs root and {missing:?} (root: {})", root());
+    if !can_run(&["ip", "iptables-restore", "curl"]) {
         return;
     }
     let dir = tempfile::tempdir().expect("dir");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = free_port();
     bookinfo_copy(dir.path(), port);
     let mesh = format!("b{}", std::process::id());
     let _down = Down(mesh.clone());
@@ -444,12 +446,7 @@ fn bookinfo_routes_by_user_and_a_live_rule_changes_what_curl_sees() {
 /// mutual TLS; then everything is removed.
 #[test]
 fn the_demo_shows_bookinfo_s_edges_and_cleans_up() {
-    let missing: Vec<&str> = ["ip", "iptables-restore"]
-        .into_iter()
-        .filter(|c| !have(c))
-        .collect();
-    if !root() || !missing.is_empty() {
-        eprintln!("SKIPPED: needs root and {missing:?} (root: {})", root());
+    if !can_run(&["ip", "iptables-restore"]) {
         return;
     }
     if std::net::TcpListener::bind("127.0.0.1:8080").is_err() {
