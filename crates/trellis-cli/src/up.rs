@@ -556,7 +556,7 @@ fn remove_applied(state: &Path) {
     let _ = std::fs::remove_file(state.join("applied"));
 }
 
-/// The pid of the `trellis up` running this mesh, if one is.
+/// The pid of the `trellis up` (or `trellis demo`) running this mesh, if one is.
 fn running_up(state: &Path) -> Option<u32> {
     let pid: u32 = std::fs::read_to_string(state.join("up.pid"))
         .ok()?
@@ -564,8 +564,11 @@ fn running_up(state: &Path) -> Option<u32> {
         .parse()
         .ok()?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    (trellis_runtime::net::alive(pid) && cmdline.split(|b| *b == 0).any(|a| a == b"up"))
-        .then_some(pid)
+    (trellis_runtime::net::alive(pid)
+        && cmdline
+            .split(|b| *b == 0)
+            .any(|a| a == b"up" || a == b"demo"))
+    .then_some(pid)
 }
 
 pub fn run_down(args: &MeshRef) -> anyhow::Result<ExitCode> {

@@ -441,9 +441,10 @@ fn bookinfo_routes_by_user_and_a_live_rule_changes_what_curl_sees() {
     assert!(!list.contains(&format!("trl-{mesh}-")), "{list}");
 }
 
-/// `trellis demo` as a new user runs it (here for 10 s): Bookinfo comes up, the load goes
+/// `trellis demo` as a new user runs it (here for 16 s): Bookinfo comes up, the load goes
 /// through the ingress gateway on 127.0.0.1:8080, and the live view shows every edge over
-/// mutual TLS; then everything is removed.
+/// mutual TLS; `trellis ps` and `trellis apply` (as the demo suggests, naming no mesh)
+/// work on it, and the view shows the rule's effect; then everything is removed.
 #[test]
 fn the_demo_shows_bookinfo_s_edges_and_cleans_up() {
     if !can_run(&["ip", "iptables-restore"]) {
@@ -455,12 +456,31 @@ fn the_demo_shows_bookinfo_s_edges_and_cleans_up() {
     }
     let _down = Down("bookinfo".into());
     let mut child = Command::new(BIN)
-        .args(["demo", "--for", "10s"])
+        .args(["demo", "--for", "16s"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("trellis demo");
     let started = Instant::now();
+    while !output(&[
+        "curl",
+        "-sf",
+        "-o",
+        "/dev/null",
+        "http://127.0.0.1:8080/productpage",
+    ])
+    .0 && started.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (ok, ps) = output(&[BIN, "ps", "bookinfo"]);
+    assert!(ok && ps.contains("reviews-v2-0"), "{ps}");
+    // Six seconds of the mix, then everyone to v1.
+    std::thread::sleep(Duration::from_secs(6));
+    let rule = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples/bookinfo-tasks/virtual-service-all-v1.yaml");
+    let (ok, said) = output(&[BIN, "apply", &rule.to_string_lossy()]);
+    assert!(ok, "{said}");
     while child.try_wait().ok().flatten().is_none() && started.elapsed() < Duration::from_secs(60) {
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -481,6 +501,17 @@ fn the_demo_shows_bookinfo_s_edges_and_cleans_up() {
             "{edge} over mTLS:\n{text}"
         );
     }
+    // The last view: reviews v1 only.
+    let last = text.rsplit("SOURCE → DESTINATION").next().unwrap_or("");
+    let rps = |edge: &str| -> f64 {
+        last.lines()
+            .find(|l| l.starts_with(edge))
+            .and_then(|l| l[edge.len()..].split_whitespace().next()?.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    assert!(rps("productpage-v1 → reviews v1") > 0.0, "{last}");
+    assert_eq!(rps("productpage-v1 → reviews v2"), 0.0, "{last}");
+    assert_eq!(rps("productpage-v1 → reviews v3"), 0.0, "{last}");
     assert!(text.contains("Mesh bookinfo is down."), "{text}");
     let (_, list) = output(&["ip", "netns", "list"]);
     assert!(!list.contains("trl-bookinfo-"), "{list}");
