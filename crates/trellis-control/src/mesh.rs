@@ -195,6 +195,11 @@ pub fn peers_of(reg: &Registry) -> Vec<wire::Peer> {
         .collect();
     // In the order a proxy puts its `peer/` resources back (by name).
     out.sort_by_cached_key(|p| format!("{}/{}/{}", p.namespace, p.instance, p.address));
+    // An instance that reconnects is briefly there twice (the old stream not yet gone):
+    // the same peer, once.
+    out.dedup_by(|a, b| {
+        (&a.namespace, &a.instance, &a.address) == (&b.namespace, &b.instance, &b.address)
+    });
     out
 }
 
