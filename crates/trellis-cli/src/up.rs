@@ -279,14 +279,27 @@ pub fn run_mesh(
             let hosts = hosts_file(&plan.name, net.pod_ip(index), &plan.namespace, &services);
             let pod_net = net.create_pod(&plan.name, index, &ports, &hosts)?;
             let token = state.join(format!("{}.token", plan.name));
-            std::fs::write(
-                &token,
-                tokens.issue(
-                    &plan.namespace,
-                    &plan.service_account,
-                    Duration::from_secs(365 * 86_400),
-                ),
-            )?;
+            // A token proves an identity: readable by root only.
+            {
+                use std::io::Write as _;
+                use std::os::unix::fs::OpenOptionsExt;
+                let _ = std::fs::remove_file(&token);
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&token)
+                    .with_context(|| format!("{}", token.display()))?
+                    .write_all(
+                        tokens
+                            .issue(
+                                &plan.namespace,
+                                &plan.service_account,
+                                Duration::from_secs(365 * 86_400),
+                            )
+                            .as_bytes(),
+                    )?;
+            }
             let mut argv = vec![
                 exe.clone(),
                 "proxy".into(),
