@@ -463,3 +463,82 @@ clusters:
         "{closed}"
     );
 }
+
+/// A gRPC call through two proxies: both reporters count it as `request_protocol="grpc"`
+/// with the call's `grpc_response_status`, from trailers (status 0) and from a
+/// trailers-only answer (status 14, UNAVAILABLE), the HTTP status being 200 for both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_are_counted_with_their_grpc_status_on_both_sides() {
+    use trellis_testkit::grpc::{GrpcServer, grpc_call_with_authority};
+    let app = GrpcServer::start().await.expect("grpc app");
+    let (inbound, inbound_admin) = start_with_stats(
+        &format!(
+            "version: in\nworkload: {{name: echo-v1, namespace: shop, labels: {{app: echo, version: v1}}, inboundPorts: [{{port: {p}, name: grpc}}]}}\nservices:\n- hostname: echo.shop.svc.cluster.local\n  ports: [{{port: 50051, name: grpc, cluster: \"outbound|50051||echo.shop.svc.cluster.local\"}}]\nclusters:\n- name: \"outbound|50051||echo.shop.svc.cluster.local\"\n  endpoints: [{{address: \"127.0.0.2:{p}\", workload: echo-v1, namespace: shop, labels: {{app: echo, version: v1}}}}]\n",
+            p = app.addr.port()
+        ),
+        ProxyOptions {
+            inbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), app.addr.port())],
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    let (outbound, outbound_admin) = start_with_stats(
+        &format!(
+            "version: out\nworkload: {{name: web, namespace: shop, labels: {{app: web}}}}\nservices:\n- hostname: echo.shop.svc.cluster.local\n  ports: [{{port: 50051, name: grpc, cluster: \"outbound|50051||echo.shop.svc.cluster.local\"}}]\nclusters:\n- name: \"outbound|50051||echo.shop.svc.cluster.local\"\n  endpoints: [{{address: \"{peer}\", proxied: true, workload: echo-v1, namespace: shop, labels: {{app: echo, version: v1}}}}]\n",
+            peer = inbound.inbound_addrs[0]
+        ),
+        ProxyOptions {
+            outbound_listen: vec![(
+                "127.0.0.1:0".parse().expect("addr"),
+                "echo.shop.svc.cluster.local".into(),
+                50051,
+            )],
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    let front = outbound.outbound_addrs[0];
+    for (path, status) in [("/test.Echo/Unary", "0"), ("/test.Echo/Fail", "14")] {
+        let r = timeout(
+            LIMIT,
+            grpc_call_with_authority(
+                front,
+                "echo.shop.svc.cluster.local:50051",
+                path,
+                vec![bytes::Bytes::from_static(b"ping")],
+            ),
+        )
+        .await
+        .expect("in time")
+        .expect("call");
+        assert_eq!(r.status, 200, "{path}");
+        let got = r
+            .trailers
+            .as_ref()
+            .unwrap_or(&r.headers)
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        assert_eq!(got.as_deref(), Some(status), "{path}");
+    }
+    // UNAVAILABLE is retried by Istio's default policy (twice): the server side saw three
+    // attempts of the one call the client made.
+    for (admin, reporter, counts) in [
+        (outbound_admin, "source", [("0", 1), ("14", 1)]),
+        (inbound_admin, "destination", [("0", 1), ("14", 3)]),
+    ] {
+        let text = scrape(admin).await;
+        for (status, n) in counts {
+            assert!(
+                text.lines().any(|l| l.starts_with("istio_requests_total{")
+                    && l.contains(&format!("reporter=\"{reporter}\""))
+                    && l.contains("destination_service=\"echo.shop.svc.cluster.local\"")
+                    && l.contains(&format!(
+                        "request_protocol=\"grpc\",response_code=\"200\",grpc_response_status=\"{status}\""
+                    ))
+                    && l.ends_with(&format!(" {n}"))),
+                "{reporter}, grpc-status {status}:\n{text}"
+            );
+        }
+    }
+}
