@@ -47,6 +47,38 @@ fn can_run(tools: &[&str]) -> bool {
     true
 }
 
+/// The HTTP status curl gets for `url` (in network namespace `netns`, or on the host).
+fn status_of(netns: Option<&str>, url: &str) -> String {
+    let mut args = Vec::new();
+    if let Some(ns) = netns {
+        args.extend(["ip", "netns", "exec", ns]);
+    }
+    args.extend([
+        "curl",
+        "-s",
+        "-m",
+        "3",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        url,
+    ]);
+    output(&args).1
+}
+
+/// Waits (at most 10 s) for `trellis up` to exit once its mesh is told to stop.
+fn wait_exit(up: &mut std::process::Child) -> Option<std::process::ExitStatus> {
+    let since = Instant::now();
+    while since.elapsed() < Duration::from_secs(10) {
+        if let Ok(Some(status)) = up.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
 /// A free port of the host's loopback (for a gateway's hostPort).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -154,21 +186,7 @@ fn curl_reaches_a_python_server_by_service_name_over_mtls_and_down_leaves_nothin
                 std::fs::read_to_string(&log).unwrap_or_default()
             );
         }
-        let (_, out) = output(&[
-            "ip",
-            "netns",
-            "exec",
-            &client,
-            "curl",
-            "-s",
-            "-m",
-            "2",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "http://web/",
-        ]);
+        let out = status_of(Some(&client), "http://web/");
         if out == "200" {
             ok = true;
             break;
@@ -182,39 +200,14 @@ fn curl_reaches_a_python_server_by_service_name_over_mtls_and_down_leaves_nothin
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     eprintln!("first 200 after {:?}", started.elapsed());
-    let (_, out) = output(&[
-        "ip",
-        "netns",
-        "exec",
-        &client,
-        "curl",
-        "-s",
-        "-m",
-        "5",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "http://web.shop.svc.cluster.local/",
-    ]);
+    let out = status_of(Some(&client), "http://web.shop.svc.cluster.local/");
     assert_eq!(out, "200");
 
     // From the host: its loopback port, forwarded to the ingress gateway's pod, routed
     // by the Gateway and VirtualService to web.
     let mut from_host = String::new();
     for _ in 0..50 {
-        from_host = output(&[
-            "curl",
-            "-s",
-            "-m",
-            "2",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &format!("http://127.0.0.1:{host_port}/"),
-        ])
-        .1;
+        from_host = status_of(None, &format!("http://127.0.0.1:{host_port}/"));
         if from_host == "200" {
             break;
         }
@@ -286,14 +279,7 @@ fn curl_reaches_a_python_server_by_service_name_over_mtls_and_down_leaves_nothin
     assert!(pids.len() >= 4, "sidecars and apps: {pids:?}");
     let (ok_down, down) = output(&[BIN, "down", &mesh]);
     assert!(ok_down, "{down}");
-    let exited = Instant::now();
-    while up.try_wait().ok().flatten().is_none() && exited.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(
-        up.try_wait().ok().flatten().is_some(),
-        "trellis up still runs"
-    );
+    assert!(wait_exit(&mut up).is_some(), "trellis up still runs");
     let (_, list) = output(&["ip", "netns", "list"]);
     assert!(!list.contains(&format!("trl-{mesh}-")), "{list}");
     assert!(
@@ -426,11 +412,10 @@ fn bookinfo_routes_by_user_and_a_live_rule_changes_what_curl_sees() {
 
     let (ok, said) = output(&[BIN, "down", &mesh]);
     assert!(ok, "{said}");
-    let stopping = Instant::now();
-    while up.try_wait().ok().flatten().is_none() && stopping.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(up.wait().is_ok_and(|s| s.success()), "trellis up ends well");
+    assert!(
+        wait_exit(&mut up).is_some_and(|s| s.success()),
+        "trellis up ends well"
+    );
     assert!(
         !dir.path()
             .join("applied-virtual-service-all-v1.yaml")
