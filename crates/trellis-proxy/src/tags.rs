@@ -229,7 +229,7 @@ impl Tags {
                 .iter()
                 .map(|e| match e {
                     Expr::Attr(a) if a.of_response() => None,
-                    _ => Some(self.value(e, Some(req), conn, None)),
+                    _ => Some(self.value(e, Some(req), Some(conn), None)),
                 })
                 .collect(),
         )
@@ -243,11 +243,6 @@ impl Tags {
         headers: Option<&HeaderMap>,
         cluster: &str,
     ) -> Values {
-        let conn = Conn {
-            peer: SocketAddr::from(([0, 0, 0, 0], 0)),
-            port: 0,
-            mtls: false,
-        };
         pending
             .0
             .into_iter()
@@ -259,7 +254,7 @@ impl Tags {
                         headers,
                         cluster,
                     };
-                    self.value::<()>(e, None, conn, Some(&resp))
+                    self.value::<()>(e, None, None, Some(&resp))
                 })
             })
             .collect()
@@ -274,7 +269,7 @@ impl Tags {
         };
         self.exprs
             .iter()
-            .map(|e| self.value::<()>(e, None, conn, Some(&resp)))
+            .map(|e| self.value::<()>(e, None, Some(conn), Some(&resp)))
             .collect()
     }
 
@@ -282,7 +277,7 @@ impl Tags {
         &self,
         e: &Expr,
         req: Option<&http::Request<B>>,
-        conn: Conn,
+        conn: Option<Conn>,
         resp: Option<&Resp<'_>>,
     ) -> Box<str> {
         let a = match e {
@@ -312,10 +307,10 @@ impl Tags {
                 .map(|r| r.cluster)
                 .filter(|c| !c.is_empty())
                 .map(Into::into),
-            Attr::SourceAddress => Some(conn.peer.ip().to_string().into()),
-            Attr::SourcePort => Some(conn.peer.port().to_string().into()),
-            Attr::DestinationPort => Some(conn.port.to_string().into()),
-            Attr::Mtls => Some(if conn.mtls { "true" } else { "false" }.into()),
+            Attr::SourceAddress => conn.map(|c| c.peer.ip().to_string().into()),
+            Attr::SourcePort => conn.map(|c| c.peer.port().to_string().into()),
+            Attr::DestinationPort => conn.map(|c| c.port.to_string().into()),
+            Attr::Mtls => conn.map(|c| if c.mtls { "true" } else { "false" }.into()),
         };
         text.as_deref().map_or_else(|| "unknown".into(), cut)
     }
