@@ -100,7 +100,17 @@ pub struct TracingService {
     pub max_tag_length: Option<u32>,
     /// OpenTelemetry over HTTP (`/v1/traces`) rather than gRPC.
     pub http: Option<OtelHttp>,
+    /// OpenTelemetry over gRPC (the default without `http`): its timeout.
+    pub grpc: Option<OtelGrpc>,
     pub path: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OtelGrpc {
+    pub timeout: Option<Duration>,
+    #[serde(default)]
+    pub initial_metadata: Vec<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

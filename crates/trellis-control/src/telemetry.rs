@@ -272,7 +272,10 @@ fn provider(name: &str, mesh: &MeshConfigFile) -> Option<wire::TelemetryProvider
             .http
             .as_ref()
             .and_then(|h| h.timeout.as_ref())
+            .or_else(|| t.grpc.as_ref()?.timeout.as_ref())
             .map(duration);
+        // Istio sends OTLP over gRPC unless the provider says `http`.
+        p.grpc = e.opentelemetry.is_some() && t.http.is_none();
     }
     if let Some(f) = &e.envoy_file_access_log {
         p.path = f.path.clone();
@@ -654,6 +657,8 @@ extensionProviders:
   opentelemetry: {service: collector.obs.svc.cluster.local, port: 4318, http: {path: /v1/traces}}
 - name: zipkin
   zipkin: {service: zipkin.obs.svc.cluster.local, port: 9411}
+- name: otel-grpc
+  opentelemetry: {service: collector.obs.svc.cluster.local, port: 4317, grpc: {timeout: 2s}}
 accessLogFile: /dev/stdout
 accessLogEncoding: JSON
 "#,
@@ -678,6 +683,12 @@ accessLogEncoding: JSON
             (otel.service.as_str(), otel.port, otel.path.as_deref()),
             ("collector.obs.svc.cluster.local", 4318, Some("/v1/traces"))
         );
+        assert!(!otel.grpc, "`http` set: OTLP/HTTP");
+        // Without `http`, OTLP goes over gRPC (Istio's default), with its timeout.
+        let grpc = provider("otel-grpc", &mesh).expect("defined");
+        assert!(grpc.grpc);
+        assert_eq!(grpc.timeout.map(|d| d.seconds), Some(2));
+        assert!(!provider("zipkin", &mesh).expect("defined").grpc);
         // A Telemetry that names zipkin and samples more: its provider, its rate.
         let rs = parse(
             "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: t, namespace: shop}\nspec:\n  tracing: [{providers: [{name: zipkin}], randomSamplingPercentage: 50}]\n",

@@ -1,5 +1,5 @@
 //! Distributed tracing: W3C Trace Context and B3 propagation, sampling, and one span per
-//! hop and side, exported over OTLP/HTTP (protobuf) or as Zipkin v2 JSON.
+//! hop and side, exported over OTLP (HTTP/protobuf, or gRPC) or as Zipkin v2 JSON.
 //!
 //! What a workload's Telemetry selects arrives in the snapshot (`Workload.telemetry`:
 //! tracing per side, with its providers and sampling percentage). With none, the proxy
@@ -8,7 +8,8 @@
 //! - takes its context from `traceparent` (and `tracestate`), else B3 (`b3`, or the
 //!   `x-b3-*` headers); with none, a new trace starts;
 //! - is sampled as the context says, and else at the side's percentage (Istio's default
-//!   1 %): an upstream decision is always kept;
+//!   1 %), rolled from its `x-request-id` unless `useRequestIdForTraceSampling` is false:
+//!   an upstream decision is always kept;
 //! - gets a span of its own (a child of the incoming one), whose id the request carries on
 //!   in `traceparent`, and in B3 as well when it came with B3 (`x-b3-*`, and `b3` if that
 //!   is what came), so that W3C and B3 apps both follow;
@@ -17,7 +18,8 @@
 //!   `http.method`, `http.url`, `http.protocol`, `http.status_code`, `response_flags`,
 //!   `upstream_cluster`, `peer.address`, `guid:x-request-id`, `user_agent`,
 //!   `request_size`, `response_size`, `component`, `node_id`, `istio.namespace`,
-//!   `istio.canonical_service`, `istio.canonical_revision`, `istio.mesh_id`.
+//!   `istio.canonical_service`, `istio.canonical_revision`, `istio.mesh_id`, and the
+//!   Telemetry's `customTags`.
 //!
 //! Spans go to an exporter thread per collector through a bounded queue, and leave in
 //! batches (up to 512 spans, or every 200 ms): a slow or absent collector never holds a
@@ -220,8 +222,13 @@ fn random_bytes<const N: usize>() -> [u8; N] {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Protocol {
     Otlp,
+    /// OTLP over gRPC (h2c, one connection kept open).
+    OtlpGrpc,
     Zipkin,
 }
+
+/// The gRPC method OTLP spans are sent to.
+const OTLP_GRPC_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
 /// One collector, and the thread that sends it spans.
 #[derive(Debug)]
@@ -280,6 +287,16 @@ fn export_loop(
     timeout: Duration,
 ) {
     let mut batch: Vec<Span> = Vec::new();
+    let mut grpc = match protocol {
+        Protocol::OtlpGrpc => match GrpcClient::new() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!("span exporter for {host}:{port}: {e}");
+                return;
+            }
+        },
+        _ => None,
+    };
     loop {
         // A batch leaves when it is full, or FLUSH_EVERY after its first span came.
         match rx.recv() {
@@ -299,12 +316,16 @@ fn export_loop(
             Ordering::Relaxed,
         );
         let (body, content_type) = match protocol {
-            Protocol::Otlp => (otlp::encode(&batch), "application/x-protobuf"),
+            Protocol::Otlp | Protocol::OtlpGrpc => (otlp::encode(&batch), "application/x-protobuf"),
             Protocol::Zipkin => (zipkin_json(&batch).into_bytes(), "application/json"),
         };
         let n = batch.len() as u64;
         batch.clear();
-        match post(host, port, path, content_type, &body, timeout) {
+        let sent = match &mut grpc {
+            Some(client) => client.export(host, port, &body, timeout),
+            None => post(host, port, path, content_type, &body, timeout),
+        };
+        match sent {
             Ok(()) => {
                 EXPORTED.fetch_add(n, Ordering::Relaxed);
             }
@@ -355,6 +376,144 @@ fn post(
     }
 }
 
+/// OTLP/gRPC: unary `Export` calls on one HTTP/2 connection (h2c), driven by a runtime of
+/// the exporter thread's own (the connection's task runs while a call is under way).
+struct GrpcClient {
+    rt: tokio::runtime::Runtime,
+    conn: Option<hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>>,
+}
+
+impl GrpcClient {
+    fn new() -> std::io::Result<GrpcClient> {
+        Ok(GrpcClient {
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+            conn: None,
+        })
+    }
+
+    /// One batch (an encoded `ExportTraceServiceRequest`). A connection that has gone idle
+    /// and died is replaced once, so that a batch is not lost to it.
+    fn export(
+        &mut self,
+        host: &str,
+        port: u16,
+        message: &[u8],
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let mut framed = Vec::with_capacity(5 + message.len());
+        framed.push(0);
+        framed.extend_from_slice(
+            &u32::try_from(message.len())
+                .unwrap_or(u32::MAX)
+                .to_be_bytes(),
+        );
+        framed.extend_from_slice(message);
+        let framed = bytes::Bytes::from(framed);
+        let reused = self.conn.is_some();
+        let first = self.call(host, port, framed.clone(), timeout);
+        match first {
+            Err(Retry::Connection(_)) if reused => {
+                self.conn = None;
+                self.call(host, port, framed, timeout)
+                    .map_err(Retry::into_message)
+            }
+            other => other.map_err(Retry::into_message),
+        }
+    }
+
+    fn call(
+        &mut self,
+        host: &str,
+        port: u16,
+        framed: bytes::Bytes,
+        timeout: Duration,
+    ) -> Result<(), Retry> {
+        use http_body_util::BodyExt as _;
+        let conn = &mut self.conn;
+        let outcome = self.rt.block_on(async {
+            tokio::time::timeout(timeout, async {
+                if conn.as_ref().is_none_or(|c| c.is_closed()) {
+                    let stream = tokio::net::TcpStream::connect((host, port))
+                        .await
+                        .map_err(|e| Retry::Connection(e.to_string()))?;
+                    let _ = stream.set_nodelay(true);
+                    let (send, driver) = hyper::client::conn::http2::handshake(
+                        hyper_util::rt::TokioExecutor::new(),
+                        hyper_util::rt::TokioIo::new(stream),
+                    )
+                    .await
+                    .map_err(|e| Retry::Connection(e.to_string()))?;
+                    tokio::spawn(driver);
+                    *conn = Some(send);
+                }
+                let Some(send) = conn.as_mut() else {
+                    return Err(Retry::Connection("no connection".into()));
+                };
+                send.ready()
+                    .await
+                    .map_err(|e| Retry::Connection(e.to_string()))?;
+                let req = http::Request::post(format!("http://{host}:{port}{OTLP_GRPC_PATH}"))
+                    .header(http::header::CONTENT_TYPE, "application/grpc")
+                    .header(http::header::TE, "trailers")
+                    .body(http_body_util::Full::new(framed))
+                    .map_err(|e| Retry::Call(e.to_string()))?;
+                let resp = send
+                    .send_request(req)
+                    .await
+                    .map_err(|e| Retry::Connection(e.to_string()))?;
+                let http_status = resp.status();
+                let head = resp.headers().clone();
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| Retry::Call(e.to_string()))?;
+                // grpc-status in the trailers, or in the head of a trailers-only answer.
+                let trailers = body.trailers().cloned().unwrap_or_default();
+                let field = |name: &str| {
+                    trailers
+                        .get(name)
+                        .or_else(|| head.get(name))
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                };
+                match field("grpc-status").as_deref() {
+                    Some("0") => Ok(()),
+                    Some(code) => Err(Retry::Call(format!(
+                        "the collector answered grpc-status {code} {}",
+                        field("grpc-message").unwrap_or_default()
+                    ))),
+                    None => Err(Retry::Call(format!(
+                        "the collector answered HTTP {http_status} without grpc-status"
+                    ))),
+                }
+            })
+            .await
+            .unwrap_or_else(|_| Err(Retry::Call("timed out".into())))
+        });
+        if outcome.is_err() {
+            self.conn = None;
+        }
+        outcome
+    }
+}
+
+/// Why a gRPC export failed: the connection (worth one more try on a new one), or the call.
+enum Retry {
+    Connection(String),
+    Call(String),
+}
+
+impl Retry {
+    fn into_message(self) -> String {
+        match self {
+            Retry::Connection(m) | Retry::Call(m) => m,
+        }
+    }
+}
+
 /// A side's tracing, compiled.
 #[derive(Debug, Clone)]
 struct SideConfig {
@@ -363,6 +522,39 @@ struct SideConfig {
     max_tag: usize,
     exporters: Vec<Arc<Exporter>>,
     propagate: bool,
+    /// A new trace's decision is a function of its `x-request-id` (Envoy's and Istio's
+    /// default), so that every proxy that sees the id decides alike.
+    by_request_id: bool,
+    /// `customTags`: name and value (an environment variable is read when compiled).
+    custom: Arc<[(Arc<str>, CustomTag)]>,
+}
+
+/// A custom tag's value.
+#[derive(Debug)]
+enum CustomTag {
+    Literal(String),
+    /// A request header, or the default when the request has none.
+    Header(HeaderName, String),
+}
+
+impl CustomTag {
+    fn of(t: &wire::TracingTag) -> Option<CustomTag> {
+        let default = t.default_value.clone().unwrap_or_default();
+        if let Some(v) = &t.literal {
+            return Some(CustomTag::Literal(v.clone()));
+        }
+        if let Some(var) = &t.environment {
+            return Some(CustomTag::Literal(std::env::var(var).unwrap_or(default)));
+        }
+        let name = t.header.as_deref()?;
+        match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(h) => Some(CustomTag::Header(h, default)),
+            Err(_) => {
+                tracing::warn!("custom tag header {name:?} is not a header name");
+                None
+            }
+        }
+    }
 }
 
 /// A workload's tracing, compiled from its Telemetry.
@@ -389,6 +581,7 @@ impl Tracer {
                 };
                 let (protocol, default_path) = match p.kind.as_str() {
                     "zipkin" => (Protocol::Zipkin, "/api/v2/spans"),
+                    "opentelemetry" if p.grpc => (Protocol::OtlpGrpc, OTLP_GRPC_PATH),
                     "opentelemetry" => (Protocol::Otlp, "/v1/traces"),
                     _ => continue,
                 };
@@ -420,6 +613,12 @@ impl Tracer {
                     .clamp(0.0, 100.0),
                 exporters,
                 propagate: entry.disable_context_propagation != Some(true),
+                by_request_id: entry.use_request_id_for_trace_sampling != Some(false),
+                custom: entry
+                    .custom_tags
+                    .iter()
+                    .filter_map(|(name, t)| Some((Arc::from(name.as_str()), CustomTag::of(t)?)))
+                    .collect(),
             };
             let (client, server) = match entry.mode.as_str() {
                 "CLIENT" => (true, false),
@@ -444,8 +643,14 @@ impl Tracer {
         let headers = req.headers_mut();
         let incoming = extract(headers);
         let sampled = incoming.sampled.unwrap_or_else(|| {
-            side.sampling >= 100.0
-                || (crate::http::random_u64() % 1_000_000) as f64 / 10_000.0 < side.sampling
+            if side.sampling >= 100.0 {
+                return true;
+            }
+            let roll = match headers.get("x-request-id").filter(|_| side.by_request_id) {
+                Some(id) => fnv1a(id.as_bytes()),
+                None => crate::http::random_u64(),
+            };
+            (roll % 1_000_000) as f64 / 10_000.0 < side.sampling
         });
         let trace_id = incoming.trace_id.unwrap_or_else(random_bytes::<16>);
         let span_id = random_bytes::<8>();
@@ -475,6 +680,21 @@ impl Tracer {
                 request_id: text("x-request-id"),
                 user_agent: text("user-agent"),
                 authority,
+                custom: side
+                    .custom
+                    .iter()
+                    .map(|(name, tag)| {
+                        let value = match tag {
+                            CustomTag::Literal(v) => v.clone(),
+                            CustomTag::Header(h, default) => req
+                                .headers()
+                                .get(h)
+                                .and_then(|v| v.to_str().ok())
+                                .map_or_else(|| default.clone(), str::to_string),
+                        };
+                        (Arc::clone(name), value)
+                    })
+                    .collect(),
             }
         };
         Some(Box::new(Started {
@@ -554,6 +774,7 @@ struct SpanRequest {
     authority: String,
     request_id: String,
     user_agent: String,
+    custom: Vec<(Arc<str>, String)>,
 }
 
 /// A span begun, waiting for the response to end.
@@ -582,6 +803,33 @@ pub struct Outcome<'a> {
     pub own: &'a crate::metrics::WorkloadMeta,
 }
 
+/// A span attribute's name: one of the proxy's own, or a `customTags` name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttrKey {
+    Fixed(&'static str),
+    Custom(Arc<str>),
+}
+
+impl std::ops::Deref for AttrKey {
+    type Target = str;
+    fn deref(&self) -> &str {
+        match self {
+            AttrKey::Fixed(s) => s,
+            AttrKey::Custom(s) => s,
+        }
+    }
+}
+
+/// FNV-1a, 64 bits: a request id's sampling roll.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
 /// A span, finished.
 #[derive(Debug, Clone)]
 pub struct Span {
@@ -593,7 +841,7 @@ pub struct Span {
     pub server: bool,
     pub start: SystemTime,
     pub end: SystemTime,
-    pub attributes: Vec<(&'static str, String)>,
+    pub attributes: Vec<(AttrKey, String)>,
     pub error: bool,
     /// The reporting workload's `service.name` (`canonical-service.namespace`).
     pub service: String,
@@ -603,7 +851,7 @@ impl Started {
     /// Hands the finished span to the exporters (when sampled).
     pub fn finish(self, o: &Outcome<'_>) {
         let r = self.request;
-        let mut attributes = vec![
+        let mut attributes: Vec<(AttrKey, String)> = [
             ("http.method", r.method),
             ("http.url", r.url),
             ("http.protocol", r.protocol),
@@ -625,12 +873,18 @@ impl Started {
                 "node_id",
                 format!("sidecar~{}.{}", o.own.workload, o.own.namespace),
             ),
-        ];
+        ]
+        .into_iter()
+        .map(|(k, v)| (AttrKey::Fixed(k), v))
+        .collect();
         if !r.request_id.is_empty() {
-            attributes.push(("guid:x-request-id", r.request_id));
+            attributes.push((AttrKey::Fixed("guid:x-request-id"), r.request_id));
         }
         if !r.user_agent.is_empty() {
-            attributes.push(("user_agent", r.user_agent));
+            attributes.push((AttrKey::Fixed("user_agent"), r.user_agent));
+        }
+        for (name, value) in r.custom {
+            attributes.push((AttrKey::Custom(name), value));
         }
         for (_, v) in &mut attributes {
             truncate(v, self.max_tag);
@@ -1025,7 +1279,7 @@ mod tests {
             server: true,
             start: SystemTime::UNIX_EPOCH + Duration::from_secs(1),
             end: SystemTime::UNIX_EPOCH + Duration::from_secs(2),
-            attributes: vec![("http.status_code", "200".into())],
+            attributes: vec![(AttrKey::Fixed("http.status_code"), "200".into())],
             error: false,
             service: "reviews.shop".into(),
         };

@@ -8,6 +8,7 @@ mod common;
 use common::start_with_stats;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::time::timeout;
 use trellis_proxy::ProxyOptions;
-use trellis_proxy::trace::otlp::{ExportTraceServiceRequest, OtlpSpan};
+use trellis_proxy::trace::otlp::{AnyValue, ExportTraceServiceRequest, KeyValue, OtlpSpan};
 use trellis_testkit::HttpServer;
 use trellis_testkit::http_client::{HttpClient, HttpResponse};
 
@@ -27,16 +28,38 @@ const LIMIT: Duration = Duration::from_secs(20);
 
 type Spans = Arc<Mutex<Vec<(String, OtlpSpan)>>>;
 
-/// A collector: `POST /v1/traces` with an OTLP protobuf body; each span is kept with the
-/// `service.name` of its resource.
+/// A fixture collector: the spans it was given (each with its resource's `service.name`)
+/// and the number of exports that brought them.
+struct Collector {
+    addr: SocketAddr,
+    spans: Spans,
+    exports: Arc<AtomicUsize>,
+}
+
+/// What a collector speaks.
+#[derive(Clone, Copy, PartialEq)]
+enum Wire {
+    /// `POST /v1/traces`, OTLP protobuf.
+    OtlpHttp,
+    /// `POST /api/v2/spans`, Zipkin v2 JSON (decoded into the OTLP form here).
+    Zipkin,
+}
+
+/// An HTTP/1.1 collector on loopback.
 async fn collector() -> (SocketAddr, Spans) {
+    let c = http_collector(Wire::OtlpHttp).await;
+    (c.addr, c.spans)
+}
+
+async fn http_collector(wire: Wire) -> Collector {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let spans: Spans = Arc::default();
-    let kept = Arc::clone(&spans);
+    let exports = Arc::new(AtomicUsize::new(0));
+    let (kept, counted) = (Arc::clone(&spans), Arc::clone(&exports));
     tokio::spawn(async move {
         while let Ok((mut sock, _)) = listener.accept().await {
-            let kept = Arc::clone(&kept);
+            let (kept, counted) = (Arc::clone(&kept), Arc::clone(&counted));
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 16384];
@@ -61,14 +84,25 @@ async fn collector() -> (SocketAddr, Spans) {
                     if buf.len() < end + 4 + len {
                         continue;
                     }
-                    assert!(head.starts_with("post /v1/traces "), "{head}");
-                    assert!(
-                        head.contains("content-type: application/x-protobuf"),
-                        "{head}"
-                    );
-                    let req = ExportTraceServiceRequest::decode(&buf[end + 4..end + 4 + len])
-                        .expect("OTLP protobuf");
-                    keep(&kept, req);
+                    let body = &buf[end + 4..end + 4 + len];
+                    match wire {
+                        Wire::OtlpHttp => {
+                            assert!(head.starts_with("post /v1/traces "), "{head}");
+                            assert!(
+                                head.contains("content-type: application/x-protobuf"),
+                                "{head}"
+                            );
+                            let req =
+                                ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
+                            keep(&kept, req);
+                        }
+                        Wire::Zipkin => {
+                            assert!(head.starts_with("post /api/v2/spans "), "{head}");
+                            assert!(head.contains("content-type: application/json"), "{head}");
+                            keep_zipkin(&kept, body);
+                        }
+                    }
+                    counted.fetch_add(1, Ordering::SeqCst);
                     let _ = sock
                         .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
                         .await;
@@ -77,7 +111,79 @@ async fn collector() -> (SocketAddr, Spans) {
             });
         }
     });
-    (addr, spans)
+    Collector {
+        addr,
+        spans,
+        exports,
+    }
+}
+
+/// A collector of OTLP over gRPC (h2c, `TraceService/Export`), answering grpc-status 0.
+async fn grpc_collector() -> Collector {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let spans: Spans = Arc::default();
+    let exports = Arc::new(AtomicUsize::new(0));
+    let (kept, counted) = (Arc::clone(&spans), Arc::clone(&exports));
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let (kept, counted) = (Arc::clone(&kept), Arc::clone(&counted));
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(sock).await else {
+                    return;
+                };
+                // The connection is driven by `accept`: each call is served in a task.
+                while let Some(Ok((req, respond))) = conn.accept().await {
+                    let (kept, counted) = (Arc::clone(&kept), Arc::clone(&counted));
+                    tokio::spawn(export_call(req, respond, kept, counted));
+                }
+            });
+        }
+    });
+    Collector {
+        addr,
+        spans,
+        exports,
+    }
+}
+
+/// One `Export` call: its spans kept, grpc-status 0 in the trailers.
+async fn export_call(
+    req: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    kept: Spans,
+    counted: Arc<AtomicUsize>,
+) {
+    assert_eq!(
+        req.uri().path(),
+        "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+    );
+    assert_eq!(req.headers()["content-type"], "application/grpc");
+    let mut body = req.into_body();
+    let mut framed = Vec::new();
+    while let Some(Ok(data)) = body.data().await {
+        let _ = body.flow_control().release_capacity(data.len());
+        framed.extend_from_slice(&data);
+    }
+    // One gRPC message: flag, length, then the message.
+    assert_eq!(framed[0], 0, "not compressed");
+    let len = u32::from_be_bytes([framed[1], framed[2], framed[3], framed[4]]);
+    assert_eq!(framed.len(), 5 + len as usize);
+    keep(
+        &kept,
+        ExportTraceServiceRequest::decode(&framed[5..]).expect("OTLP protobuf"),
+    );
+    counted.fetch_add(1, Ordering::SeqCst);
+    let head = http::Response::builder()
+        .header("content-type", "application/grpc")
+        .body(())
+        .expect("response");
+    let Ok(mut stream) = respond.send_response(head, false) else {
+        return;
+    };
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    let _ = stream.send_trailers(trailers);
 }
 
 /// Keeps each span of an export with its resource's `service.name`.
@@ -98,22 +204,78 @@ fn keep(spans: &Spans, req: ExportTraceServiceRequest) {
     }
 }
 
+/// Keeps Zipkin v2 spans in the OTLP form (ids from hex, kind SERVER 2 / CLIENT 3, tags as
+/// attributes).
+fn keep_zipkin(spans: &Spans, body: &[u8]) {
+    let list: Vec<serde_json::Value> = serde_json::from_slice(body).expect("Zipkin JSON");
+    let unhex = |v: &serde_json::Value| -> Vec<u8> {
+        let s = v.as_str().unwrap_or("");
+        (0..s.len() / 2)
+            .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("hex"))
+            .collect()
+    };
+    let mut kept = spans.lock().expect("lock");
+    for z in list {
+        let attributes = z["tags"]
+            .as_object()
+            .expect("tags")
+            .iter()
+            .map(|(k, v)| KeyValue {
+                key: k.clone(),
+                value: Some(AnyValue {
+                    string_value: v.as_str().map(str::to_string),
+                }),
+            })
+            .collect();
+        let start = z["timestamp"].as_u64().expect("timestamp") * 1000;
+        let span = OtlpSpan {
+            trace_id: unhex(&z["traceId"]),
+            span_id: unhex(&z["id"]),
+            parent_span_id: unhex(&z["parentId"]),
+            name: z["name"].as_str().expect("name").to_string(),
+            kind: match z["kind"].as_str() {
+                Some("SERVER") => 2,
+                Some("CLIENT") => 3,
+                other => panic!("kind {other:?}"),
+            },
+            start_time_unix_nano: start,
+            end_time_unix_nano: start + z["duration"].as_u64().expect("duration") * 1000,
+            attributes,
+            status: None,
+        };
+        let service = z["localEndpoint"]["serviceName"]
+            .as_str()
+            .expect("serviceName")
+            .to_string();
+        kept.push((service, span));
+    }
+}
+
 fn telemetry(collector: SocketAddr, sampling: f64) -> String {
+    tracing_yaml(
+        &format!(
+            "kind: opentelemetry\n      service: \"{}\"\n      port: {}\n      path: /v1/traces",
+            collector.ip(),
+            collector.port()
+        ),
+        sampling,
+        "",
+    )
+}
+
+/// A Telemetry that traces both sides to one provider (`provider`: its fields after the
+/// name), with `extra` fields for the tracing entry.
+fn tracing_yaml(provider: &str, sampling: f64, extra: &str) -> String {
     format!(
         r#"  telemetry:
     tracing:
     - mode: CLIENT_AND_SERVER
-      providers: [otel]
+      providers: [p]
       randomSamplingPercentage: {sampling}
-    providers:
-    - name: otel
-      kind: opentelemetry
-      service: "{ip}"
-      port: {port}
-      path: /v1/traces
-"#,
-        ip = collector.ip(),
-        port = collector.port()
+{extra}    providers:
+    - name: p
+      {provider}
+"#
     )
 }
 
@@ -128,10 +290,24 @@ async fn mesh(
     trellis_proxy::ProxyHandle,
     SocketAddr,
 ) {
+    let (inbound, outbound, front, _) = mesh_with(app, &telemetry(collector, sampling)).await;
+    (inbound, outbound, front)
+}
+
+/// The same with any telemetry (`tracing_yaml`): also the outbound proxy's stats address.
+async fn mesh_with(
+    app: &HttpServer,
+    telemetry: &str,
+) -> (
+    trellis_proxy::ProxyHandle,
+    trellis_proxy::ProxyHandle,
+    SocketAddr,
+    SocketAddr,
+) {
     let inbound_yaml = format!(
         "version: in\nworkload:\n  name: reviews-v1\n  namespace: shop\n  serviceAccount: reviews\n  labels: {{app: reviews, version: v1}}\n  inboundPorts: [{{port: {}, name: http}}]\n{}",
         app.addr.port(),
-        telemetry(collector, sampling)
+        telemetry
     );
     let (inbound, _) = start_with_stats(
         &inbound_yaml,
@@ -144,9 +320,9 @@ async fn mesh(
     let peer = inbound.inbound_addrs[0];
     let outbound_yaml = format!(
         "version: out\nworkload:\n  name: web\n  namespace: shop\n  serviceAccount: web\n  labels: {{app: web, version: v2}}\n{}services:\n- hostname: reviews.shop.svc.cluster.local\n  ports: [{{port: 9080, name: http, cluster: reviews}}]\nclusters:\n- name: reviews\n  endpoints: [{{address: \"{peer}\", proxied: true, workload: reviews-v1, namespace: shop}}]\n",
-        telemetry(collector, sampling)
+        telemetry
     );
-    let (outbound, _) = start_with_stats(
+    let (outbound, stats) = start_with_stats(
         &outbound_yaml,
         ProxyOptions {
             outbound_listen: vec![(
@@ -159,7 +335,7 @@ async fn mesh(
     )
     .await;
     let front = outbound.outbound_addrs[0];
-    (inbound, outbound, front)
+    (inbound, outbound, front, stats)
 }
 
 /// GET /echo through the mesh with `headers`; the app echoes what it received as
@@ -330,4 +506,205 @@ async fn at_100_percent_every_new_trace_is_reported() {
         .find(|(_, s)| s.kind == 3)
         .expect("a CLIENT span");
     assert!(client.1.parent_span_id.is_empty());
+}
+
+/// A counter's value from a proxy's `/stats/prometheus`.
+async fn counter(stats: SocketAddr, name: &str) -> u64 {
+    let mut client = HttpClient::http1(stats).await.expect("connect");
+    let req = client
+        .request(Method::GET, &stats.to_string(), "/stats/prometheus")
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let resp = timeout(LIMIT, client.send(req))
+        .await
+        .expect("in time")
+        .expect("scrape");
+    let text = String::from_utf8_lossy(&resp.body).to_string();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opentelemetry_provider_without_http_gets_otlp_over_grpc() {
+    let app = HttpServer::start().await.expect("app");
+    let c = grpc_collector().await;
+    // What the control plane sends for `opentelemetry: {service, port}` (no `http`).
+    let provider = format!(
+        "kind: opentelemetry\n      service: \"{}\"\n      port: {}\n      grpc: true",
+        c.addr.ip(),
+        c.addr.port()
+    );
+    let (_inbound, _outbound, front, _) =
+        mesh_with(&app, &tracing_yaml(&provider, 100.0, "")).await;
+    // Two traces, far enough apart to leave in two exports on the one connection.
+    let mut traces = Vec::new();
+    for _ in 0..2 {
+        let resp = get(front, &[]).await;
+        let tp = echoed(&resp, "traceparent").to_string();
+        traces.push(tp.split('-').nth(1).expect("trace id").to_string());
+        spans_of(&c.spans, &traces[traces.len() - 1], 2).await;
+    }
+    for trace in &traces {
+        let found = spans_of(&c.spans, trace, 2).await;
+        let client = found.iter().find(|(_, s)| s.kind == 3).expect("CLIENT");
+        let server = found.iter().find(|(_, s)| s.kind == 2).expect("SERVER");
+        assert_eq!(server.1.parent_span_id, client.1.span_id);
+        assert_eq!(client.0, "web.shop");
+    }
+    assert!(c.exports.load(Ordering::SeqCst) >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zipkin_gets_v2_json_spans_in_batches() {
+    let app = HttpServer::start().await.expect("app");
+    let c = http_collector(Wire::Zipkin).await;
+    let provider = format!(
+        "kind: zipkin\n      service: \"{}\"\n      port: {}",
+        c.addr.ip(),
+        c.addr.port()
+    );
+    let (_inbound, _outbound, front, _) =
+        mesh_with(&app, &tracing_yaml(&provider, 100.0, "")).await;
+    // 40 requests back to back: 80 spans, which leave in a few batches, not 80 posts.
+    let mut traces = Vec::new();
+    for _ in 0..40 {
+        let resp = get(front, &[]).await;
+        let tp = echoed(&resp, "traceparent").to_string();
+        traces.push(tp.split('-').nth(1).expect("trace id").to_string());
+    }
+    for trace in &traces {
+        let found = spans_of(&c.spans, trace, 2).await;
+        let client = found.iter().find(|(_, s)| s.kind == 3).expect("CLIENT");
+        let server = found.iter().find(|(_, s)| s.kind == 2).expect("SERVER");
+        assert_eq!(server.1.parent_span_id, client.1.span_id, "parent link");
+        assert!(client.1.parent_span_id.is_empty(), "a new trace's root");
+        assert_eq!(
+            (client.0.as_str(), server.0.as_str()),
+            ("web.shop", "reviews.shop")
+        );
+        assert_eq!(attr(&server.1, "http.status_code"), "200");
+        assert_eq!(attr(&client.1, "upstream_cluster"), "reviews");
+    }
+    let exports = c.exports.load(Ordering::SeqCst);
+    assert!(
+        (1..=20).contains(&exports),
+        "80 spans came in {exports} exports"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_tags_and_sampling_by_request_id() {
+    let app = HttpServer::start().await.expect("app");
+    let c = http_collector(Wire::OtlpHttp).await;
+    let provider = format!(
+        "kind: opentelemetry\n      service: \"{}\"\n      port: {}",
+        c.addr.ip(),
+        c.addr.port()
+    );
+    let extra = "      customTags:\n        team: {literal: payments}\n        path_var: {environment: PATH}\n        unset_var: {environment: TRELLIS_TEST_SURELY_UNSET, defaultValue: none}\n        user: {header: x-user, defaultValue: anonymous}\n";
+    let (_inbound, _outbound, front, _) =
+        mesh_with(&app, &tracing_yaml(&provider, 50.0, extra)).await;
+
+    // At 50 %, by request id (the default): each id is always sampled or never; some of
+    // these twelve are sampled and some not (fixed ids: the outcome is the same every run).
+    let ids: Vec<String> = (0..12).map(|i| format!("req-id-{i}")).collect();
+    let mut sampled_per_id = Vec::new();
+    for id in &ids {
+        let mut sampled = 0;
+        for _ in 0..3 {
+            let resp = get(front, &[("x-request-id", id), ("x-user", "alice")]).await;
+            if echoed(&resp, "traceparent").ends_with("-01") {
+                sampled += 1;
+            }
+        }
+        sampled_per_id.push(sampled);
+    }
+    assert!(
+        sampled_per_id.iter().all(|n| *n == 0 || *n == 3),
+        "{sampled_per_id:?}"
+    );
+    assert!(sampled_per_id.contains(&0) && sampled_per_id.contains(&3));
+
+    // The custom tags, on both sides' spans.
+    let i = sampled_per_id
+        .iter()
+        .position(|n| *n == 3)
+        .expect("one sampled");
+    let resp = get(front, &[("x-request-id", &ids[i])]).await;
+    let tp = echoed(&resp, "traceparent").to_string();
+    let trace = tp.split('-').nth(1).expect("trace id").to_string();
+    for (_, span) in spans_of(&c.spans, &trace, 2).await {
+        assert_eq!(attr(&span, "team"), "payments");
+        let path = std::env::var("PATH").unwrap_or_default();
+        assert_eq!(attr(&span, "path_var"), &path[..path.len().min(256)]);
+        assert_eq!(attr(&span, "unset_var"), "none");
+        assert_eq!(attr(&span, "user"), "anonymous", "no x-user: the default");
+        assert_eq!(attr(&span, "guid:x-request-id"), ids[i]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_request_id_sampling_each_request_rolls_its_own() {
+    let app = HttpServer::start().await.expect("app");
+    let c = http_collector(Wire::OtlpHttp).await;
+    let provider = format!(
+        "kind: opentelemetry\n      service: \"{}\"\n      port: {}",
+        c.addr.ip(),
+        c.addr.port()
+    );
+    let extra = "      useRequestIdForTraceSampling: false\n";
+    let (_inbound, _outbound, front, _) =
+        mesh_with(&app, &tracing_yaml(&provider, 50.0, extra)).await;
+    // One id, 24 requests: both decisions come (all alike: one chance in 8 million).
+    let mut sampled = 0;
+    for _ in 0..24 {
+        let resp = get(front, &[("x-request-id", "one-id")]).await;
+        if echoed(&resp, "traceparent").ends_with("-01") {
+            sampled += 1;
+        }
+    }
+    assert!((1..24).contains(&sampled), "{sampled} of 24 sampled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_never_answers_holds_no_request_and_its_spans_are_counted_dropped() {
+    let app = HttpServer::start().await.expect("app");
+    // Accepts, never reads, never answers.
+    let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = silent.local_addr().expect("addr");
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep_open = Arc::clone(&held);
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = silent.accept().await {
+            keep_open.lock().expect("lock").push(sock);
+        }
+    });
+    let provider = format!(
+        "kind: opentelemetry\n      service: \"{}\"\n      port: {}\n      path: /v1/traces\n      timeout: 1s",
+        addr.ip(),
+        addr.port()
+    );
+    let (_inbound, _outbound, front, stats) =
+        mesh_with(&app, &tracing_yaml(&provider, 100.0, "")).await;
+    let before = counter(stats, "trellis_proxy_spans_dropped_total").await;
+    // 30 requests finish without waiting on the collector (its exports wait a second
+    // each: had a request waited for one, these would take 30 s and more).
+    let all = timeout(Duration::from_secs(10), async {
+        for _ in 0..30 {
+            get(front, &[]).await;
+        }
+    })
+    .await;
+    assert!(all.is_ok(), "requests waited on the collector");
+    // Their 60 spans are dropped (timed out) and counted.
+    let mut dropped = 0;
+    for _ in 0..100 {
+        dropped = counter(stats, "trellis_proxy_spans_dropped_total").await - before;
+        if dropped >= 60 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(dropped >= 60, "{dropped} spans counted dropped");
 }

@@ -413,6 +413,12 @@ pub struct TelemetryProvider {
     #[prost(uint32, optional, tag = "9")]
     #[serde(default)]
     pub max_tag_length: Option<u32>,
+    /// OTLP over gRPC (`opentelemetry.proto.collector.trace.v1.TraceService/Export`, h2c)
+    /// rather than OTLP/HTTP: Istio's default for an `opentelemetry` provider without
+    /// `http`.
+    #[prost(bool, tag = "10")]
+    #[serde(default)]
+    pub grpc: bool,
 }
 
 #[derive(Clone, PartialEq, prost::Message, Deserialize, Serialize)]

@@ -134,6 +134,7 @@ fn full() -> Snapshot {
                         "%RESPONSE_CODE%".to_string(),
                     )]),
                     max_tag_length: Some(256),
+                    grpc: true,
                 }],
             }),
             mtls: PeerMtls::Strict as i32,
