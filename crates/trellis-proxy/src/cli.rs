@@ -132,6 +132,11 @@ struct Args {
     /// Worker threads of the data path.
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// How often an open TCP connection adds its bytes so far to
+    /// istio_tcp_sent_bytes_total and istio_tcp_received_bytes_total (Istio's
+    /// tcp_reporting_duration).
+    #[arg(long, default_value = "15s")]
+    tcp_report_interval: trellis_api::common::Duration,
     /// How long to let requests in flight finish on SIGTERM.
     #[arg(long, default_value = "5s")]
     drain_timeout: trellis_api::common::Duration,
@@ -201,7 +206,10 @@ fn announce(args: &Args) -> anyhow::Result<trellis_xds::ads::Announce> {
 }
 
 fn options(args: &Args, cfg: &config::Config) -> anyhow::Result<ProxyOptions> {
-    let mut o = ProxyOptions::default();
+    let mut o = ProxyOptions {
+        tcp_report_every: args.tcp_report_interval.0.max(Duration::from_millis(100)),
+        ..ProxyOptions::default()
+    };
     if args.sidecar {
         let any = std::net::Ipv6Addr::UNSPECIFIED;
         o.outbound_capture = Some(SocketAddr::from((any, 15001)));

@@ -610,8 +610,27 @@ impl IstioMetrics {
         s.opened += 1;
     }
 
+    /// An open connection's bytes since its last report: `received` from the client and
+    /// `sent` to it.
+    pub fn tcp_progress(&self, c: &TcpConn, received: u64, sent: u64) {
+        let on = c.enabled;
+        if on.0 & (Enabled::TCP_SENT | Enabled::TCP_RECEIVED) == 0 || received + sent == 0 {
+            return;
+        }
+        let mut m = self.tcp.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = bounded(&m, c.key());
+        let s = m.entry(key).or_default();
+        s.observed |= on.0 & (Enabled::TCP_SENT | Enabled::TCP_RECEIVED);
+        if on.has(Enabled::TCP_RECEIVED) {
+            s.received += received;
+        }
+        if on.has(Enabled::TCP_SENT) {
+            s.sent += sent;
+        }
+    }
+
     /// A connection closed, having carried `received` bytes from the client and `sent`
-    /// to it.
+    /// to it since its last report.
     pub fn tcp_closed(&self, c: &TcpConn, received: u64, sent: u64) {
         let on = c.enabled;
         if on.0 & (Enabled::TCP & !Enabled::TCP_OPENED) == 0 {

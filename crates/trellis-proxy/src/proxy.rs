@@ -41,6 +41,9 @@ pub struct Shared {
     pub jwks: crate::authn::JwksCache,
     /// Istio's standard request metrics.
     pub istio: crate::metrics::IstioMetrics,
+    /// How often a TCP connection's bytes so far are added to its metrics (Istio's
+    /// `tcp_reporting_duration`, 15 s): a long connection shows its traffic while open.
+    pub tcp_report_every: std::time::Duration,
     /// The mesh mTLS server configuration, and the trust bundle it was made for.
     mesh_server: Mutex<Option<(Arc<rustls::RootCertStore>, Arc<rustls::ServerConfig>)>>,
 }
@@ -100,7 +103,11 @@ impl Shared {
         Ok(c)
     }
 
-    pub fn new(config: Config, original_dst: Arc<dyn OriginalDst>) -> Arc<Shared> {
+    pub fn new(
+        config: Config,
+        original_dst: Arc<dyn OriginalDst>,
+        tcp_report_every: std::time::Duration,
+    ) -> Arc<Shared> {
         Arc::new(Shared {
             config: ArcSwap::from_pointee(config),
             pools: Pools::new(),
@@ -116,6 +123,7 @@ impl Shared {
             mesh_server: Mutex::new(None),
             jwks: crate::authn::JwksCache::default(),
             istio: crate::metrics::IstioMetrics::default(),
+            tcp_report_every,
         })
     }
 
@@ -270,6 +278,8 @@ pub struct ProxyOptions {
     /// Gateway listeners: address → the snapshot's gateway port it serves.
     pub gateway_listen: Vec<(SocketAddr, u16)>,
     pub original_dst: Arc<dyn OriginalDst>,
+    /// How often open TCP connections report their bytes (default 15 s, as Istio).
+    pub tcp_report_every: std::time::Duration,
 }
 
 impl std::fmt::Debug for ProxyOptions {
@@ -293,6 +303,7 @@ impl Default for ProxyOptions {
             inbound_listen: Vec::new(),
             gateway_listen: Vec::new(),
             original_dst: Arc::new(SoOriginalDst),
+            tcp_report_every: std::time::Duration::from_secs(15),
         }
     }
 }
@@ -310,7 +321,11 @@ pub struct ProxyHandle {
 
 /// Binds every listener and starts serving.
 pub async fn start(config: Config, opts: ProxyOptions) -> io::Result<ProxyHandle> {
-    let shared = Shared::new(config, Arc::clone(&opts.original_dst));
+    let shared = Shared::new(
+        config,
+        Arc::clone(&opts.original_dst),
+        opts.tcp_report_every,
+    );
     let (stop_inbound, inbound_rx) = watch::channel(false);
     let (stop_outbound, outbound_rx) = watch::channel(false);
     let mut outbound_addrs = Vec::new();

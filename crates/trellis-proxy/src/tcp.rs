@@ -2,7 +2,11 @@
 //! finishes sending, the other side's write half is shut down, and the rest still flows).
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use trellis_identity::tls::ALPN_MESH_TCP;
@@ -113,6 +117,20 @@ pub async fn forward_route(
         );
         return;
     };
+    to_endpoint(stream, peer, cluster, ep, target.port, shared, cfg).await;
+}
+
+/// Forwards a connection (outbound, or through a gateway) to `ep` of `cluster`, counted
+/// in the source-side TCP metrics and logged; `port` is the port it came for.
+async fn to_endpoint(
+    stream: TcpStream,
+    peer: SocketAddr,
+    cluster: &crate::config::Cluster,
+    ep: &Endpoint,
+    port: u16,
+    shared: &Arc<Shared>,
+    cfg: &Config,
+) {
     // To a peer proxy: over mutual TLS once this proxy has its certificate (unless the
     // peer takes plaintext only); or as the DestinationRule's tls says.
     let tls = crate::http::upstream_tls(cluster, ep, shared.mesh_tls(cfg));
@@ -126,7 +144,7 @@ pub async fn forward_route(
         tags: cfg.metrics_on.client_tags.as_ref().map(|t| {
             let conn = crate::tags::Conn {
                 peer,
-                port: target.port,
+                port,
                 mtls: false,
             };
             (Arc::clone(t), t.connection(conn, &cluster.name))
@@ -300,7 +318,7 @@ pub async fn gateway(
         tracing::warn!(flags = "UH", cluster = %cluster.name, "{peer}: no endpoint on gateway port {port}");
         return;
     };
-    forward(stream, ep.addr, cluster.dial(), shared, Some(ep)).await;
+    to_endpoint(stream, peer, cluster, ep, port, shared, cfg).await;
 }
 
 /// A connection to a gateway's TCP port: the first route that matches among the virtual
@@ -453,7 +471,7 @@ pub async fn forward_tls<D>(
     let copied = match tls {
         None => {
             opened();
-            tokio::io::copy_bidirectional(&mut down, &mut up).await
+            copy_reporting(&mut down, &mut up, to, shared, conn).await
         }
         Some(t) => {
             let mut up = match crate::pool::tls_connect(up, to, dial, t, ALPN_MESH_TCP).await {
@@ -461,22 +479,126 @@ pub async fn forward_tls<D>(
                 Err(e) => return failed(&e),
             };
             opened();
-            tokio::io::copy_bidirectional(&mut down, &mut up).await
-        }
-    };
-    // (Bytes copied before an error are not known: copy_bidirectional reports none.)
-    let (received, sent) = match copied {
-        Ok((to_up, to_down)) => {
-            tracing::debug!("TCP {to}: sent {to_up} received {to_down}");
-            (to_up, to_down)
-        }
-        Err(e) => {
-            tracing::debug!("TCP {to}: {e}");
-            (0, 0)
+            copy_reporting(&mut down, &mut up, to, shared, conn).await
         }
     };
     if let Some(c) = conn {
+        let (received, sent) = copied.unreported;
         shared.istio.tcp_closed(c, received, sent);
     }
-    line("-", (received, sent));
+    line("-", copied.total);
+}
+
+/// Bytes a connection carried: (from the client, to the client).
+struct Copied {
+    total: (u64, u64),
+    /// What the connection's periodic reports have not yet added to its metrics.
+    unreported: (u64, u64),
+}
+
+/// Copies both ways until both sides are done (half-close passed on), adding the bytes
+/// so far to the connection's metrics every `tcp_report_every` while it is open. Bytes
+/// are counted as they are read, so a connection that ends in an error still has them.
+async fn copy_reporting<A, B>(
+    down: &mut A,
+    up: &mut B,
+    to: SocketAddr,
+    shared: &Shared,
+    conn: Option<&crate::metrics::TcpConn>,
+) -> Copied
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (received, sent) = (AtomicU64::new(0), AtomicU64::new(0));
+    let mut down = Counted {
+        inner: down,
+        n: &received,
+    };
+    let mut up = Counted {
+        inner: up,
+        n: &sent,
+    };
+    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+    tokio::pin!(copy);
+    let mut reported = (0, 0);
+    let result = match conn {
+        None => copy.await,
+        Some(c) => {
+            let every = shared.tcp_report_every;
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tokio::select! {
+                    r = &mut copy => break r,
+                    _ = tick.tick() => {
+                        let now = (received.load(Relaxed), sent.load(Relaxed));
+                        shared.istio.tcp_progress(c, now.0 - reported.0, now.1 - reported.1);
+                        reported = now;
+                    }
+                }
+            }
+        }
+    };
+    let total = (received.load(Relaxed), sent.load(Relaxed));
+    match result {
+        Ok(_) => tracing::debug!("TCP {to}: sent {} received {}", total.0, total.1),
+        Err(e) => tracing::debug!("TCP {to}: {e}"),
+    }
+    Copied {
+        total,
+        unreported: (total.0 - reported.0, total.1 - reported.1),
+    }
+}
+
+/// A stream that counts the bytes read from it.
+struct Counted<'a, S> {
+    inner: S,
+    n: &'a AtomicU64,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            this.n
+                .fetch_add((buf.filled().len() - before) as u64, Relaxed);
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }

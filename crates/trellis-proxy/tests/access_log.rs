@@ -281,3 +281,86 @@ clusters:
     assert_eq!(line["upstream_cluster"], "db");
     assert_eq!(line["destination_workload"], "db-v1");
 }
+
+/// A gateway's TCP port: the connection is logged as one line and counted in the
+/// source-side TCP metrics, as a sidecar's outbound connection is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_connection_through_a_gateway_is_logged_and_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("gw.log");
+    let echo = trellis_testkit::TcpEchoServer::start().await.expect("echo");
+    let yaml = format!(
+        r#"version: gw
+workload:
+  name: ingress
+  namespace: edge
+  telemetry:
+    accessLogging: [{{providers: [json]}}]
+    providers: [{{name: json, kind: envoyJson, path: {log}}}]
+clusters:
+- name: "outbound|9000||echo.shop.svc.cluster.local"
+  endpoints: [{{address: "{echo}", workload: echo-v1, namespace: shop}}]
+gatewayPorts:
+- port: 9000
+  servers:
+  - gateway: edge/gw
+    protocol: TCP
+    hosts: ["*"]
+    virtualHosts:
+    - name: edge/tcp
+      domains: ["*"]
+      tcpRoutes: [{{name: echo, clusters: [{{cluster: "outbound|9000||echo.shop.svc.cluster.local"}}]}}]
+"#,
+        log = log.display(),
+        echo = echo.addr,
+    );
+    let (gw, stats) = start_with_stats(
+        &yaml,
+        ProxyOptions {
+            gateway_listen: vec![("127.0.0.1:0".parse().expect("addr"), 9000)],
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    let got = timeout(
+        LIMIT,
+        trellis_testkit::tcp_echo_half_close(gw.inbound_addrs[0], b"through the gate"),
+    )
+    .await
+    .expect("in time")
+    .expect("echo");
+    assert_eq!(got, b"through the gate");
+    let line: serde_json::Value =
+        serde_json::from_str(&lines(&log, 1).await[0]).expect("a JSON line");
+    assert_eq!(line["bytes_received"], 16);
+    assert_eq!(line["bytes_sent"], 16);
+    assert_eq!(line["upstream_host"], echo.addr.to_string());
+    assert_eq!(
+        line["upstream_cluster"],
+        "outbound|9000||echo.shop.svc.cluster.local"
+    );
+    assert_eq!(line["destination_workload"], "echo-v1");
+    let mut closed = None;
+    for _ in 0..100 {
+        let text = trellis_testkit::http_client::get(stats, "localhost", "/stats/prometheus")
+            .await
+            .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+            .unwrap_or_default();
+        let series = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name) && l.contains("source_workload=\"ingress\""))
+                .map(str::to_string)
+        };
+        closed = series("istio_tcp_connections_closed_total{");
+        if let Some(c) = &closed {
+            assert!(c.ends_with("} 1"), "{c}");
+            assert!(c.contains("reporter=\"source\""), "{c}");
+            assert!(c.contains("destination_workload=\"echo-v1\""), "{c}");
+            let received = series("istio_tcp_received_bytes_total{").expect("received");
+            assert!(received.ends_with("} 16"), "{received}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(closed.is_some(), "no TCP series from the gateway");
+}

@@ -542,3 +542,88 @@ async fn grpc_calls_are_counted_with_their_grpc_status_on_both_sides() {
         }
     }
 }
+
+/// The value of a metric's only series (`None` when it has none).
+fn only(text: &str, name: &str) -> Option<f64> {
+    let prefix = format!("{name}{{");
+    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+    let v = lines.next()?.rsplit(' ').next()?.parse().ok();
+    assert!(lines.next().is_none(), "one series of {name}: {text}");
+    v
+}
+
+/// A long TCP connection shows its bytes while open (every `tcp_report_every`), and its
+/// totals when it closes are exact: nothing counted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_tcp_connection_reports_its_bytes_while_open() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = TcpEchoServer::start().await.expect("echo");
+    let yaml = format!(
+        "version: t\nworkload: {{name: web, namespace: shop}}\nservices:\n- hostname: db.shop.svc.cluster.local\n  ports: [{{port: 5432, name: tcp, cluster: db}}]\nclusters:\n- name: db\n  endpoints: [{{address: \"{}\", workload: db, namespace: shop}}]\n",
+        echo.addr
+    );
+    let (p, admin) = start_with_stats(
+        &yaml,
+        ProxyOptions {
+            outbound_listen: vec![(
+                "127.0.0.1:0".parse().expect("addr"),
+                "db.shop.svc.cluster.local".into(),
+                5432,
+            )],
+            tcp_report_every: Duration::from_millis(100),
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(p.outbound_addrs[0])
+        .await
+        .expect("connect");
+    let mut back = vec![0u8; 1000];
+    timeout(LIMIT, async {
+        conn.write_all(&[b'x'; 1000]).await?;
+        conn.read_exact(&mut back).await
+    })
+    .await
+    .expect("in time")
+    .expect("echoed");
+    // Open: the bytes show within a few reports; no close yet.
+    let mut seen = (None, None, None);
+    for _ in 0..100 {
+        let text = scrape(admin).await;
+        seen = (
+            only(&text, "istio_tcp_received_bytes_total"),
+            only(&text, "istio_tcp_sent_bytes_total"),
+            only(&text, "istio_tcp_connections_closed_total"),
+        );
+        if seen.0 == Some(1000.0) && seen.1 == Some(1000.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen, (Some(1000.0), Some(1000.0), None), "while open");
+    // 24 more bytes each way, then close: the totals, exactly.
+    let mut back = vec![0u8; 24];
+    timeout(LIMIT, async {
+        conn.write_all(&[b'y'; 24]).await?;
+        conn.read_exact(&mut back).await?;
+        conn.shutdown().await?;
+        let mut rest = Vec::new();
+        conn.read_to_end(&mut rest).await
+    })
+    .await
+    .expect("in time")
+    .expect("closed");
+    for _ in 0..100 {
+        let text = scrape(admin).await;
+        seen = (
+            only(&text, "istio_tcp_received_bytes_total"),
+            only(&text, "istio_tcp_sent_bytes_total"),
+            only(&text, "istio_tcp_connections_closed_total"),
+        );
+        if seen.2 == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen, (Some(1024.0), Some(1024.0), Some(1.0)), "closed");
+}
