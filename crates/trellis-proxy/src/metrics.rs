@@ -13,7 +13,7 @@
 //! services, status codes and response flags; no paths or user-supplied values.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
@@ -342,8 +342,13 @@ impl Switches {
         let mut errors = Vec::new();
         out.client_tags = Tags::compile(&m.overrides, true, &mut errors);
         out.server_tags = Tags::compile(&m.overrides, false, &mut errors);
+        // Each problem once per proxy, not again at every snapshot that repeats it.
+        static WARNED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+        let mut warned = WARNED.lock().unwrap_or_else(PoisonError::into_inner);
         for e in errors {
-            tracing::warn!("telemetry metrics: {e}; that tag is left as it is");
+            if warned.len() < 1000 && warned.insert(e.clone()) {
+                tracing::warn!("telemetry metrics: {e}; that tag is left as it is");
+            }
         }
         for o in &m.overrides {
             let (Some(disabled), Some(bit)) = (o.disabled, Enabled::bits_of(&o.metric)) else {

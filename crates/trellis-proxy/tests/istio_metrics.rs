@@ -543,6 +543,9 @@ async fn grpc_calls_are_counted_with_their_grpc_status_on_both_sides() {
     }
 }
 
+/// A connection's TCP series: received bytes, sent bytes, closed connections.
+type TcpSeen = (Option<f64>, Option<f64>, Option<f64>);
+
 /// The value of a metric's only series (`None` when it has none).
 fn only(text: &str, name: &str) -> Option<f64> {
     let prefix = format!("{name}{{");
@@ -587,19 +590,24 @@ async fn an_open_tcp_connection_reports_its_bytes_while_open() {
     .expect("in time")
     .expect("echoed");
     // Open: the bytes show within a few reports; no close yet.
-    let mut seen = (None, None, None);
-    for _ in 0..100 {
-        let text = scrape(admin).await;
-        seen = (
-            only(&text, "istio_tcp_received_bytes_total"),
-            only(&text, "istio_tcp_sent_bytes_total"),
-            only(&text, "istio_tcp_connections_closed_total"),
-        );
-        if seen.0 == Some(1000.0) && seen.1 == Some(1000.0) {
-            break;
+    // (received, sent, closed), once `done` says so or after 5 s.
+    let tcp = |done: fn(&TcpSeen) -> bool| async move {
+        let mut seen = (None, None, None);
+        for _ in 0..100 {
+            let text = scrape(admin).await;
+            seen = (
+                only(&text, "istio_tcp_received_bytes_total"),
+                only(&text, "istio_tcp_sent_bytes_total"),
+                only(&text, "istio_tcp_connections_closed_total"),
+            );
+            if done(&seen) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        seen
+    };
+    let seen = tcp(|s| s.0 == Some(1000.0) && s.1 == Some(1000.0)).await;
     assert_eq!(seen, (Some(1000.0), Some(1000.0), None), "while open");
     // 24 more bytes each way, then close: the totals, exactly.
     let mut back = vec![0u8; 24];
@@ -613,17 +621,6 @@ async fn an_open_tcp_connection_reports_its_bytes_while_open() {
     .await
     .expect("in time")
     .expect("closed");
-    for _ in 0..100 {
-        let text = scrape(admin).await;
-        seen = (
-            only(&text, "istio_tcp_received_bytes_total"),
-            only(&text, "istio_tcp_sent_bytes_total"),
-            only(&text, "istio_tcp_connections_closed_total"),
-        );
-        if seen.2 == Some(1.0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let seen = tcp(|s| s.2 == Some(1.0)).await;
     assert_eq!(seen, (Some(1024.0), Some(1024.0), Some(1.0)), "closed");
 }

@@ -251,13 +251,39 @@ fn keep_zipkin(spans: &Spans, body: &[u8]) {
     }
 }
 
+/// A provider's fields after its name: `kind`, the collector's address, then `more`
+/// (`"\n      field: value"` lines).
+fn provider_fields(kind: &str, collector: SocketAddr, more: &str) -> String {
+    format!(
+        "kind: {kind}\n      service: \"{}\"\n      port: {}{more}",
+        collector.ip(),
+        collector.port()
+    )
+}
+
+/// The trace id of the `traceparent` the app received.
+fn trace_of(resp: &HttpResponse) -> String {
+    let tp = echoed(resp, "traceparent");
+    tp.split('-').nth(1).expect("trace id").to_string()
+}
+
+/// A trace's CLIENT and SERVER spans, the server span the client's child.
+fn client_and_server(found: &[(String, OtlpSpan)]) -> (&(String, OtlpSpan), &(String, OtlpSpan)) {
+    let client = found
+        .iter()
+        .find(|(_, s)| s.kind == 3)
+        .expect("a CLIENT span");
+    let server = found
+        .iter()
+        .find(|(_, s)| s.kind == 2)
+        .expect("a SERVER span");
+    assert_eq!(server.1.parent_span_id, client.1.span_id, "parent link");
+    (client, server)
+}
+
 fn telemetry(collector: SocketAddr, sampling: f64) -> String {
     tracing_yaml(
-        &format!(
-            "kind: opentelemetry\n      service: \"{}\"\n      port: {}\n      path: /v1/traces",
-            collector.ip(),
-            collector.port()
-        ),
+        &provider_fields("opentelemetry", collector, "\n      path: /v1/traces"),
         sampling,
         "",
     )
@@ -530,26 +556,18 @@ async fn an_opentelemetry_provider_without_http_gets_otlp_over_grpc() {
     let app = HttpServer::start().await.expect("app");
     let c = grpc_collector().await;
     // What the control plane sends for `opentelemetry: {service, port}` (no `http`).
-    let provider = format!(
-        "kind: opentelemetry\n      service: \"{}\"\n      port: {}\n      grpc: true",
-        c.addr.ip(),
-        c.addr.port()
-    );
+    let provider = provider_fields("opentelemetry", c.addr, "\n      grpc: true");
     let (_inbound, _outbound, front, _) =
         mesh_with(&app, &tracing_yaml(&provider, 100.0, "")).await;
     // Two traces, far enough apart to leave in two exports on the one connection.
     let mut traces = Vec::new();
     for _ in 0..2 {
-        let resp = get(front, &[]).await;
-        let tp = echoed(&resp, "traceparent").to_string();
-        traces.push(tp.split('-').nth(1).expect("trace id").to_string());
+        traces.push(trace_of(&get(front, &[]).await));
         spans_of(&c.spans, &traces[traces.len() - 1], 2).await;
     }
     for trace in &traces {
         let found = spans_of(&c.spans, trace, 2).await;
-        let client = found.iter().find(|(_, s)| s.kind == 3).expect("CLIENT");
-        let server = found.iter().find(|(_, s)| s.kind == 2).expect("SERVER");
-        assert_eq!(server.1.parent_span_id, client.1.span_id);
+        let (client, _) = client_and_server(&found);
         assert_eq!(client.0, "web.shop");
     }
     assert!(c.exports.load(Ordering::SeqCst) >= 2);
@@ -559,25 +577,17 @@ async fn an_opentelemetry_provider_without_http_gets_otlp_over_grpc() {
 async fn zipkin_gets_v2_json_spans_in_batches() {
     let app = HttpServer::start().await.expect("app");
     let c = http_collector(Wire::Zipkin).await;
-    let provider = format!(
-        "kind: zipkin\n      service: \"{}\"\n      port: {}",
-        c.addr.ip(),
-        c.addr.port()
-    );
+    let provider = provider_fields("zipkin", c.addr, "");
     let (_inbound, _outbound, front, _) =
         mesh_with(&app, &tracing_yaml(&provider, 100.0, "")).await;
     // 40 requests back to back: 80 spans, which leave in a few batches, not 80 posts.
     let mut traces = Vec::new();
     for _ in 0..40 {
-        let resp = get(front, &[]).await;
-        let tp = echoed(&resp, "traceparent").to_string();
-        traces.push(tp.split('-').nth(1).expect("trace id").to_string());
+        traces.push(trace_of(&get(front, &[]).await));
     }
     for trace in &traces {
         let found = spans_of(&c.spans, trace, 2).await;
-        let client = found.iter().find(|(_, s)| s.kind == 3).expect("CLIENT");
-        let server = found.iter().find(|(_, s)| s.kind == 2).expect("SERVER");
-        assert_eq!(server.1.parent_span_id, client.1.span_id, "parent link");
+        let (client, server) = client_and_server(&found);
         assert!(client.1.parent_span_id.is_empty(), "a new trace's root");
         assert_eq!(
             (client.0.as_str(), server.0.as_str()),
@@ -597,11 +607,7 @@ async fn zipkin_gets_v2_json_spans_in_batches() {
 async fn custom_tags_and_sampling_by_request_id() {
     let app = HttpServer::start().await.expect("app");
     let c = http_collector(Wire::OtlpHttp).await;
-    let provider = format!(
-        "kind: opentelemetry\n      service: \"{}\"\n      port: {}",
-        c.addr.ip(),
-        c.addr.port()
-    );
+    let provider = provider_fields("opentelemetry", c.addr, "");
     let extra = "      customTags:\n        team: {literal: payments}\n        path_var: {environment: PATH}\n        unset_var: {environment: TRELLIS_TEST_SURELY_UNSET, defaultValue: none}\n        user: {header: x-user, defaultValue: anonymous}\n";
     let (_inbound, _outbound, front, _) =
         mesh_with(&app, &tracing_yaml(&provider, 50.0, extra)).await;
@@ -632,8 +638,7 @@ async fn custom_tags_and_sampling_by_request_id() {
         .position(|n| *n == 3)
         .expect("one sampled");
     let resp = get(front, &[("x-request-id", &ids[i])]).await;
-    let tp = echoed(&resp, "traceparent").to_string();
-    let trace = tp.split('-').nth(1).expect("trace id").to_string();
+    let trace = trace_of(&resp);
     for (_, span) in spans_of(&c.spans, &trace, 2).await {
         assert_eq!(attr(&span, "team"), "payments");
         let path = std::env::var("PATH").unwrap_or_default();
@@ -648,11 +653,7 @@ async fn custom_tags_and_sampling_by_request_id() {
 async fn without_request_id_sampling_each_request_rolls_its_own() {
     let app = HttpServer::start().await.expect("app");
     let c = http_collector(Wire::OtlpHttp).await;
-    let provider = format!(
-        "kind: opentelemetry\n      service: \"{}\"\n      port: {}",
-        c.addr.ip(),
-        c.addr.port()
-    );
+    let provider = provider_fields("opentelemetry", c.addr, "");
     let extra = "      useRequestIdForTraceSampling: false\n";
     let (_inbound, _outbound, front, _) =
         mesh_with(&app, &tracing_yaml(&provider, 50.0, extra)).await;
@@ -680,10 +681,10 @@ async fn a_collector_that_never_answers_holds_no_request_and_its_spans_are_count
             keep_open.lock().expect("lock").push(sock);
         }
     });
-    let provider = format!(
-        "kind: opentelemetry\n      service: \"{}\"\n      port: {}\n      path: /v1/traces\n      timeout: 1s",
-        addr.ip(),
-        addr.port()
+    let provider = provider_fields(
+        "opentelemetry",
+        addr,
+        "\n      path: /v1/traces\n      timeout: 1s",
     );
     let (_inbound, _outbound, front, stats) =
         mesh_with(&app, &tracing_yaml(&provider, 100.0, "")).await;
