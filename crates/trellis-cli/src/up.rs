@@ -68,7 +68,7 @@ fn state_dir(mesh: &str) -> PathBuf {
 }
 
 /// One pod to run.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq)]
 struct PodPlan {
     name: String,
     workload: String,
@@ -79,6 +79,9 @@ struct PodPlan {
     ports: Vec<(Option<String>, u16, Option<u16>)>,
     /// Runs the gateway proxy, not an app and a sidecar.
     gateway: bool,
+    /// Has a sidecar (and interception rules): all but the pods of a Workload labelled or
+    /// annotated `sidecar.istio.io/inject: "false"`, as in Istio.
+    sidecar: bool,
     argv: Vec<String>,
     env: Vec<(String, String)>,
     cwd: Option<String>,
@@ -87,19 +90,43 @@ struct PodPlan {
 /// A service's virtual IP, name and namespace.
 type ServiceName = (String, String, String);
 
-/// The pods of a configuration, and its services.
+/// The configuration's files with their modification times and sizes: when this changes,
+/// the pods are planned again.
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, Option<std::time::SystemTime>, u64)> {
+    trellis_api::load::config_files(dir)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|f| {
+            let meta = std::fs::metadata(&f).ok();
+            let modified = meta.as_ref().and_then(|m| m.modified().ok());
+            let len = meta.map_or(0, |m| m.len());
+            (f, modified, len)
+        })
+        .collect()
+}
+
+/// The pods of a configuration, and its services. An object declared in several files is
+/// taken from the newest (as the control plane takes the one loaded last).
 fn plan(dir: &Path) -> anyhow::Result<(Vec<PodPlan>, Vec<ServiceName>)> {
-    let parsed = trellis_api::load_paths(&[dir], &LoadOptions::default());
-    // A bad document is left out (the control plane does the same) and said so.
-    for d in parsed
-        .iter()
-        .flat_map(|p| &p.diagnostics)
-        .filter(|d| d.level == trellis_api::Level::Error)
-    {
-        eprintln!("{d} (left out)");
+    let mut files = fingerprint(dir);
+    files.sort_by_key(|(_, modified, _)| *modified);
+    let mut newest: BTreeMap<String, trellis_api::Resource> = BTreeMap::new();
+    for (file, _, _) in &files {
+        for p in trellis_api::load_paths(&[file], &LoadOptions::default()) {
+            // A bad document is left out (the control plane does the same) and said so.
+            for d in p
+                .diagnostics
+                .iter()
+                .filter(|d| d.level == trellis_api::Level::Error)
+            {
+                eprintln!("{d} (left out)");
+            }
+            if let Some(r) = p.resource() {
+                newest.insert(r.object_ref().to_string(), r.clone());
+            }
+        }
     }
-    let resources: Vec<&trellis_api::Resource> =
-        parsed.iter().filter_map(|p| p.resource()).collect();
+    let resources: Vec<&trellis_api::Resource> = newest.values().collect();
     if resources.is_empty() {
         bail!("{}: no resources found", dir.display());
     }
@@ -136,6 +163,11 @@ fn plan(dir: &Path) -> anyhow::Result<(Vec<PodPlan>, Vec<ServiceName>)> {
                     })
                     .collect(),
                 gateway: w.gateway,
+                sidecar: w.gateway
+                    || ![&r.meta.labels, &r.meta.annotations].iter().any(|m| {
+                        m.get("sidecar.istio.io/inject")
+                            .is_some_and(|v| v.as_str() == "false")
+                    }),
                 argv: w.command.iter().chain(&w.args).cloned().collect(),
                 env: w
                     .env
@@ -190,8 +222,8 @@ fn hosts_file(pod: &str, ip: std::net::Ipv4Addr, own_ns: &str, services: &[Servi
 struct Pod {
     plan: PodPlan,
     net: trellis_runtime::PodNet,
-    /// The sidecar, or a gateway's proxy.
-    sidecar: Proc,
+    /// The sidecar, or a gateway's proxy; none for a pod without a sidecar.
+    sidecar: Option<Proc>,
     /// None for a gateway.
     app: Option<Proc>,
 }
@@ -247,6 +279,15 @@ pub fn run_mesh(
     trellis_identity::Ca::load_or_create(&ca_dir, "cluster.local")?;
     let tokens = trellis_identity::Tokens::load_or_create(&ca_dir)?;
 
+    let launcher = Launcher {
+        net: &net,
+        state: &state,
+        logs: &logs,
+        ca_dir: &ca_dir,
+        exe: &exe,
+        dir: &dir,
+        tokens: &tokens,
+    };
     let result = (|| -> anyhow::Result<(Proc, Vec<Pod>)> {
         net.create_node()?;
         let mut cp = Proc::new(
@@ -269,120 +310,8 @@ pub fn run_mesh(
         cp.start()?;
         let mut pods = Vec::new();
         for (i, plan) in plans.into_iter().enumerate() {
-            // A gateway's ports are its own listeners: nothing to intercept inbound.
-            let ports: Vec<u16> = if plan.gateway {
-                Vec::new()
-            } else {
-                plan.ports.iter().map(|p| p.1).collect()
-            };
             let index = u32::try_from(i).context("too many pods")?;
-            let hosts = hosts_file(&plan.name, net.pod_ip(index), &plan.namespace, &services);
-            let pod_net = net.create_pod(&plan.name, index, &ports, &hosts)?;
-            let token = state.join(format!("{}.token", plan.name));
-            // A token proves an identity: readable by root only.
-            {
-                use std::io::Write as _;
-                use std::os::unix::fs::OpenOptionsExt;
-                let _ = std::fs::remove_file(&token);
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&token)
-                    .with_context(|| format!("{}", token.display()))?
-                    .write_all(
-                        tokens
-                            .issue(
-                                &plan.namespace,
-                                &plan.service_account,
-                                Duration::from_secs(365 * 86_400),
-                            )
-                            .as_bytes(),
-                    )?;
-            }
-            let mut argv = vec![
-                exe.clone(),
-                "proxy".into(),
-                "--xds".into(),
-                cp_addr(&net),
-                "--xds-root".into(),
-                ca_dir.join("ca-cert.pem").to_string_lossy().into_owned(),
-                "--xds-token-file".into(),
-                token.to_string_lossy().into_owned(),
-                "--name".into(),
-                plan.name.clone(),
-                "--namespace".into(),
-                plan.namespace.clone(),
-                "--service-account".into(),
-                plan.service_account.clone(),
-                "--address".into(),
-                pod_net.ip.to_string(),
-            ];
-            if plan.gateway {
-                argv.extend(["--mode".into(), "gateway".into()]);
-                for (_, port, _) in &plan.ports {
-                    argv.push("--gateway-listen".into());
-                    argv.push(format!("0.0.0.0:{port}={port}"));
-                }
-            } else {
-                argv.push("--sidecar".into());
-            }
-            for (k, v) in &plan.labels {
-                argv.push("--label".into());
-                argv.push(format!("{k}={v}"));
-            }
-            for (name, port, _) in plan.ports.iter().filter(|_| !plan.gateway) {
-                argv.push("--port".into());
-                argv.push(match name {
-                    Some(n) => format!("{n}:{port}"),
-                    None => port.to_string(),
-                });
-            }
-            let sidecar = Proc::new(
-                format!(
-                    "{}/{}",
-                    plan.name,
-                    if plan.gateway { "gateway" } else { "sidecar" }
-                ),
-                pod_net.netns.clone(),
-                argv,
-                logs.join(format!("{}.proxy.log", plan.name)),
-            );
-            // The app starts once its sidecar is ready (`trellis pod-exec` waits, then
-            // becomes the app).
-            let mut app_argv = vec![
-                exe.clone(),
-                "pod-exec".into(),
-                "--wait-ready".into(),
-                "127.0.0.1:15021".into(),
-                "--".into(),
-            ];
-            // `trellis …` in a Workload's command is this very program (pods need
-            // nothing installed: `trellis demo-app` plays Bookinfo).
-            app_argv.extend(plan.argv.iter().enumerate().map(|(i, a)| {
-                if i == 0 && a == "trellis" {
-                    exe.clone()
-                } else {
-                    a.clone()
-                }
-            }));
-            let app = (!plan.gateway).then(|| {
-                let mut app = Proc::new(
-                    format!("{}/app", plan.name),
-                    pod_net.netns.clone(),
-                    app_argv,
-                    logs.join(format!("{}.log", plan.name)),
-                );
-                app.env = plan.env.clone();
-                app.cwd = plan.cwd.as_ref().map(|c| dir.join(c));
-                app
-            });
-            pods.push(Pod {
-                plan,
-                net: pod_net,
-                sidecar,
-                app,
-            });
+            pods.push(launcher.pod(index, plan, &services)?);
         }
         Ok((cp, pods))
     })();
@@ -401,28 +330,12 @@ pub fn run_mesh(
         state.display()
     );
     for p in &pods {
-        let what = if p.plan.gateway {
-            "(gateway proxy)".to_string()
-        } else {
-            p.plan.argv.join(" ")
-        };
-        println!("  {:<24} {:<12} {what}", p.plan.name, p.net.ip);
+        println!("  {}", p.describe());
     }
     // Host ports: the machine's loopback to the pods.
-    let mut forwards = Vec::new();
+    let mut forwards: Vec<(String, trellis_runtime::Forward)> = Vec::new();
     for p in &pods {
-        for (_, port, host) in &p.plan.ports {
-            let Some(host) = host else { continue };
-            let listen = std::net::SocketAddr::from(([127, 0, 0, 1], *host));
-            let to = std::net::SocketAddr::from((p.net.ip, *port));
-            match trellis_runtime::forward(listen, &net.node_ns(), to) {
-                Ok(f) => {
-                    println!("  http://{listen} → {}:{port}", p.plan.name);
-                    forwards.push(f);
-                }
-                Err(e) => eprintln!("warning: hostPort {host} of {}: {e:#}", p.plan.name),
-            }
-        }
+        forwards.extend(host_ports(&net, p));
     }
     println!(
         "Stop with Ctrl-C or `trellis down {mesh}`; `trellis ps {mesh}`, `trellis logs {mesh} POD`."
@@ -437,27 +350,55 @@ pub fn run_mesh(
         h(&net, &list)
     });
     let mut announced = false;
+    let mut seen = fingerprint(&dir);
+    let mut services = services;
+    let mut checked = Instant::now();
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         for event in std::iter::once(cp.tick())
-            .chain(
-                pods.iter_mut()
-                    .flat_map(|p| [p.sidecar.tick(), p.app.as_mut().and_then(Proc::tick)]),
-            )
+            .chain(pods.iter_mut().flat_map(|p| {
+                [
+                    p.sidecar.as_mut().and_then(Proc::tick),
+                    p.app.as_mut().and_then(Proc::tick),
+                ]
+            }))
             .flatten()
         {
             println!("{event}");
         }
         let _ = std::fs::write(state.join("ps"), ps_table(&cp, &pods));
-        if !announced
-            && pods
-                .iter()
-                .all(|p| p.app.as_ref().map_or(p.sidecar.running(), app_started))
-        {
+        if !announced && pods.iter().all(Pod::started) {
             announced = true;
             println!(
                 "All apps running beside ready sidecars, {:.1}s after start.",
                 started.elapsed().as_secs_f64()
             );
+        }
+        // Workloads added, removed or changed in the directory (or by `trellis apply`).
+        if checked.elapsed() >= Duration::from_secs(1) {
+            checked = Instant::now();
+            let now = fingerprint(&dir);
+            if now != seen {
+                seen = now;
+                match plan(&dir) {
+                    Ok((plans, new_services)) => {
+                        let changed = Changes {
+                            launcher: &launcher,
+                            pods: &mut pods,
+                            forwards: &mut forwards,
+                        }
+                        .apply(
+                            plans,
+                            &new_services,
+                            new_services != services,
+                        );
+                        services = new_services;
+                        if changed {
+                            announced = false;
+                        }
+                    }
+                    Err(e) => println!("{e:#}; the pods stay as they are"),
+                }
+            }
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -467,17 +408,305 @@ pub fn run_mesh(
     for p in pods.iter_mut().filter_map(|p| p.app.as_mut()) {
         p.stop(Duration::from_secs(5));
     }
-    for p in &mut pods {
-        p.sidecar.stop(Duration::from_secs(7));
+    for p in pods.iter_mut().filter_map(|p| p.sidecar.as_mut()) {
+        p.stop(Duration::from_secs(7));
     }
     cp.stop(Duration::from_secs(3));
     let torn = net.teardown(Duration::from_secs(2));
     remove_applied(&state);
     let _ = std::fs::remove_file(state.join("up.pid"));
     let _ = std::fs::remove_file(state.join("ps"));
+    for p in &pods {
+        let _ = std::fs::remove_file(state.join(format!("{}.token", p.plan.name)));
+    }
     torn?;
     println!("Mesh {mesh} is down.");
     Ok(ExitCode::SUCCESS)
+}
+
+/// What starting a pod needs.
+struct Launcher<'a> {
+    net: &'a MeshNet,
+    state: &'a Path,
+    logs: &'a Path,
+    ca_dir: &'a Path,
+    exe: &'a str,
+    dir: &'a Path,
+    tokens: &'a trellis_identity::Tokens,
+}
+
+impl Launcher<'_> {
+    /// Creates pod number `index` of `plan` (its network, its token) and its processes,
+    /// which start at their first tick: the sidecar, and the app once the sidecar is
+    /// ready.
+    fn pod(&self, index: u32, plan: PodPlan, services: &[ServiceName]) -> anyhow::Result<Pod> {
+        let exe = self.exe.to_string();
+        // A gateway's ports are its own listeners: nothing to intercept inbound. A pod
+        // without a sidecar has no rules at all.
+        let ports: Vec<u16> = if plan.gateway {
+            Vec::new()
+        } else {
+            plan.ports.iter().map(|p| p.1).collect()
+        };
+        let hosts = hosts_file(
+            &plan.name,
+            self.net.pod_ip(index),
+            &plan.namespace,
+            services,
+        );
+        let pod_net = self.net.create_pod(
+            &plan.name,
+            index,
+            plan.sidecar.then_some(&ports[..]),
+            &hosts,
+        )?;
+        let log = |suffix: &str| self.logs.join(format!("{}{suffix}", plan.name));
+        let sidecar = match plan.sidecar {
+            true => Some(Proc::new(
+                format!(
+                    "{}/{}",
+                    plan.name,
+                    if plan.gateway { "gateway" } else { "sidecar" }
+                ),
+                pod_net.netns.clone(),
+                self.proxy_argv(&plan, &pod_net)?,
+                log(".proxy.log"),
+            )),
+            false => None,
+        };
+        // The app starts once its sidecar is ready (`trellis pod-exec` waits, then
+        // becomes the app).
+        let mut app_argv = Vec::new();
+        if plan.sidecar {
+            app_argv.extend([
+                exe.clone(),
+                "pod-exec".into(),
+                "--wait-ready".into(),
+                "127.0.0.1:15021".into(),
+                "--".into(),
+            ]);
+        }
+        // `trellis …` in a Workload's command is this very program (pods need nothing
+        // installed: `trellis demo-app` plays Bookinfo).
+        app_argv.extend(plan.argv.iter().enumerate().map(|(i, a)| {
+            if i == 0 && a == "trellis" {
+                exe.clone()
+            } else {
+                a.clone()
+            }
+        }));
+        let app = (!plan.gateway).then(|| {
+            let mut app = Proc::new(
+                format!("{}/app", plan.name),
+                pod_net.netns.clone(),
+                app_argv,
+                log(".log"),
+            );
+            app.env = plan.env.clone();
+            app.cwd = plan.cwd.as_ref().map(|c| self.dir.join(c));
+            app
+        });
+        Ok(Pod {
+            plan,
+            net: pod_net,
+            sidecar,
+            app,
+        })
+    }
+
+    /// The sidecar's (or gateway's) command line, with a bootstrap token for the pod's
+    /// service account written beside it.
+    fn proxy_argv(
+        &self,
+        plan: &PodPlan,
+        pod_net: &trellis_runtime::PodNet,
+    ) -> anyhow::Result<Vec<String>> {
+        let token = self.state.join(format!("{}.token", plan.name));
+        // A token proves an identity: readable by root only.
+        {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt;
+            let _ = std::fs::remove_file(&token);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&token)
+                .with_context(|| format!("{}", token.display()))?
+                .write_all(
+                    self.tokens
+                        .issue(
+                            &plan.namespace,
+                            &plan.service_account,
+                            Duration::from_secs(365 * 86_400),
+                        )
+                        .as_bytes(),
+                )?;
+        }
+        let mut argv = vec![
+            self.exe.to_string(),
+            "proxy".into(),
+            "--xds".into(),
+            cp_addr(self.net),
+            "--xds-root".into(),
+            self.ca_dir
+                .join("ca-cert.pem")
+                .to_string_lossy()
+                .into_owned(),
+            "--xds-token-file".into(),
+            token.to_string_lossy().into_owned(),
+            "--name".into(),
+            plan.name.clone(),
+            "--namespace".into(),
+            plan.namespace.clone(),
+            "--service-account".into(),
+            plan.service_account.clone(),
+            "--address".into(),
+            pod_net.ip.to_string(),
+        ];
+        if plan.gateway {
+            argv.extend(["--mode".into(), "gateway".into()]);
+            for (_, port, _) in &plan.ports {
+                argv.push("--gateway-listen".into());
+                argv.push(format!("0.0.0.0:{port}={port}"));
+            }
+        } else {
+            argv.push("--sidecar".into());
+        }
+        for (k, v) in &plan.labels {
+            argv.push("--label".into());
+            argv.push(format!("{k}={v}"));
+        }
+        for (name, port, _) in plan.ports.iter().filter(|_| !plan.gateway) {
+            argv.push("--port".into());
+            argv.push(match name {
+                Some(n) => format!("{n}:{port}"),
+                None => port.to_string(),
+            });
+        }
+        Ok(argv)
+    }
+}
+
+/// A pod's host ports, forwarded from the machine's loopback (by pod name).
+fn host_ports(net: &MeshNet, p: &Pod) -> Vec<(String, trellis_runtime::Forward)> {
+    let mut out = Vec::new();
+    for (_, port, host) in &p.plan.ports {
+        let Some(host) = host else { continue };
+        let listen = std::net::SocketAddr::from(([127, 0, 0, 1], *host));
+        let to = std::net::SocketAddr::from((p.net.ip, *port));
+        match trellis_runtime::forward(listen, &net.node_ns(), to) {
+            Ok(f) => {
+                println!("  http://{listen} → {}:{port}", p.plan.name);
+                out.push((p.plan.name.clone(), f));
+            }
+            Err(e) => eprintln!("warning: hostPort {host} of {}: {e:#}", p.plan.name),
+        }
+    }
+    out
+}
+
+/// The running pods brought to a new plan.
+struct Changes<'a, 'b> {
+    launcher: &'a Launcher<'b>,
+    pods: &'a mut Vec<Pod>,
+    forwards: &'a mut Vec<(String, trellis_runtime::Forward)>,
+}
+
+impl Changes<'_, '_> {
+    /// Stops and removes the pods the plan no longer has (or has changed: they start
+    /// again as planned), starts the new ones, and rewrites every pod's hosts file when
+    /// the services changed. Whether any pod was added or removed.
+    fn apply(self, plans: Vec<PodPlan>, services: &[ServiceName], services_changed: bool) -> bool {
+        let net = self.launcher.net;
+        let mut changed = false;
+        let mut kept = Vec::new();
+        for mut pod in self.pods.drain(..) {
+            if plans.contains(&pod.plan) {
+                kept.push(pod);
+                continue;
+            }
+            changed = true;
+            let name = pod.plan.name.clone();
+            let again = plans.iter().any(|p| p.name == name);
+            println!(
+                "{name}: {}",
+                if again {
+                    "its Workload changed; starting it again"
+                } else {
+                    "its Workload is gone; stopping it"
+                }
+            );
+            self.forwards.retain(|(pod, _)| *pod != name);
+            pod.stop();
+            if let Err(e) = net.delete_pod(&name, Duration::from_secs(2)) {
+                println!("{name}: {e:#}");
+            }
+            let _ = std::fs::remove_file(self.launcher.state.join(format!("{name}.token")));
+        }
+        *self.pods = kept;
+        for plan in plans {
+            if self.pods.iter().any(|p| p.plan.name == plan.name) {
+                continue;
+            }
+            changed = true;
+            // The lowest free number: its address and veth.
+            let index = (0u32..)
+                .find(|i| !self.pods.iter().any(|p| p.net.ip == net.pod_ip(*i)))
+                .unwrap_or(0);
+            match self.launcher.pod(index, plan, services) {
+                Ok(pod) => {
+                    println!("{}: new; {}", pod.plan.name, pod.describe());
+                    self.forwards.extend(host_ports(net, &pod));
+                    self.pods.push(pod);
+                }
+                Err(e) => println!("{e:#}"),
+            }
+        }
+        if services_changed {
+            for p in self.pods.iter() {
+                let hosts = hosts_file(&p.plan.name, p.net.ip, &p.plan.namespace, services);
+                if let Err(e) = p.net.write_hosts(&hosts) {
+                    println!("{}: {e:#}", p.plan.name);
+                }
+            }
+        }
+        changed
+    }
+}
+
+impl Pod {
+    /// Its name, address and what it runs, for people.
+    fn describe(&self) -> String {
+        let what = if self.plan.gateway {
+            "(gateway proxy)".to_string()
+        } else if self.sidecar.is_none() {
+            format!("{} (no sidecar)", self.plan.argv.join(" "))
+        } else {
+            self.plan.argv.join(" ")
+        };
+        format!("{:<24} {:<12} {what}", self.plan.name, self.net.ip)
+    }
+
+    /// Its app runs (beside a ready sidecar), or its gateway proxy does.
+    fn started(&self) -> bool {
+        match (&self.app, &self.sidecar) {
+            (Some(app), Some(_)) => app_started(app),
+            (Some(app), None) => app.running(),
+            (None, Some(proxy)) => proxy.running(),
+            (None, None) => true,
+        }
+    }
+
+    /// The app (SIGTERM, 5 s), then the sidecar.
+    fn stop(&mut self) {
+        if let Some(app) = &mut self.app {
+            app.stop(Duration::from_secs(5));
+        }
+        if let Some(sidecar) = &mut self.sidecar {
+            sidecar.stop(Duration::from_secs(7));
+        }
+    }
 }
 
 /// The app runs (its `trellis pod-exec` has become the app: the sidecar was ready).
@@ -520,13 +749,15 @@ fn ps_table(cp: &Proc, pods: &[Pod]) -> String {
             p.plan.name,
             p.plan.workload,
             p.net.ip,
-            state(&p.sidecar),
+            p.sidecar
+                .as_ref()
+                .map_or_else(|| "(none)".to_string(), state),
             match &p.app {
                 None => "(gateway)".to_string(),
                 Some(a) if a.running() && !app_started(a) => "waiting for the sidecar".to_string(),
                 Some(a) => state(a),
             },
-            p.sidecar.restarts + p.app.as_ref().map_or(0, |a| a.restarts)
+            p.sidecar.as_ref().map_or(0, |s| s.restarts) + p.app.as_ref().map_or(0, |a| a.restarts)
         );
     }
     out

@@ -502,3 +502,331 @@ fn the_demo_shows_bookinfo_s_edges_and_cleans_up() {
     assert!(!list.contains("trl-bookinfo-"), "{list}");
     assert!(!std::path::Path::new("/run/trellis/demo-bookinfo").exists());
 }
+
+/// nginx, a line echo (opaque TCP), a server-first protocol, a pod without a sidecar, and
+/// STRICT mutual TLS for the namespace.
+const PROTOCOLS: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec:
+  serviceAccount: web
+  command: [nginx, -c, DIR/nginx.conf, -g, "daemon off;"]
+  ports: [{name: http, port: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: shop}
+spec:
+  selector: {app: echo}
+  ports: [{name: tcp-echo, port: 9000, targetPort: 9000}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: {name: echo, namespace: shop, labels: {app: echo}}
+spec:
+  serviceAccount: echo
+  command: [python3, DIR/echo.py]
+  ports: [{name: tcp-echo, port: 9000}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: mail, namespace: shop}
+spec:
+  selector: {app: mail}
+  ports: [{name: mail, port: 2525, targetPort: 2525}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: {name: mail, namespace: shop, labels: {app: mail}}
+spec:
+  serviceAccount: mail
+  command: [python3, DIR/banner.py]
+  ports: [{port: 2525}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: {name: client, namespace: shop, labels: {app: client}}
+spec:
+  serviceAccount: client
+  command: [python3, -c, "import time; time.sleep(3600)"]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata:
+  name: legacy
+  namespace: shop
+  labels: {app: legacy, sidecar.istio.io/inject: "false"}
+spec:
+  command: [python3, -c, "import time; time.sleep(3600)"]
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shop}
+spec:
+  mtls: {mode: STRICT}
+"#;
+
+const NGINX_CONF: &str = r#"user root;
+pid DIR/nginx.pid;
+error_log stderr;
+events {}
+http {
+  access_log off;
+  client_body_temp_path DIR/nginx-body;
+  proxy_temp_path DIR/nginx-proxy;
+  fastcgi_temp_path DIR/nginx-fastcgi;
+  uwsgi_temp_path DIR/nginx-uwsgi;
+  scgi_temp_path DIR/nginx-scgi;
+  server {
+    listen 8080;
+    location / { default_type text/plain; return 200 "hello from nginx\n"; }
+  }
+}
+"#;
+
+/// A line echo server: each line comes back.
+const ECHO_PY: &str = r#"import socketserver
+class Echo(socketserver.StreamRequestHandler):
+    def handle(self):
+        for line in self.rfile:
+            self.wfile.write(line)
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+socketserver.ThreadingTCPServer(("0.0.0.0", 9000), Echo).serve_forever()
+"#;
+
+/// A server-first protocol (as SMTP): a banner before the client says anything.
+const BANNER_PY: &str = r#"import socketserver
+class Mail(socketserver.StreamRequestHandler):
+    def handle(self):
+        self.wfile.write(b"220 mail.shop ready\r\n")
+        self.wfile.flush()
+        line = self.rfile.readline()
+        self.wfile.write(b"221 bye " + line)
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+socketserver.ThreadingTCPServer(("0.0.0.0", 2525), Mail).serve_forever()
+"#;
+
+/// In the client pod: a line through the echo service, then the mail service's banner
+/// (the client waits for it without sending: the sidecar must not wait forever for the
+/// client's first bytes) and its answer.
+const CLIENT_PY: &str = r#"import socket
+e = socket.create_connection(("echo", 9000), timeout=5)
+e.sendall(b"hello mesh\n")
+print("echo:", e.makefile("rb").readline().decode().strip())
+m = socket.create_connection(("mail.shop.svc.cluster.local", 2525), timeout=5)
+f = m.makefile("rb")
+print("banner:", f.readline().decode().strip())
+m.sendall(b"QUIT\r\n")
+print("reply:", f.readline().decode().strip())
+"#;
+
+/// A Workload added while the mesh runs.
+const LATE: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: late, namespace: shop}
+spec:
+  selector: {app: late}
+  ports: [{name: http, port: 80, targetPort: 8000}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: {name: late, namespace: shop, labels: {app: late}}
+spec:
+  command: [python3, -m, http.server, "8000"]
+  ports: [{name: http, port: 8000}]
+"#;
+
+/// The lines of a pod's sidecar's `/stats/prometheus` that start with `prefix`.
+fn series(netns: &str, prefix: &str) -> Vec<String> {
+    let (_, stats) = output(&[
+        "ip",
+        "netns",
+        "exec",
+        netns,
+        "curl",
+        "-s",
+        "-m",
+        "5",
+        "http://127.0.0.1:15021/stats/prometheus",
+    ]);
+    stats
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Waits (at most `limit`) until `check` holds; whether it did.
+fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let since = Instant::now();
+    while since.elapsed() < limit {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+/// Unmodified nginx as a meshed server; a line echo as opaque TCP and a server-first
+/// protocol through the sidecars (over mutual TLS); STRICT refuses `curl` and `openssl
+/// s_client` from a pod without a sidecar; a Workload added to the directory while the mesh
+/// runs becomes a pod that answers by its service name, and taking it away removes the pod.
+#[test]
+fn nginx_tcp_server_first_strict_and_workloads_added_live() {
+    if !can_run(&[
+        "ip",
+        "iptables-restore",
+        "curl",
+        "python3",
+        "nginx",
+        "openssl",
+    ]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path().to_string_lossy().into_owned();
+    let config = dir.path().join("config");
+    std::fs::create_dir(&config).expect("config dir");
+    std::fs::write(config.join("mesh.yaml"), PROTOCOLS.replace("DIR", &d)).expect("config");
+    std::fs::write(dir.path().join("nginx.conf"), NGINX_CONF.replace("DIR", &d)).expect("conf");
+    std::fs::write(dir.path().join("echo.py"), ECHO_PY).expect("echo.py");
+    std::fs::write(dir.path().join("banner.py"), BANNER_PY).expect("banner.py");
+    let mesh = format!("p{}", std::process::id());
+    let _down = Down(mesh.clone());
+    let log = dir.path().join("up.log");
+    let mut up = Command::new(BIN)
+        .args(["up", &config.to_string_lossy(), "--name", &mesh])
+        .stdout(std::fs::File::create(&log).expect("log"))
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("trellis up");
+    let up_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let pod = |name: &str| format!("trl-{mesh}-{name}-0");
+
+    // nginx, by its service name, from a meshed pod.
+    let mut body = String::new();
+    let served = eventually(Duration::from_secs(30), || {
+        body = output(&[
+            "ip",
+            "netns",
+            "exec",
+            &pod("client"),
+            "curl",
+            "-s",
+            "-m",
+            "3",
+            "http://web/",
+        ])
+        .1;
+        body == "hello from nginx\n"
+    });
+    assert!(served, "nginx through the mesh: {body:?}\n{}", up_log());
+    let nginx_seen = series(&pod("web"), "istio_requests_total{reporter=\"destination\"");
+    assert!(
+        nginx_seen
+            .iter()
+            .any(|l| l.contains("connection_security_policy=\"mutual_tls\"")
+                && l.contains("sa/client\"")),
+        "{nginx_seen:?}"
+    );
+
+    // Opaque TCP and a server-first protocol, from the client pod.
+    let mut said = String::new();
+    let talked = eventually(Duration::from_secs(20), || {
+        said = output(&[
+            "timeout",
+            "15",
+            "ip",
+            "netns",
+            "exec",
+            &pod("client"),
+            "python3",
+            "-c",
+            CLIENT_PY,
+        ])
+        .1;
+        said.contains("reply:")
+    });
+    assert!(talked, "{said}\n{}", up_log());
+    assert!(said.contains("echo: hello mesh"), "{said}");
+    assert!(said.contains("banner: 220 mail.shop ready"), "{said}");
+    assert!(said.contains("reply: 221 bye QUIT"), "{said}");
+    for (name, what) in [("echo", "the echo"), ("mail", "the mail server")] {
+        let opened = series(
+            &pod(name),
+            "istio_tcp_connections_opened_total{reporter=\"destination\"",
+        );
+        assert!(
+            opened
+                .iter()
+                .any(|l| l.contains("connection_security_policy=\"mutual_tls\"")
+                    && l.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/client\"")),
+            "{what} saw the client over mutual TLS: {opened:?}"
+        );
+    }
+
+    // STRICT: from the pod without a sidecar, plaintext and TLS without the mesh's
+    // certificate are refused; nginx never sees them.
+    let (_, addr) = output(&["ip", "-n", &pod("web"), "-4", "-o", "addr", "show", "eth0"]);
+    let web_ip = addr
+        .split_whitespace()
+        .nth(3)
+        .and_then(|a| a.split('/').next())
+        .expect("web's address")
+        .to_string();
+    let plain = status_of(Some(&pod("legacy")), &format!("http://{web_ip}:8080/"));
+    assert_eq!(plain, "000", "plaintext under STRICT");
+    let (tls_ok, tls) = output(&[
+        "sh",
+        "-c",
+        &format!(
+            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | timeout 10 ip netns exec {} openssl s_client -connect {web_ip}:8080 -servername web 2>&1",
+            pod("legacy")
+        ),
+    ]);
+    assert!(!tls.contains("hello from nginx"), "{tls}");
+    assert!(
+        !tls_ok && tls.contains("Cipher is (NONE)"),
+        "s_client gets no TLS session: {tls}"
+    );
+    eprintln!("openssl s_client without a mesh certificate:\n{tls}");
+
+    // A Workload added to the directory: its pod starts and answers by its name.
+    std::fs::write(config.join("late.yaml"), LATE).expect("late.yaml");
+    let mut late = String::new();
+    let added = eventually(Duration::from_secs(30), || {
+        late = status_of(Some(&pod("client")), "http://late/");
+        late == "200"
+    });
+    assert!(added, "the late pod: {late}\n{}", up_log());
+    let (_, ps) = output(&[BIN, "ps", &mesh]);
+    assert!(ps.lines().any(|l| l.starts_with("late-0")), "{ps}");
+    assert!(
+        ps.lines()
+            .any(|l| l.starts_with("legacy-0") && l.contains("(none)")),
+        "{ps}"
+    );
+    // And taken away: the pod is gone.
+    std::fs::remove_file(config.join("late.yaml")).expect("rm late.yaml");
+    let mut ps = String::new();
+    let removed = eventually(Duration::from_secs(20), || {
+        ps = output(&[BIN, "ps", &mesh]).1;
+        !output(&["ip", "netns", "list"]).1.contains(&pod("late"))
+            && !ps.lines().any(|l| l.starts_with("late-0"))
+    });
+    assert!(removed, "{ps}\n{}", up_log());
+
+    let (ok, down) = output(&[BIN, "down", &mesh]);
+    assert!(ok, "{down}");
+    assert!(wait_exit(&mut up).is_some_and(|s| s.success()));
+    let (_, list) = output(&["ip", "netns", "list"]);
+    assert!(!list.contains(&format!("trl-{mesh}-")), "{list}");
+}

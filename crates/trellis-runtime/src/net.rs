@@ -139,12 +139,13 @@ impl MeshNet {
     }
 
     /// A pod: its namespace, a veth to the bridge, its address and default route, its
-    /// interception rules (inbound for `ports`), and its hosts file.
+    /// interception rules (inbound for `ports`; none at all for a pod without a sidecar:
+    /// `None`), and its hosts file.
     pub fn create_pod(
         &self,
         name: &str,
         index: u32,
-        ports: &[u16],
+        ports: Option<&[u16]>,
         hosts: &str,
     ) -> anyhow::Result<PodNet> {
         let (node, ns) = (self.node_ns(), self.pod_ns(name));
@@ -172,17 +173,29 @@ impl MeshNet {
             "via",
             &self.node_ip.to_string(),
         ])?;
-        apply_rules(&ns, &self.rules(ports))?;
+        if let Some(ports) = ports {
+            apply_rules(&ns, &self.rules(ports))?;
+        }
         // `ip netns exec` mounts /etc/netns/<ns>/hosts over /etc/hosts.
         let dir = etc_dir(&ns);
         std::fs::create_dir_all(&dir).with_context(|| format!("{}", dir.display()))?;
-        std::fs::write(dir.join("hosts"), hosts)
-            .with_context(|| format!("{}", dir.join("hosts").display()))?;
-        Ok(PodNet {
+        let pod = PodNet {
             name: name.to_string(),
             netns: ns,
             ip,
-        })
+        };
+        pod.write_hosts(hosts)?;
+        Ok(pod)
+    }
+
+    /// Removes a pod: what still runs in it (SIGTERM, then SIGKILL after `grace`), its
+    /// namespace (its veth with it) and its files under /etc/netns.
+    pub fn delete_pod(&self, name: &str, grace: Duration) -> anyhow::Result<()> {
+        let ns = self.pod_ns(name);
+        stop_all(&ns, grace);
+        let deleted = run(&["ip", "netns", "del", &ns]);
+        let _ = std::fs::remove_dir_all(etc_dir(&ns));
+        deleted.map(|_| ())
     }
 
     /// The interception rules of a pod (`iptables-restore` input).
@@ -258,6 +271,15 @@ impl MeshNet {
             bail!("{}", failed.join("; "));
         }
         Ok(())
+    }
+}
+
+impl PodNet {
+    /// Writes the pod's hosts file in place: the processes already running (whose
+    /// /etc/hosts is this file, bind-mounted) see the new names too.
+    pub fn write_hosts(&self, hosts: &str) -> anyhow::Result<()> {
+        let path = etc_dir(&self.netns).join("hosts");
+        std::fs::write(&path, hosts).with_context(|| format!("{}", path.display()))
     }
 }
 
