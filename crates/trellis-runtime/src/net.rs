@@ -12,7 +12,8 @@
 //! need different names: their addresses are in different namespaces.
 //!
 //! Each pod gets interception rules equivalent to istio-iptables (`nat` table, applied
-//! with `iptables-restore`): outbound TCP to 15001 except the proxy's own connections
+//! with `iptables-restore`, or as an nftables table `ip trellis` with `nft` where
+//! iptables is missing): outbound TCP to 15001 except the proxy's own connections
 //! (mark 0x539, or uid 1337), loopback and the node's address; inbound TCP to the
 //! workload's ports to 15006.
 
@@ -60,11 +61,14 @@ pub fn preflight() -> anyhow::Result<()> {
             "running pods needs root (CAP_NET_ADMIN to make network namespaces and interception rules, CAP_SYS_ADMIN to mount them): run it with sudo"
         );
     }
-    let missing: Vec<&str> = [("ip", "iproute2"), ("iptables-restore", "iptables")]
-        .into_iter()
-        .filter(|(cmd, _)| !have(cmd))
-        .map(|(_, pkg)| pkg)
-        .collect();
+    let mut missing: Vec<&str> = Vec::new();
+    if !have("ip") {
+        missing.push("iproute2");
+    }
+    match Netfilter::chosen() {
+        Ok(_) => {}
+        Err(pkg) => missing.push(pkg),
+    }
     if !missing.is_empty() {
         bail!(
             "missing {}: install with `apt-get install -y {}`",
@@ -73,6 +77,37 @@ pub fn preflight() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// How interception rules are written into a pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Netfilter {
+    /// `iptables-restore` (nat table; iptables-nft and iptables-legacy alike).
+    Iptables,
+    /// `nft -f -` (a table `ip trellis`), where iptables is not installed.
+    Nft,
+}
+
+impl Netfilter {
+    /// `TRELLIS_NETFILTER=iptables|nft` if set, else iptables-restore when installed,
+    /// else nft; the package to install when neither is.
+    pub fn chosen() -> Result<Netfilter, &'static str> {
+        let forced = std::env::var("TRELLIS_NETFILTER").ok();
+        match forced.as_deref() {
+            Some("nft") if have("nft") => return Ok(Netfilter::Nft),
+            Some("nft") => return Err("nftables"),
+            Some("iptables") if have("iptables-restore") => return Ok(Netfilter::Iptables),
+            Some("iptables") => return Err("iptables"),
+            _ => {}
+        }
+        if have("iptables-restore") {
+            Ok(Netfilter::Iptables)
+        } else if have("nft") {
+            Ok(Netfilter::Nft)
+        } else {
+            Err("iptables")
+        }
+    }
 }
 
 /// Ports of the sidecar itself, never intercepted inbound.
@@ -174,7 +209,15 @@ impl MeshNet {
             &self.node_ip.to_string(),
         ])?;
         if let Some(ports) = ports {
-            apply_rules(&ns, &self.rules(ports))?;
+            match Netfilter::chosen() {
+                Ok(Netfilter::Iptables) => {
+                    apply_rules(&ns, &["iptables-restore"], &self.rules(ports))?;
+                }
+                Ok(Netfilter::Nft) => {
+                    apply_rules(&ns, &["nft", "-f", "-"], &self.nft_rules(ports))?
+                }
+                Err(pkg) => bail!("no iptables-restore or nft: `apt-get install -y {pkg}`"),
+            }
         }
         // `ip netns exec` mounts /etc/netns/<ns>/hosts over /etc/hosts.
         let dir = etc_dir(&ns);
@@ -237,6 +280,46 @@ impl MeshNet {
         r
     }
 
+    /// The same rules as an nftables table (`nft -f` input).
+    pub fn nft_rules(&self, ports: &[u16]) -> String {
+        let list = |ports: &[u16]| {
+            ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut r = String::from(
+            "table ip trellis {\n  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n",
+        );
+        r.push_str(&format!(
+            "    tcp dport {{ {} }} return\n",
+            list(&PROXY_PORTS)
+        ));
+        let inbound: Vec<u16> = ports
+            .iter()
+            .copied()
+            .filter(|p| !PROXY_PORTS.contains(p))
+            .collect();
+        if !inbound.is_empty() {
+            r.push_str(&format!(
+                "    tcp dport {{ {} }} redirect to :15006\n",
+                list(&inbound)
+            ));
+        }
+        r.push_str(&format!(
+            "  }}\n  chain output {{\n    type nat hook output priority -100; policy accept;\n    \
+             meta l4proto != tcp return\n    \
+             meta mark 0x539 return\n    \
+             meta skuid 1337 return\n    \
+             oifname \"lo\" return\n    \
+             ip daddr {} return\n    \
+             meta l4proto tcp redirect to :15001\n  }}\n}}\n",
+            self.node_ip
+        ));
+        r
+    }
+
     /// The namespaces of this mesh that exist (pods first, the node last).
     pub fn existing(&self) -> Vec<String> {
         let list = run(&["ip", "netns", "list"]).unwrap_or_default();
@@ -287,22 +370,25 @@ fn etc_dir(ns: &str) -> PathBuf {
     PathBuf::from("/etc/netns").join(ns)
 }
 
-fn apply_rules(ns: &str, rules: &str) -> anyhow::Result<()> {
+/// Feeds `rules` to `tool` (`iptables-restore`, or `nft -f -`) in namespace `ns`.
+fn apply_rules(ns: &str, tool: &[&str], rules: &str) -> anyhow::Result<()> {
     use std::io::Write;
+    let name = tool.first().copied().unwrap_or("iptables-restore");
     let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, "iptables-restore"])
+        .args(["netns", "exec", ns])
+        .args(tool)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .context("cannot run iptables-restore")?;
+        .with_context(|| format!("cannot run {name}"))?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin.write_all(rules.as_bytes())?;
     }
     let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!(
-            "iptables-restore in {ns}: {}",
+            "{name} in {ns}: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
@@ -369,5 +455,18 @@ mod tests {
         assert!(r.ends_with("REDIRECT --to-ports 15001\nCOMMIT\n"));
         assert_eq!(net.pod_ip(0), Ipv4Addr::new(10, 244, 0, 10));
         assert_eq!(net.pod_ns("web-0"), "trl-t-web-0");
+    }
+
+    #[test]
+    fn nft_rules_say_the_same() {
+        let net = MeshNet::new("t");
+        let r = net.nft_rules(&[9080, 15021]);
+        assert!(r.contains("tcp dport { 9080 } redirect to :15006\n"), "{r}");
+        assert!(r.contains("meta mark 0x539 return\n"), "{r}");
+        assert!(r.contains("meta skuid 1337 return\n"), "{r}");
+        assert!(r.contains("ip daddr 10.244.0.1 return\n"), "{r}");
+        assert!(r.contains("meta l4proto tcp redirect to :15001\n"), "{r}");
+        // No inbound ports: no inbound redirect (an empty set is not valid nft).
+        assert!(!net.nft_rules(&[]).contains(":15006"));
     }
 }
