@@ -197,17 +197,44 @@ pub fn run(files: &[(&str, &str)], run_for: Option<Duration>) -> anyhow::Result<
         .map(|e| e.display().to_string())
         .unwrap_or_else(|_| "trellis".into());
     let tasks = tasks_dir();
-    let hint = format!(
-        "Try next, in another terminal (the view shows the effect within seconds):\n  \
-         curl http://{GATEWAY}/productpage                      the page; reload it\n  \
-         {exe} apply {t}/virtual-service-all-v1.yaml             everyone to v1\n  \
-         {exe} apply {t}/virtual-service-reviews-test-v2.yaml    jason to reviews v2\n  \
-         {exe} apply {t}/virtual-service-reviews-50-v3.yaml      half of reviews to v3\n  \
-         {exe} apply {t}/virtual-service-ratings-test-abort.yaml ratings fail for jason\n  \
-         {exe} ps bookinfo · {exe} logs bookinfo reviews-v2-0 [--proxy]\n\
-         Ctrl-C stops the mesh and removes everything it made.",
-        t = tasks.display()
-    );
+    let t = tasks.display();
+    let tries = [
+        (
+            format!("curl http://{GATEWAY}/productpage"),
+            "the page; reload it",
+        ),
+        (
+            format!("{exe} apply {t}/virtual-service-all-v1.yaml"),
+            "everyone to v1",
+        ),
+        (
+            format!("{exe} apply {t}/virtual-service-reviews-test-v2.yaml"),
+            "jason to reviews v2",
+        ),
+        (
+            format!("{exe} apply {t}/virtual-service-reviews-50-v3.yaml"),
+            "half of reviews to v3",
+        ),
+        (
+            format!("{exe} apply {t}/virtual-service-ratings-test-abort.yaml"),
+            "ratings fail for jason",
+        ),
+    ];
+    // The descriptions in one column, however long this program's path is.
+    let width = tries
+        .iter()
+        .map(|(c, _)| c.chars().count())
+        .max()
+        .unwrap_or(0);
+    let mut hint =
+        String::from("Try next, in another terminal (the view shows the effect within seconds):\n");
+    for (command, what) in &tries {
+        hint.push_str(&format!("  {command:<width$}  {what}\n"));
+    }
+    hint.push_str(&format!(
+        "  {exe} ps bookinfo · {exe} logs bookinfo reviews-v2-0 [--proxy]\n\
+         Ctrl-C stops the mesh and removes everything it made."
+    ));
     let mut hook = |net: &trellis_runtime::MeshNet, pods: &[(String, Ipv4Addr)]| {
         let stop = Arc::new(AtomicBool::new(false));
         let scrapes: Arc<Mutex<Vec<Scrape>>> = Arc::default();
