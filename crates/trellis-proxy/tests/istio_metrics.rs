@@ -624,3 +624,79 @@ async fn an_open_tcp_connection_reports_its_bytes_while_open() {
     let seen = tcp(|s| s.2 == Some(1.0)).await;
     assert_eq!(seen, (Some(1024.0), Some(1024.0), Some(1.0)), "closed");
 }
+
+/// The same for an upgrade: the app's 101 cannot carry the proxy's response flags either
+/// (the upgraded connection goes on; the metric says `-`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_response_cannot_set_response_flags() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let app_addr = app.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = app.accept().await else {
+            return;
+        };
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nx-trellis-response-flags: UF\r\n\r\n")
+            .await;
+        // The upgraded stream: one echo.
+        if let Ok(n) = s.read(&mut buf).await {
+            let _ = s.write_all(&buf[..n]).await;
+        }
+    });
+    let (p, admin) = start_with_stats(
+        &format!(
+            "version: t\nworkload: {{name: web, namespace: shop}}\nservices:\n- hostname: app.shop.svc.cluster.local\n  ports: [{{port: 80, name: http, cluster: app}}]\nclusters:\n- name: app\n  endpoints: [{{address: \"{app_addr}\", workload: app, namespace: shop}}]\n"
+        ),
+        ProxyOptions {
+            outbound_listen: vec![(
+                "127.0.0.1:0".parse().expect("addr"),
+                "app.shop.svc.cluster.local".into(),
+                80,
+            )],
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    let mut c = tokio::net::TcpStream::connect(p.outbound_addrs[0])
+        .await
+        .expect("connect");
+    let head = timeout(LIMIT, async {
+        c.write_all(b"GET /ws HTTP/1.1\r\nhost: app.shop.svc.cluster.local\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n").await?;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
+            c.read_exact(&mut byte).await?;
+            head.push(byte[0]);
+        }
+        c.write_all(b"ping").await?;
+        let mut echoed = [0u8; 4];
+        c.read_exact(&mut echoed).await?;
+        assert_eq!(&echoed, b"ping");
+        std::io::Result::Ok(String::from_utf8_lossy(&head).to_ascii_lowercase())
+    })
+    .await
+    .expect("in time")
+    .expect("upgraded");
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(!head.contains("x-trellis-response-flags"), "{head}");
+    drop(c);
+    let mut line = None;
+    for _ in 0..100 {
+        let text = scrape(admin).await;
+        line = text
+            .lines()
+            .find(|l| l.starts_with("istio_requests_total{") && l.contains("response_code=\"101\""))
+            .map(str::to_string);
+        if line.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let line = line.expect("the upgrade is counted");
+    assert!(line.contains("response_flags=\"-\""), "{line}");
+}
