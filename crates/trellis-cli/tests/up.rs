@@ -225,8 +225,28 @@ fn curl_reaches_a_python_server_by_service_name_over_mtls_and_down_leaves_nothin
     }
     assert_eq!(from_host, "200", "through the ingress gateway");
 
-    // The server's sidecar received it over mutual TLS from the client's identity.
+    // The server's sidecar received it over mutual TLS from the client's identity (its
+    // metrics on Istio's 15020, from the node as Prometheus would scrape them, and on
+    // Envoy's 15090).
+    let (_, web_addr) = output(&["ip", "-n", &web, "-4", "-o", "addr", "show", "eth0"]);
+    let web_ip = web_addr
+        .split_whitespace()
+        .nth(3)
+        .and_then(|a| a.split('/').next())
+        .expect("web's address")
+        .to_string();
     let (_, stats) = output(&[
+        "ip",
+        "netns",
+        "exec",
+        &format!("trl-{mesh}-node"),
+        "curl",
+        "-s",
+        "-m",
+        "5",
+        &format!("http://{web_ip}:15020/stats/prometheus"),
+    ]);
+    let (_, envoy_port) = output(&[
         "ip",
         "netns",
         "exec",
@@ -235,8 +255,9 @@ fn curl_reaches_a_python_server_by_service_name_over_mtls_and_down_leaves_nothin
         "-s",
         "-m",
         "5",
-        "http://127.0.0.1:15021/stats/prometheus",
+        "http://127.0.0.1:15090/stats/prometheus",
     ]);
+    assert!(envoy_port.contains("istio_requests_total{"), "{envoy_port}");
     let line = stats
         .lines()
         .find(|l| {

@@ -117,11 +117,19 @@ fn json_reply(v: &serde_json::Value) -> Response<Full<Bytes>> {
 
 fn route(ctx: &AdminContext, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let cfg = ctx.shared.config.load_full();
-    let ready = ctx.ready.load(Ordering::Relaxed);
+    // Ready once serving with a configuration (with --xds, the control plane's first
+    // snapshot), and until draining starts.
+    let ready = ctx.ready.load(Ordering::Relaxed) && ctx.shared.is_configured();
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/ready" | "/healthz" | "/healthz/ready") => {
             if ready {
                 reply(StatusCode::OK, "text/plain", "LIVE\n")
+            } else if !ctx.shared.is_configured() {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "NOT READY: waiting for the control plane's first configuration\n",
+                )
             } else {
                 reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "DRAINING\n")
             }

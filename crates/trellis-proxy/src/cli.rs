@@ -126,9 +126,10 @@ struct Args {
     #[arg(long, default_value = "0.0.0.0:15021")]
     readiness: String,
     /// Prometheus endpoint (/stats/prometheus, and /healthz/ready) address, or "off";
-    /// Istio's pods are scraped on 0.0.0.0:15020.
-    #[arg(long, default_value = "off")]
-    stats: String,
+    /// repeatable. Default: with --sidecar, Istio's 0.0.0.0:15020 and Envoy's
+    /// 0.0.0.0:15090 (where Istio's scrape annotations and ServiceMonitors look); else off.
+    #[arg(long, value_name = "ADDR")]
+    stats: Vec<String>,
     /// Worker threads of the data path.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -208,6 +209,7 @@ fn announce(args: &Args) -> anyhow::Result<trellis_xds::ads::Announce> {
 fn options(args: &Args, cfg: &config::Config) -> anyhow::Result<ProxyOptions> {
     let mut o = ProxyOptions {
         tcp_report_every: args.tcp_report_interval.0.max(Duration::from_millis(100)),
+        wait_for_config: args.xds.is_some(),
         ..ProxyOptions::default()
     };
     if args.sidecar {
@@ -365,7 +367,16 @@ fn run(args: &Args, set_level: admin::SetLogLevel) -> anyhow::Result<()> {
     let opts = options(args, &cfg)?;
     let admin_addr = parse_addr_opt(&args.admin)?;
     let ready_addr = parse_addr_opt(&args.readiness)?;
-    let stats_addr = parse_addr_opt(&args.stats)?;
+    let stats_addrs: Vec<Option<SocketAddr>> = match args.stats.as_slice() {
+        [] if args.sidecar => vec![
+            Some(SocketAddr::from(([0, 0, 0, 0], 15020))),
+            Some(SocketAddr::from(([0, 0, 0, 0], 15090))),
+        ],
+        list => list
+            .iter()
+            .map(|a| parse_addr_opt(a))
+            .collect::<anyhow::Result<_>>()?,
+    };
     // One worker: a current-thread runtime, without the work-stealing scheduler's
     // bookkeeping (the proxy's own thread is the worker).
     let runtime = if args.workers <= 1 {
@@ -398,7 +409,8 @@ fn run(args: &Args, set_level: admin::SetLogLevel) -> anyhow::Result<()> {
             quit: Arc::clone(&quit),
             ready: Arc::clone(&ready),
         });
-        let public = [(ready_addr, "readiness"), (stats_addr, "stats")];
+        let mut public = vec![(ready_addr, "readiness")];
+        public.extend(stats_addrs.iter().map(|a| (*a, "stats")));
         spawn_control_thread(ctx, admin_addr, &public, args.config.clone(), xds, env)?;
 
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

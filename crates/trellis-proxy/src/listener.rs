@@ -108,6 +108,7 @@ async fn dispatch(
     shared: &Arc<Shared>,
     stop: watch::Receiver<bool>,
 ) {
+    shared.wait_configured().await;
     let cfg = shared.config.load_full();
     let (route, declared) = match &kind {
         ListenerKind::OutboundCapture => {

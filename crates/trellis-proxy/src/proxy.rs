@@ -44,6 +44,10 @@ pub struct Shared {
     /// How often a TCP connection's bytes so far are added to its metrics (Istio's
     /// `tcp_reporting_duration`, 15 s): a long connection shows its traffic while open.
     pub tcp_report_every: std::time::Duration,
+    /// A snapshot is in place (false from the start until the control plane's first
+    /// one, with `--xds`): connections wait for it, and the proxy is not ready before.
+    configured: std::sync::atomic::AtomicBool,
+    configured_now: tokio::sync::Notify,
     /// The mesh mTLS server configuration, and the trust bundle it was made for.
     mesh_server: Mutex<Option<(Arc<rustls::RootCertStore>, Arc<rustls::ServerConfig>)>>,
 }
@@ -107,6 +111,7 @@ impl Shared {
         config: Config,
         original_dst: Arc<dyn OriginalDst>,
         tcp_report_every: std::time::Duration,
+        wait_for_config: bool,
     ) -> Arc<Shared> {
         Arc::new(Shared {
             config: ArcSwap::from_pointee(config),
@@ -124,7 +129,38 @@ impl Shared {
             jwks: crate::authn::JwksCache::default(),
             istio: crate::metrics::IstioMetrics::default(),
             tcp_report_every,
+            configured: std::sync::atomic::AtomicBool::new(!wait_for_config),
+            configured_now: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Whether a snapshot is in place (see [`Shared::wait_configured`]).
+    pub fn is_configured(&self) -> bool {
+        self.configured.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Waits (at most [`FIRST_CONFIG_WAIT`]) for the first snapshot: a connection
+    /// intercepted while the proxy has none yet would otherwise go where an empty
+    /// configuration says (passthrough to a virtual IP nothing answers).
+    pub async fn wait_configured(&self) {
+        if self.is_configured() {
+            return;
+        }
+        let notified = self.configured_now.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.is_configured() {
+            return;
+        }
+        if tokio::time::timeout(FIRST_CONFIG_WAIT, notified)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "no configuration from the control plane after {}s; serving with none",
+                FIRST_CONFIG_WAIT.as_secs()
+            );
+        }
     }
 
     /// Installs a new snapshot. Requests in flight finish on the one they started with.
@@ -132,6 +168,12 @@ impl Shared {
         tracing::info!(version = %config.version, "snapshot applied");
         self.config.store(Arc::new(config));
         Stats::inc(&self.stats.config_updates_total);
+        if !self
+            .configured
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            self.configured_now.notify_waiters();
+        }
     }
 
     /// Where the app behind inbound `addr` listens: `addr` (localhost) unless it refuses
@@ -280,7 +322,13 @@ pub struct ProxyOptions {
     pub original_dst: Arc<dyn OriginalDst>,
     /// How often open TCP connections report their bytes (default 15 s, as Istio).
     pub tcp_report_every: std::time::Duration,
+    /// The configuration comes later (from the control plane): connections wait for it
+    /// (up to [`FIRST_CONFIG_WAIT`]) and readiness says no until it is there.
+    pub wait_for_config: bool,
 }
+
+/// How long an intercepted connection waits for the first snapshot.
+pub const FIRST_CONFIG_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl std::fmt::Debug for ProxyOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -304,6 +352,7 @@ impl Default for ProxyOptions {
             gateway_listen: Vec::new(),
             original_dst: Arc::new(SoOriginalDst),
             tcp_report_every: std::time::Duration::from_secs(15),
+            wait_for_config: false,
         }
     }
 }
@@ -325,6 +374,7 @@ pub async fn start(config: Config, opts: ProxyOptions) -> io::Result<ProxyHandle
         config,
         Arc::clone(&opts.original_dst),
         opts.tcp_report_every,
+        opts.wait_for_config,
     );
     let (stop_inbound, inbound_rx) = watch::channel(false);
     let (stop_outbound, outbound_rx) = watch::channel(false);
