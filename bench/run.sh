@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One command for the peer benchmarks: installs what is missing (Debian's nginx and haproxy,
+# oha from crates.io), builds the release binaries, and runs bench/harness.py with the
+# arguments given (see `bench/run.sh --help`; `--write-docs` rewrites docs/benchmarks.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+for pkg in nginx haproxy; do
+  command -v "$pkg" >/dev/null 2>&1 || [ -x "/usr/sbin/$pkg" ] || missing+=("$pkg")
+done
+command -v taskset >/dev/null 2>&1 || missing+=(util-linux)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing ${missing[*]}: run as root, or apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+command -v oha >/dev/null 2>&1 || cargo install oha --locked
+cargo build --release -q -p trellis-proxy -p trellis-testkit -p trellis-cli
+exec python3 bench/harness.py "$@"
