@@ -47,7 +47,14 @@ from proxy_pair import (  # noqa: E402  (the shared helpers)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PERCENTILES = ["p50", "p90", "p99", "p99.9"]
-TOPOLOGIES = ["direct", "trellis-off", "trellis-metrics", "trellis-full", "nginx", "haproxy"]
+TOPOLOGIES = ["direct", "trellis-off", "trellis-metrics", "trellis-full", "nginx", "haproxy",
+              "grpc-direct", "grpc-trellis", "grpc-nginx", "grpc-haproxy",
+              "tcp-direct", "tcp-trellis", "tcp-haproxy"]
+# What each topology carries, and the baseline it is measured against.
+KIND = {n: ("grpc" if n.startswith("grpc-") else "tcp" if n.startswith("tcp-") else "http") for n in TOPOLOGIES}
+BASELINE = {"http": "direct", "grpc": "grpc-direct", "tcp": "tcp-direct"}
+# A gRPC unary call to the fixture's echo: one message of 1 KiB.
+GRPC_BODY = b"\x00\x00\x00\x04\x00" + b"x" * 1024
 
 HAPROXY_OUT = """global
   nbthread 1
@@ -63,6 +70,101 @@ frontend out
   default_backend peer
 backend peer
   server in 127.0.0.1:{peer} ssl verify required ca-file {certs}/root-cert.pem crt {tmp}/haproxy-web.pem ssl-min-ver TLSv1.3
+"""
+
+HAPROXY_GRPC_OUT = """global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend out
+  bind 127.0.0.1:{port} proto h2
+  default_backend peer
+backend peer
+  server in 127.0.0.1:{peer} ssl verify required ca-file {certs}/root-cert.pem crt {tmp}/haproxy-web.pem ssl-min-ver TLSv1.3 alpn h2
+"""
+
+HAPROXY_GRPC_IN = """global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend in
+  bind 127.0.0.1:{port} ssl crt {tmp}/haproxy-app.pem ca-file {certs}/root-cert.pem verify required ssl-min-ver TLSv1.3 alpn h2
+  default_backend app
+backend app
+  server app 127.0.0.1:{app} proto h2
+"""
+
+HAPROXY_TCP_OUT = """global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+listen out
+  bind 127.0.0.1:{port}
+  server in 127.0.0.1:{peer} ssl verify required ca-file {certs}/root-cert.pem crt {tmp}/haproxy-web.pem ssl-min-ver TLSv1.3
+"""
+
+HAPROXY_TCP_IN = """global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+listen in
+  bind 127.0.0.1:{port} ssl crt {tmp}/haproxy-app.pem ca-file {certs}/root-cert.pem verify required ssl-min-ver TLSv1.3
+  server app 127.0.0.1:{app}
+"""
+
+NGINX_GRPC_OUT = """worker_processes 1;
+daemon off;
+pid {tmp}/ngx-grpc-out.pid;
+error_log {tmp}/ngx-grpc-out.err warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  upstream peer {{ server 127.0.0.1:{peer}; keepalive 32; }}
+  server {{
+    listen 127.0.0.1:{port} http2;
+    location / {{
+      grpc_pass grpcs://peer;
+      grpc_ssl_certificate {certs}/cert-chain.pem; grpc_ssl_certificate_key {certs}/key.pem;
+      grpc_ssl_protocols TLSv1.3; grpc_ssl_session_reuse on;
+    }}
+  }}
+}}
+"""
+
+NGINX_GRPC_IN = """worker_processes 1;
+daemon off;
+pid {tmp}/ngx-grpc-in.pid;
+error_log {tmp}/ngx-grpc-in.err warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  upstream app {{ server 127.0.0.1:{app}; keepalive 32; }}
+  server {{
+    listen 127.0.0.1:{port} ssl http2;
+    ssl_protocols TLSv1.3;
+    ssl_certificate {certs}/cert-chain.pem; ssl_certificate_key {certs}/key.pem;
+    ssl_client_certificate {certs}/root-cert.pem; ssl_verify_client on;
+    location / {{ grpc_pass grpc://app; }}
+  }}
+}}
 """
 
 HAPROXY_IN = """global
@@ -82,10 +184,32 @@ backend app
 """
 
 
-def oha(url, rate, duration, conns, cpu=None):
+def tcpload(addr, rate, duration, conns, cpu=None):
+    """One trellis-tcpload run (1 KiB echoed per request), in oha's terms."""
+    cmd = [os.path.join(ROOT, "target", "release", "trellis-tcpload"), addr, "--rate", str(rate),
+           "--duration", str(duration), "--connections", str(conns)]
+    if cpu is not None:
+        cmd = ["taskset", "-c", str(cpu)] + cmd
+    j = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    return {**{p: float(j[p]) for p in PERCENTILES}, "rps": j["rps"], "ok": j["ok"],
+            "errors": j["errors"], "error_kinds": {}}
+
+
+def load(kind, target, rate, duration, conns, cpu=None, body=None):
+    if kind == "tcp":
+        return tcpload(target, rate, duration, conns, cpu)
+    return oha(target, rate, duration, conns, cpu, body)
+
+
+def oha(url, rate, duration, conns, cpu=None, body=None):
     """One oha run: latency percentiles (µs), achieved rate, successes and errors."""
-    cmd = ["oha", "--no-tui", "--output-format", "json", "-z", f"{duration}s", "-c", str(conns),
-           "-H", "Host: app"]
+    cmd = ["oha", "--no-tui", "--output-format", "json", "-z", f"{duration}s", "-c", str(conns)]
+    if body:
+        # gRPC unary: HTTP/2 (prior knowledge), POST, the framed message (the authority is the
+        # URL's: a Host header beside it is refused by nginx as a mismatch).
+        cmd += ["--http2", "-m", "POST", "-T", "application/grpc", "-H", "te: trailers", "-D", body]
+    else:
+        cmd += ["-H", "Host: app"]
     if rate:
         cmd += ["-q", str(rate), "--latency-correction"]
     cmd.append(url)
@@ -113,8 +237,12 @@ class Bench:
         self.args = args
         self.tmp = tempfile.mkdtemp(prefix="trellis-harness-")
         self.procs = []
-        self.topologies = {}  # name -> (url, {proxy name: pid})
+        self.topologies = {}  # name -> (target URL or address, {proxy name: pid})
         self.target = os.path.join(ROOT, "target", "release")
+        self.body = os.path.join(self.tmp, "grpc.bin")
+        with open(self.body, "wb") as f:
+            f.write(GRPC_BODY)
+        self.ports = []
 
     def spawn(self, cmd, **kw):
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=kw.pop("stderr", subprocess.DEVNULL), **kw)
@@ -140,68 +268,89 @@ class Bench:
                            check=True, stderr=subprocess.DEVNULL)
         with open(os.path.join(self.cert["app"], "root-cert.pem")) as f:
             self.roots = f"trustRoots: [{json.dumps(f.read())}]\n"
+        # haproxy takes a certificate and its key in one file.
+        for sa in ("web", "app"):
+            with open(os.path.join(self.tmp, f"haproxy-{sa}.pem"), "w") as f:
+                for part in ("cert-chain.pem", "key.pem"):
+                    with open(os.path.join(self.cert[sa], part)) as p:
+                        f.write(p.read())
+
+    def url(self, kind, port):
+        return {"http": f"http://127.0.0.1:{port}/bytes/1024", "grpc": f"http://127.0.0.1:{port}/test.Echo/Unary",
+                "tcp": f"127.0.0.1:{port}"}[kind]
 
     def start(self, wanted):
-        t = self.tmp
         self.certs()
-        self.app_port = free_port()
-        app = self.spawn([os.path.join(self.target, "trellis-fixture"), "--http", f"127.0.0.1:{self.app_port}"])
-        self.fixture_pid = app.pid
-        ports = [self.app_port]
-        self.topologies["direct"] = (f"http://127.0.0.1:{self.app_port}/bytes/1024", {"fixture": app.pid})
-        for mode in ("off", "metrics", "full"):
-            name = f"trellis-{mode}"
-            if name in wanted:
-                ports += self.trellis_pair(name, mode)
-        if "nginx" in wanted:
-            nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-            in_port, out_port = free_port(), free_port()
-            pair = []
-            for side, text in (
-                    ("in", NGINX_MTLS_IN.format(tmp=t, app=self.app_port, port=in_port, certs=self.cert["app"])),
-                    ("out", NGINX_MTLS_OUT.format(tmp=t, peer=in_port, port=out_port, certs=self.cert["web"]))):
-                conf = os.path.join(t, f"nginx-{side}.conf")
-                with open(conf, "w") as f:
-                    f.write(text)
-                pair.append(self.spawn([nginx, "-c", conf, "-p", t]))
-            ports += [in_port, out_port]
-            self.pending_nginx = (pair, out_port)
-        if "haproxy" in wanted:
-            haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
-            for sa in ("web", "app"):
-                with open(os.path.join(t, f"haproxy-{sa}.pem"), "w") as f:
-                    for part in ("cert-chain.pem", "key.pem"):
-                        with open(os.path.join(self.cert[sa], part)) as p:
-                            f.write(p.read())
-            in_port, out_port = free_port(), free_port()
-            pids = {}
-            for side, text in (
-                    ("inbound", HAPROXY_IN.format(tmp=t, app=self.app_port, port=in_port, certs=self.cert["app"])),
-                    ("outbound", HAPROXY_OUT.format(tmp=t, peer=in_port, port=out_port, certs=self.cert["web"]))):
-                conf = os.path.join(t, f"haproxy-{side}.cfg")
-                with open(conf, "w") as f:
-                    f.write(text)
-                log = open(os.path.join(t, f"haproxy-{side}.log"), "w")
-                pids[side] = self.spawn([haproxy, "-db", "-f", conf], stderr=log).pid
-            ports += [in_port, out_port]
-            self.topologies["haproxy"] = (f"http://127.0.0.1:{out_port}/bytes/1024", pids)
-        for p in ports:
+        fixture = os.path.join(self.target, "trellis-fixture")
+        self.app = {}
+        for kind, flag in (("http", "--http"), ("grpc", "--grpc"), ("tcp", "--tcp-echo")):
+            if not any(KIND[n] == kind for n in wanted):
+                continue
+            port = free_port()
+            pid = self.spawn([fixture, flag, f"127.0.0.1:{port}"]).pid
+            self.app[kind] = port
+            self.ports.append(port)
+            self.topologies[BASELINE[kind]] = (self.url(kind, port), {"fixture": pid})
+        pending_nginx = []
+        for name in wanted:
+            kind = KIND[name]
+            if name.endswith("-direct") or name == "direct":
+                continue
+            if name.startswith("trellis-"):
+                self.trellis_pair(name, "http", name.split("-", 1)[1])
+            elif name in ("grpc-trellis", "tcp-trellis"):
+                self.trellis_pair(name, kind, "metrics")
+            elif name.endswith("nginx"):
+                pending_nginx.append((name, self.nginx_pair(name, kind)))
+            elif name.endswith("haproxy"):
+                self.haproxy_pair(name, kind)
+        for p in self.ports:
             wait_port(p)
-        if "nginx" in wanted:
-            pair, out_port = self.pending_nginx
-            self.topologies["nginx"] = (f"http://127.0.0.1:{out_port}/bytes/1024",
-                                        {"outbound": nginx_worker(pair[1].pid), "inbound": nginx_worker(pair[0].pid)})
-        for name in list(self.topologies):
-            if name not in wanted:
-                del self.topologies[name]
+        for name, (pair, out_port) in pending_nginx:
+            self.topologies[name] = (self.url(KIND[name], out_port),
+                                     {"outbound": nginx_worker(pair[1].pid), "inbound": nginx_worker(pair[0].pid)})
 
-    def trellis_pair(self, name, mode):
+    def nginx_pair(self, name, kind):
+        t = self.tmp
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        in_port, out_port = free_port(), free_port()
+        conf_in, conf_out = {"http": (NGINX_MTLS_IN, NGINX_MTLS_OUT), "grpc": (NGINX_GRPC_IN, NGINX_GRPC_OUT)}[kind]
+        pair = []
+        for side, text in (
+                ("in", conf_in.format(tmp=t, app=self.app[kind], port=in_port, certs=self.cert["app"])),
+                ("out", conf_out.format(tmp=t, peer=in_port, port=out_port, certs=self.cert["web"]))):
+            conf = os.path.join(t, f"{name}-{side}.conf")
+            with open(conf, "w") as f:
+                f.write(text)
+            pair.append(self.spawn([nginx, "-c", conf, "-p", t]))
+        self.ports += [in_port, out_port]
+        return pair, out_port
+
+    def haproxy_pair(self, name, kind):
+        t = self.tmp
+        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        conf_in, conf_out = {"http": (HAPROXY_IN, HAPROXY_OUT), "grpc": (HAPROXY_GRPC_IN, HAPROXY_GRPC_OUT),
+                             "tcp": (HAPROXY_TCP_IN, HAPROXY_TCP_OUT)}[kind]
+        in_port, out_port = free_port(), free_port()
+        pids = {}
+        for side, text in (
+                ("inbound", conf_in.format(tmp=t, app=self.app[kind], port=in_port, certs=self.cert["app"])),
+                ("outbound", conf_out.format(tmp=t, peer=in_port, port=out_port, certs=self.cert["web"]))):
+            conf = os.path.join(t, f"{name}-{side}.cfg")
+            with open(conf, "w") as f:
+                f.write(text)
+            log = open(os.path.join(t, f"{name}-{side}.log"), "w")
+            pids[side] = self.spawn([haproxy, "-db", "-f", conf], stderr=log).pid
+        self.ports += [in_port, out_port]
+        self.topologies[name] = (self.url(kind, out_port), pids)
+
+    def trellis_pair(self, name, kind, telemetry_mode):
         t = self.tmp
         telemetry = ""
-        if mode == "off":
+        if telemetry_mode == "off":
             telemetry = ("  telemetry:\n    metrics:\n      overrides: "
                          "[{metric: ALL_METRICS, mode: CLIENT_AND_SERVER, disabled: true}]\n")
-        elif mode == "full":
+        elif telemetry_mode == "full":
             otlp = free_port()
             self.spawn([sys.executable, "-c", COLLECTOR, str(otlp)])
             telemetry = ("  telemetry:\n    tracing:\n    - {mode: CLIENT_AND_SERVER, providers: [otel], "
@@ -209,37 +358,43 @@ class Bench:
                          "providers: [log]}\n    providers:\n    - {name: otel, kind: opentelemetry, "
                          f"service: 127.0.0.1, port: {otlp}, path: /v1/traces}}\n    - {{name: log, "
                          f"kind: envoyJson, path: {os.path.join(t, name + '-access.log')}}}\n")
+        port_name = {"http": "http", "grpc": "grpc", "tcp": "tcp"}[kind]
+        app_port = self.app[kind]
         in_port, out_port = free_port(), free_port()
         inbound = os.path.join(t, f"{name}-in.yaml")
         outbound = os.path.join(t, f"{name}-out.yaml")
         with open(inbound, "w") as f:
-            f.write(f"version: bench\nworkload:\n  name: app\n  inboundPorts: [{{port: {self.app_port}, "
-                    f"name: http}}]\n{telemetry}  mtls: STRICT\n{self.roots}")
+            f.write(f"version: bench\nworkload:\n  name: app\n  inboundPorts: [{{port: {app_port}, "
+                    f"name: {port_name}}}]\n{telemetry}  mtls: STRICT\n{self.roots}")
         with open(outbound, "w") as f:
             f.write("version: bench\nservices:\n- hostname: app.default.svc.cluster.local\n"
-                    "  ports: [{port: 80, name: http, cluster: app}]\n"
+                    f"  ports: [{{port: 80, name: {port_name}, cluster: app}}]\n"
                     "clusters:\n- name: app\n"
                     f"  endpoints: [{{address: \"127.0.0.1:{in_port}\", proxied: true, "
                     "identity: \"spiffe://cluster.local/ns/default/sa/app\"}]\n"
                     f"{self.roots}workload:\n  name: web\n  namespace: web\n{telemetry}")
         proxy = os.path.join(self.target, "trellis-proxy")
         common = ["--workers", "1", "--admin", "off", "--readiness", "off", "--log-level", "warn"]
-        pin = self.spawn([proxy, "--config", inbound, "--inbound-listen", f"127.0.0.1:{in_port}={self.app_port}",
+        pin = self.spawn([proxy, "--config", inbound, "--inbound-listen", f"127.0.0.1:{in_port}={app_port}",
                           "--workload-cert", self.cert["app"], *common])
         pout = self.spawn([proxy, "--config", outbound, "--outbound-listen", f"127.0.0.1:{out_port}=app:80",
                            "--workload-cert", self.cert["web"], *common])
-        self.topologies[name] = (f"http://127.0.0.1:{out_port}/bytes/1024",
-                                 {"outbound": pout.pid, "inbound": pin.pid})
-        return [in_port, out_port]
+        self.ports += [in_port, out_port]
+        self.topologies[name] = (self.url(kind, out_port), {"outbound": pout.pid, "inbound": pin.pid})
+
+    def load(self, name, rate, duration, cpu=None):
+        kind = KIND[name]
+        return load(kind, self.topologies[name][0], rate, duration, self.args.connections, cpu,
+                    self.body if kind == "grpc" else None)
 
     def measure(self, name, rate, duration, pin=False):
-        url, pids = self.topologies[name]
+        _, pids = self.topologies[name]
         if pin:
-            # The proxies (or the fixture, for direct) on core 1; oha on core 0.
+            # The proxies (or the fixture, for a baseline) on core 1; the load generator on core 0.
             for pid in pids.values():
                 subprocess.run(["taskset", "-a", "-pc", "1", str(pid)], check=True, capture_output=True)
         c0 = {k: cpu_us(p) for k, p in pids.items()}
-        r = oha(url, rate, duration, self.args.connections, cpu=0 if pin else None)
+        r = self.load(name, rate, duration, cpu=0 if pin else None)
         c1 = {k: cpu_us(p) for k, p in pids.items()}
         if pin:
             every = f"0-{os.cpu_count() - 1}"
@@ -306,40 +461,45 @@ def render(args, rates, results, saturation, idle_rss, load_rss, names):
         "",
         f"Command: `bench/run.sh --rates {','.join(map(str, rates))} --duration {args.duration} "
         f"--reps {args.reps} --write-docs`. Machine: {machine}. oha open loop with latency correction, "
-        f"{args.connections} keep-alive connections, HTTP/1.1 from the load generator, 1 KiB responses, "
+        f"{args.connections} keep-alive connections, 1 KiB responses, "
         f"every proxy on one worker; {args.reps} interleaved repetitions per rate (medians, min..max "
         "in brackets).",
         "",
     ]
-    peers = [n for n in ("nginx", "haproxy") if n in names]
+    titles = {"http": "HTTP/1.1 from the client", "grpc": "gRPC unary (HTTP/2 end to end, 1 KiB message)",
+              "tcp": "opaque TCP (1 KiB echoed per request, trellis-tcpload)"}
     for rate in rates:
         by = results[rate]
-        d = by["direct"]
-        lines += [f"**{rate} rps.** Direct: p50 {d['abs_p50']:.0f} µs, p99 {d['abs_p99']:.0f} µs, "
-                  f"p99.9 {d['abs_p99.9']:.0f} µs.", "",
-                  "| topology | added p50 | added p90 | added p99 | added p99.9 | CPU per request "
-                  "(outbound + inbound) | failed |",
-                  "|---|---|---|---|---|---|---|"]
-        for n in names:
-            if n == "direct":
+        for kind in ("http", "grpc", "tcp"):
+            base = BASELINE[kind]
+            shown = [n for n in names if KIND[n] == kind and n != base]
+            if base not in by or not shown:
                 continue
-            s = by[n]
-            cells = [f"{s[p][0]:.0f} µs ({s[p][1]:.0f}..{s[p][2]:.0f})" for p in PERCENTILES]
-            cpu = s["cpu"]
-            lines.append(f"| {n} | " + " | ".join(cells) +
-                         f" | {sum(cpu.values()):.1f} µs ({cpu.get('outbound', 0):.1f} + "
-                         f"{cpu.get('inbound', 0):.1f}) | {s['errors']} |")
-        if peers and "trellis-full" in by:
-            t = by["trellis-full"]
-            ratio = []
-            for pn in peers:
-                p = by[pn]
-                ratio.append(f"against {pn}: added p50 {t['p50'][0] / max(p['p50'][0], 1):.2f}×, "
-                             f"added p99 {t['p99'][0] / max(p['p99'][0], 1):.2f}×, CPU "
-                             f"{sum(t['cpu'].values()) / max(sum(p['cpu'].values()), 0.001):.2f}×")
-            lines += ["", "Trellis with full telemetry, as ratios (below 1.0: Trellis ahead): "
-                      + "; ".join(ratio) + "."]
-        lines.append("")
+            d = by[base]
+            lines += [f"**{rate} rps, {titles[kind]}.** Baseline ({base}): p50 {d['abs_p50']:.0f} µs, "
+                      f"p99 {d['abs_p99']:.0f} µs, p99.9 {d['abs_p99.9']:.0f} µs.", "",
+                      "| topology | added p50 | added p90 | added p99 | added p99.9 | CPU per request "
+                      "(outbound + inbound) | failed |",
+                      "|---|---|---|---|---|---|---|"]
+            for n in shown:
+                s = by[n]
+                cells = [f"{s[p][0]:.0f} µs ({s[p][1]:.0f}..{s[p][2]:.0f})" for p in PERCENTILES]
+                cpu = s["cpu"]
+                lines.append(f"| {n} | " + " | ".join(cells) +
+                             f" | {sum(cpu.values()):.1f} µs ({cpu.get('outbound', 0):.1f} + "
+                             f"{cpu.get('inbound', 0):.1f}) | {s['errors']} |")
+            ours = {"http": "trellis-full", "grpc": "grpc-trellis", "tcp": "tcp-trellis"}[kind]
+            peers = [n for n in shown if n.endswith(("nginx", "haproxy"))]
+            if peers and ours in by:
+                t = by[ours]
+                ratio = []
+                for pn in peers:
+                    p = by[pn]
+                    ratio.append(f"against {pn}: added p50 {t['p50'][0] / max(p['p50'][0], 1):.2f}×, "
+                                 f"added p99 {t['p99'][0] / max(p['p99'][0], 1):.2f}×, CPU "
+                                 f"{sum(t['cpu'].values()) / max(sum(p['cpu'].values()), 0.001):.2f}×")
+                lines += ["", f"{ours} as ratios (below 1.0: Trellis ahead): " + "; ".join(ratio) + "."]
+            lines.append("")
     if saturation:
         lines += ["**Saturation** (no rate limit, the proxies pinned to core 1, the load generator to "
                   "core 0, one run each):", "", "| topology | requests per second | failed |", "|---|---|---|"]
@@ -351,8 +511,6 @@ def render(args, rates, results, saturation, idle_rss, load_rss, names):
     lines += ["**Memory** (RSS per proxy; idle before the first run, then after the last):", "",
               "| topology | proxy | RSS idle | RSS under load | peak RSS |", "|---|---|---|---|---|"]
     for n in names:
-        if n == "direct":
-            continue
         for side in ("outbound", "inbound"):
             if side in idle_rss.get(n, {}):
                 idle, _ = idle_rss[n][side]
@@ -360,7 +518,7 @@ def render(args, rates, results, saturation, idle_rss, load_rss, names):
                 lines.append(f"| {n} | {side} | {idle / 1024:.1f} MiB | {load / 1024:.1f} MiB | "
                              f"{peak / 1024:.1f} MiB |")
     lines.append("")
-    lines += [f"![{n}](bench/{n}.svg)" for n in names if n != "direct"]
+    lines += [f"![{n}](bench/{n}.svg)" for n in names if n not in BASELINE.values()]
     lines.append("")
     return "\n".join(lines)
 
@@ -394,17 +552,22 @@ def main():
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()
     rates = [int(r) for r in args.rates.split(",") if r]
-    names = TOPOLOGIES if not args.only else ["direct"] + [n for n in args.only.split(",") if n != "direct"]
+    names = list(TOPOLOGIES) if not args.only else [n for n in args.only.split(",") if n]
     unknown = [n for n in names if n not in TOPOLOGIES]
     if unknown:
         sys.exit(f"unknown topologies {unknown}; known: {TOPOLOGIES}")
+    # Each topology's baseline runs too, first of its kind.
+    for kind in ("tcp", "grpc", "http"):
+        if any(KIND[n] == kind for n in names) and BASELINE[kind] not in names:
+            names.insert(0, BASELINE[kind])
+    names.sort(key=TOPOLOGIES.index)
 
     bench = Bench(args)
     try:
         bench.start(names)
         idle_rss = {n: {k: rss_kib(p) for k, p in pids.items()} for n, (_, pids) in bench.topologies.items()}
         for n in names:
-            oha(bench.topologies[n][0], 1000, 2, args.connections)  # warm up
+            bench.load(n, 1000, 2)  # warm up: connections, pools, page cache
         results = {}
         for rate in rates:
             runs = {n: [] for n in names}
@@ -415,7 +578,7 @@ def main():
                     runs[n].append(r)
                     line += f" | {n} p50 {r['p50']:.0f} p99 {r['p99']:.0f} cpu {sum(r['cpu'].values()):.1f}"
                 print(line, flush=True)
-            results[rate] = {n: summarize(runs[n], runs["direct"]) for n in names}
+            results[rate] = {n: summarize(runs[n], runs[BASELINE[KIND[n]]]) for n in names}
         load_rss = {n: {k: rss_kib(p) for k, p in pids.items()} for n, (_, pids) in bench.topologies.items()}
         saturation = {}
         if not args.no_saturation and shutil.which("taskset") and os.cpu_count() >= 2:
@@ -427,7 +590,8 @@ def main():
     report = render(args, rates, results, saturation, idle_rss, load_rss, names)
     print(report)
     if args.write_docs:
-        plots = {n: svg_plot(n, rates, {r: results[r][n] for r in rates}) for n in names if n != "direct"}
+        plots = {n: svg_plot(n, rates, {r: results[r][n] for r in rates})
+                 for n in names if n not in BASELINE.values()}
         write_docs(report, plots)
 
 
