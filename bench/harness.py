@@ -49,10 +49,58 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PERCENTILES = ["p50", "p90", "p99", "p99.9"]
 TOPOLOGIES = ["direct", "trellis-off", "trellis-metrics", "trellis-full", "nginx", "haproxy",
               "grpc-direct", "grpc-trellis", "grpc-nginx", "grpc-haproxy",
-              "tcp-direct", "tcp-trellis", "tcp-haproxy"]
+              "tcp-direct", "tcp-trellis", "tcp-haproxy", "mesh-direct", "mesh-trellis"]
 # What each topology carries, and the baseline it is measured against.
-KIND = {n: ("grpc" if n.startswith("grpc-") else "tcp" if n.startswith("tcp-") else "http") for n in TOPOLOGIES}
-BASELINE = {"http": "direct", "grpc": "grpc-direct", "tcp": "tcp-direct"}
+KIND = {n: n.split("-")[0] if n.startswith(("grpc-", "tcp-", "mesh-")) else "http" for n in TOPOLOGIES}
+BASELINE = {"http": "direct", "grpc": "grpc-direct", "tcp": "tcp-direct", "mesh": "mesh-direct"}
+# The mesh topologies: `trellis up` of this (pods in network namespaces, interception rules,
+# the control plane, mTLS between the sidecars, one worker each); the baseline is the same
+# fixture in a pod without a sidecar, called from another such pod.
+MESH_YAML = """apiVersion: v1
+kind: Service
+metadata: {{name: app, namespace: default}}
+spec:
+  selector: {{app: app}}
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata:
+  name: app
+  labels: {{app: app}}
+  annotations: {{proxy.istio.io/config: "concurrency: 1"}}
+spec:
+  serviceAccount: app
+  command: [{fixture}, --http, "0.0.0.0:8080"]
+  ports: [{{name: http, port: 8080}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata:
+  name: client
+  annotations: {{proxy.istio.io/config: "concurrency: 1"}}
+spec:
+  serviceAccount: client
+  command: [sleep, infinity]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata:
+  name: plain-app
+  labels: {{app: plain, sidecar.istio.io/inject: "false"}}
+spec:
+  command: [{fixture}, --http, "0.0.0.0:8080"]
+  ports: [{{name: http, port: 8080}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata:
+  name: plain-client
+  labels: {{sidecar.istio.io/inject: "false"}}
+spec:
+  command: [sleep, infinity]
+"""
+MESH = "hbench"
 # A gRPC unary call to the fixture's echo: one message of 1 KiB.
 GRPC_BODY = b"\x00\x00\x00\x04\x00" + b"x" * 1024
 
@@ -195,13 +243,13 @@ def tcpload(addr, rate, duration, conns, cpu=None):
             "errors": j["errors"], "error_kinds": {}}
 
 
-def load(kind, target, rate, duration, conns, cpu=None, body=None):
+def load(kind, target, rate, duration, conns, cpu=None, body=None, netns=None):
     if kind == "tcp":
         return tcpload(target, rate, duration, conns, cpu)
-    return oha(target, rate, duration, conns, cpu, body)
+    return oha(target, rate, duration, conns, cpu, body, netns)
 
 
-def oha(url, rate, duration, conns, cpu=None, body=None):
+def oha(url, rate, duration, conns, cpu=None, body=None, netns=None):
     """One oha run: latency percentiles (µs), achieved rate, successes and errors."""
     cmd = ["oha", "--no-tui", "--output-format", "json", "-z", f"{duration}s", "-c", str(conns)]
     if body:
@@ -213,6 +261,8 @@ def oha(url, rate, duration, conns, cpu=None, body=None):
     if rate:
         cmd += ["-q", str(rate), "--latency-correction"]
     cmd.append(url)
+    if netns:
+        cmd = ["ip", "netns", "exec", netns] + cmd
     if cpu is not None:
         cmd = ["taskset", "-c", str(cpu)] + cmd
     j = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
@@ -250,6 +300,8 @@ class Bench:
         return p
 
     def stop(self):
+        if getattr(self, "mesh_up", None):
+            subprocess.run([os.path.join(self.target, "trellis"), "down", MESH], capture_output=True)
         for p in self.procs:
             p.terminate()
         for p in self.procs:
@@ -291,10 +343,12 @@ class Bench:
             self.app[kind] = port
             self.ports.append(port)
             self.topologies[BASELINE[kind]] = (self.url(kind, port), {"fixture": pid})
+        if "mesh-direct" in wanted:
+            self.start_mesh()
         pending_nginx = []
         for name in wanted:
             kind = KIND[name]
-            if name.endswith("-direct") or name == "direct":
+            if name.endswith("-direct") or name in ("direct", "mesh-trellis"):
                 continue
             if name.startswith("trellis-"):
                 self.trellis_pair(name, "http", name.split("-", 1)[1])
@@ -309,6 +363,47 @@ class Bench:
         for name, (pair, out_port) in pending_nginx:
             self.topologies[name] = (self.url(KIND[name], out_port),
                                      {"outbound": nginx_worker(pair[1].pid), "inbound": nginx_worker(pair[0].pid)})
+
+    def start_mesh(self):
+        """`trellis up` of MESH_YAML; its two topologies once curl gets through the mesh."""
+        trellis = os.path.join(self.target, "trellis")
+        subprocess.run([trellis, "down", MESH], capture_output=True)
+        conf = os.path.join(self.tmp, "mesh")
+        os.makedirs(conf)
+        with open(os.path.join(conf, "mesh.yaml"), "w") as f:
+            f.write(MESH_YAML.format(fixture=os.path.join(self.target, "trellis-fixture")))
+        self.mesh_up = self.spawn([trellis, "up", conf, "--name", MESH],
+                                  stderr=open(os.path.join(self.tmp, "up.log"), "w"))
+        ns = lambda pod: f"trl-{MESH}-{pod}-0"  # noqa: E731
+        deadline = time.time() + 60
+        while True:
+            got = subprocess.run(["ip", "netns", "exec", ns("client"), "curl", "-s", "-m", "2", "-o", "/dev/null",
+                                  "-w", "%{http_code}", "http://app/bytes/10"], capture_output=True, text=True)
+            if got.stdout == "200":
+                break
+            if time.time() > deadline:
+                raise RuntimeError("the mesh did not come up (trellis up)")
+            time.sleep(0.3)
+        addr = subprocess.run(["ip", "-n", ns("plain-app"), "-4", "-o", "addr", "show", "eth0"],
+                              capture_output=True, text=True, check=True).stdout.split()[3].split("/")[0]
+
+        def pids(pod, what):
+            out = []
+            for pid in subprocess.run(["ip", "netns", "pids", ns(pod)], capture_output=True,
+                                      text=True).stdout.split():
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        argv = f.read().split(b"\0")
+                except OSError:
+                    continue
+                if what.encode() in argv:
+                    out.append(int(pid))
+            return out[0]
+        self.netns = {"mesh-direct": ns("plain-client"), "mesh-trellis": ns("client")}
+        self.topologies["mesh-direct"] = (f"http://{addr}:8080/bytes/1024",
+                                          {"fixture": pids("plain-app", "--http")})
+        self.topologies["mesh-trellis"] = ("http://app/bytes/1024",
+                                           {"outbound": pids("client", "proxy"), "inbound": pids("app", "proxy")})
 
     def nginx_pair(self, name, kind):
         t = self.tmp
@@ -385,7 +480,7 @@ class Bench:
     def load(self, name, rate, duration, cpu=None):
         kind = KIND[name]
         return load(kind, self.topologies[name][0], rate, duration, self.args.connections, cpu,
-                    self.body if kind == "grpc" else None)
+                    self.body if kind == "grpc" else None, getattr(self, "netns", {}).get(name))
 
     def measure(self, name, rate, duration, pin=False):
         _, pids = self.topologies[name]
@@ -467,10 +562,13 @@ def render(args, rates, results, saturation, idle_rss, load_rss, names):
         "",
     ]
     titles = {"http": "HTTP/1.1 from the client", "grpc": "gRPC unary (HTTP/2 end to end, 1 KiB message)",
-              "tcp": "opaque TCP (1 KiB echoed per request, trellis-tcpload)"}
+              "tcp": "opaque TCP (1 KiB echoed per request, trellis-tcpload)",
+              "mesh": "HTTP/1.1 between pods (`trellis up`: network namespaces, interception rules, "
+                      "certificates from the control plane; the baseline is the same fixture and client "
+                      "in pods without sidecars)"}
     for rate in rates:
         by = results[rate]
-        for kind in ("http", "grpc", "tcp"):
+        for kind in ("http", "grpc", "tcp", "mesh"):
             base = BASELINE[kind]
             shown = [n for n in names if KIND[n] == kind and n != base]
             if base not in by or not shown:
@@ -488,7 +586,7 @@ def render(args, rates, results, saturation, idle_rss, load_rss, names):
                 lines.append(f"| {n} | " + " | ".join(cells) +
                              f" | {sum(cpu.values()):.1f} µs ({cpu.get('outbound', 0):.1f} + "
                              f"{cpu.get('inbound', 0):.1f}) | {s['errors']} |")
-            ours = {"http": "trellis-full", "grpc": "grpc-trellis", "tcp": "tcp-trellis"}[kind]
+            ours = {"http": "trellis-full", "grpc": "grpc-trellis", "tcp": "tcp-trellis", "mesh": ""}[kind]
             peers = [n for n in shown if n.endswith(("nginx", "haproxy"))]
             if peers and ours in by:
                 t = by[ours]
@@ -499,6 +597,12 @@ def render(args, rates, results, saturation, idle_rss, load_rss, names):
                                  f"added p99 {t['p99'][0] / max(p['p99'][0], 1):.2f}×, CPU "
                                  f"{sum(t['cpu'].values()) / max(sum(p['cpu'].values()), 0.001):.2f}×")
                 lines += ["", f"{ours} as ratios (below 1.0: Trellis ahead): " + "; ".join(ratio) + "."]
+            if kind == "mesh" and "mesh-trellis" in by and "trellis-metrics" in by:
+                m, e = by["mesh-trellis"], by["trellis-metrics"]
+                lines += ["", "The price of the `trellis up` path over the explicit listeners on loopback "
+                          "(mesh-trellis minus trellis-metrics, each over its own baseline): added p50 "
+                          f"{m['p50'][0] - e['p50'][0]:+.0f} µs, added p99 {m['p99'][0] - e['p99'][0]:+.0f} µs, "
+                          f"CPU {sum(m['cpu'].values()) - sum(e['cpu'].values()):+.1f} µs per request."]
             lines.append("")
     if saturation:
         lines += ["**Saturation** (no rate limit, the proxies pinned to core 1, the load generator to "
@@ -556,8 +660,12 @@ def main():
     unknown = [n for n in names if n not in TOPOLOGIES]
     if unknown:
         sys.exit(f"unknown topologies {unknown}; known: {TOPOLOGIES}")
+    # The pods need root (network namespaces); without it they are left out.
+    if os.geteuid() != 0 and any(KIND[n] == "mesh" for n in names):
+        print("not root: the mesh-* topologies (network namespaces) are left out", file=sys.stderr)
+        names = [n for n in names if KIND[n] != "mesh"]
     # Each topology's baseline runs too, first of its kind.
-    for kind in ("tcp", "grpc", "http"):
+    for kind in ("mesh", "tcp", "grpc", "http"):
         if any(KIND[n] == kind for n in names) and BASELINE[kind] not in names:
             names.insert(0, BASELINE[kind])
     names.sort(key=TOPOLOGIES.index)

@@ -82,6 +82,9 @@ struct PodPlan {
     /// Has a sidecar (and interception rules): all but the pods of a Workload labelled or
     /// annotated `sidecar.istio.io/inject: "false"`, as in Istio.
     sidecar: bool,
+    /// The sidecar's worker threads: `concurrency` of the `proxy.istio.io/config`
+    /// annotation, as in Istio (default 2).
+    concurrency: Option<u32>,
     argv: Vec<String>,
     env: Vec<(String, String)>,
     cwd: Option<String>,
@@ -168,6 +171,7 @@ fn plan(dir: &Path) -> anyhow::Result<(Vec<PodPlan>, Vec<ServiceName>)> {
                         m.get("sidecar.istio.io/inject")
                             .is_some_and(|v| v.as_str() == "false")
                     }),
+                concurrency: concurrency(r),
                 argv: w.command.iter().chain(&w.args).cloned().collect(),
                 env: w
                     .env
@@ -186,6 +190,20 @@ fn plan(dir: &Path) -> anyhow::Result<(Vec<PodPlan>, Vec<ServiceName>)> {
         .map(|s| (s.vip.to_string(), s.name.clone(), s.namespace.clone()))
         .collect();
     Ok((pods, services))
+}
+
+/// `concurrency` from a Workload's `proxy.istio.io/config` annotation (Istio's ProxyConfig
+/// as YAML); 0 means one worker per core.
+fn concurrency(r: &trellis_api::Resource) -> Option<u32> {
+    let text = r.meta.annotations.get("proxy.istio.io/config")?;
+    let docs = yaml_rust2::YamlLoader::load_from_str(text).ok()?;
+    let n = docs.first()?["concurrency"].as_i64()?;
+    let n = u32::try_from(n).ok()?;
+    Some(if n == 0 {
+        std::thread::available_parallelism().map_or(2, |c| u32::try_from(c.get()).unwrap_or(2))
+    } else {
+        n
+    })
 }
 
 fn namespace(r: &trellis_api::Resource) -> String {
@@ -564,6 +582,9 @@ impl Launcher<'_> {
             "--address".into(),
             pod_net.ip.to_string(),
         ];
+        if let Some(n) = plan.concurrency {
+            argv.extend(["--workers".into(), n.to_string()]);
+        }
         if plan.gateway {
             argv.extend(["--mode".into(), "gateway".into()]);
             for (_, port, _) in &plan.ports {
@@ -1014,6 +1035,28 @@ fn ready(addr: std::net::SocketAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_workload_s_proxy_config_annotation_sets_its_sidecar_s_workers() {
+        let parse = |annotations: &str| {
+            let text = format!(
+                "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{name: w, annotations: {annotations}}}\nspec: {{command: [sleep, '1']}}\n"
+            );
+            let parsed = trellis_api::parse_text(&text, "w.yaml", &LoadOptions::default());
+            let r = parsed[0].resource().expect("a Workload").clone();
+            concurrency(&r)
+        };
+        assert_eq!(parse("{proxy.istio.io/config: 'concurrency: 1'}"), Some(1));
+        assert_eq!(
+            parse(
+                "{proxy.istio.io/config: '{concurrency: 4, holdApplicationUntilProxyStarts: true}'}"
+            ),
+            Some(4)
+        );
+        assert_eq!(parse("{other: x}"), None);
+        assert_eq!(parse("{proxy.istio.io/config: 'not: [yaml'}"), None);
+        assert!(parse("{proxy.istio.io/config: 'concurrency: 0'}").is_some_and(|n| n >= 1));
+    }
 
     #[test]
     fn hosts_files_name_services_as_kubernetes_dns_does() {
