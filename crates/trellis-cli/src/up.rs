@@ -431,12 +431,7 @@ pub fn run_mesh(
     }
     cp.stop(Duration::from_secs(3));
     let torn = net.teardown(Duration::from_secs(2));
-    remove_applied(&state);
-    let _ = std::fs::remove_file(state.join("up.pid"));
-    let _ = std::fs::remove_file(state.join("ps"));
-    for p in &pods {
-        let _ = std::fs::remove_file(state.join(format!("{}.token", p.plan.name)));
-    }
+    clear_state(&state);
     torn?;
     println!("Mesh {mesh} is down.");
     Ok(ExitCode::SUCCESS)
@@ -812,6 +807,23 @@ fn stop_signal() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBool>
     Ok(flag)
 }
 
+/// A stopped mesh's state: the files `trellis apply` put into its directory, and all of
+/// `/run/trellis/<mesh>` but its logs (the CA, the pods' tokens, the pid) are removed.
+fn clear_state(state: &Path) {
+    remove_applied(state);
+    for entry in std::fs::read_dir(state).into_iter().flatten().flatten() {
+        if entry.file_name() == "logs" {
+            continue;
+        }
+        let path = entry.path();
+        let _ = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+    }
+}
+
 /// Removes the files `trellis apply` put into the mesh's directory.
 fn remove_applied(state: &Path) {
     let list = std::fs::read_to_string(state.join("applied")).unwrap_or_default();
@@ -853,9 +865,7 @@ pub fn run_down(args: &MeshRef) -> anyhow::Result<ExitCode> {
     if !left.is_empty() {
         net.teardown(Duration::from_secs(5))?;
     }
-    remove_applied(&state);
-    let _ = std::fs::remove_file(state.join("up.pid"));
-    let _ = std::fs::remove_file(state.join("ps"));
+    clear_state(&state);
     println!("Mesh {mesh} is down.");
     Ok(ExitCode::SUCCESS)
 }

@@ -147,6 +147,8 @@ impl Drop for Down {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+        // The logs `trellis down` keeps: a test's are of no use once it is over.
+        let _ = std::fs::remove_dir_all(format!("/run/trellis/{}", self.0));
     }
 }
 
