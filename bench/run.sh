@@ -2,6 +2,7 @@
 # One command for the peer benchmarks: installs what is missing (Debian's nginx and haproxy,
 # oha from crates.io), builds the release binaries, and runs bench/harness.py with the
 # arguments given (see `bench/run.sh --help`; `--write-docs` rewrites docs/benchmarks.md).
+# CONTROL_PLANE=1 adds the control plane's push-to-ACK benchmark for 100 and 1,000 proxies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,4 +20,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 command -v oha >/dev/null 2>&1 || cargo install oha --locked
 cargo build --release -q -p trellis-proxy -p trellis-testkit -p trellis-cli
-exec python3 bench/harness.py "$@"
+python3 bench/harness.py "$@"
+# The control plane's side (CONTROL_PLANE=1): push to ACK for 100 and 1,000 fake proxies
+# over the network, and its RSS per proxy (docs/benchmarks.md, "Over the network").
+if [ "${CONTROL_PLANE:-0}" = 1 ]; then
+  cargo bench -p trellis-cli --bench push_network -- 100 1000
+fi
