@@ -104,7 +104,8 @@ MESH = "hbench"
 # A gRPC unary call to the fixture's echo: one message of 1 KiB.
 GRPC_BODY = b"\x00\x00\x00\x04\x00" + b"x" * 1024
 
-HAPROXY_OUT = """global
+# One thread (as Trellis's one worker), keep-alive to the upstream.
+HAPROXY_HTTP = """global
   nbthread 1
   maxconn 4096
 defaults
@@ -113,67 +114,44 @@ defaults
   timeout client 60s
   timeout server 60s
   http-reuse always
-frontend out
+"""
+HAPROXY_TCP = """global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+"""
+
+HAPROXY_OUT = HAPROXY_HTTP + """frontend out
   bind 127.0.0.1:{port}
   default_backend peer
 backend peer
   server in 127.0.0.1:{peer} ssl verify required ca-file {certs}/root-cert.pem crt {tmp}/haproxy-web.pem ssl-min-ver TLSv1.3
 """
 
-HAPROXY_GRPC_OUT = """global
-  nbthread 1
-  maxconn 4096
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-  http-reuse always
-frontend out
+HAPROXY_GRPC_OUT = HAPROXY_HTTP + """frontend out
   bind 127.0.0.1:{port} proto h2
   default_backend peer
 backend peer
   server in 127.0.0.1:{peer} ssl verify required ca-file {certs}/root-cert.pem crt {tmp}/haproxy-web.pem ssl-min-ver TLSv1.3 alpn h2
 """
 
-HAPROXY_GRPC_IN = """global
-  nbthread 1
-  maxconn 4096
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-  http-reuse always
-frontend in
+HAPROXY_GRPC_IN = HAPROXY_HTTP + """frontend in
   bind 127.0.0.1:{port} ssl crt {tmp}/haproxy-app.pem ca-file {certs}/root-cert.pem verify required ssl-min-ver TLSv1.3 alpn h2
   default_backend app
 backend app
   server app 127.0.0.1:{app} proto h2
 """
 
-HAPROXY_TCP_OUT = """global
-  nbthread 1
-  maxconn 4096
-defaults
-  mode tcp
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-listen out
+HAPROXY_TCP_OUT = HAPROXY_TCP + """listen out
   bind 127.0.0.1:{port}
   server in 127.0.0.1:{peer} ssl verify required ca-file {certs}/root-cert.pem crt {tmp}/haproxy-web.pem ssl-min-ver TLSv1.3
 """
 
-HAPROXY_TCP_IN = """global
-  nbthread 1
-  maxconn 4096
-defaults
-  mode tcp
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-listen in
+HAPROXY_TCP_IN = HAPROXY_TCP + """listen in
   bind 127.0.0.1:{port} ssl crt {tmp}/haproxy-app.pem ca-file {certs}/root-cert.pem verify required ssl-min-ver TLSv1.3
   server app 127.0.0.1:{app}
 """
@@ -215,16 +193,7 @@ http {{
 }}
 """
 
-HAPROXY_IN = """global
-  nbthread 1
-  maxconn 4096
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-  http-reuse always
-frontend in
+HAPROXY_IN = HAPROXY_HTTP + """frontend in
   bind 127.0.0.1:{port} ssl crt {tmp}/haproxy-app.pem ca-file {certs}/root-cert.pem verify required ssl-min-ver TLSv1.3
   default_backend app
 backend app

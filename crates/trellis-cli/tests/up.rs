@@ -79,6 +79,16 @@ fn wait_exit(up: &mut std::process::Child) -> Option<std::process::ExitStatus> {
     None
 }
 
+/// A pod's address (its `eth0`'s IPv4 address).
+fn pod_ip(netns: &str) -> String {
+    let (_, addr) = output(&["ip", "-n", netns, "-4", "-o", "addr", "show", "eth0"]);
+    addr.split_whitespace()
+        .nth(3)
+        .and_then(|a| a.split('/').next())
+        .unwrap_or_else(|| panic!("no address in {netns}: {addr}"))
+        .to_string()
+}
+
 /// A free port of the host's loopback (for a gateway's hostPort).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -230,13 +240,7 @@ fn curl_reaches_a_python_server_by_service_name_over_mtls_and_down_leaves_nothin
     // The server's sidecar received it over mutual TLS from the client's identity (its
     // metrics on Istio's 15020, from the node as Prometheus would scrape them, and on
     // Envoy's 15090).
-    let (_, web_addr) = output(&["ip", "-n", &web, "-4", "-o", "addr", "show", "eth0"]);
-    let web_ip = web_addr
-        .split_whitespace()
-        .nth(3)
-        .and_then(|a| a.split('/').next())
-        .expect("web's address")
-        .to_string();
+    let web_ip = pod_ip(&web);
     let (_, stats) = output(&[
         "ip",
         "netns",
@@ -808,13 +812,7 @@ fn nginx_tcp_server_first_strict_and_workloads_added_live() {
 
     // STRICT: from the pod without a sidecar, plaintext and TLS without the mesh's
     // certificate are refused; nginx never sees them.
-    let (_, addr) = output(&["ip", "-n", &pod("web"), "-4", "-o", "addr", "show", "eth0"]);
-    let web_ip = addr
-        .split_whitespace()
-        .nth(3)
-        .and_then(|a| a.split('/').next())
-        .expect("web's address")
-        .to_string();
+    let web_ip = pod_ip(&pod("web"));
     let plain = status_of(Some(&pod("legacy")), &format!("http://{web_ip}:8080/"));
     assert_eq!(plain, "000", "plaintext under STRICT");
     let (tls_ok, tls) = output(&[

@@ -259,6 +259,24 @@ clusters:
     assert!(!inb.contains("/bytes/1024") && !out.contains("/bytes/1024"));
 }
 
+/// One outbound proxy for `app.shop.svc.cluster.local:80` → `app`; its stats address.
+async fn outbound_to(app: SocketAddr) -> (trellis_proxy::ProxyHandle, SocketAddr) {
+    start_with_stats(
+        &format!(
+            "version: t\nworkload: {{name: web, namespace: shop}}\nservices:\n- hostname: app.shop.svc.cluster.local\n  ports: [{{port: 80, name: http, cluster: app}}]\nclusters:\n- name: app\n  endpoints: [{{address: \"{app}\", workload: app, namespace: shop}}]\n"
+        ),
+        ProxyOptions {
+            outbound_listen: vec![(
+                "127.0.0.1:0".parse().expect("addr"),
+                "app.shop.svc.cluster.local".into(),
+                80,
+            )],
+            ..ProxyOptions::default()
+        },
+    )
+    .await
+}
+
 /// An app cannot forge the proxy's response flags: the header is dropped from upstream
 /// answers, and the metric says `-`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -280,20 +298,7 @@ async fn response_flags_from_upstream_are_not_taken() {
                 .await;
         }
     });
-    let (p, admin) = start_with_stats(
-        &format!(
-            "version: t\nworkload: {{name: web, namespace: shop}}\nservices:\n- hostname: app.shop.svc.cluster.local\n  ports: [{{port: 80, name: http, cluster: app}}]\nclusters:\n- name: app\n  endpoints: [{{address: \"{app_addr}\", workload: app, namespace: shop}}]\n"
-        ),
-        ProxyOptions {
-            outbound_listen: vec![(
-                "127.0.0.1:0".parse().expect("addr"),
-                "app.shop.svc.cluster.local".into(),
-                80,
-            )],
-            ..ProxyOptions::default()
-        },
-    )
-    .await;
+    let (p, admin) = outbound_to(app_addr).await;
     // (Retries are on by default: a 503 is tried again; every try gets the same answer.)
     let r = timeout(
         LIMIT,
@@ -648,20 +653,7 @@ async fn an_upgrade_response_cannot_set_response_flags() {
             let _ = s.write_all(&buf[..n]).await;
         }
     });
-    let (p, admin) = start_with_stats(
-        &format!(
-            "version: t\nworkload: {{name: web, namespace: shop}}\nservices:\n- hostname: app.shop.svc.cluster.local\n  ports: [{{port: 80, name: http, cluster: app}}]\nclusters:\n- name: app\n  endpoints: [{{address: \"{app_addr}\", workload: app, namespace: shop}}]\n"
-        ),
-        ProxyOptions {
-            outbound_listen: vec![(
-                "127.0.0.1:0".parse().expect("addr"),
-                "app.shop.svc.cluster.local".into(),
-                80,
-            )],
-            ..ProxyOptions::default()
-        },
-    )
-    .await;
+    let (p, admin) = outbound_to(app_addr).await;
     let mut c = tokio::net::TcpStream::connect(p.outbound_addrs[0])
         .await
         .expect("connect");
