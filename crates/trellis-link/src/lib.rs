@@ -15,7 +15,7 @@ pub mod hpack;
 mod huffman;
 mod tables;
 
-pub use conn::client::{Client, ResponseFuture, handshake};
+pub use conn::client::{Client, Head, ResponseFuture, handshake};
 pub use conn::server::{Server, serve};
 pub use conn::{Config, Error, RecvStream, SendStream};
 pub use frame::Reason;

@@ -75,14 +75,12 @@ type H2Slot = Arc<tokio::sync::Mutex<Vec<trellis_link::Client>>>;
 /// Sends on the first connection with room, without waiting: `None` when none has.
 fn send_on(
     conns: &[trellis_link::Client],
-    head: &Request<()>,
+    head: trellis_link::Head<'_>,
     end: bool,
     max_streams: Option<u32>,
 ) -> Option<(trellis_link::ResponseFuture, trellis_link::SendStream)> {
     let max = max_streams.map(|m| m as usize);
-    conns
-        .iter()
-        .find_map(|c| c.send_request(head, end, max).ok())
+    conns.iter().find_map(|c| c.send_head(head, end, max).ok())
 }
 
 /// Mutual TLS over `stream` to the peer proxy at `addr`, agreeing on `alpn` (what follows).
@@ -444,7 +442,7 @@ impl Pools {
         dial: Dial,
         max_streams: Option<u32>,
         tls: Option<UpTls<'_>>,
-        head: &Request<()>,
+        head: trellis_link::Head<'_>,
         end: bool,
     ) -> Result<(trellis_link::ResponseFuture, trellis_link::SendStream), UpstreamError> {
         let slot = {
@@ -470,7 +468,7 @@ impl Pools {
             }
             let client = Self::connect_h2(addr, dial, tls).await?;
             let sent = client
-                .send_request(head, end, max_streams.map(|m| m as usize))
+                .send_head(head, end, max_streams.map(|m| m as usize))
                 .map_err(|source| UpstreamError::Request {
                     addr,
                     source: source.into(),
@@ -488,7 +486,7 @@ impl Pools {
         dial: Dial,
         max_streams: Option<u32>,
         tls: Option<UpTls<'_>>,
-        head: Request<()>,
+        head: &http::request::Parts,
         body: ReqBody,
     ) -> Result<Response<trellis_link::RecvStream>, UpstreamError> {
         let end = match &body {
@@ -496,7 +494,7 @@ impl Pools {
             ReqBody::Streaming(b) => b.is_end_stream(),
         };
         let (response, mut tx) = self
-            .open_stream(addr, dial, max_streams, tls, &head, end)
+            .open_stream(addr, dial, max_streams, tls, head.into(), end)
             .await?;
         if !end {
             match body {

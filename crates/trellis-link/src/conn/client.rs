@@ -17,6 +17,24 @@ use crate::hpack::{Field, Name, NameRef, Pseudo};
 
 /// A handle on a link connection; clones share it. The connection closes when the last
 /// handle and the last stream are gone.
+/// A request head, borrowed: what [`Client::send_head`] encodes.
+#[derive(Debug, Clone, Copy)]
+pub struct Head<'a> {
+    pub method: &'a http::Method,
+    pub uri: &'a http::Uri,
+    pub headers: &'a HeaderMap,
+}
+
+impl<'a> From<&'a http::request::Parts> for Head<'a> {
+    fn from(p: &'a http::request::Parts) -> Head<'a> {
+        Head {
+            method: &p.method,
+            uri: &p.uri,
+            headers: &p.headers,
+        }
+    }
+}
+
 pub struct Client {
     shared: Arc<Shared>,
 }
@@ -117,12 +135,30 @@ impl Client {
         end_of_stream: bool,
         max_streams: Option<usize>,
     ) -> Result<(ResponseFuture, SendStream), Error> {
-        let uri = head.uri();
-        let authority = uri.authority().map(|a| a.as_str()).or_else(|| {
-            head.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-        });
+        self.send_head(
+            Head {
+                method: head.method(),
+                uri: head.uri(),
+                headers: head.headers(),
+            },
+            end_of_stream,
+            max_streams,
+        )
+    }
+
+    /// [`Client::send_request`] from a borrowed head (a proxy sends the head it holds,
+    /// without copying it into a `Request` first).
+    pub fn send_head(
+        &self,
+        head: Head<'_>,
+        end_of_stream: bool,
+        max_streams: Option<usize>,
+    ) -> Result<(ResponseFuture, SendStream), Error> {
+        let uri = head.uri;
+        let authority = uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| head.headers.get(header::HOST).and_then(|h| h.to_str().ok()));
         let scheme = uri.scheme_str().unwrap_or("http");
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
         let mut st = self.shared.lock();
@@ -134,7 +170,7 @@ impl Client {
         enc.begin(scratch);
         enc.encode(
             NameRef::Pseudo(Pseudo::Method),
-            head.method().as_str().as_bytes(),
+            head.method.as_str().as_bytes(),
             false,
             scratch,
         );
@@ -158,7 +194,7 @@ impl Client {
             false,
             scratch,
         );
-        for (name, value) in head.headers() {
+        for (name, value) in head.headers {
             if skip_request_header(name) {
                 if name == header::TE && value.as_bytes().eq_ignore_ascii_case(b"trailers") {
                     enc.encode(NameRef::Header(name), b"trailers", false, scratch);
@@ -193,7 +229,7 @@ impl Client {
                 shared: Arc::clone(&self.shared),
                 id,
                 done: false,
-                head_request: head.method() == http::Method::HEAD,
+                head_request: head.method == http::Method::HEAD,
             },
             SendStream {
                 shared: Arc::clone(&self.shared),

@@ -1736,9 +1736,9 @@ async fn send(
 ) -> Result<Response<ProxyBody>, UpstreamError> {
     let pools = &shared.pools;
     if up.h2 {
-        let head = Request::from_parts(clone_parts(parts), ());
+        // (The head is encoded from `parts` as it is: no copy for the HTTP/2 client.)
         return pools
-            .send_h2(up.addr, up.dial, up.max_streams, up.tls, head, body)
+            .send_h2(up.addr, up.dial, up.max_streams, up.tls, parts, body)
             .await
             .map(|r| r.map(ProxyBody::H2));
     }
