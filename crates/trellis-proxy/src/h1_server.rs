@@ -266,11 +266,16 @@ fn parse(buf: &BytesMut, max_head: usize) -> Parsed {
     }))
 }
 
+/// Header entries a request's map has room for beyond its own.
+const HEADROOM: usize = 4;
+
 /// The request head's parts, with header values as slices of the frozen head.
 fn build(head: &Head, bytes: &Bytes) -> Result<http::request::Parts, &'static str> {
     let (ts, te) = (head.target.0 as usize, head.target.1 as usize);
     let uri = Uri::from_maybe_shared(bytes.slice(ts..te)).map_err(|_| "invalid request target")?;
-    let mut headers = HeaderMap::with_capacity(head.count);
+    // Room for the headers the proxy adds on the way (x-request-id, x-forwarded-proto,
+    // its version marker, route changes): a map that grows rehashes every entry.
+    let mut headers = HeaderMap::with_capacity(head.count + HEADROOM);
     for &(ns, ne, vs, ve) in &head.fields[..head.count] {
         let name = HeaderName::from_bytes(&bytes[ns as usize..ne as usize])
             .map_err(|_| "invalid header name")?;
