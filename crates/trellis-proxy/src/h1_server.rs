@@ -39,15 +39,18 @@ pub enum Outcome {
     HandOff(Bytes),
 }
 
-/// What the request head said, when the lean server can serve it.
+/// Each header's name and value, as ranges of the head: a connection's, reused from one
+/// request to the next (no allocation per request).
+type Fields = Vec<(u32, u32, u32, u32)>;
+
+/// What the request head said, when the lean server can serve it (its headers are in the
+/// connection's `Fields`).
 struct Head {
     method: Method,
     /// Head length in the buffer.
     len: usize,
-    /// Request target, and each header's name and value, as ranges of the head.
+    /// Request target, as a range of the head.
     target: (u32, u32),
-    fields: [(u32, u32, u32, u32); MAX_HEADERS],
-    count: usize,
     /// Content-Length (0 when absent).
     body_len: usize,
     /// The client asked to close after this request.
@@ -59,7 +62,7 @@ struct Head {
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 enum Parsed {
-    Head(Box<Head>),
+    Head(Head),
     Partial,
     HandOff,
     Bad(&'static str),
@@ -82,6 +85,7 @@ where
 {
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut out: Vec<u8> = Vec::with_capacity(512);
+    let mut fields: Fields = Vec::with_capacity(32);
     let timer = tokio::time::sleep(header_timeout);
     tokio::pin!(timer);
     loop {
@@ -99,7 +103,7 @@ where
                         .reset(tokio::time::Instant::now() + header_timeout);
                     armed = true;
                 }
-                match parse(&buf, max_head) {
+                match parse(&buf, max_head, &mut fields) {
                     Parsed::Head(h) => break h,
                     Parsed::Partial => {}
                     Parsed::HandOff => return Outcome::HandOff(buf.freeze()),
@@ -139,7 +143,7 @@ where
             }
         }
         let bytes = buf.split_to(head.len).freeze();
-        let parts = match build(&head, &bytes) {
+        let parts = match build(&head, &fields, &bytes) {
             Ok(p) => p,
             Err(why) => {
                 tracing::info!("malformed HTTP/1.1 request from {peer}: {why}; answering 400");
@@ -176,7 +180,7 @@ async fn refuse<S: AsyncWrite + Unpin>(io: &mut S, status: &str) -> Outcome {
 
 /// Parses a request head at the start of `buf` without consuming it. Header names are
 /// checked here as bytes; the `HeaderMap` is built by `build` from the frozen head.
-fn parse(buf: &BytesMut, max_head: usize) -> Parsed {
+fn parse(buf: &BytesMut, max_head: usize, fields: &mut Fields) -> Parsed {
     let mut slots =
         [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
@@ -212,11 +216,11 @@ fn parse(buf: &BytesMut, max_head: usize) -> Parsed {
     let off = |p: *const u8| (p as usize - base) as u32;
     let path = req.path.unwrap_or("/");
     let target = (off(path.as_ptr()), off(path.as_ptr()) + path.len() as u32);
-    let mut fields = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    fields.clear();
     let mut body_len: Option<usize> = None;
     let mut close = false;
     let mut trailers = false;
-    for (slot, h) in fields.iter_mut().zip(req.headers.iter()) {
+    for h in req.headers.iter() {
         let name = h.name.as_bytes();
         let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
         if is("transfer-encoding") || is("expect") || is("upgrade") {
@@ -252,31 +256,33 @@ fn parse(buf: &BytesMut, max_head: usize) -> Parsed {
                 .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
         }
         let (ns, vs) = (off(h.name.as_ptr()), off(h.value.as_ptr()));
-        *slot = (ns, ns + name.len() as u32, vs, vs + h.value.len() as u32);
+        fields.push((ns, ns + name.len() as u32, vs, vs + h.value.len() as u32));
     }
-    Parsed::Head(Box::new(Head {
+    Parsed::Head(Head {
         method,
         len: n,
         target,
-        fields,
-        count: req.headers.len(),
         body_len: body_len.unwrap_or(0),
         close,
         trailers,
-    }))
+    })
 }
 
 /// Header entries a request's map has room for beyond its own.
 const HEADROOM: usize = 4;
 
 /// The request head's parts, with header values as slices of the frozen head.
-fn build(head: &Head, bytes: &Bytes) -> Result<http::request::Parts, &'static str> {
+fn build(
+    head: &Head,
+    fields: &Fields,
+    bytes: &Bytes,
+) -> Result<http::request::Parts, &'static str> {
     let (ts, te) = (head.target.0 as usize, head.target.1 as usize);
     let uri = Uri::from_maybe_shared(bytes.slice(ts..te)).map_err(|_| "invalid request target")?;
     // Room for the headers the proxy adds on the way (x-request-id, x-forwarded-proto,
     // its version marker, route changes): a map that grows rehashes every entry.
-    let mut headers = HeaderMap::with_capacity(head.count + HEADROOM);
-    for &(ns, ne, vs, ve) in &head.fields[..head.count] {
+    let mut headers = HeaderMap::with_capacity(fields.len() + HEADROOM);
+    for &(ns, ne, vs, ve) in fields {
         let name = HeaderName::from_bytes(&bytes[ns as usize..ne as usize])
             .map_err(|_| "invalid header name")?;
         let value = HeaderValue::from_maybe_shared(bytes.slice(vs as usize..ve as usize))
@@ -597,7 +603,10 @@ mod tests {
         ];
         for c in cases {
             assert!(
-                matches!(parse(&BytesMut::from(c), 60 * 1024), Parsed::HandOff),
+                matches!(
+                    parse(&BytesMut::from(c), 60 * 1024, &mut Vec::new()),
+                    Parsed::HandOff
+                ),
                 "{}",
                 String::from_utf8_lossy(c)
             );
@@ -613,22 +622,23 @@ mod tests {
         ];
         for c in bad {
             assert!(matches!(
-                parse(&BytesMut::from(c), 60 * 1024),
+                parse(&BytesMut::from(c), 60 * 1024, &mut Vec::new()),
                 Parsed::Bad(_)
             ));
         }
         let big = format!("GET / HTTP/1.1\r\nx: {}\r\n", "a".repeat(2000));
         assert!(matches!(
-            parse(&BytesMut::from(big.as_bytes()), 1024),
+            parse(&BytesMut::from(big.as_bytes()), 1024, &mut Vec::new()),
             Parsed::TooLarge
         ));
         let raw = BytesMut::from(&b"POST /p?q HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nConnection: close\r\nTE: trailers\r\n\r\nabc"[..]);
-        let Parsed::Head(h) = parse(&raw, 1024) else {
+        let mut fields = Vec::new();
+        let Parsed::Head(h) = parse(&raw, 1024, &mut fields) else {
             panic!("a plain head");
         };
         assert_eq!((h.body_len, h.close, h.trailers), (3, true, true));
         assert_eq!(h.len, raw.len() - 3);
-        let parts = build(&h, &raw.freeze()).expect("builds");
+        let parts = build(&h, &fields, &raw.freeze()).expect("builds");
         assert_eq!(parts.uri, "/p?q");
         assert_eq!(parts.method, Method::POST);
         assert_eq!(parts.headers["host"], "a");
