@@ -4,7 +4,7 @@
 //! AuthorizationPolicy (which the line names).
 
 mod common;
-use common::start_with_stats;
+use common::{outbound_on, start_with_stats};
 
 use std::path::Path;
 use std::time::Duration;
@@ -114,14 +114,7 @@ clusters:
     );
     let (outbound, _) = start_with_stats(
         &outbound_yaml,
-        ProxyOptions {
-            outbound_listen: vec![(
-                "127.0.0.1:0".parse().expect("addr"),
-                "reviews.shop.svc.cluster.local".into(),
-                9080,
-            )],
-            ..ProxyOptions::default()
-        },
+        outbound_on("reviews.shop.svc.cluster.local", 9080),
     )
     .await;
     let front = outbound.outbound_addrs[0];
@@ -250,18 +243,8 @@ clusters:
         log = log.display(),
         echo = echo.addr,
     );
-    let (outbound, _) = start_with_stats(
-        &yaml,
-        ProxyOptions {
-            outbound_listen: vec![(
-                "127.0.0.1:0".parse().expect("addr"),
-                "db.shop.svc.cluster.local".into(),
-                5432,
-            )],
-            ..ProxyOptions::default()
-        },
-    )
-    .await;
+    let (outbound, _) =
+        start_with_stats(&yaml, outbound_on("db.shop.svc.cluster.local", 5432)).await;
     let got = timeout(
         LIMIT,
         trellis_testkit::tcp_echo_half_close(outbound.outbound_addrs[0], b"hello tcp"),

@@ -4,7 +4,7 @@
 //! TCP connection's bytes on both.
 
 mod common;
-use common::start_with_stats;
+use common::{outbound_on, start_with_stats};
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -265,14 +265,7 @@ async fn outbound_to(app: SocketAddr) -> (trellis_proxy::ProxyHandle, SocketAddr
         &format!(
             "version: t\nworkload: {{name: web, namespace: shop}}\nservices:\n- hostname: app.shop.svc.cluster.local\n  ports: [{{port: 80, name: http, cluster: app}}]\nclusters:\n- name: app\n  endpoints: [{{address: \"{app}\", workload: app, namespace: shop}}]\n"
         ),
-        ProxyOptions {
-            outbound_listen: vec![(
-                "127.0.0.1:0".parse().expect("addr"),
-                "app.shop.svc.cluster.local".into(),
-                80,
-            )],
-            ..ProxyOptions::default()
-        },
+        outbound_on("app.shop.svc.cluster.local", 80),
     )
     .await
 }
@@ -492,14 +485,7 @@ async fn grpc_calls_are_counted_with_their_grpc_status_on_both_sides() {
             "version: out\nworkload: {{name: web, namespace: shop, labels: {{app: web}}}}\nservices:\n- hostname: echo.shop.svc.cluster.local\n  ports: [{{port: 50051, name: grpc, cluster: \"outbound|50051||echo.shop.svc.cluster.local\"}}]\nclusters:\n- name: \"outbound|50051||echo.shop.svc.cluster.local\"\n  endpoints: [{{address: \"{peer}\", proxied: true, workload: echo-v1, namespace: shop, labels: {{app: echo, version: v1}}}}]\n",
             peer = inbound.inbound_addrs[0]
         ),
-        ProxyOptions {
-            outbound_listen: vec![(
-                "127.0.0.1:0".parse().expect("addr"),
-                "echo.shop.svc.cluster.local".into(),
-                50051,
-            )],
-            ..ProxyOptions::default()
-        },
+        outbound_on("echo.shop.svc.cluster.local", 50051),
     )
     .await;
     let front = outbound.outbound_addrs[0];

@@ -5,7 +5,7 @@
 //! installed (CI installs it).
 
 mod common;
-use common::start_with_stats;
+use common::{outbound_on, start_with_stats};
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -70,14 +70,7 @@ async fn prometheus_scrapes_the_mesh_and_promql_finds_the_services() {
             "version: out\nworkload:\n  name: web\n  namespace: shop\nservices:\n- hostname: reviews.shop.svc.cluster.local\n  ports: [{{port: 9080, name: http, cluster: r}}]\nclusters:\n- name: r\n  endpoints: [{{address: \"{}\", proxied: true, workload: reviews-v1, namespace: shop}}]\n",
             inbound.inbound_addrs[0]
         ),
-        ProxyOptions {
-            outbound_listen: vec![(
-                "127.0.0.1:0".parse().expect("addr"),
-                "reviews.shop.svc.cluster.local".into(),
-                9080,
-            )],
-            ..ProxyOptions::default()
-        },
+        outbound_on("reviews.shop.svc.cluster.local", 9080),
     )
     .await;
 

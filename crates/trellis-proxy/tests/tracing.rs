@@ -5,7 +5,7 @@
 //! percentage (0 % and 100 %).
 
 mod common;
-use common::start_with_stats;
+use common::{outbound_on, start_with_stats};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -350,14 +350,7 @@ async fn mesh_with(
     );
     let (outbound, stats) = start_with_stats(
         &outbound_yaml,
-        ProxyOptions {
-            outbound_listen: vec![(
-                "127.0.0.1:0".parse().expect("addr"),
-                "reviews.shop.svc.cluster.local".into(),
-                9080,
-            )],
-            ..ProxyOptions::default()
-        },
+        outbound_on("reviews.shop.svc.cluster.local", 9080),
     )
     .await;
     let front = outbound.outbound_addrs[0];
@@ -624,15 +617,19 @@ async fn custom_tags_and_sampling_by_request_id() {
         .iter()
         .position(|n| *n == 3)
         .expect("one sampled");
-    let resp = get(front, &[("x-request-id", &ids[i])]).await;
-    let trace = trace_of(&resp);
-    for (_, span) in spans_of(&c.spans, &trace, 2).await {
-        assert_eq!(attr(&span, "team"), "payments");
-        let path = std::env::var("PATH").unwrap_or_default();
-        assert_eq!(attr(&span, "path_var"), &path[..path.len().min(256)]);
-        assert_eq!(attr(&span, "unset_var"), "none");
-        assert_eq!(attr(&span, "user"), "anonymous", "no x-user: the default");
-        assert_eq!(attr(&span, "guid:x-request-id"), ids[i]);
+    // A header tag takes the request's header, else its default.
+    for (user, seen) in [(Some("alice"), "alice"), (None, "anonymous")] {
+        let mut headers = vec![("x-request-id", ids[i].as_str())];
+        headers.extend(user.map(|u| ("x-user", u)));
+        let trace = trace_of(&get(front, &headers).await);
+        for (_, span) in spans_of(&c.spans, &trace, 2).await {
+            assert_eq!(attr(&span, "team"), "payments");
+            let path = std::env::var("PATH").unwrap_or_default();
+            assert_eq!(attr(&span, "path_var"), &path[..path.len().min(256)]);
+            assert_eq!(attr(&span, "unset_var"), "none");
+            assert_eq!(attr(&span, "user"), seen);
+            assert_eq!(attr(&span, "guid:x-request-id"), ids[i]);
+        }
     }
 }
 

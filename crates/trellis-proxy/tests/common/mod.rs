@@ -29,3 +29,11 @@ pub async fn start_with_stats(yaml: &str, options: ProxyOptions) -> (ProxyHandle
     tokio::spawn(admin::serve_public(listener, ctx));
     (p, addr)
 }
+
+/// Options with one explicit outbound listener on loopback for `service:port`.
+pub fn outbound_on(service: &str, port: u16) -> ProxyOptions {
+    ProxyOptions {
+        outbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), service.into(), port)],
+        ..ProxyOptions::default()
+    }
+}
