@@ -334,6 +334,13 @@ fn curl_reaches_a_python_server_by_service_name_over_mtls_and_down_leaves_nothin
     }
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(text.contains(&format!("Mesh {mesh} is down.")), "{text}");
+    // Of the mesh's state only its logs stay (no CA key, no tokens).
+    let left: Vec<String> = std::fs::read_dir(format!("/run/trellis/{mesh}"))
+        .expect("the mesh's state directory")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["logs"]);
 }
 
 /// Copies examples/bookinfo into `to`, its ingress gateway's host port made `port`.

@@ -50,6 +50,7 @@ const B3_SPAN: HeaderName = HeaderName::from_static("x-b3-spanid");
 const B3_PARENT: HeaderName = HeaderName::from_static("x-b3-parentspanid");
 const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
 const B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// A trace context as it arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -646,7 +647,7 @@ impl Tracer {
             if side.sampling >= 100.0 {
                 return true;
             }
-            let roll = match headers.get("x-request-id").filter(|_| side.by_request_id) {
+            let roll = match headers.get(&X_REQUEST_ID).filter(|_| side.by_request_id) {
                 Some(id) => fnv1a(id.as_bytes()),
                 None => crate::http::random_u64(),
             };
@@ -661,7 +662,7 @@ impl Tracer {
         if !sampled || side.exporters.is_empty() {
             return None;
         }
-        let text = |n: &str| {
+        let text = |n: &HeaderName| {
             req.headers()
                 .get(n)
                 .and_then(|v| v.to_str().ok())
@@ -677,8 +678,8 @@ impl Tracer {
                     req.uri().path_and_query().map_or("/", |p| p.as_str())
                 ),
                 protocol: format!("{:?}", req.version()),
-                request_id: text("x-request-id"),
-                user_agent: text("user-agent"),
+                request_id: text(&X_REQUEST_ID),
+                user_agent: text(&http::header::USER_AGENT),
                 authority,
                 custom: side
                     .custom

@@ -77,3 +77,38 @@ fn binary_rejects_bad_arguments() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("usage:"), "{err}");
 }
+
+/// `trellis-tcpload` against the TCP echo: a second at 200 requests per second, every one
+/// echoed, its JSON report with ordered percentiles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcpload_reports_an_echo_service_s_latencies() {
+    let echo = trellis_testkit::TcpEchoServer::start().await.expect("echo");
+    let addr = echo.addr.to_string();
+    let run = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_trellis-tcpload"))
+            .args([&addr, "--rate", "200", "--duration", "1"])
+            .args(["--connections", "4", "--size", "64"])
+            .output()
+    });
+    let out = tokio::time::timeout(WAIT, run)
+        .await
+        .expect("in time")
+        .expect("joined")
+        .expect("runs");
+    assert!(out.status.success());
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    // `"key": number` from the one-line JSON report.
+    let field = |k: &str| -> f64 {
+        report
+            .split(&format!("\"{k}\": "))
+            .nth(1)
+            .and_then(|rest| rest.split([',', '}']).next())
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {report}"))
+    };
+    assert!((150.0..=210.0).contains(&field("ok")), "{report}");
+    assert_eq!(field("errors"), 0.0, "{report}");
+    let (p50, p99, p999) = (field("p50"), field("p99"), field("p99.9"));
+    assert!(p50 > 0.0 && p50 <= p99 && p99 <= p999, "{report}");
+    assert_eq!(echo.stats().connections(), 4, "{report}");
+}
