@@ -4,6 +4,7 @@
 #
 #   bench/instructions.sh [one|pair|pair-h1] [requests]
 #   TELEMETRY=off|metrics|full bench/instructions.sh pair
+#   MTLS=1 bench/instructions.sh pair      (mutual TLS between the proxies, as the harness)
 #
 # one:     load -> proxy (h1 in, h1 out) -> fixture
 # pair:    load -> outbound (h1 in, h2 out) -> inbound (h2 in, h1 out) -> fixture
@@ -18,13 +19,15 @@
 # zeroed and `requests` (default 3000) are sent at 300 rps over 16 connections with oha.
 # Needs valgrind, oha and a release build (built here). With KEEP=DIR, the callgrind
 # profiles are copied there (callgrind_annotate DIR/NAME.out.1 reads them).
+# With SYSCALLS=RATE, the proxies run natively and strace counts their syscalls per request
+# at that rate instead (strace slows them, so keep the rate low: 300 to 2000).
 set -euo pipefail
 mode=${1:-one}
 n=${2:-3000}
 root=$(cd "$(dirname "$0")/.." && pwd)
 command -v valgrind >/dev/null || { echo "valgrind not found (apt-get install valgrind)" >&2; exit 1; }
 command -v oha >/dev/null || { echo "oha not found (cargo install oha --locked)" >&2; exit 1; }
-(cd "$root" && cargo build --release -q -p trellis-proxy -p trellis-testkit)
+(cd "$root" && cargo build --release -q -p trellis-proxy -p trellis-testkit $([ -n "${MTLS:-}" ] && echo -p trellis-cli))
 bin=$root/target/release
 tmp=$(mktemp -d /tmp/trellis-instr-XXXXXX)
 pids=()
@@ -51,8 +54,12 @@ common=(--workers 1 --admin off --readiness off --log-level warn)
 under_cg() { # name args...
     local name=$1
     shift
-    valgrind --tool=callgrind --callgrind-out-file="$tmp/$name.out" "$bin/trellis-proxy" "$@" "${common[@]}" \
-        >/dev/null 2>"$tmp/$name.err" &
+    if [ -n "${SYSCALLS:-}" ]; then
+        "$bin/trellis-proxy" "$@" "${common[@]}" >/dev/null 2>"$tmp/$name.err" &
+    else
+        valgrind --tool=callgrind --callgrind-out-file="$tmp/$name.out" "$bin/trellis-proxy" "$@" "${common[@]}" \
+            >/dev/null 2>"$tmp/$name.err" &
+    fi
     pids+=($!)
     names+=("$name")
     cgpids+=($!)
@@ -106,9 +113,25 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
         ;;
     esac
     printf "version: bench\nworkload:\n  name: app\n  inboundPorts: [{port: %s, name: http}]\n$telemetry" "$app" >"$tmp/in.yaml"
-    { printf "workload:\n  name: web\n$telemetry"; service "$in" true "$([ "$mode" = pair ] && echo false || echo true)"; } >"$tmp/out.yaml"
-    under_cg inbound --config "$tmp/in.yaml" --inbound-listen "127.0.0.1:$in=$app"
-    under_cg outbound --config "$tmp/out.yaml" --outbound-listen "127.0.0.1:$front=app:80"
+    { printf "workload:\n  name: web\n  namespace: web\n$telemetry"; service "$in" true "$([ "$mode" = pair ] && echo false || echo true)"; } >"$tmp/out.yaml"
+    in_certs=()
+    out_certs=()
+    if [ -n "${MTLS:-}" ]; then
+        # Mutual TLS between the proxies, as the harness runs them: certificates from the
+        # mesh CA (trellis cert), the inbound STRICT, the outbound expecting its identity.
+        for sa in web:web default:app; do
+            "$bin/trellis" cert -n "${sa%%:*}" --service-account "${sa#*:}" --out "$tmp/${sa#*:}" \
+                --data-dir "$tmp/ca" 2>/dev/null
+        done
+        roots="trustRoots: [$(python3 -c 'import json, sys; print(json.dumps(open(sys.argv[1]).read()))' "$tmp/app/root-cert.pem")]"
+        printf '  mtls: STRICT\n%s\n' "$roots" >>"$tmp/in.yaml"
+        sed -i 's|proxied: true}|proxied: true, identity: "spiffe://cluster.local/ns/default/sa/app"}|' "$tmp/out.yaml"
+        printf '%s\n' "$roots" >>"$tmp/out.yaml"
+        in_certs=(--workload-cert "$tmp/app")
+        out_certs=(--workload-cert "$tmp/web")
+    fi
+    under_cg inbound --config "$tmp/in.yaml" --inbound-listen "127.0.0.1:$in=$app" "${in_certs[@]}"
+    under_cg outbound --config "$tmp/out.yaml" --outbound-listen "127.0.0.1:$front=app:80" "${out_certs[@]}"
     ;;
 *)
     echo "usage: $0 [one|pair|pair-h1] [requests]" >&2
@@ -119,6 +142,25 @@ wait_port "$app"
 wait_port "$front"
 url=http://127.0.0.1:$front/bytes/1024
 oha --no-tui -n 300 -q 100 -c 16 -H 'Host: app' "$url" >/dev/null
+if [ -n "${SYSCALLS:-}" ]; then
+    # Syscalls per request instead: strace counts every thread of each proxy during the run.
+    command -v strace >/dev/null || { echo "strace not found (apt-get install strace)" >&2; exit 1; }
+    tracers=()
+    for i in "${!cgpids[@]}"; do
+        strace -f -c -o "$tmp/${names[$i]}.strace" -p "${cgpids[$i]}" 2>/dev/null &
+        tracers+=($!)
+    done
+    sleep 1
+    oha --no-tui -n "$n" -q "${SYSCALLS}" -c 16 -H 'Host: app' "$url" | grep -E "Success rate"
+    for t in "${tracers[@]}"; do kill -INT "$t"; done
+    wait "${tracers[@]}" 2>/dev/null || true
+    for name in "${names[@]}"; do
+        echo "$mode $name: syscalls per request"
+        awk -v n="$n" '$NF ~ /^[a-z_0-9]+$/ && $4 ~ /^[0-9]+$/ && $NF != "total" { printf "  %-16s %6.2f\n", $NF, $4 / n }' "$tmp/$name.strace" | sort -k2 -rn
+        awk -v n="$n" '$NF == "total" { printf "  %-16s %6.2f\n", "total", $(NF-2) / n }' "$tmp/$name.strace"
+    done
+    exit 0
+fi
 for p in "${cgpids[@]}"; do callgrind_control -z "$p" >/dev/null 2>&1; done
 oha --no-tui -n "$n" -q 300 -c 16 -H 'Host: app' "$url" | grep -E "Success rate"
 for p in "${cgpids[@]}"; do callgrind_control -d "$p" >/dev/null 2>&1; done
