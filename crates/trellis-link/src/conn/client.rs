@@ -309,11 +309,11 @@ impl Drop for ResponseFuture {
 
 /// A response head from its fields; `None` for an informational (1xx) response, which is
 /// skipped.
-fn response_head(fields: Vec<Field>) -> Result<Option<Response<()>>, Error> {
+fn response_head(fields: &mut Vec<Field>) -> Result<Option<Response<()>>, Error> {
     let mut status: Option<StatusCode> = None;
     let mut headers = HeaderMap::with_capacity(fields.len());
     let mut regular = false;
-    for f in fields {
+    for f in fields.drain(..) {
         match f.name {
             Name::Pseudo(Pseudo::Status) => {
                 if regular || status.is_some() {
@@ -355,7 +355,7 @@ impl<T> Driver<T> {
         st: &mut State,
         id: u32,
         end_stream: bool,
-        fields: Vec<Field>,
+        fields: &mut Vec<Field>,
         too_large: bool,
     ) {
         let Some(s) = st.streams.get_mut(&id) else {

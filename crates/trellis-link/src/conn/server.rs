@@ -186,7 +186,7 @@ impl<T> Driver<T> {
         st: &mut State,
         id: u32,
         end_stream: bool,
-        fields: Vec<Field>,
+        fields: &mut Vec<Field>,
         too_large: bool,
     ) {
         if let Some(s) = st.streams.get_mut(&id) {
@@ -279,14 +279,14 @@ fn value_bytes(v: &HeaderValue) -> Bytes {
 /// A request head from its fields (RFC 9113 §8.3.1): pseudo-headers first, each once;
 /// `:method`, `:scheme` and `:path` (only `:authority` for CONNECT); no
 /// connection-specific fields; `te` only `trailers`.
-fn request_head(fields: Vec<Field>) -> Result<Request<()>, Error> {
+fn request_head(fields: &mut Vec<Field>) -> Result<Request<()>, Error> {
     let mut method = None;
     let mut scheme = None;
     let mut authority = None;
     let mut path = None;
     let mut headers = HeaderMap::with_capacity(fields.len());
     let mut regular = false;
-    for f in fields {
+    for f in fields.drain(..) {
         let slot = match f.name {
             Name::Header(name) => {
                 if connection_specific(&name) {
@@ -384,7 +384,7 @@ mod tests {
 
     #[test]
     fn request_heads_follow_rfc_9113() {
-        let ok = request_head(vec![
+        let ok = request_head(&mut vec![
             field(":method", "GET"),
             field(":scheme", "http"),
             field(":authority", "reviews:9080"),
@@ -394,7 +394,7 @@ mod tests {
         .expect("valid");
         assert_eq!(ok.uri(), "http://reviews:9080/r?x=1");
         assert_eq!(ok.version(), http::Version::HTTP_2);
-        let connect = request_head(vec![
+        let connect = request_head(&mut vec![
             field(":method", "CONNECT"),
             field(":authority", "db:5432"),
         ])
@@ -404,7 +404,7 @@ mod tests {
             Some("db:5432")
         );
         // Host stands in for a missing :authority.
-        let host = request_head(vec![
+        let host = request_head(&mut vec![
             field(":method", "GET"),
             field(":scheme", "http"),
             field(":path", "/"),
@@ -448,7 +448,7 @@ mod tests {
             ],
             vec![field(":method", "CONNECT"), field(":path", "/")],
         ] {
-            assert!(request_head(bad.clone()).is_err(), "{bad:?}");
+            assert!(request_head(&mut bad.clone()).is_err(), "{bad:?}");
         }
     }
 }
