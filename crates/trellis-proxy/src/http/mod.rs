@@ -338,8 +338,9 @@ pub async fn handle_request(
             };
             inbound(&shared, &cfg, arrival, req).await
         }
+        // Boxed: a sidecar's requests do not carry a gateway's (larger) future.
         Route::Gateway { port, tls } => {
-            gateway(&shared, &cfg, ds, *port, tls.as_deref(), req).await
+            Box::pin(gateway(&shared, &cfg, ds, *port, tls.as_deref(), req)).await
         }
         Route::Outbound(dst) => match cfg.outbound_target(*dst) {
             Some(t) => outbound(&shared, &cfg, ds, t, req).await,
@@ -994,7 +995,7 @@ async fn to_cluster(
         let Some(_admitted) = cluster.admit().await else {
             return overflow(cluster);
         };
-        return forward(shared, req, up).await;
+        return forward(shared, req, &up).await;
     }
     let hashed = cluster
         .ring
@@ -1010,7 +1011,7 @@ async fn to_cluster(
         let Some(_admitted) = cluster.admit().await else {
             return overflow(cluster);
         };
-        let mut resp = forward(shared, req, up).await;
+        let mut resp = forward(shared, req, &up).await;
         cluster.report(ep, outcome(&resp));
         tag_upstream(&mut resp, ep, cluster);
         return resp;
@@ -1406,7 +1407,7 @@ async fn inbound(
         tls: None,
         fallbacks: &cfg.pod_ips,
     };
-    forward(shared, req, up).await
+    forward(shared, req, &up).await
 }
 
 /// Judges an inbound request (or, with `http` None, a TCP connection) by the workload's
@@ -1593,13 +1594,16 @@ fn request_id() -> HeaderValue {
     HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
 }
 
-async fn forward(shared: &Shared, req: Request<ReqBody>, up: Upstream<'_>) -> Response<ProxyBody> {
+/// (`up` by reference, as in what follows: each level of a request's future that held its
+/// own copy of the 208-byte `Upstream` made the whole future, copied at every await and
+/// spawn, larger.)
+async fn forward(shared: &Shared, req: Request<ReqBody>, up: &Upstream<'_>) -> Response<ProxyBody> {
     if is_upgrade(&req) {
         return Box::pin(forward_upgrade(req, up)).await;
     }
     let downstream_version = req.version();
     let (mut parts, body) = req.into_parts();
-    match forward_once(shared, &mut parts, downstream_version, body, &up).await {
+    match forward_once(shared, &mut parts, downstream_version, body, up).await {
         Ok(resp) => resp,
         Err(e) => {
             count_failure(shared, up.endpoint, &e);
@@ -1772,9 +1776,9 @@ async fn send(
             .await
             .map(|r| r.map(ProxyBody::Fast))
     } else {
+        // Boxed: hyper's client is the less usual path, and its future the largest here.
         let req = Request::from_parts(clone_parts(parts), body);
-        pools
-            .send_h1(addr, up.dial, up.idle_timeout, up.max_uses, up.tls, req)
+        Box::pin(pools.send_h1(addr, up.dial, up.idle_timeout, up.max_uses, up.tls, req))
             .await
             .map(|r| r.map(ProxyBody::Pooled))
     };
@@ -1789,7 +1793,7 @@ async fn send(
 
 /// Upgrades and CONNECT: the request goes over a fresh HTTP/1.1 connection; once the
 /// upstream switches protocols, bytes are copied both ways.
-async fn forward_upgrade(mut req: Request<ReqBody>, up: Upstream<'_>) -> Response<ProxyBody> {
+async fn forward_upgrade(mut req: Request<ReqBody>, up: &Upstream<'_>) -> Response<ProxyBody> {
     let downstream = hyper::upgrade::on(&mut req);
     // Keep Connection: upgrade and Upgrade; drop the rest of the hop-by-hop headers.
     let upgrade = req.headers().get(header::UPGRADE).cloned();
