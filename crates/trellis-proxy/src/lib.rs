@@ -11,6 +11,7 @@ pub mod authn;
 pub mod body;
 pub mod cli;
 pub mod config;
+pub mod fasthash;
 pub mod h1;
 pub mod h1_server;
 pub mod http;

@@ -12,6 +12,7 @@
 //! converted), never by strings built per request. Label values are bounded: workloads,
 //! services, status codes and response flags; no paths or user-supplied values.
 
+use crate::fasthash::FastMap;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write;
@@ -46,7 +47,7 @@ const MAX_TAGGED_SERIES: usize = 20_000;
 
 /// The key as it is counted: a new series with tag values past the bound counts under
 /// `overflow` values (a header used as a label cannot grow memory without end).
-fn bounded<S>(m: &HashMap<Key, S, std::hash::BuildHasherDefault<WordHasher>>, mut key: Key) -> Key {
+fn bounded<S>(m: &FastMap<Key, S>, mut key: Key) -> Key {
     let over = key.tags.as_ref().is_some_and(|(_, v)| !v.is_empty())
         && m.len() >= MAX_TAGGED_SERIES
         && !m.contains_key(&key);
@@ -237,26 +238,7 @@ impl std::hash::Hash for Key {
     }
 }
 
-/// Hashes the one word [`Key`] writes (a multiply spreads its bits).
-#[derive(Debug, Default, Clone, Copy)]
-struct WordHasher(u64);
-
-impl std::hash::Hasher for WordHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 =
-                (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
-type SeriesMap = HashMap<Key, Series, std::hash::BuildHasherDefault<WordHasher>>;
+type SeriesMap = FastMap<Key, Series>;
 
 /// Which of Istio's metrics a side reports, as the Telemetry's metric overrides say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -504,9 +486,9 @@ struct Series {
 #[derive(Debug, Default)]
 pub struct IstioMetrics {
     http: Mutex<SeriesMap>,
-    tcp: Mutex<HashMap<Key, TcpSeries, std::hash::BuildHasherDefault<WordHasher>>>,
+    tcp: Mutex<FastMap<Key, TcpSeries>>,
     /// Callers known only by their mTLS identity, made once per identity.
-    by_identity: Mutex<HashMap<Arc<str>, Arc<WorkloadMeta>>>,
+    by_identity: Mutex<FastMap<Arc<str>, Arc<WorkloadMeta>>>,
 }
 
 /// The response flags Trellis sets, as static strings (anything else: `-`).
@@ -527,7 +509,7 @@ impl IstioMetrics {
     /// (namespace and principal); else unknown.
     pub fn caller(
         &self,
-        peers: &HashMap<std::net::IpAddr, Arc<WorkloadMeta>>,
+        peers: &FastMap<std::net::IpAddr, Arc<WorkloadMeta>>,
         ip: std::net::IpAddr,
         identity: Option<&str>,
     ) -> Arc<WorkloadMeta> {
@@ -1045,7 +1027,7 @@ mod tests {
         let id = "spiffe://cluster.local/ns/shop/sa/web";
         let web = WorkloadMeta::of("web", "shop", Some(id), std::iter::empty());
         let ip: std::net::IpAddr = [10, 0, 0, 7].into();
-        let peers = HashMap::from([(ip, Arc::clone(&web))]);
+        let peers: FastMap<_, _> = [(ip, Arc::clone(&web))].into_iter().collect();
         let m = IstioMetrics::default();
         assert!(Arc::ptr_eq(&m.caller(&peers, ip, Some(id)), &web));
         assert!(Arc::ptr_eq(&m.caller(&peers, ip, None), &web));

@@ -22,6 +22,7 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
 use crate::body::ReqBody;
+use crate::fasthash::FastMap;
 use crate::h1;
 use crate::sockets::{self, Dial};
 
@@ -159,13 +160,13 @@ pub async fn tls_connect(
 #[derive(Default)]
 pub struct Pools {
     /// Connections of the lean client (requests whose body the proxy holds in full).
-    fast: Mutex<HashMap<SocketAddr, Vec<h1::Conn>>>,
+    fast: Mutex<FastMap<SocketAddr, Vec<h1::Conn>>>,
     /// hyper's HTTP/1.1 connections (streaming request bodies; anything to a peer proxy
     /// over mutual TLS), by address and whether over mTLS.
-    h1: Mutex<HashMap<(SocketAddr, u8), Vec<Idle>>>,
+    h1: Mutex<FastMap<(SocketAddr, u8), Vec<Idle>>>,
     /// By address, and whether over mutual TLS (a peer's connections made before this
     /// proxy had its certificate are not mixed with those made after).
-    h2: Mutex<HashMap<(SocketAddr, u8), H2Slot>>,
+    h2: Mutex<FastMap<(SocketAddr, u8), H2Slot>>,
 }
 
 /// Mutual TLS to a peer proxy, borrowed from the request's snapshot and the proxy's

@@ -6,6 +6,8 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+
+use crate::fasthash::FastMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -131,13 +133,13 @@ pub struct Config {
     pub version: String,
     pub outbound_policy: OutboundPolicy,
     /// Service virtual IP and port → target.
-    by_vip: HashMap<SocketAddr, Arc<Target>>,
+    by_vip: FastMap<SocketAddr, Arc<Target>>,
     /// Endpoint address → target (an app that dialled a pod address directly).
-    by_endpoint: HashMap<SocketAddr, Arc<Target>>,
+    by_endpoint: FastMap<SocketAddr, Arc<Target>>,
     /// Name → port → target, for explicit listeners. Every name a service answers to is
     /// here: the FQDN and its leading parts (`reviews`, `reviews.default`,
     /// `reviews.default.svc`); a short name two services share is left out.
-    by_name: HashMap<String, HashMap<u16, Arc<Target>>>,
+    by_name: FastMap<String, FastMap<u16, Arc<Target>>>,
     pub clusters: Vec<Arc<Cluster>>,
     pub inbound: HashMap<u16, InboundPort>,
     pub workload: Option<wire::Workload>,
@@ -152,7 +154,7 @@ pub struct Config {
     pub own_meta: Arc<crate::metrics::WorkloadMeta>,
     /// Workloads by address, from the endpoints in the snapshot (an address two
     /// workloads share is left out): who an inbound caller is.
-    pub peers: HashMap<IpAddr, Arc<crate::metrics::WorkloadMeta>>,
+    pub peers: FastMap<IpAddr, Arc<crate::metrics::WorkloadMeta>>,
     /// The access logging the workload's Telemetry selects, if any.
     pub access_log: Option<Arc<crate::accesslog::AccessLog>>,
     /// The tracing the workload's Telemetry selects, if any.
@@ -507,9 +509,9 @@ impl Config {
             })
             .unwrap_or_default();
         let mut targets: Vec<Arc<Target>> = Vec::new();
-        let mut by_vip = HashMap::new();
-        let mut by_endpoint = HashMap::new();
-        let mut by_name: HashMap<String, HashMap<u16, Arc<Target>>> = HashMap::new();
+        let mut by_vip = FastMap::default();
+        let mut by_endpoint = FastMap::default();
+        let mut by_name: FastMap<String, FastMap<u16, Arc<Target>>> = FastMap::default();
         let mut ambiguous: std::collections::HashSet<(String, u16)> =
             std::collections::HashSet::new();
         for (i, s) in raw.services.iter().enumerate() {
@@ -886,9 +888,9 @@ impl Config {
         Config {
             version: String::new(),
             outbound_policy: OutboundPolicy::AllowAny,
-            by_vip: HashMap::new(),
-            by_endpoint: HashMap::new(),
-            by_name: HashMap::new(),
+            by_vip: FastMap::default(),
+            by_endpoint: FastMap::default(),
+            by_name: FastMap::default(),
             clusters: Vec::new(),
             inbound: HashMap::new(),
             workload: None,
@@ -896,7 +898,7 @@ impl Config {
             own_labels: std::collections::BTreeMap::new(),
             own_namespace: "default".to_string(),
             own_meta: crate::metrics::WorkloadMeta::unknown(),
-            peers: HashMap::new(),
+            peers: FastMap::default(),
             access_log: None,
             tracer: None,
             metrics_on: crate::metrics::Switches::default(),
@@ -982,8 +984,8 @@ fn inbound_services(
 fn peers(
     raw: &wire::Snapshot,
     clusters: &[Arc<Cluster>],
-) -> HashMap<IpAddr, Arc<crate::metrics::WorkloadMeta>> {
-    let mut out: HashMap<IpAddr, Arc<crate::metrics::WorkloadMeta>> = HashMap::new();
+) -> FastMap<IpAddr, Arc<crate::metrics::WorkloadMeta>> {
+    let mut out: FastMap<IpAddr, Arc<crate::metrics::WorkloadMeta>> = FastMap::default();
     let mut shared = std::collections::HashSet::new();
     let listed = raw.peers.iter().filter_map(|p| {
         let ip: IpAddr = p.address.parse().ok()?;
