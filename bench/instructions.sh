@@ -20,7 +20,8 @@
 # Needs valgrind, oha and a release build (built here). With KEEP=DIR, the callgrind
 # profiles are copied there (callgrind_annotate DIR/NAME.out.1 reads them).
 # With SYSCALLS=RATE, the proxies run natively and strace counts their syscalls per request
-# at that rate instead (strace slows them, so keep the rate low: 300 to 2000).
+# at that rate instead (strace slows them, so keep the rate low: 300 to 2000). With CPU=RATE,
+# the user and system CPU time per request of each proxy at that rate, and its RSS.
 set -euo pipefail
 mode=${1:-one}
 n=${2:-3000}
@@ -54,7 +55,7 @@ common=(--workers 1 --admin off --readiness off --log-level warn)
 under_cg() { # name args...
     local name=$1
     shift
-    if [ -n "${SYSCALLS:-}" ]; then
+    if [ -n "${SYSCALLS:-}${CPU:-}" ]; then
         "$bin/trellis-proxy" "$@" "${common[@]}" >/dev/null 2>"$tmp/$name.err" &
     else
         valgrind --tool=callgrind --callgrind-out-file="$tmp/$name.out" "$bin/trellis-proxy" "$@" "${common[@]}" \
@@ -142,6 +143,25 @@ wait_port "$app"
 wait_port "$front"
 url=http://127.0.0.1:$front/bytes/1024
 oha --no-tui -n 300 -q 100 -c 16 -H 'Host: app' "$url" >/dev/null
+if [ -n "${CPU:-}" ]; then
+    # CPU time instead: user and system time of each proxy (every thread) over the run,
+    # from /proc, per request; and its RSS after. Noisy on a shared machine: compare runs
+    # made one after the other, or use the harness.
+    ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
+    declare -A before
+    for p in "${cgpids[@]}"; do before[$p]=$(ticks "$p"); done
+    oha --no-tui -n "$n" -q "$CPU" -c 16 -H 'Host: app' "$url" | grep -E "Success rate"
+    hz=$(getconf CLK_TCK)
+    for i in "${!cgpids[@]}"; do
+        p=${cgpids[$i]}
+        read -r u0 s0 <<<"${before[$p]}"
+        read -r u1 s1 <<<"$(ticks "$p")"
+        rss=$(awk '/VmRSS/ {print $2}' "/proc/$p/status")
+        awk -v name="$mode ${names[$i]}" -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v hz="$hz" -v n="$n" -v rss="$rss" \
+            'BEGIN { printf "%s: %.1f us user + %.1f us system per request, RSS %.1f MiB\n", name, u * 1e6 / hz / n, s * 1e6 / hz / n, rss / 1024 }'
+    done
+    exit 0
+fi
 if [ -n "${SYSCALLS:-}" ]; then
     # Syscalls per request instead: strace counts every thread of each proxy during the run.
     command -v strace >/dev/null || { echo "strace not found (apt-get install strace)" >&2; exit 1; }
