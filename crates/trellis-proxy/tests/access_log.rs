@@ -347,3 +347,140 @@ gatewayPorts:
     }
     assert!(closed.is_some(), "no TCP series from the gateway");
 }
+
+/// A certificate for spiffe://cluster.local/ns/`ns`/sa/`sa` from `ca`, as a proxy holds it.
+fn certified(
+    ca: &trellis_identity::Ca,
+    tokens: &trellis_identity::Tokens,
+    ns: &str,
+    sa: &str,
+) -> trellis_identity::tls::Certified {
+    let id = trellis_identity::Identity {
+        trust_domain: "cluster.local".into(),
+        namespace: ns.into(),
+        service_account: sa.into(),
+    };
+    let (key, csr) = trellis_identity::workload_key_and_csr(&id).expect("csr");
+    let token = tokens.issue(ns, sa, Duration::from_secs(60));
+    let chain = ca
+        .create_certificate(tokens, &token, &csr, Duration::from_secs(3600))
+        .expect("certificate");
+    trellis_identity::tls::Certified::from_pem(&chain, key).expect("certified")
+}
+
+/// A gateway's TCP route to an endpoint that has a sidecar: the connection goes over mesh
+/// mutual TLS with the gateway's identity. The sidecar is STRICT, so a plaintext
+/// connection would be refused; its metrics name the gateway as the mTLS source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_tcp_route_reaches_a_sidecar_over_mutual_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = trellis_identity::Ca::load_or_create(dir.path(), "cluster.local").expect("ca");
+    let tokens = trellis_identity::Tokens::load_or_create(dir.path()).expect("tokens");
+    let roots = serde_json::to_string(ca.root_pem()).expect("json");
+    let echo = trellis_testkit::TcpEchoServer::start().await.expect("echo");
+
+    let sidecar_yaml = format!(
+        r#"version: db
+workload:
+  name: db-v1
+  namespace: shop
+  serviceAccount: db
+  inboundPorts: [{{port: {port}, name: tcp-db}}]
+  mtls: STRICT
+trustRoots: [{roots}]
+"#,
+        port = echo.addr.port(),
+    );
+    let (sidecar, sidecar_stats) = start_with_stats(
+        &sidecar_yaml,
+        ProxyOptions {
+            inbound_listen: vec![("127.0.0.1:0".parse().expect("addr"), echo.addr.port())],
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    sidecar
+        .shared
+        .credentials
+        .set(certified(&ca, &tokens, "shop", "db"));
+    let gateway_yaml = format!(
+        r#"version: gw
+workload:
+  name: ingress
+  namespace: edge
+  serviceAccount: ingress
+trustRoots: [{roots}]
+clusters:
+- name: "outbound|5432||db.shop.svc.cluster.local"
+  endpoints: [{{address: "{sidecar}", proxied: true, workload: db-v1, namespace: shop, identity: "spiffe://cluster.local/ns/shop/sa/db"}}]
+gatewayPorts:
+- port: 5432
+  servers:
+  - gateway: edge/gw
+    protocol: TCP
+    hosts: ["*"]
+    virtualHosts:
+    - name: edge/db
+      domains: ["*"]
+      tcpRoutes: [{{name: db, clusters: [{{cluster: "outbound|5432||db.shop.svc.cluster.local"}}]}}]
+"#,
+        sidecar = sidecar.inbound_addrs[0],
+    );
+    let (gw, _) = start_with_stats(
+        &gateway_yaml,
+        ProxyOptions {
+            gateway_listen: vec![("127.0.0.1:0".parse().expect("addr"), 5432)],
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    gw.shared
+        .credentials
+        .set(certified(&ca, &tokens, "edge", "ingress"));
+
+    let got = timeout(
+        LIMIT,
+        trellis_testkit::tcp_echo_half_close(gw.inbound_addrs[0], b"to the database"),
+    )
+    .await
+    .expect("in time")
+    .expect("echo through the gateway and the sidecar");
+    assert_eq!(got, b"to the database");
+    // The sidecar saw the gateway's identity over mutual TLS.
+    let mut opened = None;
+    for _ in 0..100 {
+        let text = http_client::get(sidecar_stats, "localhost", "/stats/prometheus")
+            .await
+            .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+            .unwrap_or_default();
+        opened = text
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+            .map(str::to_string);
+        if opened.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let opened = opened.expect("the sidecar counts the connection");
+    assert!(opened.contains("reporter=\"destination\""), "{opened}");
+    assert!(
+        opened.contains("connection_security_policy=\"mutual_tls\""),
+        "{opened}"
+    );
+    assert!(
+        opened.contains("source_principal=\"spiffe://cluster.local/ns/edge/sa/ingress\""),
+        "{opened}"
+    );
+    // A client without a certificate is refused by the STRICT sidecar.
+    let plain = timeout(
+        LIMIT,
+        trellis_testkit::tcp_echo_half_close(sidecar.inbound_addrs[0], b"plaintext"),
+    )
+    .await
+    .expect("in time");
+    assert!(
+        plain.as_ref().map_or(true, |b| b.is_empty()),
+        "a plaintext client got {plain:?}"
+    );
+}
