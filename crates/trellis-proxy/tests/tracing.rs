@@ -119,7 +119,9 @@ async fn http_collector(wire: Wire) -> Collector {
 }
 
 /// A collector of OTLP over gRPC (h2c, `TraceService/Export`), answering grpc-status 0.
-async fn grpc_collector() -> Collector {
+/// With `one_call_each`, it closes each connection a moment after its first call (as a
+/// collector that restarts, or a load balancer that drops idle connections, does).
+async fn grpc_collector(one_call_each: bool) -> Collector {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let spans: Spans = Arc::default();
@@ -132,6 +134,15 @@ async fn grpc_collector() -> Collector {
                 let Ok(mut conn) = h2::server::handshake(sock).await else {
                     return;
                 };
+                if one_call_each {
+                    if let Some(Ok((req, respond))) = conn.accept().await {
+                        export_call(req, respond, kept, counted).await;
+                        // Driven a little longer so that the answer goes out; then closed.
+                        let _ =
+                            tokio::time::timeout(Duration::from_millis(200), conn.accept()).await;
+                    }
+                    return;
+                }
                 // The connection is driven by `accept`: each call is served in a task.
                 while let Some(Ok((req, respond))) = conn.accept().await {
                     let (kept, counted) = (Arc::clone(&kept), Arc::clone(&counted));
@@ -534,7 +545,7 @@ async fn counter(stats: SocketAddr, name: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_opentelemetry_provider_without_http_gets_otlp_over_grpc() {
     let app = HttpServer::start().await.expect("app");
-    let c = grpc_collector().await;
+    let c = grpc_collector(false).await;
     // What the control plane sends for `opentelemetry: {service, port}` (no `http`).
     let provider = provider_fields("opentelemetry", c.addr, "\n      grpc: true");
     let (_inbound, _outbound, front, _) =
@@ -551,6 +562,25 @@ async fn an_opentelemetry_provider_without_http_gets_otlp_over_grpc() {
         assert_eq!(client.0, "web.shop");
     }
     assert!(c.exports.load(Ordering::SeqCst) >= 2);
+}
+
+/// The exporter keeps its gRPC connection between batches; when the collector has closed
+/// it meanwhile, the batch goes again on a new connection instead of being lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_connection_the_collector_closed_is_replaced_without_losing_a_batch() {
+    let app = HttpServer::start().await.expect("app");
+    let c = grpc_collector(true).await;
+    let provider = provider_fields("opentelemetry", c.addr, "\n      grpc: true");
+    let (_inbound, _outbound, front, _) =
+        mesh_with(&app, &tracing_yaml(&provider, 100.0, "")).await;
+    for _ in 0..3 {
+        let trace = trace_of(&get(front, &[]).await);
+        let found = spans_of(&c.spans, &trace, 2).await;
+        client_and_server(&found);
+        // Past the moment the collector closes the connection the batch went on.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert!(c.exports.load(Ordering::SeqCst) >= 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
