@@ -135,13 +135,26 @@ async fn grpc_collector(one_call_each: bool) -> Collector {
                     return;
                 };
                 if one_call_each {
-                    if let Some(Ok((req, respond))) = conn.accept().await {
-                        export_call(req, respond, kept, counted).await;
-                        // Driven a little longer so that the answer goes out; then closed.
-                        let _ =
-                            tokio::time::timeout(Duration::from_millis(200), conn.accept()).await;
+                    // Calls are served until 200 ms after the first; then the connection
+                    // is dropped (closed).
+                    let mut until = None;
+                    loop {
+                        let next = match until {
+                            None => conn.accept().await,
+                            Some(t) => match tokio::time::timeout_at(t, conn.accept()).await {
+                                Ok(next) => next,
+                                Err(_) => return,
+                            },
+                        };
+                        let Some(Ok((req, respond))) = next else {
+                            return;
+                        };
+                        let (kept, counted) = (Arc::clone(&kept), Arc::clone(&counted));
+                        tokio::spawn(export_call(req, respond, kept, counted));
+                        until.get_or_insert(
+                            tokio::time::Instant::now() + Duration::from_millis(200),
+                        );
                     }
-                    return;
                 }
                 // The connection is driven by `accept`: each call is served in a task.
                 while let Some(Ok((req, respond))) = conn.accept().await {
