@@ -227,11 +227,77 @@ pub struct Record<'a> {
     pub downstream_remote: SocketAddr,
     pub sni: Option<&'a str>,
     pub route_name: &'a str,
+    pub parties: Parties<'a>,
+    pub authorization_policy: &'a str,
+}
+
+/// The workloads at the two ends of a request or connection, as a line names them.
+#[derive(Debug, Clone, Copy)]
+pub struct Parties<'a> {
     pub source_workload: &'a str,
     pub source_principal: &'a str,
     pub destination_workload: &'a str,
     pub destination_principal: &'a str,
-    pub authorization_policy: &'a str,
+}
+
+impl<'a> Parties<'a> {
+    /// From the metric labels of both ends. Inbound, the source principal is the one the
+    /// caller's mTLS handshake proved, when there was one (the labels may not know it).
+    pub fn of(
+        source: &'a crate::metrics::WorkloadMeta,
+        destination: &'a crate::metrics::WorkloadMeta,
+        inbound: bool,
+        peer_id: Option<&'a str>,
+    ) -> Parties<'a> {
+        Parties {
+            source_workload: &source.workload,
+            source_principal: match (inbound, peer_id) {
+                (true, Some(id)) => id,
+                _ => &source.principal,
+            },
+            destination_workload: &destination.workload,
+            destination_principal: &destination.principal,
+        }
+    }
+}
+
+/// No headers: what a TCP connection's line has.
+static NO_HEADERS: Headers = Vec::new();
+
+impl<'a> Record<'a> {
+    /// The line of a TCP connection, as Envoy's TCP proxy logs it: no method, path, status
+    /// or headers; the bytes each way and how long it lasted.
+    pub fn connection(
+        start: SystemTime,
+        flags: &'a str,
+        (bytes_received, bytes_sent): (u64, u64),
+        upstream: (SocketAddr, &'a str),
+        downstream_remote: SocketAddr,
+        parties: Parties<'a>,
+    ) -> Record<'a> {
+        Record {
+            start,
+            method: None,
+            path: "",
+            version: None,
+            authority: "",
+            request_headers: &NO_HEADERS,
+            response_headers: None,
+            code: 0,
+            flags,
+            bytes_received,
+            bytes_sent,
+            duration: start.elapsed().unwrap_or_default(),
+            upstream_host: Some(upstream.0),
+            upstream_cluster: upstream.1,
+            downstream_local: None,
+            downstream_remote,
+            sni: None,
+            route_name: "",
+            parties,
+            authorization_policy: "",
+        }
+    }
 }
 
 /// The few headers a line needs of a message: a list, not a map (a handful of entries,
@@ -426,10 +492,10 @@ fn value(op: &Op, r: &Record<'_>, out: &mut String) -> bool {
         Op::RequestedServerName => r.sni,
         Op::RouteName => Some(r.route_name),
         Op::TraceId => trace_id(r.request_headers),
-        Op::SourceWorkload => Some(r.source_workload),
-        Op::SourcePrincipal => Some(r.source_principal),
-        Op::DestinationWorkload => Some(r.destination_workload),
-        Op::DestinationPrincipal => Some(r.destination_principal),
+        Op::SourceWorkload => Some(r.parties.source_workload),
+        Op::SourcePrincipal => Some(r.parties.source_principal),
+        Op::DestinationWorkload => Some(r.parties.destination_workload),
+        Op::DestinationPrincipal => Some(r.parties.destination_principal),
         Op::AuthorizationPolicy => Some(r.authorization_policy),
         Op::Req(names, max) => header(Some(r.request_headers), names, *max),
         Op::Resp(names, max) => header(r.response_headers, names, *max),
@@ -1288,10 +1354,12 @@ mod tests {
             downstream_remote: "127.0.0.1:5555".parse().expect("addr"),
             sni: None,
             route_name: "default",
-            source_workload: "productpage-v1",
-            source_principal: "spiffe://cluster.local/ns/default/sa/productpage",
-            destination_workload: "unknown",
-            destination_principal: "",
+            parties: Parties {
+                source_workload: "productpage-v1",
+                source_principal: "spiffe://cluster.local/ns/default/sa/productpage",
+                destination_workload: "unknown",
+                destination_principal: "",
+            },
             authorization_policy: "",
         }
     }

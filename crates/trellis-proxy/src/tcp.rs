@@ -388,35 +388,16 @@ impl TcpLog<'_> {
         (received, sent): (u64, u64),
     ) {
         let inbound = conn.reporter == crate::metrics::Reporter::Destination;
-        let none = Vec::new();
-        let r = crate::accesslog::Record {
+        let parties =
+            crate::accesslog::Parties::of(&conn.source, &conn.destination, inbound, self.peer_id);
+        let r = crate::accesslog::Record::connection(
             start,
-            method: None,
-            path: "",
-            version: None,
-            authority: "",
-            request_headers: &none,
-            response_headers: None,
-            code: 0,
             flags,
-            bytes_received: received,
-            bytes_sent: sent,
-            duration: start.elapsed().unwrap_or_default(),
-            upstream_host: Some(to),
-            upstream_cluster: self.cluster,
-            downstream_local: None,
-            downstream_remote: self.peer,
-            sni: None,
-            route_name: "",
-            source_workload: &conn.source.workload,
-            source_principal: match (inbound, self.peer_id) {
-                (true, Some(id)) => id,
-                _ => &conn.source.principal,
-            },
-            destination_workload: &conn.destination.workload,
-            destination_principal: &conn.destination.principal,
-            authorization_policy: "",
-        };
+            (received, sent),
+            (to, self.cluster),
+            self.peer,
+            parties,
+        );
         self.log.log(inbound, &r);
     }
 }

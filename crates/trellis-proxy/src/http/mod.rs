@@ -707,10 +707,6 @@ impl Completion {
 impl LogLine {
     fn write(&self, c: &Completion) {
         let m = &c.metrics;
-        let source_principal: &str = match (&self.peer_id, c.inbound) {
-            (Some(id), true) => id,
-            _ => &m.source.principal,
-        };
         let r = crate::accesslog::Record {
             start: self.req.start,
             method: Some(&self.req.method),
@@ -730,10 +726,12 @@ impl LogLine {
             downstream_remote: c.peer,
             sni: None,
             route_name: self.route_name.as_deref().unwrap_or(""),
-            source_workload: &m.source.workload,
-            source_principal,
-            destination_workload: &m.destination.workload,
-            destination_principal: &m.destination.principal,
+            parties: crate::accesslog::Parties::of(
+                &m.source,
+                &m.destination,
+                c.inbound,
+                self.peer_id.as_deref(),
+            ),
             authorization_policy: self.policy.as_deref().unwrap_or(""),
         };
         self.log.log(c.inbound, &r);
