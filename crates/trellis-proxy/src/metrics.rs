@@ -61,19 +61,46 @@ fn bounded<S>(m: &FastMap<Key, S>, mut key: Key) -> Key {
 const CLUSTER: &str = "Kubernetes";
 const UNKNOWN: &str = "unknown";
 
+/// Label sets, one `Arc` per distinct content (series are keyed by the pointer). A set
+/// nobody holds any more (its workload left the snapshot, and no series or connection
+/// has it) is dropped when the table has doubled since it was last pruned: with pods
+/// that come and go, the table stays proportional to what is in use.
+struct Interner<T> {
+    map: HashMap<T, Arc<T>>,
+    prune_at: usize,
+}
+
+impl<T> Default for Interner<T> {
+    fn default() -> Self {
+        Interner {
+            map: HashMap::new(),
+            prune_at: 64,
+        }
+    }
+}
+
 fn interned<T: Eq + std::hash::Hash + Clone>(
-    set: &'static OnceLock<Mutex<HashMap<T, Arc<T>>>>,
+    set: &'static OnceLock<Mutex<Interner<T>>>,
     v: T,
 ) -> Arc<T> {
-    let mut m = set
+    let mut i = set
         .get_or_init(Mutex::default)
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
-    Arc::clone(m.entry(v.clone()).or_insert_with(|| Arc::new(v)))
+    if let Some(a) = i.map.get(&v) {
+        return Arc::clone(a);
+    }
+    if i.map.len() >= i.prune_at {
+        i.map.retain(|_, a| Arc::strong_count(a) > 1);
+        i.prune_at = (2 * i.map.len()).max(64);
+    }
+    let a = Arc::new(v.clone());
+    i.map.insert(v, Arc::clone(&a));
+    a
 }
 
-static WORKLOADS: OnceLock<Mutex<HashMap<WorkloadMeta, Arc<WorkloadMeta>>>> = OnceLock::new();
-static SERVICES: OnceLock<Mutex<HashMap<ServiceMeta, Arc<ServiceMeta>>>> = OnceLock::new();
+static WORKLOADS: OnceLock<Mutex<Interner<WorkloadMeta>>> = OnceLock::new();
+static SERVICES: OnceLock<Mutex<Interner<ServiceMeta>>> = OnceLock::new();
 
 impl WorkloadMeta {
     /// The labels of a workload as the snapshot describes it (empty parts are
@@ -853,6 +880,29 @@ fn labels(k: &Key, tcp: bool, bit: u16) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_sets_nobody_holds_are_dropped_and_held_ones_kept() {
+        static SET: OnceLock<Mutex<Interner<String>>> = OnceLock::new();
+        let held: Vec<Arc<String>> = (0..10)
+            .map(|i| interned(&SET, format!("held-{i}")))
+            .collect();
+        // 10,000 pods that came and went.
+        for i in 0..10_000 {
+            drop(interned(&SET, format!("gone-{i}")));
+        }
+        let len = SET
+            .get()
+            .map(|m| m.lock().map(|i| i.map.len()).unwrap_or(0))
+            .unwrap_or(0);
+        assert!(len <= 128, "{len} label sets kept");
+        for (i, h) in held.iter().enumerate() {
+            assert!(
+                Arc::ptr_eq(h, &interned(&SET, format!("held-{i}"))),
+                "held-{i}"
+            );
+        }
+    }
 
     #[test]
     fn labels_come_from_interned_metadata_and_series_are_counted() {
