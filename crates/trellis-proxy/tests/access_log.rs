@@ -355,16 +355,7 @@ fn certified(
     ns: &str,
     sa: &str,
 ) -> trellis_identity::tls::Certified {
-    let id = trellis_identity::Identity {
-        trust_domain: "cluster.local".into(),
-        namespace: ns.into(),
-        service_account: sa.into(),
-    };
-    let (key, csr) = trellis_identity::workload_key_and_csr(&id).expect("csr");
-    let token = tokens.issue(ns, sa, Duration::from_secs(60));
-    let chain = ca
-        .create_certificate(tokens, &token, &csr, Duration::from_secs(3600))
-        .expect("certificate");
+    let (chain, key) = common::workload_certificate(ca, tokens, ns, sa);
     trellis_identity::tls::Certified::from_pem(&chain, key).expect("certified")
 }
 

@@ -8,7 +8,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use trellis_identity::{Ca, Identity, Tokens};
+mod common;
+
+use trellis_identity::{Ca, Tokens};
 use trellis_testkit::HttpServer;
 
 const BIN: &str = env!("CARGO_BIN_EXE_trellis-proxy");
@@ -39,16 +41,7 @@ fn wait_port(port: u16) {
 
 /// A certificate for ns/sa from `ca`, written to `dir`.
 fn certify(ca: &Ca, tokens: &Tokens, ns: &str, sa: &str, dir: &Path) {
-    let id = Identity {
-        trust_domain: "cluster.local".into(),
-        namespace: ns.into(),
-        service_account: sa.into(),
-    };
-    let (key, csr) = trellis_identity::workload_key_and_csr(&id).expect("csr");
-    let token = tokens.issue(ns, sa, Duration::from_secs(60));
-    let chain = ca
-        .create_certificate(tokens, &token, &csr, Duration::from_secs(3600))
-        .expect("certificate");
+    let (chain, key) = common::workload_certificate(ca, tokens, ns, sa);
     trellis_identity::write_workload_files(dir, &chain, &key, &[ca.root_pem().to_string()])
         .expect("files");
 }

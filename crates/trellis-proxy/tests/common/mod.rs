@@ -37,3 +37,24 @@ pub fn outbound_on(service: &str, port: u16) -> ProxyOptions {
         ..ProxyOptions::default()
     }
 }
+
+/// A workload certificate for spiffe://cluster.local/ns/`ns`/sa/`sa` from `ca`, as the
+/// control plane issues it: the chain (leaf first) and the key (PKCS#8 DER).
+pub fn workload_certificate(
+    ca: &trellis_identity::Ca,
+    tokens: &trellis_identity::Tokens,
+    ns: &str,
+    sa: &str,
+) -> (Vec<String>, Vec<u8>) {
+    let id = trellis_identity::Identity {
+        trust_domain: "cluster.local".into(),
+        namespace: ns.into(),
+        service_account: sa.into(),
+    };
+    let (key, csr) = trellis_identity::workload_key_and_csr(&id).expect("csr");
+    let token = tokens.issue(ns, sa, std::time::Duration::from_secs(60));
+    let chain = ca
+        .create_certificate(tokens, &token, &csr, std::time::Duration::from_secs(3600))
+        .expect("certificate");
+    (chain, key)
+}
