@@ -383,7 +383,12 @@ pub fn run_mesh(
         {
             println!("{event}");
         }
-        let _ = std::fs::write(state.join("ps"), ps_table(&cp, &pods));
+        // Written beside, then renamed: `trellis ps` never reads a file being rewritten
+        // (it read an empty one now and then).
+        let (ps, tmp) = (state.join("ps"), state.join(".ps.tmp"));
+        if std::fs::write(&tmp, ps_table(&cp, &pods)).is_ok() {
+            let _ = std::fs::rename(&tmp, &ps);
+        }
         if !announced && pods.iter().all(Pod::started) {
             announced = true;
             println!(
