@@ -18,7 +18,7 @@
 //! workload's ports to 15006.
 
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -362,8 +362,28 @@ impl PodNet {
     /// /etc/hosts is this file, bind-mounted) see the new names too.
     pub fn write_hosts(&self, hosts: &str) -> anyhow::Result<()> {
         let path = etc_dir(&self.netns).join("hosts");
-        std::fs::write(&path, hosts).with_context(|| format!("{}", path.display()))
+        rewrite_in_place(&path, hosts).with_context(|| format!("{}", path.display()))
     }
+}
+
+/// Replaces a file's content in place without ever leaving it empty or cut short, as
+/// truncating first would: an app that reads it meanwhile (a name lookup reads
+/// /etc/hosts each time) gets the old content or the new. The new content is written
+/// over the old in one write; when it is shorter, blank lines fill the rest (the file
+/// never shrinks, so nothing is truncated).
+fn rewrite_in_place(path: &Path, content: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    let old = f.metadata()?.len() as usize;
+    let mut bytes = content.as_bytes().to_vec();
+    if bytes.len() < old {
+        bytes.resize(old, b'\n');
+    }
+    f.write_all(&bytes)
 }
 
 fn etc_dir(ns: &str) -> PathBuf {
@@ -443,6 +463,27 @@ pub fn stop_all(ns: &str, grace: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_rewritten_in_place_keeps_its_inode_and_never_holds_a_stale_tail() {
+        let dir = std::env::temp_dir().join(format!("trellis-rewrite-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("hosts");
+        let long = "10.244.0.10 web-0\n10.244.0.11 reviews reviews.shop.svc.cluster.local\n";
+        rewrite_in_place(&path, long).expect("first");
+        let inode =
+            |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).expect("meta"));
+        let before = inode(&path);
+        rewrite_in_place(&path, "10.244.0.10 web-0\n").expect("shorter");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(inode(&path), before, "the same file (bind mounts see it)");
+        assert_eq!(text.len(), long.len(), "no truncation");
+        let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+        assert_eq!(lines, ["10.244.0.10 web-0"]);
+        rewrite_in_place(&path, long).expect("longer again");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), long);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn rules_send_outbound_to_15001_and_the_workload_s_ports_to_15006() {
