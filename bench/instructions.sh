@@ -26,7 +26,9 @@ set -euo pipefail
 mode=${1:-one}
 n=${2:-3000}
 root=$(cd "$(dirname "$0")/.." && pwd)
-command -v valgrind >/dev/null || { echo "valgrind not found (apt-get install valgrind)" >&2; exit 1; }
+if [ -z "${SYSCALLS:-}${CPU:-}" ]; then
+    command -v valgrind >/dev/null || { echo "valgrind not found (apt-get install valgrind)" >&2; exit 1; }
+fi
 command -v oha >/dev/null || { echo "oha not found (cargo install oha --locked)" >&2; exit 1; }
 (cd "$root" && cargo build --release -q -p trellis-proxy -p trellis-testkit $([ -n "${MTLS:-}" ] && echo -p trellis-cli))
 bin=$root/target/release
@@ -176,8 +178,9 @@ if [ -n "${SYSCALLS:-}" ]; then
     wait "${tracers[@]}" 2>/dev/null || true
     for name in "${names[@]}"; do
         echo "$mode $name: syscalls per request"
+        # strace -c: % time, seconds, usecs/call, calls, [errors,] syscall.
         awk -v n="$n" '$NF ~ /^[a-z_0-9]+$/ && $4 ~ /^[0-9]+$/ && $NF != "total" { printf "  %-16s %6.2f\n", $NF, $4 / n }' "$tmp/$name.strace" | sort -k2 -rn
-        awk -v n="$n" '$NF == "total" { printf "  %-16s %6.2f\n", "total", $(NF-2) / n }' "$tmp/$name.strace"
+        awk -v n="$n" '$NF ~ /^[a-z_0-9]+$/ && $4 ~ /^[0-9]+$/ && $NF != "total" { c += $4 } END { printf "  %-16s %6.2f\n", "total", c / n }' "$tmp/$name.strace"
     done
     exit 0
 fi
