@@ -42,7 +42,8 @@ from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from proxy_pair import (  # noqa: E402  (the shared helpers)
-    COLLECTOR, NGINX_MTLS_IN, NGINX_MTLS_OUT, cpu_us, free_port, nginx_worker, rss_kib, wait_port,
+    COLLECTOR, NGINX_MTLS_IN, NGINX_MTLS_OUT, cpu_us, free_port, nginx_head, nginx_worker, rss_kib,
+    wait_port, write_docs as write_section,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,14 +157,7 @@ HAPROXY_TCP_IN = HAPROXY_TCP + """listen in
   server app 127.0.0.1:{app}
 """
 
-NGINX_GRPC_OUT = """worker_processes 1;
-daemon off;
-pid {tmp}/ngx-grpc-out.pid;
-error_log {tmp}/ngx-grpc-out.err warn;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  upstream peer {{ server 127.0.0.1:{peer}; keepalive 32; }}
+NGINX_GRPC_OUT = nginx_head("ngx-grpc-out") + """  upstream peer {{ server 127.0.0.1:{peer}; keepalive 32; }}
   server {{
     listen 127.0.0.1:{port} http2;
     location / {{
@@ -175,14 +169,7 @@ http {{
 }}
 """
 
-NGINX_GRPC_IN = """worker_processes 1;
-daemon off;
-pid {tmp}/ngx-grpc-in.pid;
-error_log {tmp}/ngx-grpc-in.err warn;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  upstream app {{ server 127.0.0.1:{app}; keepalive 32; }}
+NGINX_GRPC_IN = nginx_head("ngx-grpc-in") + """  upstream app {{ server 127.0.0.1:{app}; keepalive 32; }}
   server {{
     listen 127.0.0.1:{port} ssl http2;
     ssl_protocols TLSv1.3;
@@ -597,21 +584,12 @@ def render(args, rates, results, saturation, idle_rss, load_rss, names):
 
 
 def write_docs(report, plots):
-    path = os.path.join(ROOT, "docs", "benchmarks.md")
-    begin, end = "<!-- harness:begin -->", "<!-- harness:end -->"
-    text = open(path).read()
-    block = f"{begin}\n{report}\n{end}"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text += "\n" + block + "\n"
-    with open(path, "w") as f:
-        f.write(text)
+    write_section(report, "harness")
     os.makedirs(os.path.join(ROOT, "docs", "bench"), exist_ok=True)
     for name, svg in plots.items():
         with open(os.path.join(ROOT, "docs", "bench", f"{name}.svg"), "w") as f:
             f.write(svg)
-    print(f"wrote {path} and {len(plots)} plots in docs/bench/")
+    print(f"wrote {len(plots)} plots in docs/bench/")
 
 
 def main():

@@ -100,14 +100,20 @@ def oha(url, rate, duration, conns, extra=()):
     }
 
 
-NGINX_CONF = """worker_processes 1;
+def nginx_head(name):
+    """The start of every nginx config here (one worker, no access log); `name` names its
+    pid and error files. A `str.format` template, as the configs that follow it."""
+    return f"""worker_processes 1;
 daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx.err warn;
-events {{ worker_connections 1024; }}
-http {{
+pid {{tmp}}/{name}.pid;
+error_log {{tmp}}/{name}.err warn;
+events {{{{ worker_connections 1024; }}}}
+http {{{{
   access_log off;
-  upstream app {{ server 127.0.0.1:{app}; keepalive 32; }}
+"""
+
+
+NGINX_CONF = nginx_head("nginx") + """  upstream app {{ server 127.0.0.1:{app}; keepalive 32; }}
   server {{
     listen 127.0.0.1:{port};
     location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }}
@@ -116,14 +122,7 @@ http {{
 """
 
 
-NGINX_MTLS_OUT = """worker_processes 1;
-daemon off;
-pid {tmp}/ngx-out.pid;
-error_log {tmp}/ngx-out.err warn;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  upstream peer {{ server 127.0.0.1:{peer}; keepalive 32; }}
+NGINX_MTLS_OUT = nginx_head("ngx-out") + """  upstream peer {{ server 127.0.0.1:{peer}; keepalive 32; }}
   server {{
     listen 127.0.0.1:{port};
     location / {{
@@ -135,14 +134,7 @@ http {{
 }}
 """
 
-NGINX_MTLS_IN = """worker_processes 1;
-daemon off;
-pid {tmp}/ngx-in.pid;
-error_log {tmp}/ngx-in.err warn;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  upstream app {{ server 127.0.0.1:{app}; keepalive 32; }}
+NGINX_MTLS_IN = nginx_head("ngx-in") + """  upstream app {{ server 127.0.0.1:{app}; keepalive 32; }}
   server {{
     listen 127.0.0.1:{port} ssl;
     ssl_protocols TLSv1.3;
@@ -442,13 +434,17 @@ def render(r, args):
     return "\n".join(lines)
 
 
-def write_docs(report, key):
+def write_docs(report, key, before=None):
+    """Puts `report` between docs/benchmarks.md's `<!-- key:begin/end -->` markers; the
+    first time, before the heading `before` (when given and present), else at the end."""
     path = os.path.join(ROOT, "docs", "benchmarks.md")
     begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
     text = open(path).read() if os.path.exists(path) else ""
     block = f"{begin}\n{report}\n{end}"
     if begin in text and end in text:
         text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    elif before and before in text:
+        text = text.replace(before, block + "\n\n" + before, 1)
     else:
         text = text + "\n" + block + "\n"
     with open(path, "w") as f:

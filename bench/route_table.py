@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 import platform
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from proxy_pair import ROOT, cpu_us, free_port, oha, wait_port  # noqa: E402
+from proxy_pair import ROOT, cpu_us, free_port, oha, wait_port, write_docs  # noqa: E402
 
 
 def snapshot(rules, app_port):
@@ -143,16 +143,7 @@ def main():
     report = "\n".join(lines)
     print(report)
     if args.write_docs:
-        path = os.path.join(ROOT, "docs", "benchmarks.md")
-        begin, end = "<!-- route_table:begin -->", "<!-- route_table:end -->"
-        text = open(path).read()
-        block = f"{begin}\n{report}\n{end}"
-        if begin in text and end in text:
-            text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-        else:
-            text = text.replace("## Load balancing and outlier detection", block + "\n\n## Load balancing and outlier detection")
-        with open(path, "w") as f:
-            f.write(text)
+        write_docs(report, "route_table", before="## Load balancing and outlier detection")
         print(f"wrote {path}")
 
 
