@@ -48,6 +48,12 @@ pub struct Shared {
     /// one, with `--xds`): connections wait for it, and the proxy is not ready before.
     configured: std::sync::atomic::AtomicBool,
     configured_now: tokio::sync::Notify,
+    /// Until when connections wait for the first snapshot: one window from the start,
+    /// not one per connection (with the control plane down, every connection would
+    /// otherwise wait the whole time again).
+    config_deadline: tokio::time::Instant,
+    /// The window passed without a snapshot (said once).
+    gave_up_waiting: std::sync::atomic::AtomicBool,
     /// The mesh mTLS server configuration, and the trust bundle it was made for.
     mesh_server: Mutex<Option<(Arc<rustls::RootCertStore>, Arc<rustls::ServerConfig>)>>,
 }
@@ -131,6 +137,8 @@ impl Shared {
             tcp_report_every,
             configured: std::sync::atomic::AtomicBool::new(!wait_for_config),
             configured_now: tokio::sync::Notify::new(),
+            config_deadline: tokio::time::Instant::now() + FIRST_CONFIG_WAIT,
+            gave_up_waiting: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -139,7 +147,7 @@ impl Shared {
         self.configured.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Waits (at most [`FIRST_CONFIG_WAIT`]) for the first snapshot: a connection
+    /// Waits (until [`FIRST_CONFIG_WAIT`] after the start) for the first snapshot: a connection
     /// intercepted while the proxy has none yet would otherwise go where an empty
     /// configuration says (passthrough to a virtual IP nothing answers).
     pub async fn wait_configured(&self) {
@@ -152,9 +160,12 @@ impl Shared {
         if self.is_configured() {
             return;
         }
-        if tokio::time::timeout(FIRST_CONFIG_WAIT, notified)
+        if tokio::time::timeout_at(self.config_deadline, notified)
             .await
             .is_err()
+            && !self
+                .gave_up_waiting
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
         {
             tracing::warn!(
                 "no configuration from the control plane after {}s; serving with none",

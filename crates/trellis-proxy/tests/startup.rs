@@ -72,3 +72,46 @@ async fn connections_wait_for_the_first_snapshot_and_readiness_says_so() {
     assert_eq!(resp.body.len(), 3);
     assert_eq!(ready().await.status, 200);
 }
+
+/// Without a control plane, connections wait for the first snapshot only within one
+/// window from the start: once it has passed, a new connection is dealt with at once (with
+/// no configuration, the listener's service is unknown and the connection is closed), not
+/// held for the whole window again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wait_for_a_first_snapshot_is_one_window_not_one_per_connection() {
+    let (p, _) = start_with_stats(
+        "version: empty\n",
+        ProxyOptions {
+            outbound_listen: vec![(
+                "127.0.0.1:0".parse().expect("addr"),
+                "app.shop.svc.cluster.local".into(),
+                80,
+            )],
+            wait_for_config: true,
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    let front = p.outbound_addrs[0];
+    let get = || async move {
+        let start = std::time::Instant::now();
+        let r = timeout(
+            LIMIT,
+            http_client::get(front, "app.shop.svc.cluster.local", "/"),
+        )
+        .await
+        .expect("in time");
+        assert!(r.is_err(), "no configuration, yet an answer: {r:?}");
+        start.elapsed()
+    };
+    let waited = get().await;
+    assert!(
+        waited >= trellis_proxy::proxy::FIRST_CONFIG_WAIT - Duration::from_secs(1),
+        "the first connection waited {waited:?}"
+    );
+    let waited = get().await;
+    assert!(
+        waited < Duration::from_secs(2),
+        "a connection after the window waited {waited:?}"
+    );
+}
