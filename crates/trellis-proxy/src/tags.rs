@@ -107,7 +107,7 @@ pub fn parse(expr: &str) -> Result<Expr, String> {
         "request.scheme" => Attr::Scheme,
         "request.protocol" => Attr::Protocol,
         "request.useragent" => Attr::Header(http::header::USER_AGENT),
-        "request.id" => Attr::Header(HeaderName::from_static("x-request-id")),
+        "request.id" => Attr::Header(crate::http::X_REQUEST_ID),
         "response.code" => Attr::Code,
         "source.address" => Attr::SourceAddress,
         "source.port" => Attr::SourcePort,

@@ -50,7 +50,7 @@ const B3_SPAN: HeaderName = HeaderName::from_static("x-b3-spanid");
 const B3_PARENT: HeaderName = HeaderName::from_static("x-b3-parentspanid");
 const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
 const B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+use crate::http::X_REQUEST_ID;
 
 /// A trace context as it arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -39,7 +39,7 @@ use actions::*;
 pub const DOWNSTREAM_VERSION: HeaderName = HeaderName::from_static("x-trellis-downstream-version");
 /// Envoy-style response flags on responses the proxy made itself (UF, UH, NR…).
 pub const RESPONSE_FLAGS: HeaderName = HeaderName::from_static("x-trellis-response-flags");
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
